@@ -1,0 +1,3 @@
+"""Shunter: an LLM inference gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from shunter.cli import main
+
+main()

@@ -1,0 +1,317 @@
+"""`shunter serve | sim | demo`: sglang-router's flag names and defaults for the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from shunter import __version__
+from shunter.config import DEFAULT_REQUEST_ID_HEADERS, ConfigError, GatewayConfig
+from shunter.policies.factory import BUILT, NOT_YET_BUILT, canonical_name
+
+# sglang-router / smg flags whose features Shunter does not have yet. Naming one exits at
+# start with a message, so that nothing a user asked for is silently ignored.
+_SWITCH = "switch"
+_VALUE = "value"
+NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
+    "--pd-disaggregation": (_SWITCH, "prefill/decode disaggregation"),
+    "--prefill": (_VALUE, "prefill/decode disaggregation"),
+    "--decode": (_VALUE, "prefill/decode disaggregation"),
+    "--prefill-policy": (_VALUE, "prefill/decode disaggregation"),
+    "--decode-policy": (_VALUE, "prefill/decode disaggregation"),
+    "--enable-igw": (_SWITCH, "inference gateway (multi-router) mode"),
+    "--cache-threshold": (_VALUE, "the cache_aware policy"),
+    "--balance-abs-threshold": (_VALUE, "the cache_aware and bucket policies"),
+    "--balance-rel-threshold": (_VALUE, "the cache_aware and bucket policies"),
+    "--eviction-interval": (_VALUE, "the cache_aware policy"),
+    "--eviction-interval-secs": (_VALUE, "the cache_aware policy"),
+    "--max-tree-size": (_VALUE, "the cache_aware policy"),
+    "--bucket-adjust-interval-secs": (_VALUE, "the bucket policy"),
+    "--service-discovery": (_SWITCH, "Kubernetes service discovery"),
+    "--selector": (_VALUE, "Kubernetes service discovery"),
+    "--service-discovery-port": (_VALUE, "Kubernetes service discovery"),
+    "--service-discovery-namespace": (_VALUE, "Kubernetes service discovery"),
+    "--prefill-selector": (_VALUE, "Kubernetes service discovery"),
+    "--decode-selector": (_VALUE, "Kubernetes service discovery"),
+    "--prometheus-duration-buckets": (_VALUE, "custom metric buckets"),
+    "--max-concurrent-requests": (_VALUE, "rate limiting"),
+    "--queue-size": (_VALUE, "rate limiting"),
+    "--queue-timeout-secs": (_VALUE, "rate limiting"),
+    "--rate-limit-tokens-per-second": (_VALUE, "rate limiting"),
+    "--retry-max-retries": (_VALUE, "retries"),
+    "--retry-initial-backoff-ms": (_VALUE, "retries"),
+    "--retry-max-backoff-ms": (_VALUE, "retries"),
+    "--retry-backoff-multiplier": (_VALUE, "retries"),
+    "--retry-jitter-factor": (_VALUE, "retries"),
+    "--disable-retries": (_SWITCH, "retries"),
+    "--cb-failure-threshold": (_VALUE, "circuit breakers"),
+    "--cb-success-threshold": (_VALUE, "circuit breakers"),
+    "--cb-timeout-duration-secs": (_VALUE, "circuit breakers"),
+    "--cb-window-duration-secs": (_VALUE, "circuit breakers"),
+    "--disable-circuit-breaker": (_SWITCH, "circuit breakers"),
+    "--health-failure-threshold": (_VALUE, "periodic health checks"),
+    "--health-success-threshold": (_VALUE, "periodic health checks"),
+    "--health-check-timeout-secs": (_VALUE, "periodic health checks"),
+    "--health-check-interval-secs": (_VALUE, "periodic health checks"),
+    "--health-check-endpoint": (_VALUE, "periodic health checks"),
+    "--model-path": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
+    "--tokenizer-path": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
+    "--chat-template": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
+    "--tokenizer-cache-enable-l0": (_SWITCH, "the gRPC data plane (tokenizer cache)"),
+    "--tokenizer-cache-l0-max-entries": (_VALUE, "the gRPC data plane (tokenizer cache)"),
+    "--tokenizer-cache-enable-l1": (_SWITCH, "the gRPC data plane (tokenizer cache)"),
+    "--tokenizer-cache-l1-max-memory": (_VALUE, "the gRPC data plane (tokenizer cache)"),
+    "--reasoning-parser": (_VALUE, "the gRPC data plane (reasoning parsers)"),
+    "--tool-call-parser": (_VALUE, "the gRPC data plane (tool-call parsers)"),
+    "--mcp-config-path": (_VALUE, "MCP tool servers"),
+    "--history-backend": (_VALUE, "the Responses API history storage"),
+    "--oracle-wallet-path": (_VALUE, "Oracle history storage"),
+    "--oracle-tns-alias": (_VALUE, "Oracle history storage"),
+    "--oracle-dsn": (_VALUE, "Oracle history storage"),
+    "--oracle-connect-descriptor": (_VALUE, "Oracle history storage"),
+    "--oracle-user": (_VALUE, "Oracle history storage"),
+    "--oracle-username": (_VALUE, "Oracle history storage"),
+    "--oracle-password": (_VALUE, "Oracle history storage"),
+    "--oracle-pool-min": (_VALUE, "Oracle history storage"),
+    "--oracle-pool-max": (_VALUE, "Oracle history storage"),
+    "--oracle-pool-timeout-secs": (_VALUE, "Oracle history storage"),
+    "--postgres-db-url": (_VALUE, "Postgres history storage"),
+    "--postgres-pool-max-size": (_VALUE, "Postgres history storage"),
+    "--postgres-pool-max": (_VALUE, "Postgres history storage"),
+    "--enable-wasm": (_SWITCH, "WASM middleware"),
+    "--enable-trace": (_SWITCH, "OpenTelemetry tracing"),
+    "--otlp-traces-endpoint": (_VALUE, "OpenTelemetry tracing"),
+    "--tls-cert-path": (_VALUE, "server TLS"),
+    "--tls-key-path": (_VALUE, "server TLS"),
+    "--client-cert-path": (_VALUE, "mTLS to workers"),
+    "--client-key-path": (_VALUE, "mTLS to workers"),
+    "--ca-cert-paths": (_VALUE, "mTLS to workers"),
+    "--mini-lb": (_SWITCH, "the Python mini load balancer"),
+}
+_BACKENDS_BUILT = ("sglang",)
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    d = GatewayConfig()
+    p.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="port (default %(default)s)")
+    p.add_argument(
+        "--worker-urls",
+        nargs="*",
+        default=[],
+        metavar="URL",
+        help="workers to register at start (http:// or https://)",
+    )
+    p.add_argument(
+        "--policy",
+        default=d.policy,
+        help="routing policy: " + ", ".join(BUILT) + " (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-payload-size",
+        type=_non_negative_int,
+        default=d.max_payload_size,
+        help="largest request body in bytes (default %(default)s)",
+    )
+    p.add_argument(
+        "--request-timeout-secs",
+        type=_positive_float,
+        default=d.request_timeout_secs,
+        help="longest wait for a worker's first byte and between chunks",
+    )
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
+    p.add_argument("--log-level", default=d.log_level, help="debug, info, warn, error")
+    p.add_argument("--log-dir", default=None, help="also log to a daily-rotated file here")
+    p.add_argument("--log-json", action="store_true", help="log JSON lines")
+    p.add_argument("--prometheus-host", default=d.prometheus_host)
+    p.add_argument(
+        "--prometheus-port",
+        type=int,
+        default=d.prometheus_port,
+        help="Prometheus /metrics port; 0 turns the listener off",
+    )
+    p.add_argument("--cors-allowed-origins", nargs="*", default=[], metavar="ORIGIN")
+    p.add_argument(
+        "--request-id-headers",
+        nargs="*",
+        default=list(DEFAULT_REQUEST_ID_HEADERS),
+        metavar="HEADER",
+    )
+    p.add_argument(
+        "--worker-startup-timeout-secs", type=_positive_float, default=d.worker_startup_timeout_secs
+    )
+    p.add_argument(
+        "--worker-startup-check-interval",
+        type=_positive_float,
+        default=d.worker_startup_check_interval,
+    )
+    p.add_argument(
+        "--dp-aware",
+        action="store_true",
+        help="route to each data-parallel rank of a worker separately",
+    )
+    p.add_argument(
+        "--backend",
+        "--runtime",
+        dest="backend",
+        default="sglang",
+        help="worker backend; only 'sglang' (any SGLang or OpenAI-compatible HTTP worker) is built",
+    )
+    for flag, (kind, _feature) in NOT_YET_SUPPORTED.items():
+        dest = "unsupported_" + flag.lstrip("-").replace("-", "_")
+        if kind == _SWITCH:
+            p.add_argument(
+                flag,
+                dest=dest,
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
+        else:
+            p.add_argument(
+                flag,
+                dest=dest,
+                nargs="*",
+                action="append",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
+
+
+def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> GatewayConfig:
+    for flag, (_kind, feature) in NOT_YET_SUPPORTED.items():
+        if hasattr(args, "unsupported_" + flag.lstrip("-").replace("-", "_")):
+            parser.error(f"{flag} is not supported yet: Shunter does not have {feature} yet")
+    if args.backend not in _BACKENDS_BUILT:
+        parser.error(f"--backend {args.backend} is not supported yet (only: sglang)")
+    policy = canonical_name(args.policy)
+    if policy in NOT_YET_BUILT:
+        parser.error(f"--policy {args.policy} is not built yet; choose one of {', '.join(BUILT)}")
+    if policy not in BUILT:
+        parser.error(f"--policy {args.policy} is unknown; choose one of {', '.join(BUILT)}")
+    config = GatewayConfig(
+        host=args.host, port=args.port, worker_urls=args.worker_urls, policy=policy,
+        max_payload_size=args.max_payload_size, request_timeout_secs=args.request_timeout_secs,
+        api_key=args.api_key, log_level=args.log_level, log_dir=args.log_dir,
+        log_json=args.log_json, prometheus_host=args.prometheus_host,
+        prometheus_port=args.prometheus_port, cors_allowed_origins=args.cors_allowed_origins,
+        request_id_headers=args.request_id_headers,
+        worker_startup_timeout_secs=args.worker_startup_timeout_secs,
+        worker_startup_check_interval=args.worker_startup_check_interval,
+        dp_aware=args.dp_aware,
+    )  # fmt: skip
+    try:
+        return config.validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
+    raise AssertionError("unreachable")
+
+
+def _add_sim_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--worker-id", default=None, help="name in X-Worker-Id (default host:port)")
+    p.add_argument("--served-model-name", default="sim-model")
+    p.add_argument(
+        "--runtime",
+        choices=("sglang", "openai"),
+        default="sglang",
+        help="'openai': only the OpenAI API, like llama.cpp's server",
+    )
+    p.add_argument("--ttft-ms", type=float, default=5.0, help="fixed time to first token")
+    p.add_argument("--itl-ms", type=float, default=2.0, help="inter-token latency")
+    p.add_argument(
+        "--prefill-us-per-token",
+        type=float,
+        default=20.0,
+        help="prefill time of each uncached prompt token",
+    )
+    p.add_argument("--max-running", type=int, default=8, help="running slots")
+    p.add_argument("--cache-tokens", type=int, default=65536, help="prefix cache capacity")
+    p.add_argument("--block-size", type=int, default=16, help="prefix cache block, in tokens")
+    p.add_argument("--max-tokens", type=int, default=16, help="default output length")
+    p.add_argument("--dp-size", type=int, default=1)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--error-rate", type=float, default=0.0)
+    p.add_argument("--error-status", type=int, default=500)
+    p.add_argument("--extra-latency-ms", type=float, default=0.0)
+    p.add_argument("--drop-after-chunks", type=int, default=-1)
+    p.add_argument("--hang", action="store_true")
+    p.add_argument("--fail-health", action="store_true")
+
+
+def _run_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from shunter.sim.config import Faults, SimConfig
+    from shunter.sim.server import run_sim
+
+    faults = Faults()
+    try:
+        faults.update({
+            "error_rate": args.error_rate, "error_status": args.error_status,
+            "extra_latency_ms": args.extra_latency_ms,
+            "drop_after_chunks": args.drop_after_chunks, "hang": args.hang,
+            "fail_health": args.fail_health,
+        })  # fmt: skip
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.max_running < 1 or args.block_size < 1 or args.dp_size < 1:
+        parser.error("--max-running, --block-size and --dp-size must be >= 1")
+    config = SimConfig(
+        host=args.host, port=args.port, worker_id=args.worker_id,
+        served_model_name=args.served_model_name, runtime=args.runtime, ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms, prefill_us_per_token=args.prefill_us_per_token,
+        max_running=args.max_running, cache_tokens=args.cache_tokens,
+        block_size=args.block_size, max_tokens=args.max_tokens, dp_size=args.dp_size,
+        api_key=args.api_key, faults=faults,
+    )  # fmt: skip
+    run_sim(config, args.log_level)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="shunter", description=__doc__)
+    parser.add_argument("--version", "-V", action="version", version=f"shunter {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", aliases=["launch"], help="run the gateway")
+    _add_serve_flags(serve)
+    sim = commands.add_parser("sim", help="run a simulated inference worker")
+    _add_sim_flags(sim)
+    demo = commands.add_parser("demo", help="run the gateway in front of two simulated workers")
+    demo.add_argument("--port", type=int, default=30000)
+    demo.add_argument("--prometheus-port", type=int, default=29000)
+    return parser, {"serve": serve, "launch": serve, "sim": sim, "demo": demo}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    command = commands[args.command]
+    if command.prog.endswith(("serve", "launch")):
+        from shunter.server.run import run_gateway
+
+        run_gateway(_config_from_args(args, command))
+    elif args.command == "sim":
+        _run_sim(args, command)
+    else:
+        from shunter.demo import run_demo
+
+        run_demo(args.port, args.prometheus_port)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

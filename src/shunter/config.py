@@ -1,0 +1,98 @@
+"""Typed gateway settings, validated with messages that say what is wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
+WORKER_SCHEMES = ("http", "https")
+NOT_YET_SCHEMES = ("grpc", "grpcs")  # the gRPC data plane is not built yet
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it and says why."""
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "0.0.0.0"
+    port: int = 30000
+    worker_urls: list[str] = field(default_factory=list)
+    policy: str = "round_robin"
+    max_payload_size: int = 536_870_912
+    request_timeout_secs: float = 1800
+    api_key: str | None = None
+    log_level: str = "info"
+    log_dir: str | None = None
+    log_json: bool = False
+    prometheus_host: str = "0.0.0.0"
+    prometheus_port: int = 29000
+    cors_allowed_origins: list[str] = field(default_factory=list)
+    request_id_headers: list[str] = field(default_factory=lambda: list(DEFAULT_REQUEST_ID_HEADERS))
+    worker_startup_timeout_secs: float = 1800
+    worker_startup_check_interval: float = 30
+    dp_aware: bool = False
+    connect_timeout_secs: float = 10.0
+    probe_timeout_secs: float = 5.0  # one registration probe (health, discovery)
+
+    def validate(self) -> GatewayConfig:
+        _check_port("--port", self.port)
+        _check_port("--prometheus-port", self.prometheus_port, allow_zero=True)
+        if self.max_payload_size <= 0:
+            raise ConfigError(f"--max-payload-size must be > 0 bytes, got {self.max_payload_size}")
+        for flag, value in (
+            ("--request-timeout-secs", self.request_timeout_secs),
+            ("--worker-startup-timeout-secs", self.worker_startup_timeout_secs),
+            ("--worker-startup-check-interval", self.worker_startup_check_interval),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{flag} must be > 0, got {value}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        self.worker_urls = [validate_worker_url(url) for url in self.worker_urls]
+        if self.api_key is not None and not self.api_key:
+            raise ConfigError("--api-key must not be empty")
+        if not self.request_id_headers:
+            raise ConfigError("--request-id-headers needs at least one header name")
+        self.request_id_headers = [h.lower() for h in self.request_id_headers]
+        return self
+
+
+def _check_port(flag: str, port: int, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"{flag} must be between {low} and 65535, got {port}")
+
+
+def normalize_worker_url(url: str) -> str:
+    """Add ``http://`` to a URL given without a scheme and drop a trailing slash."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url
+
+
+def validate_worker_url(url: str) -> str:
+    """The normalised URL; raises ConfigError when it is not a worker address we can call."""
+    normalised = normalize_worker_url(url)
+    try:
+        parts = urlsplit(normalised)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"worker URL {url!r} is malformed: {exc}") from None
+    if parts.scheme in NOT_YET_SCHEMES:
+        raise ConfigError(f"worker URL {url!r}: gRPC workers are not supported yet")
+    if parts.scheme not in WORKER_SCHEMES:
+        raise ConfigError(
+            f"worker URL {url!r} has scheme {parts.scheme!r}; use one of "
+            + ", ".join(WORKER_SCHEMES)
+        )
+    if not parts.hostname:
+        raise ConfigError(f"worker URL {url!r} has no host")
+    if port == 0:
+        raise ConfigError(f"worker URL {url!r} has port 0")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ConfigError(f"worker URL {url!r} must not carry credentials, a query or a fragment")
+    return normalised

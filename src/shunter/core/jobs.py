@@ -1,0 +1,98 @@
+"""The background job queue behind ``/workers`` (smg's job queue, inventory §2.4).
+
+Worker additions, updates and removals answer 202 at once and run here. A job's status is
+kept while it is pending or processing and, when it fails, for ``FAILED_TTL_SECS``;
+a job that succeeds drops its status, as smg does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("shunter.jobs")
+
+FAILED_TTL_SECS = 300.0
+
+
+@dataclass
+class JobStatus:
+    job_type: str
+    worker_url: str
+    status: str  # pending | processing | failed
+    message: str | None = None
+    timestamp: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "job_type": self.job_type,
+            "worker_url": self.worker_url,
+            "status": self.status,
+            "message": self.message,
+            "timestamp": self.timestamp,
+        }
+
+
+class QueueFull(Exception):
+    pass
+
+
+class JobQueue:
+    def __init__(self, capacity: int = 1000, concurrency: int = 10) -> None:
+        self.capacity = capacity
+        self._slots = asyncio.Semaphore(concurrency)
+        self._statuses: dict[str, JobStatus] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, job_type: str, url: str, work: Callable[[], Awaitable[None]]) -> None:
+        if len(self._tasks) >= self.capacity:
+            raise QueueFull(f"the job queue is full ({self.capacity} jobs)")
+        self._statuses[url] = JobStatus(job_type, url, "pending", None, int(time.time()))
+        task = asyncio.get_running_loop().create_task(self._run(job_type, url, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, job_type: str, url: str, work: Callable[[], Awaitable[None]]) -> None:
+        async with self._slots:
+            status = self._statuses.get(url)
+            if status is not None:
+                status.status = "processing"
+            try:
+                await work()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("job failed", extra={"job": job_type, "url": url, "error": str(exc)})
+                self._statuses[url] = JobStatus(job_type, url, "failed", str(exc), int(time.time()))
+                return
+            current = self._statuses.get(url)
+            if current is not None and current.job_type == job_type:
+                del self._statuses[url]
+
+    def status(self, url: str) -> JobStatus | None:
+        self._expire()
+        return self._statuses.get(url)
+
+    def _expire(self) -> None:
+        cutoff = time.time() - FAILED_TTL_SECS
+        stale = [
+            url
+            for url, s in self._statuses.items()
+            if s.status == "failed" and s.timestamp < cutoff
+        ]
+        for url in stale:
+            del self._statuses[url]
+
+    async def wait_idle(self) -> None:
+        """Wait for every submitted job to finish (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,61 @@
+"""The error envelope: ``{"error": {"message", "type", "code"}}`` plus ``X-SMG-Error-Code``.
+
+As smg does, ``type`` is the HTTP reason phrase and ``code`` a snake_case identifier; the
+same code travels in the ``X-SMG-Error-Code`` header so metrics and clients can read it
+without parsing the body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from http import HTTPStatus
+
+import orjson
+
+from shunter.asgi import JSON_CONTENT, Send, send_bytes
+
+
+class ApiError(Exception):
+    """An error the gateway answers itself."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+    def body(self) -> bytes:
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": _reason(self.status), "code": self.code}}
+        )
+
+    async def send(self, send: Send, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
+        headers = [
+            JSON_CONTENT,
+            (b"x-smg-error-code", self.code.encode()),
+            *self.headers,
+            *extra_headers,
+        ]
+        await send_bytes(send, self.status, self.body(), headers)
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def bad_request(message: str, code: str = "invalid_request") -> ApiError:
+    return ApiError(400, code, message)
+
+
+def not_found(message: str, code: str = "not_found") -> ApiError:
+    return ApiError(404, code, message)
+
+
+def unavailable(message: str, code: str = "no_available_workers") -> ApiError:
+    return ApiError(503, code, message)

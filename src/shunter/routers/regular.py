@@ -1,0 +1,257 @@
+"""The regular HTTP router: request → model's workers → policy → worker client → relay.
+
+The hot path: decode two fields of the body, one registry read, one policy call, one
+attribute read for the worker's client, then bytes straight through. The client's body is
+forwarded unchanged unless a field must be injected (a DP rank).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import orjson
+
+from shunter.asgi import (
+    DisconnectWatch,
+    Receive,
+    Send,
+    end_stream,
+    send_bytes,
+    send_chunk,
+    start_stream,
+)
+from shunter.core.registry import WorkerRegistry, Workers
+from shunter.core.worker import Worker
+from shunter.observability.metrics import Metrics
+from shunter.policies.base import Policy, RouteRequest
+from shunter.protocols.errors import ApiError
+from shunter.protocols.routing import decode_routing_fields
+from shunter.transport.base import HOP_BY_HOP, UpstreamClient, UpstreamError
+
+log = logging.getLogger("shunter.router")
+
+_NOT_FORWARDED = HOP_BY_HOP | {"x-request-id"}
+_UPSTREAM_STATUS = {"connect": 502, "io": 502, "timeout": 504}
+
+
+@dataclass(slots=True)
+class Inbound:
+    """An inference request as the router sees it."""
+
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    request_id: str
+
+
+class RegularRouter:
+    def __init__(self, registry: WorkerRegistry, policy: Policy, metrics: Metrics) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.metrics = metrics
+
+    # --- selection --------------------------------------------------------------------------
+
+    def workers_for(self, model: str | None) -> Workers:
+        """The workers that may serve ``model``.
+
+        A fleet serving one model takes any model name, or none, as sglang-router does.
+        """
+        only = self.registry.only_model_workers()
+        if only is not None:
+            return only
+        if not self.registry.models():
+            raise ApiError(503, "no_workers", "no workers are registered yet")
+        if model is None:
+            models = ", ".join(sorted(self.registry.models()))
+            raise ApiError(
+                400, "model_required", f"this gateway serves several models; name one of: {models}"
+            )
+        workers = self.registry.get_by_model(model)
+        if not workers:
+            raise ApiError(404, "model_not_found", f"The model `{model}` does not exist.")
+        return workers
+
+    def select(self, model: str | None) -> Worker:
+        worker = self.policy.select(self.workers_for(model), RouteRequest(model))
+        if worker is None:
+            raise ApiError(503, "no_available_workers", "no healthy worker is available")
+        return worker
+
+    # --- forwarding -------------------------------------------------------------------------
+
+    async def route(self, request: Inbound, send: Send, receive: Receive) -> int:
+        """Serve one inference request; returns the status sent to the client."""
+        fields = decode_routing_fields(request.body)
+        worker = self.select(fields.model)
+        streaming = bool(fields.stream)
+        self.metrics.observe_route(
+            worker, fields.model or worker.model_id, request.path, streaming, self.policy.name
+        )
+        cell = worker.client_cell
+        assert cell is not None
+        client = cell.value or await cell.get()
+        url = worker.base_url + request.path
+        if request.query:
+            url += "?" + request.query.decode("latin-1")
+        headers = upstream_headers(request, worker)
+        body = request.body if worker.dp_rank is None else inject_rank(request.body, worker)
+        gauge = self.metrics.worker_gauge(worker)
+        worker.in_flight += 1
+        gauge.inc()
+        try:
+            if streaming:
+                return await self._relay_stream(
+                    client, worker, url, headers, body, request, send, receive
+                )
+            return await self._relay_whole(client, worker, url, headers, body, request, send)
+        finally:
+            worker.in_flight -= 1
+            worker.processed += 1
+            gauge.dec()
+
+    async def _relay_whole(
+        self,
+        client: UpstreamClient,
+        worker: Worker,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        request: Inbound,
+        send: Send,
+    ) -> int:
+        try:
+            response = await client.request(request.method, url, headers, body)
+        except UpstreamError as exc:
+            raise self._upstream_failure(worker, exc) from None
+        await send_bytes(
+            send, response.status, response.body, downstream_headers(response.headers, request)
+        )
+        return response.status
+
+    async def _relay_stream(
+        self,
+        client: UpstreamClient,
+        worker: Worker,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        request: Inbound,
+        send: Send,
+        receive: Receive,
+    ) -> int:
+        watch = DisconnectWatch(receive)
+        try:
+            try:
+                upstream = await client.stream(request.method, url, headers, body)
+            except UpstreamError as exc:
+                watch.finish()
+                raise self._upstream_failure(worker, exc) from None
+            try:
+                await start_stream(
+                    send, upstream.status, downstream_headers(upstream.headers, request)
+                )
+                while (chunk := await upstream.next_chunk()) is not None:
+                    await send_chunk(send, chunk)
+            except UpstreamError as exc:
+                # The response has started: the status is sent, so tell the client in-band.
+                log.warning(
+                    "stream broke",
+                    extra={
+                        "worker": worker.url,
+                        "request_id": request.request_id,
+                        "error": str(exc),
+                    },
+                )
+                self.metrics.worker_error(worker, "stream_" + exc.kind)
+                await send_chunk(send, sse_error(exc))
+            finally:
+                await upstream.aclose()
+            watch.finish()
+            await end_stream(send)
+            return upstream.status
+        except asyncio.CancelledError:
+            if watch.absorb_cancel():
+                log.info(
+                    "client left; upstream cancelled",
+                    extra={"worker": worker.url, "request_id": request.request_id},
+                )
+                return 499
+            raise
+
+    def _upstream_failure(self, worker: Worker, exc: UpstreamError) -> ApiError:
+        self.metrics.worker_error(worker, "upstream_" + exc.kind)
+        log.warning("worker call failed", extra={"worker": worker.url, "error": str(exc)})
+        status = _UPSTREAM_STATUS.get(exc.kind, 502)
+        code = "upstream_timeout" if status == 504 else "upstream_unavailable"
+        return ApiError(status, code, f"worker {worker.url} failed: {exc}")
+
+    async def proxy_get(
+        self, path: str, request_id: str
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """GET ``path`` from the first available worker (proxied info endpoints)."""
+        worker = next((w for w in self.registry.all() if w.is_available), None)
+        if worker is None:
+            raise ApiError(503, "no_available_workers", "no healthy worker is available")
+        cell = worker.client_cell
+        assert cell is not None
+        client = cell.value or await cell.get()
+        headers = [("x-request-id", request_id)]
+        if worker.api_key:
+            headers.append(("authorization", f"Bearer {worker.api_key}"))
+        try:
+            response = await client.request("GET", worker.base_url + path, headers, None)
+        except UpstreamError as exc:
+            raise self._upstream_failure(worker, exc) from None
+        relayed = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in response.headers
+            if k not in HOP_BY_HOP
+        ]
+        return response.status, relayed, response.body
+
+
+def upstream_headers(request: Inbound, worker: Worker) -> list[tuple[str, str]]:
+    """The client's headers minus hop-by-hop ones, plus the worker key and the request id."""
+    has_key = worker.api_key is not None
+    headers = [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in request.headers
+        if k.decode("latin-1") not in _NOT_FORWARDED and not (has_key and k == b"authorization")
+    ]
+    if has_key:
+        headers.append(("authorization", f"Bearer {worker.api_key}"))
+    headers.append(("x-request-id", request.request_id))
+    return headers
+
+
+def downstream_headers(
+    headers: list[tuple[str, str]], request: Inbound
+) -> list[tuple[bytes, bytes]]:
+    relayed = [
+        (k.encode("latin-1"), v.encode("latin-1"))
+        for k, v in headers
+        if k not in HOP_BY_HOP and k != "x-request-id"
+    ]
+    relayed.append((b"x-request-id", request.request_id.encode()))
+    return relayed
+
+
+def inject_rank(body: bytes, worker: Worker) -> bytes:
+    """The body with ``data_parallel_rank`` set: the one case where the gateway rewrites it."""
+    payload = orjson.loads(body)
+    payload["data_parallel_rank"] = worker.dp_rank
+    return orjson.dumps(payload)
+
+
+def sse_error(exc: UpstreamError) -> bytes:
+    error = {
+        "message": f"the worker stream broke: {exc}",
+        "type": "Bad Gateway",
+        "code": "upstream_stream_broken",
+    }
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"

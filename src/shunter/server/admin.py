@@ -1,0 +1,252 @@
+"""Non-inference endpoints: health, models, info, loads, cache flush and ``/workers``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from shunter.config import normalize_worker_url
+from shunter.core.jobs import QueueFull
+from shunter.core.registration import SpecError, WorkerSpec
+from shunter.core.worker import Runtime, Worker, WorkerType
+from shunter.protocols.errors import ApiError
+from shunter.server.call import Call
+from shunter.server.state import GatewayState
+from shunter.transport.base import HOP_BY_HOP, UpstreamError
+
+HEALTH_FIELDS = (
+    "health_check_timeout_secs",
+    "health_check_interval_secs",
+    "health_success_threshold",
+    "health_failure_threshold",
+    "max_connection_attempts",
+)
+
+
+class AdminHandlers:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    # --- public ----------------------------------------------------------------------------
+
+    async def liveness(self, call: Call) -> int:
+        return await call.reply_text(200, "OK")
+
+    async def readiness(self, call: Call) -> int:
+        workers = self.state.registry.all()
+        healthy = sum(1 for w in workers if w.healthy)
+        if healthy:
+            return await call.reply_json(
+                200, {"status": "ready", "healthy_workers": healthy, "total_workers": len(workers)}
+            )
+        return await call.reply_json(
+            503, {"status": "not ready", "reason": "insufficient healthy workers"}
+        )
+
+    async def models(self, call: Call) -> int:
+        models = self.state.registry.models()
+        if not models:
+            raise ApiError(503, "no_models", "No models available")
+        data = [{"id": m, "object": "model", "owned_by": "local"} for m in models]
+        return await call.reply_json(200, {"object": "list", "data": data})
+
+    async def health_generate(self, call: Call) -> int:
+        """Proxy a generation health check to the first available worker.
+
+        OpenAI-only servers have no /health_generate; their /health stands in for it.
+        """
+        worker = _first_available(self.state.registry.all())
+        path = "/health_generate" if worker.runtime.speaks_sglang else "/health"
+        return await self._proxy(call, path)
+
+    async def server_info(self, call: Call) -> int:
+        return await self._proxy(call, "/get_server_info")
+
+    async def model_info(self, call: Call) -> int:
+        return await self._proxy(call, "/get_model_info")
+
+    async def _proxy(self, call: Call, path: str) -> int:
+        status, headers, body = await self.state.router.proxy_get(path, call.request_id)
+        return await call.reply_raw(status, [h for h in headers if h[0] != b"x-request-id"], body)
+
+    # --- admin -------------------------------------------------------------------------------
+
+    async def get_loads(self, call: Call) -> int:
+        workers = self.state.registry.all()
+        loads = await asyncio.gather(*(self._load_of(w) for w in workers))
+        return await call.reply_json(
+            200,
+            {
+                "workers": [
+                    {"worker": w.url, "load": load} for w, load in zip(workers, loads, strict=True)
+                ]
+            },
+        )
+
+    async def _load_of(self, worker: Worker) -> int:
+        if not worker.runtime.speaks_sglang:
+            return -1
+        try:
+            response = await self.state.control.request(
+                "GET", worker.base_url + "/get_load", _auth(worker), None
+            )
+            payload = orjson.loads(response.body) if response.status == 200 else None
+        except (UpstreamError, orjson.JSONDecodeError):
+            return -1
+        return _sum_tokens(payload, worker.dp_rank)
+
+    async def flush_cache(self, call: Call) -> int:
+        workers = self.state.registry.all()
+        bases = {w.base_url: w for w in workers if w.runtime.speaks_sglang}
+        results = await asyncio.gather(*(self._flush(w) for w in bases.values()))
+        failed = [{"worker": url, "error": err} for url, err in results if err]
+        ok = [url for url, err in results if not err]
+        common = {"total_http_workers": len(bases), "total_workers": len(workers)}
+        if not failed:
+            return await call.reply_json(200, {
+                "status": "success", "message": f"Cache flushed on {len(ok)} workers",
+                "workers_flushed": len(ok), **common,
+            })  # fmt: skip
+        return await call.reply_json(206, {
+            "status": "partial_success", "message": "Cache flush failed on some workers",
+            "successful": ok, "failed": failed, **common,
+        })  # fmt: skip
+
+    async def _flush(self, worker: Worker) -> tuple[str, str | None]:
+        try:
+            response = await self.state.control.request(
+                "POST", worker.base_url + "/flush_cache", _auth(worker), b""
+            )
+        except UpstreamError as exc:
+            return worker.base_url, str(exc)
+        if 200 <= response.status < 300:
+            return worker.base_url, None
+        return worker.base_url, f"status {response.status}"
+
+    # --- /workers ----------------------------------------------------------------------------
+
+    async def list_workers(self, call: Call) -> int:
+        registry = self.state.registry
+        workers = [w.to_info() for w in registry.all()]
+        stats = registry.stats()
+        return await call.reply_json(200, {
+            "workers": workers,
+            "total": len(workers),
+            "stats": {
+                "prefill_count": stats["prefill_workers"],
+                "decode_count": stats["decode_workers"],
+                "regular_count": stats["regular_workers"],
+            },
+        })  # fmt: skip
+
+    async def add_worker(self, call: Call) -> int:
+        payload = await call.json()
+        try:
+            spec = WorkerSpec.from_json(payload)
+        except SpecError as exc:
+            raise ApiError(400, "invalid_worker_spec", str(exc)) from None
+        if self.state.registrar.find(spec.url):
+            raise ApiError(
+                409,
+                "WORKER_ALREADY_EXISTS",
+                f"Worker {spec.url} already exists; use PUT /workers/{{url}}",
+            )
+        try:
+            self.state.submit_add(spec)
+        except QueueFull as exc:
+            raise ApiError(500, "INTERNAL_SERVER_ERROR", str(exc)) from None
+        return await call.reply_json(202, {
+            "status": "accepted", "worker_id": spec.url,
+            "message": "Worker addition queued for background processing",
+        })  # fmt: skip
+
+    async def worker(self, call: Call) -> int:
+        """GET, PUT and DELETE on ``/workers/{url}`` (the URL percent-encoded)."""
+        url = normalize_worker_url(unquote(call.path[len("/workers/") :]))
+        if call.method == "GET":
+            return await self._get_worker(call, url)
+        if not self.state.registrar.find(url):
+            raise ApiError(404, "WORKER_NOT_FOUND", f"Worker {url} not found")
+        if call.method == "DELETE":
+            self.state.registrar.remove(url)
+            return await call.reply_json(202, {
+                "status": "accepted", "worker_id": url,
+                "message": "Worker removal queued for background processing",
+            })  # fmt: skip
+        changes = await call.json()
+        _check_update(changes)
+        self.state.registrar.update(url, changes)
+        return await call.reply_json(202, {
+            "status": "accepted", "worker_id": url,
+            "message": "Worker update queued for background processing",
+        })  # fmt: skip
+
+    async def _get_worker(self, call: Call, url: str) -> int:
+        workers = self.state.registrar.find(url)
+        job = self.state.jobs.status(url)
+        if workers:
+            info = workers[0].to_info() if len(workers) == 1 else {
+                **workers[0].to_info(), "id": url, "url": url, "dp_ranks": len(workers),
+            }  # fmt: skip
+        elif job is not None:
+            info = {
+                "id": url,
+                "url": url,
+                "model_id": "unknown",
+                "worker_type": "unknown",
+                "is_healthy": False,
+                "connection_mode": "unknown",
+            }
+        else:
+            raise ApiError(404, "WORKER_NOT_FOUND", f"Worker {url} not found")
+        if job is not None:
+            info["job_status"] = job.as_dict()
+        return await call.reply_json(200, info)
+
+
+def _check_update(changes: Any) -> None:
+    if not isinstance(changes, dict):
+        raise ApiError(400, "invalid_worker_update", "the body must be a JSON object")
+    allowed = {"priority", "cost", "labels", "api_key", *HEALTH_FIELDS}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ApiError(
+            400, "invalid_worker_update", f"unknown fields: {', '.join(sorted(unknown))}"
+        )
+    for key in ("priority", "cost"):
+        value = changes.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ApiError(400, "invalid_worker_update", f"'{key}' must be a number")
+    if changes.get("api_key") is not None and not isinstance(changes["api_key"], str):
+        raise ApiError(400, "invalid_worker_update", "'api_key' must be a string")
+    if changes.get("labels") is not None and not isinstance(changes["labels"], dict):
+        raise ApiError(400, "invalid_worker_update", "'labels' must be an object")
+
+
+def _sum_tokens(payload: Any, dp_rank: int | None) -> int:
+    """Σ ``num_tokens`` of an SGLang ``/get_load`` answer (one entry per DP rank); -1 if odd."""
+    entries: list[Any] = payload if isinstance(payload, list) else [payload]
+    total = 0
+    for entry in entries:
+        if not isinstance(entry, dict):
+            return -1
+        if dp_rank is None or entry.get("dp_rank", dp_rank) == dp_rank:
+            total += int(entry.get("num_tokens", 0))
+    return total
+
+
+def _first_available(workers: tuple[Worker, ...]) -> Worker:
+    for worker in workers:
+        if worker.is_available:
+            return worker
+    raise ApiError(503, "no_available_workers", "no healthy worker is available")
+
+
+def _auth(worker: Worker) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
+
+
+__all__ = ["HOP_BY_HOP", "AdminHandlers", "Runtime", "WorkerType"]

@@ -1,0 +1,209 @@
+"""The gateway's ASGI application: routing table and the middleware around every handler.
+
+Per request, in order: request id, CORS, route lookup (404/405), API key, handler, error
+envelope, metrics. No framework: each step is a few lines here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from shunter.asgi import BodyTooLarge, ClientGone, Message, Receive, Scope, Send
+from shunter.config import GatewayConfig
+from shunter.protocols.errors import ApiError
+from shunter.routers.regular import Inbound
+from shunter.server.admin import AdminHandlers
+from shunter.server.call import Call
+from shunter.server.cors import Cors
+from shunter.server.state import GatewayState
+
+log = logging.getLogger("shunter.server")
+
+Handler = Callable[[Call], Awaitable[int]]
+INFERENCE_PATHS = (
+    "/generate",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/rerank",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    handler: Handler
+    protected: bool  # needs the API key when one is set
+
+
+def _id_prefix(path: str) -> str:
+    if path.endswith("/chat/completions"):
+        return "chatcmpl-"
+    if path.endswith("/completions"):
+        return "cmpl-"
+    if path == "/generate":
+        return "gnt-"
+    if "/responses" in path:
+        return "resp-"
+    return "req-"
+
+
+class GatewayApp:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        config: GatewayConfig = state.config
+        self.config = config
+        self._id_headers = tuple(h.encode() for h in config.request_id_headers)
+        self._expected_auth = (
+            f"Bearer {config.api_key}".encode() if config.api_key is not None else None
+        )
+        self.cors = Cors(config.cors_allowed_origins)
+        admin = AdminHandlers(state)
+        open_, guarded = False, True
+        table: dict[str, dict[str, Route]] = {
+            path: {"POST": Route(self.inference, guarded)} for path in INFERENCE_PATHS
+        }
+        table.update({
+            "/health": {"GET": Route(admin.liveness, open_)},
+            "/liveness": {"GET": Route(admin.liveness, open_)},
+            "/readiness": {"GET": Route(admin.readiness, open_)},
+            "/health_generate": {"GET": Route(admin.health_generate, open_)},
+            "/v1/models": {"GET": Route(admin.models, open_)},
+            "/get_server_info": {"GET": Route(admin.server_info, open_)},
+            "/get_model_info": {"GET": Route(admin.model_info, open_)},
+            "/get_loads": {"GET": Route(admin.get_loads, guarded)},
+            "/flush_cache": {"POST": Route(admin.flush_cache, guarded)},
+            "/workers": {"GET": Route(admin.list_workers, guarded),
+                         "POST": Route(admin.add_worker, guarded)},
+        })  # fmt: skip
+        self.routes = table
+        worker_route = Route(admin.worker, guarded)
+        self.worker_routes = {"GET": worker_route, "PUT": worker_route, "DELETE": worker_route}
+
+    # --- ASGI entry ----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        path: str = scope["path"]
+        method: str = scope["method"]
+        request_id = self._request_id(scope, path)
+        if self.cors.active:
+            send = self.cors.wrap(scope, send)
+            if self.cors.is_preflight(scope):
+                await self.cors.preflight(scope, send)
+                return
+        call = Call(scope, receive, send, request_id, self.config.max_payload_size)
+        label = path
+        error_code = ""
+        metrics = self.state.metrics
+        metrics.connections_active.inc()
+        try:
+            methods = self.routes.get(path)
+            if methods is None and path.startswith("/workers/"):
+                methods, label = self.worker_routes, "/workers/{id}"
+            if methods is None:
+                label = "other"
+                raise ApiError(404, "not_found", f"no route for {path}")
+            route = methods.get(method)
+            if route is None:
+                raise _method_not_allowed(method, path, methods)
+            if route.protected and self._expected_auth is not None:
+                self._authenticate(scope)
+            status = await route.handler(call)
+        except ApiError as exc:
+            status, error_code = exc.status, exc.code
+            if status >= 500:
+                log.warning(
+                    "request failed",
+                    extra={
+                        "request_id": request_id,
+                        "path": path,
+                        "status": status,
+                        "error_code": exc.code,
+                        "error": exc.message,
+                    },
+                )
+            await exc.send(send, [call.id_header])
+        except BodyTooLarge:
+            status, error_code = 413, "payload_too_large"
+            await ApiError(
+                413, error_code, f"request body exceeds {self.config.max_payload_size} bytes"
+            ).send(send, [call.id_header, (b"connection", b"close")])
+        except ClientGone:
+            status, error_code = 499, "client_closed"
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": request_id, "path": path})
+            status, error_code = 500, "internal_error"
+            await ApiError(500, error_code, "internal gateway error").send(send, [call.id_header])
+        finally:
+            metrics.connections_active.dec()
+        metrics.observe_http(method, label, status, error_code, time.perf_counter() - started)
+
+    # --- middleware pieces ----------------------------------------------------------------
+
+    def _request_id(self, scope: Scope, path: str) -> str:
+        wanted = self._id_headers
+        for name, value in scope["headers"]:
+            if name in wanted and value:
+                return value.decode("latin-1")  # type: ignore[no-any-return]
+        return _id_prefix(path) + secrets.token_hex(12)
+
+    def _authenticate(self, scope: Scope) -> None:
+        expected = self._expected_auth
+        assert expected is not None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and hmac.compare_digest(value, expected):
+                return
+        raise ApiError(401, "unauthorized", "missing or invalid API key")
+
+    # --- inference ------------------------------------------------------------------------
+
+    async def inference(self, call: Call) -> int:
+        scope = call.scope
+        body = await call.body()
+        request = Inbound(
+            call.method, call.path, scope["query_string"], scope["headers"], body, call.request_id
+        )
+        return await self.state.router.route(request, call.send, call.receive)
+
+    # --- lifespan ---------------------------------------------------------------------------
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message: Message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.startup()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.state.close()
+                self.state.metrics.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def startup(self) -> None:
+        config = self.config
+        if config.prometheus_port:
+            self.state.metrics.serve(config.prometheus_host, config.prometheus_port)
+        self.state.register_configured_workers()
+
+
+def _method_not_allowed(method: str, path: str, methods: dict[str, Route]) -> ApiError:
+    allow = ", ".join(sorted(methods)).encode()
+    return ApiError(
+        405, "method_not_allowed", f"{method} is not allowed on {path}", [(b"allow", allow)]
+    )

@@ -1,0 +1,90 @@
+"""Everything one gateway owns, built from its config: registry, router, jobs, metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from shunter.config import GatewayConfig
+from shunter.core.jobs import JobQueue
+from shunter.core.once import OnceCell
+from shunter.core.registration import Registrar, WorkerSpec
+from shunter.core.registry import WorkerRegistry
+from shunter.core.worker import Worker
+from shunter.observability.metrics import Metrics
+from shunter.policies.factory import create_policy
+from shunter.routers.regular import RegularRouter
+from shunter.transport.base import UpstreamClient
+from shunter.transport.reqwest import ClientSettings, ReqwestClient
+
+log = logging.getLogger("shunter.gateway")
+
+ClientFactory = Callable[[ClientSettings], UpstreamClient]
+
+
+async def _close_client(client: UpstreamClient) -> None:
+    await client.close()
+
+
+class GatewayState:
+    def __init__(
+        self, config: GatewayConfig, client_factory: ClientFactory = ReqwestClient
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.registry = WorkerRegistry()
+        self.jobs = JobQueue()
+        self.policy = create_policy(config.policy)
+        self.router = RegularRouter(self.registry, self.policy, self.metrics)
+        worker_settings = ClientSettings(
+            connect_timeout_secs=config.connect_timeout_secs,
+            read_timeout_secs=config.request_timeout_secs,
+        )
+        control_settings = ClientSettings(
+            connect_timeout_secs=min(config.connect_timeout_secs, config.probe_timeout_secs),
+            read_timeout_secs=config.probe_timeout_secs,
+        )
+        self.control = client_factory(control_settings)
+
+        async def create_worker_client() -> UpstreamClient:
+            return client_factory(worker_settings)
+
+        def new_client_cell() -> OnceCell[UpstreamClient]:
+            return OnceCell(create_worker_client, _close_client)
+
+        self.registrar = Registrar(
+            self.registry,
+            self.control,
+            new_client_cell,
+            startup_timeout_secs=config.worker_startup_timeout_secs,
+            check_interval_secs=config.worker_startup_check_interval,
+            dp_aware=config.dp_aware,
+            on_change=self._fleet_changed,
+        )
+
+    def _fleet_changed(self, added: Sequence[Worker], removed: Sequence[Worker]) -> None:
+        for worker in added:
+            self.policy.on_worker_added(worker)
+        for worker in removed:
+            self.policy.on_worker_removed(worker)
+            if self.registry.get_by_url(worker.url) is None:
+                self.metrics.forget_worker(worker)
+        self.metrics.set_pool(self.registry.all())
+
+    def submit_add(self, spec: WorkerSpec) -> None:
+        async def add() -> None:
+            await self.registrar.add(spec)
+
+        self.jobs.submit("AddWorker", spec.url, add)
+
+    def register_configured_workers(self) -> None:
+        """Queue the ``--worker-urls`` workers; they inherit the gateway's API key (as smg)."""
+        for url in self.config.worker_urls:
+            self.submit_add(WorkerSpec(url=url, api_key=self.config.api_key))
+
+    async def close(self) -> None:
+        await self.jobs.cancel_all()
+        for worker in self.registry.all():
+            if worker.client_cell is not None:
+                await worker.client_cell.close()
+        await self.control.close()

@@ -1,0 +1,1 @@
+"""The simulated inference worker (`shunter sim`): the default test peer."""

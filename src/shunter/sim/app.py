@@ -1,0 +1,454 @@
+"""The simulated worker's HTTP API: SGLang's worker endpoints and the OpenAI API.
+
+Every response names the worker in ``X-Worker-Id`` so tests can see where requests went.
+Faults (``/sim/faults``) let tests break the worker on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from shunter.asgi import (
+    JSON_CONTENT,
+    SSE_CONTENT,
+    TEXT_CONTENT,
+    DisconnectWatch,
+    Receive,
+    Scope,
+    Send,
+    end_stream,
+    header_value,
+    send_bytes,
+    send_chunk,
+    send_json,
+    start_stream,
+)
+from shunter.sim.config import SimConfig
+from shunter.sim.engine import Engine, Generation, tokenize
+from shunter.sim.formats import ChatFormat, CompletionFormat, Format, GenerateFormat
+
+log = logging.getLogger("shunter.sim")
+
+Handler = Callable[["Request"], Awaitable[None]]
+
+
+class DroppedConnection(Exception):
+    """Raised on purpose after the response started, so uvicorn cuts the connection."""
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Request:
+    __slots__ = ("body", "receive", "scope", "send", "worker_header")
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, body: bytes, worker: bytes):
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.body = body
+        self.worker_header = (b"x-worker-id", worker)
+
+    def json(self) -> dict[str, Any]:
+        try:
+            payload = orjson.loads(self.body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"invalid JSON body: {exc}") from None
+        if not isinstance(payload, dict):
+            raise BadRequest("the body must be a JSON object")
+        return payload
+
+    async def reply(self, status: int, payload: Any) -> None:
+        await send_json(self.send, status, payload, [self.worker_header])
+
+    async def reply_text(self, status: int, text: str) -> None:
+        await send_bytes(self.send, status, text.encode(), [TEXT_CONTENT, self.worker_header])
+
+
+def _error(message: str, status: int) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def _chat_prompt(messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list")
+    parts = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise BadRequest("each message must be an object")
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        parts.append(f"<|{message.get('role', 'user')}|> {content}")
+    return " ".join(parts) + " <|assistant|>"
+
+
+def _max_tokens(value: Any, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadRequest("max_tokens must be a non-negative integer")
+    return value
+
+
+class SimApp:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.engine = Engine(config)
+        self.worker = config.name.encode()
+        sglang: dict[str, Handler] = {
+            "/server_info": self.server_info,
+            "/get_server_info": self.server_info,
+            "/model_info": self.model_info,
+            "/get_model_info": self.model_info,
+            "/generate": self.generate,
+            "/get_load": self.get_load,
+            "/v1/loads": self.v1_loads,
+            "/flush_cache": self.flush_cache,
+        }
+        common: dict[str, Handler] = {
+            "/health": self.health,
+            "/health_generate": self.health_generate,
+            "/metrics": self.metrics,
+            "/v1/models": self.models,
+            "/v1/chat/completions": self.chat,
+            "/v1/completions": self.completions,
+            "/v1/embeddings": self.embeddings,
+            "/v1/rerank": self.rerank,
+            "/sim/faults": self.faults,
+            "/sim/stats": self.sim_stats,
+        }
+        self.routes = {**common, **(sglang if config.runtime == "sglang" else {})}
+        self._inference = {
+            "/generate",
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/rerank",
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        handler = self.routes.get(scope["path"])
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = Request(scope, receive, send, body, self.worker)
+        if handler is None:
+            await request.reply(404, _error(f"no route {scope['path']}", 404))
+            return
+        try:
+            if scope["path"] in self._inference:
+                await self._inference_gate(request)
+            await handler(request)
+        except BadRequest as exc:
+            await request.reply(exc.status, _error(str(exc), exc.status))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _inference_gate(self, request: Request) -> None:
+        """Auth and the faults that act before any work: latency, hang, error rate."""
+        key = self.config.api_key
+        if key is not None:
+            auth = header_value(request.scope, b"authorization")
+            if auth != f"Bearer {key}".encode():
+                raise BadRequest("invalid or missing API key", 401)
+        faults = self.config.faults
+        if faults.extra_latency_ms > 0:
+            await asyncio.sleep(faults.extra_latency_ms / 1000)
+        if faults.hang:
+            await self._hang(request)
+        if faults.error_rate > 0 and random.random() < faults.error_rate:
+            raise BadRequest("injected fault", faults.error_status)
+
+    async def _hang(self, request: Request) -> None:
+        watch = DisconnectWatch(request.receive)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if watch.absorb_cancel():
+                self.engine.stats.aborted_total += 1
+                raise DroppedConnection("client left a hanging request") from None
+            raise
+
+    # --- health and metadata -------------------------------------------------------------
+
+    async def health(self, request: Request) -> None:
+        if self.config.faults.fail_health:
+            await request.reply_text(503, "unhealthy (injected fault)")
+            return
+        await send_bytes(request.send, 200, b"", [request.worker_header])
+
+    async def health_generate(self, request: Request) -> None:
+        if self.config.faults.fail_health:
+            await request.reply_text(503, "unhealthy (injected fault)")
+            return
+        generation = Generation(tokenize("health check"), 1)
+        async for _ in self.engine.run(generation):
+            pass
+        await send_bytes(request.send, 200, b"", [request.worker_header])
+
+    async def server_info(self, request: Request) -> None:
+        name = self.config.served_model_name
+        await request.reply(
+            200,
+            {
+                "model_path": name,
+                "served_model_name": name,
+                "tokenizer_path": name,
+                "dp_size": self.config.dp_size,
+                "tp_size": 1,
+                "max_running_requests": self.config.max_running,
+                "version": "shunter-sim",
+            },
+        )
+
+    async def model_info(self, request: Request) -> None:
+        name = self.config.served_model_name
+        await request.reply(
+            200,
+            {
+                "model_path": name,
+                "tokenizer_path": name,
+                "is_generation": True,
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+            },
+        )
+
+    async def models(self, request: Request) -> None:
+        owner = "sglang" if self.config.runtime == "sglang" else "shunter-sim"
+        await request.reply(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.config.served_model_name,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": owner,
+                    }
+                ],
+            },
+        )
+
+    async def get_load(self, request: Request) -> None:
+        engine = self.engine
+        await request.reply(
+            200,
+            [
+                {
+                    "dp_rank": 0,
+                    "num_reqs": engine.running + engine.waiting,
+                    "num_waiting_reqs": engine.waiting,
+                    "num_tokens": engine.tokens_in_flight,
+                }
+            ],
+        )
+
+    async def v1_loads(self, request: Request) -> None:
+        engine = self.engine
+        await request.reply(
+            200,
+            {
+                "timestamp": time.time(),
+                "dp_rank_count": 1,
+                "loads": [
+                    {
+                        "dp_rank": 0,
+                        "num_running_reqs": engine.running,
+                        "num_waiting_reqs": engine.waiting,
+                        "num_total_tokens": engine.tokens_in_flight,
+                        "cache_hit_rate": engine.cache.hit_rate,
+                    }
+                ],
+            },
+        )
+
+    async def flush_cache(self, request: Request) -> None:
+        self.engine.cache.flush()
+        await request.reply_text(200, "Cache flushed.\n")
+
+    async def metrics(self, request: Request) -> None:
+        body = self.engine.metrics_text().encode()
+        headers = [(b"content-type", b"text/plain; version=0.0.4"), request.worker_header]
+        await send_bytes(request.send, 200, body, headers)
+
+    async def faults(self, request: Request) -> None:
+        if request.scope["method"] == "POST":
+            try:
+                self.config.faults.update(request.json())
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            log.info("faults now %s", self.config.faults.as_dict())
+        await request.reply(200, self.config.faults.as_dict())
+
+    async def sim_stats(self, request: Request) -> None:
+        s = self.engine.stats
+        await request.reply(
+            200,
+            {
+                "worker_id": self.config.name,
+                "requests_total": s.requests_total,
+                "aborted_total": s.aborted_total,
+                "prompt_tokens_total": s.prompt_tokens_total,
+                "cached_tokens_total": s.cached_tokens_total,
+                "generation_tokens_total": s.generation_tokens_total,
+                "running": self.engine.running,
+                "waiting": self.engine.waiting,
+                "cache_hit_rate": self.engine.cache.hit_rate,
+            },
+        )
+
+    # --- inference -------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> None:
+        body = request.json()
+        prompt = _chat_prompt(body.get("messages"))
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        await self._complete(
+            request, body, prompt, _max_tokens(limit, self.config.max_tokens), ChatFormat
+        )
+
+    async def completions(self, request: Request) -> None:
+        body = request.json()
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            prompt = " ".join(str(p) for p in prompt)
+        if not isinstance(prompt, str):
+            raise BadRequest("'prompt' must be a string or a list of strings")
+        limit = _max_tokens(body.get("max_tokens"), self.config.max_tokens)
+        await self._complete(request, body, prompt, limit, CompletionFormat)
+
+    async def generate(self, request: Request) -> None:
+        body = request.json()
+        params = body.get("sampling_params") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("'sampling_params' must be an object")
+        if isinstance(body.get("input_ids"), list):
+            prompt = " ".join(str(t) for t in body["input_ids"])
+        elif isinstance(body.get("text"), str):
+            prompt = body["text"]
+        else:
+            raise BadRequest("give 'text' or 'input_ids'")
+        limit = _max_tokens(params.get("max_new_tokens"), self.config.max_tokens)
+        await self._complete(request, body, prompt, limit, GenerateFormat)
+
+    async def _complete(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        prompt: str,
+        max_tokens: int,
+        format_class: type[Format],
+    ) -> None:
+        options = body.get("stream_options") or {}
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        fmt = format_class(body.get("model") or self.config.served_model_name, include_usage)
+        generation = Generation(tokenize(prompt), max_tokens)
+        if body.get("stream"):
+            await self._stream(request, fmt, generation)
+            return
+        watch = DisconnectWatch(request.receive)
+        tokens: list[str] = []
+        try:
+            async for token in self.engine.run(generation):
+                tokens.append(token)
+        except asyncio.CancelledError:
+            if watch.absorb_cancel():
+                return
+            raise
+        watch.finish()
+        payload = orjson.dumps(fmt.whole(" ".join(tokens), generation))
+        if self.config.faults.drop_after_chunks >= 0:
+            await self._drop_mid_body(request, len(payload))
+        await send_bytes(request.send, 200, payload, [JSON_CONTENT, request.worker_header])
+
+    async def _drop_mid_body(self, request: Request, length: int) -> None:
+        headers = [JSON_CONTENT, request.worker_header, (b"content-length", str(length).encode())]
+        await start_stream(request.send, 200, headers)
+        raise DroppedConnection("injected fault: connection dropped mid-body")
+
+    async def _stream(self, request: Request, fmt: Format, generation: Generation) -> None:
+        send = request.send
+        drop_after = self.config.faults.drop_after_chunks
+        watch = DisconnectWatch(request.receive)
+        try:
+            await start_stream(send, 200, [SSE_CONTENT, request.worker_header])
+            sent = 0
+            first = fmt.first_chunk()
+            text = ""
+            async for token in self.engine.run(generation):
+                if first is not None:
+                    await send_chunk(send, first)
+                    first = None
+                text = f"{text} {token}" if text else token
+                await send_chunk(send, fmt.chunk(token, text, generation))
+                sent += 1
+                if sent == drop_after:
+                    raise DroppedConnection("injected fault: stream dropped")
+            for chunk in fmt.final_chunks(generation):
+                await send_chunk(send, chunk)
+            watch.finish()
+            await end_stream(send)
+        except asyncio.CancelledError:
+            if watch.absorb_cancel():
+                return
+            raise
+
+    async def embeddings(self, request: Request) -> None:
+        body = request.json()
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            raise BadRequest("'input' must be a string or a non-empty list")
+        texts = [str(i) for i in inputs]
+        tokens = sum(len(tokenize(t)) for t in texts)
+        data = [
+            {"object": "embedding", "index": i, "embedding": self.engine.embed(t)}
+            for i, t in enumerate(texts)
+        ]
+        model = body.get("model") or self.config.served_model_name
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        await request.reply(200, {"object": "list", "data": data, "model": model, "usage": usage})
+
+    async def rerank(self, request: Request) -> None:
+        body = request.json()
+        query, documents = body.get("query"), body.get("documents")
+        if not isinstance(query, str) or not isinstance(documents, list) or not documents:
+            raise BadRequest("give a 'query' string and a non-empty 'documents' list")
+        words = set(tokenize(query.lower()))
+        results = []
+        for index, document in enumerate(documents):
+            doc_words = set(tokenize(str(document).lower()))
+            score = len(words & doc_words) / (len(words | doc_words) or 1)
+            results.append({"score": score, "document": document, "index": index})
+        results.sort(key=lambda r: -float(r["score"]))
+        await request.reply(200, results)

@@ -1,0 +1,69 @@
+"""Settings and run-time faults of the simulated worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+RUNTIMES = ("sglang", "openai")
+
+
+@dataclass
+class Faults:
+    """Faults the sim injects; set by flag at start or at run time through ``/sim/faults``."""
+
+    error_rate: float = 0.0  # share of inference requests answered with error_status
+    error_status: int = 500
+    extra_latency_ms: float = 0.0  # added before any inference work
+    drop_after_chunks: int = -1  # close the connection after N body chunks (-1: never)
+    hang: bool = False  # inference requests never answer (until the client leaves)
+    fail_health: bool = False  # /health and /health_generate answer 503
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Apply a partial update, checking names and types; raises ValueError."""
+        known = {f.name: f.type for f in fields(self)}
+        for name, value in changes.items():
+            if name not in known:
+                raise ValueError(f"unknown fault {name!r}; known: {', '.join(sorted(known))}")
+            current = getattr(self, name)
+            if isinstance(current, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"fault {name!r} takes true or false")
+            elif isinstance(current, int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"fault {name!r} takes an integer")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"fault {name!r} takes a number")
+        if not 0.0 <= float(changes.get("error_rate", self.error_rate)) <= 1.0:
+            raise ValueError("fault 'error_rate' must be between 0 and 1")
+        status = changes.get("error_status", self.error_status)
+        if not 100 <= status <= 599:
+            raise ValueError("fault 'error_status' must be an HTTP status code")
+        for name, value in changes.items():
+            setattr(self, name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class SimConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker_id: str | None = None  # defaults to host:port
+    served_model_name: str = "sim-model"
+    runtime: str = "sglang"  # "openai": only the OpenAI API, like llama.cpp's server
+    ttft_ms: float = 5.0  # fixed time to first token, on top of prefill
+    itl_ms: float = 2.0  # inter-token latency
+    prefill_us_per_token: float = 20.0  # prefill cost of each uncached prompt token
+    max_running: int = 8  # running slots; more requests wait in a queue
+    cache_tokens: int = 65536  # KV prefix cache capacity, in tokens
+    block_size: int = 16
+    max_tokens: int = 16  # output tokens when the request names none
+    dp_size: int = 1
+    api_key: str | None = None  # when set, inference needs `Authorization: Bearer <key>`
+    faults: Faults = field(default_factory=Faults)
+
+    @property
+    def name(self) -> str:
+        return self.worker_id or f"{self.host}:{self.port}"

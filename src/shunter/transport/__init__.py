@@ -1,0 +1,1 @@
+"""Upstream transports: how the gateway talks to workers."""
