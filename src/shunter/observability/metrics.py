@@ -26,7 +26,7 @@ from shunter.core.worker import Worker
 log = logging.getLogger("shunter.metrics")
 
 # The *_created series double the exposition for no operational value.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # smg's default duration buckets: 1 ms to 240 s, 20 buckets.
 DEFAULT_DURATION_BUCKETS = (
