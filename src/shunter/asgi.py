@@ -45,9 +45,9 @@ async def read_body(receive: Receive, limit: int, declared_length: int | None) -
     if message["type"] == "http.disconnect":
         raise ClientGone
     body: bytes = message.get("body", b"")
+    if len(body) > limit:
+        raise BodyTooLarge
     if not message.get("more_body", False):
-        if len(body) > limit:
-            raise BodyTooLarge
         return body
     parts = [body]
     total = len(body)

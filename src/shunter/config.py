@@ -68,10 +68,11 @@ def _check_port(flag: str, port: int, allow_zero: bool = False) -> None:
 
 def normalize_worker_url(url: str) -> str:
     """Add ``http://`` to a URL given without a scheme and drop a trailing slash."""
-    url = url.strip().rstrip("/")
+    url = url.strip()
     if "://" not in url:
         url = "http://" + url
-    return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme.lower()}://{rest.rstrip('/')}"
 
 
 def validate_worker_url(url: str) -> str:

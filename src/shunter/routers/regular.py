@@ -100,9 +100,7 @@ class RegularRouter:
             url += "?" + request.query.decode("latin-1")
         headers = upstream_headers(request, worker)
         body = request.body if worker.dp_rank is None else inject_rank(request.body, worker)
-        gauge = self.metrics.worker_gauge(worker)
         worker.in_flight += 1
-        gauge.inc()
         try:
             if streaming:
                 return await self._relay_stream(
@@ -112,7 +110,6 @@ class RegularRouter:
         finally:
             worker.in_flight -= 1
             worker.processed += 1
-            gauge.dec()
 
     async def _relay_whole(
         self,

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hmac
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from random import getrandbits as _random_bits
 
 from shunter.asgi import BodyTooLarge, ClientGone, Message, Receive, Scope, Send
 from shunter.config import GatewayConfig
@@ -96,17 +96,29 @@ class GatewayApp:
         started = time.perf_counter()
         path: str = scope["path"]
         method: str = scope["method"]
-        request_id = self._request_id(scope, path)
-        if self.cors.active:
-            send = self.cors.wrap(scope, send)
-            if self.cors.is_preflight(scope):
-                await self.cors.preflight(scope, send)
+        # One pass over the headers for everything the middleware reads.
+        request_id = origin = authorization = None
+        wanted = self._id_headers
+        for name, value in scope["headers"]:
+            if name in wanted:
+                if request_id is None and value:
+                    request_id = value.decode("latin-1")
+            elif name == b"origin":
+                origin = value
+            elif name == b"authorization":
+                authorization = value
+        if request_id is None:
+            request_id = _id_prefix(path) + f"{_random_bits(96):024x}"
+        if origin is not None:
+            send = self.cors.wrap(origin, send)
+            if method == "OPTIONS" and self.cors.is_preflight(scope):
+                await self.cors.preflight(origin, scope, send)
                 return
         call = Call(scope, receive, send, request_id, self.config.max_payload_size)
         label = path
         error_code = ""
         metrics = self.state.metrics
-        metrics.connections_active.inc()
+        metrics.connections_active += 1
         try:
             methods = self.routes.get(path)
             if methods is None and path.startswith("/workers/"):
@@ -118,7 +130,7 @@ class GatewayApp:
             if route is None:
                 raise _method_not_allowed(method, path, methods)
             if route.protected and self._expected_auth is not None:
-                self._authenticate(scope)
+                self._authenticate(authorization)
             status = await route.handler(call)
         except ApiError as exc:
             status, error_code = exc.status, exc.code
@@ -146,25 +158,16 @@ class GatewayApp:
             status, error_code = 500, "internal_error"
             await ApiError(500, error_code, "internal gateway error").send(send, [call.id_header])
         finally:
-            metrics.connections_active.dec()
+            metrics.connections_active -= 1
         metrics.observe_http(method, label, status, error_code, time.perf_counter() - started)
 
     # --- middleware pieces ----------------------------------------------------------------
 
-    def _request_id(self, scope: Scope, path: str) -> str:
-        wanted = self._id_headers
-        for name, value in scope["headers"]:
-            if name in wanted and value:
-                return value.decode("latin-1")  # type: ignore[no-any-return]
-        return _id_prefix(path) + secrets.token_hex(12)
-
-    def _authenticate(self, scope: Scope) -> None:
+    def _authenticate(self, authorization: bytes | None) -> None:
         expected = self._expected_auth
         assert expected is not None
-        for name, value in scope["headers"]:
-            if name == b"authorization" and hmac.compare_digest(value, expected):
-                return
-        raise ApiError(401, "unauthorized", "missing or invalid API key")
+        if authorization is None or not hmac.compare_digest(authorization, expected):
+            raise ApiError(401, "unauthorized", "missing or invalid API key")
 
     # --- inference ------------------------------------------------------------------------
 

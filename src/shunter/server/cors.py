@@ -14,7 +14,6 @@ class Cors:
     def __init__(self, allowed_origins: list[str]) -> None:
         self.allowed = frozenset(o.rstrip("/") for o in allowed_origins)
         self.any_origin = not self.allowed
-        self.active = True  # headers are added only to requests that carry an Origin
 
     def _allow_origin(self, origin: bytes) -> bytes | None:
         if self.any_origin:
@@ -22,14 +21,9 @@ class Cors:
         return origin if origin.decode("latin-1") in self.allowed else None
 
     def is_preflight(self, scope: Scope) -> bool:
-        return (
-            scope["method"] == "OPTIONS"
-            and header_value(scope, b"origin") is not None
-            and header_value(scope, b"access-control-request-method") is not None
-        )
+        return header_value(scope, b"access-control-request-method") is not None
 
-    async def preflight(self, scope: Scope, send: Send) -> None:
-        origin = header_value(scope, b"origin") or b""
+    async def preflight(self, origin: bytes, scope: Scope, send: Send) -> None:
         allowed = self._allow_origin(origin)
         headers: list[tuple[bytes, bytes]] = [(b"content-length", b"0")]
         if allowed is not None:
@@ -48,10 +42,8 @@ class Cors:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    def wrap(self, scope: Scope, send: Send) -> Send:
-        origin = header_value(scope, b"origin")
-        if origin is None:
-            return send
+    def wrap(self, origin: bytes, send: Send) -> Send:
+        """``send`` adding the CORS response headers for a request from ``origin``."""
         allowed = self._allow_origin(origin)
         if allowed is None:
             return send

@@ -31,8 +31,8 @@ class GatewayState:
         self, config: GatewayConfig, client_factory: ClientFactory = ReqwestClient
     ) -> None:
         self.config = config
-        self.metrics = Metrics()
         self.registry = WorkerRegistry()
+        self.metrics = Metrics(self.registry.all)
         self.jobs = JobQueue()
         self.policy = create_policy(config.policy)
         self.router = RegularRouter(self.registry, self.policy, self.metrics)
@@ -67,9 +67,6 @@ class GatewayState:
             self.policy.on_worker_added(worker)
         for worker in removed:
             self.policy.on_worker_removed(worker)
-            if self.registry.get_by_url(worker.url) is None:
-                self.metrics.forget_worker(worker)
-        self.metrics.set_pool(self.registry.all())
 
     def submit_add(self, spec: WorkerSpec) -> None:
         async def add() -> None:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -128,7 +129,10 @@ class SimApp:
             "/v1/rerank": self.rerank,
             "/sim/faults": self.faults,
             "/sim/stats": self.sim_stats,
+            "/sim/requests": self.sim_requests,
         }
+        # The last inference requests as received, so tests can check what the gateway sent.
+        self.recent: deque[dict[str, Any]] = deque(maxlen=64)
         self.routes = {**common, **(sglang if config.runtime == "sglang" else {})}
         self._inference = {
             "/generate",
@@ -157,6 +161,7 @@ class SimApp:
             return
         try:
             if scope["path"] in self._inference:
+                self._record(scope, body)
                 await self._inference_gate(request)
             await handler(request)
         except BadRequest as exc:
@@ -170,6 +175,14 @@ class SimApp:
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _record(self, scope: Scope, body: bytes) -> None:
+        headers: dict[str, list[str]] = {}
+        for key, value in scope["headers"]:
+            headers.setdefault(key.decode("latin-1"), []).append(value.decode("latin-1"))
+        self.recent.append(
+            {"path": scope["path"], "headers": headers, "body": body.decode("utf-8", "replace")}
+        )
 
     async def _inference_gate(self, request: Request) -> None:
         """Auth and the faults that act before any work: latency, hang, error rate."""
@@ -325,6 +338,9 @@ class SimApp:
                 "cache_hit_rate": self.engine.cache.hit_rate,
             },
         )
+
+    async def sim_requests(self, request: Request) -> None:
+        await request.reply(200, list(self.recent))
 
     # --- inference -------------------------------------------------------------------------
 

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Gateway, Proc, Sim
+
+
+class Fleet:
+    def __init__(self, sims: list[Sim], gateway: Gateway) -> None:
+        self.sims = sims
+        self.gateway = gateway
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    """Processes a test starts; all are stopped at its end, by PID."""
+    started: list[Proc] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[Fleet]:
+    """Two sims of one model behind a round-robin gateway, shared by a module's tests.
+
+    Tests using it must leave it as they found it (faults cleared, workers in place).
+    """
+    sims = [Sim("sim-a", "--itl-ms", "5"), Sim("sim-b", "--itl-ms", "5")]
+    gateway = Gateway(workers=[s.url for s in sims])
+    yield Fleet(sims, gateway)
+    gateway.stop()
+    for sim in sims:
+        sim.stop()

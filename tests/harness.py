@@ -1,0 +1,134 @@
+"""Real processes on 127.0.0.1: simulated workers and gateways, started and stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class Proc:
+    """A subprocess whose output goes to a temp file (shown when a test fails)."""
+
+    def __init__(self, args: Sequence[str]) -> None:
+        self.log = tempfile.NamedTemporaryFile(prefix="shunter-", suffix=".log", delete=False)
+        self.args = list(args)
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "shunter", *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def output(self) -> str:
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def kill(self) -> None:
+        """Kill at once (SIGKILL), as a crash would."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+class Sim(Proc):
+    def __init__(self, name: str, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.name = name
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        super().__init__(["sim", "--port", str(self.port), "--worker-id", name, *extra])
+        wait_for(self.ready, what=f"sim {name}")
+
+    def ready(self) -> bool:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"sim {self.name} exited:\n{self.output()}")
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code in (200, 503)
+        except httpx.HTTPError:
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/sim/stats", timeout=5).json()  # type: ignore[no-any-return]
+
+    def requests(self) -> list[dict[str, Any]]:
+        return httpx.get(self.url + "/sim/requests", timeout=5).json()  # type: ignore[no-any-return]
+
+    def set_faults(self, **faults: Any) -> None:
+        httpx.post(self.url + "/sim/faults", json=faults, timeout=5).raise_for_status()
+
+
+class Gateway(Proc):
+    def __init__(self, *extra: str, workers: Sequence[str] = (), ready: bool = True) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.metrics_url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+        args = ["serve", "--host", LOOPBACK, "--port", str(self.port),
+                "--prometheus-host", LOOPBACK, "--prometheus-port", str(self.metrics_port),
+                "--log-level", "debug", *extra]  # fmt: skip
+        if workers:
+            args += ["--worker-urls", *workers]
+        super().__init__(args)
+        wait_for(self.alive, what="gateway")
+        if ready and workers:
+            self.wait_workers(len(workers))
+
+    def alive(self) -> bool:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"gateway exited:\n{self.output()}")
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def workers(self) -> list[dict[str, Any]]:
+        response = httpx.get(self.url + "/workers", timeout=5)
+        return response.json()["workers"]  # type: ignore[no-any-return]
+
+    def wait_workers(self, count: int, timeout: float = 15.0) -> None:
+        def enough() -> bool:
+            return sum(1 for w in self.workers() if w["is_healthy"]) == count
+
+        wait_for(enough, timeout, f"{count} healthy workers")
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 15), **kwargs)

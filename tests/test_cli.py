@@ -1,0 +1,105 @@
+"""The command line: sglang-router's flag names and defaults, clear refusals."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from shunter.cli import NOT_YET_SUPPORTED, _config_from_args, build_parser, main
+
+
+def config_for(*argv: str):  # type: ignore[no-untyped-def]
+    parser, commands = build_parser()
+    args = parser.parse_args(["serve", *argv])
+    return _config_from_args(args, commands["serve"])
+
+
+def refusal(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(list(argv))
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_defaults_are_sglang_routers() -> None:
+    config = config_for()
+    assert (config.host, config.port) == ("0.0.0.0", 30000)
+    assert config.max_payload_size == 536_870_912
+    assert config.request_timeout_secs == 1800
+    assert (config.prometheus_host, config.prometheus_port) == ("0.0.0.0", 29000)
+    assert config.worker_startup_timeout_secs == 1800
+    assert config.worker_startup_check_interval == 30
+    assert config.request_id_headers == [
+        "x-request-id",
+        "x-correlation-id",
+        "x-trace-id",
+        "request-id",
+    ]
+    assert config.cors_allowed_origins == [] and config.dp_aware is False
+    assert config.log_level == "info" and config.api_key is None
+
+
+def test_flags_are_read() -> None:
+    config = config_for(
+        "--host", "127.0.0.1", "--port", "8080", "--worker-urls", "http://a:1", "b:2",
+        "--policy", "random", "--max-payload-size", "1024", "--request-timeout-secs", "5",
+        "--api-key", "k", "--log-level", "debug", "--cors-allowed-origins", "http://x.io",
+        "--request-id-headers", "X-My-Id", "--dp-aware",
+    )  # fmt: skip
+    assert config.worker_urls == ["http://a:1", "http://b:2"]
+    assert config.policy == "random" and config.max_payload_size == 1024
+    assert config.request_id_headers == ["x-my-id"] and config.dp_aware
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--cache-threshold",
+        "--retry-max-retries",
+        "--enable-trace",
+        "--pd-disaggregation",
+        "--tls-cert-path",
+        "--queue-size",
+    ],
+)
+def test_flags_of_features_not_built_are_refused_by_name(
+    capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    argv = ["serve", flag] if NOT_YET_SUPPORTED[flag][0] == "switch" else ["serve", flag, "1"]
+    err = refusal(capsys, *argv)
+    assert f"{flag} is not supported yet" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policy", "cache_aware"], "--policy cache_aware is not built yet"),
+        (["--policy", "fastest"], "--policy fastest is unknown"),
+        (["--worker-urls", "ftp://w:1"], "scheme 'ftp'"),
+        (["--worker-urls", "http://w:notaport"], "malformed"),
+        (["--worker-urls", "grpc://w:1"], "gRPC workers are not supported yet"),
+        (["--max-payload-size", "-5"], "must be >= 0"),
+        (["--max-payload-size", "0"], "--max-payload-size must be > 0"),
+        (["--port", "70000"], "--port must be between 1 and 65535"),
+        (["--request-timeout-secs", "0"], "must be > 0"),
+        (["--log-level", "chatty"], "--log-level must be one of"),
+        (["--backend", "openai"], "--backend openai is not supported yet"),
+    ],
+)
+def test_bad_values_fail_at_start_with_a_reason(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert message in refusal(capsys, "serve", *argv)
+
+
+def test_sim_rejects_bad_faults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "error_rate" in refusal(capsys, "sim", "--error-rate", "2")
+
+
+def test_module_entry_point_and_version() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "shunter", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("shunter ")
