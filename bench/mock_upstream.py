@@ -28,6 +28,8 @@ CHUNK = (
 CHUNKS = int(os.environ.get("CHUNKS", "64"))
 GAP = float(os.environ.get("GAP_MS", "10")) / 1000
 SERVER_INFO = b'{"model_path":"bench","served_model_name":"bench"}'
+MODELS = b'{"object":"list","data":[{"id":"bench","object":"model","owned_by":"sglang"}]}'
+INFO = {"/health": b"", "/server_info": SERVER_INFO, "/v1/models": MODELS}
 
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -40,8 +42,8 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body += message.get("body", b"")
         more = message.get("more_body", False)
     path = scope["path"]
-    if path in ("/health", "/server_info"):
-        payload = SERVER_INFO if path == "/server_info" else b""
+    if path in INFO:
+        payload = INFO[path]
         await send(
             {
                 "type": "http.response.start",

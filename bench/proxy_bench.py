@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -93,8 +94,8 @@ def run_wrk(url: str, conns: int, seconds: int, script: str) -> dict[str, float]
     ).stdout
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = to_us(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = to_us(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50 = to_us(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = to_us(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise RuntimeError(f"{errors.group(1)} failed responses from {url}")
@@ -138,73 +139,156 @@ async def stream_batch(port: int, concurrent: int, rounds: int) -> int:
     return concurrent * rounds
 
 
+def start_gateways(up_url: str, smg: str | None) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
+    gateways = {}
+    port = free_port()
+    gateways["shunter"] = (
+        spawn(
+            1,
+            "-m",
+            "shunter",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--prometheus-port",
+            "0",
+            "--log-level",
+            "warning",
+            "--policy",
+            "round_robin",
+            "--worker-urls",
+            up_url,
+        ),
+        port,
+    )
+    if smg:
+        port = free_port()
+        process = subprocess.Popen(
+            ["taskset", "-c", "1", smg, "launch", "--host", "127.0.0.1", "--port", str(port),
+             "--worker-urls", up_url, "--policy", "round_robin", "--prometheus-port",
+             str(free_port()), "--log-level", "warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        gateways["smg"] = (process, port)
+    return gateways
+
+
+def wait_routing(port: int, timeout: float = 60) -> None:
+    """Wait until a chat request through the gateway succeeds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=BODY,
+            headers={"content-type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"gateway on {port} never routed a request")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
-    args = parser.parse_args()
-    up_port, gw_port = free_port(), free_port()
-    upstream = spawn(0, str(HERE / "mock_upstream.py"), str(up_port))
-    gateway = spawn(
-        1,
-        "-m",
-        "shunter",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(gw_port),
-        "--prometheus-port",
-        "0",
-        "--log-level",
-        "warning",
-        "--policy",
-        "round_robin",
-        "--worker-urls",
-        f"http://127.0.0.1:{up_port}",
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs per row; the median of each figure is reported"
     )
+    parser.add_argument(
+        "--smg",
+        default=shutil.which("smg"),
+        help="smg executable to measure in the same run (pip install smg)",
+    )
+    args = parser.parse_args()
+    up_port = free_port()
+    upstream = spawn(0, str(HERE / "mock_upstream.py"), str(up_port))
+    wait_http(f"http://127.0.0.1:{up_port}/health")
+    gateways = start_gateways(f"http://127.0.0.1:{up_port}", args.smg)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=HERE / "chat_1k.json"))
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    streams: dict[str, dict[str, float]] = {}
     try:
-        wait_http(f"http://127.0.0.1:{up_port}/health")
-        wait_http(f"http://127.0.0.1:{gw_port}/readiness")
-        rows = []
+        for _process, port in gateways.values():
+            wait_routing(port)
+        direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
         for conns in (1, 32, 256):
-            direct = run_wrk(
-                f"http://127.0.0.1:{up_port}/v1/chat/completions", conns, args.duration, script.name
-            )
-            before = cpu_seconds(gateway.pid)
-            proxied = run_wrk(
-                f"http://127.0.0.1:{gw_port}/v1/chat/completions", conns, args.duration, script.name
-            )
-            cpu_us = (cpu_seconds(gateway.pid) - before) / proxied["total"] * 1e6
-            rows.append((conns, direct, proxied, cpu_us))
+            for _ in range(args.rounds):
+                direct = run_wrk(direct_url, conns, args.duration, script.name)
+                results.setdefault(("direct", conns), []).append(direct)
+                for name, (process, port) in gateways.items():
+                    before = cpu_seconds(process.pid)
+                    row = run_wrk(
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
+                        conns,
+                        args.duration,
+                        script.name,
+                    )
+                    row["cpu_us"] = (cpu_seconds(process.pid) - before) / row["total"] * 1e6
+                    row["added_p50"] = row["p50"] - direct["p50"]
+                    row["added_p99"] = row["p99"] - direct["p99"]
+                    results.setdefault((name, conns), []).append(row)
         direct_ttfb = asyncio.run(stream_ttfb(up_port))
-        gateway_ttfb = asyncio.run(stream_ttfb(gw_port))
-        before = cpu_seconds(gateway.pid)
-        streams = asyncio.run(stream_batch(gw_port, 64, 4))
-        stream_cpu = (cpu_seconds(gateway.pid) - before) / streams * 1e6
+        for name, (process, port) in gateways.items():
+            ttfb = asyncio.run(stream_ttfb(port))
+            before = cpu_seconds(process.pid)
+            count = asyncio.run(stream_batch(port, 64, 4))
+            streams[name] = {
+                "ttfb": ttfb,
+                "added": ttfb - direct_ttfb,
+                "cpu": (cpu_seconds(process.pid) - before) / count * 1e6,
+            }
     finally:
-        gateway.terminate()
+        for process, _port in gateways.values():
+            process.terminate()
+            process.wait()
         upstream.terminate()
-        gateway.wait()
         upstream.wait()
         os.unlink(script.name)
-    print(f"1 KB chat body; wrk -t1 for {args.duration}s per row; gateway pinned to CPU 1")
+    report(results, streams, direct_ttfb, args)
+
+
+def report(
+    results: dict[tuple[str, int], list[dict[str, float]]],
+    streams: dict[str, dict[str, float]],
+    direct_ttfb: float,
+    args: argparse.Namespace,
+) -> None:
+    def med(name: str, conns: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[(name, conns)])
+
     print(
-        f"{'conns':>5} | {'direct req/s':>12} {'gateway req/s':>13} | {'added p50':>10} "
-        f"{'added p99':>10} | {'gateway CPU/req':>15}"
+        f"1 KB chat body, wrk -t1, {args.duration}s x {args.rounds} rounds per row (medians); "
+        "gateways pinned to CPU 1, mock worker and wrk on CPU 0"
     )
-    for conns, direct, proxied, cpu_us in rows:
+    print(
+        f"{'gateway':>8} {'conns':>5} | {'req/s':>7} {'direct req/s':>12} | {'added p50':>10} "
+        f"{'added p99':>10} | {'CPU/req':>9}"
+    )
+    names = sorted({name for name, _ in results if name != "direct"})
+    for conns in (1, 32, 256):
+        for name in names:
+            print(
+                f"{name:>8} {conns:>5} | {med(name, conns, 'rps'):>7.0f} "
+                f"{med('direct', conns, 'rps'):>12.0f} | "
+                f"{med(name, conns, 'added_p50'):>8.0f}us {med(name, conns, 'added_p99'):>8.0f}us"
+                f" | {med(name, conns, 'cpu_us'):>7.1f}us"
+            )
+    print(
+        f"streams: 64 chunks 10 ms apart; TTFB median of 30 (direct {direct_ttfb:.0f}us); "
+        "CPU per stream at 64 concurrent x 4"
+    )
+    for name, row in streams.items():
         print(
-            f"{conns:>5} | {direct['rps']:>12.0f} {proxied['rps']:>13.0f} | "
-            f"{proxied['p50'] - direct['p50']:>8.0f}us {proxied['p99'] - direct['p99']:>8.0f}us"
-            f" | {cpu_us:>13.1f}us"
+            f"{name:>8} | TTFB {row['ttfb']:>6.0f}us  added {row['added']:>6.0f}us | "
+            f"CPU/stream {row['cpu']:>7.0f}us"
         )
-    print(
-        f"streams (64 chunks, 10 ms apart): TTFB direct {direct_ttfb:.0f}us, via gateway "
-        f"{gateway_ttfb:.0f}us, added {gateway_ttfb - direct_ttfb:.0f}us; "
-        f"gateway CPU per stream {stream_cpu:.0f}us (64 concurrent, {streams} streams)"
-    )
 
 
 if __name__ == "__main__":

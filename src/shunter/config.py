@@ -36,6 +36,7 @@ class GatewayConfig:
     dp_aware: bool = False
     connect_timeout_secs: float = 10.0
     probe_timeout_secs: float = 5.0  # one registration probe (health, discovery)
+    shutdown_drain_secs: float = 30.0  # how long in-flight requests may finish on SIGTERM
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)

@@ -193,8 +193,7 @@ class GatewayApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.state.close()
-                self.state.metrics.shutdown()
+                await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -203,6 +202,10 @@ class GatewayApp:
         if config.prometheus_port:
             self.state.metrics.serve(config.prometheus_host, config.prometheus_port)
         self.state.register_configured_workers()
+
+    async def shutdown(self) -> None:
+        await self.state.close()
+        self.state.metrics.shutdown()
 
 
 def _method_not_allowed(method: str, path: str, methods: dict[str, Route]) -> ApiError:

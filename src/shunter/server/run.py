@@ -1,15 +1,18 @@
-"""Run the gateway under uvicorn (uvloop + httptools, no framework)."""
+"""Run the gateway: our HTTP/1.1 server (server/http11.py) on uvloop, until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
-from typing import Any
+import signal
 
-import uvicorn
+import uvloop
 
 from shunter.config import GatewayConfig
 from shunter.observability.logging import setup_logging
 from shunter.server.app import GatewayApp
+from shunter.server.http11 import HttpServer
 from shunter.server.state import GatewayState
 
 log = logging.getLogger("shunter.server")
@@ -19,34 +22,51 @@ def build_app(config: GatewayConfig) -> GatewayApp:
     return GatewayApp(GatewayState(config.validate()))
 
 
-def uvicorn_config(app: Any, host: str, port: int) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        log_config=None,
-        server_header=False,
-        proxy_headers=False,
-        date_header=False,
-        timeout_keep_alive=75,
-        backlog=4096,
-    )
-
-
-def run_gateway(config: GatewayConfig) -> None:
-    setup_logging(config.log_level, config.log_dir, config.log_json)
-    app = build_app(config)
+async def serve(app: GatewayApp, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then drain in-flight requests and shut down."""
+    config = app.config
+    app.startup()
+    _tune_gc()
+    server = HttpServer(app)
+    port = await server.listen(config.host, config.port)
     log.info(
-        "gateway starting",
+        "gateway listening",
         extra={
             "host": config.host,
-            "port": config.port,
+            "port": port,
             "policy": config.policy,
             "workers": len(config.worker_urls),
         },
     )
-    uvicorn.Server(uvicorn_config(app, config.host, config.port)).run()
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down", extra={"drain_secs": config.shutdown_drain_secs})
+        await server.shutdown(config.shutdown_drain_secs)
+        await app.shutdown()
+
+
+def _tune_gc() -> None:
+    """Fewer, larger young-generation collections, and start-up objects out of their way.
+
+    The hot path makes few reference cycles, so the default threshold (700 allocations)
+    runs the collector thousands of times a second for nothing. Measured on the proxy
+    benchmark: ~10 µs of CPU per request (bench/README.md).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
+async def _main(config: GatewayConfig) -> None:
+    app = build_app(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(app, stop)
+
+
+def run_gateway(config: GatewayConfig) -> None:
+    setup_logging(config.log_level, config.log_dir, config.log_json)
+    uvloop.run(_main(config))
