@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -67,7 +68,7 @@ class Proc:
                 self.popen.kill()
                 self.popen.wait(10)
         self.log.close()
-        os.unlink(self.log.name)
+        Path(self.log.name).unlink(missing_ok=True)
 
 
 class Sim(Proc):

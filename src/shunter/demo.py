@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import textwrap
 
 from shunter.config import GatewayConfig
 from shunter.server.run import run_gateway
@@ -27,26 +26,27 @@ def run_demo(port: int, prometheus_port: int) -> None:
             "--worker-id", name, "--itl-ms", "30",
         ]))  # fmt: skip
         urls.append(f"http://127.0.0.1:{sim_port}")
+    base = f"http://127.0.0.1:{port}"
     banner = f"""
-    Shunter demo: gateway on http://127.0.0.1:{port} in front of {" and ".join(urls)}
-    (metrics on :{prometheus_port}/metrics). Try:
+Shunter demo: gateway on {base} in front of {" and ".join(urls)}
+(metrics on http://127.0.0.1:{prometheus_port}/metrics). Try:
 
-      curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'content-type: application/json' \\
-        -d '{{"model": "sim-model", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+curl -s {base}/v1/chat/completions -H 'content-type: application/json' \\
+  -d '{{"model": "sim-model", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
-      python - <<'PY'
-      from openai import OpenAI
-      client = OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="unused")
-      for chunk in client.chat.completions.create(
-              model="sim-model", stream=True,
-              messages=[{{"role": "user", "content": "Hello!"}}]):
-          print(chunk.choices[0].delta.content or "", end="", flush=True) if chunk.choices else None
-      print()
-      PY
+python - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="unused")
+messages = [{{"role": "user", "content": "Hello!"}}]
+for chunk in client.chat.completions.create(model="sim-model", messages=messages, stream=True):
+    if chunk.choices:
+        print(chunk.choices[0].delta.content or "", end="", flush=True)
+print()
+PY
 
-    Workers: curl -s http://127.0.0.1:{port}/workers     Stop: Ctrl-C
-    """
-    sys.stderr.write(textwrap.dedent(banner) + "\n")
+Workers: curl -s {base}/workers        Stop: Ctrl-C
+"""
+    sys.stderr.write(banner + "\n")
     try:
         run_gateway(
             GatewayConfig(

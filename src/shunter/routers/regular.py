@@ -124,7 +124,7 @@ class RegularRouter:
         try:
             response = await client.request(request.method, url, headers, body)
         except UpstreamError as exc:
-            raise self._upstream_failure(worker, exc) from None
+            raise self._upstream_failure(worker, client, exc) from None
         await send_bytes(
             send, response.status, response.body, downstream_headers(response.headers, request)
         )
@@ -147,7 +147,7 @@ class RegularRouter:
                 upstream = await client.stream(request.method, url, headers, body)
             except UpstreamError as exc:
                 watch.finish()
-                raise self._upstream_failure(worker, exc) from None
+                raise self._upstream_failure(worker, client, exc) from None
             try:
                 await start_stream(
                     send, upstream.status, downstream_headers(upstream.headers, request)
@@ -180,8 +180,14 @@ class RegularRouter:
                 return 499
             raise
 
-    def _upstream_failure(self, worker: Worker, exc: UpstreamError) -> ApiError:
+    def _upstream_failure(
+        self, worker: Worker, client: UpstreamClient, exc: UpstreamError
+    ) -> ApiError:
         self.metrics.worker_error(worker, "upstream_" + exc.kind)
+        if exc.kind != "timeout" and worker.client_cell is not None:
+            # The pool may hold connections to a worker that restarted: build a fresh one
+            # in the background; requests keep using this one until it is ready.
+            worker.client_cell.replace(client)
         log.warning("worker call failed", extra={"worker": worker.url, "error": str(exc)})
         status = _UPSTREAM_STATUS.get(exc.kind, 502)
         code = "upstream_timeout" if status == 504 else "upstream_unavailable"
@@ -203,7 +209,7 @@ class RegularRouter:
         try:
             response = await client.request("GET", worker.base_url + path, headers, None)
         except UpstreamError as exc:
-            raise self._upstream_failure(worker, exc) from None
+            raise self._upstream_failure(worker, client, exc) from None
         relayed = [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in response.headers

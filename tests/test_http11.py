@@ -1,0 +1,155 @@
+"""The HTTP/1.1 server itself, over raw sockets: keep-alive, pipelining, bodies, edge cases."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+
+from shunter.asgi import Receive, Scope, Send, read_body, send_bytes
+from shunter.server.http11 import HttpServer
+
+LEFT: list[str] = []
+
+
+async def echo_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """Echoes method, path and body; /stream sends three chunks; /leave waits for a disconnect."""
+    if scope["path"] == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for part in (b"one", b"two", b"three"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if scope["path"] == "/leave":
+        await read_body(receive, 1 << 20, None)
+        message = await receive()
+        LEFT.append(message["type"])
+        return
+    if scope["path"] == "/boom":
+        raise RuntimeError("the app failed")
+    body = await read_body(receive, 1 << 20, None)
+    reply = b"%s %s %s" % (scope["method"].encode(), scope["path"].encode(), body)
+    await send_bytes(send, 200, reply, [(b"content-type", b"text/plain")])
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[int]:
+    http = HttpServer(echo_app, keep_alive_secs=60)
+    port = await http.listen("127.0.0.1", 0)
+    yield port
+    await http.shutdown(1)
+
+
+async def read_until_closed(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    data = b""
+    while chunk := await asyncio.wait_for(reader.read(65536), 5):
+        data += chunk
+    writer.close()
+    return data
+
+
+async def test_keep_alive_serves_several_requests_on_one_connection(server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    for i in range(3):
+        body = b"n=%d" % i
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert b"date: " in head
+        length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+        assert await reader.readexactly(length) == b"POST /echo n=%d" % i
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(server: int) -> None:
+    raw = b"".join(b"GET /p%d HTTP/1.1\r\nhost: x\r\n\r\n" % i for i in range(4))
+    raw += b"GET /last HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    data = await read_until_closed(server, raw)
+    assert re.findall(rb"GET /p(\d) ", data) == [b"0", b"1", b"2", b"3"]
+    assert data.count(b"HTTP/1.1 200 OK") == 5
+    assert data.endswith(b"GET /last ")
+
+
+async def test_chunked_request_body_is_reassembled(server: int) -> None:
+    raw = (b"POST /c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+           b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")  # fmt: skip
+    data = await read_until_closed(server, raw)
+    assert data.endswith(b"POST /c hello world")
+
+
+async def test_expect_100_continue_is_honoured(server: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    writer.write(
+        b"POST /e HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nexpect: 100-continue\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"ok")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+async def test_http10_gets_its_answer_and_a_close(server: int) -> None:
+    data = await read_until_closed(server, b"GET /old HTTP/1.0\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 200") and b"connection: close" in data
+    assert data.endswith(b"GET /old ")
+
+
+async def test_streamed_response_uses_chunked_encoding(server: int) -> None:
+    data = await read_until_closed(
+        server, b"GET /stream HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    assert b"transfer-encoding: chunked" in data
+    assert data.endswith(b"3\r\none\r\n3\r\ntwo\r\n5\r\nthree\r\n0\r\n\r\n")
+
+
+async def test_garbage_gets_400_and_a_close(server: int) -> None:
+    data = await read_until_closed(server, b"THIS IS NOT HTTP\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400")
+
+
+async def test_app_error_before_the_response_is_a_500(server: int) -> None:
+    data = await read_until_closed(server, b"GET /boom HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 500")
+
+
+async def test_the_app_learns_that_its_client_left(server: int) -> None:
+    LEFT.clear()
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    writer.write(b"GET /leave HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.close()
+    for _ in range(100):
+        if LEFT:
+            break
+        await asyncio.sleep(0.01)
+    assert LEFT == ["http.disconnect"]
+
+
+async def test_shutdown_drains_a_request_in_flight() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await release.wait()
+        await send_bytes(send, 200, b"finished")
+
+    http = HttpServer(slow_app)
+    port = await http.listen("127.0.0.1", 0)
+    request = asyncio.ensure_future(read_until_closed(port, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"))
+    await asyncio.sleep(0.05)
+    stopping = asyncio.ensure_future(http.shutdown(5))
+    await asyncio.sleep(0.05)
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
+    release.set()
+    await stopping
+    data = await request
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"finished")
