@@ -33,7 +33,7 @@ def fleet() -> Iterator[Fleet]:
     Tests using it must leave it as they found it (faults cleared, workers in place).
     """
     sims = [Sim("sim-a", "--itl-ms", "5"), Sim("sim-b", "--itl-ms", "5")]
-    gateway = Gateway(workers=[s.url for s in sims])
+    gateway = Gateway("--policy", "round_robin", workers=[s.url for s in sims])
     yield Fleet(sims, gateway)
     gateway.stop()
     for sim in sims:

@@ -39,6 +39,16 @@ def test_defaults_are_sglang_routers() -> None:
     ]
     assert config.cors_allowed_origins == [] and config.dp_aware is False
     assert config.log_level == "info" and config.api_key is None
+    assert config.policy == "cache_aware"
+    cache = config.policy_settings.cache_aware
+    assert (
+        cache.cache_threshold,
+        cache.balance_abs_threshold,
+        cache.balance_rel_threshold,
+        cache.eviction_interval_secs,
+        cache.max_tree_size,
+    ) == (0.3, 64, 1.5, 120, 2**26)
+    assert config.policy_settings.bucket_adjust_interval_secs == 5
 
 
 def test_flags_are_read() -> None:
@@ -56,7 +66,7 @@ def test_flags_are_read() -> None:
 @pytest.mark.parametrize(
     "flag",
     [
-        "--cache-threshold",
+        "--enable-igw",
         "--retry-max-retries",
         "--enable-trace",
         "--pd-disaggregation",
@@ -75,8 +85,12 @@ def test_flags_of_features_not_built_are_refused_by_name(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--policy", "cache_aware"], "--policy cache_aware is not built yet"),
-        (["--policy", "fastest"], "--policy fastest is unknown"),
+        (["--policy", "fastest"], "unknown policy 'fastest'"),
+        (["--policy", "no_such_module:Policy"], "cannot import no_such_module"),
+        (["--policy", "json:JSONDecoder"], "must be a subclass of"),
+        (["--cache-threshold", "1.5"], "--cache-threshold must be between 0 and 1"),
+        (["--balance-rel-threshold", "0.5"], "--balance-rel-threshold must be >= 1"),
+        (["--max-tree-size", "0"], "--max-tree-size must be > 0"),
         (["--worker-urls", "ftp://w:1"], "scheme 'ftp'"),
         (["--worker-urls", "http://w:notaport"], "malformed"),
         (["--worker-urls", "grpc://w:1"], "gRPC workers are not supported yet"),
@@ -92,6 +106,12 @@ def test_bad_values_fail_at_start_with_a_reason(
     capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
     assert message in refusal(capsys, "serve", *argv)
+
+
+def test_both_spellings_of_the_eviction_interval() -> None:
+    for flag in ("--eviction-interval", "--eviction-interval-secs"):
+        config = config_for(flag, "7")
+        assert config.policy_settings.cache_aware.eviction_interval_secs == 7
 
 
 def test_sim_rejects_bad_faults(capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,11 +79,11 @@ def test_remove_base_url_takes_every_dp_rank() -> None:
 
 def test_only_model_is_set_for_a_single_model_fleet() -> None:
     registry = WorkerRegistry()
-    assert registry.only_model_workers() is None
+    assert registry.only_model() is None
     registry.register(make("http://a", "m1"))
-    assert registry.only_model_workers() == registry.get_by_model("m1")
+    assert registry.only_model() == ("m1", registry.get_by_model("m1"))
     registry.register(make("http://b", "m2"))
-    assert registry.only_model_workers() is None
+    assert registry.only_model() is None
 
 
 def test_stats() -> None:

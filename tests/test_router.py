@@ -70,7 +70,8 @@ async def call(
 
 def gateway_with(*workers: Worker) -> tuple[GatewayApp, list[FakeClient]]:
     state = GatewayState(
-        GatewayConfig(prometheus_port=0).validate(), client_factory=lambda settings: FakeClient()
+        GatewayConfig(prometheus_port=0, policy="round_robin").validate(),
+        client_factory=lambda settings: FakeClient(),
     )  # type: ignore[arg-type,return-value]
     clients: list[FakeClient] = []
 

@@ -33,7 +33,7 @@ def workers_seen(gateway: Gateway, n: int, **body: object) -> Counter[str]:
 def test_adding_and_removing_workers_moves_traffic(procs: list[Proc]) -> None:
     a, b = Sim("sim-a"), Sim("sim-b")
     procs += [a, b]
-    gateway = Gateway(workers=[a.url])
+    gateway = Gateway("--policy", "round_robin", workers=[a.url])
     procs.append(gateway)
     assert workers_seen(gateway, 4) == {"sim-a": 4}
 
@@ -176,7 +176,7 @@ def test_worker_api_key_is_sent_as_bearer(procs: list[Proc]) -> None:
 def test_dp_aware_expands_ranks_and_injects_the_rank(procs: list[Proc]) -> None:
     sim = Sim("dp", "--dp-size", "2")
     procs.append(sim)
-    gateway = Gateway("--dp-aware", workers=[sim.url], ready=False)
+    gateway = Gateway("--dp-aware", "--policy", "round_robin", workers=[sim.url], ready=False)
     procs.append(gateway)
     gateway.wait_workers(2)
     assert sorted(w["url"] for w in gateway.workers()) == [sim.url + "@0", sim.url + "@1"]

@@ -8,7 +8,15 @@ from collections.abc import Sequence
 
 from shunter import __version__
 from shunter.config import DEFAULT_REQUEST_ID_HEADERS, ConfigError, GatewayConfig
-from shunter.policies.factory import BUILT, NOT_YET_BUILT, canonical_name
+from shunter.policies.cache_aware import CacheAwareConfig
+from shunter.policies.factory import (
+    BUILT,
+    PolicyError,
+    PolicySettings,
+    canonical_name,
+    create_policy,
+)
+from shunter.policies.prefix_hash import PrefixHashConfig
 
 # sglang-router / smg flags whose features Shunter does not have yet. Naming one exits at
 # start with a message, so that nothing a user asked for is silently ignored.
@@ -21,13 +29,6 @@ NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
     "--prefill-policy": (_VALUE, "prefill/decode disaggregation"),
     "--decode-policy": (_VALUE, "prefill/decode disaggregation"),
     "--enable-igw": (_SWITCH, "inference gateway (multi-router) mode"),
-    "--cache-threshold": (_VALUE, "the cache_aware policy"),
-    "--balance-abs-threshold": (_VALUE, "the cache_aware and bucket policies"),
-    "--balance-rel-threshold": (_VALUE, "the cache_aware and bucket policies"),
-    "--eviction-interval": (_VALUE, "the cache_aware policy"),
-    "--eviction-interval-secs": (_VALUE, "the cache_aware policy"),
-    "--max-tree-size": (_VALUE, "the cache_aware policy"),
-    "--bucket-adjust-interval-secs": (_VALUE, "the bucket policy"),
     "--service-discovery": (_SWITCH, "Kubernetes service discovery"),
     "--selector": (_VALUE, "Kubernetes service discovery"),
     "--service-discovery-port": (_VALUE, "Kubernetes service discovery"),
@@ -106,6 +107,66 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    c, h = CacheAwareConfig(), PrefixHashConfig()
+    p.add_argument(
+        "--cache-threshold",
+        type=float,
+        default=c.cache_threshold,
+        help="cache_aware: share of the text that must match to follow the cache",
+    )
+    p.add_argument(
+        "--balance-abs-threshold",
+        type=int,
+        default=c.balance_abs_threshold,
+        help="cache_aware/bucket: in-flight gap that counts as imbalance",
+    )
+    p.add_argument(
+        "--balance-rel-threshold",
+        type=float,
+        default=c.balance_rel_threshold,
+        help="cache_aware/bucket: in-flight ratio that counts as imbalance",
+    )
+    p.add_argument(
+        "--eviction-interval-secs",
+        "--eviction-interval",
+        type=float,
+        dest="eviction_interval_secs",
+        default=c.eviction_interval_secs,
+        help="cache_aware: seconds between tree trims",
+    )
+    p.add_argument(
+        "--max-tree-size",
+        type=int,
+        default=c.max_tree_size,
+        help="cache_aware: characters kept per worker in a model's tree",
+    )
+    p.add_argument(
+        "--bucket-adjust-interval-secs",
+        type=float,
+        default=5.0,
+        help="bucket: seconds between boundary adjustments",
+    )
+    p.add_argument(
+        "--prefix-token-count",
+        type=int,
+        default=h.prefix_token_count,
+        help="prefix_hash: tokens of the prompt start that pick the worker",
+    )
+    p.add_argument(
+        "--prefix-hash-load-factor",
+        type=float,
+        default=h.load_factor,
+        help="prefix_hash: load over the average that sends a request elsewhere",
+    )
+    p.add_argument(
+        "--max-idle-secs",
+        type=float,
+        default=4 * 3600.0,
+        help="manual: seconds before an unused routing key is forgotten",
+    )
+
+
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     d = GatewayConfig()
     p.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
@@ -120,8 +181,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy",
         default=d.policy,
-        help="routing policy: " + ", ".join(BUILT) + " (default %(default)s)",
+        help="routing policy: " + ", ".join(BUILT) + ", or module:Class (default %(default)s)",
     )
+    _add_policy_flags(p)
     p.add_argument(
         "--max-payload-size",
         type=_non_negative_int,
@@ -200,10 +262,22 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.backend not in _BACKENDS_BUILT:
         parser.error(f"--backend {args.backend} is not supported yet (only: sglang)")
     policy = canonical_name(args.policy)
-    if policy in NOT_YET_BUILT:
-        parser.error(f"--policy {args.policy} is not built yet; choose one of {', '.join(BUILT)}")
-    if policy not in BUILT:
-        parser.error(f"--policy {args.policy} is unknown; choose one of {', '.join(BUILT)}")
+    settings = PolicySettings(
+        cache_aware=CacheAwareConfig(
+            cache_threshold=args.cache_threshold,
+            balance_abs_threshold=args.balance_abs_threshold,
+            balance_rel_threshold=args.balance_rel_threshold,
+            eviction_interval_secs=args.eviction_interval_secs,
+            max_tree_size=args.max_tree_size,
+        ),
+        prefix_hash=PrefixHashConfig(args.prefix_token_count, args.prefix_hash_load_factor),
+        bucket_adjust_interval_secs=args.bucket_adjust_interval_secs,
+        manual_max_idle_secs=args.max_idle_secs,
+    )
+    try:
+        create_policy(policy, settings)  # fail at start on an unknown name or a bad plugin
+    except PolicyError as exc:
+        parser.error(f"--policy: {exc}")
     config = GatewayConfig(
         host=args.host, port=args.port, worker_urls=args.worker_urls, policy=policy,
         max_payload_size=args.max_payload_size, request_timeout_secs=args.request_timeout_secs,
@@ -213,7 +287,7 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         request_id_headers=args.request_id_headers,
         worker_startup_timeout_secs=args.worker_startup_timeout_secs,
         worker_startup_check_interval=args.worker_startup_check_interval,
-        dp_aware=args.dp_aware,
+        dp_aware=args.dp_aware, policy_settings=settings,
     )  # fmt: skip
     try:
         return config.validate()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from shunter.policies.factory import PolicySettings
+
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 WORKER_SCHEMES = ("http", "https")
 NOT_YET_SCHEMES = ("grpc", "grpcs")  # the gRPC data plane is not built yet
@@ -20,7 +22,8 @@ class GatewayConfig:
     host: str = "0.0.0.0"
     port: int = 30000
     worker_urls: list[str] = field(default_factory=list)
-    policy: str = "round_robin"
+    policy: str = "cache_aware"
+    policy_settings: PolicySettings = field(default_factory=PolicySettings)
     max_payload_size: int = 536_870_912
     request_timeout_secs: float = 1800
     api_key: str | None = None
@@ -53,6 +56,10 @@ class GatewayConfig:
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         self.worker_urls = [validate_worker_url(url) for url in self.worker_urls]
+        try:
+            self.policy_settings.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.api_key is not None and not self.api_key:
             raise ConfigError("--api-key must not be empty")
         if not self.request_id_headers:

@@ -29,8 +29,8 @@ class _Snapshot:
     by_connection: dict[ConnectionMode, Workers] = field(default_factory=dict)
     all: Workers = EMPTY
     models: tuple[str, ...] = ()
-    # The workers of the fleet's only model, when it serves exactly one (else None).
-    only_model: Workers | None = None
+    # The fleet's only model and its workers, when it serves exactly one (else None).
+    only_model: tuple[str, Workers] | None = None
 
 
 def _reindex(
@@ -93,8 +93,8 @@ class WorkerRegistry:
     def models(self) -> tuple[str, ...]:
         return self._snap.models
 
-    def only_model_workers(self) -> Workers | None:
-        """The workers of the only model when the fleet serves exactly one, else None."""
+    def only_model(self) -> tuple[str, Workers] | None:
+        """(model id, workers) when the fleet serves exactly one model, else None."""
         return self._snap.only_model
 
     def __len__(self) -> int:
@@ -164,5 +164,5 @@ class WorkerRegistry:
             by_connection=_reindex(snap.by_connection, lambda w: (w.connection_mode,), old, new),
             all=workers,
             models=models,
-            only_model=by_model[models[0]] if len(models) == 1 else None,
+            only_model=(models[0], by_model[models[0]]) if len(models) == 1 else None,
         )

@@ -61,6 +61,7 @@ class Worker:
     healthy: bool = False
     in_flight: int = 0
     processed: int = 0
+    reported_load: int | None = None  # the worker's own load report; None: unknown
     client_cell: OnceCell[UpstreamClient] | None = None
 
     def __post_init__(self) -> None:

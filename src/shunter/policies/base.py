@@ -1,7 +1,8 @@
-"""The policy interface. Policies choose; they never do I/O."""
+"""The policy interface, and helpers the policies share. Policies choose; they never do I/O."""
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -11,11 +12,28 @@ from shunter.core.worker import Worker
 
 @dataclass(slots=True)
 class RouteRequest:
-    """What a policy may look at: the model, the routing text, the request headers."""
+    """What a policy may look at.
 
-    model: str | None = None
+    ``model`` is the registry's model id the workers belong to (not whatever name the
+    client sent), ``text`` the routing text (only extracted for policies that set
+    ``needs_text``), ``headers`` the raw request headers, ``routing_id`` the body's
+    ``routing_id`` field if it has one.
+    """
+
+    model: str = "default"
     text: str | None = None
     headers: list[tuple[bytes, bytes]] | None = None
+    routing_id: str | None = None
+
+    @property
+    def tree_key(self) -> str:
+        return self.model
+
+    def header(self, name: bytes) -> bytes | None:
+        for key, value in self.headers or ():
+            if key == name:
+                return value
+        return None
 
 
 class Policy(ABC):
@@ -32,7 +50,55 @@ class Policy(ABC):
     def on_worker_removed(self, worker: Worker) -> None:  # noqa: B027 - optional hook
         """Called when a worker of this policy's model leaves."""
 
+    def start(self) -> None:  # noqa: B027 - optional hook
+        """Start background work (called on the event loop once the gateway runs)."""
+
+    async def stop(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work."""
+
 
 def available(workers: Workers) -> list[Worker]:
     """The available workers: the slow path, used only when a quick pick hit a bad one."""
     return [w for w in workers if w.is_available]
+
+
+_tie_breaker = itertools.count()
+
+
+def least_loaded(workers: Workers) -> Worker | None:
+    """The available worker with the fewest requests in flight.
+
+    Ties are broken by a rotating start, so equally idle workers share the traffic rather
+    than the first one taking it all.
+    """
+    count = len(workers)
+    if not count:
+        return None
+    start = next(_tie_breaker) % count
+    best: Worker | None = None
+    best_load = 0
+    for offset in range(count):
+        worker = workers[(start + offset) % count]
+        if worker.is_available and (best is None or worker.in_flight < best_load):
+            best, best_load = worker, worker.in_flight
+    return best
+
+
+class UrlIndex:
+    """``url -> worker`` for one workers tuple, rebuilt only when the tuple changes.
+
+    The registry publishes a new tuple on every fleet change, so identity tells us when the
+    cached index is stale: readers pay one ``is`` check.
+    """
+
+    __slots__ = ("_index", "_workers")
+
+    def __init__(self) -> None:
+        self._workers: Workers | None = None
+        self._index: dict[str, Worker] = {}
+
+    def of(self, workers: Workers) -> dict[str, Worker]:
+        if workers is not self._workers:
+            self._index = {w.url: w for w in workers}
+            self._workers = workers
+        return self._index

@@ -1,37 +1,96 @@
-"""Policy names (smg's spellings included) and the constructor behind each."""
+"""Policy names (smg's spellings included), their settings, and user plugins.
+
+``--policy`` takes a built-in name or ``package.module:ClassName``: a class implementing
+``shunter.policies.base.Policy``, constructed with no arguments.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from shunter.policies.base import Policy
+from shunter.policies.bucket import BucketPolicy
+from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from shunter.policies.consistent_hashing import ConsistentHashingPolicy
+from shunter.policies.manual import ManualPolicy
+from shunter.policies.power_of_two import PowerOfTwoPolicy
+from shunter.policies.prefix_hash import PrefixHashConfig, PrefixHashPolicy
 from shunter.policies.random import RandomPolicy
 from shunter.policies.round_robin import RoundRobinPolicy
 
-BUILT: dict[str, Callable[[], Policy]] = {
-    "random": RandomPolicy,
-    "round_robin": RoundRobinPolicy,
+
+@dataclass(frozen=True)
+class PolicySettings:
+    cache_aware: CacheAwareConfig = field(default_factory=CacheAwareConfig)
+    prefix_hash: PrefixHashConfig = field(default_factory=PrefixHashConfig)
+    bucket_adjust_interval_secs: float = 5.0
+    manual_max_idle_secs: float = 4 * 3600.0
+
+    def validate(self) -> PolicySettings:
+        self.cache_aware.validate()
+        self.prefix_hash.validate()
+        if self.bucket_adjust_interval_secs <= 0:
+            raise ValueError("--bucket-adjust-interval-secs must be > 0")
+        if self.manual_max_idle_secs <= 0:
+            raise ValueError("--max-idle-secs must be > 0")
+        return self
+
+
+BUILT: dict[str, Callable[[PolicySettings], Policy]] = {
+    "random": lambda s: RandomPolicy(),
+    "round_robin": lambda s: RoundRobinPolicy(),
+    "power_of_two": lambda s: PowerOfTwoPolicy(),
+    "cache_aware": lambda s: CacheAwarePolicy(s.cache_aware),
+    "bucket": lambda s: BucketPolicy(
+        s.bucket_adjust_interval_secs,
+        s.cache_aware.balance_abs_threshold,
+        s.cache_aware.balance_rel_threshold,
+    ),
+    "consistent_hashing": lambda s: ConsistentHashingPolicy(),
+    "prefix_hash": lambda s: PrefixHashPolicy(s.prefix_hash),
+    "manual": lambda s: ManualPolicy(s.manual_max_idle_secs),
 }
-ALIASES = {"roundrobin": "round_robin"}
-# smg's policies that Shunter does not have yet: named so the CLI can say so clearly.
-NOT_YET_BUILT = {
-    "cache_aware",
-    "power_of_two",
-    "bucket",
-    "consistent_hashing",
-    "prefix_hash",
-    "manual",
-    "cacheaware",
-    "poweroftwo",
-}
+ALIASES = {"roundrobin": "round_robin", "poweroftwo": "power_of_two", "cacheaware": "cache_aware"}
+
+
+class PolicyError(ValueError):
+    """An unknown policy name or a plugin that cannot be loaded."""
 
 
 def canonical_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def create_policy(name: str) -> Policy:
+def create_policy(name: str, settings: PolicySettings | None = None) -> Policy:
+    settings = settings or PolicySettings()
     name = canonical_name(name)
-    if name not in BUILT:
-        raise ValueError(f"unknown policy {name!r}")
-    return BUILT[name]()
+    if name in BUILT:
+        return BUILT[name](settings)
+    if ":" in name:
+        return load_plugin(name)
+    raise PolicyError(
+        f"unknown policy {name!r}; choose one of {', '.join(BUILT)} or give module:Class"
+    )
+
+
+def load_plugin(spec: str) -> Policy:
+    module_name, _, class_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise PolicyError(f"policy plugin {spec!r}: cannot import {module_name}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, Policy):
+        raise PolicyError(
+            f"policy plugin {spec!r}: {class_name} must be a subclass of "
+            "shunter.policies.base.Policy"
+        )
+    try:
+        policy = cls()
+    except Exception as exc:
+        raise PolicyError(f"policy plugin {spec!r} failed to start: {exc}") from None
+    if not policy.name:
+        policy.name = spec
+    return policy

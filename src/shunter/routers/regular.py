@@ -26,8 +26,9 @@ from shunter.core.registry import WorkerRegistry, Workers
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.policies.base import Policy, RouteRequest
+from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError
-from shunter.protocols.routing import decode_routing_fields
+from shunter.protocols.routing import RoutingFields, decode_routing_fields, routing_text
 from shunter.transport.base import HOP_BY_HOP, UpstreamClient, UpstreamError
 
 log = logging.getLogger("shunter.router")
@@ -49,19 +50,21 @@ class Inbound:
 
 
 class RegularRouter:
-    def __init__(self, registry: WorkerRegistry, policy: Policy, metrics: Metrics) -> None:
+    def __init__(
+        self, registry: WorkerRegistry, policies: PolicyRegistry, metrics: Metrics
+    ) -> None:
         self.registry = registry
-        self.policy = policy
+        self.policies = policies
         self.metrics = metrics
 
     # --- selection --------------------------------------------------------------------------
 
-    def workers_for(self, model: str | None) -> Workers:
-        """The workers that may serve ``model``.
+    def workers_for(self, model: str | None) -> tuple[str, Workers]:
+        """The registry's model id for ``model`` and that model's workers.
 
         A fleet serving one model takes any model name, or none, as sglang-router does.
         """
-        only = self.registry.only_model_workers()
+        only = self.registry.only_model()
         if only is not None:
             return only
         if not self.registry.models():
@@ -74,24 +77,26 @@ class RegularRouter:
         workers = self.registry.get_by_model(model)
         if not workers:
             raise ApiError(404, "model_not_found", f"The model `{model}` does not exist.")
-        return workers
+        return model, workers
 
-    def select(self, model: str | None) -> Worker:
-        worker = self.policy.select(self.workers_for(model), RouteRequest(model))
+    def select(self, fields: RoutingFields, request: Inbound) -> tuple[Worker, Policy, str]:
+        model, workers = self.workers_for(fields.model)
+        policy = self.policies.policy_for(model)
+        text = routing_text(request.body) if policy.needs_text else None
+        route = RouteRequest(model, text, request.headers, fields.routing_id)
+        worker = policy.select(workers, route)
         if worker is None:
             raise ApiError(503, "no_available_workers", "no healthy worker is available")
-        return worker
+        return worker, policy, model
 
     # --- forwarding -------------------------------------------------------------------------
 
     async def route(self, request: Inbound, send: Send, receive: Receive) -> int:
         """Serve one inference request; returns the status sent to the client."""
         fields = decode_routing_fields(request.body)
-        worker = self.select(fields.model)
+        worker, policy, model = self.select(fields, request)
         streaming = bool(fields.stream)
-        self.metrics.observe_route(
-            worker, fields.model or worker.model_id, request.path, streaming, self.policy.name
-        )
+        self.metrics.observe_route(worker, model, request.path, streaming, policy.name)
         cell = worker.client_cell
         assert cell is not None
         client = cell.value or await cell.get()

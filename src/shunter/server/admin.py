@@ -6,8 +6,6 @@ import asyncio
 from typing import Any
 from urllib.parse import unquote
 
-import orjson
-
 from shunter.config import normalize_worker_url
 from shunter.core.jobs import QueueFull
 from shunter.core.registration import SpecError, WorkerSpec
@@ -87,16 +85,8 @@ class AdminHandlers:
         )
 
     async def _load_of(self, worker: Worker) -> int:
-        if not worker.runtime.speaks_sglang:
-            return -1
-        try:
-            response = await self.state.control.request(
-                "GET", worker.base_url + "/get_load", _auth(worker), None
-            )
-            payload = orjson.loads(response.body) if response.status == 200 else None
-        except (UpstreamError, orjson.JSONDecodeError):
-            return -1
-        return _sum_tokens(payload, worker.dp_rank)
+        load = await self.state.load_monitor.read_load(worker)
+        return -1 if load is None else load
 
     async def flush_cache(self, call: Call) -> int:
         workers = self.state.registry.all()
@@ -224,18 +214,6 @@ def _check_update(changes: Any) -> None:
         raise ApiError(400, "invalid_worker_update", "'api_key' must be a string")
     if changes.get("labels") is not None and not isinstance(changes["labels"], dict):
         raise ApiError(400, "invalid_worker_update", "'labels' must be an object")
-
-
-def _sum_tokens(payload: Any, dp_rank: int | None) -> int:
-    """Σ ``num_tokens`` of an SGLang ``/get_load`` answer (one entry per DP rank); -1 if odd."""
-    entries: list[Any] = payload if isinstance(payload, list) else [payload]
-    total = 0
-    for entry in entries:
-        if not isinstance(entry, dict):
-            return -1
-        if dp_rank is None or entry.get("dp_rank", dp_rank) == dp_rank:
-            total += int(entry.get("num_tokens", 0))
-    return total
 
 
 def _first_available(workers: tuple[Worker, ...]) -> Worker:

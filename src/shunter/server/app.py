@@ -201,7 +201,7 @@ class GatewayApp:
         config = self.config
         if config.prometheus_port:
             self.state.metrics.serve(config.prometheus_host, config.prometheus_port)
-        self.state.register_configured_workers()
+        self.state.start()
 
     async def shutdown(self) -> None:
         await self.state.close()

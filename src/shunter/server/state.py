@@ -7,12 +7,14 @@ from collections.abc import Callable, Sequence
 
 from shunter.config import GatewayConfig
 from shunter.core.jobs import JobQueue
+from shunter.core.load_monitor import LoadMonitor
 from shunter.core.once import OnceCell
 from shunter.core.registration import Registrar, WorkerSpec
 from shunter.core.registry import WorkerRegistry
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.policies.factory import create_policy
+from shunter.policies.registry import PolicyRegistry
 from shunter.routers.regular import RegularRouter
 from shunter.transport.base import UpstreamClient
 from shunter.transport.reqwest import ClientSettings, ReqwestClient
@@ -34,8 +36,10 @@ class GatewayState:
         self.registry = WorkerRegistry()
         self.metrics = Metrics(self.registry.all)
         self.jobs = JobQueue()
-        self.policy = create_policy(config.policy)
-        self.router = RegularRouter(self.registry, self.policy, self.metrics)
+        self.policies = PolicyRegistry(
+            create_policy(config.policy, config.policy_settings), config.policy_settings
+        )
+        self.router = RegularRouter(self.registry, self.policies, self.metrics)
         worker_settings = ClientSettings(
             connect_timeout_secs=config.connect_timeout_secs,
             read_timeout_secs=config.request_timeout_secs,
@@ -52,6 +56,9 @@ class GatewayState:
         def new_client_cell() -> OnceCell[UpstreamClient]:
             return OnceCell(create_worker_client, _close_client)
 
+        self.load_monitor = LoadMonitor(
+            self.registry.all, self.control, config.worker_startup_check_interval
+        )
         self.registrar = Registrar(
             self.registry,
             self.control,
@@ -63,10 +70,10 @@ class GatewayState:
         )
 
     def _fleet_changed(self, added: Sequence[Worker], removed: Sequence[Worker]) -> None:
-        for worker in added:
-            self.policy.on_worker_added(worker)
         for worker in removed:
-            self.policy.on_worker_removed(worker)
+            self.policies.on_worker_removed(worker)
+        for worker in added:
+            self.policies.on_worker_added(worker)
 
     def submit_add(self, spec: WorkerSpec) -> None:
         async def add() -> None:
@@ -79,8 +86,16 @@ class GatewayState:
         for url in self.config.worker_urls:
             self.submit_add(WorkerSpec(url=url, api_key=self.config.api_key))
 
+    def start(self) -> None:
+        """Start background work; needs the running event loop."""
+        self.policies.start()
+        self.load_monitor.start()
+        self.register_configured_workers()
+
     async def close(self) -> None:
         await self.jobs.cancel_all()
+        await self.load_monitor.stop()
+        await self.policies.stop()
         for worker in self.registry.all():
             if worker.client_cell is not None:
                 await worker.client_cell.close()

@@ -1,0 +1,127 @@
+"""Polls every worker's own load report, for the policies that compare loads.
+
+Every ``interval`` seconds (smg uses ``--worker-startup-check-interval``) each worker is
+asked concurrently, in the way its runtime answers:
+
+- SGLang: ``GET /get_load`` (Σ ``num_tokens`` over its DP ranks, or the worker's own rank),
+  else ``GET /v1/loads``;
+- vLLM: ``/metrics``, ``vllm:num_requests_running + vllm:num_requests_waiting``;
+- llama.cpp: ``/metrics``, ``llamacpp:requests_processing + llamacpp:requests_deferred``.
+
+A load that cannot be read is stored as None (unknown), never as a number, so a failing
+worker never looks idle. The result lands in ``worker.reported_load``: an attribute the
+policies read without I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from shunter.core.worker import Runtime, Worker
+from shunter.transport.base import UpstreamClient, UpstreamError
+
+log = logging.getLogger("shunter.load_monitor")
+
+METRIC_SUMS = {
+    Runtime.VLLM: ("vllm:num_requests_running", "vllm:num_requests_waiting"),
+    Runtime.LLAMACPP: ("llamacpp:requests_processing", "llamacpp:requests_deferred"),
+}
+
+
+def sum_metrics(text: str, names: Sequence[str]) -> int | None:
+    """Σ of the samples of ``names`` in Prometheus text; None if none is present."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in names:
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+            found = True
+    return int(total) if found else None
+
+
+def sglang_load(payload: Any, dp_rank: int | None) -> int | None:
+    """Σ ``num_tokens`` of a ``/get_load`` answer (a list per DP rank), or of ``/v1/loads``."""
+    if isinstance(payload, dict) and isinstance(payload.get("loads"), list):
+        entries = [
+            {"dp_rank": e.get("dp_rank"), "num_tokens": e.get("num_total_tokens", 0)}
+            for e in payload["loads"] if isinstance(e, dict)
+        ]  # fmt: skip
+    else:
+        entries = payload if isinstance(payload, list) else [payload]
+    total = 0
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("num_tokens", 0), int | float):
+            return None
+        if dp_rank is None or entry.get("dp_rank", dp_rank) == dp_rank:
+            total += int(entry.get("num_tokens", 0))
+    return total
+
+
+class LoadMonitor:
+    def __init__(
+        self,
+        workers: Callable[[], Sequence[Worker]],
+        client: UpstreamClient,
+        interval_secs: float,
+    ) -> None:
+        self.workers = workers
+        self.client = client
+        self.interval_secs = interval_secs
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("load poll failed")
+            await asyncio.sleep(self.interval_secs)
+
+    async def poll_once(self) -> None:
+        workers = list(self.workers())
+        loads = await asyncio.gather(*(self.read_load(w) for w in workers))
+        for worker, load in zip(workers, loads, strict=True):
+            worker.reported_load = load
+
+    async def read_load(self, worker: Worker) -> int | None:
+        headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
+        if worker.runtime is Runtime.SGLANG:
+            for path in ("/get_load", "/v1/loads"):
+                payload = await self._get(worker.base_url + path, headers)
+                if payload is not None:
+                    try:
+                        return sglang_load(orjson.loads(payload), worker.dp_rank)
+                    except orjson.JSONDecodeError:
+                        continue
+            return None
+        names = METRIC_SUMS.get(worker.runtime)
+        if names is None:
+            return None
+        text = await self._get(worker.base_url + "/metrics", headers)
+        return sum_metrics(text.decode("utf-8", "replace"), names) if text is not None else None
+
+    async def _get(self, url: str, headers: list[tuple[str, str]]) -> bytes | None:
+        try:
+            response = await self.client.request("GET", url, headers, None)
+        except UpstreamError:
+            return None
+        return response.body if response.status == 200 else None

@@ -1,0 +1,150 @@
+"""``cache_aware``: send a request where its prefix is likely cached, unless load is skewed.
+
+As smg after its min-load fix (inventory §3.4):
+
+1. If the fleet is imbalanced (max - min in-flight > ``balance_abs_threshold`` and
+   max > min * ``balance_rel_threshold``), pick the least loaded worker.
+2. Otherwise match the routing text against this model's tree. If more than
+   ``cache_threshold`` of it matches, pick a worker that holds the match (the most recently
+   used available one); else pick the least loaded worker.
+3. Record the text under the chosen worker.
+
+Unlike smg, the matched tenant is the most recently used *available* worker at the deepest
+node (smg takes the first in its map, and falls back to an arbitrary worker if that one is
+gone). Trees are per model and trimmed by a background task every
+``eviction_interval_secs`` to ``max_tree_size`` characters per worker, in slices of at most
+2 ms so the event loop never stalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from shunter.core.registry import Workers
+from shunter.core.worker import Worker
+from shunter.policies.base import Policy, RouteRequest, UrlIndex, least_loaded
+from shunter.policies.tree import Tree
+
+log = logging.getLogger("shunter.policies.cache_aware")
+
+
+@dataclass(frozen=True)
+class CacheAwareConfig:
+    cache_threshold: float = 0.3
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    eviction_interval_secs: float = 120.0
+    max_tree_size: int = 2**26
+
+    def validate(self) -> CacheAwareConfig:
+        if not 0.0 <= self.cache_threshold <= 1.0:
+            raise ValueError("--cache-threshold must be between 0 and 1")
+        if self.balance_rel_threshold < 1.0:
+            raise ValueError("--balance-rel-threshold must be >= 1")
+        if self.balance_abs_threshold < 0:
+            raise ValueError("--balance-abs-threshold must be >= 0")
+        if self.eviction_interval_secs <= 0:
+            raise ValueError("--eviction-interval-secs must be > 0")
+        if self.max_tree_size <= 0:
+            raise ValueError("--max-tree-size must be > 0")
+        return self
+
+
+class CacheAwarePolicy(Policy):
+    name = "cache_aware"
+    needs_text = True
+
+    def __init__(self, config: CacheAwareConfig | None = None) -> None:
+        self.config = config or CacheAwareConfig()
+        self.trees: dict[str, Tree] = {}
+        self._indexes: dict[str, UrlIndex] = {}
+        self._evictor: asyncio.Task[None] | None = None
+        self.longest_eviction_slice = 0.0
+
+    def tree_for(self, model: str) -> Tree:
+        tree = self.trees.get(model)
+        if tree is None:
+            tree = self.trees[model] = Tree()
+        return tree
+
+    def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
+        config = self.config
+        if len(workers) == 1:
+            only = workers[0]
+            chosen: Worker | None = only if only.is_available else None
+        else:
+            chosen = self._choose(workers, request.text or "", request.tree_key, config)
+        if chosen is not None and request.text:
+            self.tree_for(request.tree_key).insert(request.text, chosen.url)
+        return chosen
+
+    def _choose(
+        self, workers: Workers, text: str, tree_key: str, config: CacheAwareConfig
+    ) -> Worker | None:
+        loads = [w.in_flight for w in workers]
+        low, high = min(loads), max(loads)
+        if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
+            return least_loaded(workers)
+        tree = self.trees.get(tree_key)
+        if tree is not None and text:
+            matched, tenants = tree.match(text)
+            if tenants and matched / len(text) > config.cache_threshold:
+                holder = self._most_recent_available(workers, tree_key, tenants)
+                if holder is not None:
+                    return holder
+        return least_loaded(workers)
+
+    def _most_recent_available(
+        self, workers: Workers, tree_key: str, tenants: dict[str, float]
+    ) -> Worker | None:
+        index = self._indexes.get(tree_key)
+        if index is None:
+            index = self._indexes[tree_key] = UrlIndex()
+        by_url = index.of(workers)
+        best: Worker | None = None
+        best_stamp = -1.0
+        for url, stamp in tenants.items():
+            if stamp > best_stamp:
+                worker = by_url.get(url)
+                if worker is not None and worker.is_available:
+                    best, best_stamp = worker, stamp
+        return best
+
+    def on_worker_removed(self, worker: Worker) -> None:
+        for tree in self.trees.values():
+            tree.remove_tenant(worker.url)
+
+    # --- eviction ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._evictor is None:
+            self._evictor = asyncio.get_running_loop().create_task(self._evict_forever())
+
+    async def stop(self) -> None:
+        if self._evictor is not None:
+            self._evictor.cancel()
+            self._evictor = None
+
+    async def _evict_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.eviction_interval_secs)
+            try:
+                await self.evict_all()
+            except Exception:
+                log.exception("tree eviction failed")
+
+    async def evict_all(self) -> None:
+        """Trim every tree, in slices that yield to the event loop between them."""
+        loop = asyncio.get_running_loop()
+        for tree in list(self.trees.values()):
+            while True:
+                started = loop.time()
+                done = tree.evict(self.config.max_tree_size)
+                self.longest_eviction_slice = max(
+                    self.longest_eviction_slice, loop.time() - started
+                )
+                if done:
+                    break
+                await asyncio.sleep(0)

@@ -1,0 +1,81 @@
+"""``manual``: sticky routing by a key the client chooses.
+
+As smg's manual policy: the key is the ``X-SMG-Routing-Key`` header, or the body's
+``routing_id``. A known key goes to the first available of its (at most two) workers; a new
+key, or one whose workers are all gone, is assigned a random available worker, which is
+remembered. Without a key, a random worker. Keys unused for ``max_idle_secs`` are forgotten
+by a sweep every minute. New workers never take over existing keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random as _random
+import time
+
+from shunter.core.registry import Workers
+from shunter.core.worker import Worker
+from shunter.policies.base import Policy, RouteRequest, UrlIndex
+from shunter.policies.consistent_hashing import KEY_HEADER
+
+MAX_CANDIDATES = 2
+SWEEP_INTERVAL_SECS = 60.0
+
+
+class ManualPolicy(Policy):
+    name = "manual"
+
+    def __init__(self, max_idle_secs: float = 4 * 3600, rng: _random.Random | None = None):
+        self.max_idle_secs = max_idle_secs
+        self._rng = rng or _random.Random()
+        self.assignments: dict[tuple[str, str], tuple[list[str], float]] = {}
+        self._indexes: dict[str, UrlIndex] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
+        if not workers:
+            return None
+        raw = request.header(KEY_HEADER)
+        key = raw.decode("latin-1") if raw is not None else request.routing_id
+        candidates = [w for w in workers if w.is_available]
+        if not candidates:
+            return None
+        if key is None:
+            return self._rng.choice(candidates)
+        index = self._indexes.get(request.model)
+        if index is None:
+            index = self._indexes[request.model] = UrlIndex()
+        by_url = index.of(workers)
+        slot = (request.model, key)
+        urls, _ = self.assignments.get(slot, ([], 0.0))
+        for url in urls:
+            worker = by_url.get(url)
+            if worker is not None and worker.is_available:
+                self.assignments[slot] = (urls, time.monotonic())
+                return worker
+        chosen = self._rng.choice(candidates)
+        urls = [*urls, chosen.url][-MAX_CANDIDATES:]
+        self.assignments[slot] = (urls, time.monotonic())
+        return chosen
+
+    def sweep(self, now: float | None = None) -> int:
+        """Forget keys idle for longer than ``max_idle_secs``; returns how many went."""
+        cutoff = (time.monotonic() if now is None else now) - self.max_idle_secs
+        stale = [slot for slot, (_, used) in self.assignments.items() if used < cutoff]
+        for slot in stale:
+            del self.assignments[slot]
+        return len(stale)
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_SECS)
+            self.sweep()

@@ -1,0 +1,186 @@
+"""An approximate radix tree over routing text, one per model, for ``cache_aware``.
+
+Each node holds an edge label (a run of characters) and, per tenant (worker URL), the last
+time that tenant was routed text through it. A match walks down as far as the text agrees
+with the tree; the tenants found there are the workers whose caches likely hold that prefix.
+
+Costs: a match or insert is a walk of at most one step per edge, each step one C-level
+``startswith``; a partial edge costs a binary search of ``startswith`` calls. Characters per
+tenant are counted so eviction can keep each tenant within ``max_tree_size`` characters.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Iterator
+
+
+class Node:
+    __slots__ = ("children", "parent", "tenants", "text")
+
+    def __init__(self, text: str, parent: Node | None) -> None:
+        self.text = text
+        self.parent = parent
+        self.children: dict[str, Node] = {}
+        self.tenants: dict[str, float] = {}  # tenant -> last access (monotonic seconds)
+
+
+def _common_length(text: str, start: int, edge: str) -> int:
+    """How many leading characters of ``edge`` equal ``text[start:]``."""
+    if text.startswith(edge, start):
+        return len(edge)
+    low, high = 0, min(len(edge), len(text) - start)
+    while low < high:  # largest n with text[start:start+n] == edge[:n]
+        mid = (low + high + 1) // 2
+        if text.startswith(edge[:mid], start):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+class Tree:
+    def __init__(self) -> None:
+        self.root = Node("", None)
+        self.tenant_chars: dict[str, int] = {}
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def match(self, text: str) -> tuple[int, dict[str, float]]:
+        """(matched characters, the tenants at the deepest node the text reaches)."""
+        node, position = self.root, 0
+        tenants = node.tenants
+        length = len(text)
+        while position < length:
+            child = node.children.get(text[position])
+            if child is None:
+                break
+            common = _common_length(text, position, child.text)
+            position += common
+            if child.tenants:
+                tenants = child.tenants
+            if common < len(child.text):
+                break
+            node = child
+        return position, tenants
+
+    # --- writes ------------------------------------------------------------------------------
+
+    def insert(self, text: str, tenant: str, now: float | None = None) -> None:
+        """Record that ``tenant`` was routed ``text``: every node on its path gets the tenant."""
+        stamp = time.monotonic() if now is None else now
+        node, position = self.root, 0
+        self._touch(node, tenant, stamp)
+        length = len(text)
+        while position < length:
+            child = node.children.get(text[position])
+            if child is None:
+                leaf = Node(text[position:], node)
+                node.children[text[position]] = leaf
+                self._touch(leaf, tenant, stamp)
+                return
+            common = _common_length(text, position, child.text)
+            if common < len(child.text):
+                child = self._split(child, common)
+            self._touch(child, tenant, stamp)
+            position += common
+            node = child
+
+    def _split(self, node: Node, at: int) -> Node:
+        """Cut ``node``'s edge after ``at`` characters; returns the new upper half."""
+        parent = node.parent
+        assert parent is not None
+        upper = Node(node.text[:at], parent)
+        upper.tenants = dict(node.tenants)
+        parent.children[upper.text[0]] = upper
+        node.text = node.text[at:]
+        node.parent = upper
+        upper.children[node.text[0]] = node
+        return upper
+
+    def _touch(self, node: Node, tenant: str, stamp: float) -> None:
+        if tenant not in node.tenants:
+            self.tenant_chars[tenant] = self.tenant_chars.get(tenant, 0) + len(node.text)
+        node.tenants[tenant] = stamp
+
+    def remove_tenant(self, tenant: str) -> None:
+        for node in list(self._nodes_of(tenant)):
+            self._drop(node, tenant)
+        self.tenant_chars.pop(tenant, None)
+
+    def _nodes_of(self, tenant: str) -> Iterator[Node]:
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            if tenant in node.tenants:
+                yield node
+            stack.extend(node.children.values())
+
+    def _drop(self, node: Node, tenant: str) -> None:
+        if node.tenants.pop(tenant, None) is not None:
+            self.tenant_chars[tenant] = self.tenant_chars.get(tenant, 0) - len(node.text)
+        # A node no tenant uses and with no children goes; its parent may follow.
+        while node is not self.root and not node.tenants and not node.children:
+            parent = node.parent
+            assert parent is not None
+            if parent.children.get(node.text[0]) is node:
+                del parent.children[node.text[0]]
+            node = parent
+
+    # --- eviction ---------------------------------------------------------------------------
+
+    def evict(self, max_chars: int, budget_secs: float = 0.002) -> bool:
+        """Drop each over-size tenant's least recently used leaves until it fits.
+
+        Works for at most ``budget_secs`` and returns False if it stopped early (call again
+        after yielding to the event loop), True when every tenant fits.
+        """
+        over = {t for t, chars in self.tenant_chars.items() if chars > max_chars}
+        if not over:
+            return True
+        deadline = time.perf_counter() + budget_secs
+        heap: list[tuple[float, int, str, Node]] = []
+        counter = 0
+        for node in self._leaves():
+            for tenant, stamp in node.tenants.items():
+                if tenant in over:
+                    heap.append((stamp, counter, tenant, node))
+                    counter += 1
+        heapq.heapify(heap)
+        steps = 0
+        while heap:
+            stamp, _, tenant, node = heapq.heappop(heap)
+            if self.tenant_chars.get(tenant, 0) <= max_chars:
+                continue
+            if node.tenants.get(tenant) != stamp or any(
+                tenant in child.tenants for child in node.children.values()
+            ):
+                continue  # touched since, or no longer this tenant's leaf
+            parent = node.parent
+            self._drop(node, tenant)
+            if parent is not None and parent is not self.root and tenant in parent.tenants and \
+                    not any(tenant in c.tenants for c in parent.children.values()):  # fmt: skip
+                heapq.heappush(heap, (parent.tenants[tenant], counter, tenant, parent))
+                counter += 1
+            steps += 1
+            if steps % 64 == 0 and time.perf_counter() > deadline:
+                return False
+        return all(chars <= max_chars for chars in self.tenant_chars.values())
+
+    def _leaves(self) -> Iterator[Node]:
+        """Nodes that are some tenant's last node on a path (a leaf for that tenant)."""
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            if node is not self.root and node.tenants:
+                yield node
+
+    def node_count(self) -> int:
+        count, stack = 0, [self.root]
+        while stack:
+            node = stack.pop()
+            count += 1
+            stack.extend(node.children.values())
+        return count
