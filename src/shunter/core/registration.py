@@ -21,6 +21,7 @@ from shunter.config import ConfigError, validate_worker_url
 from shunter.core.once import OnceCell
 from shunter.core.registry import WorkerRegistry
 from shunter.core.worker import Runtime, Worker, WorkerType
+from shunter.policies.factory import PolicyError, create_policy
 from shunter.transport.base import UpstreamClient, UpstreamError
 
 log = logging.getLogger("shunter.registration")
@@ -62,6 +63,11 @@ class WorkerSpec:
                 if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                     raise SpecError(f"'{key}' must be a non-negative number")
                 labels[key] = str(value)
+        if "policy" in labels:
+            try:
+                create_policy(labels["policy"])
+            except PolicyError as exc:
+                raise SpecError(f"labels.policy: {exc}") from None
         spec = cls(url=url, labels=labels)
         spec.api_key = _optional_str(payload, "api_key")
         spec.model_id = _optional_str(payload, "model_id")

@@ -71,6 +71,8 @@ class CacheAwarePolicy(Policy):
 
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
         config = self.config
+        if not workers:
+            return None
         if len(workers) == 1:
             only = workers[0]
             chosen: Worker | None = only if only.is_available else None

@@ -50,7 +50,7 @@ class Tree:
     def match(self, text: str) -> tuple[int, dict[str, float]]:
         """(matched characters, the tenants at the deepest node the text reaches)."""
         node, position = self.root, 0
-        tenants = node.tenants
+        tenants: dict[str, float] = {}
         length = len(text)
         while position < length:
             child = node.children.get(text[position])
