@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from shunter.core.registry import Workers
@@ -137,16 +138,16 @@ class CacheAwarePolicy(Policy):
             except Exception:
                 log.exception("tree eviction failed")
 
-    async def evict_all(self) -> None:
-        """Trim every tree, in slices that yield to the event loop between them."""
-        loop = asyncio.get_running_loop()
+    async def evict_all(self, slice_secs: float = 0.002) -> None:
+        """Trim every tree, handing the event loop back every ``slice_secs`` of work."""
+        started = time.perf_counter()
         for tree in list(self.trees.values()):
-            while True:
-                started = loop.time()
-                done = tree.evict(self.config.max_tree_size)
-                self.longest_eviction_slice = max(
-                    self.longest_eviction_slice, loop.time() - started
-                )
-                if done:
-                    break
-                await asyncio.sleep(0)
+            for _ in tree.eviction_work(self.config.max_tree_size):
+                elapsed = time.perf_counter() - started
+                if elapsed > slice_secs:
+                    self.longest_eviction_slice = max(self.longest_eviction_slice, elapsed)
+                    await asyncio.sleep(0)
+                    started = time.perf_counter()
+        self.longest_eviction_slice = max(
+            self.longest_eviction_slice, time.perf_counter() - started
+        )

@@ -130,52 +130,53 @@ class Tree:
 
     # --- eviction ---------------------------------------------------------------------------
 
-    def evict(self, max_chars: int, budget_secs: float = 0.002) -> bool:
+    def evict(self, max_chars: int) -> bool:
+        """Trim every tenant to ``max_chars`` in one go (tests, tools); True when all fit."""
+        for _ in self.eviction_work(max_chars):
+            pass
+        return all(chars <= max_chars for chars in self.tenant_chars.values())
+
+    def eviction_work(self, max_chars: int, step: int = 64) -> Iterator[None]:
         """Drop each over-size tenant's least recently used leaves until it fits.
 
-        Works for at most ``budget_secs`` and returns False if it stopped early (call again
-        after yielding to the event loop), True when every tenant fits.
+        A generator that yields every ``step`` operations, so the caller can hand the event
+        loop back between slices; requests may insert into the tree meanwhile, so every
+        candidate is checked again before it goes.
         """
         over = {t for t, chars in self.tenant_chars.items() if chars > max_chars}
         if not over:
-            return True
-        deadline = time.perf_counter() + budget_secs
+            return
         heap: list[tuple[float, int, str, Node]] = []
-        counter = 0
-        for node in self._leaves():
+        counter = visited = 0
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
             for tenant, stamp in node.tenants.items():
                 if tenant in over:
-                    heap.append((stamp, counter, tenant, node))
+                    heapq.heappush(heap, (stamp, counter, tenant, node))
                     counter += 1
-        heapq.heapify(heap)
-        steps = 0
+            visited += 1
+            if visited % step == 0:
+                yield
+        done = 0
         while heap:
             stamp, _, tenant, node = heapq.heappop(heap)
+            done += 1
+            if done % step == 0:
+                yield
             if self.tenant_chars.get(tenant, 0) <= max_chars:
                 continue
             if node.tenants.get(tenant) != stamp or any(
                 tenant in child.tenants for child in node.children.values()
             ):
-                continue  # touched since, or no longer this tenant's leaf
+                continue  # touched since, or not this tenant's leaf (yet)
             parent = node.parent
             self._drop(node, tenant)
             if parent is not None and parent is not self.root and tenant in parent.tenants and \
                     not any(tenant in c.tenants for c in parent.children.values()):  # fmt: skip
                 heapq.heappush(heap, (parent.tenants[tenant], counter, tenant, parent))
                 counter += 1
-            steps += 1
-            if steps % 64 == 0 and time.perf_counter() > deadline:
-                return False
-        return all(chars <= max_chars for chars in self.tenant_chars.values())
-
-    def _leaves(self) -> Iterator[Node]:
-        """Nodes that are some tenant's last node on a path (a leaf for that tenant)."""
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            stack.extend(node.children.values())
-            if node is not self.root and node.tenants:
-                yield node
 
     def node_count(self) -> int:
         count, stack = 0, [self.root]
