@@ -23,19 +23,26 @@ from shunter.policies.base import RouteRequest
 from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from shunter.policies.factory import BUILT, create_policy
 
-HEADERS = [(b"host", b"gw"), (b"content-type", b"application/json"),
-           (b"authorization", b"Bearer user-7"), (b"x-smg-routing-key", b"session-42")]
+HEADERS = [
+    (b"host", b"gw"),
+    (b"content-type", b"application/json"),
+    (b"authorization", b"Bearer user-7"),
+    (b"x-smg-routing-key", b"session-42"),
+]
 
 
 def fleet(size: int) -> tuple[Worker, ...]:
-    return tuple(Worker(url=f"http://10.0.0.{i}:8000", models=("m",), healthy=True)
-                 for i in range(size))
+    return tuple(
+        Worker(url=f"http://10.0.0.{i}:8000", models=("m",), healthy=True) for i in range(size)
+    )
 
 
 def requests(prompt_chars: int, count: int, systems: int = 32) -> list[RouteRequest]:
     rng = random.Random(1)
-    prefixes = [f"system {s}: " + "".join(rng.choice("abcdefgh ") for _ in range(prompt_chars))
-                for s in range(systems)]
+    prefixes = [
+        f"system {s}: " + "".join(rng.choice("abcdefgh ") for _ in range(prompt_chars))
+        for s in range(systems)
+    ]
     out = []
     for i in range(count):
         user = f" user {i}: " + "".join(rng.choice("ijklmnop ") for _ in range(100))
@@ -44,8 +51,9 @@ def requests(prompt_chars: int, count: int, systems: int = 32) -> list[RouteRequ
     return out
 
 
-def mean_select_us(policy_name: str, workers: tuple[Worker, ...], reqs: list[RouteRequest],
-                   warm: int = 500) -> float:
+def mean_select_us(
+    policy_name: str, workers: tuple[Worker, ...], reqs: list[RouteRequest], warm: int = 500
+) -> float:
     policy = create_policy(policy_name)
     for worker in workers:
         policy.on_worker_added(worker)
@@ -58,8 +66,9 @@ def mean_select_us(policy_name: str, workers: tuple[Worker, ...], reqs: list[Rou
     return (time.perf_counter() - started) / len(measured) * 1e6
 
 
-async def eviction_pause(workers: int, fill_chars: int, max_tree_size: int) -> tuple[float, int,
-                                                                                     int]:
+async def eviction_pause(
+    workers: int, fill_chars: int, max_tree_size: int
+) -> tuple[float, int, int]:
     policy = CacheAwarePolicy(CacheAwareConfig(max_tree_size=max_tree_size))
     fleet_ = fleet(workers)
     for request in requests(4096, fill_chars // 4096, systems=4096):
@@ -82,13 +91,17 @@ def main() -> None:
     print("cache_aware select cost against prompt size (16 workers), mean µs")
     for kb in (1, 4, 32, 128):
         count = 2000 if kb <= 32 else 800
-        runs = [mean_select_us("cache_aware", fleet(16), requests(kb * 1024, count),
-                               warm=count // 2) for _ in range(3)]
+        runs = [
+            mean_select_us("cache_aware", fleet(16), requests(kb * 1024, count), warm=count // 2)
+            for _ in range(3)
+        ]
         print(f"{kb:>6} KB: {statistics.median(runs):>8.2f}us")
     print()
     pause_ms, before, after = asyncio.run(eviction_pause(16, 40_000_000, 1_000_000))
-    print(f"eviction: trees holding up to {before:,} chars per worker trimmed to "
-          f"max-tree-size 1,000,000 -> {after:,}; longest event-loop pause {pause_ms:.2f} ms")
+    print(
+        f"eviction: trees holding up to {before:,} chars per worker trimmed to "
+        f"max-tree-size 1,000,000 -> {after:,}; longest event-loop pause {pause_ms:.2f} ms"
+    )
 
 
 if __name__ == "__main__":

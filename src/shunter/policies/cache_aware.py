@@ -6,7 +6,8 @@ As smg after its min-load fix (inventory §3.4):
    max > min * ``balance_rel_threshold``), pick the least loaded worker.
 2. Otherwise match the routing text against this model's tree. If more than
    ``cache_threshold`` of it matches, pick a worker that holds the match (the most recently
-   used available one); else pick the least loaded worker.
+   used available one); else place the new prefix on the worker holding the least text
+   among those not overloaded (smg: the least loaded; see ``_place_new_prefix``).
 3. Record the text under the chosen worker.
 
 Unlike smg, the matched tenant is the most recently used *available* worker at the deepest
@@ -19,6 +20,7 @@ gone). Trees are per model and trimmed by a background task every
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -91,13 +93,14 @@ class CacheAwarePolicy(Policy):
         if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
             return least_loaded(workers)
         tree = self.trees.get(tree_key)
-        if tree is not None and text:
-            matched, tenants = tree.match(text)
-            if tenants and matched / len(text) > config.cache_threshold:
-                holder = self._most_recent_available(workers, tree_key, tenants)
-                if holder is not None:
-                    return holder
-        return least_loaded(workers)
+        if tree is None or not text:
+            return least_loaded(workers)
+        matched, tenants = tree.match(text)
+        if tenants and matched / len(text) > config.cache_threshold:
+            holder = self._most_recent_available(workers, tree_key, tenants)
+            if holder is not None:
+                return holder
+        return _place_new_prefix(workers, tree, low, config)
 
     def _most_recent_available(
         self, workers: Workers, tree_key: str, tenants: dict[str, float]
@@ -151,3 +154,36 @@ class CacheAwarePolicy(Policy):
         self.longest_eviction_slice = max(
             self.longest_eviction_slice, time.perf_counter() - started
         )
+
+
+_rotation = itertools.count()
+
+
+def _place_new_prefix(
+    workers: Workers, tree: Tree, low: int, config: CacheAwareConfig
+) -> Worker | None:
+    """Where a prefix no worker holds should go: the smallest cache among the workers that
+    are not overloaded (by the same thresholds that define imbalance).
+
+    smg sends misses to the least-loaded worker; in-flight counts are noisy at the moment a
+    prefix first appears, so prefixes land unevenly and the worker holding the most thrashes
+    its cache. Balancing what each worker holds keeps the distinct prefixes spread evenly;
+    the load condition keeps a small-cache worker from becoming a sink (smg's "death spiral"
+    with smallest-tree placement).
+    """
+    chars = tree.tenant_chars
+    count = len(workers)
+    start = next(_rotation) % count  # equal caches (a cold start) take turns
+    best: Worker | None = None
+    best_key = (0, 0)
+    for offset in range(count):
+        worker = workers[(start + offset) % count]
+        if not worker.is_available:
+            continue
+        load = worker.in_flight
+        if load - low > config.balance_abs_threshold and load > low * config.balance_rel_threshold:
+            continue
+        key = (chars.get(worker.url, 0), load)
+        if best is None or key < best_key:
+            best, best_key = worker, key
+    return best or least_loaded(workers)
