@@ -211,6 +211,24 @@ def test_cache_aware_skips_a_matched_worker_that_is_unavailable_or_removed() -> 
     assert home.url not in policy.tree_for("m").tenant_chars
 
 
+async def test_cache_aware_trims_as_soon_as_a_worker_exceeds_max_tree_size() -> None:
+    import asyncio
+
+    policy = CacheAwarePolicy(CacheAwareConfig(max_tree_size=5000, eviction_interval_secs=3600))
+    policy.start()
+    try:
+        workers = fleet(2)
+        for i in range(100):
+            policy.select(workers, text_request(f"distinct prompt {i} " + "z" * 200))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if max(policy.tree_for("m").tenant_chars.values()) <= 5000:
+                break
+        assert max(policy.tree_for("m").tenant_chars.values()) <= 5000
+    finally:
+        await policy.stop()
+
+
 async def test_cache_aware_eviction_keeps_trees_within_max_tree_size() -> None:
     policy = CacheAwarePolicy(CacheAwareConfig(max_tree_size=5000))
     workers = fleet(2)

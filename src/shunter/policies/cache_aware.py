@@ -20,6 +20,7 @@ gone). Trees are per model and trimmed by a background task every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -64,6 +65,7 @@ class CacheAwarePolicy(Policy):
         self.trees: dict[str, Tree] = {}
         self._indexes: dict[str, UrlIndex] = {}
         self._evictor: asyncio.Task[None] | None = None
+        self._over_limit = asyncio.Event()
         self.longest_eviction_slice = 0.0
 
     def tree_for(self, model: str) -> Tree:
@@ -82,7 +84,10 @@ class CacheAwarePolicy(Policy):
         else:
             chosen = self._choose(workers, request.text or "", request.tree_key, config)
         if chosen is not None and request.text:
-            self.tree_for(request.tree_key).insert(request.text, chosen.url)
+            tree = self.tree_for(request.tree_key)
+            tree.insert(request.text, chosen.url)
+            if tree.tenant_chars[chosen.url] > config.max_tree_size:
+                self._over_limit.set()  # trim now rather than at the next interval
         return chosen
 
     def _choose(
@@ -134,8 +139,14 @@ class CacheAwarePolicy(Policy):
             self._evictor = None
 
     async def _evict_forever(self) -> None:
+        """Trim every ``eviction_interval_secs``, or as soon as a worker's text exceeds
+        ``max_tree_size``, so trees stay within their bound between intervals."""
         while True:
-            await asyncio.sleep(self.config.eviction_interval_secs)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._over_limit.wait(), timeout=self.config.eviction_interval_secs
+                )
+            self._over_limit.clear()
             try:
                 await self.evict_all()
             except Exception:
