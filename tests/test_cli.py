@@ -49,6 +49,31 @@ def test_defaults_are_sglang_routers() -> None:
         cache.max_tree_size,
     ) == (0.3, 64, 1.5, 120, 2**26)
     assert config.policy_settings.bucket_adjust_interval_secs == 5
+    assert (
+        config.retry.max_retries,
+        config.retry.initial_backoff_ms,
+        config.retry.max_backoff_ms,
+        config.retry.backoff_multiplier,
+        config.retry.jitter_factor,
+    ) == (5, 50, 30000, 1.5, 0.2)
+    assert (
+        config.breaker.failure_threshold,
+        config.breaker.success_threshold,
+        config.breaker.timeout_secs,
+        config.breaker.window_secs,
+    ) == (10, 3, 60, 120)
+    assert (
+        config.health.interval_secs,
+        config.health.timeout_secs,
+        config.health.endpoint,
+        config.health.failure_threshold,
+        config.health.success_threshold,
+    ) == (60, 5, "/health", 3, 2)
+    assert (
+        config.admission.max_concurrent,
+        config.admission.queue_size,
+        config.admission.queue_timeout_secs,
+    ) == (-1, 100, 60)
 
 
 def test_flags_are_read() -> None:
@@ -67,11 +92,11 @@ def test_flags_are_read() -> None:
     "flag",
     [
         "--enable-igw",
-        "--retry-max-retries",
         "--enable-trace",
         "--pd-disaggregation",
-        "--tls-cert-path",
-        "--queue-size",
+        "--service-discovery",
+        "--model-path",
+        "--history-backend",
     ],
 )
 def test_flags_of_features_not_built_are_refused_by_name(
@@ -91,6 +116,13 @@ def test_flags_of_features_not_built_are_refused_by_name(
         (["--cache-threshold", "1.5"], "--cache-threshold must be between 0 and 1"),
         (["--balance-rel-threshold", "0.5"], "--balance-rel-threshold must be >= 1"),
         (["--max-tree-size", "0"], "--max-tree-size must be > 0"),
+        (["--retry-max-retries", "0"], "--retry-max-retries must be >= 1"),
+        (["--retry-jitter-factor", "2"], "--retry-jitter-factor must be between 0 and 1"),
+        (["--cb-failure-threshold", "0"], "must be >= 1"),
+        (["--health-check-endpoint", "health"], "must start with '/'"),
+        (["--queue-size", "-1"], "--queue-size must be >= 0"),
+        (["--tls-cert-path", "/nonexistent.pem"], "--tls-cert-path and --tls-key-path go together"),
+        (["--tls-cert-path", "/no/c.pem", "--tls-key-path", "/no/k.pem"], "cannot read it"),
         (["--worker-urls", "ftp://w:1"], "scheme 'ftp'"),
         (["--worker-urls", "http://w:notaport"], "malformed"),
         (["--worker-urls", "grpc://w:1"], "gRPC workers are not supported yet"),

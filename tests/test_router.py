@@ -9,6 +9,7 @@ import orjson
 
 from shunter.config import GatewayConfig
 from shunter.core.once import OnceCell
+from shunter.core.retry import RetryConfig
 from shunter.core.worker import Worker
 from shunter.server.app import GatewayApp
 from shunter.server.state import GatewayState
@@ -68,9 +69,11 @@ async def call(
     return start["status"], dict(start["headers"]), orjson.loads(payload)
 
 
-def gateway_with(*workers: Worker) -> tuple[GatewayApp, list[FakeClient]]:
+def gateway_with(*workers: Worker, retries: bool = False) -> tuple[GatewayApp, list[FakeClient]]:
     state = GatewayState(
-        GatewayConfig(prometheus_port=0, policy="round_robin").validate(),
+        GatewayConfig(
+            prometheus_port=0, policy="round_robin", retry=RetryConfig(disabled=not retries)
+        ).validate(),
         client_factory=lambda settings: FakeClient(),
     )  # type: ignore[arg-type,return-value]
     clients: list[FakeClient] = []
@@ -84,6 +87,7 @@ def gateway_with(*workers: Worker) -> tuple[GatewayApp, list[FakeClient]]:
         worker.client_cell = OnceCell(create)  # type: ignore[arg-type]
         worker.healthy = True
         state.registry.register(worker)
+        state.fleet_changed([worker], ())
     return GatewayApp(state), clients
 
 
@@ -100,6 +104,27 @@ async def test_a_connection_failure_is_502_and_the_client_is_replaced() -> None:
         await asyncio.sleep(0.001)
     status, _, answer = await call(app, "/v1/completions", b'{"prompt": "x"}')
     assert status == 200 and answer == {"client": clients[1].serial}
+
+
+async def test_with_retries_a_connection_failure_is_retried_on_the_fresh_client() -> None:
+    app, clients = gateway_with(Worker(url="http://w:1", models=("m",)), retries=True)
+    await call(app, "/v1/completions", b"{}")
+    clients[0].fail = "connect"
+    status, _, answer = await call(app, "/v1/completions", b"{}")
+    assert status == 200 and answer == {"client": clients[1].serial}
+
+
+async def test_retries_move_to_another_worker_and_feed_the_breakers() -> None:
+    a, b = Worker(url="http://a:1", models=("m",)), Worker(url="http://b:1", models=("m",))
+    app, clients = gateway_with(a, b, retries=True)
+    await call(app, "/v1/completions", b"{}")
+    await call(app, "/v1/completions", b"{}")
+    failing = next(c for c in clients if c.seen[0][0].startswith("http://a"))
+    failing.fail = "io"
+    for _ in range(4):
+        status, _, _ = await call(app, "/v1/completions", b"{}")
+        assert status == 200
+    assert a.breaker is not None and a.breaker.outcomes["failure"] >= 1
 
 
 async def test_a_timeout_is_504_and_keeps_the_client() -> None:

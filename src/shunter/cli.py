@@ -8,6 +8,10 @@ from collections.abc import Sequence
 
 from shunter import __version__
 from shunter.config import DEFAULT_REQUEST_ID_HEADERS, ConfigError, GatewayConfig
+from shunter.core.breaker import BreakerConfig
+from shunter.core.health import HealthConfig
+from shunter.core.limiter import AdmissionConfig
+from shunter.core.retry import RetryConfig
 from shunter.policies.cache_aware import CacheAwareConfig
 from shunter.policies.factory import (
     BUILT,
@@ -36,26 +40,6 @@ NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
     "--prefill-selector": (_VALUE, "Kubernetes service discovery"),
     "--decode-selector": (_VALUE, "Kubernetes service discovery"),
     "--prometheus-duration-buckets": (_VALUE, "custom metric buckets"),
-    "--max-concurrent-requests": (_VALUE, "rate limiting"),
-    "--queue-size": (_VALUE, "rate limiting"),
-    "--queue-timeout-secs": (_VALUE, "rate limiting"),
-    "--rate-limit-tokens-per-second": (_VALUE, "rate limiting"),
-    "--retry-max-retries": (_VALUE, "retries"),
-    "--retry-initial-backoff-ms": (_VALUE, "retries"),
-    "--retry-max-backoff-ms": (_VALUE, "retries"),
-    "--retry-backoff-multiplier": (_VALUE, "retries"),
-    "--retry-jitter-factor": (_VALUE, "retries"),
-    "--disable-retries": (_SWITCH, "retries"),
-    "--cb-failure-threshold": (_VALUE, "circuit breakers"),
-    "--cb-success-threshold": (_VALUE, "circuit breakers"),
-    "--cb-timeout-duration-secs": (_VALUE, "circuit breakers"),
-    "--cb-window-duration-secs": (_VALUE, "circuit breakers"),
-    "--disable-circuit-breaker": (_SWITCH, "circuit breakers"),
-    "--health-failure-threshold": (_VALUE, "periodic health checks"),
-    "--health-success-threshold": (_VALUE, "periodic health checks"),
-    "--health-check-timeout-secs": (_VALUE, "periodic health checks"),
-    "--health-check-interval-secs": (_VALUE, "periodic health checks"),
-    "--health-check-endpoint": (_VALUE, "periodic health checks"),
     "--model-path": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
     "--tokenizer-path": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
     "--chat-template": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
@@ -83,11 +67,6 @@ NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
     "--enable-wasm": (_SWITCH, "WASM middleware"),
     "--enable-trace": (_SWITCH, "OpenTelemetry tracing"),
     "--otlp-traces-endpoint": (_VALUE, "OpenTelemetry tracing"),
-    "--tls-cert-path": (_VALUE, "server TLS"),
-    "--tls-key-path": (_VALUE, "server TLS"),
-    "--client-cert-path": (_VALUE, "mTLS to workers"),
-    "--client-key-path": (_VALUE, "mTLS to workers"),
-    "--ca-cert-paths": (_VALUE, "mTLS to workers"),
     "--mini-lb": (_SWITCH, "the Python mini load balancer"),
 }
 _BACKENDS_BUILT = ("sglang",)
@@ -167,6 +146,92 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_reliability_flags(p: argparse.ArgumentParser) -> None:
+    r, b, h, a = RetryConfig(), BreakerConfig(), HealthConfig(), AdmissionConfig()
+    p.add_argument(
+        "--retry-max-retries",
+        type=int,
+        default=r.max_retries,
+        help="attempts per request, the first included",
+    )
+    p.add_argument("--retry-initial-backoff-ms", type=float, default=r.initial_backoff_ms)
+    p.add_argument("--retry-max-backoff-ms", type=float, default=r.max_backoff_ms)
+    p.add_argument("--retry-backoff-multiplier", type=float, default=r.backoff_multiplier)
+    p.add_argument("--retry-jitter-factor", type=float, default=r.jitter_factor)
+    p.add_argument("--disable-retries", action="store_true")
+    p.add_argument(
+        "--cb-failure-threshold",
+        type=int,
+        default=b.failure_threshold,
+        help="consecutive failures (within the window) that open a circuit",
+    )
+    p.add_argument(
+        "--cb-success-threshold",
+        type=int,
+        default=b.success_threshold,
+        help="consecutive half-open successes that close it",
+    )
+    p.add_argument(
+        "--cb-timeout-duration-secs",
+        type=float,
+        default=b.timeout_secs,
+        help="seconds an open circuit waits before half-open",
+    )
+    p.add_argument(
+        "--cb-window-duration-secs",
+        type=float,
+        default=b.window_secs,
+        help="failures further apart than this do not add up",
+    )
+    p.add_argument("--disable-circuit-breaker", action="store_true")
+    p.add_argument("--health-check-interval-secs", type=float, default=h.interval_secs)
+    p.add_argument("--health-check-timeout-secs", type=float, default=h.timeout_secs)
+    p.add_argument("--health-check-endpoint", default=h.endpoint)
+    p.add_argument("--health-failure-threshold", type=int, default=h.failure_threshold)
+    p.add_argument("--health-success-threshold", type=int, default=h.success_threshold)
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=a.max_concurrent,
+        help="requests in progress at once; -1: no limit",
+    )
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=a.queue_size,
+        help="requests that may wait for a slot (429 beyond)",
+    )
+    p.add_argument(
+        "--queue-timeout-secs",
+        type=float,
+        default=a.queue_timeout_secs,
+        help="longest wait for a slot (408 beyond)",
+    )
+    p.add_argument(
+        "--rate-limit-tokens-per-second",
+        type=float,
+        default=None,
+        help="admissions per second (default: --max-concurrent-requests)",
+    )
+    p.add_argument("--tls-cert-path", default=None, help="serve HTTPS with this certificate")
+    p.add_argument("--tls-key-path", default=None, help="and this private key")
+    p.add_argument("--client-cert-path", default=None, help="mTLS to workers: certificate")
+    p.add_argument("--client-key-path", default=None, help="mTLS to workers: private key")
+    p.add_argument(
+        "--ca-cert-paths",
+        nargs="*",
+        default=[],
+        metavar="PEM",
+        help="CA certificates to trust for https:// workers",
+    )
+    p.add_argument(
+        "--graceful-shutdown-timeout-secs",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long in-flight requests may finish",
+    )
+
+
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     d = GatewayConfig()
     p.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
@@ -184,6 +249,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="routing policy: " + ", ".join(BUILT) + ", or module:Class (default %(default)s)",
     )
     _add_policy_flags(p)
+    _add_reliability_flags(p)
     p.add_argument(
         "--max-payload-size",
         type=_non_negative_int,
@@ -288,6 +354,21 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         worker_startup_timeout_secs=args.worker_startup_timeout_secs,
         worker_startup_check_interval=args.worker_startup_check_interval,
         dp_aware=args.dp_aware, policy_settings=settings,
+        retry=RetryConfig(args.retry_max_retries, args.retry_initial_backoff_ms,
+                          args.retry_max_backoff_ms, args.retry_backoff_multiplier,
+                          args.retry_jitter_factor, args.disable_retries),
+        breaker=BreakerConfig(args.cb_failure_threshold, args.cb_success_threshold,
+                              args.cb_timeout_duration_secs, args.cb_window_duration_secs,
+                              args.disable_circuit_breaker),
+        health=HealthConfig(args.health_check_interval_secs, args.health_check_timeout_secs,
+                            args.health_check_endpoint, args.health_failure_threshold,
+                            args.health_success_threshold),
+        admission=AdmissionConfig(args.max_concurrent_requests, args.queue_size,
+                                  args.queue_timeout_secs, args.rate_limit_tokens_per_second),
+        tls_cert_path=args.tls_cert_path, tls_key_path=args.tls_key_path,
+        client_cert_path=args.client_cert_path, client_key_path=args.client_key_path,
+        ca_cert_paths=args.ca_cert_paths,
+        shutdown_drain_secs=args.graceful_shutdown_timeout_secs,
     )  # fmt: skip
     try:
         return config.validate()

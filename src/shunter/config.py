@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from shunter.core.breaker import BreakerConfig
+from shunter.core.health import HealthConfig
+from shunter.core.limiter import AdmissionConfig
+from shunter.core.retry import RetryConfig
 from shunter.policies.factory import PolicySettings
 
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
@@ -40,6 +44,15 @@ class GatewayConfig:
     connect_timeout_secs: float = 10.0
     probe_timeout_secs: float = 5.0  # one registration probe (health, discovery)
     shutdown_drain_secs: float = 30.0  # how long in-flight requests may finish on SIGTERM
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    tls_cert_path: str | None = None
+    tls_key_path: str | None = None
+    client_cert_path: str | None = None
+    client_key_path: str | None = None
+    ca_cert_paths: list[str] = field(default_factory=list)
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
@@ -57,15 +70,46 @@ class GatewayConfig:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         self.worker_urls = [validate_worker_url(url) for url in self.worker_urls]
         try:
-            self.policy_settings.validate()
+            for part in (
+                self.policy_settings,
+                self.retry,
+                self.breaker,
+                self.health,
+                self.admission,
+            ):
+                part.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if self.shutdown_drain_secs < 0:
+            raise ConfigError("--graceful-shutdown-timeout-secs must be >= 0")
+        self._validate_tls()
         if self.api_key is not None and not self.api_key:
             raise ConfigError("--api-key must not be empty")
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]
         return self
+
+    def _validate_tls(self) -> None:
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ConfigError("--tls-cert-path and --tls-key-path go together")
+        if (self.client_cert_path is None) != (self.client_key_path is None):
+            raise ConfigError("--client-cert-path and --client-key-path go together")
+        for flag, path in (("--tls-cert-path", self.tls_cert_path),
+                           ("--tls-key-path", self.tls_key_path),
+                           ("--client-cert-path", self.client_cert_path),
+                           ("--client-key-path", self.client_key_path),
+                           *(("--ca-cert-paths", p) for p in self.ca_cert_paths)):  # fmt: skip
+            if path is not None:
+                _readable(flag, path)
+
+
+def _readable(flag: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read it ({exc.strerror})") from None
 
 
 def _check_port(flag: str, port: int, allow_zero: bool = False) -> None:

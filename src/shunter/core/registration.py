@@ -277,7 +277,9 @@ class Registrar:
                 labels[key] = str(changes[key])
         replaced = []
         for old in current:
-            new = dataclasses.replace(old, labels={**old.labels, **labels})
+            new = dataclasses.replace(
+                old, labels={**old.labels, **labels}, breaker=None, breaker_open=False
+            )
             if "api_key" in changes:
                 new.api_key = changes["api_key"]
             new.healthy = old.healthy

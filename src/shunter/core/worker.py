@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shunter.core.breaker import CircuitBreaker
 from shunter.core.once import OnceCell
 from shunter.transport.base import UpstreamClient
 
@@ -62,6 +63,10 @@ class Worker:
     in_flight: int = 0
     processed: int = 0
     reported_load: int | None = None  # the worker's own load report; None: unknown
+    health_failures: int = 0  # consecutive failed health checks
+    health_successes: int = 0  # consecutive passed health checks
+    breaker: CircuitBreaker | None = None
+    breaker_open: bool = False  # mirrors breaker.state is OPEN, for a cheap is_available
     client_cell: OnceCell[UpstreamClient] | None = None
 
     def __post_init__(self) -> None:
@@ -97,7 +102,7 @@ class Worker:
 
     @property
     def is_available(self) -> bool:
-        return self.healthy
+        return self.healthy and not self.breaker_open
 
     def to_info(self) -> dict[str, Any]:
         """The worker's JSON as smg's ``WorkerInfo``."""
@@ -114,6 +119,7 @@ class Worker:
             "processed": self.processed,
             "connection_mode": self.connection_mode.value,
             "runtime_type": self.runtime.value,
+            "circuit_state": self.breaker.state.label if self.breaker else "closed",
         }
         if self.bootstrap_port is not None:
             info["bootstrap_port"] = self.bootstrap_port

@@ -60,6 +60,11 @@ class Metrics:
         self.routed: dict[tuple[str, str, str, str], int] = {}  # mode, model, endpoint, stream
         self.selected: dict[tuple[str, str, str, str], int] = {}  # type, mode, model, policy
         self.worker_errors: dict[tuple[str, str, str], int] = {}
+        self.retries: dict[tuple[str, str], int] = {}  # worker type, endpoint
+        self.exhausted: dict[tuple[str, str], int] = {}
+        self.cb_transitions: dict[tuple[str, str, str], int] = {}  # worker, from, to
+        self.health_checks: dict[tuple[str, str], int] = {}  # worker type, result
+        self.rate_limit: dict[str, int] = {}  # result
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         self._server: Any = None
@@ -91,6 +96,25 @@ class Metrics:
     def worker_error(self, worker: Worker, error_type: str) -> None:
         key = (worker.worker_type.value, worker.connection_mode.value, error_type)
         self.worker_errors[key] = self.worker_errors.get(key, 0) + 1
+
+    def retried(self, worker: Worker, endpoint: str) -> None:
+        key = (worker.worker_type.value, endpoint)
+        self.retries[key] = self.retries.get(key, 0) + 1
+
+    def retries_exhausted(self, worker: Worker, endpoint: str) -> None:
+        key = (worker.worker_type.value, endpoint)
+        self.exhausted[key] = self.exhausted.get(key, 0) + 1
+
+    def breaker_moved(self, worker: Worker, old: str, new: str) -> None:
+        key = (worker.url, old, new)
+        self.cb_transitions[key] = self.cb_transitions.get(key, 0) + 1
+
+    def health_checked(self, worker: Worker, ok: bool) -> None:
+        key = (worker.worker_type.value, "success" if ok else "failure")
+        self.health_checks[key] = self.health_checks.get(key, 0) + 1
+
+    def admission(self, result: str) -> None:
+        self.rate_limit[result] = self.rate_limit.get(result, 0) + 1
 
     # --- exposition ------------------------------------------------------------------------
 
@@ -183,6 +207,27 @@ class _Collector:
         for error_labels, count in m.worker_errors.copy().items():
             errors.add_metric(list(error_labels), count)
         yield errors
+        yield _counter(
+            "smg_worker_retries", "Retried attempts", ["worker_type", "endpoint"], m.retries
+        )
+        yield _counter(
+            "smg_worker_retries_exhausted",
+            "Requests whose last attempt failed",
+            ["worker_type", "endpoint"],
+            m.exhausted,
+        )
+        yield _counter(
+            "smg_worker_health_checks",
+            "Health checks by result",
+            ["worker_type", "result"],
+            m.health_checks,
+        )
+        yield _counter(
+            "smg_http_rate_limit",
+            "Admission decisions",
+            ["result"],
+            {(k,): v for k, v in m.rate_limit.copy().items()},
+        )
 
     def _workers(self) -> Iterator[Metric]:
         workers = self.m.workers()
@@ -203,3 +248,45 @@ class _Collector:
             pool.add_metric(list(labels), count)
         yield active
         yield pool
+        yield from self._breakers(workers)
+
+    def _breakers(self, workers: Sequence[Worker]) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "smg_worker_cb_state",
+            "Circuit state (0 closed, 1 open, 2 half-open)",
+            labels=["worker"],
+        )
+        failures = GaugeMetricFamily(
+            "smg_worker_cb_consecutive_failures", "Consecutive failures", labels=["worker"]
+        )
+        successes = GaugeMetricFamily(
+            "smg_worker_cb_consecutive_successes", "Consecutive successes", labels=["worker"]
+        )
+        outcomes = CounterMetricFamily(
+            "smg_worker_cb_outcomes", "Outcomes fed to the breaker", labels=["worker", "outcome"]
+        )
+        for worker in workers:
+            breaker = worker.breaker
+            if breaker is None:
+                continue
+            state.add_metric([worker.url], breaker.state.value)
+            failures.add_metric([worker.url], breaker.consecutive_failures)
+            successes.add_metric([worker.url], breaker.consecutive_successes)
+            for outcome, count in breaker.outcomes.items():
+                outcomes.add_metric([worker.url, outcome], count)
+        yield from (state, failures, successes, outcomes)
+        yield _counter(
+            "smg_worker_cb_transitions",
+            "Circuit state changes",
+            ["worker", "from", "to"],
+            self.m.cb_transitions,
+        )
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], table: dict[Any, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in table.copy().items():
+        family.add_metric(list(key), count)
+    return family

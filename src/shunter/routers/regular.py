@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -23,6 +24,7 @@ from shunter.asgi import (
     start_stream,
 )
 from shunter.core.registry import WorkerRegistry, Workers
+from shunter.core.retry import RETRYABLE_STATUSES, RetryConfig
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.policies.base import Policy, RouteRequest
@@ -35,6 +37,10 @@ log = logging.getLogger("shunter.router")
 
 _NOT_FORWARDED = HOP_BY_HOP | {"x-request-id"}
 _UPSTREAM_STATUS = {"connect": 502, "io": 502, "timeout": 504}
+
+
+class _Retry(Exception):
+    """This attempt failed in a way another may fix, and nothing reached the client."""
 
 
 @dataclass(slots=True)
@@ -51,11 +57,16 @@ class Inbound:
 
 class RegularRouter:
     def __init__(
-        self, registry: WorkerRegistry, policies: PolicyRegistry, metrics: Metrics
+        self,
+        registry: WorkerRegistry,
+        policies: PolicyRegistry,
+        metrics: Metrics,
+        retry: RetryConfig | None = None,
     ) -> None:
         self.registry = registry
         self.policies = policies
         self.metrics = metrics
+        self.retry = retry or RetryConfig()
 
     # --- selection --------------------------------------------------------------------------
 
@@ -79,8 +90,12 @@ class RegularRouter:
             raise ApiError(404, "model_not_found", f"The model `{model}` does not exist.")
         return model, workers
 
-    def select(self, fields: RoutingFields, request: Inbound) -> tuple[Worker, Policy, str]:
+    def select(
+        self, fields: RoutingFields, request: Inbound, avoid: Sequence[Worker] = ()
+    ) -> tuple[Worker, Policy, str]:
         model, workers = self.workers_for(fields.model)
+        if avoid:  # a retry: prefer workers this request has not failed on yet
+            workers = tuple(w for w in workers if w not in avoid) or workers
         policy = self.policies.policy_for(model)
         text = routing_text(request.body) if policy.needs_text else None
         route = RouteRequest(model, text, request.headers, fields.routing_id)
@@ -92,11 +107,56 @@ class RegularRouter:
     # --- forwarding -------------------------------------------------------------------------
 
     async def route(self, request: Inbound, send: Send, receive: Receive) -> int:
-        """Serve one inference request; returns the status sent to the client."""
+        """Serve one inference request; returns the status sent to the client.
+
+        Each attempt selects a worker afresh (avoiding the ones that failed this request);
+        a retryable failure (a 408/429/5xx status, no connection) waits the backoff and tries
+        again, as long as nothing has reached the client yet.
+        """
         fields = decode_routing_fields(request.body)
-        worker, policy, model = self.select(fields, request)
-        streaming = bool(fields.stream)
-        self.metrics.observe_route(worker, model, request.path, streaming, policy.name)
+        watch = DisconnectWatch(receive) if fields.stream else None
+        attempts = self.retry.attempts
+        failed: list[Worker] = []
+        try:
+            for attempt in range(attempts):
+                last = attempt + 1 == attempts
+                if attempt:
+                    await asyncio.sleep(self.retry.backoff_secs(attempt - 1))
+                try:
+                    worker, policy, model = self.select(fields, request, failed)
+                except ApiError as exc:
+                    if exc.status != 503 or last:
+                        raise
+                    continue
+                if attempt:
+                    self.metrics.retried(worker, request.path)
+                self.metrics.observe_route(
+                    worker, model, request.path, watch is not None, policy.name
+                )
+                try:
+                    return await self._attempt(worker, request, send, watch, last)
+                except _Retry:
+                    failed.append(worker)
+            raise AssertionError("the last attempt never asks for a retry")
+        except asyncio.CancelledError:
+            if watch is not None and watch.absorb_cancel():
+                log.info(
+                    "client left; upstream cancelled", extra={"request_id": request.request_id}
+                )
+                return 499
+            raise
+        finally:
+            if watch is not None:
+                watch.finish()
+
+    async def _attempt(
+        self,
+        worker: Worker,
+        request: Inbound,
+        send: Send,
+        watch: DisconnectWatch | None,
+        last: bool,
+    ) -> int:
         cell = worker.client_cell
         assert cell is not None
         client = cell.value or await cell.get()
@@ -107,11 +167,13 @@ class RegularRouter:
         body = request.body if worker.dp_rank is None else inject_rank(request.body, worker)
         worker.in_flight += 1
         try:
-            if streaming:
-                return await self._relay_stream(
-                    client, worker, url, headers, body, request, send, receive
+            if watch is None:
+                return await self._relay_whole(
+                    client, worker, url, headers, body, request, send, last
                 )
-            return await self._relay_whole(client, worker, url, headers, body, request, send)
+            return await self._relay_stream(
+                client, worker, url, headers, body, request, send, watch, last
+            )
         finally:
             worker.in_flight -= 1
             worker.processed += 1
@@ -125,11 +187,13 @@ class RegularRouter:
         body: bytes,
         request: Inbound,
         send: Send,
+        last: bool,
     ) -> int:
         try:
             response = await client.request(request.method, url, headers, body)
         except UpstreamError as exc:
-            raise self._upstream_failure(worker, client, exc) from None
+            raise self._upstream_failure(worker, client, exc, request, last) from None
+        self._retry_on_status(worker, response.status, request, last)
         await send_bytes(
             send, response.status, response.body, downstream_headers(response.headers, request)
         )
@@ -144,56 +208,70 @@ class RegularRouter:
         body: bytes,
         request: Inbound,
         send: Send,
-        receive: Receive,
+        watch: DisconnectWatch,
+        last: bool,
     ) -> int:
-        watch = DisconnectWatch(receive)
         try:
-            try:
-                upstream = await client.stream(request.method, url, headers, body)
-            except UpstreamError as exc:
-                watch.finish()
-                raise self._upstream_failure(worker, client, exc) from None
-            try:
-                await start_stream(
-                    send, upstream.status, downstream_headers(upstream.headers, request)
-                )
-                while (chunk := await upstream.next_chunk()) is not None:
-                    await send_chunk(send, chunk)
-            except UpstreamError as exc:
-                # The response has started: the status is sent, so tell the client in-band.
-                log.warning(
-                    "stream broke",
-                    extra={
-                        "worker": worker.url,
-                        "request_id": request.request_id,
-                        "error": str(exc),
-                    },
-                )
-                self.metrics.worker_error(worker, "stream_" + exc.kind)
-                await send_chunk(send, sse_error(exc))
-            finally:
-                await upstream.aclose()
-            watch.finish()
-            await end_stream(send)
-            return upstream.status
-        except asyncio.CancelledError:
-            if watch.absorb_cancel():
-                log.info(
-                    "client left; upstream cancelled",
-                    extra={"worker": worker.url, "request_id": request.request_id},
-                )
-                return 499
-            raise
+            upstream = await client.stream(request.method, url, headers, body)
+        except UpstreamError as exc:
+            raise self._upstream_failure(worker, client, exc, request, last) from None
+        try:
+            self._retry_on_status(worker, upstream.status, request, last)
+            await start_stream(send, upstream.status, downstream_headers(upstream.headers, request))
+            # From here on the client has bytes: no more retries.
+            while (chunk := await upstream.next_chunk()) is not None:
+                await send_chunk(send, chunk)
+        except UpstreamError as exc:
+            # The status is sent, so tell the client in-band.
+            log.warning(
+                "stream broke",
+                extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
+            )
+            self.metrics.worker_error(worker, "stream_" + exc.kind)
+            if worker.breaker is not None:
+                worker.breaker.record(False)
+            await send_chunk(send, sse_error(exc))
+        finally:
+            await upstream.aclose()
+        watch.finish()
+        await end_stream(send)
+        return upstream.status
+
+    def _retry_on_status(self, worker: Worker, status: int, request: Inbound, last: bool) -> None:
+        """Feed the breaker; ask for another attempt on a retryable status if one is left."""
+        if worker.breaker is not None:
+            worker.breaker.record(status < 500)
+        if status >= 500:
+            self.metrics.worker_error(worker, f"status_{status}")
+        if status in RETRYABLE_STATUSES:
+            if not last:
+                raise _Retry
+            if self.retry.attempts > 1:
+                self.metrics.retries_exhausted(worker, request.path)
 
     def _upstream_failure(
-        self, worker: Worker, client: UpstreamClient, exc: UpstreamError
-    ) -> ApiError:
+        self,
+        worker: Worker,
+        client: UpstreamClient,
+        exc: UpstreamError,
+        request: Inbound,
+        last: bool,
+    ) -> Exception:
         self.metrics.worker_error(worker, "upstream_" + exc.kind)
+        if worker.breaker is not None:
+            worker.breaker.record(False)
         if exc.kind != "timeout" and worker.client_cell is not None:
             # The pool may hold connections to a worker that restarted: build a fresh one
             # in the background; requests keep using this one until it is ready.
             worker.client_cell.replace(client)
-        log.warning("worker call failed", extra={"worker": worker.url, "error": str(exc)})
+        log.warning(
+            "worker call failed",
+            extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
+        )
+        if not last:
+            return _Retry()
+        if self.retry.attempts > 1:
+            self.metrics.retries_exhausted(worker, request.path)
         status = _UPSTREAM_STATUS.get(exc.kind, 502)
         code = "upstream_timeout" if status == 504 else "upstream_unavailable"
         return ApiError(status, code, f"worker {worker.url} failed: {exc}")
@@ -214,7 +292,10 @@ class RegularRouter:
         try:
             response = await client.request("GET", worker.base_url + path, headers, None)
         except UpstreamError as exc:
-            raise self._upstream_failure(worker, client, exc) from None
+            status = _UPSTREAM_STATUS.get(exc.kind, 502)
+            raise ApiError(
+                status, "upstream_unavailable", f"worker {worker.url} failed: {exc}"
+            ) from None
         relayed = [
             (k.encode("latin-1"), v.encode("latin-1"))
             for k, v in response.headers

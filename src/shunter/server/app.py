@@ -172,6 +172,21 @@ class GatewayApp:
     # --- inference ------------------------------------------------------------------------
 
     async def inference(self, call: Call) -> int:
+        admission = self.state.admission
+        if admission is None:
+            return await self._infer(call)
+        try:
+            await admission.acquire()
+        except ApiError as exc:
+            self.state.metrics.admission("rejected" if exc.status == 429 else "timed_out")
+            raise
+        self.state.metrics.admission("allowed")
+        try:
+            return await self._infer(call)
+        finally:
+            admission.release()  # when the response (a stream included) ends or the client left
+
+    async def _infer(self, call: Call) -> int:
         scope = call.scope
         body = await call.body()
         request = Inbound(

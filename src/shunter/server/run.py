@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+import ssl
 
 import uvloop
 
@@ -28,7 +29,7 @@ async def serve(app: GatewayApp, stop: asyncio.Event) -> None:
     app.startup()
     _tune_gc()
     server = HttpServer(app)
-    port = await server.listen(config.host, config.port)
+    port = await server.listen(config.host, config.port, ssl=_server_tls(config))
     log.info(
         "gateway listening",
         extra={
@@ -44,6 +45,14 @@ async def serve(app: GatewayApp, stop: asyncio.Event) -> None:
         log.info("shutting down", extra={"drain_secs": config.shutdown_drain_secs})
         await server.shutdown(config.shutdown_drain_secs)
         await app.shutdown()
+
+
+def _server_tls(config: GatewayConfig) -> ssl.SSLContext | None:
+    if not config.tls_cert_path or not config.tls_key_path:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert_path, config.tls_key_path)
+    return context
 
 
 def _tune_gc() -> None:

@@ -6,7 +6,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 from shunter.config import GatewayConfig
+from shunter.core.breaker import CircuitBreaker, State
+from shunter.core.health import HealthChecker
 from shunter.core.jobs import JobQueue
+from shunter.core.limiter import Admission
 from shunter.core.load_monitor import LoadMonitor
 from shunter.core.once import OnceCell
 from shunter.core.registration import Registrar, WorkerSpec
@@ -28,6 +31,19 @@ async def _close_client(client: UpstreamClient) -> None:
     await client.close()
 
 
+def _worker_tls(config: GatewayConfig) -> tuple[bytes | None, tuple[bytes, ...]]:
+    """The client identity (certificate + key, PEM) and CA bundle for mTLS to workers."""
+    identity = None
+    if config.client_cert_path and config.client_key_path:
+        with open(config.client_cert_path, "rb") as cert, open(config.client_key_path, "rb") as key:
+            identity = cert.read() + b"\n" + key.read()
+    cas = []
+    for path in config.ca_cert_paths:
+        with open(path, "rb") as ca:
+            cas.append(ca.read())
+    return identity, tuple(cas)
+
+
 class GatewayState:
     def __init__(
         self, config: GatewayConfig, client_factory: ClientFactory = ReqwestClient
@@ -39,14 +55,20 @@ class GatewayState:
         self.policies = PolicyRegistry(
             create_policy(config.policy, config.policy_settings), config.policy_settings
         )
-        self.router = RegularRouter(self.registry, self.policies, self.metrics)
+        self.router = RegularRouter(self.registry, self.policies, self.metrics, config.retry)
+        self.admission = Admission(config.admission) if config.admission.enabled else None
+        identity, cas = _worker_tls(config)
         worker_settings = ClientSettings(
             connect_timeout_secs=config.connect_timeout_secs,
             read_timeout_secs=config.request_timeout_secs,
+            client_cert_pem=identity,
+            ca_certs_pem=cas,
         )
         control_settings = ClientSettings(
             connect_timeout_secs=min(config.connect_timeout_secs, config.probe_timeout_secs),
             read_timeout_secs=config.probe_timeout_secs,
+            client_cert_pem=identity,
+            ca_certs_pem=cas,
         )
         self.control = client_factory(control_settings)
 
@@ -56,6 +78,9 @@ class GatewayState:
         def new_client_cell() -> OnceCell[UpstreamClient]:
             return OnceCell(create_worker_client, _close_client)
 
+        self.health = HealthChecker(
+            config.health, self.registry.all, self.control, self.metrics.health_checked
+        )
         self.load_monitor = LoadMonitor(
             self.registry.all, self.control, config.worker_startup_check_interval
         )
@@ -66,14 +91,31 @@ class GatewayState:
             startup_timeout_secs=config.worker_startup_timeout_secs,
             check_interval_secs=config.worker_startup_check_interval,
             dp_aware=config.dp_aware,
-            on_change=self._fleet_changed,
+            on_change=self.fleet_changed,
         )
 
-    def _fleet_changed(self, added: Sequence[Worker], removed: Sequence[Worker]) -> None:
+    def fleet_changed(self, added: Sequence[Worker], removed: Sequence[Worker]) -> None:
         for worker in removed:
             self.policies.on_worker_removed(worker)
+            if worker.breaker is not None:
+                worker.breaker.reset()
         for worker in added:
+            self._attach_breaker(worker)
             self.policies.on_worker_added(worker)
+
+    def _attach_breaker(self, worker: Worker) -> None:
+        def set_open(is_open: bool) -> None:
+            worker.breaker_open = is_open
+
+        def moved(breaker: CircuitBreaker, old: State, new: State) -> None:
+            self.metrics.breaker_moved(worker, old.label, new.label)
+            log.warning(
+                "circuit breaker moved",
+                extra={"url": worker.url, "from": old.label, "to": new.label},
+            )
+
+        worker.breaker_open = False
+        worker.breaker = CircuitBreaker(self.config.breaker, set_open, moved)
 
     def submit_add(self, spec: WorkerSpec) -> None:
         async def add() -> None:
@@ -90,11 +132,13 @@ class GatewayState:
         """Start background work; needs the running event loop."""
         self.policies.start()
         self.load_monitor.start()
+        self.health.start()
         self.register_configured_workers()
 
     async def close(self) -> None:
         await self.jobs.cancel_all()
         await self.load_monitor.stop()
+        await self.health.stop()
         await self.policies.stop()
         for worker in self.registry.all():
             if worker.client_cell is not None:

@@ -1,0 +1,115 @@
+"""Periodic health checks, as smg (inventory §4.1).
+
+Every ``interval_secs`` all workers are checked at once, each bounded by ``timeout_secs``, so
+a slow worker delays nobody else's check. ``GET {base_url}{endpoint}`` answering 2xx is a
+success. ``failure_threshold`` consecutive failures mark a worker unhealthy,
+``success_threshold`` consecutive successes mark it healthy again; the counters restart
+after each transition. Health is separate from the circuit breaker, and workers are never
+removed for failing checks. DP ranks share their base URL's check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from shunter.core.worker import Worker
+from shunter.transport.base import UpstreamClient, UpstreamError
+
+log = logging.getLogger("shunter.health")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_secs: float = 60.0
+    timeout_secs: float = 5.0
+    endpoint: str = "/health"
+    failure_threshold: int = 3
+    success_threshold: int = 2
+
+    def validate(self) -> HealthConfig:
+        if self.interval_secs <= 0 or self.timeout_secs <= 0:
+            raise ValueError(
+                "--health-check-interval-secs and --health-check-timeout-secs must be > 0"
+            )
+        if self.failure_threshold < 1 or self.success_threshold < 1:
+            raise ValueError(
+                "--health-failure-threshold and --health-success-threshold must be >= 1"
+            )
+        if not self.endpoint.startswith("/"):
+            raise ValueError("--health-check-endpoint must start with '/'")
+        return self
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        config: HealthConfig,
+        workers: Callable[[], Sequence[Worker]],
+        client: UpstreamClient,
+        on_check: Callable[[Worker, bool], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.workers = workers
+        self.client = client
+        self.on_check = on_check
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.interval_secs)
+            try:
+                await self.check_all()
+            except Exception:
+                log.exception("health check round failed")
+
+    async def check_all(self) -> None:
+        by_base: dict[str, list[Worker]] = {}
+        for worker in self.workers():
+            by_base.setdefault(worker.base_url, []).append(worker)
+        groups = list(by_base.values())
+        results = await asyncio.gather(*(self._probe(group[0]) for group in groups))
+        for group, ok in zip(groups, results, strict=True):
+            for worker in group:
+                self.apply(worker, ok)
+
+    async def _probe(self, worker: Worker) -> bool:
+        headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
+        try:
+            response = await asyncio.wait_for(
+                self.client.request("GET", worker.base_url + self.config.endpoint, headers, None),
+                self.config.timeout_secs,
+            )
+        except (UpstreamError, TimeoutError):
+            return False
+        return 200 <= response.status < 300
+
+    def apply(self, worker: Worker, ok: bool) -> None:
+        """Count one check result and flip the worker's health at a threshold."""
+        if self.on_check is not None:
+            self.on_check(worker, ok)
+        if ok:
+            worker.health_failures = 0
+            worker.health_successes += 1
+            if not worker.healthy and worker.health_successes >= self.config.success_threshold:
+                worker.healthy = True
+                worker.health_successes = 0
+                log.info("worker healthy again", extra={"url": worker.url})
+        else:
+            worker.health_successes = 0
+            worker.health_failures += 1
+            if worker.healthy and worker.health_failures >= self.config.failure_threshold:
+                worker.healthy = False
+                worker.health_failures = 0
+                log.warning("worker unhealthy", extra={"url": worker.url})

@@ -1,0 +1,134 @@
+"""Admission control for inference routes (smg's limiter and queue, inventory §4.4).
+
+Two limits, both must allow a request to start:
+
+- concurrency: at most ``max_concurrent`` requests in progress; a slot is returned when the
+  response ends, a stream included, or the client leaves;
+- rate: a token bucket of ``max_concurrent`` tokens refilled at ``tokens_per_second``
+  (smg's ``--rate-limit-tokens-per-second``, default: the concurrency limit).
+
+A request that cannot start waits in a FIFO queue of ``queue_size`` places for at most
+``queue_timeout_secs``: a full queue answers 429, a timeout 408 (smg sends both with an
+empty body; here they carry the error envelope).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from shunter.protocols.errors import ApiError
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    max_concurrent: int = -1  # <= 0: no limit
+    queue_size: int = 100
+    queue_timeout_secs: float = 60.0
+    tokens_per_second: float | None = None  # None: max_concurrent per second
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_concurrent > 0
+
+    def validate(self) -> AdmissionConfig:
+        if self.queue_size < 0:
+            raise ValueError("--queue-size must be >= 0")
+        if self.enabled and self.queue_size > 0 and self.queue_timeout_secs <= 0:
+            raise ValueError("--queue-timeout-secs must be > 0")
+        if self.tokens_per_second is not None and self.tokens_per_second <= 0:
+            raise ValueError("--rate-limit-tokens-per-second must be > 0")
+        return self
+
+
+class Admission:
+    def __init__(self, config: AdmissionConfig) -> None:
+        self.config = config
+        self.free_slots = config.max_concurrent
+        self.capacity = float(config.max_concurrent)
+        self.rate = config.tokens_per_second or float(config.max_concurrent)
+        self.tokens = self.capacity
+        self._refilled_at = time.monotonic()
+        self.queue: deque[asyncio.Future[None]] = deque()
+        self._wakeup: asyncio.TimerHandle | None = None
+        self.counts = {"allowed": 0, "rejected": 0, "timed_out": 0}
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self._refilled_at) * self.rate)
+        self._refilled_at = now
+
+    def _can_start(self) -> bool:
+        if self.free_slots <= 0:
+            return False
+        self._refill()
+        return self.tokens >= 1.0
+
+    def _take(self) -> None:
+        self.free_slots -= 1
+        self.tokens -= 1.0
+        self.counts["allowed"] += 1
+
+    async def acquire(self) -> None:
+        """Wait for a slot and a token, or raise 429 (queue full) / 408 (waited too long)."""
+        if not self.queue and self._can_start():
+            self._take()
+            return
+        if len(self.queue) >= self.config.queue_size:
+            self.counts["rejected"] += 1
+            raise ApiError(
+                429, "rate_limit_exceeded", "too many requests: the gateway's request queue is full"
+            )
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue.append(waiter)
+        self._schedule_refill()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.config.queue_timeout_secs)
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled():
+                return  # admitted at the last moment
+            waiter.cancel()
+            self._forget(waiter)
+            self.counts["timed_out"] += 1
+            raise ApiError(
+                408, "queue_timeout", "the request waited too long in the gateway's queue"
+            ) from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # admitted, but the client left: hand the slot on
+            else:
+                waiter.cancel()
+                self._forget(waiter)
+            raise
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self.queue.remove(waiter)
+
+    def release(self) -> None:
+        self.free_slots += 1
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        while self.queue and self._can_start():
+            waiter = self.queue.popleft()
+            if waiter.done():
+                continue
+            self._take()
+            waiter.set_result(None)
+        self._schedule_refill()
+
+    def _schedule_refill(self) -> None:
+        """With waiters blocked only by the rate limit, wake up when the next token is due."""
+        if self._wakeup is not None or not self.queue or self.free_slots <= 0:
+            return
+        self._refill()
+        delay = max(0.0, (1.0 - self.tokens) / self.rate)
+        self._wakeup = asyncio.get_running_loop().call_later(delay, self._on_refill)
+
+    def _on_refill(self) -> None:
+        self._wakeup = None
+        self._admit_waiting()
