@@ -75,13 +75,20 @@ class Sim(Proc):
     def __init__(self, name: str, *extra: str, port: int | None = None) -> None:
         self.port = port or free_port()
         self.name = name
-        self.url = f"http://{LOOPBACK}:{self.port}"
+        scheme = "https" if "--tls-cert-path" in extra else "http"
+        self.url = f"{scheme}://{LOOPBACK}:{self.port}"
         super().__init__(["sim", "--port", str(self.port), "--worker-id", name, *extra])
         wait_for(self.ready, what=f"sim {name}")
 
     def ready(self) -> bool:
         if self.popen.poll() is not None:
             raise RuntimeError(f"sim {self.name} exited:\n{self.output()}")
+        if self.url.startswith("https"):  # it may demand a client certificate: just connect
+            try:
+                socket.create_connection((LOOPBACK, self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
         try:
             return httpx.get(self.url + "/health", timeout=1).status_code in (200, 503)
         except httpx.HTTPError:
@@ -101,7 +108,8 @@ class Gateway(Proc):
     def __init__(self, *extra: str, workers: Sequence[str] = (), ready: bool = True) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
-        self.url = f"http://{LOOPBACK}:{self.port}"
+        scheme = "https" if "--tls-cert-path" in extra else "http"
+        self.url = f"{scheme}://{LOOPBACK}:{self.port}"
         self.metrics_url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
         args = ["serve", "--host", LOOPBACK, "--port", str(self.port),
                 "--prometheus-host", LOOPBACK, "--prometheus-port", str(self.metrics_port),
@@ -117,12 +125,12 @@ class Gateway(Proc):
         if self.popen.poll() is not None:
             raise RuntimeError(f"gateway exited:\n{self.output()}")
         try:
-            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+            return httpx.get(self.url + "/health", timeout=1, verify=False).status_code == 200
         except httpx.HTTPError:
             return False
 
     def workers(self) -> list[dict[str, Any]]:
-        response = httpx.get(self.url + "/workers", timeout=5)
+        response = httpx.get(self.url + "/workers", timeout=5, verify=False)
         return response.json()["workers"]  # type: ignore[no-any-return]
 
     def wait_workers(self, count: int, timeout: float = 15.0) -> None:

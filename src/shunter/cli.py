@@ -409,6 +409,13 @@ def _add_sim_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-after-chunks", type=int, default=-1)
     p.add_argument("--hang", action="store_true")
     p.add_argument("--fail-health", action="store_true")
+    p.add_argument("--tls-cert-path", default=None, help="serve HTTPS")
+    p.add_argument("--tls-key-path", default=None)
+    p.add_argument(
+        "--tls-client-ca-path",
+        default=None,
+        help="require client certificates signed by this CA (mTLS)",
+    )
 
 
 def _run_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -433,7 +440,8 @@ def _run_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         itl_ms=args.itl_ms, prefill_us_per_token=args.prefill_us_per_token,
         max_running=args.max_running, cache_tokens=args.cache_tokens,
         block_size=args.block_size, max_tokens=args.max_tokens, dp_size=args.dp_size,
-        api_key=args.api_key, faults=faults,
+        api_key=args.api_key, faults=faults, tls_cert_path=args.tls_cert_path,
+        tls_key_path=args.tls_key_path, tls_client_ca_path=args.tls_client_ca_path,
     )  # fmt: skip
     run_sim(config, args.log_level)
 

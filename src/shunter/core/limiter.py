@@ -4,8 +4,10 @@ Two limits, both must allow a request to start:
 
 - concurrency: at most ``max_concurrent`` requests in progress; a slot is returned when the
   response ends, a stream included, or the client leaves;
-- rate: a token bucket of ``max_concurrent`` tokens refilled at ``tokens_per_second``
-  (smg's ``--rate-limit-tokens-per-second``, default: the concurrency limit).
+- rate, only when ``tokens_per_second`` is given (``--rate-limit-tokens-per-second``): a
+  token bucket of ``max_concurrent`` tokens refilled at that rate, one token per admission.
+  (smg refills at the concurrency limit by default and also returns a token when a request
+  ends, which mixes the two limits; here each flag means one thing.)
 
 A request that cannot start waits in a FIFO queue of ``queue_size`` places for at most
 ``queue_timeout_secs``: a full queue answers 429, a timeout 408 (smg sends both with an
@@ -28,7 +30,7 @@ class AdmissionConfig:
     max_concurrent: int = -1  # <= 0: no limit
     queue_size: int = 100
     queue_timeout_secs: float = 60.0
-    tokens_per_second: float | None = None  # None: max_concurrent per second
+    tokens_per_second: float | None = None  # None: no rate limit, only the concurrency limit
 
     @property
     def enabled(self) -> bool:
@@ -49,7 +51,7 @@ class Admission:
         self.config = config
         self.free_slots = config.max_concurrent
         self.capacity = float(config.max_concurrent)
-        self.rate = config.tokens_per_second or float(config.max_concurrent)
+        self.rate = config.tokens_per_second or 0.0  # 0: no rate limit
         self.tokens = self.capacity
         self._refilled_at = time.monotonic()
         self.queue: deque[asyncio.Future[None]] = deque()
@@ -64,12 +66,15 @@ class Admission:
     def _can_start(self) -> bool:
         if self.free_slots <= 0:
             return False
+        if not self.rate:
+            return True
         self._refill()
         return self.tokens >= 1.0
 
     def _take(self) -> None:
         self.free_slots -= 1
-        self.tokens -= 1.0
+        if self.rate:
+            self.tokens -= 1.0
         self.counts["allowed"] += 1
 
     async def acquire(self) -> None:
@@ -123,7 +128,7 @@ class Admission:
 
     def _schedule_refill(self) -> None:
         """With waiters blocked only by the rate limit, wake up when the next token is due."""
-        if self._wakeup is not None or not self.queue or self.free_slots <= 0:
+        if self._wakeup is not None or not self.queue or self.free_slots <= 0 or not self.rate:
             return
         self._refill()
         delay = max(0.0, (1.0 - self.tokens) / self.rate)

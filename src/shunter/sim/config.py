@@ -62,6 +62,9 @@ class SimConfig:
     max_tokens: int = 16  # output tokens when the request names none
     dp_size: int = 1
     api_key: str | None = None  # when set, inference needs `Authorization: Bearer <key>`
+    tls_cert_path: str | None = None  # serve HTTPS
+    tls_key_path: str | None = None
+    tls_client_ca_path: str | None = None  # and require client certificates from this CA
     faults: Faults = field(default_factory=Faults)
 
     @property

@@ -15,7 +15,6 @@ from typing import Any
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import (
     ConnectError,
-    ConnectTimeoutError,
     PyreqwestError,
     RequestTimeoutError,
 )
@@ -36,10 +35,12 @@ class ClientSettings:
 
 
 def _translate(exc: PyreqwestError) -> UpstreamError:
-    if isinstance(exc, ConnectTimeoutError | ConnectError):
-        return UpstreamError("connect", f"cannot connect to worker: {exc}")
+    # Checked first: reqwest reports a read timeout while waiting for the response head as
+    # a *connect* timeout, so every timeout is "timeout" (504), whatever its class says.
     if isinstance(exc, RequestTimeoutError):
         return UpstreamError("timeout", f"worker timed out: {exc}")
+    if isinstance(exc, ConnectError):
+        return UpstreamError("connect", f"cannot connect to worker: {exc}")
     return UpstreamError("io", f"worker connection failed: {exc}")
 
 
