@@ -50,6 +50,10 @@ def decode_routing_fields(body: bytes) -> RoutingFields:
         raise ApiError(400, "invalid_request", f"invalid request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "json_parse_error", f"malformed JSON body: {exc}") from None
+    except RecursionError:  # msgspec's answer to very deep nesting (found by the fuzzer)
+        raise ApiError(400, "json_parse_error", "JSON body nested too deeply") from None
+    except UnicodeDecodeError:  # a string that is not UTF-8 (found by the fuzzer too)
+        raise ApiError(400, "json_parse_error", "JSON body is not valid UTF-8") from None
 
 
 def routing_text(body: bytes) -> str:
@@ -59,7 +63,7 @@ def routing_text(body: bytes) -> str:
     """
     try:
         fields = _text_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return ""
     if fields.messages is not None:
         parts: list[str] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import resource
 import signal
 import ssl
 
@@ -76,6 +77,17 @@ async def _main(config: GatewayConfig) -> None:
     await serve(app, stop)
 
 
+def _raise_open_file_limit() -> None:
+    """Each proxied connection needs two descriptors (client and worker): take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit", extra={"soft": soft})
+
+
 def run_gateway(config: GatewayConfig) -> None:
     setup_logging(config.log_level, config.log_dir, config.log_json)
+    _raise_open_file_limit()
     uvloop.run(_main(config))
