@@ -109,7 +109,11 @@ class Fleet:
 
     def stop(self) -> None:
         self.gateway.send_signal(signal.SIGTERM)
-        self.gateway.wait(30)
+        try:
+            self.gateway.wait(60)
+        except subprocess.TimeoutExpired:
+            self.gateway.kill()
+            self.gateway.wait()
         for sim in self.sims:
             sim.kill()
             sim.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable, Sequence
 
 from shunter.config import GatewayConfig
@@ -19,6 +20,7 @@ from shunter.observability.metrics import Metrics
 from shunter.policies.factory import create_policy
 from shunter.policies.registry import PolicyRegistry
 from shunter.routers.regular import RegularRouter
+from shunter.transport.aio import worker_client
 from shunter.transport.base import UpstreamClient
 from shunter.transport.reqwest import ClientSettings, ReqwestClient
 
@@ -44,10 +46,20 @@ def _worker_tls(config: GatewayConfig) -> tuple[bytes | None, tuple[bytes, ...]]
     return identity, tuple(cas)
 
 
+def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    """mTLS and extra CAs for the asyncio-based stream client, from the same files."""
+    if not config.client_cert_path and not config.ca_cert_paths:
+        return None
+    context = ssl.create_default_context()
+    for path in config.ca_cert_paths:
+        context.load_verify_locations(cafile=path)
+    if config.client_cert_path and config.client_key_path:
+        context.load_cert_chain(config.client_cert_path, config.client_key_path)
+    return context
+
+
 class GatewayState:
-    def __init__(
-        self, config: GatewayConfig, client_factory: ClientFactory = ReqwestClient
-    ) -> None:
+    def __init__(self, config: GatewayConfig, client_factory: ClientFactory | None = None) -> None:
         self.config = config
         self.registry = WorkerRegistry()
         self.metrics = Metrics(self.registry.all)
@@ -63,6 +75,7 @@ class GatewayState:
             read_timeout_secs=config.request_timeout_secs,
             client_cert_pem=identity,
             ca_certs_pem=cas,
+            ssl_context=_ssl_context(config),
         )
         control_settings = ClientSettings(
             connect_timeout_secs=min(config.connect_timeout_secs, config.probe_timeout_secs),
@@ -70,10 +83,13 @@ class GatewayState:
             client_cert_pem=identity,
             ca_certs_pem=cas,
         )
-        self.control = client_factory(control_settings)
+        # Tests pass one factory for everything; by default the control plane uses pyreqwest
+        # and each worker a split client (pyreqwest for whole responses, aiohttp for streams).
+        self.control = (client_factory or ReqwestClient)(control_settings)
+        make_worker_client = client_factory or worker_client
 
         async def create_worker_client() -> UpstreamClient:
-            return client_factory(worker_settings)
+            return make_worker_client(worker_settings)
 
         def new_client_cell() -> OnceCell[UpstreamClient]:
             return OnceCell(create_worker_client, _close_client)

@@ -8,6 +8,7 @@ with uvicorn), provided streamed reads are handed over chunk by chunk
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -32,6 +33,7 @@ class ClientSettings:
     pool_max_idle_per_host: int = 512
     client_cert_pem: bytes | None = None  # certificate + key, for mTLS to workers
     ca_certs_pem: tuple[bytes, ...] = ()
+    ssl_context: ssl.SSLContext | None = None  # the same, for asyncio-based clients
 
 
 def _translate(exc: PyreqwestError) -> UpstreamError:
