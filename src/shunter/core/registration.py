@@ -118,7 +118,7 @@ class Registrar:
         self,
         registry: WorkerRegistry,
         control: UpstreamClient,
-        new_client_cell: Callable[[], OnceCell[UpstreamClient]],
+        new_client_cell: Callable[[str], OnceCell[UpstreamClient]],
         *,
         startup_timeout_secs: float,
         check_interval_secs: float,
@@ -234,7 +234,7 @@ class Registrar:
         return None
 
     def _build(self, spec: WorkerSpec, found: Discovery) -> list[Worker]:
-        cell = self.new_client_cell()  # DP ranks share one connection pool
+        cell = self.new_client_cell(spec.url)  # DP ranks share one connection pool
 
         def make(url: str, rank: int | None = None) -> Worker:
             return Worker(

@@ -20,9 +20,9 @@ from shunter.observability.metrics import Metrics
 from shunter.policies.factory import create_policy
 from shunter.policies.registry import PolicyRegistry
 from shunter.routers.regular import RegularRouter
-from shunter.transport.aio import worker_client
 from shunter.transport.base import UpstreamClient
 from shunter.transport.reqwest import ClientSettings, ReqwestClient
+from shunter.transport.split import worker_client
 
 log = logging.getLogger("shunter.gateway")
 
@@ -84,15 +84,16 @@ class GatewayState:
             ca_certs_pem=cas,
         )
         # Tests pass one factory for everything; by default the control plane uses pyreqwest
-        # and each worker a split client (pyreqwest for whole responses, aiohttp for streams).
+        # and each worker a split client (transport/split.py).
         self.control = (client_factory or ReqwestClient)(control_settings)
-        make_worker_client = client_factory or worker_client
 
-        async def create_worker_client() -> UpstreamClient:
-            return make_worker_client(worker_settings)
+        def new_client_cell(base_url: str) -> OnceCell[UpstreamClient]:
+            async def create() -> UpstreamClient:
+                if client_factory is not None:
+                    return client_factory(worker_settings)
+                return worker_client(worker_settings, base_url)
 
-        def new_client_cell() -> OnceCell[UpstreamClient]:
-            return OnceCell(create_worker_client, _close_client)
+            return OnceCell(create, _close_client)
 
         self.health = HealthChecker(
             config.health, self.registry.all, self.control, self.metrics.health_checked
