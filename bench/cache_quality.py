@@ -16,13 +16,13 @@ import argparse
 import asyncio
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
+from common import free_port, wait_http
 from shunter.sim.cache import PrefixCache
 from shunter.sim.engine import tokenize
 
@@ -31,12 +31,6 @@ SYSTEMS = 8
 USERS = 64
 CACHE_TOKENS = 5000
 CONCURRENCY = 16
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def workload() -> list[tuple[int, list[dict[str, str]]]]:
@@ -70,18 +64,6 @@ def oracle_hit_rate(requests: list[tuple[int, list[dict[str, str]]]]) -> float:
 
 def start(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(url)
 
 
 async def drive(gateway: str, requests: list[tuple[int, list[dict[str, str]]]]) -> float:
@@ -127,7 +109,7 @@ def measure(
         seconds = asyncio.run(drive(f"http://127.0.0.1:{port}", requests))
     finally:
         gateway.terminate()
-        gateway.wait()
+        gateway.wait_http()
     after = [httpx.get(sim + "/sim/stats").json() for sim in sims]
     pairs = list(zip(after, before, strict=True))
     cached = sum(a["cached_tokens_total"] - b["cached_tokens_total"] for a, b in pairs)
@@ -155,7 +137,7 @@ def main() -> None:
     rows: dict[str, dict[str, float]] = {}
     try:
         for url in urls:
-            wait(url + "/health")
+            wait_http(url + "/health")
         for policy in ("cache_aware", "round_robin", "prefix_hash"):
             port = free_port()
             rows[f"shunter {policy}"] = measure(policy, [
@@ -189,7 +171,7 @@ def main() -> None:
     finally:
         for sim in sims:
             sim.terminate()
-            sim.wait()
+            sim.wait_http()
     oracle = oracle_hit_rate(requests)
     print(
         f"{SYSTEMS} system prompts x {USERS} users, {WORKERS} sims with {CACHE_TOKENS}-token "

@@ -17,7 +17,6 @@ import asyncio
 import random
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+
+from common import free_port, wait_http
 
 HERE = Path(__file__).resolve().parent
 FILES = 65536
@@ -40,29 +41,11 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def spawn(*args: str, log: str | None = None) -> subprocess.Popen[bytes]:
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     return subprocess.Popen(
         [sys.executable, "-m", "shunter", *args], preexec_fn=raise_fd_limit, stdout=out, stderr=out
     )
-
-
-def wait_ok(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(url)
 
 
 def rss_mib(pid: int) -> float:
@@ -78,7 +61,7 @@ class Fleet:
         self.sim_args = sim_args
         self.sims = [self._start_sim(i) for i in range(sims)]
         for port in self.ports:
-            wait_ok(f"http://127.0.0.1:{port}/health")
+            wait_http(f"http://127.0.0.1:{port}/health")
         self.port = free_port()
         urls = [f"http://127.0.0.1:{p}" for p in self.ports]
         self.gateway = spawn("serve", "--host", "127.0.0.1", "--port", str(self.port),

@@ -32,6 +32,20 @@ MODELS = b'{"object":"list","data":[{"id":"bench","object":"model","owned_by":"s
 INFO = {"/health": b"", "/server_info": SERVER_INFO, "/v1/models": MODELS}
 
 
+async def send_json(send: Any, payload: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
@@ -43,18 +57,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         more = message.get("more_body", False)
     path = scope["path"]
     if path in INFO:
-        payload = INFO[path]
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        await send_json(send, INFO[path])
         return
     if b'"stream": true' in body or b'"stream":true' in body:
         await send(
@@ -70,17 +73,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
         return
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(ANSWER)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": ANSWER})
+    await send_json(send, ANSWER)
 
 
 if __name__ == "__main__":

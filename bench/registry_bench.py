@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 from shunter.core.registry import WorkerRegistry
 from shunter.core.worker import Worker
@@ -32,19 +33,23 @@ def fleet(size: int) -> WorkerRegistry:
     return registry
 
 
-def read_ns(registry: WorkerRegistry) -> float:
-    get = registry.get_by_model
+def per_call_ns(call: Callable[[str], object]) -> float:
+    """Median ns per ``call("m")`` over batches of 1,000 calls, best of ``ROUNDS``."""
     best = float("inf")
     for _ in range(ROUNDS):
         samples = []
         for _ in range(BATCHES):
             start = time.perf_counter_ns()
             for _ in range(BATCH // 10):
-                get("m"), get("m"), get("m"), get("m"), get("m")
-                get("m"), get("m"), get("m"), get("m"), get("m")
+                call("m"), call("m"), call("m"), call("m"), call("m")
+                call("m"), call("m"), call("m"), call("m"), call("m")
             samples.append((time.perf_counter_ns() - start) / BATCH)
         best = min(best, statistics.median(samples))
     return best
+
+
+def read_ns(registry: WorkerRegistry) -> float:
+    return per_call_ns(registry.get_by_model)
 
 
 def loop_overhead_ns() -> float:
@@ -53,17 +58,7 @@ def loop_overhead_ns() -> float:
     def noop(_: str) -> None:
         return None
 
-    best = float("inf")
-    for _ in range(ROUNDS):
-        samples = []
-        for _ in range(BATCHES):
-            start = time.perf_counter_ns()
-            for _ in range(BATCH // 10):
-                noop("m"), noop("m"), noop("m"), noop("m"), noop("m")
-                noop("m"), noop("m"), noop("m"), noop("m"), noop("m")
-            samples.append((time.perf_counter_ns() - start) / BATCH)
-        best = min(best, statistics.median(samples))
-    return best
+    return per_call_ns(noop)
 
 
 class Churn:

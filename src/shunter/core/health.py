@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shunter.core.periodic import Periodic
 from shunter.core.worker import Worker
 from shunter.transport.base import UpstreamClient, UpstreamError
 
@@ -55,24 +56,13 @@ class HealthChecker:
         self.workers = workers
         self.client = client
         self.on_check = on_check
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("health checks", config.interval_secs, self.check_all)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.interval_secs)
-            try:
-                await self.check_all()
-            except Exception:
-                log.exception("health check round failed")
+        await self._loop.stop()
 
     async def check_all(self) -> None:
         by_base: dict[str, list[Worker]] = {}

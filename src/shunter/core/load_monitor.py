@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from shunter.core.periodic import Periodic
 from shunter.core.worker import Runtime, Worker
 from shunter.transport.base import UpstreamClient, UpstreamError
 
@@ -77,24 +78,13 @@ class LoadMonitor:
         self.workers = workers
         self.client = client
         self.interval_secs = interval_secs
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("load polling", interval_secs, self.poll_once, run_first=True)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.poll_once()
-            except Exception:
-                log.exception("load poll failed")
-            await asyncio.sleep(self.interval_secs)
+        await self._loop.stop()
 
     async def poll_once(self) -> None:
         workers = list(self.workers())

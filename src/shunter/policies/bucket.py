@@ -10,12 +10,12 @@ interval. If the characters routed per worker in that window are imbalanced (the
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from shunter.core.periodic import Periodic
 from shunter.core.registry import Workers
 from shunter.core.worker import Worker
 from shunter.policies.base import Policy, RouteRequest
@@ -46,7 +46,7 @@ class BucketPolicy(Policy):
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = balance_rel_threshold
         self.models: dict[str, _Buckets] = {}
-        self._adjuster: asyncio.Task[None] | None = None
+        self._adjuster = Periodic("bucket boundaries", adjust_interval_secs, self.adjust)
 
     def _buckets(self, model: str, workers: Workers) -> _Buckets:
         state = self.models.get(model)
@@ -106,15 +106,7 @@ class BucketPolicy(Policy):
             state.upper = upper
 
     def start(self) -> None:
-        if self._adjuster is None:
-            self._adjuster = asyncio.get_running_loop().create_task(self._adjust_forever())
+        self._adjuster.start()
 
     async def stop(self) -> None:
-        if self._adjuster is not None:
-            self._adjuster.cancel()
-            self._adjuster = None
-
-    async def _adjust_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.adjust_interval_secs)
-            self.adjust()
+        await self._adjuster.stop()

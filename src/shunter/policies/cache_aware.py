@@ -20,12 +20,12 @@ gone). Trees are per model and trimmed by a background task every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
 from dataclasses import dataclass
 
+from shunter.core.periodic import Periodic
 from shunter.core.registry import Workers
 from shunter.core.worker import Worker
 from shunter.policies.base import Policy, RouteRequest, UrlIndex, least_loaded
@@ -64,8 +64,11 @@ class CacheAwarePolicy(Policy):
         self.config = config or CacheAwareConfig()
         self.trees: dict[str, Tree] = {}
         self._indexes: dict[str, UrlIndex] = {}
-        self._evictor: asyncio.Task[None] | None = None
-        self._over_limit = asyncio.Event()
+        # Trims every eviction_interval_secs, or as soon as a worker's text exceeds
+        # max_tree_size (select wakes it), so trees stay within bound between intervals.
+        self._evictor = Periodic(
+            "tree eviction", self.config.eviction_interval_secs, self.evict_all
+        )
         self.longest_eviction_slice = 0.0
 
     def tree_for(self, model: str) -> Tree:
@@ -87,7 +90,7 @@ class CacheAwarePolicy(Policy):
             tree = self.tree_for(request.tree_key)
             tree.insert(request.text, chosen.url)
             if tree.tenant_chars[chosen.url] > config.max_tree_size:
-                self._over_limit.set()  # trim now rather than at the next interval
+                self._evictor.wake.set()  # trim now rather than at the next interval
         return chosen
 
     def _choose(
@@ -130,27 +133,10 @@ class CacheAwarePolicy(Policy):
     # --- eviction ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._evictor is None:
-            self._evictor = asyncio.get_running_loop().create_task(self._evict_forever())
+        self._evictor.start()
 
     async def stop(self) -> None:
-        if self._evictor is not None:
-            self._evictor.cancel()
-            self._evictor = None
-
-    async def _evict_forever(self) -> None:
-        """Trim every ``eviction_interval_secs``, or as soon as a worker's text exceeds
-        ``max_tree_size``, so trees stay within their bound between intervals."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._over_limit.wait(), timeout=self.config.eviction_interval_secs
-                )
-            self._over_limit.clear()
-            try:
-                await self.evict_all()
-            except Exception:
-                log.exception("tree eviction failed")
+        await self._evictor.stop()
 
     async def evict_all(self, slice_secs: float = 0.002) -> None:
         """Trim every tree, handing the event loop back every ``slice_secs`` of work."""

@@ -9,10 +9,10 @@ by a sweep every minute. New workers never take over existing keys.
 
 from __future__ import annotations
 
-import asyncio
 import random as _random
 import time
 
+from shunter.core.periodic import Periodic
 from shunter.core.registry import Workers
 from shunter.core.worker import Worker
 from shunter.policies.base import Policy, RouteRequest, UrlIndex
@@ -30,7 +30,7 @@ class ManualPolicy(Policy):
         self._rng = rng or _random.Random()
         self.assignments: dict[tuple[str, str], tuple[list[str], float]] = {}
         self._indexes: dict[str, UrlIndex] = {}
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper = Periodic("routing-key sweep", SWEEP_INTERVAL_SECS, self.sweep)
 
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
         if not workers:
@@ -67,15 +67,7 @@ class ManualPolicy(Policy):
         return len(stale)
 
     def start(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        self._sweeper.start()
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_SECS)
-            self.sweep()
+        await self._sweeper.stop()

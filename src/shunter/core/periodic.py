@@ -1,0 +1,60 @@
+"""A background task that runs a piece of work every so often, started and stopped once.
+
+Health checks, load polling, tree trimming, bucket adjustment and idle-key sweeps all need
+the same loop: run on the event loop, survive a failing round (log it, go on), stop cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("shunter.periodic")
+
+
+class Periodic:
+    def __init__(
+        self,
+        name: str,
+        interval_secs: float,
+        work: Callable[[], object],  # a plain or async function; its result is ignored
+        *,
+        run_first: bool = False,
+    ) -> None:
+        self.name = name
+        self.interval_secs = interval_secs
+        self.work = work
+        self.run_first = run_first
+        self.wake = asyncio.Event()  # set() runs the work now rather than at the next interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        if self.run_first:
+            await self._once()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=self.interval_secs)
+            self.wake.clear()
+            await self._once()
+
+    async def _once(self) -> None:
+        try:
+            result = self.work()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("background work failed", extra={"work": self.name})
