@@ -183,3 +183,21 @@ def test_metrics_count_requests_by_route_and_status(fleet: Fleet) -> None:
         in text
     )
     assert 'smg_http_responses_total{error_code="not_found",status_code="404"}' in text
+
+
+def test_cors_allows_any_origin_by_default(fleet: Fleet) -> None:
+    with fleet.gateway.client() as http:
+        preflight = http.options("/v1/chat/completions", headers={
+            "origin": "http://app.example", "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type"})  # fmt: skip
+        actual = http.post(
+            "/v1/completions",
+            json={"prompt": "x", "max_tokens": 1},
+            headers={"origin": "http://app.example"},
+        )
+        plain = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert preflight.headers["access-control-max-age"] == "3600"
+    assert actual.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-origin" not in plain.headers

@@ -175,3 +175,16 @@ def test_api_key_guards_inference_and_admin_but_not_health(procs: list[Proc]) ->
     assert httpx.get(gateway.url + "/health").status_code == 200
     ok = httpx.get(gateway.url + "/workers", headers={"authorization": "Bearer s3cret"})
     assert ok.status_code == 200
+
+
+def test_cors_with_configured_origins_admits_only_those(procs: list[Proc]) -> None:
+    gateway = Gateway("--cors-allowed-origins", "http://good.example")
+    procs.append(gateway)
+    good = httpx.get(gateway.url + "/health", headers={"origin": "http://good.example"})
+    evil = httpx.get(gateway.url + "/health", headers={"origin": "http://evil.example"})
+    assert good.headers["access-control-allow-origin"] == "http://good.example"
+    assert good.headers["access-control-expose-headers"] == "x-request-id"
+    assert "access-control-allow-origin" not in evil.headers
+    preflight = httpx.options(gateway.url + "/v1/completions", headers={
+        "origin": "http://good.example", "access-control-request-method": "POST"})  # fmt: skip
+    assert preflight.headers["access-control-allow-methods"] == "GET, POST, OPTIONS"

@@ -110,10 +110,10 @@ class GatewayApp:
         if request_id is None:
             request_id = _id_prefix(path) + f"{_random_bits(96):024x}"
         if origin is not None:
-            send = self.cors.wrap(origin, send)
             if method == "OPTIONS" and self.cors.is_preflight(scope):
                 await self.cors.preflight(origin, scope, send)
                 return
+            send = self.cors.wrap(origin, send)
         call = Call(scope, receive, send, request_id, self.config.max_payload_size)
         label = path
         error_code = ""
