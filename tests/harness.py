@@ -111,6 +111,8 @@ class Gateway(Proc):
         scheme = "https" if "--tls-cert-path" in extra else "http"
         self.url = f"{scheme}://{LOOPBACK}:{self.port}"
         self.metrics_url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
+        key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
+        self.auth = {"authorization": f"Bearer {key}"} if key else {}
         args = ["serve", "--host", LOOPBACK, "--port", str(self.port),
                 "--prometheus-host", LOOPBACK, "--prometheus-port", str(self.metrics_port),
                 "--log-level", "debug", *extra]  # fmt: skip
@@ -130,7 +132,7 @@ class Gateway(Proc):
             return False
 
     def workers(self) -> list[dict[str, Any]]:
-        response = httpx.get(self.url + "/workers", timeout=5, verify=False)
+        response = httpx.get(self.url + "/workers", timeout=5, verify=False, headers=self.auth)
         return response.json()["workers"]  # type: ignore[no-any-return]
 
     def wait_workers(self, count: int, timeout: float = 15.0) -> None:

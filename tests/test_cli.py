@@ -121,6 +121,7 @@ def test_flags_of_features_not_built_are_refused_by_name(
         (["--cb-failure-threshold", "0"], "must be >= 1"),
         (["--health-check-endpoint", "health"], "must start with '/'"),
         (["--queue-size", "-1"], "--queue-size must be >= 0"),
+        (["--prometheus-duration-buckets", "1", "0.5"], "increasing"),
         (["--tls-cert-path", "/nonexistent.pem"], "--tls-cert-path and --tls-key-path go together"),
         (["--tls-cert-path", "/no/c.pem", "--tls-key-path", "/no/k.pem"], "cannot read it"),
         (["--worker-urls", "ftp://w:1"], "scheme 'ftp'"),

@@ -12,6 +12,7 @@ from shunter.core.breaker import BreakerConfig
 from shunter.core.health import HealthConfig
 from shunter.core.limiter import AdmissionConfig
 from shunter.core.retry import RetryConfig
+from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.cache_aware import CacheAwareConfig
 from shunter.policies.factory import (
     BUILT,
@@ -39,7 +40,6 @@ NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
     "--service-discovery-namespace": (_VALUE, "Kubernetes service discovery"),
     "--prefill-selector": (_VALUE, "Kubernetes service discovery"),
     "--decode-selector": (_VALUE, "Kubernetes service discovery"),
-    "--prometheus-duration-buckets": (_VALUE, "custom metric buckets"),
     "--model-path": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
     "--tokenizer-path": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
     "--chat-template": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
@@ -273,6 +273,14 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         default=d.prometheus_port,
         help="Prometheus /metrics port; 0 turns the listener off",
     )
+    p.add_argument(
+        "--prometheus-duration-buckets",
+        nargs="*",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="upper bounds of the *_duration_seconds buckets",
+    )
     p.add_argument("--cors-allowed-origins", nargs="*", default=[], metavar="ORIGIN")
     p.add_argument(
         "--request-id-headers",
@@ -369,6 +377,7 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         client_cert_path=args.client_cert_path, client_key_path=args.client_key_path,
         ca_cert_paths=args.ca_cert_paths,
         shutdown_drain_secs=args.graceful_shutdown_timeout_secs,
+        duration_buckets=tuple(args.prometheus_duration_buckets or DEFAULT_DURATION_BUCKETS),
     )  # fmt: skip
     try:
         return config.validate()

@@ -9,6 +9,7 @@ from shunter.core.breaker import BreakerConfig
 from shunter.core.health import HealthConfig
 from shunter.core.limiter import AdmissionConfig
 from shunter.core.retry import RetryConfig
+from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
 
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
@@ -53,6 +54,7 @@ class GatewayConfig:
     client_cert_path: str | None = None
     client_key_path: str | None = None
     ca_cert_paths: list[str] = field(default_factory=list)
+    duration_buckets: tuple[float, ...] = DEFAULT_DURATION_BUCKETS
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
@@ -83,6 +85,11 @@ class GatewayConfig:
         if self.shutdown_drain_secs < 0:
             raise ConfigError("--graceful-shutdown-timeout-secs must be >= 0")
         self._validate_tls()
+        buckets = self.duration_buckets
+        if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
+            raise ConfigError(
+                "--prometheus-duration-buckets needs positive, increasing, distinct seconds"
+            )
         if self.api_key is not None and not self.api_key:
             raise ConfigError("--api-key must not be empty")
         if not self.request_id_headers:

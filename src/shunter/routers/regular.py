@@ -53,6 +53,7 @@ class Inbound:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     request_id: str
+    worker: str | None = None  # set per attempt: the worker last tried
 
 
 class RegularRouter:
@@ -165,6 +166,7 @@ class RegularRouter:
             url += "?" + request.query.decode("latin-1")
         headers = upstream_headers(request, worker)
         body = request.body if worker.dp_rank is None else inject_rank(request.body, worker)
+        request.worker = worker.url
         worker.in_flight += 1
         try:
             if watch is None:

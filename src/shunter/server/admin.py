@@ -10,6 +10,7 @@ from shunter.config import normalize_worker_url
 from shunter.core.jobs import QueueFull
 from shunter.core.registration import SpecError, WorkerSpec
 from shunter.core.worker import Runtime, Worker, WorkerType
+from shunter.observability.engine_metrics import merge
 from shunter.protocols.errors import ApiError
 from shunter.server.call import Call
 from shunter.server.state import GatewayState
@@ -69,6 +70,29 @@ class AdminHandlers:
     async def _proxy(self, call: Call, path: str) -> int:
         status, headers, body = await self.state.router.proxy_get(path, call.request_id)
         return await call.reply_raw(status, [h for h in headers if h[0] != b"x-request-id"], body)
+
+    async def engine_metrics(self, call: Call) -> int:
+        """The workers' own metrics, fanned out (5 s each, 32 at a time) and merged."""
+        workers = {w.base_url: w for w in self.state.registry.all()}
+        if not workers:
+            raise ApiError(503, "no_workers", "no workers are registered")
+        gate = asyncio.Semaphore(32)
+
+        async def fetch(worker: Worker) -> str | None:
+            async with gate:
+                try:
+                    response = await asyncio.wait_for(self.state.control.request(
+                        "GET", worker.base_url + "/metrics", _auth(worker), None), 5)  # fmt: skip
+                except (UpstreamError, TimeoutError):
+                    return None
+            return response.body.decode("utf-8", "replace") if response.status == 200 else None
+
+        texts = await asyncio.gather(*(fetch(w) for w in workers.values()))
+        answered = {url: text for url, text in zip(workers, texts, strict=True) if text}
+        if not answered:
+            raise ApiError(502, "engine_metrics_unavailable", "no worker answered /metrics")
+        body = merge(answered).encode()
+        return await call.reply_raw(200, [(b"content-type", b"text/plain; version=0.0.4")], body)
 
     # --- admin -------------------------------------------------------------------------------
 

@@ -23,6 +23,9 @@ from shunter.server.cors import Cors
 from shunter.server.state import GatewayState
 
 log = logging.getLogger("shunter.server")
+# One line per request, at INFO: method, path, status, latency, worker, request id. Never
+# headers or bodies, so no API key or Authorization value can reach the log.
+access_log = logging.getLogger("shunter.access")
 
 Handler = Callable[[Call], Awaitable[int]]
 INFERENCE_PATHS = (
@@ -74,6 +77,7 @@ class GatewayApp:
             "/health_generate": {"GET": Route(admin.health_generate, open_)},
             "/v1/models": {"GET": Route(admin.models, open_)},
             "/get_server_info": {"GET": Route(admin.server_info, open_)},
+            "/engine_metrics": {"GET": Route(admin.engine_metrics, open_)},
             "/get_model_info": {"GET": Route(admin.model_info, open_)},
             "/get_loads": {"GET": Route(admin.get_loads, guarded)},
             "/flush_cache": {"POST": Route(admin.flush_cache, guarded)},
@@ -159,7 +163,13 @@ class GatewayApp:
             await ApiError(500, error_code, "internal gateway error").send(send, [call.id_header])
         finally:
             metrics.connections_active -= 1
-        metrics.observe_http(method, label, status, error_code, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        metrics.observe_http(method, label, status, error_code, elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("%s %s %d", method, path, status, extra={
+                "status": status, "latency_ms": round(elapsed * 1000, 3),
+                "worker": call.worker, "request_id": request_id, "error_code": error_code,
+            })  # fmt: skip
 
     # --- middleware pieces ----------------------------------------------------------------
 
@@ -192,7 +202,10 @@ class GatewayApp:
         request = Inbound(
             call.method, call.path, scope["query_string"], scope["headers"], body, call.request_id
         )
-        return await self.state.router.route(request, call.send, call.receive)
+        try:
+            return await self.state.router.route(request, call.send, call.receive)
+        finally:
+            call.worker = request.worker  # for the access log
 
     # --- lifespan ---------------------------------------------------------------------------
 

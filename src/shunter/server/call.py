@@ -20,7 +20,8 @@ from shunter.protocols.errors import ApiError
 
 
 class Call:
-    __slots__ = ("body_limit", "method", "path", "receive", "request_id", "scope", "send")
+    __slots__ = ("body_limit", "method", "path", "receive", "request_id", "scope", "send",
+                 "worker")  # fmt: skip
 
     def __init__(
         self, scope: Scope, receive: Receive, send: Send, request_id: str, body_limit: int
@@ -32,6 +33,7 @@ class Call:
         self.path: str = scope["path"]
         self.request_id = request_id
         self.body_limit = body_limit
+        self.worker: str | None = None  # the worker that served it, for the access log
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:

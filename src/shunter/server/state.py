@@ -62,7 +62,7 @@ class GatewayState:
     def __init__(self, config: GatewayConfig, client_factory: ClientFactory | None = None) -> None:
         self.config = config
         self.registry = WorkerRegistry()
-        self.metrics = Metrics(self.registry.all)
+        self.metrics = Metrics(self.registry.all, config.duration_buckets)
         self.jobs = JobQueue()
         self.policies = PolicyRegistry(
             create_policy(config.policy, config.policy_settings), config.policy_settings
