@@ -7,6 +7,7 @@ import json
 import httpx
 
 from shunter.observability.engine_metrics import merge
+from shunter.observability.streams import StreamStats
 
 from conftest import Fleet
 from harness import Gateway, Proc, Sim
@@ -74,3 +75,42 @@ def test_one_access_line_per_request_in_json_and_never_a_key(procs: list[Proc]) 
     assert any(r["status"] == 401 and r["error_code"] == "unauthorized" for r in access)
     metrics = httpx.get(gateway.metrics_url).text
     assert 'le="0.5"' in metrics and 'le="2.0"' in metrics and 'le="240.0"' not in metrics
+
+
+def test_stream_stats_read_usage_and_meta_info() -> None:
+    stats = StreamStats(0.0)
+    stats.on_chunk(b'data: {"choices": []}\n\n')
+    assert stats.first is not None and stats.tokens() is None
+    stats.on_chunk(b'data: {"choices": [], "usage": {"prompt_tokens": 7, '
+                   b'"completion_tokens": 3}}\n\ndata: [DONE]\n\n')  # fmt: skip
+    assert stats.tokens() == (7, 3)
+    sglang = StreamStats(0.0)
+    sglang.on_chunk(b'data: {"text": "a b", "meta_info": {"prompt_tokens": 4, '
+                    b'"completion_tokens": 2}}\n\n')  # fmt: skip
+    assert sglang.tokens() == (4, 2)
+
+
+def test_streams_report_ttft_tpot_and_tokens(fleet: Fleet) -> None:
+    body = {"messages": [{"role": "user", "content": "count me"}], "max_tokens": 6,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with fleet.gateway.client() as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            response.read()
+        generate = {"text": "count me too", "stream": True,
+                    "sampling_params": {"max_new_tokens": 4}}  # fmt: skip
+        with http.stream("POST", "/generate", json=generate) as response:
+            response.read()
+    text = httpx.get(fleet.gateway.metrics_url).text
+
+    def sample(name: str, **labels: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"no {name} {labels}")
+
+    chat = {"model": "sim-model", "endpoint": "/v1/chat/completions", "router_type": "http"}
+    assert sample("smg_router_ttft_seconds_count", **chat) >= 1
+    assert sample("smg_router_tpot_seconds_count", **chat) >= 1
+    assert sample("smg_router_tokens_total", token_type="output", **chat) >= 6
+    assert sample("smg_router_tokens_total", token_type="output", endpoint="/generate") >= 4

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from prometheus_client.core import (
 )
 
 from shunter.core.worker import Worker
+from shunter.observability.streams import StreamStats
 
 log = logging.getLogger("shunter.metrics")
 
@@ -65,6 +67,10 @@ class Metrics:
         self.cb_transitions: dict[tuple[str, str, str], int] = {}  # worker, from, to
         self.health_checks: dict[tuple[str, str], int] = {}  # worker type, result
         self.rate_limit: dict[str, int] = {}  # result
+        self.ttft: dict[tuple[str, str], HistogramCell] = {}  # model, endpoint
+        self.tpot: dict[tuple[str, str], HistogramCell] = {}
+        self.generation: dict[tuple[str, str], HistogramCell] = {}
+        self.tokens: dict[tuple[str, str, str], int] = {}  # model, endpoint, token type
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         self._server: Any = None
@@ -96,6 +102,32 @@ class Metrics:
     def worker_error(self, worker: Worker, error_type: str) -> None:
         key = (worker.worker_type.value, worker.connection_mode.value, error_type)
         self.worker_errors[key] = self.worker_errors.get(key, 0) + 1
+
+    def _observe(self, table: dict[Any, HistogramCell], key: Any, seconds: float) -> None:
+        cell = table.get(key)
+        if cell is None:
+            cell = table[key] = HistogramCell(len(self.bounds))
+        cell.count += 1
+        cell.total += seconds
+        cell.buckets[bisect.bisect_left(self.bounds, seconds)] += 1
+
+    def observe_stream(self, model: str, endpoint: str, stats: StreamStats) -> None:
+        """Time to first token, generation time, per-token time and tokens of a stream."""
+        if stats.first is None:
+            return
+        key = (model, endpoint)
+        end = time.perf_counter()
+        self._observe(self.ttft, key, stats.first - stats.started)
+        self._observe(self.generation, key, end - stats.started)
+        counts = stats.tokens()
+        if counts is None:
+            return
+        prompt, completion = counts
+        for kind, count in (("input", prompt), ("output", completion)):
+            token_key = (model, endpoint, kind)
+            self.tokens[token_key] = self.tokens.get(token_key, 0) + count
+        if completion > 1:
+            self._observe(self.tpot, key, (end - stats.first) / (completion - 1))
 
     def retried(self, worker: Worker, endpoint: str) -> None:
         key = (worker.worker_type.value, endpoint)
@@ -163,16 +195,13 @@ class _Collector:
         for labels, count in by_class.items():
             requests.add_metric(list(labels), count)
         yield requests
-        duration = HistogramMetricFamily(
-            "smg_http_request_duration_seconds", "HTTP request duration", labels=["method", "path"]
+        yield _histogram(
+            "smg_http_request_duration_seconds",
+            "HTTP request duration",
+            ["method", "path"],
+            by_route,
+            m.bounds,
         )
-        for route, cell in by_route.items():
-            cumulative, running = [], 0
-            for bound, count in zip((*map(str, m.bounds), "+Inf"), cell.buckets, strict=True):
-                running += count
-                cumulative.append((bound, running))
-            duration.add_metric(list(route), cumulative, cell.total)
-        yield duration
         responses = CounterMetricFamily("smg_http_responses", "HTTP responses by status code "
                                         "and gateway error code",
                                         labels=["status_code", "error_code"])  # fmt: skip
@@ -207,6 +236,21 @@ class _Collector:
         for error_labels, count in m.worker_errors.copy().items():
             errors.add_metric(list(error_labels), count)
         yield errors
+        route_labels = ["router_type", "backend_type", "model", "endpoint"]
+        for name, doc, table in (
+            ("smg_router_ttft_seconds", "Time to the first streamed chunk", m.ttft),
+            ("smg_router_tpot_seconds", "Time per output token of streams", m.tpot),
+            ("smg_router_generation_duration_seconds", "Duration of streams", m.generation),
+        ):
+            cells = {("http", "regular", *key): cell for key, cell in table.copy().items()}
+            yield _histogram(name, doc, route_labels, cells, m.bounds)
+        tokens = {("http", "regular", *key): count for key, count in m.tokens.copy().items()}
+        yield _counter(
+            "smg_router_tokens",
+            "Tokens of streamed responses, as workers report them",
+            [*route_labels, "token_type"],
+            tokens,
+        )
         yield _counter(
             "smg_worker_retries", "Retried attempts", ["worker_type", "endpoint"], m.retries
         )
@@ -281,6 +325,23 @@ class _Collector:
             ["worker", "from", "to"],
             self.m.cb_transitions,
         )
+
+
+def _histogram(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    cells: dict[Any, HistogramCell],
+    bounds: Sequence[float],
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    for key, cell in cells.items():
+        cumulative, running = [], 0
+        for bound, count in zip((*map(str, bounds), "+Inf"), cell.buckets, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        family.add_metric(list(key), cumulative, cell.total)
+    return family
 
 
 def _counter(

@@ -27,6 +27,7 @@ from shunter.core.registry import WorkerRegistry, Workers
 from shunter.core.retry import RETRYABLE_STATUSES, RetryConfig
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
+from shunter.observability.streams import StreamStats
 from shunter.policies.base import Policy, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError
@@ -54,6 +55,8 @@ class Inbound:
     body: bytes
     request_id: str
     worker: str | None = None  # set per attempt: the worker last tried
+    model: str = ""  # the registry's model id, once selected
+    started: float = 0.0  # perf_counter() when the request arrived
 
 
 class RegularRouter:
@@ -131,6 +134,7 @@ class RegularRouter:
                     continue
                 if attempt:
                     self.metrics.retried(worker, request.path)
+                request.model = model
                 self.metrics.observe_route(
                     worker, model, request.path, watch is not None, policy.name
                 )
@@ -221,8 +225,12 @@ class RegularRouter:
             self._retry_on_status(worker, upstream.status, request, last)
             await start_stream(send, upstream.status, downstream_headers(upstream.headers, request))
             # From here on the client has bytes: no more retries.
+            stats = StreamStats(request.started)
             while (chunk := await upstream.next_chunk()) is not None:
+                stats.on_chunk(chunk)
                 await send_chunk(send, chunk)
+            if upstream.status == 200:
+                self.metrics.observe_stream(request.model, request.path, stats)
         except UpstreamError as exc:
             # The status is sent, so tell the client in-band.
             log.warning(

@@ -118,7 +118,7 @@ class GatewayApp:
                 await self.cors.preflight(origin, scope, send)
                 return
             send = self.cors.wrap(origin, send)
-        call = Call(scope, receive, send, request_id, self.config.max_payload_size)
+        call = Call(scope, receive, send, request_id, self.config.max_payload_size, started)
         label = path
         error_code = ""
         metrics = self.state.metrics
@@ -200,7 +200,13 @@ class GatewayApp:
         scope = call.scope
         body = await call.body()
         request = Inbound(
-            call.method, call.path, scope["query_string"], scope["headers"], body, call.request_id
+            call.method,
+            call.path,
+            scope["query_string"],
+            scope["headers"],
+            body,
+            call.request_id,
+            started=call.started,
         )
         try:
             return await self.state.router.route(request, call.send, call.receive)

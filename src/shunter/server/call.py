@@ -21,10 +21,16 @@ from shunter.protocols.errors import ApiError
 
 class Call:
     __slots__ = ("body_limit", "method", "path", "receive", "request_id", "scope", "send",
-                 "worker")  # fmt: skip
+                 "started", "worker")  # fmt: skip
 
     def __init__(
-        self, scope: Scope, receive: Receive, send: Send, request_id: str, body_limit: int
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str,
+        body_limit: int,
+        started: float = 0.0,
     ) -> None:
         self.scope = scope
         self.receive = receive
@@ -33,6 +39,7 @@ class Call:
         self.path: str = scope["path"]
         self.request_id = request_id
         self.body_limit = body_limit
+        self.started = started  # perf_counter() when the request arrived
         self.worker: str | None = None  # the worker that served it, for the access log
 
     @property

@@ -1,0 +1,46 @@
+"""Time to first token, time per output token and token counts of a relayed stream.
+
+The relay hands every chunk to ``on_chunk``: one timestamp for the first, and one substring
+test per chunk to remember the last chunk that carries token counts (OpenAI's ``usage``,
+SGLang's ``meta_info``). Only that chunk is parsed, once, when the stream ends.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+
+class StreamStats:
+    __slots__ = ("counted", "first", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.first: float | None = None
+        self.counted: bytes | None = None
+
+    def on_chunk(self, chunk: bytes) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        if b'"usage"' in chunk or b'"meta_info"' in chunk:
+            self.counted = chunk
+
+    def tokens(self) -> tuple[int, int] | None:
+        """(prompt tokens, completion tokens) as the worker reported them, if it did."""
+        if self.counted is None:
+            return None
+        for line in reversed(self.counted.split(b"\n")):
+            if not line.startswith(b"data: {"):
+                continue
+            try:
+                event: Any = orjson.loads(line[6:])
+            except orjson.JSONDecodeError:
+                continue
+            counts = event.get("usage") or event.get("meta_info")
+            if isinstance(counts, dict):
+                prompt, completion = counts.get("prompt_tokens"), counts.get("completion_tokens")
+                if isinstance(prompt, int) and isinstance(completion, int):
+                    return prompt, completion
+        return None
