@@ -89,8 +89,26 @@ class LoadMonitor:
     async def poll_once(self) -> None:
         workers = list(self.workers())
         loads = await asyncio.gather(*(self.read_load(w) for w in workers))
-        for worker, load in zip(workers, loads, strict=True):
+        hits = await asyncio.gather(*(self.read_cache_hit_rate(w) for w in workers))
+        for worker, load, hit in zip(workers, loads, hits, strict=True):
             worker.reported_load = load
+            worker.cache_hit_rate = hit
+
+    async def read_cache_hit_rate(self, worker: Worker) -> float | None:
+        """The prefix-cache hit rate an SGLang worker (or the sim) reports in /metrics."""
+        if worker.runtime is not Runtime.SGLANG:
+            return None
+        headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
+        text = await self._get(worker.base_url + "/metrics", headers)
+        if text is None:
+            return None
+        for line in text.decode("utf-8", "replace").splitlines():
+            if line.startswith("sglang:cache_hit_rate"):
+                try:
+                    return float(line.rsplit(" ", 1)[1])
+                except (IndexError, ValueError):
+                    return None
+        return None
 
     async def read_load(self, worker: Worker) -> int | None:
         headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []

@@ -63,6 +63,8 @@ class Worker:
     in_flight: int = 0
     processed: int = 0
     reported_load: int | None = None  # the worker's own load report; None: unknown
+    cache_hit_rate: float | None = None  # the worker's prefix-cache hit rate, if it reports one
+    errors: int = 0  # 5xx answers and failed connections
     health_failures: int = 0  # consecutive failed health checks
     health_successes: int = 0  # consecutive passed health checks
     breaker: CircuitBreaker | None = None
@@ -120,6 +122,8 @@ class Worker:
             "connection_mode": self.connection_mode.value,
             "runtime_type": self.runtime.value,
             "circuit_state": self.breaker.state.label if self.breaker else "closed",
+            "errors": self.errors,
+            "cache_hit_rate": self.cache_hit_rate,
         }
         if self.bootstrap_port is not None:
             info["bootstrap_port"] = self.bootstrap_port

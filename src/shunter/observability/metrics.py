@@ -100,6 +100,7 @@ class Metrics:
         self.selected[chosen] = self.selected.get(chosen, 0) + 1
 
     def worker_error(self, worker: Worker, error_type: str) -> None:
+        worker.errors += 1
         key = (worker.worker_type.value, worker.connection_mode.value, error_type)
         self.worker_errors[key] = self.worker_errors.get(key, 0) + 1
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+from importlib.resources import files
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
+from shunter.asgi import header_value
 from shunter.config import normalize_worker_url
 from shunter.core.jobs import QueueFull
 from shunter.core.registration import SpecError, WorkerSpec
@@ -15,6 +18,8 @@ from shunter.protocols.errors import ApiError
 from shunter.server.call import Call
 from shunter.server.state import GatewayState
 from shunter.transport.base import HOP_BY_HOP, UpstreamError
+
+_DASHBOARD = files("shunter.observability").joinpath("dashboard.html").read_bytes()
 
 HEALTH_FIELDS = (
     "health_check_timeout_secs",
@@ -93,6 +98,39 @@ class AdminHandlers:
             raise ApiError(502, "engine_metrics_unavailable", "no worker answered /metrics")
         body = merge(answered).encode()
         return await call.reply_raw(200, [(b"content-type", b"text/plain; version=0.0.4")], body)
+
+    # --- dashboard ----------------------------------------------------------------------------
+
+    async def dashboard(self, call: Call) -> int:
+        self._check_dashboard_key(call)
+        return await call.reply_raw(
+            200,
+            [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store")],
+            _DASHBOARD,
+        )
+
+    async def dashboard_data(self, call: Call) -> int:
+        self._check_dashboard_key(call)
+        state = self.state
+        return await call.reply_json(200, {
+            "workers": [w.to_info() for w in state.registry.all()],
+            "models": list(state.registry.models()),
+            "policy": state.policies.default.name,
+        })  # fmt: skip
+
+    def _check_dashboard_key(self, call: Call) -> None:
+        """With --api-key, the dashboard takes the key as a Bearer header or as ``?api_key=``
+        (a browser cannot add a header to the address bar); the query never reaches a log."""
+        key = self.state.config.api_key
+        if key is None:
+            return
+        header = header_value(call.scope, b"authorization") or b""
+        given = parse_qs(call.scope["query_string"].decode("latin-1")).get("api_key", [""])[0]
+        if hmac.compare_digest(header, f"Bearer {key}".encode()) or hmac.compare_digest(
+            given.encode(), key.encode()
+        ):
+            return
+        raise ApiError(401, "unauthorized", "missing or invalid API key")
 
     # --- admin -------------------------------------------------------------------------------
 

@@ -78,6 +78,9 @@ class GatewayApp:
             "/v1/models": {"GET": Route(admin.models, open_)},
             "/get_server_info": {"GET": Route(admin.server_info, open_)},
             "/engine_metrics": {"GET": Route(admin.engine_metrics, open_)},
+            # The dashboard checks the API key itself: it also takes it from the query.
+            "/dashboard": {"GET": Route(admin.dashboard, open_)},
+            "/dashboard/data": {"GET": Route(admin.dashboard_data, open_)},
             "/get_model_info": {"GET": Route(admin.model_info, open_)},
             "/get_loads": {"GET": Route(admin.get_loads, guarded)},
             "/flush_cache": {"POST": Route(admin.flush_cache, guarded)},

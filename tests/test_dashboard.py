@@ -1,0 +1,51 @@
+"""The dashboard, driven in headless Chromium (Debian's package) through Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness import Gateway, Proc, Sim
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
+
+
+def test_the_dashboard_shows_a_new_worker_within_seconds(procs: list[Proc]) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    first, second = Sim("dash-a", "--itl-ms", "1"), Sim("dash-b", "--itl-ms", "1")
+    procs += [first, second]
+    gateway = Gateway("--api-key", "dash-key", "--worker-startup-check-interval", "1",
+                      workers=[first.url])  # fmt: skip
+    procs.append(gateway)
+    auth = {"authorization": "Bearer dash-key"}
+    assert httpx.get(gateway.url + "/dashboard").status_code == 401
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])  # fmt: skip
+        page = browser.new_page(viewport={"width": 1200, "height": 360})
+        page.goto(gateway.url + "/dashboard?api_key=dash-key")
+        expect(page.locator(f'tr[data-url="{first.url}"]')).to_be_visible(timeout=5000)
+        added = httpx.post(gateway.url + "/workers", json={"url": second.url}, headers=auth)
+        assert added.status_code == 202
+        row = page.locator(f'tr[data-url="{second.url}"]')
+        expect(row).to_be_visible(timeout=5000)  # no reload: the page refreshes itself
+        expect(row).to_contain_text("healthy")
+        for _ in range(20):  # some traffic, so the rates and hit rates have something to show
+            httpx.post(
+                gateway.url + "/v1/completions",
+                headers=auth,
+                json={"prompt": "the same long prompt " * 20, "max_tokens": 2},
+            )
+        expect(page.locator(f'tr[data-url="{first.url}"] td').nth(9)).not_to_have_text(
+            "n/a", timeout=5000)  # fmt: skip
+        if os.environ.get("SHUNTER_SCREENSHOT"):
+            page.screenshot(path=str(SCREENSHOT))
+        browser.close()
