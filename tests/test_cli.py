@@ -92,7 +92,7 @@ def test_flags_are_read() -> None:
     "flag",
     [
         "--enable-igw",
-        "--enable-trace",
+        "--mini-lb",
         "--pd-disaggregation",
         "--service-discovery",
         "--model-path",

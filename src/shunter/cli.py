@@ -65,8 +65,6 @@ NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
     "--postgres-pool-max-size": (_VALUE, "Postgres history storage"),
     "--postgres-pool-max": (_VALUE, "Postgres history storage"),
     "--enable-wasm": (_SWITCH, "WASM middleware"),
-    "--enable-trace": (_SWITCH, "OpenTelemetry tracing"),
-    "--otlp-traces-endpoint": (_VALUE, "OpenTelemetry tracing"),
     "--mini-lb": (_SWITCH, "the Python mini load balancer"),
 }
 _BACKENDS_BUILT = ("sglang",)
@@ -274,6 +272,14 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="Prometheus /metrics port; 0 turns the listener off",
     )
     p.add_argument(
+        "--enable-trace", action="store_true", help="export OpenTelemetry spans over OTLP/gRPC"
+    )
+    p.add_argument(
+        "--otlp-traces-endpoint",
+        default="localhost:4317",
+        help="where spans go (default %(default)s)",
+    )
+    p.add_argument(
         "--prometheus-duration-buckets",
         nargs="*",
         type=float,
@@ -378,6 +384,7 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         ca_cert_paths=args.ca_cert_paths,
         shutdown_drain_secs=args.graceful_shutdown_timeout_secs,
         duration_buckets=tuple(args.prometheus_duration_buckets or DEFAULT_DURATION_BUCKETS),
+        enable_trace=args.enable_trace, otlp_traces_endpoint=args.otlp_traces_endpoint,
     )  # fmt: skip
     try:
         return config.validate()

@@ -55,6 +55,8 @@ class GatewayConfig:
     client_key_path: str | None = None
     ca_cert_paths: list[str] = field(default_factory=list)
     duration_buckets: tuple[float, ...] = DEFAULT_DURATION_BUCKETS
+    enable_trace: bool = False
+    otlp_traces_endpoint: str = "localhost:4317"
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -28,6 +30,7 @@ from shunter.core.retry import RETRYABLE_STATUSES, RetryConfig
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.observability.streams import StreamStats
+from shunter.observability.tracing import Tracing, without_trace_headers
 from shunter.policies.base import Policy, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError
@@ -66,11 +69,16 @@ class RegularRouter:
         policies: PolicyRegistry,
         metrics: Metrics,
         retry: RetryConfig | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.registry = registry
         self.policies = policies
         self.metrics = metrics
         self.retry = retry or RetryConfig()
+        self.tracing = tracing
+
+    def _span(self, name: str, **options: Any) -> AbstractContextManager[Any]:
+        return nullcontext() if self.tracing is None else self.tracing.span(name, **options)
 
     # --- selection --------------------------------------------------------------------------
 
@@ -118,6 +126,14 @@ class RegularRouter:
         again, as long as nothing has reached the client yet.
         """
         fields = decode_routing_fields(request.body)
+        incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
+        with self._span("route", context=incoming, path=request.path,
+                        request_id=request.request_id):  # fmt: skip
+            return await self._route(fields, request, send, receive)
+
+    async def _route(
+        self, fields: RoutingFields, request: Inbound, send: Send, receive: Receive
+    ) -> int:
         watch = DisconnectWatch(receive) if fields.stream else None
         attempts = self.retry.attempts
         failed: list[Worker] = []
@@ -127,7 +143,8 @@ class RegularRouter:
                 if attempt:
                     await asyncio.sleep(self.retry.backoff_secs(attempt - 1))
                 try:
-                    worker, policy, model = self.select(fields, request, failed)
+                    with self._span("select_worker", attempt=attempt):
+                        worker, policy, model = self.select(fields, request, failed)
                 except ApiError as exc:
                     if exc.status != 503 or last:
                         raise
@@ -171,6 +188,23 @@ class RegularRouter:
         headers = upstream_headers(request, worker)
         body = request.body if worker.dp_rank is None else inject_rank(request.body, worker)
         request.worker = worker.url
+        with self._span("upstream", client=True, worker=worker.url):
+            if self.tracing is not None:  # the worker continues our trace, not the client's
+                headers = [*without_trace_headers(headers), *self.tracing.outgoing()]
+            return await self._send(client, worker, url, headers, body, request, send, watch, last)
+
+    async def _send(
+        self,
+        client: UpstreamClient,
+        worker: Worker,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        request: Inbound,
+        send: Send,
+        watch: DisconnectWatch | None,
+        last: bool,
+    ) -> int:
         worker.in_flight += 1
         try:
             if watch is None:

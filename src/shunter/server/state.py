@@ -17,6 +17,7 @@ from shunter.core.registration import Registrar, WorkerSpec
 from shunter.core.registry import WorkerRegistry
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
+from shunter.observability.tracing import Tracing
 from shunter.policies.factory import create_policy
 from shunter.policies.registry import PolicyRegistry
 from shunter.routers.regular import RegularRouter
@@ -67,7 +68,10 @@ class GatewayState:
         self.policies = PolicyRegistry(
             create_policy(config.policy, config.policy_settings), config.policy_settings
         )
-        self.router = RegularRouter(self.registry, self.policies, self.metrics, config.retry)
+        self.tracing = Tracing(config.otlp_traces_endpoint) if config.enable_trace else None
+        self.router = RegularRouter(
+            self.registry, self.policies, self.metrics, config.retry, self.tracing
+        )
         self.admission = Admission(config.admission) if config.admission.enabled else None
         identity, cas = _worker_tls(config)
         worker_settings = ClientSettings(
@@ -161,3 +165,5 @@ class GatewayState:
             if worker.client_cell is not None:
                 await worker.client_cell.close()
         await self.control.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # flushes the spans not yet exported

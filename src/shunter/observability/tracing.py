@@ -1,0 +1,82 @@
+"""OpenTelemetry tracing (``--enable-trace``), exported over OTLP/gRPC as smg does.
+
+Per routed request: a server span ``route`` (continuing the client's W3C ``traceparent``
+when it sent one), a child ``select_worker`` span, and a client span ``upstream`` around the
+worker call, whose context goes to the worker as ``traceparent``/``tracestate``. Without
+``--enable-trace`` none of this is imported or run: the router checks one attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger("shunter.tracing")
+
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+
+class Tracing:
+    def __init__(self, endpoint: str, service_name: str = "shunter") -> None:
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.propagators.textmap import DefaultGetter, DefaultSetter
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+            from opentelemetry.trace import SpanKind
+            from opentelemetry.trace.propagation.tracecontext import (
+                TraceContextTextMapPropagator,
+            )
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise RuntimeError(
+                "--enable-trace needs the tracing extra: pip install 'shunter[trace]'"
+            ) from exc
+        if "://" not in endpoint:
+            endpoint = "http://" + endpoint  # as smg: a bare host:port is plain HTTP/2
+        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+        self.provider.add_span_processor(
+            BatchSpanProcessor(exporter, schedule_delay_millis=500, max_export_batch_size=64)
+        )
+        self.tracer = self.provider.get_tracer("shunter")
+        self.propagator = TraceContextTextMapPropagator()
+        self._getter = DefaultGetter()
+        self._setter = DefaultSetter()
+        self._server, self._client = SpanKind.SERVER, SpanKind.CLIENT
+        log.info("tracing on", extra={"endpoint": endpoint})
+
+    def incoming(self, headers: list[tuple[bytes, bytes]]) -> Any:
+        """The trace context a client sent (``traceparent``/``tracestate``), if any."""
+        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
+                   if k.decode("latin-1") in TRACE_HEADERS}  # fmt: skip
+        return self.propagator.extract(carrier, getter=self._getter)
+
+    @contextmanager
+    def span(self, name: str, context: Any = None, client: bool = False,
+             **attributes: Any) -> Iterator[Any]:  # fmt: skip
+        kind = self._client if client else self._server if context is not None else None
+        options: dict[str, Any] = {"attributes": attributes}
+        if kind is not None:
+            options["kind"] = kind
+        if context is not None:
+            options["context"] = context
+        with self.tracer.start_as_current_span(name, **options) as span:
+            yield span
+
+    def outgoing(self) -> list[tuple[str, str]]:
+        """Headers carrying the current span's context to the worker."""
+        carrier: dict[str, str] = {}
+        self.propagator.inject(carrier, setter=self._setter)  # type: ignore[misc]
+        return list(carrier.items())
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def without_trace_headers(headers: Mapping[str, str] | list[tuple[str, str]]) -> list[
+        tuple[str, str]]:  # fmt: skip
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(k, v) for k, v in items if k not in TRACE_HEADERS]
