@@ -114,3 +114,21 @@ def test_streams_report_ttft_tpot_and_tokens(fleet: Fleet) -> None:
     assert sample("smg_router_tpot_seconds_count", **chat) >= 1
     assert sample("smg_router_tokens_total", token_type="output", **chat) >= 6
     assert sample("smg_router_tokens_total", token_type="output", endpoint="/generate") >= 4
+
+
+def test_router_metrics_cover_durations_errors_and_upstream_answers(fleet: Fleet) -> None:
+    with fleet.gateway.client() as http:
+        http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        http.post("/v1/chat/completions", json={"messages": "not a list"})  # the worker's 400
+    text = httpx.get(fleet.gateway.metrics_url).text
+
+    def has(name: str, **labels: str) -> bool:
+        return any(line.startswith(name + "{") and all(f'{k}="{v}"' in line
+                                                       for k, v in labels.items())
+                   for line in text.splitlines())  # fmt: skip
+
+    assert has("smg_router_request_duration_seconds_bucket", endpoint="/v1/completions")
+    assert has("smg_router_request_errors_total", error_type="status_400",
+               endpoint="/v1/chat/completions")  # fmt: skip
+    assert has("smg_router_upstream_responses_total", router_type="http", status_code="200")
+    assert has("smg_worker_connections_active", worker_type="regular", connection_mode="HTTP")

@@ -71,6 +71,10 @@ class Metrics:
         self.tpot: dict[tuple[str, str], HistogramCell] = {}
         self.generation: dict[tuple[str, str], HistogramCell] = {}
         self.tokens: dict[tuple[str, str, str], int] = {}  # model, endpoint, token type
+        self.router_duration: dict[tuple[str, str], HistogramCell] = {}  # model, endpoint
+        self.router_errors: dict[tuple[str, str, str], int] = {}  # model, endpoint, error type
+        self.upstream: dict[tuple[str, str], int] = {}  # status code, error code
+        self.backoff: dict[tuple[str], HistogramCell] = {}  # attempt
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         self._server: Any = None
@@ -129,6 +133,22 @@ class Metrics:
             self.tokens[token_key] = self.tokens.get(token_key, 0) + count
         if completion > 1:
             self._observe(self.tpot, key, (end - stats.first) / (completion - 1))
+
+    def routed_request(self, model: str, endpoint: str, seconds: float, status: int,
+                       error_code: str) -> None:  # fmt: skip
+        """One routed request, end to end (all its attempts)."""
+        key = (model, endpoint)
+        self._observe(self.router_duration, key, seconds)
+        if status >= 400:
+            error = (model, endpoint, error_code or f"status_{status}")
+            self.router_errors[error] = self.router_errors.get(error, 0) + 1
+
+    def upstream_answer(self, status: int, error_code: str = "") -> None:
+        key = (str(status), error_code)
+        self.upstream[key] = self.upstream.get(key, 0) + 1
+
+    def retry_backoff(self, attempt: int, seconds: float) -> None:
+        self._observe(self.backoff, (str(attempt),), seconds)
 
     def retried(self, worker: Worker, endpoint: str) -> None:
         key = (worker.worker_type.value, endpoint)
@@ -245,6 +265,29 @@ class _Collector:
         ):
             cells = {("http", "regular", *key): cell for key, cell in table.copy().items()}
             yield _histogram(name, doc, route_labels, cells, m.bounds)
+        durations = {("http", "regular", "HTTP", *key): cell
+                     for key, cell in m.router_duration.copy().items()}  # fmt: skip
+        yield _histogram("smg_router_request_duration_seconds", "Routed requests, end to end",
+                         ["router_type", "backend_type", "connection_mode", "model", "endpoint"],
+                         durations, m.bounds)  # fmt: skip
+        yield _counter("smg_router_request_errors", "Routed requests that failed",
+                       ["router_type", "backend_type", "connection_mode", "model", "endpoint",
+                        "error_type"],
+                       {("http", "regular", "HTTP", *k): v
+                        for k, v in m.router_errors.copy().items()})  # fmt: skip
+        yield _counter(
+            "smg_router_upstream_responses",
+            "Answers from workers, per attempt",
+            ["router_type", "status_code", "error_code"],
+            {("http", *k): v for k, v in m.upstream.copy().items()},
+        )
+        yield _histogram(
+            "smg_worker_retry_backoff_seconds",
+            "Backoff before a retry",
+            ["attempt"],
+            m.backoff.copy(),
+            m.bounds,
+        )
         tokens = {("http", "regular", *key): count for key, count in m.tokens.copy().items()}
         yield _counter(
             "smg_router_tokens",
@@ -291,8 +334,18 @@ class _Collector:
             sizes[key] = sizes.get(key, 0) + 1
         for labels, count in sizes.items():
             pool.add_metric(list(labels), count)
+        connections = GaugeMetricFamily("smg_worker_connections_active",
+                                        "Requests in flight by worker type",
+                                        labels=["worker_type", "connection_mode"])  # fmt: skip
+        by_kind: dict[tuple[str, str], int] = {}
+        for worker in workers:
+            kind = (worker.worker_type.value, worker.connection_mode.value)
+            by_kind[kind] = by_kind.get(kind, 0) + worker.in_flight
+        for (kind_label, mode_label), count in by_kind.items():
+            connections.add_metric([kind_label, mode_label], count)
         yield active
         yield pool
+        yield connections
         yield from self._breakers(workers)
 
     def _breakers(self, workers: Sequence[Worker]) -> Iterator[Metric]:

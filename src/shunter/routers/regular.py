@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -127,9 +128,20 @@ class RegularRouter:
         """
         fields = decode_routing_fields(request.body)
         incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
-        with self._span("route", context=incoming, path=request.path,
-                        request_id=request.request_id):  # fmt: skip
-            return await self._route(fields, request, send, receive)
+        status, error_code = 500, "internal_error"
+        try:
+            with self._span("route", context=incoming, path=request.path,
+                            request_id=request.request_id):  # fmt: skip
+                status = await self._route(fields, request, send, receive)
+                error_code = ""
+                return status
+        except ApiError as exc:
+            status, error_code = exc.status, exc.code
+            raise
+        finally:
+            self.metrics.routed_request(request.model or "unknown", request.path,
+                                        time.perf_counter() - request.started, status,
+                                        error_code)  # fmt: skip
 
     async def _route(
         self, fields: RoutingFields, request: Inbound, send: Send, receive: Receive
@@ -141,7 +153,9 @@ class RegularRouter:
             for attempt in range(attempts):
                 last = attempt + 1 == attempts
                 if attempt:
-                    await asyncio.sleep(self.retry.backoff_secs(attempt - 1))
+                    delay = self.retry.backoff_secs(attempt - 1)
+                    self.metrics.retry_backoff(attempt, delay)
+                    await asyncio.sleep(delay)
                 try:
                     with self._span("select_worker", attempt=attempt):
                         worker, policy, model = self.select(fields, request, failed)
@@ -283,6 +297,7 @@ class RegularRouter:
 
     def _retry_on_status(self, worker: Worker, status: int, request: Inbound, last: bool) -> None:
         """Feed the breaker; ask for another attempt on a retryable status if one is left."""
+        self.metrics.upstream_answer(status)
         if worker.breaker is not None:
             worker.breaker.record(status < 500)
         if status >= 500:
@@ -302,6 +317,7 @@ class RegularRouter:
         last: bool,
     ) -> Exception:
         self.metrics.worker_error(worker, "upstream_" + exc.kind)
+        self.metrics.upstream_answer(_UPSTREAM_STATUS.get(exc.kind, 502), "upstream_" + exc.kind)
         if worker.breaker is not None:
             worker.breaker.record(False)
         if exc.kind != "timeout" and worker.client_cell is not None:
