@@ -3,7 +3,8 @@
 Run: python bench/metrics_bench.py
 
 Per request the gateway records one HTTP observation (count, duration histogram, response
-code) and one routing observation (router requests, worker selection). Measured both ways in
+code), one routing observation (router requests, worker selection), one upstream answer
+and the routed request's duration. Measured both ways in
 one run: with ``shunter.observability.metrics.Metrics`` (plain counters, families built at
 scrape time) and with prometheus-client ``Counter``/``Histogram`` children, label lookups
 cached, as a straightforward implementation would do.
@@ -27,6 +28,8 @@ def shunter_cost(worker: Worker) -> float:
     for i in range(N):
         metrics.observe_http("POST", "/v1/chat/completions", 200, "", 0.0123 + (i % 7) * 0.01)
         metrics.observe_route(worker, "m", "/v1/chat/completions", False, "cache_aware")
+        metrics.upstream_answer(200)
+        metrics.routed_request("m", "/v1/chat/completions", 0.01, 200, "")
     cost = (time.perf_counter() - started) / N * 1e6
     assert b"smg_http_requests_total" in generate_latest(metrics.registry)
     return cost
@@ -41,10 +44,17 @@ def prometheus_client_cost() -> float:
     responses = Counter("s", "s", ["status_code", "error_code"], registry=registry)
     routed = Counter("x", "x", ["a", "b", "c", "d", "e", "f"], registry=registry)
     selected = Counter("y", "y", ["a", "b", "c", "d"], registry=registry)
+    upstream = Counter("u", "u", ["a", "b", "c"], registry=registry)
+    routed_duration = Histogram(
+        "z", "z", ["a", "b", "c", "d", "e"], buckets=DEFAULT_DURATION_BUCKETS, registry=registry
+    )
     children = (requests.labels("POST", "/v1/chat/completions", "2xx"),
                 duration.labels("POST", "/v1/chat/completions"), responses.labels("200", ""),
                 routed.labels("http", "regular", "HTTP", "m", "/v1/chat/completions", "false"),
-                selected.labels("regular", "HTTP", "m", "cache_aware"))  # fmt: skip
+                selected.labels("regular", "HTTP", "m", "cache_aware"),
+                upstream.labels("http", "200", ""),
+                routed_duration.labels("http", "regular", "HTTP", "m",
+                                       "/v1/chat/completions"))  # fmt: skip
     started = time.perf_counter()
     for i in range(N):
         children[0].inc()
@@ -52,6 +62,8 @@ def prometheus_client_cost() -> float:
         children[2].inc()
         children[3].inc()
         children[4].inc()
+        children[5].inc()
+        children[6].observe(0.01)
     return (time.perf_counter() - started) / N * 1e6
 
 
