@@ -44,6 +44,18 @@ _NOT_FORWARDED = HOP_BY_HOP | {"x-request-id"}
 _UPSTREAM_STATUS = {"connect": 502, "io": 502, "timeout": 504}
 
 
+@dataclass(slots=True)
+class _Attempt:
+    """One try of a request on one worker."""
+
+    client: UpstreamClient
+    worker: Worker
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    last: bool  # no retry after this one
+
+
 class _Retry(Exception):
     """This attempt failed in a way another may fix, and nothing reached the client."""
 
@@ -195,82 +207,56 @@ class RegularRouter:
     ) -> int:
         cell = worker.client_cell
         assert cell is not None
-        client = cell.value or await cell.get()
         url = worker.base_url + request.path
         if request.query:
             url += "?" + request.query.decode("latin-1")
-        headers = upstream_headers(request, worker)
-        body = request.body if worker.dp_rank is None else inject_rank(request.body, worker)
+        attempt = _Attempt(
+            client=cell.value or await cell.get(),
+            worker=worker,
+            url=url,
+            headers=upstream_headers(request, worker),
+            body=request.body if worker.dp_rank is None else inject_rank(request.body, worker),
+            last=last,
+        )
         request.worker = worker.url
         with self._span("upstream", client=True, worker=worker.url):
             if self.tracing is not None:  # the worker continues our trace, not the client's
-                headers = [*without_trace_headers(headers), *self.tracing.outgoing()]
-            return await self._send(client, worker, url, headers, body, request, send, watch, last)
+                attempt.headers = [*without_trace_headers(attempt.headers),
+                                   *self.tracing.outgoing()]  # fmt: skip
+            worker.in_flight += 1
+            try:
+                if watch is None:
+                    return await self._relay_whole(attempt, request, send)
+                return await self._relay_stream(attempt, request, send, watch)
+            finally:
+                worker.in_flight -= 1
+                worker.processed += 1
 
-    async def _send(
-        self,
-        client: UpstreamClient,
-        worker: Worker,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        request: Inbound,
-        send: Send,
-        watch: DisconnectWatch | None,
-        last: bool,
-    ) -> int:
-        worker.in_flight += 1
+    async def _relay_whole(self, attempt: _Attempt, request: Inbound, send: Send) -> int:
         try:
-            if watch is None:
-                return await self._relay_whole(
-                    client, worker, url, headers, body, request, send, last
-                )
-            return await self._relay_stream(
-                client, worker, url, headers, body, request, send, watch, last
+            response = await attempt.client.request(
+                request.method, attempt.url, attempt.headers, attempt.body
             )
-        finally:
-            worker.in_flight -= 1
-            worker.processed += 1
-
-    async def _relay_whole(
-        self,
-        client: UpstreamClient,
-        worker: Worker,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        request: Inbound,
-        send: Send,
-        last: bool,
-    ) -> int:
-        try:
-            response = await client.request(request.method, url, headers, body)
         except UpstreamError as exc:
-            raise self._upstream_failure(worker, client, exc, request, last) from None
-        self._retry_on_status(worker, response.status, request, last)
+            raise self._upstream_failure(attempt, exc, request) from None
+        self._retry_on_status(attempt, response.status, request)
         await send_bytes(
             send, response.status, response.body, downstream_headers(response.headers, request)
         )
         return response.status
 
     async def _relay_stream(
-        self,
-        client: UpstreamClient,
-        worker: Worker,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: bytes,
-        request: Inbound,
-        send: Send,
-        watch: DisconnectWatch,
-        last: bool,
+        self, attempt: _Attempt, request: Inbound, send: Send, watch: DisconnectWatch
     ) -> int:
+        worker = attempt.worker
         try:
-            upstream = await client.stream(request.method, url, headers, body)
+            upstream = await attempt.client.stream(
+                request.method, attempt.url, attempt.headers, attempt.body
+            )
         except UpstreamError as exc:
-            raise self._upstream_failure(worker, client, exc, request, last) from None
+            raise self._upstream_failure(attempt, exc, request) from None
         try:
-            self._retry_on_status(worker, upstream.status, request, last)
+            self._retry_on_status(attempt, upstream.status, request)
             await start_stream(send, upstream.status, downstream_headers(upstream.headers, request))
             # From here on the client has bytes: no more retries.
             stats = StreamStats(request.started)
@@ -295,27 +281,24 @@ class RegularRouter:
         await end_stream(send)
         return upstream.status
 
-    def _retry_on_status(self, worker: Worker, status: int, request: Inbound, last: bool) -> None:
+    def _retry_on_status(self, attempt: _Attempt, status: int, request: Inbound) -> None:
         """Feed the breaker; ask for another attempt on a retryable status if one is left."""
+        worker = attempt.worker
         self.metrics.upstream_answer(status)
         if worker.breaker is not None:
             worker.breaker.record(status < 500)
         if status >= 500:
             self.metrics.worker_error(worker, f"status_{status}")
         if status in RETRYABLE_STATUSES:
-            if not last:
+            if not attempt.last:
                 raise _Retry
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
 
     def _upstream_failure(
-        self,
-        worker: Worker,
-        client: UpstreamClient,
-        exc: UpstreamError,
-        request: Inbound,
-        last: bool,
+        self, attempt: _Attempt, exc: UpstreamError, request: Inbound
     ) -> Exception:
+        worker = attempt.worker
         self.metrics.worker_error(worker, "upstream_" + exc.kind)
         self.metrics.upstream_answer(_UPSTREAM_STATUS.get(exc.kind, 502), "upstream_" + exc.kind)
         if worker.breaker is not None:
@@ -323,12 +306,12 @@ class RegularRouter:
         if exc.kind != "timeout" and worker.client_cell is not None:
             # The pool may hold connections to a worker that restarted: build a fresh one
             # in the background; requests keep using this one until it is ready.
-            worker.client_cell.replace(client)
+            worker.client_cell.replace(attempt.client)
         log.warning(
             "worker call failed",
             extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
         )
-        if not last:
+        if not attempt.last:
             return _Retry()
         if self.retry.attempts > 1:
             self.metrics.retries_exhausted(worker, request.path)
