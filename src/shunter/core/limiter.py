@@ -56,7 +56,6 @@ class Admission:
         self._refilled_at = time.monotonic()
         self.queue: deque[asyncio.Future[None]] = deque()
         self._wakeup: asyncio.TimerHandle | None = None
-        self.counts = {"allowed": 0, "rejected": 0, "timed_out": 0}
 
     def _refill(self) -> None:
         now = time.monotonic()
@@ -75,7 +74,6 @@ class Admission:
         self.free_slots -= 1
         if self.rate:
             self.tokens -= 1.0
-        self.counts["allowed"] += 1
 
     async def acquire(self) -> None:
         """Wait for a slot and a token, or raise 429 (queue full) / 408 (waited too long)."""
@@ -83,7 +81,6 @@ class Admission:
             self._take()
             return
         if len(self.queue) >= self.config.queue_size:
-            self.counts["rejected"] += 1
             raise ApiError(
                 429, "rate_limit_exceeded", "too many requests: the gateway's request queue is full"
             )
@@ -97,7 +94,6 @@ class Admission:
                 return  # admitted at the last moment
             waiter.cancel()
             self._forget(waiter)
-            self.counts["timed_out"] += 1
             raise ApiError(
                 408, "queue_timeout", "the request waited too long in the gateway's queue"
             ) from None

@@ -84,6 +84,21 @@ def least_loaded(workers: Workers) -> Worker | None:
     return best
 
 
+class UrlIndexes:
+    """A ``UrlIndex`` per model, for policies shared by several models."""
+
+    __slots__ = ("_by_model",)
+
+    def __init__(self) -> None:
+        self._by_model: dict[str, UrlIndex] = {}
+
+    def of(self, model: str, workers: Workers) -> dict[str, Worker]:
+        index = self._by_model.get(model)
+        if index is None:
+            index = self._by_model[model] = UrlIndex()
+        return index.of(workers)
+
+
 class UrlIndex:
     """``url -> worker`` for one workers tuple, rebuilt only when the tuple changes.
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from shunter.core.periodic import Periodic
 from shunter.core.registry import Workers
 from shunter.core.worker import Worker
-from shunter.policies.base import Policy, RouteRequest, UrlIndex, least_loaded
+from shunter.policies.base import Policy, RouteRequest, UrlIndexes, least_loaded
 from shunter.policies.tree import Tree
 
 log = logging.getLogger("shunter.policies.cache_aware")
@@ -63,7 +63,7 @@ class CacheAwarePolicy(Policy):
     def __init__(self, config: CacheAwareConfig | None = None) -> None:
         self.config = config or CacheAwareConfig()
         self.trees: dict[str, Tree] = {}
-        self._indexes: dict[str, UrlIndex] = {}
+        self._indexes = UrlIndexes()
         # Trims every eviction_interval_secs, or as soon as a worker's text exceeds
         # max_tree_size (select wakes it), so trees stay within bound between intervals.
         self._evictor = Periodic(
@@ -113,10 +113,7 @@ class CacheAwarePolicy(Policy):
     def _most_recent_available(
         self, workers: Workers, tree_key: str, tenants: dict[str, float]
     ) -> Worker | None:
-        index = self._indexes.get(tree_key)
-        if index is None:
-            index = self._indexes[tree_key] = UrlIndex()
-        by_url = index.of(workers)
+        by_url = self._indexes.of(tree_key, workers)
         best: Worker | None = None
         best_stamp = -1.0
         for url, stamp in tenants.items():

@@ -15,7 +15,7 @@ import time
 from shunter.core.periodic import Periodic
 from shunter.core.registry import Workers
 from shunter.core.worker import Worker
-from shunter.policies.base import Policy, RouteRequest, UrlIndex
+from shunter.policies.base import Policy, RouteRequest, UrlIndexes
 from shunter.policies.consistent_hashing import KEY_HEADER
 
 MAX_CANDIDATES = 2
@@ -29,7 +29,7 @@ class ManualPolicy(Policy):
         self.max_idle_secs = max_idle_secs
         self._rng = rng or _random.Random()
         self.assignments: dict[tuple[str, str], tuple[list[str], float]] = {}
-        self._indexes: dict[str, UrlIndex] = {}
+        self._indexes = UrlIndexes()
         self._sweeper = Periodic("routing-key sweep", SWEEP_INTERVAL_SECS, self.sweep)
 
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
@@ -42,10 +42,7 @@ class ManualPolicy(Policy):
             return None
         if key is None:
             return self._rng.choice(candidates)
-        index = self._indexes.get(request.model)
-        if index is None:
-            index = self._indexes[request.model] = UrlIndex()
-        by_url = index.of(workers)
+        by_url = self._indexes.of(request.model, workers)
         slot = (request.model, key)
         urls, _ = self.assignments.get(slot, ([], 0.0))
         for url in urls:

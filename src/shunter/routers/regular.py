@@ -319,13 +319,18 @@ class RegularRouter:
         code = "upstream_timeout" if status == 504 else "upstream_unavailable"
         return ApiError(status, code, f"worker {worker.url} failed: {exc}")
 
+    def first_available(self) -> Worker:
+        """The first available worker, for the proxied info endpoints."""
+        for worker in self.registry.all():
+            if worker.is_available:
+                return worker
+        raise ApiError(503, "no_available_workers", "no healthy worker is available")
+
     async def proxy_get(
-        self, path: str, request_id: str
+        self, path: str, request_id: str, worker: Worker | None = None
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """GET ``path`` from the first available worker (proxied info endpoints)."""
-        worker = next((w for w in self.registry.all() if w.is_available), None)
-        if worker is None:
-            raise ApiError(503, "no_available_workers", "no healthy worker is available")
+        """GET ``path`` from ``worker``, by default the first available one."""
+        worker = worker or self.first_available()
         cell = worker.client_cell
         assert cell is not None
         client = cell.value or await cell.get()

@@ -62,9 +62,9 @@ class AdminHandlers:
 
         OpenAI-only servers have no /health_generate; their /health stands in for it.
         """
-        worker = _first_available(self.state.registry.all())
+        worker = self.state.router.first_available()
         path = "/health_generate" if worker.runtime.speaks_sglang else "/health"
-        return await self._proxy(call, path)
+        return await self._proxy(call, path, worker)
 
     async def server_info(self, call: Call) -> int:
         return await self._proxy(call, "/get_server_info")
@@ -72,8 +72,8 @@ class AdminHandlers:
     async def model_info(self, call: Call) -> int:
         return await self._proxy(call, "/get_model_info")
 
-    async def _proxy(self, call: Call, path: str) -> int:
-        status, headers, body = await self.state.router.proxy_get(path, call.request_id)
+    async def _proxy(self, call: Call, path: str, worker: Worker | None = None) -> int:
+        status, headers, body = await self.state.router.proxy_get(path, call.request_id, worker)
         return await call.reply_raw(status, [h for h in headers if h[0] != b"x-request-id"], body)
 
     async def engine_metrics(self, call: Call) -> int:
@@ -276,13 +276,6 @@ def _check_update(changes: Any) -> None:
         raise ApiError(400, "invalid_worker_update", "'api_key' must be a string")
     if changes.get("labels") is not None and not isinstance(changes["labels"], dict):
         raise ApiError(400, "invalid_worker_update", "'labels' must be an object")
-
-
-def _first_available(workers: tuple[Worker, ...]) -> Worker:
-    for worker in workers:
-        if worker.is_available:
-            return worker
-    raise ApiError(503, "no_available_workers", "no healthy worker is available")
 
 
 def _auth(worker: Worker) -> list[tuple[str, str]]:
