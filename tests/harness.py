@@ -49,6 +49,14 @@ class Proc:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
 
+    def started(self, wait: Callable[[], None]) -> None:
+        """Run a readiness wait; if it fails, stop the process before raising (no orphans)."""
+        try:
+            wait()
+        except BaseException:
+            self.stop()
+            raise
+
     def output(self) -> str:
         with open(self.log.name, errors="replace") as f:
             return f.read()
@@ -78,7 +86,7 @@ class Sim(Proc):
         scheme = "https" if "--tls-cert-path" in extra else "http"
         self.url = f"{scheme}://{LOOPBACK}:{self.port}"
         super().__init__(["sim", "--port", str(self.port), "--worker-id", name, *extra])
-        wait_for(self.ready, what=f"sim {name}")
+        self.started(lambda: wait_for(self.ready, what=f"sim {name}"))
 
     def ready(self) -> bool:
         if self.popen.poll() is not None:
@@ -119,9 +127,9 @@ class Gateway(Proc):
         if workers:
             args += ["--worker-urls", *workers]
         super().__init__(args)
-        wait_for(self.alive, what="gateway")
+        self.started(lambda: wait_for(self.alive, what="gateway"))
         if ready and workers:
-            self.wait_workers(len(workers))
+            self.started(lambda: self.wait_workers(len(workers)))
 
     def alive(self) -> bool:
         if self.popen.poll() is not None:
