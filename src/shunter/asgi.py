@@ -7,7 +7,6 @@ frameworks as the largest per-request cost after the upstream client).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -154,9 +153,3 @@ class DisconnectWatch:
             self._task.uncancel()
             return True
         return False
-
-
-async def cancel_quietly(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task

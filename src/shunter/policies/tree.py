@@ -177,11 +177,3 @@ class Tree:
                     not any(tenant in c.tenants for c in parent.children.values()):  # fmt: skip
                 heapq.heappush(heap, (parent.tenants[tenant], counter, tenant, parent))
                 counter += 1
-
-    def node_count(self) -> int:
-        count, stack = 0, [self.root]
-        while stack:
-            node = stack.pop()
-            count += 1
-            stack.extend(node.children.values())
-        return count
