@@ -400,9 +400,10 @@ def _add_sim_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default="sim-model")
     p.add_argument(
         "--runtime",
-        choices=("sglang", "openai"),
+        choices=("sglang", "openai", "llamacpp"),
         default="sglang",
-        help="'openai': only the OpenAI API, like llama.cpp's server",
+        help="'openai': only the OpenAI API; 'llamacpp': that, plus llama.cpp's /slots "
+        "(erasing a slot flushes the cache) and llamacpp:* metrics",
     )
     p.add_argument("--ttft-ms", type=float, default=5.0, help="fixed time to first token")
     p.add_argument("--itl-ms", type=float, default=2.0, help="inter-token latency")

@@ -75,7 +75,7 @@ class HealthChecker:
                 self.apply(worker, ok)
 
     async def _probe(self, worker: Worker) -> bool:
-        headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
+        headers = worker.auth_headers()
         try:
             response = await asyncio.wait_for(
                 self.client.request("GET", worker.base_url + self.config.endpoint, headers, None),

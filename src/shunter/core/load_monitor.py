@@ -98,7 +98,7 @@ class LoadMonitor:
         """The prefix-cache hit rate an SGLang worker (or the sim) reports in /metrics."""
         if worker.runtime is not Runtime.SGLANG:
             return None
-        headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
+        headers = worker.auth_headers()
         text = await self._get(worker.base_url + "/metrics", headers)
         if text is None:
             return None
@@ -111,7 +111,7 @@ class LoadMonitor:
         return None
 
     async def read_load(self, worker: Worker) -> int | None:
-        headers = [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
+        headers = worker.auth_headers()
         if worker.runtime is Runtime.SGLANG:
             for path in ("/get_load", "/v1/loads"):
                 payload = await self._get(worker.base_url + path, headers)

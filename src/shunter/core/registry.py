@@ -25,6 +25,8 @@ K = TypeVar("K", bound=Hashable)
 class _Snapshot:
     by_url: dict[str, Worker] = field(default_factory=dict)
     by_model: dict[str, Workers] = field(default_factory=dict)
+    # Per model, the workers that serve SGLang's native endpoints (/generate).
+    native_by_model: dict[str, Workers] = field(default_factory=dict)
     by_type: dict[WorkerType, Workers] = field(default_factory=dict)
     by_connection: dict[ConnectionMode, Workers] = field(default_factory=dict)
     all: Workers = EMPTY
@@ -68,6 +70,10 @@ def _models_of(worker: Worker) -> tuple[str, ...]:
     return worker.models or (worker.model_id,)
 
 
+def _native_models_of(worker: Worker) -> tuple[str, ...]:
+    return _models_of(worker) if worker.runtime.speaks_sglang else ()
+
+
 class WorkerRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -77,6 +83,10 @@ class WorkerRegistry:
 
     def get_by_model(self, model_id: str) -> Workers:
         return self._snap.by_model.get(model_id, EMPTY)
+
+    def get_native_by_model(self, model_id: str) -> Workers:
+        """The model's workers that serve SGLang's native endpoints."""
+        return self._snap.native_by_model.get(model_id, EMPTY)
 
     def get_by_url(self, url: str) -> Worker | None:
         return self._snap.by_url.get(url)
@@ -160,6 +170,7 @@ class WorkerRegistry:
         self._snap = _Snapshot(
             by_url=by_url,
             by_model=by_model,
+            native_by_model=_reindex(snap.native_by_model, _native_models_of, old, new),
             by_type=_reindex(snap.by_type, lambda w: (w.worker_type,), old, new),
             by_connection=_reindex(snap.by_connection, lambda w: (w.connection_mode,), old, new),
             all=workers,

@@ -102,6 +102,10 @@ class Worker:
         except ValueError:
             return DEFAULT_COST
 
+    def auth_headers(self) -> list[tuple[str, str]]:
+        """The header that carries the worker's API key, if it has one."""
+        return [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+
     @property
     def is_available(self) -> bool:
         return self.healthy and not self.breaker_open

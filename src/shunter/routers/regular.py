@@ -41,6 +41,8 @@ from shunter.transport.base import HOP_BY_HOP, UpstreamClient, UpstreamError
 log = logging.getLogger("shunter.router")
 
 _NOT_FORWARDED = HOP_BY_HOP | {"x-request-id"}
+# Endpoints only SGLang workers serve; OpenAI-compatible servers answer them with 404.
+SGLANG_ONLY_PATHS = frozenset({"/generate"})
 _UPSTREAM_STATUS = {"connect": 502, "io": 502, "timeout": 504}
 
 
@@ -115,10 +117,25 @@ class RegularRouter:
             raise ApiError(404, "model_not_found", f"The model `{model}` does not exist.")
         return model, workers
 
+    def _native_workers(self, model: str, path: str) -> Workers:
+        """The model's workers that serve an SGLang-only endpoint; a 400 if none does."""
+        workers = self.registry.get_native_by_model(model)
+        if not workers:
+            raise ApiError(
+                400,
+                "endpoint_not_supported",
+                f"{path} is an SGLang endpoint and the workers serving `{model}` are all "
+                "OpenAI-compatible servers (vLLM, llama.cpp or other) that do not have it; "
+                "use /v1/completions or /v1/chat/completions",
+            )
+        return workers
+
     def select(
         self, fields: RoutingFields, request: Inbound, avoid: Sequence[Worker] = ()
     ) -> tuple[Worker, Policy, str]:
         model, workers = self.workers_for(fields.model)
+        if request.path in SGLANG_ONLY_PATHS:
+            workers = self._native_workers(model, request.path)
         if avoid:  # a retry: prefer workers this request has not failed on yet
             workers = tuple(w for w in workers if w not in avoid) or workers
         policy = self.policies.policy_for(model)
@@ -334,9 +351,7 @@ class RegularRouter:
         cell = worker.client_cell
         assert cell is not None
         client = cell.value or await cell.get()
-        headers = [("x-request-id", request_id)]
-        if worker.api_key:
-            headers.append(("authorization", f"Bearer {worker.api_key}"))
+        headers = [("x-request-id", request_id), *worker.auth_headers()]
         try:
             response = await client.request("GET", worker.base_url + path, headers, None)
         except UpstreamError as exc:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from importlib.resources import files
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from shunter.asgi import header_value
 from shunter.config import normalize_worker_url
+from shunter.core import engine_ops
+from shunter.core.engine_ops import EngineOpError
 from shunter.core.jobs import QueueFull
 from shunter.core.registration import SpecError, WorkerSpec
 from shunter.core.worker import Runtime, Worker, WorkerType
@@ -19,6 +22,7 @@ from shunter.server.call import Call
 from shunter.server.state import GatewayState
 from shunter.transport.base import HOP_BY_HOP, UpstreamError
 
+log = logging.getLogger("shunter.admin")
 _DASHBOARD = files("shunter.observability").joinpath("dashboard.html").read_bytes()
 
 HEALTH_FIELDS = (
@@ -58,13 +62,22 @@ class AdminHandlers:
         return await call.reply_json(200, {"object": "list", "data": data})
 
     async def health_generate(self, call: Call) -> int:
-        """Proxy a generation health check to the first available worker.
+        """A generation check on the first available worker, in its engine's way.
 
-        OpenAI-only servers have no /health_generate; their /health stands in for it.
+        SGLang's own /health_generate is proxied; an OpenAI-compatible engine (vLLM,
+        llama.cpp, other) is asked for one token from /v1/completions.
         """
         worker = self.state.router.first_available()
-        path = "/health_generate" if worker.runtime.speaks_sglang else "/health"
-        return await self._proxy(call, path, worker)
+        cell = worker.client_cell
+        assert cell is not None
+        client = cell.value or await cell.get()
+        try:
+            body = await engine_ops.health_generate(client, worker)
+        except EngineOpError as exc:
+            raise ApiError(
+                503, "health_generate_failed", f"worker {worker.url} failed to generate: {exc}"
+            ) from None
+        return await call.reply_raw(200, [], body)
 
     async def server_info(self, call: Call) -> int:
         return await self._proxy(call, "/get_server_info")
@@ -86,8 +99,10 @@ class AdminHandlers:
         async def fetch(worker: Worker) -> str | None:
             async with gate:
                 try:
-                    response = await asyncio.wait_for(self.state.control.request(
-                        "GET", worker.base_url + "/metrics", _auth(worker), None), 5)  # fmt: skip
+                    request = self.state.control.request(
+                        "GET", worker.base_url + "/metrics", worker.auth_headers(), None
+                    )
+                    response = await asyncio.wait_for(request, 5)
                 except (UpstreamError, TimeoutError):
                     return None
             return response.body.decode("utf-8", "replace") if response.status == 200 else None
@@ -151,8 +166,9 @@ class AdminHandlers:
         return -1 if load is None else load
 
     async def flush_cache(self, call: Call) -> int:
+        """Flush every engine that has a way to (see core/engine_ops.py), concurrently."""
         workers = self.state.registry.all()
-        bases = {w.base_url: w for w in workers if w.runtime.speaks_sglang}
+        bases = {w.base_url: w for w in workers if engine_ops.can_flush(w)}
         results = await asyncio.gather(*(self._flush(w) for w in bases.values()))
         failed = [{"worker": url, "error": err} for url, err in results if err]
         ok = [url for url, err in results if not err]
@@ -162,6 +178,8 @@ class AdminHandlers:
                 "status": "success", "message": f"Cache flushed on {len(ok)} workers",
                 "workers_flushed": len(ok), **common,
             })  # fmt: skip
+        log.warning("cache flush failed on %d of %d workers", len(failed), len(bases),
+                    extra={"failed": failed})  # fmt: skip
         return await call.reply_json(206, {
             "status": "partial_success", "message": "Cache flush failed on some workers",
             "successful": ok, "failed": failed, **common,
@@ -169,14 +187,10 @@ class AdminHandlers:
 
     async def _flush(self, worker: Worker) -> tuple[str, str | None]:
         try:
-            response = await self.state.control.request(
-                "POST", worker.base_url + "/flush_cache", _auth(worker), b""
-            )
-        except UpstreamError as exc:
+            await engine_ops.flush(self.state.control, worker)
+        except EngineOpError as exc:
             return worker.base_url, str(exc)
-        if 200 <= response.status < 300:
-            return worker.base_url, None
-        return worker.base_url, f"status {response.status}"
+        return worker.base_url, None
 
     # --- /workers ----------------------------------------------------------------------------
 
@@ -276,10 +290,6 @@ def _check_update(changes: Any) -> None:
         raise ApiError(400, "invalid_worker_update", "'api_key' must be a string")
     if changes.get("labels") is not None and not isinstance(changes["labels"], dict):
         raise ApiError(400, "invalid_worker_update", "'labels' must be an object")
-
-
-def _auth(worker: Worker) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {worker.api_key}")] if worker.api_key else []
 
 
 __all__ = ["HOP_BY_HOP", "AdminHandlers", "Runtime", "WorkerType"]

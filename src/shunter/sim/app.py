@@ -117,10 +117,12 @@ class SimApp:
             "/get_load": self.get_load,
             "/v1/loads": self.v1_loads,
             "/flush_cache": self.flush_cache,
+            "/health_generate": self.health_generate,
         }
+        # llama.cpp's slot API: the list, and POST /slots/{id}?action=erase (by prefix).
+        llamacpp: dict[str, Handler] = {"/slots": self.slots}
         common: dict[str, Handler] = {
             "/health": self.health,
-            "/health_generate": self.health_generate,
             "/metrics": self.metrics,
             "/v1/models": self.models,
             "/v1/chat/completions": self.chat,
@@ -133,7 +135,8 @@ class SimApp:
         }
         # The last inference requests as received, so tests can check what the gateway sent.
         self.recent: deque[dict[str, Any]] = deque(maxlen=64)
-        self.routes = {**common, **(sglang if config.runtime == "sglang" else {})}
+        own = {"sglang": sglang, "llamacpp": llamacpp}.get(config.runtime, {})
+        self.routes = {**common, **own}
         self._inference = {
             "/generate",
             "/v1/chat/completions",
@@ -149,6 +152,8 @@ class SimApp:
         if scope["type"] != "http":
             return
         handler = self.routes.get(scope["path"])
+        if handler is None and "/slots" in self.routes and scope["path"].startswith("/slots/"):
+            handler = self.slot_action
         body = b""
         while True:
             message = await receive()
@@ -255,7 +260,7 @@ class SimApp:
         )
 
     async def models(self, request: Request) -> None:
-        owner = "sglang" if self.config.runtime == "sglang" else "shunter-sim"
+        owner = {"sglang": "sglang", "llamacpp": "llamacpp"}.get(self.config.runtime, "shunter-sim")
         await request.reply(
             200,
             {
@@ -303,6 +308,22 @@ class SimApp:
                 ],
             },
         )
+
+    async def slots(self, request: Request) -> None:
+        ids = range(self.config.max_running)
+        await request.reply(200, [{"id": i, "is_processing": False} for i in ids])
+
+    async def slot_action(self, request: Request) -> None:
+        """``POST /slots/{id}?action=erase``. The sim's cache is shared by its slots, so
+        erasing any slot empties all of it: enough to see a flush reach the engine."""
+        slot = request.scope["path"][len("/slots/") :]
+        query = request.scope["query_string"].decode("latin-1")
+        if request.scope["method"] != "POST" or query != "action=erase":
+            raise BadRequest("only POST /slots/{id}?action=erase is simulated")
+        if not slot.isdigit() or int(slot) >= self.config.max_running:
+            raise BadRequest(f"no slot {slot}")
+        self.engine.cache.flush()
+        await request.reply(200, {"id_slot": int(slot), "n_erased": 0})
 
     async def flush_cache(self, request: Request) -> None:
         self.engine.cache.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-RUNTIMES = ("sglang", "openai")
+RUNTIMES = ("sglang", "openai", "llamacpp")
 
 
 @dataclass
@@ -52,7 +52,8 @@ class SimConfig:
     port: int = 8000
     worker_id: str | None = None  # defaults to host:port
     served_model_name: str = "sim-model"
-    runtime: str = "sglang"  # "openai": only the OpenAI API, like llama.cpp's server
+    # "openai": only the OpenAI API; "llamacpp": that plus llama.cpp's /slots and metrics
+    runtime: str = "sglang"
     ttft_ms: float = 5.0  # fixed time to first token, on top of prefill
     itl_ms: float = 2.0  # inter-token latency
     prefill_us_per_token: float = 20.0  # prefill cost of each uncached prompt token

@@ -136,8 +136,18 @@ class Engine:
 
     def metrics_text(self) -> str:
         s = self.stats
+        if self.config.runtime == "llamacpp":
+            # llama.cpp's names; its prompt_tokens_total leaves out the cached tokens.
+            llama: list[tuple[str, str, float]] = [
+                ("llamacpp:prompt_tokens_total", "counter",
+                 s.prompt_tokens_total - s.cached_tokens_total),
+                ("llamacpp:tokens_predicted_total", "counter", s.generation_tokens_total),
+                ("llamacpp:requests_processing", "gauge", self.running),
+                ("llamacpp:requests_deferred", "gauge", self.waiting),
+            ]  # fmt: skip
+            return "".join(f"# TYPE {m} {kind}\n{m} {v}\n" for m, kind, v in llama)
         name = self.config.served_model_name
-        lines = [
+        lines: list[tuple[str, str, float]] = [
             ("sglang:num_running_reqs", "gauge", self.running),
             ("sglang:num_queue_reqs", "gauge", self.waiting),
             ("sglang:num_used_tokens", "gauge", self.cache.used_tokens),
@@ -148,8 +158,6 @@ class Engine:
             ("sglang:num_requests_total", "counter", s.requests_total),
             ("sglang:num_aborted_requests_total", "counter", s.aborted_total),
         ]
-        out = []
-        for metric, kind, value in lines:
-            out.append(f"# TYPE {metric} {kind}")
-            out.append(f'{metric}{{model_name="{name}"}} {value}')
-        return "\n".join(out) + "\n"
+        return "".join(
+            f'# TYPE {m} {kind}\n{m}{{model_name="{name}"}} {v}\n' for m, kind, v in lines
+        )
