@@ -112,6 +112,31 @@ class Sim(Proc):
         httpx.post(self.url + "/sim/faults", json=faults, timeout=5).raise_for_status()
 
 
+class LlamaCpp(Proc):
+    """llama.cpp's own server with SmolLM2 (`shunter llamacpp`; needs the e2e extra)."""
+
+    def __init__(self, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        super().__init__(["llamacpp", "--port", str(self.port), *extra])
+        self.started(lambda: wait_for(self.ready, timeout=60, what="llama.cpp worker"))
+
+    def ready(self) -> bool:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"llama.cpp worker exited:\n{self.output()}")
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def metric(self, name: str) -> float:
+        """One sample of the engine's own /metrics (llamacpp:*)."""
+        for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+
 class Gateway(Proc):
     def __init__(self, *extra: str, workers: Sequence[str] = (), ready: bool = True) -> None:
         self.port = free_port()

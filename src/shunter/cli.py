@@ -1,4 +1,4 @@
-"""`shunter serve | sim | demo`: sglang-router's flag names and defaults for the gateway."""
+"""`shunter serve | sim | demo | llamacpp`; the gateway takes sglang-router's flags and defaults."""
 
 from __future__ import annotations
 
@@ -474,7 +474,49 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     demo = commands.add_parser("demo", help="run the gateway in front of two simulated workers")
     demo.add_argument("--port", type=int, default=30000)
     demo.add_argument("--prometheus-port", type=int, default=29000)
-    return parser, {"serve": serve, "launch": serve, "sim": sim, "demo": demo}
+    llama = commands.add_parser(
+        "llamacpp", help="run llama.cpp's server with SmolLM2 (needs the e2e extra)"
+    )
+    _add_llamacpp_flags(llama)
+    return parser, {
+        "serve": serve, "launch": serve, "sim": sim, "demo": demo, "llamacpp": llama
+    }  # fmt: skip
+
+
+def _add_llamacpp_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model-path", default=None, help="a GGUF file (default: SmolLM2-135M)")
+    p.add_argument("--alias", default="smollm2", help="the model id the server reports")
+    p.add_argument("--slots", type=int, default=4, help="requests decoded at once")
+    p.add_argument("--ctx-per-slot", type=int, default=2048, help="context tokens per slot")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--cache-ram-mib",
+        type=int,
+        default=0,
+        help="llama.cpp's host-RAM prompt cache; 0 (default) keeps only what the slots hold",
+    )
+    p.add_argument("--log-level", default="info")
+
+
+def _run_llamacpp(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from shunter.llamacpp import LlamaCppConfig, LlamaCppUnavailable, run_llamacpp
+    from shunter.observability.logging import setup_logging
+
+    if args.slots < 1 or args.ctx_per_slot < 64 or args.threads < 1 or args.cache_ram_mib < 0:
+        parser.error("--slots and --threads must be >= 1, --ctx-per-slot >= 64, "
+                     "--cache-ram-mib >= 0")  # fmt: skip
+    setup_logging(args.log_level)
+    config = LlamaCppConfig(
+        host=args.host, port=args.port, model_path=args.model_path, alias=args.alias,
+        slots=args.slots, ctx_per_slot=args.ctx_per_slot, threads=args.threads,
+        cache_ram_mib=args.cache_ram_mib,
+    )  # fmt: skip
+    try:
+        run_llamacpp(config)
+    except LlamaCppUnavailable as exc:
+        parser.exit(2, f"shunter llamacpp: {exc}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -487,6 +529,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_gateway(_config_from_args(args, command))
     elif args.command == "sim":
         _run_sim(args, command)
+    elif args.command == "llamacpp":
+        _run_llamacpp(args, command)
     else:
         from shunter.demo import run_demo
 
