@@ -109,7 +109,7 @@ def measure(
         seconds = asyncio.run(drive(f"http://127.0.0.1:{port}", requests))
     finally:
         gateway.terminate()
-        gateway.wait_http()
+        gateway.wait()
     after = [httpx.get(sim + "/sim/stats").json() for sim in sims]
     pairs = list(zip(after, before, strict=True))
     cached = sum(a["cached_tokens_total"] - b["cached_tokens_total"] for a, b in pairs)
@@ -171,7 +171,7 @@ def main() -> None:
     finally:
         for sim in sims:
             sim.terminate()
-            sim.wait_http()
+            sim.wait()
     oracle = oracle_hit_rate(requests)
     print(
         f"{SYSTEMS} system prompts x {USERS} users, {WORKERS} sims with {CACHE_TOKENS}-token "
