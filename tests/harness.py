@@ -112,6 +112,34 @@ class Sim(Proc):
         httpx.post(self.url + "/sim/faults", json=faults, timeout=5).raise_for_status()
 
 
+class GrpcSim(Sim):
+    """`shunter sim --grpc`: the scheduler service on ``port`` (``url`` is grpc://), and the
+    HTTP API (/sim/stats, /sim/faults) on ``http_port``."""
+
+    def __init__(self, name: str, *extra: str, port: int | None = None) -> None:
+        self.http_port = free_port()
+        super().__init__(name, "--grpc", "--http-port", str(self.http_port), *extra, port=port)
+        self.url = f"grpc://{LOOPBACK}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.http_port}"
+
+    def ready(self) -> bool:
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"sim {self.name} exited:\n{self.output()}")
+        try:
+            return httpx.get(self.http_url + "/health", timeout=1).status_code in (200, 503)
+        except httpx.HTTPError:
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(self.http_url + "/sim/stats", timeout=5).json()  # type: ignore[no-any-return]
+
+    def set_faults(self, **faults: Any) -> None:
+        httpx.post(self.http_url + "/sim/faults", json=faults, timeout=5).raise_for_status()
+
+
 class LlamaCpp(Proc):
     """llama.cpp's own server with SmolLM2 (`shunter llamacpp`; needs the e2e extra)."""
 

@@ -15,8 +15,9 @@ import httpx
 import openai
 import pytest
 
-from harness import Gateway, LlamaCpp, wait_for
 from shunter.llamacpp import available
+
+from harness import Gateway, LlamaCpp, wait_for
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2"
@@ -61,7 +62,10 @@ def test_models_lists_the_model(sdk: openai.OpenAI) -> None:
 
 def test_chat(sdk: openai.OpenAI) -> None:
     reply = sdk.chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0  # type: ignore[arg-type]
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=24,
+        temperature=0,  # type: ignore[arg-type]
     )
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.prompt_tokens > 0
@@ -119,29 +123,27 @@ def test_flush_cache_erases_the_slots(gateway: Gateway, workers: list[LlamaCpp])
     assert cached() == 0
 
 
-def test_client_disconnect_frees_the_engine_slot(
-    gateway: Gateway, workers: list[LlamaCpp]
-) -> None:
+def test_client_disconnect_frees_the_engine_slot(gateway: Gateway, workers: list[LlamaCpp]) -> None:
     def busy() -> float:
         return sum(w.metric("llamacpp:requests_processing") for w in workers)
 
     body = {"model": MODEL, "prompt": "Count:", "max_tokens": 1500, "stream": True,
             "ignore_eos": True}  # fmt: skip
-    with httpx.Client(base_url=gateway.url, timeout=60) as client:
-        with client.stream("POST", "/v1/completions", json=body) as stream:
-            chunks = stream.iter_bytes()  # held: a dropped iterator closes the stream
-            for _ in range(5):
-                next(chunks)
-            assert busy() == 1
-        # Leaving the block closes the connection: the client has gone.
+    with (
+        httpx.Client(base_url=gateway.url, timeout=60) as client,
+        client.stream("POST", "/v1/completions", json=body) as stream,
+    ):
+        chunks = stream.iter_bytes()  # held: a dropped iterator closes the stream
+        for _ in range(5):
+            next(chunks)
+        assert busy() == 1
+    # Leaving the block closed the connection: the client has gone.
     # 1,500 tokens take over 10 s on this model; the slot must free long before that.
     wait_for(lambda: busy() == 0, timeout=5, what="the engine to free the slot")
     assert sum(w.metric("llamacpp:tokens_predicted_total") for w in workers) > 0
 
 
-def test_worker_removed_and_readded_under_load(
-    gateway: Gateway, workers: list[LlamaCpp]
-) -> None:
+def test_worker_removed_and_readded_under_load(gateway: Gateway, workers: list[LlamaCpp]) -> None:
     statuses: Counter[int] = Counter()
     stop = threading.Event()
 

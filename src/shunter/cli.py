@@ -40,15 +40,10 @@ NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
     "--service-discovery-namespace": (_VALUE, "Kubernetes service discovery"),
     "--prefill-selector": (_VALUE, "Kubernetes service discovery"),
     "--decode-selector": (_VALUE, "Kubernetes service discovery"),
-    "--model-path": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
-    "--tokenizer-path": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
-    "--chat-template": (_VALUE, "the gRPC data plane (gateway-side tokenization)"),
     "--tokenizer-cache-enable-l0": (_SWITCH, "the gRPC data plane (tokenizer cache)"),
     "--tokenizer-cache-l0-max-entries": (_VALUE, "the gRPC data plane (tokenizer cache)"),
     "--tokenizer-cache-enable-l1": (_SWITCH, "the gRPC data plane (tokenizer cache)"),
     "--tokenizer-cache-l1-max-memory": (_VALUE, "the gRPC data plane (tokenizer cache)"),
-    "--reasoning-parser": (_VALUE, "the gRPC data plane (reasoning parsers)"),
-    "--tool-call-parser": (_VALUE, "the gRPC data plane (tool-call parsers)"),
     "--mcp-config-path": (_VALUE, "MCP tool servers"),
     "--history-backend": (_VALUE, "the Responses API history storage"),
     "--oracle-wallet-path": (_VALUE, "Oracle history storage"),
@@ -307,6 +302,16 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="route to each data-parallel rank of a worker separately",
     )
+    grpc = p.add_argument_group("gRPC workers (the gateway tokenizes for them)")
+    grpc.add_argument("--model-path", default=None, help="a local model directory (tokenizer)")
+    grpc.add_argument(
+        "--tokenizer-path",
+        default=None,
+        help="a local tokenizer directory; default: --model-path, else the worker's GetTokenizer",
+    )
+    grpc.add_argument("--chat-template", default=None, help="a Jinja file overriding the model's")
+    grpc.add_argument("--reasoning-parser", default=None, help="deepseek_r1 or qwen3")
+    grpc.add_argument("--tool-call-parser", default=None, help="json, qwen or hermes")
     p.add_argument(
         "--backend",
         "--runtime",
@@ -368,6 +373,8 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         worker_startup_timeout_secs=args.worker_startup_timeout_secs,
         worker_startup_check_interval=args.worker_startup_check_interval,
         dp_aware=args.dp_aware, policy_settings=settings,
+        tokenizer_path=args.tokenizer_path or args.model_path, chat_template=args.chat_template,
+        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
         retry=RetryConfig(args.retry_max_retries, args.retry_initial_backoff_ms,
                           args.retry_max_backoff_ms, args.retry_backoff_multiplier,
                           args.retry_jitter_factor, args.disable_retries),
@@ -425,6 +432,14 @@ def _add_sim_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-latency-ms", type=float, default=0.0)
     p.add_argument("--drop-after-chunks", type=int, default=-1)
     p.add_argument("--hang", action="store_true")
+    p.add_argument(
+        "--grpc",
+        action="store_true",
+        help="serve SGLang's gRPC scheduler service on --port (needs the grpc extra)",
+    )
+    p.add_argument(
+        "--http-port", type=int, default=None, help="with --grpc: the HTTP API on this port too"
+    )
     p.add_argument("--fail-health", action="store_true")
     p.add_argument("--tls-cert-path", default=None, help="serve HTTPS")
     p.add_argument("--tls-key-path", default=None)
@@ -459,6 +474,7 @@ def _run_sim(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         block_size=args.block_size, max_tokens=args.max_tokens, dp_size=args.dp_size,
         api_key=args.api_key, faults=faults, tls_cert_path=args.tls_cert_path,
         tls_key_path=args.tls_key_path, tls_client_ca_path=args.tls_client_ca_path,
+        grpc=args.grpc, http_port=args.http_port,
     )  # fmt: skip
     run_sim(config, args.log_level)
 

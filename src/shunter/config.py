@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -13,8 +14,8 @@ from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
 
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
-WORKER_SCHEMES = ("http", "https")
-NOT_YET_SCHEMES = ("grpc", "grpcs")  # the gRPC data plane is not built yet
+WORKER_SCHEMES = ("http", "https", "grpc")
+NOT_YET_SCHEMES = ("grpcs",)  # TLS to gRPC workers is not built yet
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical")
 
 
@@ -57,6 +58,12 @@ class GatewayConfig:
     duration_buckets: tuple[float, ...] = DEFAULT_DURATION_BUCKETS
     enable_trace: bool = False
     otlp_traces_endpoint: str = "localhost:4317"
+    # gRPC data plane: where tokenizers come from, and the output parsers.
+    tokenizer_path: str | None = None
+    chat_template: str | None = None
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    probe_both: set[str] = field(default_factory=set)  # filled by validate()
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
@@ -72,6 +79,8 @@ class GatewayConfig:
                 raise ConfigError(f"{flag} must be > 0, got {value}")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        # A URL without a scheme is probed as HTTP and as gRPC when the worker is added.
+        self.probe_both |= {validate_worker_url(u) for u in self.worker_urls if "://" not in u}
         self.worker_urls = [validate_worker_url(url) for url in self.worker_urls]
         try:
             for part in (
@@ -87,6 +96,7 @@ class GatewayConfig:
         if self.shutdown_drain_secs < 0:
             raise ConfigError("--graceful-shutdown-timeout-secs must be >= 0")
         self._validate_tls()
+        self._validate_grpc()
         buckets = self.duration_buckets
         if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ConfigError(
@@ -98,6 +108,22 @@ class GatewayConfig:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]
         return self
+
+    def _validate_grpc(self) -> None:
+        from shunter.parsers.reasoning import REASONING_PARSERS
+        from shunter.parsers.tool_calls import TOOL_CALL_PARSERS
+
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ConfigError(f"--reasoning-parser must be one of {', '.join(REASONING_PARSERS)}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ConfigError(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
+        if self.tokenizer_path is not None and not os.path.isfile(
+            os.path.join(self.tokenizer_path, "tokenizer.json")
+        ):
+            raise ConfigError(
+                f"--tokenizer-path/--model-path {self.tokenizer_path}: no tokenizer.json there "
+                "(a local directory is needed; the gateway does not download from a hub)"
+            )
 
     def _validate_tls(self) -> None:
         if (self.tls_cert_path is None) != (self.tls_key_path is None):
@@ -145,7 +171,7 @@ def validate_worker_url(url: str) -> str:
     except ValueError as exc:
         raise ConfigError(f"worker URL {url!r} is malformed: {exc}") from None
     if parts.scheme in NOT_YET_SCHEMES:
-        raise ConfigError(f"worker URL {url!r}: gRPC workers are not supported yet")
+        raise ConfigError(f"worker URL {url!r}: TLS to gRPC workers is not supported yet")
     if parts.scheme not in WORKER_SCHEMES:
         raise ConfigError(
             f"worker URL {url!r} has scheme {parts.scheme!r}; use one of "

@@ -46,7 +46,9 @@ async def _call(
 
 async def flush(client: UpstreamClient, worker: Worker) -> None:
     """Empty the worker's prefix cache, in its engine's way; raises EngineOpError."""
-    if worker.runtime is Runtime.SGLANG:
+    if worker.scheduler_cell is not None:
+        await _grpc_flush(worker)
+    elif worker.runtime is Runtime.SGLANG:
         await _call(client, "POST", worker, "/flush_cache", b"")
     elif worker.runtime is Runtime.VLLM:
         await _call(client, "POST", worker, "/reset_prefix_cache", b"")
@@ -67,8 +69,35 @@ async def _erase_slots(client: UpstreamClient, worker: Worker) -> None:
     )
 
 
-async def health_generate(client: UpstreamClient, worker: Worker) -> bytes:
-    """Run a generation check on ``worker``; its body on success, else EngineOpError."""
+async def _grpc_flush(worker: Worker) -> None:
+    from shunter.transport.scheduler import SchedulerError
+
+    assert worker.scheduler_cell is not None
+    try:
+        scheduler = worker.scheduler_cell.value or await worker.scheduler_cell.get()
+        flushed, message = await scheduler.flush_cache(5.0)
+    except SchedulerError as exc:
+        raise EngineOpError(str(exc)) from None
+    if not flushed:
+        raise EngineOpError(f"FlushCache: {message}")
+
+
+async def health_generate(client: UpstreamClient | None, worker: Worker) -> bytes:
+    """Run a generation check on ``worker``; its body on success, else EngineOpError.
+
+    A gRPC worker's ``HealthCheck`` is the scheduler's own generation check."""
+    if worker.scheduler_cell is not None:
+        from shunter.transport.scheduler import SchedulerError
+
+        try:
+            scheduler = worker.scheduler_cell.value or await worker.scheduler_cell.get()
+            healthy, message = await scheduler.health_check(30.0)
+        except SchedulerError as exc:
+            raise EngineOpError(str(exc)) from None
+        if not healthy:
+            raise EngineOpError(f"HealthCheck: {message}")
+        return b""
+    assert client is not None
     if worker.runtime is Runtime.SGLANG:
         return await _call(client, "GET", worker, "/health_generate", None)
     body = orjson.dumps({"model": worker.model_id, "prompt": "ping", "max_tokens": 1})

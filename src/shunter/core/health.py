@@ -75,6 +75,8 @@ class HealthChecker:
                 self.apply(worker, ok)
 
     async def _probe(self, worker: Worker) -> bool:
+        if worker.scheduler_cell is not None:
+            return await self._probe_grpc(worker)
         headers = worker.auth_headers()
         try:
             response = await asyncio.wait_for(
@@ -84,6 +86,24 @@ class HealthChecker:
         except (UpstreamError, TimeoutError):
             return False
         return 200 <= response.status < 300
+
+    async def _probe_grpc(self, worker: Worker) -> bool:
+        """``HealthCheck`` on the worker's channel. A failed check starts building a fresh
+        channel in the background (the old one serves until it is ready): a worker that
+        restarted, or a channel stuck in a bad state, heals without being re-added."""
+        from shunter.transport.scheduler import SchedulerError
+
+        cell = worker.scheduler_cell
+        assert cell is not None
+        client = cell.value
+        try:
+            client = client or await cell.get()
+            healthy, _ = await client.health_check(self.config.timeout_secs)
+        except SchedulerError:
+            healthy = False
+        if not healthy and client is not None:
+            cell.replace(client)
+        return healthy
 
     def apply(self, worker: Worker, ok: bool) -> None:
         """Count one check result and flip the worker's health at a threshold."""

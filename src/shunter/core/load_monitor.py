@@ -88,11 +88,32 @@ class LoadMonitor:
 
     async def poll_once(self) -> None:
         workers = list(self.workers())
+        grpc = [w for w in workers if w.scheduler_cell is not None]
+        if grpc:
+            reports = await asyncio.gather(*(self._grpc_loads(w) for w in grpc))
+            for worker, (load, hit) in zip(grpc, reports, strict=True):
+                worker.reported_load, worker.cache_hit_rate = load, hit
+            workers = [w for w in workers if w.scheduler_cell is None]
         loads = await asyncio.gather(*(self.read_load(w) for w in workers))
         hits = await asyncio.gather(*(self.read_cache_hit_rate(w) for w in workers))
         for worker, load, hit in zip(workers, loads, hits, strict=True):
             worker.reported_load = load
             worker.cache_hit_rate = hit
+
+    async def _grpc_loads(self, worker: Worker) -> tuple[int | None, float | None]:
+        """``GetLoads``: tokens in use (Σ over DP ranks) and the cache hit rate."""
+        from shunter.transport.scheduler import SchedulerError
+
+        cell = worker.scheduler_cell
+        assert cell is not None
+        try:
+            client = cell.value or await cell.get()
+            reply = await client.loads(self.interval_secs)
+        except SchedulerError:
+            return None, None
+        rates = [load.cache_hit_rate for load in reply.loads]
+        hit = sum(rates) / len(rates) if rates else None
+        return sum(load.num_used_tokens for load in reply.loads), hit
 
     async def read_cache_hit_rate(self, worker: Worker) -> float | None:
         """The prefix-cache hit rate an SGLang worker (or the sim) reports in /metrics."""
@@ -111,6 +132,8 @@ class LoadMonitor:
         return None
 
     async def read_load(self, worker: Worker) -> int | None:
+        if worker.scheduler_cell is not None:
+            return (await self._grpc_loads(worker))[0]
         headers = worker.auth_headers()
         if worker.runtime is Runtime.SGLANG:
             for path in ("/get_load", "/v1/loads"):

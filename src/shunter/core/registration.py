@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 
 from shunter.config import ConfigError, validate_worker_url
+from shunter.core.grpc_discovery import describe, first_to_answer, wait_until_healthy
 from shunter.core.once import OnceCell
 from shunter.core.registry import WorkerRegistry
-from shunter.core.worker import Runtime, Worker, WorkerType
+from shunter.core.worker import ConnectionMode, Runtime, Worker, WorkerType
 from shunter.policies.factory import PolicyError, create_policy
 from shunter.transport.base import UpstreamClient, UpstreamError
 
@@ -44,6 +45,7 @@ class WorkerSpec:
     bootstrap_port: int | None = None
     runtime: Runtime | None = None  # None: detect
     labels: dict[str, str] = field(default_factory=dict)
+    probe_grpc: bool = False  # given without a scheme: probe HTTP and gRPC at once
 
     @classmethod
     def from_json(cls, payload: Any) -> WorkerSpec:
@@ -56,7 +58,9 @@ class WorkerSpec:
             url = validate_worker_url(url)
         except ConfigError as exc:
             raise SpecError(str(exc)) from None
+        probe_grpc = "://" not in payload["url"]
         labels = _string_map(payload.get("labels"), "labels")
+        _parser_labels(payload, labels)
         for key in ("priority", "cost"):
             value = payload.get(key)
             if value is not None:
@@ -68,7 +72,7 @@ class WorkerSpec:
                 create_policy(labels["policy"])
             except PolicyError as exc:
                 raise SpecError(f"labels.policy: {exc}") from None
-        spec = cls(url=url, labels=labels)
+        spec = cls(url=url, labels=labels, probe_grpc=probe_grpc)
         spec.api_key = _optional_str(payload, "api_key")
         spec.model_id = _optional_str(payload, "model_id")
         kind = _optional_str(payload, "worker_type") or "regular"
@@ -86,6 +90,20 @@ class WorkerSpec:
             raise SpecError("'bootstrap_port' must be a port number")
         spec.bootstrap_port = port
         return spec
+
+
+def _parser_labels(payload: dict[str, Any], labels: dict[str, str]) -> None:
+    """The per-worker output parsers of a gRPC worker (smg's ``reasoning_parser`` and
+    ``tool_parser`` fields), kept as labels, which the gRPC path reads."""
+    from shunter.parsers.reasoning import REASONING_PARSERS
+    from shunter.parsers.tool_calls import TOOL_CALL_PARSERS
+
+    for key, known in (("reasoning_parser", REASONING_PARSERS), ("tool_parser", TOOL_CALL_PARSERS)):
+        value = _optional_str(payload, key)
+        if value is not None:
+            if value not in known:
+                raise SpecError(f"'{key}' must be one of {', '.join(known)}")
+            labels[key] = value
 
 
 def _optional_str(payload: dict[str, Any], key: str) -> str | None:
@@ -120,6 +138,8 @@ class Registrar:
         control: UpstreamClient,
         new_client_cell: Callable[[str], OnceCell[UpstreamClient]],
         *,
+        new_scheduler_cell: Callable[[str], OnceCell[Any]] | None = None,
+        probe_timeout_secs: float = 5.0,
         startup_timeout_secs: float,
         check_interval_secs: float,
         dp_aware: bool = False,
@@ -128,6 +148,8 @@ class Registrar:
         self.registry = registry
         self.control = control
         self.new_client_cell = new_client_cell
+        self.new_scheduler_cell = new_scheduler_cell  # None: gRPC support not installed
+        self.probe_timeout_secs = probe_timeout_secs
         self.startup_timeout_secs = startup_timeout_secs
         self.check_interval_secs = check_interval_secs
         self.dp_aware = dp_aware
@@ -139,7 +161,20 @@ class Registrar:
         if self.registry.get_by_url(spec.url) or self.registry.get_by_url(spec.url + "@0"):
             raise SpecError(f"worker {spec.url} already exists; use PUT to update it")
         headers = _auth_headers(spec.api_key)
-        await self._wait_until_reachable(spec.url, headers)
+        if spec.url.startswith("grpc://"):
+            return await self._add_grpc(spec, self._scheduler_cell(spec.url), wait=True)
+        if spec.probe_grpc and self.new_scheduler_cell is not None:
+            grpc_url = "grpc://" + spec.url.split("://", 1)[1]
+            cell = self._scheduler_cell(grpc_url)
+            mode = await first_to_answer(
+                lambda: self._wait_until_reachable(spec.url, headers),
+                lambda: self._wait_grpc(cell),
+            )
+            if mode == "grpc":
+                return await self._add_grpc(dataclasses.replace(spec, url=grpc_url), cell)
+            await cell.close()
+        else:
+            await self._wait_until_reachable(spec.url, headers)
         found = await self.discover(spec.url, headers, spec.runtime)
         workers = self._build(spec, found)
         for worker in workers:
@@ -157,6 +192,44 @@ class Registrar:
         )
         self._changed(workers, ())
         return workers
+
+    def _scheduler_cell(self, url: str) -> OnceCell[Any]:
+        if self.new_scheduler_cell is None:
+            raise SpecError(
+                f"{url}: gRPC workers need the grpc extra (pip install 'shunter[grpc]')"
+            )
+        return self.new_scheduler_cell(url)
+
+    async def _wait_grpc(self, cell: OnceCell[Any]) -> None:
+        await wait_until_healthy(cell, self.startup_timeout_secs, self.probe_timeout_secs,
+                                 self.check_interval_secs)  # fmt: skip
+
+    async def _add_grpc(
+        self, spec: WorkerSpec, cell: OnceCell[Any], wait: bool = False
+    ) -> list[Worker]:
+        """Register a gRPC worker: health, then model and server info; one channel, ``cell``,
+        serves all its requests."""
+        try:
+            if wait:
+                await self._wait_grpc(cell)
+            found = await describe(cell, self.probe_timeout_secs)
+        except BaseException:
+            await cell.close()
+            raise
+        worker = Worker(
+            url=spec.url, models=(spec.model_id or found.model,), worker_type=spec.worker_type,
+            bootstrap_port=spec.bootstrap_port, connection_mode=ConnectionMode.GRPC,
+            runtime=Runtime.SGLANG, labels={**found.labels, **spec.labels},
+            api_key=spec.api_key, base_url=spec.url, scheduler_cell=cell,
+        )  # fmt: skip
+        self.registry.register(worker)
+        worker.healthy = True
+        log.info(
+            "worker registered",
+            extra={"url": spec.url, "runtime": "sglang (gRPC)", "models": list(worker.models)},
+        )
+        self._changed([worker], ())
+        return [worker]
 
     async def _wait_until_reachable(self, url: str, headers: list[tuple[str, str]]) -> None:
         deadline = time.monotonic() + self.startup_timeout_secs

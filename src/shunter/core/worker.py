@@ -5,11 +5,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shunter.core.breaker import CircuitBreaker
 from shunter.core.once import OnceCell
 from shunter.transport.base import UpstreamClient
+
+if TYPE_CHECKING:  # the gRPC client needs grpcio, which only gRPC workers use
+    from shunter.transport.scheduler import SchedulerClient
 
 
 class WorkerType(enum.Enum):
@@ -69,7 +72,8 @@ class Worker:
     health_successes: int = 0  # consecutive passed health checks
     breaker: CircuitBreaker | None = None
     breaker_open: bool = False  # mirrors breaker.state is OPEN, for a cheap is_available
-    client_cell: OnceCell[UpstreamClient] | None = None
+    client_cell: OnceCell[UpstreamClient] | None = None  # HTTP workers
+    scheduler_cell: OnceCell[SchedulerClient] | None = None  # gRPC workers
 
     def __post_init__(self) -> None:
         if not self.base_url:

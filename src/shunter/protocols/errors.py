@@ -59,3 +59,13 @@ def not_found(message: str, code: str = "not_found") -> ApiError:
 
 def unavailable(message: str, code: str = "no_available_workers") -> ApiError:
     return ApiError(503, code, message)
+
+
+def stream_broken_event(reason: str) -> bytes:
+    """The SSE event that tells a client its stream broke after the status was sent."""
+    error = {
+        "message": f"the worker stream broke: {reason}",
+        "type": "Bad Gateway",
+        "code": "upstream_stream_broken",
+    }
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"

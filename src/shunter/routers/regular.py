@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -34,15 +34,21 @@ from shunter.observability.streams import StreamStats
 from shunter.observability.tracing import Tracing, without_trace_headers
 from shunter.policies.base import Policy, RouteRequest
 from shunter.policies.registry import PolicyRegistry
-from shunter.protocols.errors import ApiError
+from shunter.protocols.errors import ApiError, stream_broken_event
 from shunter.protocols.routing import RoutingFields, decode_routing_fields, routing_text
+from shunter.routers.attempt import RetryAttempt
 from shunter.transport.base import HOP_BY_HOP, UpstreamClient, UpstreamError
+
+if TYPE_CHECKING:
+    from shunter.routers.grpc import GrpcAttempt
 
 log = logging.getLogger("shunter.router")
 
 _NOT_FORWARDED = HOP_BY_HOP | {"x-request-id"}
 # Endpoints only SGLang workers serve; OpenAI-compatible servers answer them with 404.
 SGLANG_ONLY_PATHS = frozenset({"/generate"})
+# What a gRPC worker serves (the gateway tokenizes and formats for it).
+GRPC_PATHS = frozenset({"/generate", "/v1/chat/completions", "/v1/completions"})
 _UPSTREAM_STATUS = {"connect": 502, "io": 502, "timeout": 504}
 
 
@@ -56,10 +62,6 @@ class _Attempt:
     headers: list[tuple[str, str]]
     body: bytes
     last: bool  # no retry after this one
-
-
-class _Retry(Exception):
-    """This attempt failed in a way another may fix, and nothing reached the client."""
 
 
 @dataclass(slots=True)
@@ -85,7 +87,9 @@ class RegularRouter:
         metrics: Metrics,
         retry: RetryConfig | None = None,
         tracing: Tracing | None = None,
+        grpc: GrpcAttempt | None = None,
     ) -> None:
+        self.grpc = grpc  # serves attempts on gRPC workers; None without the grpc extra
         self.registry = registry
         self.policies = policies
         self.metrics = metrics
@@ -200,7 +204,7 @@ class RegularRouter:
                 )
                 try:
                     return await self._attempt(worker, request, send, watch, last)
-                except _Retry:
+                except RetryAttempt:
                     failed.append(worker)
             raise AssertionError("the last attempt never asks for a retry")
         except asyncio.CancelledError:
@@ -222,6 +226,8 @@ class RegularRouter:
         watch: DisconnectWatch | None,
         last: bool,
     ) -> int:
+        if worker.scheduler_cell is not None:
+            return await self._grpc_attempt(worker, request, send, watch, last)
         cell = worker.client_cell
         assert cell is not None
         url = worker.base_url + request.path
@@ -245,6 +251,27 @@ class RegularRouter:
                 if watch is None:
                     return await self._relay_whole(attempt, request, send)
                 return await self._relay_stream(attempt, request, send, watch)
+            finally:
+                worker.in_flight -= 1
+                worker.processed += 1
+
+    async def _grpc_attempt(
+        self,
+        worker: Worker,
+        request: Inbound,
+        send: Send,
+        watch: DisconnectWatch | None,
+        last: bool,
+    ) -> int:
+        if self.grpc is None or request.path not in GRPC_PATHS:
+            raise ApiError(501, "not_implemented",
+                           f"{request.path} is not served by gRPC workers")  # fmt: skip
+        request.worker = worker.url
+        with self._span("upstream", client=True, worker=worker.url):
+            worker.in_flight += 1
+            try:
+                return await self.grpc.serve(worker, request.model, request.path, request.body,
+                                             request.request_id, send, watch, last)  # fmt: skip
             finally:
                 worker.in_flight -= 1
                 worker.processed += 1
@@ -291,7 +318,7 @@ class RegularRouter:
             self.metrics.worker_error(worker, "stream_" + exc.kind)
             if worker.breaker is not None:
                 worker.breaker.record(False)
-            await send_chunk(send, sse_error(exc))
+            await send_chunk(send, stream_broken_event(str(exc)))
         finally:
             await upstream.aclose()
         watch.finish()
@@ -308,7 +335,7 @@ class RegularRouter:
             self.metrics.worker_error(worker, f"status_{status}")
         if status in RETRYABLE_STATUSES:
             if not attempt.last:
-                raise _Retry
+                raise RetryAttempt
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
 
@@ -329,7 +356,7 @@ class RegularRouter:
             extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
         )
         if not attempt.last:
-            return _Retry()
+            return RetryAttempt()
         if self.retry.attempts > 1:
             self.metrics.retries_exhausted(worker, request.path)
         status = _UPSTREAM_STATUS.get(exc.kind, 502)
@@ -398,12 +425,3 @@ def inject_rank(body: bytes, worker: Worker) -> bytes:
     payload = orjson.loads(body)
     payload["data_parallel_rank"] = worker.dp_rank
     return orjson.dumps(payload)
-
-
-def sse_error(exc: UpstreamError) -> bytes:
-    error = {
-        "message": f"the worker stream broke: {exc}",
-        "type": "Bad Gateway",
-        "code": "upstream_stream_broken",
-    }
-    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"

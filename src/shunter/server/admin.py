@@ -69,8 +69,7 @@ class AdminHandlers:
         """
         worker = self.state.router.first_available()
         cell = worker.client_cell
-        assert cell is not None
-        client = cell.value or await cell.get()
+        client = None if cell is None else cell.value or await cell.get()
         try:
             body = await engine_ops.health_generate(client, worker)
         except EngineOpError as exc:
@@ -86,6 +85,10 @@ class AdminHandlers:
         return await self._proxy(call, "/get_model_info")
 
     async def _proxy(self, call: Call, path: str, worker: Worker | None = None) -> int:
+        worker = worker or self.state.router.first_available()
+        if worker.scheduler_cell is not None:
+            return await call.reply_raw(200, [(b"content-type", b"application/json")],
+                                        await _grpc_info(worker, path))  # fmt: skip
         status, headers, body = await self.state.router.proxy_get(path, call.request_id, worker)
         return await call.reply_raw(status, [h for h in headers if h[0] != b"x-request-id"], body)
 
@@ -271,6 +274,21 @@ class AdminHandlers:
         if job is not None:
             info["job_status"] = job.as_dict()
         return await call.reply_json(200, info)
+
+
+async def _grpc_info(worker: Worker, path: str) -> bytes:
+    """/get_server_info or /get_model_info of a gRPC worker, from its RPCs, as JSON."""
+    from google.protobuf.json_format import MessageToJson
+
+    from shunter.transport.scheduler import SchedulerError
+
+    assert worker.scheduler_cell is not None
+    try:
+        client = worker.scheduler_cell.value or await worker.scheduler_cell.get()
+        info = await (client.server_info(5.0) if "server" in path else client.model_info(5.0))
+    except SchedulerError as exc:
+        raise ApiError(exc.status, "upstream_unavailable", str(exc)) from None
+    return str(MessageToJson(info, preserving_proto_field_name=True)).encode()
 
 
 def _check_update(changes: Any) -> None:

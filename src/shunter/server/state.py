@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Sequence
+from importlib.util import find_spec
+from typing import Any
 
 from shunter.config import GatewayConfig
 from shunter.core.breaker import CircuitBreaker, State
@@ -59,6 +61,44 @@ def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
     return context
 
 
+def grpc_available() -> bool:
+    """Whether the grpc extra (grpcio, smg-grpc-proto, tokenizers, jinja2) is installed."""
+    return all(find_spec(m) is not None for m in ("grpc", "smg_grpc_proto", "tokenizers", "jinja2"))
+
+
+def _scheduler_cell_factory(
+    retire_grace_secs: float = 1800.0,
+) -> Callable[[str], OnceCell[Any]] | None:
+    """Cells for gRPC workers' channels: created on first use, replaced when broken. A
+    replaced channel is retired (closed once its running calls end), not cut."""
+    if not grpc_available():
+        return None
+    from shunter.transport.scheduler import SchedulerClient
+
+    def new_cell(url: str) -> OnceCell[Any]:
+        async def create() -> SchedulerClient:
+            return SchedulerClient(url)
+
+        async def retire(client: SchedulerClient) -> None:
+            await client.retire(retire_grace_secs)
+
+        return OnceCell(create, retire)
+
+    return new_cell
+
+
+def _grpc_attempt(config: GatewayConfig, metrics: Metrics) -> Any:
+    if not grpc_available():
+        return None
+    from shunter.routers.grpc import GrpcAttempt, Tokenizers
+
+    tokenizers = Tokenizers(
+        config.tokenizer_path, config.chat_template, config.probe_timeout_secs * 6
+    )
+    return GrpcAttempt(metrics, tokenizers, config.request_timeout_secs,
+                       config.reasoning_parser, config.tool_call_parser)  # fmt: skip
+
+
 class GatewayState:
     def __init__(self, config: GatewayConfig, client_factory: ClientFactory | None = None) -> None:
         self.config = config
@@ -70,8 +110,9 @@ class GatewayState:
         )
         self.tracing = Tracing(config.otlp_traces_endpoint) if config.enable_trace else None
         self.router = RegularRouter(
-            self.registry, self.policies, self.metrics, config.retry, self.tracing
-        )
+            self.registry, self.policies, self.metrics, config.retry, self.tracing,
+            _grpc_attempt(config, self.metrics),
+        )  # fmt: skip
         self.admission = Admission(config.admission) if config.admission.enabled else None
         identity, cas = _worker_tls(config)
         worker_settings = ClientSettings(
@@ -109,6 +150,8 @@ class GatewayState:
             self.registry,
             self.control,
             new_client_cell,
+            new_scheduler_cell=_scheduler_cell_factory(config.request_timeout_secs),
+            probe_timeout_secs=config.probe_timeout_secs,
             startup_timeout_secs=config.worker_startup_timeout_secs,
             check_interval_secs=config.worker_startup_check_interval,
             dp_aware=config.dp_aware,
@@ -147,7 +190,8 @@ class GatewayState:
     def register_configured_workers(self) -> None:
         """Queue the ``--worker-urls`` workers; they inherit the gateway's API key (as smg)."""
         for url in self.config.worker_urls:
-            self.submit_add(WorkerSpec(url=url, api_key=self.config.api_key))
+            self.submit_add(WorkerSpec(url=url, api_key=self.config.api_key,
+                                       probe_grpc=url in self.config.probe_both))  # fmt: skip
 
     def start(self) -> None:
         """Start background work; needs the running event loop."""
@@ -164,6 +208,8 @@ class GatewayState:
         for worker in self.registry.all():
             if worker.client_cell is not None:
                 await worker.client_cell.close()
+            if worker.scheduler_cell is not None and worker.scheduler_cell.value is not None:
+                await worker.scheduler_cell.value.close()
         await self.control.close()
         if self.tracing is not None:
             self.tracing.shutdown()  # flushes the spans not yet exported

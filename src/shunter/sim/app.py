@@ -354,6 +354,8 @@ class SimApp:
                 "prompt_tokens_total": s.prompt_tokens_total,
                 "cached_tokens_total": s.cached_tokens_total,
                 "generation_tokens_total": s.generation_tokens_total,
+                "abort_rpcs": s.abort_rpcs,
+                "grpc_connections": len(s.grpc_peers),
                 "running": self.engine.running,
                 "waiting": self.engine.waiting,
                 "cache_hit_rate": self.engine.cache.hit_rate,

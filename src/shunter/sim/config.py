@@ -18,6 +18,8 @@ class Faults:
     drop_after_chunks: int = -1  # close the connection after N body chunks (-1: never)
     hang: bool = False  # inference requests never answer (until the client leaves)
     fail_health: bool = False  # /health and /health_generate answer 503
+    # Not a fault: when set, gRPC outputs are this text, then end-of-sequence (parser tests).
+    scripted_reply: str = ""
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update, checking names and types; raises ValueError."""
@@ -26,7 +28,10 @@ class Faults:
             if name not in known:
                 raise ValueError(f"unknown fault {name!r}; known: {', '.join(sorted(known))}")
             current = getattr(self, name)
-            if isinstance(current, bool):
+            if isinstance(current, str):
+                if not isinstance(value, str):
+                    raise ValueError(f"{name!r} takes a string")
+            elif isinstance(current, bool):
                 if not isinstance(value, bool):
                     raise ValueError(f"fault {name!r} takes true or false")
             elif isinstance(current, int):
@@ -66,6 +71,8 @@ class SimConfig:
     tls_cert_path: str | None = None  # serve HTTPS
     tls_key_path: str | None = None
     tls_client_ca_path: str | None = None  # and require client certificates from this CA
+    grpc: bool = False  # serve SGLang's gRPC scheduler service on `port`
+    http_port: int | None = None  # with grpc: the HTTP API (and /sim/*) on this port too
     faults: Faults = field(default_factory=Faults)
 
     @property

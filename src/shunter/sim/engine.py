@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shunter.sim.cache import PrefixCache
 from shunter.sim.config import SimConfig
 
-_WORDS = [
+WORDS = [
     "the",
     "quick",
     "brown",
@@ -69,6 +69,8 @@ class EngineStats:
     prompt_tokens_total: int = 0
     cached_tokens_total: int = 0
     generation_tokens_total: int = 0
+    abort_rpcs: int = 0  # gRPC Abort calls received
+    grpc_peers: set[str] = field(default_factory=set)  # distinct client connections seen
 
 
 class Engine:
@@ -83,7 +85,7 @@ class Engine:
 
     def output_token(self, generation: Generation, index: int) -> str:
         seed = zlib.crc32(" ".join(generation.prompt_tokens[-64:]).encode())
-        return _WORDS[(seed + index * 7) % len(_WORDS)]
+        return WORDS[(seed + index * 7) % len(WORDS)]
 
     async def run(self, generation: Generation) -> AsyncIterator[str]:
         """Queue for a slot, prefill, then yield output tokens one by one.

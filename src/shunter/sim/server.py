@@ -1,7 +1,8 @@
-"""Run the simulated worker under uvicorn."""
+"""Run the simulated worker: HTTP under uvicorn, or gRPC (with HTTP beside it)."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 
 import uvicorn
@@ -12,6 +13,9 @@ from shunter.sim.config import SimConfig
 
 def run_sim(config: SimConfig, log_level: str = "warning") -> None:
     app = SimApp(config)
+    if config.grpc:
+        asyncio.run(_serve_grpc(app, config, log_level))
+        return
     tls: dict[str, object] = {}
     if config.tls_cert_path:
         tls = {"ssl_certfile": config.tls_cert_path, "ssl_keyfile": config.tls_key_path}
@@ -29,3 +33,22 @@ def run_sim(config: SimConfig, log_level: str = "warning") -> None:
         timeout_keep_alive=75,
         **tls,  # type: ignore[arg-type]
     )
+
+
+async def _serve_grpc(app: SimApp, config: SimConfig, log_level: str) -> None:
+    """The gRPC scheduler on ``port``; the HTTP API on ``http_port`` if given. Both share
+    one engine, so faults set over HTTP (/sim/faults) act on gRPC requests too."""
+    from shunter.sim.grpc_server import serve_grpc
+
+    server = await serve_grpc(config, app.engine, config.port)
+    try:
+        if config.http_port is None:
+            await server.wait_for_termination()
+            return
+        http = uvicorn.Server(uvicorn.Config(
+            app, host=config.host, port=config.http_port, lifespan="on", access_log=False,
+            log_level=log_level,
+        ))  # fmt: skip
+        await http.serve()
+    finally:
+        await server.stop(grace=1)

@@ -1,0 +1,89 @@
+"""Reaching and describing a gRPC worker: ``HealthCheck``, ``GetModelInfo``, ``GetServerInfo``.
+
+Used by the registrar for ``grpc://`` URLs, and for URLs given without a scheme, which are
+probed as HTTP and as gRPC at once (smg does the same, inventory §6.5): the first protocol
+the worker answers decides its connection mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shunter.core.once import OnceCell
+
+
+@dataclass
+class GrpcDiscovery:
+    model: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+async def wait_until_healthy(
+    cell: OnceCell[Any], timeout: float, probe_timeout: float, interval: float
+) -> None:
+    """Call ``HealthCheck`` until the worker says it is healthy; TimeoutError after
+    ``timeout`` seconds with the last reason."""
+    from shunter.transport.scheduler import SchedulerError
+
+    deadline = time.monotonic() + timeout
+    delay, last = 0.05, "no answer"
+    while True:
+        try:
+            client = cell.value or await cell.get()
+            healthy, message = await client.health_check(probe_timeout)
+            if healthy:
+                return
+            last = f"unhealthy: {message}"
+        except SchedulerError as exc:
+            last = str(exc)
+        if time.monotonic() + delay > deadline:
+            raise TimeoutError(f"gRPC worker not ready after {timeout:g}s: {last}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0, interval)
+
+
+async def describe(cell: OnceCell[Any], probe_timeout: float) -> GrpcDiscovery:
+    """The worker's model and labels from its model and server info."""
+    client = cell.value or await cell.get()
+    info = await client.model_info(probe_timeout)
+    model = info.served_model_name or info.model_path or "unknown"
+    labels = {"model_path": info.model_path or model}
+    if info.model_type:
+        labels["model_type"] = info.model_type
+    if info.architectures:
+        labels["architectures"] = ",".join(info.architectures)
+    if info.tokenizer_path:
+        labels["tokenizer_path"] = info.tokenizer_path
+    server = await client.server_info(probe_timeout)
+    if server.sglang_version:
+        labels["sglang_version"] = server.sglang_version
+    return GrpcDiscovery(model, labels)
+
+
+async def first_to_answer(
+    http: Callable[[], Awaitable[None]], grpc: Callable[[], Awaitable[None]]
+) -> str:
+    """Run both probes; "http" or "grpc" for the first to succeed. If both fail, raise the
+    HTTP probe's error (the usual case for a URL without a scheme)."""
+    tasks = {
+        asyncio.ensure_future(http()): "http",
+        asyncio.ensure_future(grpc()): "grpc",
+    }
+    errors: dict[str, BaseException] = {}
+    try:
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.exception()
+                if error is None:
+                    return tasks[task]
+                errors[tasks[task]] = error
+        raise errors["http"]
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,256 @@
+"""An inference request as the gRPC path needs it: prompt, sampling parameters, output shape.
+
+Built from the JSON of ``/v1/chat/completions``, ``/v1/completions`` or ``/generate``. The
+sampling parameters get SGLang's defaults explicitly, because a proto3 field left out reads
+as 0, which is not SGLang's default for temperature (1), top_p (1) or top_k (-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from shunter.protocols.errors import ApiError
+
+CHAT, COMPLETION, GENERATE = "chat", "completion", "generate"
+KIND_OF_PATH = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": COMPLETION,
+    "/generate": GENERATE,
+}
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, "invalid_request", message)
+
+
+@dataclass
+class Sampling:
+    """SGLang's SamplingParams, defaults included."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int | None = None
+    min_new_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    no_stop_trim: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    n: int = 1
+    regex: str | None = None
+    json_schema: str | None = None
+    ebnf: str | None = None
+
+    def as_proto_fields(self) -> dict[str, Any]:
+        fields = {
+            k: v for k, v in self.__dict__.items() if k not in ("regex", "json_schema", "ebnf")
+        }
+        if self.max_new_tokens is None:
+            del fields["max_new_tokens"]
+        for name, proto_name in (("regex", "regex"), ("json_schema", "json_schema"),
+                                 ("ebnf", "ebnf_grammar")):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                fields[proto_name] = value
+        return fields
+
+
+@dataclass
+class GenerationRequest:
+    kind: str  # CHAT, COMPLETION or GENERATE
+    model: str | None
+    stream: bool
+    sampling: Sampling
+    messages: list[dict[str, Any]] | None = None  # chat
+    tools: list[Any] | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None  # completion / generate
+    input_ids: list[int] | None = None  # generate with ids
+    include_usage: bool = False  # streamed usage chunk (stream_options.include_usage)
+    separate_reasoning: bool = True
+
+
+# --- field readers -----------------------------------------------------------------------
+
+
+def _number(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise _bad(f"'{key}' must be a number between {low} and {high}")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], key: str, default: int | None, low: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _bad(f"'{key}' must be an integer >= {low}")
+    return value
+
+
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(f"'{key}' must be true or false")
+    return value
+
+
+def _stops(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return list(value)
+    raise _bad("'stop' must be a string or a list of strings")
+
+
+def _token_ids(value: Any, key: str) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                       and t >= 0 for t in value):  # fmt: skip
+        return list(value)
+    raise _bad(f"'{key}' must be a list of token ids")
+
+
+def sampling_from(params: dict[str, Any], max_tokens_key: str) -> Sampling:
+    """Sampling parameters from OpenAI fields (or /generate's sampling_params)."""
+    sampling = Sampling(
+        temperature=_number(params, "temperature", 1.0, 0.0, 100.0),
+        top_p=_number(params, "top_p", 1.0, 0.0, 1.0),
+        top_k=int(_integer(params, "top_k", -1, -1) or -1),
+        min_p=_number(params, "min_p", 0.0, 0.0, 1.0),
+        frequency_penalty=_number(params, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_number(params, "presence_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(params, "repetition_penalty", 1.0, 0.0, 2.0),
+        max_new_tokens=_integer(params, max_tokens_key, None, 0),
+        min_new_tokens=int(_integer(params, "min_tokens", 0, 0) or
+                           _integer(params, "min_new_tokens", 0, 0) or 0),
+        stop=_stops(params.get("stop")),
+        stop_token_ids=_token_ids(params.get("stop_token_ids"), "stop_token_ids"),
+        ignore_eos=_flag(params, "ignore_eos", False),
+        no_stop_trim=_flag(params, "no_stop_trim", False),
+        skip_special_tokens=_flag(params, "skip_special_tokens", True),
+        spaces_between_special_tokens=_flag(params, "spaces_between_special_tokens", True),
+        n=int(_integer(params, "n", 1, 1) or 1),
+    )  # fmt: skip
+    if sampling.n > 128:
+        raise _bad("'n' must be at most 128")
+    if sampling.top_k == 0:
+        sampling.top_k = -1  # 0 means "off" in OpenAI-style clients, as -1 does in SGLang
+    for key in ("regex", "json_schema", "ebnf"):
+        value = params.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise _bad(f"'{key}' must be a string")
+            setattr(sampling, key, value)
+    return sampling
+
+
+def _response_format(body: dict[str, Any], sampling: Sampling) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict):
+        raise _bad("'response_format' must be an object")
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise _bad("'response_format.json_schema.schema' must be an object")
+        sampling.json_schema = orjson.dumps(schema).decode()
+    elif fmt.get("type") == "json_object":
+        sampling.json_schema = '{"type": "object"}'
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise _bad("'messages' must be a non-empty list")
+    messages = []
+    for message in value:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _bad("each message must be an object with a 'role'")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            texts = [p.get("text", "") for p in content
+                     if isinstance(p, dict) and p.get("type") == "text"]  # fmt: skip
+            message = {**message, "content": "".join(texts)}
+        elif content is not None and not isinstance(content, str):
+            raise _bad("a message's 'content' must be a string or a list of parts")
+        messages.append(message)
+    return messages
+
+
+def parse_generation_request(path: str, body: bytes) -> GenerationRequest:
+    """The request behind ``body`` for ``path``; a 400 ApiError if it is malformed."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise _bad(f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _bad("the body must be a JSON object")
+    kind = KIND_OF_PATH[path]
+    model = data.get("model") if isinstance(data.get("model"), str) else None
+    stream = _flag(data, "stream", False)
+    options = data.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    if kind == GENERATE:
+        return _generate_request(data, model, stream)
+    sampling = sampling_from(
+        data, "max_completion_tokens" if data.get("max_completion_tokens") is not None
+        else "max_tokens",
+    )  # fmt: skip
+    _response_format(data, sampling)
+    if kind == CHAT:
+        tools = data.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise _bad("'tools' must be a list")
+        kwargs = data.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise _bad("'chat_template_kwargs' must be an object")
+        return GenerationRequest(
+            CHAT, model, stream, sampling, messages=_messages(data.get("messages")),
+            tools=tools if data.get("tool_choice") != "none" else None, template_kwargs=kwargs,
+            include_usage=include_usage,
+            separate_reasoning=_flag(data, "separate_reasoning", True),
+        )  # fmt: skip
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return GenerationRequest(COMPLETION, model, stream, sampling, input_ids=prompt,
+                                 include_usage=include_usage)  # fmt: skip
+    if not isinstance(prompt, str):
+        raise _bad("'prompt' must be a string, a one-string list or a list of token ids")
+    return GenerationRequest(COMPLETION, model, stream, sampling, text=prompt,
+                             include_usage=include_usage)  # fmt: skip
+
+
+def _generate_request(data: dict[str, Any], model: str | None, stream: bool) -> GenerationRequest:
+    params = data.get("sampling_params") or {}
+    if not isinstance(params, dict):
+        raise _bad("'sampling_params' must be an object")
+    sampling = sampling_from(params, "max_new_tokens")
+    if isinstance(data.get("input_ids"), list):
+        ids = _token_ids(data["input_ids"], "input_ids")
+        if not ids:
+            raise _bad("'input_ids' is empty")
+        return GenerationRequest(GENERATE, model, stream, sampling, input_ids=ids)
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise _bad("give 'text' (a string) or 'input_ids'; batches are not supported over gRPC")
+    return GenerationRequest(GENERATE, model, stream, sampling, text=text)

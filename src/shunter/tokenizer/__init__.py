@@ -1,0 +1,2 @@
+"""Gateway-side tokenization for the gRPC data plane: tokenizer and chat template,
+incremental detokenization, stop sequences."""
