@@ -89,14 +89,14 @@ async def ttft_under_load(port: int, concurrent: int = 64) -> float:
 
         async def one() -> float:
             began = time.perf_counter()
+            first: float | None = None
             async with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 async for line in response.aiter_lines():
-                    if '"content":"' in line and '"content":""' not in line:
+                    if first is None and '"content":"' in line and '"content":""' not in line:
                         first = time.perf_counter() - began
-                        async for _ in response.aiter_lines():
-                            pass
-                        return first * 1000
-            raise RuntimeError("no content")
+            if first is None:
+                raise RuntimeError("no content")
+            return first * 1000
 
         return statistics.median(await asyncio.gather(*(one() for _ in range(concurrent))))
 

@@ -162,9 +162,12 @@ class GrpcAttempt:
             raise ApiError(400, "invalid_request", "the prompt is empty")
         params = pb.SamplingParams(**request.sampling.as_proto_fields())
         extra = {} if worker.dp_rank is None else {"data_parallel_rank": worker.dp_rank}
+        # A whole response needs one message from the worker, unless stop strings are to be
+        # caught as they appear (the gateway stops the worker early then).
+        stream = request.stream or bool(request.sampling.stop)
         return pb.GenerateRequest(
             request_id=rid, tokenized=pb.TokenizedInput(original_text=text, input_ids=ids),
-            sampling_params=params, stream=True, **extra,
+            sampling_params=params, stream=stream, **extra,
         )  # fmt: skip
 
     def _failure(self, worker: Worker, exc: SchedulerError, last: bool) -> Exception:
