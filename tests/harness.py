@@ -136,6 +136,9 @@ class GrpcSim(Sim):
     def stats(self) -> dict[str, Any]:
         return httpx.get(self.http_url + "/sim/stats", timeout=5).json()  # type: ignore[no-any-return]
 
+    def requests(self) -> list[dict[str, Any]]:
+        return httpx.get(self.http_url + "/sim/requests", timeout=5).json()  # type: ignore[no-any-return]
+
     def set_faults(self, **faults: Any) -> None:
         httpx.post(self.http_url + "/sim/faults", json=faults, timeout=5).raise_for_status()
 

@@ -4,16 +4,22 @@ streaming, stops, n > 1, aborts, parsers, retries, and a worker restarted on its
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import threading
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
 pytest.importorskip("smg_grpc_proto")
+
+from shunter.sim.tokenizer import tokenizer_archive
 
 from harness import Gateway, GrpcSim, Proc, Sim, wait_for
 
@@ -321,3 +327,55 @@ def test_post_workers_takes_grpc_urls_and_parser_fields(procs: list[Proc]) -> No
     assert info["connection_mode"] == "gRPC" and info["model_id"] == "thinker"
     message = reply["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == ("pondering", "Done.")
+
+
+def sent_sampling(sim: GrpcSim) -> dict[str, Any]:
+    """The sampling parameters of the last Generate call the sim received."""
+    return dict(json.loads(sim.requests()[-1]["body"])["sampling_params"])
+
+
+def test_sampling_defaults_are_sglangs_and_fields_pass_through(procs: list[Proc]) -> None:
+    sim = GrpcSim("sampling")
+    procs.append(sim)
+    gateway = Gateway(workers=[sim.url])
+    procs.append(gateway)
+    with gateway.client() as http:
+        assert http.post("/v1/chat/completions", json={"messages": CHAT}).status_code == 200
+        params = sent_sampling(sim)
+        # proto3 would read 0 for these: the gateway sets SGLang's defaults explicitly
+        assert (params["temperature"], params["top_p"], params["top_k"]) == (1.0, 1.0, -1)
+        assert params["repetition_penalty"] == 1.0 and params["skip_special_tokens"] is True
+        assert "max_new_tokens" not in params  # unset: the worker's own limit applies
+        body = {
+            "messages": CHAT,
+            "temperature": 0,
+            "top_k": 5,
+            "max_tokens": 3,
+            "stop_token_ids": [7],
+            "ignore_eos": True,
+        }
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+    params = sent_sampling(sim)
+    assert params["max_new_tokens"] == 3 and params["top_k"] == 5
+    assert params.get("temperature", 0.0) == 0.0 and params["stop_token_ids"] == [7]
+    assert params["ignore_eos"] is True
+
+
+def test_tokenizer_from_a_local_directory_with_a_template_override(
+    procs: list[Proc], tmp_path: Path
+) -> None:
+    with zipfile.ZipFile(io.BytesIO(tokenizer_archive())) as archive:
+        archive.extractall(tmp_path)
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    sim = GrpcSim("local-tokenizer")
+    procs.append(sim)
+    gateway = Gateway(
+        "--tokenizer-path", str(tmp_path), "--chat-template", str(template), workers=[sim.url]
+    )
+    procs.append(gateway)
+    with gateway.client() as http:
+        reply = http.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})
+    assert reply.status_code == 200, reply.text
+    sent = json.loads(sim.requests()[-1]["body"])["tokenized"]["original_text"]
+    assert sent == "tell me about the river\n"  # the override, not the ChatML template

@@ -14,10 +14,12 @@ import hashlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.json_format import MessageToJson
 from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2, sglang_scheduler_pb2_grpc
 
 from shunter.sim.config import SimConfig
@@ -63,9 +65,12 @@ class _Sequence:
 
 
 class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # type: ignore[misc]
-    def __init__(self, config: SimConfig, engine: Engine) -> None:
+    def __init__(
+        self, config: SimConfig, engine: Engine, recent: deque[dict[str, Any]] | None = None
+    ) -> None:
         self.config = config
         self.engine = engine
+        self.recent = recent  # the HTTP sim's /sim/requests log: tests read what was sent
         self.started = time.time()
         self.active: dict[str, asyncio.Event] = {}  # request id -> set when aborted
 
@@ -128,6 +133,9 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         self.engine.stats.grpc_peers.add(context.peer())
+        if self.recent is not None:
+            body = MessageToJson(request, preserving_proto_field_name=True)
+            self.recent.append({"path": "grpc:Generate", "headers": {}, "body": body})
         await self._faults(context)
         params = request.sampling_params
         prompt = [str(i) for i in request.tokenized.input_ids]
@@ -190,10 +198,12 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
             await context.abort(code, "injected fault")
 
 
-async def serve_grpc(config: SimConfig, engine: Engine, port: int) -> grpc.aio.Server:
+async def serve_grpc(
+    config: SimConfig, engine: Engine, port: int, recent: deque[dict[str, Any]] | None = None
+) -> grpc.aio.Server:
     """Start the scheduler service on ``config.host:port``; the caller stops it."""
     server = grpc.aio.server()
-    servicer = SchedulerServicer(config, engine)
+    servicer = SchedulerServicer(config, engine, recent)
     sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(servicer, server)
     server.add_insecure_port(f"{config.host}:{port}")
     await server.start()

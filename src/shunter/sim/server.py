@@ -40,7 +40,7 @@ async def _serve_grpc(app: SimApp, config: SimConfig, log_level: str) -> None:
     one engine, so faults set over HTTP (/sim/faults) act on gRPC requests too."""
     from shunter.sim.grpc_server import serve_grpc
 
-    server = await serve_grpc(config, app.engine, config.port)
+    server = await serve_grpc(config, app.engine, config.port, app.recent)
     try:
         if config.http_port is None:
             await server.wait_for_termination()
