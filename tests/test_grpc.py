@@ -379,3 +379,26 @@ def test_tokenizer_from_a_local_directory_with_a_template_override(
     assert reply.status_code == 200, reply.text
     sent = json.loads(sim.requests()[-1]["body"])["tokenized"]["original_text"]
     assert sent == "tell me about the river\n"  # the override, not the ChatML template
+
+
+def test_stream_broken_by_the_worker_ends_with_an_error_event(procs: list[Proc]) -> None:
+    sim = GrpcSim("fragile", "--itl-ms", "20")
+    procs.append(sim)
+    gateway = Gateway(workers=[sim.url])
+    procs.append(gateway)
+    body = {"prompt": "x", "max_tokens": 500, "stream": True}
+    events: list[str] = []
+    with (
+        httpx.Client(base_url=gateway.url, timeout=30) as client,
+        client.stream("POST", "/v1/completions", json=body) as stream,
+    ):
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+                if len(events) == 3:
+                    sim.kill()  # the worker dies mid-stream
+    assert len(events) > 3
+    assert json.loads(events[-1][6:])["error"]["code"] == "upstream_stream_broken"
+    with gateway.client() as http:  # the gateway itself is fine
+        assert http.get("/health").status_code == 200
