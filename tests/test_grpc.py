@@ -402,3 +402,26 @@ def test_stream_broken_by_the_worker_ends_with_an_error_event(procs: list[Proc])
     assert json.loads(events[-1][6:])["error"]["code"] == "upstream_stream_broken"
     with gateway.client() as http:  # the gateway itself is fine
         assert http.get("/health").status_code == 200
+
+
+def test_admin_endpoints_speak_grpc(grpc_fleet: tuple[list[GrpcSim], Gateway]) -> None:
+    sims, gateway = grpc_fleet
+    with gateway.client() as http:
+        assert http.get("/health_generate").status_code == 200
+        info = http.get("/get_server_info")
+        assert info.status_code == 200 and info.json()["server_type"] == "grpc"
+        assert http.get("/get_model_info").json()["served_model_name"] == "sim-model"
+        flushed = http.post("/flush_cache").json()
+        loads = http.get("/get_loads").json()["workers"]
+    assert flushed["status"] == "success" and flushed["workers_flushed"] == 2
+    assert [w["load"] for w in loads] == [0, 0]
+    for sim in sims:  # the scheduler reports itself unhealthy: a 503 that says why
+        sim.set_faults(fail_health=True)
+    try:
+        with gateway.client() as http:
+            failed = http.get("/health_generate")
+    finally:
+        for sim in sims:
+            sim.set_faults(fail_health=False)
+    assert failed.status_code == 503
+    assert failed.json()["error"]["code"] == "health_generate_failed"

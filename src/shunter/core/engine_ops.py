@@ -14,11 +14,16 @@ A generation check on an engine without ``/health_generate`` asks for one token 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import orjson
 
 from shunter.core.worker import Runtime, Worker
 from shunter.transport.base import FullResponse, UpstreamClient, UpstreamError
+
+if TYPE_CHECKING:
+    from shunter.transport.scheduler import SchedulerClient
 
 
 class EngineOpError(Exception):
@@ -69,17 +74,24 @@ async def _erase_slots(client: UpstreamClient, worker: Worker) -> None:
     )
 
 
-async def _grpc_flush(worker: Worker) -> None:
+async def _scheduler_check(
+    worker: Worker, what: str, call: Callable[[SchedulerClient], Awaitable[tuple[bool, str]]]
+) -> None:
+    """Run one (ok, message) RPC on a gRPC worker; EngineOpError unless it says ok."""
     from shunter.transport.scheduler import SchedulerError
 
-    assert worker.scheduler_cell is not None
+    cell = worker.scheduler_cell
+    assert cell is not None
     try:
-        scheduler = worker.scheduler_cell.value or await worker.scheduler_cell.get()
-        flushed, message = await scheduler.flush_cache(5.0)
+        ok, message = await call(cell.value or await cell.get())
     except SchedulerError as exc:
         raise EngineOpError(str(exc)) from None
-    if not flushed:
-        raise EngineOpError(f"FlushCache: {message}")
+    if not ok:
+        raise EngineOpError(f"{what}: {message}")
+
+
+async def _grpc_flush(worker: Worker) -> None:
+    await _scheduler_check(worker, "FlushCache", lambda s: s.flush_cache(5.0))
 
 
 async def health_generate(client: UpstreamClient | None, worker: Worker) -> bytes:
@@ -87,15 +99,7 @@ async def health_generate(client: UpstreamClient | None, worker: Worker) -> byte
 
     A gRPC worker's ``HealthCheck`` is the scheduler's own generation check."""
     if worker.scheduler_cell is not None:
-        from shunter.transport.scheduler import SchedulerError
-
-        try:
-            scheduler = worker.scheduler_cell.value or await worker.scheduler_cell.get()
-            healthy, message = await scheduler.health_check(30.0)
-        except SchedulerError as exc:
-            raise EngineOpError(str(exc)) from None
-        if not healthy:
-            raise EngineOpError(f"HealthCheck: {message}")
+        await _scheduler_check(worker, "HealthCheck", lambda s: s.health_check(30.0))
         return b""
     assert client is not None
     if worker.runtime is Runtime.SGLANG:
