@@ -129,6 +129,7 @@ def test_client_disconnect_aborts_the_generation(
 ) -> None:
     sims, gateway = grpc_fleet
     before = sum(s.stats()["aborted_total"] for s in sims)
+    aborts = sum(s.stats()["abort_rpcs"] for s in sims)
     body = {"model": "sim-model", "prompt": "long", "max_tokens": 5000, "stream": True}
     with (
         httpx.Client(base_url=gateway.url, timeout=30) as client,
@@ -137,6 +138,10 @@ def test_client_disconnect_aborts_the_generation(
         chunks = stream.iter_bytes()  # held: a dropped iterator closes the stream
         for _ in range(3):
             next(chunks)
+    wait_for(
+        lambda: sum(s.stats()["abort_rpcs"] for s in sims) == aborts + 1,
+        what="the gateway to send Abort",
+    )
     wait_for(
         lambda: sum(s.stats()["aborted_total"] for s in sims) == before + 1,
         what="the worker to abort the generation",
@@ -212,6 +217,22 @@ def test_failing_worker_is_retried_elsewhere(procs: list[Proc]) -> None:
         )
     assert statuses == {200: 10}
     assert good.stats()["requests_total"] == 10
+
+
+def test_breaker_opens_on_a_failing_grpc_worker(procs: list[Proc]) -> None:
+    good, bad = GrpcSim("good"), GrpcSim("bad")
+    procs += [good, bad]
+    gateway = Gateway("--policy", "round_robin", "--disable-retries", "--cb-failure-threshold",
+                      "2", workers=[good.url, bad.url])  # fmt: skip
+    procs.append(gateway)
+    bad.set_faults(error_rate=1.0, error_status=503)
+    with gateway.client() as http:
+        statuses = Counter(
+            http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code
+            for _ in range(12)
+        )
+    assert statuses == {200: 10, 502: 2}  # two failures open the circuit; then only `good`
+    assert len(bad.requests()) == 2
 
 
 def test_bare_url_is_probed_as_grpc_and_http(procs: list[Proc]) -> None:
