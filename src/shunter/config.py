@@ -19,6 +19,14 @@ NOT_YET_SCHEMES = ("grpcs",)  # TLS to gRPC workers is not built yet
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical")
 
 
+def grpc_available() -> bool:
+    """Whether the grpc extra (grpcio, smg-grpc-proto, tokenizers, jinja2) is installed."""
+    from importlib.util import find_spec
+
+    modules = ("grpc", "smg_grpc_proto", "tokenizers", "jinja2")
+    return all(find_spec(m) is not None for m in modules)
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message names it and says why."""
 
@@ -110,6 +118,8 @@ class GatewayConfig:
         return self
 
     def _validate_grpc(self) -> None:
+        if any(url.startswith("grpc://") for url in self.worker_urls) and not grpc_available():
+            raise ConfigError("grpc:// workers need the grpc extra: pip install 'shunter[grpc]'")
         from shunter.parsers.reasoning import REASONING_PARSERS
         from shunter.parsers.tool_calls import TOOL_CALL_PARSERS
 

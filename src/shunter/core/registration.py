@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from shunter.config import ConfigError, validate_worker_url
+from shunter.config import ConfigError, grpc_available, validate_worker_url
 from shunter.core.grpc_discovery import describe, first_to_answer, wait_until_healthy
 from shunter.core.once import OnceCell
 from shunter.core.registry import WorkerRegistry
@@ -58,6 +58,8 @@ class WorkerSpec:
             url = validate_worker_url(url)
         except ConfigError as exc:
             raise SpecError(str(exc)) from None
+        if url.startswith("grpc://") and not grpc_available():
+            raise SpecError("grpc:// workers need the grpc extra: pip install 'shunter[grpc]'")
         probe_grpc = "://" not in payload["url"]
         labels = _string_map(payload.get("labels"), "labels")
         _parser_labels(payload, labels)

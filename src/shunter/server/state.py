@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Sequence
-from importlib.util import find_spec
 from typing import Any
 
-from shunter.config import GatewayConfig
+from shunter.config import GatewayConfig, grpc_available
 from shunter.core.breaker import CircuitBreaker, State
 from shunter.core.health import HealthChecker
 from shunter.core.jobs import JobQueue
@@ -59,11 +58,6 @@ def _ssl_context(config: GatewayConfig) -> ssl.SSLContext | None:
     if config.client_cert_path and config.client_key_path:
         context.load_cert_chain(config.client_cert_path, config.client_key_path)
     return context
-
-
-def grpc_available() -> bool:
-    """Whether the grpc extra (grpcio, smg-grpc-proto, tokenizers, jinja2) is installed."""
-    return all(find_spec(m) is not None for m in ("grpc", "smg_grpc_proto", "tokenizers", "jinja2"))
 
 
 def _scheduler_cell_factory(
