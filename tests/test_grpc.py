@@ -446,3 +446,24 @@ def test_admin_endpoints_speak_grpc(grpc_fleet: tuple[list[GrpcSim], Gateway]) -
             sim.set_faults(fail_health=False)
     assert failed.status_code == 503
     assert failed.json()["error"]["code"] == "health_generate_failed"
+
+
+def test_stop_token_ids_end_the_output_trimmed_unless_asked(
+    grpc_fleet: tuple[list[GrpcSim], Gateway],
+) -> None:
+    def generate(**params: object) -> dict[str, Any]:
+        body = {"text": "stop ids", "sampling_params": {"max_new_tokens": 12, **params}}
+        with grpc_fleet[1].client() as http:
+            reply = http.post("/generate", json=body)
+        assert reply.status_code == 200, reply.text
+        return dict(reply.json())
+
+    full = generate()
+    ids = full["output_ids"]
+    at = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    cut = generate(stop_token_ids=[ids[at]])
+    assert cut["output_ids"] == ids[: at + 1]
+    assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": ids[at]}
+    kept = generate(stop_token_ids=[ids[at]], no_stop_trim=True)
+    assert full["text"].startswith(kept["text"]) and kept["text"].startswith(cut["text"])
+    assert len(kept["text"]) > len(cut["text"])  # the stop token's text stays in
