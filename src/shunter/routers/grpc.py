@@ -125,7 +125,7 @@ class GrpcAttempt:
         call: Any = client.generate(generate, self.request_timeout)
         output = _Output(self, worker, request, tokenizer, request_id, model)
         try:
-            status = await output.run(call, send, watch is not None, last)
+            status = await output.run(call, send, watch is not None)
         except asyncio.CancelledError:
             call.cancel()
             self._abort(client, request_id, "client disconnected")
@@ -228,7 +228,7 @@ class _Output:
         self.format = OutputFormat(request, request_id, request.model or model)
         self.stopped_early = False
 
-    async def run(self, call: Any, send: Send, stream: bool, last: bool) -> int:
+    async def run(self, call: Any, send: Send, stream: bool) -> int:
         started = False
         try:
             async for response in call:
