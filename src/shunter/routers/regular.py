@@ -226,8 +226,33 @@ class RegularRouter:
         watch: DisconnectWatch | None,
         last: bool,
     ) -> int:
-        if worker.scheduler_cell is not None:
-            return await self._grpc_attempt(worker, request, send, watch, last)
+        """One try on ``worker``, over HTTP or gRPC, its load counted while it runs."""
+        over_grpc = worker.scheduler_cell is not None
+        if over_grpc and (self.grpc is None or request.path not in GRPC_PATHS):
+            raise ApiError(501, "not_implemented",
+                           f"{request.path} is not served by gRPC workers")  # fmt: skip
+        request.worker = worker.url
+        with self._span("upstream", client=True, worker=worker.url):
+            worker.in_flight += 1
+            try:
+                if over_grpc:
+                    assert self.grpc is not None
+                    return await self.grpc.serve(worker, request.model, request.path,
+                                                 request.body, request.request_id, send, watch,
+                                                 last)  # fmt: skip
+                return await self._http_attempt(worker, request, send, watch, last)
+            finally:
+                worker.in_flight -= 1
+                worker.processed += 1
+
+    async def _http_attempt(
+        self,
+        worker: Worker,
+        request: Inbound,
+        send: Send,
+        watch: DisconnectWatch | None,
+        last: bool,
+    ) -> int:
         cell = worker.client_cell
         assert cell is not None
         url = worker.base_url + request.path
@@ -241,40 +266,11 @@ class RegularRouter:
             body=request.body if worker.dp_rank is None else inject_rank(request.body, worker),
             last=last,
         )
-        request.worker = worker.url
-        with self._span("upstream", client=True, worker=worker.url):
-            if self.tracing is not None:  # the worker continues our trace, not the client's
-                attempt.headers = [*without_trace_headers(attempt.headers),
-                                   *self.tracing.outgoing()]  # fmt: skip
-            worker.in_flight += 1
-            try:
-                if watch is None:
-                    return await self._relay_whole(attempt, request, send)
-                return await self._relay_stream(attempt, request, send, watch)
-            finally:
-                worker.in_flight -= 1
-                worker.processed += 1
-
-    async def _grpc_attempt(
-        self,
-        worker: Worker,
-        request: Inbound,
-        send: Send,
-        watch: DisconnectWatch | None,
-        last: bool,
-    ) -> int:
-        if self.grpc is None or request.path not in GRPC_PATHS:
-            raise ApiError(501, "not_implemented",
-                           f"{request.path} is not served by gRPC workers")  # fmt: skip
-        request.worker = worker.url
-        with self._span("upstream", client=True, worker=worker.url):
-            worker.in_flight += 1
-            try:
-                return await self.grpc.serve(worker, request.model, request.path, request.body,
-                                             request.request_id, send, watch, last)  # fmt: skip
-            finally:
-                worker.in_flight -= 1
-                worker.processed += 1
+        if self.tracing is not None:  # the worker continues our trace, not the client's
+            attempt.headers = [*without_trace_headers(attempt.headers), *self.tracing.outgoing()]
+        if watch is None:
+            return await self._relay_whole(attempt, request, send)
+        return await self._relay_stream(attempt, request, send, watch)
 
     async def _relay_whole(self, attempt: _Attempt, request: Inbound, send: Send) -> int:
         try:
