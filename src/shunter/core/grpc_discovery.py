@@ -8,7 +8,6 @@ the worker answers decides its connection mode.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,28 +21,16 @@ class GrpcDiscovery:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-async def wait_until_healthy(
-    cell: OnceCell[Any], timeout: float, probe_timeout: float, interval: float
-) -> None:
-    """Call ``HealthCheck`` until the worker says it is healthy; TimeoutError after
-    ``timeout`` seconds with the last reason."""
+async def health_problem(cell: OnceCell[Any], probe_timeout: float) -> str | None:
+    """What ``HealthCheck`` says is wrong with the worker, or None when it is healthy."""
     from shunter.transport.scheduler import SchedulerError
 
-    deadline = time.monotonic() + timeout
-    delay, last = 0.05, "no answer"
-    while True:
-        try:
-            client = cell.value or await cell.get()
-            healthy, message = await client.health_check(probe_timeout)
-            if healthy:
-                return
-            last = f"unhealthy: {message}"
-        except SchedulerError as exc:
-            last = str(exc)
-        if time.monotonic() + delay > deadline:
-            raise TimeoutError(f"gRPC worker not ready after {timeout:g}s: {last}")
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0, interval)
+    try:
+        client = cell.value or await cell.get()
+        healthy, message = await client.health_check(probe_timeout)
+    except SchedulerError as exc:
+        return str(exc)
+    return None if healthy else f"unhealthy: {message}"
 
 
 async def describe(cell: OnceCell[Any], probe_timeout: float) -> GrpcDiscovery:

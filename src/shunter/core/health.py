@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shunter.core.grpc_discovery import health_problem
 from shunter.core.periodic import Periodic
 from shunter.core.worker import Worker
 from shunter.transport.base import UpstreamClient, UpstreamError
@@ -91,16 +92,11 @@ class HealthChecker:
         """``HealthCheck`` on the worker's channel. A failed check starts building a fresh
         channel in the background (the old one serves until it is ready): a worker that
         restarted, or a channel stuck in a bad state, heals without being re-added."""
-        from shunter.transport.scheduler import SchedulerError
-
         cell = worker.scheduler_cell
         assert cell is not None
-        client = cell.value
-        try:
-            client = client or await cell.get()
-            healthy, _ = await client.health_check(self.config.timeout_secs)
-        except SchedulerError:
-            healthy = False
+        probed = cell.value  # the channel this check judges (None: created by the check)
+        healthy = await health_problem(cell, self.config.timeout_secs) is None
+        client = probed or cell.value
         if not healthy and client is not None:
             cell.replace(client)
         return healthy

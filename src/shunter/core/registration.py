@@ -11,14 +11,14 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from shunter.config import ConfigError, grpc_available, validate_worker_url
-from shunter.core.grpc_discovery import describe, first_to_answer, wait_until_healthy
+from shunter.core.grpc_discovery import describe, first_to_answer, health_problem
 from shunter.core.once import OnceCell
 from shunter.core.registry import WorkerRegistry
 from shunter.core.worker import ConnectionMode, Runtime, Worker, WorkerType
@@ -202,10 +202,6 @@ class Registrar:
             )
         return self.new_scheduler_cell(url)
 
-    async def _wait_grpc(self, cell: OnceCell[Any]) -> None:
-        await wait_until_healthy(cell, self.startup_timeout_secs, self.probe_timeout_secs,
-                                 self.check_interval_secs)  # fmt: skip
-
     async def _add_grpc(
         self, spec: WorkerSpec, cell: OnceCell[Any], wait: bool = False
     ) -> list[Worker]:
@@ -234,20 +230,28 @@ class Registrar:
         return [worker]
 
     async def _wait_until_reachable(self, url: str, headers: list[tuple[str, str]]) -> None:
-        deadline = time.monotonic() + self.startup_timeout_secs
-        delay = 0.05
-        last_error = "no answer"
-        while True:
+        async def probe() -> str | None:
             try:
                 response = await self.control.request("GET", url + "/health", headers, None)
-                if 200 <= response.status < 300:
-                    return
-                last_error = f"/health answered {response.status}"
             except UpstreamError as exc:
-                last_error = str(exc)
+                return str(exc)
+            return None if 200 <= response.status < 300 else f"/health answered {response.status}"
+
+        await self._wait_until(probe, f"worker {url}")
+
+    async def _wait_grpc(self, cell: OnceCell[Any]) -> None:
+        await self._wait_until(lambda: health_problem(cell, self.probe_timeout_secs),
+                               "gRPC worker")  # fmt: skip
+
+    async def _wait_until(self, probe: Callable[[], Awaitable[str | None]], what: str) -> None:
+        """Probe (it returns what is wrong, or None) with growing pauses until it passes;
+        TimeoutError with the last reason after the start-up timeout."""
+        deadline = time.monotonic() + self.startup_timeout_secs
+        delay = 0.05
+        while (problem := await probe()) is not None:
             if time.monotonic() + delay > deadline:
                 raise TimeoutError(
-                    f"worker {url} not ready after {self.startup_timeout_secs:g}s: {last_error}"
+                    f"{what} not ready after {self.startup_timeout_secs:g}s: {problem}"
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0, self.check_interval_secs)
