@@ -57,6 +57,15 @@ class Proc:
             self.stop()
             raise
 
+    def answers(self, url: str, statuses: Sequence[int], what: str) -> bool:
+        """Whether ``GET url`` answers one of ``statuses``; raises if the process exited."""
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n{self.output()}")
+        try:
+            return httpx.get(url, timeout=1, verify=False).status_code in statuses
+        except httpx.HTTPError:
+            return False
+
     def output(self) -> str:
         with open(self.log.name, errors="replace") as f:
             return f.read()
@@ -80,67 +89,50 @@ class Proc:
 
 
 class Sim(Proc):
-    def __init__(self, name: str, *extra: str, port: int | None = None) -> None:
+    """`shunter sim`. With ``http_port`` it serves gRPC on ``port`` (``url`` is grpc://)
+    and its HTTP API (/health, /sim/*) on ``http_port``; ``control_url`` is that API."""
+
+    def __init__(
+        self, name: str, *extra: str, port: int | None = None, http_port: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.name = name
         scheme = "https" if "--tls-cert-path" in extra else "http"
-        self.url = f"{scheme}://{LOOPBACK}:{self.port}"
-        super().__init__(["sim", "--port", str(self.port), "--worker-id", name, *extra])
+        self.url = self.control_url = f"{scheme}://{LOOPBACK}:{self.port}"
+        args = ["sim", "--port", str(self.port), "--worker-id", name, *extra]
+        if http_port is not None:
+            self.url = f"grpc://{LOOPBACK}:{self.port}"
+            self.control_url = f"http://{LOOPBACK}:{http_port}"
+            args += ["--grpc", "--http-port", str(http_port)]
+        super().__init__(args)
         self.started(lambda: wait_for(self.ready, what=f"sim {name}"))
 
     def ready(self) -> bool:
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"sim {self.name} exited:\n{self.output()}")
-        if self.url.startswith("https"):  # it may demand a client certificate: just connect
+        if self.control_url.startswith("https"):  # it may demand a client certificate
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"sim {self.name} exited:\n{self.output()}")
             try:
                 socket.create_connection((LOOPBACK, self.port), timeout=1).close()
                 return True
             except OSError:
                 return False
-        try:
-            return httpx.get(self.url + "/health", timeout=1).status_code in (200, 503)
-        except httpx.HTTPError:
-            return False
+        return self.answers(self.control_url + "/health", (200, 503), f"sim {self.name}")
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(self.url + "/sim/stats", timeout=5).json()  # type: ignore[no-any-return]
+        return httpx.get(self.control_url + "/sim/stats", timeout=5).json()  # type: ignore[no-any-return]
 
     def requests(self) -> list[dict[str, Any]]:
-        return httpx.get(self.url + "/sim/requests", timeout=5).json()  # type: ignore[no-any-return]
+        return httpx.get(self.control_url + "/sim/requests", timeout=5).json()  # type: ignore[no-any-return]
 
     def set_faults(self, **faults: Any) -> None:
-        httpx.post(self.url + "/sim/faults", json=faults, timeout=5).raise_for_status()
+        httpx.post(self.control_url + "/sim/faults", json=faults, timeout=5).raise_for_status()
 
 
 class GrpcSim(Sim):
-    """`shunter sim --grpc`: the scheduler service on ``port`` (``url`` is grpc://), and the
-    HTTP API (/sim/stats, /sim/faults) on ``http_port``."""
+    """`shunter sim --grpc`, with its HTTP API on a port of its own."""
 
     def __init__(self, name: str, *extra: str, port: int | None = None) -> None:
-        self.http_port = free_port()
-        super().__init__(name, "--grpc", "--http-port", str(self.http_port), *extra, port=port)
-        self.url = f"grpc://{LOOPBACK}:{self.port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.http_port}"
-
-    def ready(self) -> bool:
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"sim {self.name} exited:\n{self.output()}")
-        try:
-            return httpx.get(self.http_url + "/health", timeout=1).status_code in (200, 503)
-        except httpx.HTTPError:
-            return False
-
-    def stats(self) -> dict[str, Any]:
-        return httpx.get(self.http_url + "/sim/stats", timeout=5).json()  # type: ignore[no-any-return]
-
-    def requests(self) -> list[dict[str, Any]]:
-        return httpx.get(self.http_url + "/sim/requests", timeout=5).json()  # type: ignore[no-any-return]
-
-    def set_faults(self, **faults: Any) -> None:
-        httpx.post(self.http_url + "/sim/faults", json=faults, timeout=5).raise_for_status()
+        super().__init__(name, *extra, port=port, http_port=free_port())
 
 
 class LlamaCpp(Proc):
@@ -153,12 +145,7 @@ class LlamaCpp(Proc):
         self.started(lambda: wait_for(self.ready, timeout=60, what="llama.cpp worker"))
 
     def ready(self) -> bool:
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"llama.cpp worker exited:\n{self.output()}")
-        try:
-            return httpx.get(self.url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return self.answers(self.url + "/health", (200,), "llama.cpp worker")
 
     def metric(self, name: str) -> float:
         """One sample of the engine's own /metrics (llamacpp:*)."""
@@ -188,12 +175,7 @@ class Gateway(Proc):
             self.started(lambda: self.wait_workers(len(workers)))
 
     def alive(self) -> bool:
-        if self.popen.poll() is not None:
-            raise RuntimeError(f"gateway exited:\n{self.output()}")
-        try:
-            return httpx.get(self.url + "/health", timeout=1, verify=False).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return self.answers(self.url + "/health", (200,), "gateway")
 
     def workers(self) -> list[dict[str, Any]]:
         response = httpx.get(self.url + "/workers", timeout=5, verify=False, headers=self.auth)
