@@ -25,7 +25,6 @@ import asyncio
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 import httpx
 import orjson
 
-from common import free_port, wait_http
+from common import free_port, start, wait_http, wait_registered
 
 MODEL = "smollm2"
 SYSTEMS, USERS, TURNS = 8, 24, 2
@@ -201,23 +200,6 @@ def measure(
 
 
 # --- gateways ----------------------------------------------------------------------------
-
-
-def start(command: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_registered(base: str, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            workers = httpx.get(base + "/workers", timeout=2).json()["workers"]
-            if sum(1 for w in workers if w.get("is_healthy")) == count:
-                return
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{base} never registered {count} workers")
 
 
 def through_gateway(name: str, command: list[str], port: int, workers: list[str],

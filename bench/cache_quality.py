@@ -16,13 +16,12 @@ import argparse
 import asyncio
 import random
 import shutil
-import subprocess
 import sys
 import time
 
 import httpx
 
-from common import free_port, wait_http
+from common import free_port, start, wait_http, wait_registered
 from shunter.sim.cache import PrefixCache
 from shunter.sim.engine import tokenize
 
@@ -62,10 +61,6 @@ def oracle_hit_rate(requests: list[tuple[int, list[dict[str, str]]]]) -> float:
     return hit / total
 
 
-def start(args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 async def drive(gateway: str, requests: list[tuple[int, list[dict[str, str]]]]) -> float:
     gate = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(timeout=60) as client:
@@ -95,17 +90,7 @@ def measure(
     before = [httpx.get(sim + "/sim/stats").json() for sim in sims]
     gateway = start(command)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # ready when the gateway has registered all four workers
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readiness", timeout=1)
-                if ready.status_code == 200 and ready.json().get("healthy_workers") == WORKERS:
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} never became ready")
-            time.sleep(0.2)
+        wait_registered(f"http://127.0.0.1:{port}", WORKERS)
         seconds = asyncio.run(drive(f"http://127.0.0.1:{port}", requests))
     finally:
         gateway.terminate()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 import time
 import urllib.request
 
@@ -25,3 +27,23 @@ def wait_http(url: str, timeout: float = 30) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(url)
+
+
+def start(command: list[str]) -> subprocess.Popen[bytes]:
+    """A process whose output nobody reads."""
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_registered(base: str, count: int, timeout: float = 60) -> None:
+    """Wait until the gateway at ``base`` (Shunter or smg) lists ``count`` healthy workers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(base + "/workers", timeout=2) as response:
+                workers = json.loads(response.read())["workers"]
+            if sum(1 for w in workers if w.get("is_healthy")) == count:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{base} never registered {count} workers")

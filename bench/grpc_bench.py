@@ -20,14 +20,14 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
+import subprocess
 import tempfile
 import time
 
 import httpx
 
 from common import free_port, wait_http
-from proxy_bench import LUA, cpu_seconds, run_wrk, spawn
+from proxy_bench import LUA, cpu_seconds, run_wrk, spawn, wait_routing
 
 CHAT = {
     "model": "sim-model",
@@ -39,25 +39,12 @@ CHAT = {
 }
 
 
-def start_gateway(worker: str) -> tuple[object, int]:
+def start_gateway(worker: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     process = spawn(1, "-m", "shunter", "serve", "--host", "127.0.0.1", "--port", str(port),
                     "--prometheus-port", "0", "--log-level", "warning", "--policy",
                     "round_robin", "--worker-urls", worker)  # fmt: skip
     return process, port
-
-
-def wait_ready(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=5)
-            if reply.status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"gateway on {port} never served a chat")
 
 
 async def streams(port: int, concurrent: int, rounds: int) -> int:
@@ -137,7 +124,7 @@ def main() -> None:
     sim = spawn(0, "-m", "shunter", "sim", "--grpc", "--port", str(grpc_port), "--http-port",
                 str(http_port), "--ttft-ms", "0", "--itl-ms", "0", "--prefill-us-per-token", "0",
                 "--max-running", "256")  # fmt: skip
-    gateways: dict[str, tuple[object, int]] = {}
+    gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     rows: dict[str, dict[str, list[float]]] = {}
     try:
         wait_http(f"http://127.0.0.1:{http_port}/health")
@@ -148,12 +135,12 @@ def main() -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
             script.write(LUA.format(body=body_file.name))
         for _, port in gateways.values():
-            wait_ready(port)
+            wait_routing(port, body=json.dumps(CHAT).encode())
         for _ in range(args.rounds):
             for name, (process, port) in gateways.items():
                 row = rows.setdefault(name, {"cpu_us": [], "rps": [], "p50": [], "tok_us": [],
                                              "ttft": []})  # fmt: skip
-                pid = process.pid  # type: ignore[attr-defined]
+                pid = process.pid
                 before = cpu_seconds(pid)
                 result = run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 16,
                                  args.duration, script.name)  # fmt: skip
@@ -166,8 +153,8 @@ def main() -> None:
                 row["ttft"].append(asyncio.run(ttft_under_load(port)))
     finally:
         for process, _ in gateways.values():
-            process.terminate()  # type: ignore[attr-defined]
-            process.wait()  # type: ignore[attr-defined]
+            process.terminate()
+            process.wait()
         sim.terminate()
         sim.wait()
     print(f"gateway CPU, same sim, medians of {args.rounds} rounds ({args.duration} s wrk, "
@@ -186,4 +173,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

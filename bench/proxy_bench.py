@@ -158,13 +158,13 @@ def start_gateways(up_url: str, smg: str | None) -> dict[str, tuple[subprocess.P
     return gateways
 
 
-def wait_routing(port: int, timeout: float = 60) -> None:
-    """Wait until a chat request through the gateway succeeds."""
+def wait_routing(port: int, timeout: float = 60, body: bytes = BODY) -> None:
+    """Wait until a chat request (``body``) through the gateway succeeds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=BODY,
+            data=body,
             headers={"content-type": "application/json"},
         )
         try:
