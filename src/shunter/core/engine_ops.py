@@ -52,7 +52,7 @@ async def _call(
 async def flush(client: UpstreamClient, worker: Worker) -> None:
     """Empty the worker's prefix cache, in its engine's way; raises EngineOpError."""
     if worker.scheduler_cell is not None:
-        await _grpc_flush(worker)
+        await _scheduler_check(worker, "FlushCache", lambda s: s.flush_cache(5.0))
     elif worker.runtime is Runtime.SGLANG:
         await _call(client, "POST", worker, "/flush_cache", b"")
     elif worker.runtime is Runtime.VLLM:
@@ -88,10 +88,6 @@ async def _scheduler_check(
         raise EngineOpError(str(exc)) from None
     if not ok:
         raise EngineOpError(f"{what}: {message}")
-
-
-async def _grpc_flush(worker: Worker) -> None:
-    await _scheduler_check(worker, "FlushCache", lambda s: s.flush_cache(5.0))
 
 
 async def health_generate(client: UpstreamClient | None, worker: Worker) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shunter.config import GatewayConfig, grpc_available
 from shunter.core.breaker import CircuitBreaker, State
@@ -25,6 +25,9 @@ from shunter.routers.regular import RegularRouter
 from shunter.transport.base import UpstreamClient
 from shunter.transport.reqwest import ClientSettings, ReqwestClient
 from shunter.transport.split import worker_client
+
+if TYPE_CHECKING:  # grpcio is only imported when the grpc extra is there
+    from shunter.routers.grpc import GrpcAttempt
 
 log = logging.getLogger("shunter.gateway")
 
@@ -81,13 +84,18 @@ def _scheduler_cell_factory(
     return new_cell
 
 
-def _grpc_attempt(config: GatewayConfig, metrics: Metrics) -> Any:
+# Fetching a tokenizer from a worker (GetTokenizer streams a zip of a few MB) may take
+# longer than a probe.
+TOKENIZER_FETCH_TIMEOUT_SECS = 30.0
+
+
+def _grpc_attempt(config: GatewayConfig, metrics: Metrics) -> GrpcAttempt | None:
     if not grpc_available():
         return None
     from shunter.routers.grpc import GrpcAttempt, Tokenizers
 
     tokenizers = Tokenizers(
-        config.tokenizer_path, config.chat_template, config.probe_timeout_secs * 6
+        config.tokenizer_path, config.chat_template, TOKENIZER_FETCH_TIMEOUT_SECS
     )
     return GrpcAttempt(metrics, tokenizers, config.request_timeout_secs,
                        config.reasoning_parser, config.tool_call_parser)  # fmt: skip

@@ -48,13 +48,12 @@ class _Sequence:
         self.generation = generation
         self.pending: list[int] = []
         self.words = 0
+        self.scripted = bool(scripted)  # then never refilled: after the reply, end-of-sequence
         if scripted:
-            ids = sim_tokenizer().encode(scripted, add_special_tokens=False).ids
-            self.pending = [*ids, *eos_token_ids()]
-            self.words = -1  # never refilled: after the reply comes end-of-sequence
+            self.pending = sim_tokenizer().encode(scripted, add_special_tokens=False).ids
 
     def next_id(self) -> int:
-        if not self.pending and self.words < 0:
+        if not self.pending and self.scripted:
             return eos_token_ids()[0]
         if not self.pending:
             word = self.engine.output_token(self.generation, self.words)
