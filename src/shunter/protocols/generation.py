@@ -51,16 +51,10 @@ class Sampling:
     ebnf: str | None = None
 
     def as_proto_fields(self) -> dict[str, Any]:
-        fields = {
-            k: v for k, v in self.__dict__.items() if k not in ("regex", "json_schema", "ebnf")
-        }
-        if self.max_new_tokens is None:
-            del fields["max_new_tokens"]
-        for name, proto_name in (("regex", "regex"), ("json_schema", "json_schema"),
-                                 ("ebnf", "ebnf_grammar")):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None:
-                fields[proto_name] = value
+        """The fields of ``SamplingParams``; the unset optional ones are left out."""
+        fields = {k: v for k, v in self.__dict__.items() if v is not None}
+        if "ebnf" in fields:
+            fields["ebnf_grammar"] = fields.pop("ebnf")  # the proto's name for it
         return fields
 
 
@@ -133,26 +127,25 @@ def sampling_from(params: dict[str, Any], max_tokens_key: str) -> Sampling:
     sampling = Sampling(
         temperature=_number(params, "temperature", 1.0, 0.0, 100.0),
         top_p=_number(params, "top_p", 1.0, 0.0, 1.0),
-        top_k=int(_integer(params, "top_k", -1, -1) or -1),
+        # 0 means "off" to OpenAI-style clients, as -1 does to SGLang
+        top_k=_integer(params, "top_k", -1, -1) or -1,
         min_p=_number(params, "min_p", 0.0, 0.0, 1.0),
         frequency_penalty=_number(params, "frequency_penalty", 0.0, -2.0, 2.0),
         presence_penalty=_number(params, "presence_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_number(params, "repetition_penalty", 1.0, 0.0, 2.0),
         max_new_tokens=_integer(params, max_tokens_key, None, 0),
-        min_new_tokens=int(_integer(params, "min_tokens", 0, 0) or
-                           _integer(params, "min_new_tokens", 0, 0) or 0),
+        min_new_tokens=_integer(params, "min_tokens", 0, 0)
+        or _integer(params, "min_new_tokens", 0, 0) or 0,
         stop=_stops(params.get("stop")),
         stop_token_ids=_token_ids(params.get("stop_token_ids"), "stop_token_ids"),
         ignore_eos=_flag(params, "ignore_eos", False),
         no_stop_trim=_flag(params, "no_stop_trim", False),
         skip_special_tokens=_flag(params, "skip_special_tokens", True),
         spaces_between_special_tokens=_flag(params, "spaces_between_special_tokens", True),
-        n=int(_integer(params, "n", 1, 1) or 1),
+        n=_integer(params, "n", 1, 1) or 1,
     )  # fmt: skip
     if sampling.n > 128:
         raise _bad("'n' must be at most 128")
-    if sampling.top_k == 0:
-        sampling.top_k = -1  # 0 means "off" in OpenAI-style clients, as -1 does in SGLang
     for key in ("regex", "json_schema", "ebnf"):
         value = params.get(key)
         if value is not None:
