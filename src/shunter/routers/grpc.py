@@ -297,7 +297,7 @@ class _Output:
             if delta or sequence.done:
                 await send_chunk(send, self.format.generate_state(sequence, self.usage))
             return
-        chunk = self.format.delta_chunk(sequence, delta, self.usage)
+        chunk = self.format.delta_chunk(sequence, delta)
         if chunk is not None:
             await send_chunk(send, chunk)
         if sequence.done:

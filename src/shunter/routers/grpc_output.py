@@ -152,7 +152,7 @@ class OutputFormat:
             choices = [{"index": s.index, "text": s.text, "logprobs": None,
                         "finish_reason": s.finish_reason} for s in sequences]  # fmt: skip
         else:
-            items = [self._generate_item(s, usage, s.text) for s in sequences]
+            items = [self._generate_item(s, usage) for s in sequences]
             return orjson.dumps(items[0] if len(items) == 1 else items)
         return orjson.dumps({
             "id": self.request_id, "object": self.object, "created": self.created,
@@ -174,14 +174,14 @@ class OutputFormat:
             "matched_stop": sequence.matched,
         }
 
-    def _generate_item(self, sequence: Sequence, usage: Usage, text: str) -> dict[str, Any]:
+    def _generate_item(self, sequence: Sequence, usage: Usage) -> dict[str, Any]:
         finish: dict[str, Any] | None = None
         if sequence.finish_reason == "length":
             finish = {"type": "length", "length": sequence.completion_tokens}
         elif sequence.finish_reason is not None:
             finish = {"type": sequence.finish_reason, "matched": sequence.matched}
         return {
-            "text": text, "output_ids": sequence.output_ids,
+            "text": sequence.text, "output_ids": sequence.output_ids,
             "meta_info": {
                 "id": self.request_id, "finish_reason": finish,
                 "prompt_tokens": usage.prompt_tokens,
@@ -198,7 +198,7 @@ class OutputFormat:
         return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                              "finish_reason": None}])  # fmt: skip
 
-    def delta_chunk(self, sequence: Sequence, delta: Delta, usage: Usage) -> bytes | None:
+    def delta_chunk(self, sequence: Sequence, delta: Delta) -> bytes | None:
         if self.kind == CHAT:
             body: dict[str, Any] = {}
             if delta.content:
@@ -220,7 +220,7 @@ class OutputFormat:
 
     def generate_state(self, sequence: Sequence, usage: Usage) -> bytes:
         """SGLang's /generate streams the text so far with each event."""
-        item = self._generate_item(sequence, usage, sequence.text)
+        item = self._generate_item(sequence, usage)
         item["index"] = sequence.index
         return b"data: " + orjson.dumps(item) + b"\n\n"
 
