@@ -16,7 +16,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-RawHeaders = list[tuple[bytes, bytes]]
 
 JSON_CONTENT = (b"content-type", b"application/json")
 SSE_CONTENT = (b"content-type", b"text/event-stream")

@@ -87,11 +87,6 @@ class JobQueue:
         for url in stale:
             del self._statuses[url]
 
-    async def wait_idle(self) -> None:
-        """Wait for every submitted job to finish (tests, shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
     async def cancel_all(self) -> None:
         for task in list(self._tasks):
             task.cancel()

@@ -18,7 +18,6 @@ from shunter.policies.base import Policy, RouteRequest, available
 
 class PowerOfTwoPolicy(Policy):
     name = "power_of_two"
-    needs_loads = True
 
     def __init__(self, rng: _random.Random | None = None) -> None:
         self._rng = rng or _random.Random()

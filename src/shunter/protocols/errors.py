@@ -49,18 +49,6 @@ def _reason(status: int) -> str:
         return "Error"
 
 
-def bad_request(message: str, code: str = "invalid_request") -> ApiError:
-    return ApiError(400, code, message)
-
-
-def not_found(message: str, code: str = "not_found") -> ApiError:
-    return ApiError(404, code, message)
-
-
-def unavailable(message: str, code: str = "no_available_workers") -> ApiError:
-    return ApiError(503, code, message)
-
-
 def stream_broken_event(reason: str) -> bytes:
     """The SSE event that tells a client its stream broke after the status was sent."""
     error = {
