@@ -20,6 +20,8 @@ import grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from shunter.asgi import (
+    JSON_CONTENT,
+    SSE_CONTENT,
     DisconnectWatch,
     Send,
     end_stream,
@@ -45,8 +47,7 @@ from shunter.transport.scheduler import SchedulerClient, SchedulerError, schedul
 
 log = logging.getLogger("shunter.router.grpc")
 
-_JSON = (b"content-type", b"application/json")
-_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_SSE = [SSE_CONTENT, (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -250,7 +251,9 @@ class _Output:
         # Finished by the gateway (a stop string) before the worker's end: stop the worker.
         self.stopped_early = not all(s.completed for s in self.sequences)
         if not stream:
-            await send_bytes(send, 200, self.format.whole(self.sequences, self.usage), [_JSON])
+            await send_bytes(
+                send, 200, self.format.whole(self.sequences, self.usage), [JSON_CONTENT]
+            )
             return 200
         if not started:
             await self._start_stream(send)

@@ -9,7 +9,7 @@ from importlib.resources import files
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from shunter.asgi import header_value
+from shunter.asgi import JSON_CONTENT, header_value
 from shunter.config import normalize_worker_url
 from shunter.core import engine_ops
 from shunter.core.engine_ops import EngineOpError
@@ -87,7 +87,7 @@ class AdminHandlers:
     async def _proxy(self, call: Call, path: str, worker: Worker | None = None) -> int:
         worker = worker or self.state.router.first_available()
         if worker.scheduler_cell is not None:
-            return await call.reply_raw(200, [(b"content-type", b"application/json")],
+            return await call.reply_raw(200, [JSON_CONTENT],
                                         await _grpc_info(worker, path))  # fmt: skip
         status, headers, body = await self.state.router.proxy_get(path, call.request_id, worker)
         return await call.reply_raw(status, [h for h in headers if h[0] != b"x-request-id"], body)
