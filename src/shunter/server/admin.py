@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-from importlib.resources import files
 from typing import Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import unquote
 
-from shunter.asgi import JSON_CONTENT, header_value
+from shunter.asgi import JSON_CONTENT
 from shunter.config import normalize_worker_url
 from shunter.core import engine_ops
 from shunter.core.engine_ops import EngineOpError
@@ -23,7 +21,6 @@ from shunter.server.state import GatewayState
 from shunter.transport.base import HOP_BY_HOP, UpstreamError
 
 log = logging.getLogger("shunter.admin")
-_DASHBOARD = files("shunter.observability").joinpath("dashboard.html").read_bytes()
 
 HEALTH_FIELDS = (
     "health_check_timeout_secs",
@@ -119,36 +116,14 @@ class AdminHandlers:
 
     # --- dashboard ----------------------------------------------------------------------------
 
-    async def dashboard(self, call: Call) -> int:
-        self._check_dashboard_key(call)
-        return await call.reply_raw(
-            200,
-            [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store")],
-            _DASHBOARD,
-        )
-
-    async def dashboard_data(self, call: Call) -> int:
-        self._check_dashboard_key(call)
+    def dashboard_data(self) -> dict[str, Any]:
+        """What the dashboard shows: every worker, the models, the default policy."""
         state = self.state
-        return await call.reply_json(200, {
+        return {
             "workers": [w.to_info() for w in state.registry.all()],
             "models": list(state.registry.models()),
             "policy": state.policies.default.name,
-        })  # fmt: skip
-
-    def _check_dashboard_key(self, call: Call) -> None:
-        """With --api-key, the dashboard takes the key as a Bearer header or as ``?api_key=``
-        (a browser cannot add a header to the address bar); the query never reaches a log."""
-        key = self.state.config.api_key
-        if key is None:
-            return
-        header = header_value(call.scope, b"authorization") or b""
-        given = parse_qs(call.scope["query_string"].decode("latin-1")).get("api_key", [""])[0]
-        if hmac.compare_digest(header, f"Bearer {key}".encode()) or hmac.compare_digest(
-            given.encode(), key.encode()
-        ):
-            return
-        raise ApiError(401, "unauthorized", "missing or invalid API key")
+        }
 
     # --- admin -------------------------------------------------------------------------------
 
@@ -233,8 +208,10 @@ class AdminHandlers:
         })  # fmt: skip
 
     async def worker(self, call: Call) -> int:
-        """GET, PUT and DELETE on ``/workers/{url}`` (the URL percent-encoded)."""
-        url = normalize_worker_url(unquote(call.path[len("/workers/") :]))
+        """GET, PUT and DELETE on ``/workers/{url}`` (the URL percent-encoded once: it is
+        decoded from the raw path, as the server's decoded ``path`` would decode it twice)."""
+        raw_path: bytes = call.scope.get("raw_path") or call.path.encode("latin-1")
+        url = normalize_worker_url(unquote(raw_path.decode("latin-1")[len("/workers/") :]))
         if call.method == "GET":
             return await self._get_worker(call, url)
         if not self.state.registrar.find(url):

@@ -7,10 +7,13 @@ envelope, metrics. No framework: each step is a few lines here.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from random import getrandbits as _random_bits
 
 from shunter.asgi import BodyTooLarge, ClientGone, Message, Receive, Scope, Send
@@ -20,6 +23,7 @@ from shunter.routers.regular import Inbound
 from shunter.server.admin import AdminHandlers
 from shunter.server.call import Call
 from shunter.server.cors import Cors
+from shunter.server.dashboard import Dashboard
 from shunter.server.state import GatewayState
 
 log = logging.getLogger("shunter.server")
@@ -35,12 +39,20 @@ INFERENCE_PATHS = (
     "/v1/embeddings",
     "/v1/rerank",
 )
+# A client's request id is taken only when it is short and plain: it is echoed in a header,
+# written to the log and sent to workers, so anything else gets a fresh id.
+_PLAIN_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}").fullmatch
+_CROSS_ORIGIN = (
+    "admin routes refuse requests from other sites' pages; "
+    "list the origin in --cors-allowed-origins to allow it"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     handler: Handler
     protected: bool  # needs the API key when one is set
+    admin: bool = False  # no CORS unless configured; cross-origin browser requests refused
 
 
 def _id_prefix(path: str) -> str:
@@ -55,6 +67,12 @@ def _id_prefix(path: str) -> str:
     return "req-"
 
 
+def _with_head(methods: dict[str, Route]) -> dict[str, Route]:
+    """HEAD answers like GET (load balancers probe with it); the server drops the body."""
+    get = methods.get("GET")
+    return methods if get is None else {**methods, "HEAD": get}
+
+
 class GatewayApp:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
@@ -66,30 +84,39 @@ class GatewayApp:
         )
         self.cors = Cors(config.cors_allowed_origins)
         admin = AdminHandlers(state)
-        open_, guarded = False, True
+        dashboard = Dashboard(config.api_key, self._has_key, admin.dashboard_data)
+        # Open: health and the model list. Guarded (with --api-key): inference, and every
+        # route that changes state, costs worker work or reveals the fleet. "admin" routes
+        # are also closed to other sites' pages (server/cors.py).
+        open_, guarded = Route, partial(Route, protected=True)
+        admin_open = partial(Route, protected=False, admin=True)
+        admin_guarded = partial(Route, protected=True, admin=True)
         table: dict[str, dict[str, Route]] = {
-            path: {"POST": Route(self.inference, guarded)} for path in INFERENCE_PATHS
+            path: {"POST": guarded(self.inference)} for path in INFERENCE_PATHS
         }
         table.update({
-            "/health": {"GET": Route(admin.liveness, open_)},
-            "/liveness": {"GET": Route(admin.liveness, open_)},
-            "/readiness": {"GET": Route(admin.readiness, open_)},
-            "/health_generate": {"GET": Route(admin.health_generate, open_)},
-            "/v1/models": {"GET": Route(admin.models, open_)},
-            "/get_server_info": {"GET": Route(admin.server_info, open_)},
-            "/engine_metrics": {"GET": Route(admin.engine_metrics, open_)},
-            # The dashboard checks the API key itself: it also takes it from the query.
-            "/dashboard": {"GET": Route(admin.dashboard, open_)},
-            "/dashboard/data": {"GET": Route(admin.dashboard_data, open_)},
-            "/get_model_info": {"GET": Route(admin.model_info, open_)},
-            "/get_loads": {"GET": Route(admin.get_loads, guarded)},
-            "/flush_cache": {"POST": Route(admin.flush_cache, guarded)},
-            "/workers": {"GET": Route(admin.list_workers, guarded),
-                         "POST": Route(admin.add_worker, guarded)},
+            "/health": {"GET": open_(admin.liveness, False)},
+            "/liveness": {"GET": open_(admin.liveness, False)},
+            "/readiness": {"GET": open_(admin.readiness, False)},
+            "/v1/models": {"GET": open_(admin.models, False)},
+            "/health_generate": {"GET": admin_guarded(admin.health_generate)},
+            "/get_server_info": {"GET": admin_guarded(admin.server_info)},
+            "/get_model_info": {"GET": admin_guarded(admin.model_info)},
+            "/engine_metrics": {"GET": admin_guarded(admin.engine_metrics)},
+            # The dashboard checks the key itself: it also takes a session cookie.
+            "/dashboard": {"GET": admin_open(dashboard.page)},
+            "/dashboard/data": {"GET": admin_open(dashboard.data)},
+            "/dashboard/login": {"POST": admin_open(dashboard.login)},
+            "/get_loads": {"GET": admin_guarded(admin.get_loads)},
+            "/flush_cache": {"POST": admin_guarded(admin.flush_cache)},
+            "/workers": {"GET": admin_guarded(admin.list_workers),
+                         "POST": admin_guarded(admin.add_worker)},
         })  # fmt: skip
-        self.routes = table
-        worker_route = Route(admin.worker, guarded)
-        self.worker_routes = {"GET": worker_route, "PUT": worker_route, "DELETE": worker_route}
+        self.routes = {path: _with_head(methods) for path, methods in table.items()}
+        worker_route = admin_guarded(admin.worker)
+        self.worker_routes = _with_head(
+            {"GET": worker_route, "PUT": worker_route, "DELETE": worker_route}
+        )
 
     # --- ASGI entry ----------------------------------------------------------------------------
 
@@ -104,38 +131,43 @@ class GatewayApp:
         path: str = scope["path"]
         method: str = scope["method"]
         # One pass over the headers for everything the middleware reads.
-        request_id = origin = authorization = None
+        request_id = origin = authorization = host = None
         wanted = self._id_headers
         for name, value in scope["headers"]:
             if name in wanted:
-                if request_id is None and value:
-                    request_id = value.decode("latin-1")
+                if request_id is None and _PLAIN_ID(value):
+                    request_id = value.decode("ascii")
             elif name == b"origin":
                 origin = value
             elif name == b"authorization":
                 authorization = value
+            elif name == b"host":
+                host = value
         if request_id is None:
             request_id = _id_prefix(path) + f"{_random_bits(96):024x}"
+        label = path
+        methods = self.routes.get(path)
+        if methods is None and path.startswith("/workers/"):
+            methods, label = self.worker_routes, "/workers/{id}"
+        route = None if methods is None else methods.get(method)
+        admin = route.admin if route is not None else _any_admin(methods)
         if origin is not None:
             if method == "OPTIONS" and self.cors.is_preflight(scope):
-                await self.cors.preflight(origin, scope, send)
+                await self.cors.preflight(origin, scope, send, admin)
                 return
-            send = self.cors.wrap(origin, send)
+            send = self.cors.wrap(origin, send, admin)
         call = Call(scope, receive, send, request_id, self.config.max_payload_size, started)
-        label = path
         error_code = ""
         metrics = self.state.metrics
         metrics.connections_active += 1
         try:
-            methods = self.routes.get(path)
-            if methods is None and path.startswith("/workers/"):
-                methods, label = self.worker_routes, "/workers/{id}"
             if methods is None:
                 label = "other"
                 raise ApiError(404, "not_found", f"no route for {path}")
-            route = methods.get(method)
             if route is None:
                 raise _method_not_allowed(method, path, methods)
+            if admin and origin is not None and self.cors.refuses(origin, host):
+                raise ApiError(403, "cross_origin_refused", _CROSS_ORIGIN)
             if route.protected and self._expected_auth is not None:
                 self._authenticate(authorization)
             status = await route.handler(call)
@@ -175,6 +207,16 @@ class GatewayApp:
             })  # fmt: skip
 
     # --- middleware pieces ----------------------------------------------------------------
+
+    def _has_key(self, scope: Scope) -> bool:
+        """Whether the request carries the API key as a Bearer header."""
+        expected = self._expected_auth
+        if expected is None:
+            return True
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                return hmac.compare_digest(value, expected)
+        return False
 
     def _authenticate(self, authorization: bytes | None) -> None:
         expected = self._expected_auth
@@ -236,6 +278,13 @@ class GatewayApp:
 
     def startup(self) -> None:
         config = self.config
+        if config.api_key is None and _listens_beyond_loopback(config.host):
+            log.warning(
+                "listening beyond loopback without --api-key: anyone who can reach this "
+                "address can add workers (and so read prompts), flush caches and run "
+                "inference; set --api-key, or --host 127.0.0.1",
+                extra={"host": config.host},
+            )
         if config.prometheus_port:
             self.state.metrics.serve(config.prometheus_host, config.prometheus_port)
         self.state.start()
@@ -243,6 +292,20 @@ class GatewayApp:
     async def shutdown(self) -> None:
         await self.state.close()
         self.state.metrics.shutdown()
+
+
+def _any_admin(methods: dict[str, Route] | None) -> bool:
+    """For a request whose method has no route: treat the path as admin if any method is."""
+    return methods is not None and any(route.admin for route in methods.values())
+
+
+def _listens_beyond_loopback(host: str) -> bool:
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: assume it resolves beyond this machine
 
 
 def _method_not_allowed(method: str, path: str, methods: dict[str, Route]) -> ApiError:

@@ -64,6 +64,10 @@ class Call:
         await send_bytes(self.send, status, text.encode(), [TEXT_CONTENT, self.id_header])
         return status
 
+    async def reply_error(self, status: int, code: str, message: str) -> int:
+        await ApiError(status, code, message).send(self.send, [self.id_header])
+        return status
+
     async def reply_raw(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> int:
         await send_bytes(self.send, status, body, [*headers, self.id_header])
         return status

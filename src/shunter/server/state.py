@@ -114,6 +114,7 @@ class GatewayState:
         self.router = RegularRouter(
             self.registry, self.policies, self.metrics, config.retry, self.tracing,
             _grpc_attempt(config, self.metrics),
+            gateway_auth=None if config.api_key is None else f"Bearer {config.api_key}".encode(),
         )  # fmt: skip
         self.admission = Admission(config.admission) if config.admission.enabled else None
         identity, cas = _worker_tls(config)
@@ -190,9 +191,10 @@ class GatewayState:
         self.jobs.submit("AddWorker", spec.url, add)
 
     def register_configured_workers(self) -> None:
-        """Queue the ``--worker-urls`` workers; they inherit the gateway's API key (as smg)."""
+        """Queue the ``--worker-urls`` workers, with ``--worker-api-key`` as their key (smg
+        gave them the gateway's own key, so whoever ran a worker could administer it)."""
         for url in self.config.worker_urls:
-            self.submit_add(WorkerSpec(url=url, api_key=self.config.api_key,
+            self.submit_add(WorkerSpec(url=url, api_key=self.config.worker_api_key,
                                        probe_grpc=url in self.config.probe_both))  # fmt: skip
 
     def start(self) -> None:
