@@ -26,7 +26,7 @@ def refusal(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 def test_defaults_are_sglang_routers() -> None:
     config = config_for()
     assert (config.host, config.port) == ("0.0.0.0", 30000)
-    assert config.max_payload_size == 536_870_912
+    assert config.max_payload_size == 64 * 1024 * 1024
     assert config.request_timeout_secs == 1800
     assert (config.prometheus_host, config.prometheus_port) == ("0.0.0.0", 29000)
     assert config.worker_startup_timeout_secs == 1800

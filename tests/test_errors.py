@@ -122,7 +122,7 @@ def test_upstream_connection_failure_is_502(procs: list[Proc]) -> None:
     sim.kill()
     response = httpx.post(gateway.url + "/v1/completions", json={"prompt": "x"}, timeout=30)
     assert_envelope(response, 502, "upstream_unavailable")
-    assert sim.url in response.json()["error"]["message"]
+    assert sim.url not in response.text  # the log names the worker; the client is not told
     # The gateway itself is fine.
     assert httpx.get(gateway.url + "/health").status_code == 200
 

@@ -173,6 +173,20 @@ def test_worker_api_key_is_sent_as_bearer(procs: list[Proc]) -> None:
     assert sim.requests()[-1]["headers"]["authorization"] == ["Bearer worker-key"]
 
 
+def test_configured_workers_get_the_worker_key_and_never_the_gateways(procs: list[Proc]) -> None:
+    locked, open_ = Sim("locked", "--api-key", "worker-key"), Sim("open")
+    procs += [locked, open_]
+    gateway = Gateway("--api-key", "gateway-key", "--worker-api-key", "worker-key",
+                      "--policy", "round_robin", workers=[locked.url, open_.url])  # fmt: skip
+    procs.append(gateway)
+    with gateway.client(headers=gateway.auth) as http:
+        for _ in range(4):
+            assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 200
+    for sim in (locked, open_):
+        seen = {a for r in sim.requests() for a in r["headers"].get("authorization", [])}
+        assert seen == {"Bearer worker-key"}, sim.name
+
+
 def test_dp_aware_expands_ranks_and_injects_the_rank(procs: list[Proc]) -> None:
     sim = Sim("dp", "--dp-size", "2")
     procs.append(sim)

@@ -255,7 +255,16 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         default=d.request_timeout_secs,
         help="longest wait for a worker's first byte and between chunks",
     )
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer <key>'")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer <key>' from clients; never sent to workers",
+    )
+    p.add_argument(
+        "--worker-api-key",
+        default=None,
+        help="the key sent as a Bearer token to the --worker-urls workers",
+    )
     p.add_argument("--log-level", default=d.log_level, help="debug, info, warn, error")
     p.add_argument("--log-dir", default=None, help="also log to a daily-rotated file here")
     p.add_argument("--log-json", action="store_true", help="log JSON lines")
@@ -366,7 +375,8 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     config = GatewayConfig(
         host=args.host, port=args.port, worker_urls=args.worker_urls, policy=policy,
         max_payload_size=args.max_payload_size, request_timeout_secs=args.request_timeout_secs,
-        api_key=args.api_key, log_level=args.log_level, log_dir=args.log_dir,
+        api_key=args.api_key, worker_api_key=args.worker_api_key, log_level=args.log_level,
+        log_dir=args.log_dir,
         log_json=args.log_json, prometheus_host=args.prometheus_host,
         prometheus_port=args.prometheus_port, cors_allowed_origins=args.cors_allowed_origins,
         request_id_headers=args.request_id_headers,

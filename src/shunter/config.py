@@ -38,9 +38,13 @@ class GatewayConfig:
     worker_urls: list[str] = field(default_factory=list)
     policy: str = "cache_aware"
     policy_settings: PolicySettings = field(default_factory=PolicySettings)
-    max_payload_size: int = 536_870_912
+    # An inference request needs a few MiB: a 1M-token prompt is ~4 MiB of text, and OpenAI
+    # takes up to 50 MB of images per request. smg's 512 MiB let a handful of clients make
+    # the gateway buffer gigabytes.
+    max_payload_size: int = 64 * 1024 * 1024
     request_timeout_secs: float = 1800
-    api_key: str | None = None
+    api_key: str | None = None  # what clients must send; never sent to workers
+    worker_api_key: str | None = None  # what the --worker-urls workers are sent
     log_level: str = "info"
     log_dir: str | None = None
     log_json: bool = False
@@ -112,6 +116,8 @@ class GatewayConfig:
             )
         if self.api_key is not None and not self.api_key:
             raise ConfigError("--api-key must not be empty")
+        if self.worker_api_key is not None and not self.worker_api_key:
+            raise ConfigError("--worker-api-key must not be empty")
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]

@@ -49,10 +49,24 @@ def _reason(status: int) -> str:
         return "Error"
 
 
-def stream_broken_event(reason: str) -> bytes:
+# What a client is told when a worker fails: the kind of failure, never the worker's address
+# or the client library's wording (both stay in the gateway's log, with the request id).
+_FAILURE_KINDS = {
+    "connect": "the worker could not be reached",
+    "timeout": "the worker did not answer in time",
+    "io": "the connection to the worker broke",
+}
+
+
+def upstream_failure(kind: str) -> str:
+    """A client-safe description of a worker failure of ``kind`` (connect, timeout, io)."""
+    return _FAILURE_KINDS.get(kind, "the worker failed")
+
+
+def stream_broken_event(kind: str) -> bytes:
     """The SSE event that tells a client its stream broke after the status was sent."""
     error = {
-        "message": f"the worker stream broke: {reason}",
+        "message": f"the worker stream broke: {upstream_failure(kind)}",
         "type": "Bad Gateway",
         "code": "upstream_stream_broken",
     }

@@ -33,7 +33,7 @@ from shunter.core.once import OnceCell
 from shunter.core.retry import RETRYABLE_STATUSES
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
-from shunter.protocols.errors import ApiError, stream_broken_event
+from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
 from shunter.protocols.generation import (
     CHAT,
     GENERATE,
@@ -121,7 +121,10 @@ class GrpcAttempt:
         except SchedulerError as exc:
             raise self._failure(worker, exc, last) from None
         except TokenizerError as exc:
-            raise ApiError(500, "tokenizer_unavailable", f"model {model}: {exc}") from None
+            log.warning("tokenizer unavailable", extra={"model": model, "error": str(exc)})
+            raise ApiError(
+                500, "tokenizer_unavailable", f"the tokenizer of model {model} is not available"
+            ) from None
         generate = self._generate_request(request, tokenizer, worker, request_id)
         call: Any = client.generate(generate, self.request_timeout)
         output = _Output(self, worker, request, tokenizer, request_id, model)
@@ -187,7 +190,10 @@ class GrpcAttempt:
         code = {502: "upstream_unavailable", 504: "upstream_timeout"}.get(
             exc.status, "upstream_error"
         )
-        return ApiError(exc.status, code, str(exc))
+        # A 4xx is the worker's verdict on this request, worth passing on as an HTTP worker's
+        # body is; a 5xx describes the worker, which the client is not told about.
+        message = str(exc) if exc.status < 500 else upstream_failure(exc.kind)
+        return ApiError(exc.status, code, message)
 
     def _abort(self, client: SchedulerClient, request_id: str, reason: str) -> None:
         async def abort() -> None:
@@ -245,7 +251,7 @@ class _Output:
             log.warning(
                 "gRPC stream broke", extra={"worker": self.worker.url, "error": str(failure)}
             )
-            await send_chunk(send, stream_broken_event(str(failure)))
+            await send_chunk(send, stream_broken_event(failure.kind))
             await end_stream(send)
             return 200
         # Finished by the gateway (a stop string) before the worker's end: stop the worker.

@@ -34,7 +34,7 @@ from shunter.observability.streams import StreamStats
 from shunter.observability.tracing import Tracing, without_trace_headers
 from shunter.policies.base import Policy, RouteRequest
 from shunter.policies.registry import PolicyRegistry
-from shunter.protocols.errors import ApiError, stream_broken_event
+from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
 from shunter.protocols.routing import RoutingFields, decode_routing_fields, routing_text
 from shunter.routers.attempt import RetryAttempt
 from shunter.transport.base import HOP_BY_HOP, UpstreamClient, UpstreamError
@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shunter.router")
 
-_NOT_FORWARDED = HOP_BY_HOP | {"x-request-id"}
+# Hop-by-hop headers, the request id (the gateway's own goes instead), and Expect (the
+# gateway answered any 100-continue itself; the worker gets the whole body at once).
+_NOT_FORWARDED = HOP_BY_HOP | {"x-request-id", "expect"}
 # Endpoints only SGLang workers serve; OpenAI-compatible servers answer them with 404.
 SGLANG_ONLY_PATHS = frozenset({"/generate"})
 # What a gRPC worker serves (the gateway tokenizes and formats for it).
@@ -88,8 +90,11 @@ class RegularRouter:
         retry: RetryConfig | None = None,
         tracing: Tracing | None = None,
         grpc: GrpcAttempt | None = None,
+        gateway_auth: bytes | None = None,
     ) -> None:
         self.grpc = grpc  # serves attempts on gRPC workers; None without the grpc extra
+        # The client's Authorization that carries the gateway's own key: never forwarded.
+        self.gateway_auth = gateway_auth
         self.registry = registry
         self.policies = policies
         self.metrics = metrics
@@ -262,7 +267,7 @@ class RegularRouter:
             client=cell.value or await cell.get(),
             worker=worker,
             url=url,
-            headers=upstream_headers(request, worker),
+            headers=upstream_headers(request, worker, self.gateway_auth),
             body=request.body if worker.dp_rank is None else inject_rank(request.body, worker),
             last=last,
         )
@@ -314,7 +319,7 @@ class RegularRouter:
             self.metrics.worker_error(worker, "stream_" + exc.kind)
             if worker.breaker is not None:
                 worker.breaker.record(False)
-            await send_chunk(send, stream_broken_event(str(exc)))
+            await send_chunk(send, stream_broken_event(exc.kind))
         finally:
             await upstream.aclose()
         watch.finish()
@@ -357,7 +362,7 @@ class RegularRouter:
             self.metrics.retries_exhausted(worker, request.path)
         status = _UPSTREAM_STATUS.get(exc.kind, 502)
         code = "upstream_timeout" if status == 504 else "upstream_unavailable"
-        return ApiError(status, code, f"worker {worker.url} failed: {exc}")
+        return ApiError(status, code, upstream_failure(exc.kind))
 
     def first_available(self) -> Worker:
         """The first available worker, for the proxied info endpoints."""
@@ -390,18 +395,33 @@ class RegularRouter:
         return response.status, relayed, response.body
 
 
-def upstream_headers(request: Inbound, worker: Worker) -> list[tuple[str, str]]:
-    """The client's headers minus hop-by-hop ones, plus the worker key and the request id."""
+def upstream_headers(
+    request: Inbound, worker: Worker, gateway_auth: bytes | None
+) -> list[tuple[str, str]]:
+    """The headers the worker receives: the client's, less hop-by-hop ones, those the
+    client's ``Connection`` header names and ``Expect``, plus the request id.
+
+    Credentials: a worker with its own key gets that key, never the client's header; a
+    worker without one gets the client's ``Authorization``, unless that is the gateway's
+    own key (whoever runs a worker must not learn how to administer the gateway).
+    """
+    headers = request.headers
+    dropped = _NOT_FORWARDED
+    for name, value in headers:
+        if name == b"connection":
+            named = {t.strip().lower() for t in value.decode("latin-1").split(",")}
+            dropped = dropped | named
     has_key = worker.api_key is not None
-    headers = [
+    forwarded = [
         (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in request.headers
-        if k.decode("latin-1") not in _NOT_FORWARDED and not (has_key and k == b"authorization")
+        for k, v in headers
+        if k.decode("latin-1") not in dropped
+        and not (k == b"authorization" and (has_key or v == gateway_auth))
     ]
     if has_key:
-        headers.append(("authorization", f"Bearer {worker.api_key}"))
-    headers.append(("x-request-id", request.request_id))
-    return headers
+        forwarded.append(("authorization", f"Bearer {worker.api_key}"))
+    forwarded.append(("x-request-id", request.request_id))
+    return forwarded
 
 
 def downstream_headers(
