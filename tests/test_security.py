@@ -235,9 +235,7 @@ def authorization(client: RecordingClient) -> list[str]:
 
 async def test_the_gateway_key_never_reaches_a_worker() -> None:
     app, client = gateway(Worker(url="http://w:1", models=("m",)), api_key="gk")
-    answer = await send(
-        app, "POST", "/v1/completions", b"{}", [(b"authorization", b"Bearer gk")]
-    )
+    answer = await send(app, "POST", "/v1/completions", b"{}", [(b"authorization", b"Bearer gk")])
     assert answer.status == 200 and authorization(client) == []
 
 
