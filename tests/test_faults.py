@@ -11,8 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
-from harness import Gateway, Proc, Sim, wait_for
+from shunter.config import grpc_available
+
+from harness import Gateway, GrpcSim, Proc, Sim, wait_for
 
 FAST_RETRY = ("--retry-initial-backoff-ms", "5", "--retry-max-backoff-ms", "50")
 
@@ -221,3 +224,53 @@ def test_the_gateway_refuses_to_start_on_unreadable_tls_files() -> None:
         timeout=30,
     )
     assert out.returncode == 2 and "cannot read it" in out.stderr
+
+
+def test_a_poison_request_opens_no_breaker(procs: list[Proc]) -> None:
+    sims = [Sim(f"taster-{i}") for i in range(3)]
+    procs += sims
+    gateway = Gateway(
+        "--policy",
+        "round_robin",
+        "--cb-failure-threshold",
+        "2",
+        *FAST_RETRY,
+        workers=[s.url for s in sims],
+    )
+    procs.append(gateway)
+    for sim in sims:
+        sim.set_faults(poison_text="DROP TABLE")
+    for _ in range(3):  # more than the failure threshold
+        poisoned = complete(gateway, prompt="x'; DROP TABLE users")
+        assert poisoned.status_code == 500
+    assert sum(len(s.requests()) for s in sims) == 3 * 5  # each tried on every attempt
+    assert {w["circuit_state"] for w in gateway.workers()} == {"closed"}
+    served = Counter(complete(gateway).headers["x-worker-id"] for _ in range(6))
+    assert served == {s.name: 2 for s in sims}
+    assert "poison request" in gateway.output()
+
+
+@pytest.mark.skipif(not grpc_available(), reason="needs the grpc extra")
+def test_a_request_every_grpc_worker_fails_opens_no_breaker(procs: list[Proc]) -> None:
+    """The gRPC attempt path tells the breakers through the same Verdict as HTTP."""
+    sims = [GrpcSim(f"grpc-taster-{i}") for i in range(2)]
+    procs += sims
+    gateway = Gateway(
+        "--policy",
+        "round_robin",
+        "--cb-failure-threshold",
+        "2",
+        *FAST_RETRY,
+        workers=[s.url for s in sims],
+    )
+    procs.append(gateway)
+    for sim in sims:
+        sim.set_faults(error_rate=1.0, error_status=500)  # gRPC INTERNAL: an answer
+    assert [complete(gateway).status_code for _ in range(3)] == [502] * 3
+    assert {w["circuit_state"] for w in gateway.workers()} == {"closed"}
+    before = [sim.stats()["requests_total"] for sim in sims]
+    for sim in sims:
+        sim.set_faults(error_rate=0.0)
+    assert [complete(gateway).status_code for _ in range(4)] == [200] * 4
+    after = [sim.stats()["requests_total"] for sim in sims]
+    assert [now - then for now, then in zip(after, before, strict=True)] == [2, 2]

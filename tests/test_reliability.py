@@ -17,6 +17,7 @@ from shunter.core.health import HealthChecker, HealthConfig
 from shunter.core.limiter import Admission, AdmissionConfig
 from shunter.core.once import OnceCell
 from shunter.core.retry import RetryConfig
+from shunter.core.verdict import Verdict
 from shunter.core.worker import Worker
 from shunter.protocols.errors import ApiError
 from shunter.routers.regular import Inbound
@@ -434,6 +435,80 @@ async def test_a_lone_worker_is_served_through_its_open_breaker_unless_panic_is_
     worker.breaker.record(False)
     assert not worker.is_available
     assert await send_request(state) == 503
+
+
+# --- a request's attempts count once; a poison request against no worker -------------------
+
+
+async def test_a_request_counts_once_against_each_worker_it_failed_on() -> None:
+    state, (worker,), (client,) = gateway(500)
+    assert await send_request(state) == 500
+    assert client.calls == 5  # every attempt went to the only worker
+    assert worker.breaker is not None and worker.breaker.outcomes == {"success": 0, "failure": 1}
+    state, workers, clients = gateway("connect", "connect")
+    assert await send_request(state) == 502
+    assert sorted(c.calls for c in clients) == [2, 3]
+    assert [w.breaker.outcomes["failure"] for w in workers] == [1, 1]  # type: ignore[union-attr]
+
+
+async def test_a_poison_request_counts_against_no_worker_that_answered_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    state, workers, clients = gateway(500, 500, 500, failure_threshold=2)
+    for i in range(3):
+        assert await send_request(state, f"poison-{i}") == 500
+    assert sum(c.calls for c in clients) == 15 and all(c.calls for c in clients)
+    for worker in workers:
+        assert worker.breaker is not None
+        assert worker.breaker.state is State.CLOSED and worker.breaker.outcomes["failure"] == 0
+    logged = [r for r in caplog.records if r.getMessage().startswith("poison request")]
+    assert [r.request_id for r in logged] == ["poison-0", "poison-1", "poison-2"]  # type: ignore[attr-defined]
+    for client in clients:
+        client.answer = 200
+    assert [await send_request(state) for _ in range(3)] == [200] * 3
+
+
+async def test_a_poison_request_still_counts_against_a_worker_that_did_not_answer() -> None:
+    state, workers, _ = gateway(500, 500, "connect")
+    assert await send_request(state) == 500
+    failures = [w.breaker.outcomes["failure"] for w in workers]  # type: ignore[union-attr]
+    assert failures == [0, 0, 1]
+
+
+def test_a_request_answered_in_the_end_is_not_poison() -> None:
+    a, b, c = (Worker(url=f"http://{n}", healthy=True) for n in "abc")
+    for worker in (a, b, c):
+        breaker_for(worker)
+    verdict = Verdict("r")
+    verdict.answered(a, 500)
+    verdict.answered(b, 503)
+    verdict.answered(a, 500)
+    verdict.answered(c, 200)
+    verdict.settle()
+    verdict.settle()  # once only
+    outcomes = [w.breaker.outcomes for w in (a, b, c)]  # type: ignore[union-attr]
+    assert outcomes == [
+        {"success": 0, "failure": 1},
+        {"success": 0, "failure": 1},
+        {"success": 1, "failure": 0},
+    ]
+
+
+def test_a_request_that_ends_busy_after_two_refusals_is_poison() -> None:
+    a, b, c = (Worker(url=f"http://{n}", healthy=True) for n in "abc")
+    for worker in (a, b, c):
+        breaker_for(worker)
+    verdict = Verdict("r")
+    verdict.answered(a, 500)
+    verdict.answered(b, 500)
+    verdict.answered(c, 429)  # the last attempt: the client gets a 429, not an answer
+    verdict.settle()
+    outcomes = [w.breaker.outcomes for w in (a, b, c)]  # type: ignore[union-attr]
+    assert outcomes == [
+        {"success": 0, "failure": 0},
+        {"success": 0, "failure": 0},
+        {"success": 1, "failure": 0},
+    ]
 
 
 def test_the_breaker_flags_are_read() -> None:

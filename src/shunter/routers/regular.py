@@ -28,6 +28,7 @@ from shunter.asgi import (
 )
 from shunter.core.registry import WorkerRegistry, Workers
 from shunter.core.retry import RETRYABLE_STATUSES, RetryConfig
+from shunter.core.verdict import Verdict
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.observability.streams import StreamStats
@@ -62,6 +63,7 @@ class _Attempt:
     headers: list[tuple[str, str]]
     body: bytes
     last: bool  # no retry after this one
+    verdict: Verdict  # the request's attempts, for the breakers
 
 
 @dataclass(slots=True)
@@ -157,7 +159,8 @@ class RegularRouter:
 
         Each attempt selects a worker afresh (avoiding the ones that failed this request);
         a retryable failure (a 408/429/5xx status, no connection) waits the backoff and tries
-        again, as long as nothing has reached the client yet.
+        again, as long as nothing has reached the client yet. The breakers hear the
+        request's attempts once, when the loop ends (core/verdict.py).
         """
         fields = decode_routing_fields(request.body)
         incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
@@ -182,6 +185,7 @@ class RegularRouter:
         watch = DisconnectWatch(receive) if fields.stream else None
         attempts = self.retry.attempts
         failed: list[Worker] = []
+        verdict = Verdict(request.request_id)
         try:
             for attempt in range(attempts):
                 last = attempt + 1 == attempts
@@ -203,7 +207,7 @@ class RegularRouter:
                     worker, model, request.path, watch is not None, policy.name
                 )
                 try:
-                    return await self._attempt(worker, request, send, watch, last)
+                    return await self._attempt(worker, request, send, watch, last, verdict)
                 except RetryAttempt:
                     failed.append(worker)
             raise AssertionError("the last attempt never asks for a retry")
@@ -215,6 +219,7 @@ class RegularRouter:
                 return 499
             raise
         finally:
+            verdict.settle()  # a no-op when a relayed answer settled it
             if watch is not None:
                 watch.finish()
 
@@ -225,6 +230,7 @@ class RegularRouter:
         send: Send,
         watch: DisconnectWatch | None,
         last: bool,
+        verdict: Verdict,
     ) -> int:
         """One try on ``worker``, over HTTP or gRPC, its load counted while it runs."""
         over_grpc = worker.scheduler_cell is not None
@@ -239,8 +245,8 @@ class RegularRouter:
                     assert self.grpc is not None
                     return await self.grpc.serve(worker, request.model, request.path,
                                                  request.body, request.request_id, send, watch,
-                                                 last)  # fmt: skip
-                return await self._http_attempt(worker, request, send, watch, last)
+                                                 last, verdict)  # fmt: skip
+                return await self._http_attempt(worker, request, send, watch, last, verdict)
             finally:
                 worker.in_flight -= 1
                 worker.processed += 1
@@ -252,6 +258,7 @@ class RegularRouter:
         send: Send,
         watch: DisconnectWatch | None,
         last: bool,
+        verdict: Verdict,
     ) -> int:
         cell = worker.client_cell
         assert cell is not None
@@ -265,6 +272,7 @@ class RegularRouter:
             headers=upstream_headers(request, worker),
             body=request.body if worker.dp_rank is None else inject_rank(request.body, worker),
             last=last,
+            verdict=verdict,
         )
         if self.tracing is not None:  # the worker continues our trace, not the client's
             attempt.headers = [*without_trace_headers(attempt.headers), *self.tracing.outgoing()]
@@ -312,8 +320,7 @@ class RegularRouter:
                 extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
             )
             self.metrics.worker_error(worker, "stream_" + exc.kind)
-            if worker.breaker is not None:
-                worker.breaker.record(False)
+            Verdict.stream_broke(worker)
             await send_chunk(send, stream_broken_event(str(exc)))
         finally:
             await upstream.aclose()
@@ -322,11 +329,11 @@ class RegularRouter:
         return upstream.status
 
     def _retry_on_status(self, attempt: _Attempt, status: int, request: Inbound) -> None:
-        """Feed the breaker; ask for another attempt on a retryable status if one is left."""
+        """Ask for another attempt on a retryable status if one is left; otherwise this
+        answer is relayed, so the request's attempts are told to the breakers now."""
         worker = attempt.worker
         self.metrics.upstream_answer(status)
-        if worker.breaker is not None:
-            worker.breaker.record(status < 500)
+        attempt.verdict.answered(worker, status)
         if status >= 500:
             self.metrics.worker_error(worker, f"status_{status}")
         if status in RETRYABLE_STATUSES:
@@ -334,6 +341,7 @@ class RegularRouter:
                 raise RetryAttempt
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
+        attempt.verdict.settle()
 
     def _upstream_failure(
         self, attempt: _Attempt, exc: UpstreamError, request: Inbound
@@ -341,8 +349,7 @@ class RegularRouter:
         worker = attempt.worker
         self.metrics.worker_error(worker, "upstream_" + exc.kind)
         self.metrics.upstream_answer(_UPSTREAM_STATUS.get(exc.kind, 502), "upstream_" + exc.kind)
-        if worker.breaker is not None:
-            worker.breaker.record(False)
+        attempt.verdict.unreachable(worker)
         if exc.kind != "timeout" and worker.client_cell is not None:
             # The pool may hold connections to a worker that restarted: build a fresh one
             # in the background; requests keep using this one until it is ready.

@@ -1,0 +1,90 @@
+"""What one request's attempts say about the workers it tried, told to their breakers once.
+
+Feeding a breaker on every attempt lets one request speak many times: a request retried
+five times on a worker counted five failures, so two requests could open a breaker with
+the default threshold of 10. And a request that makes every worker fail (a poison input: a
+prompt that crashes the model's code path) would open every breaker in turn, turning one
+client's bad input into an outage for all. So the retry loop collects the attempts here and
+the breakers hear them once, when the loop ends and before any body is relayed:
+
+- a worker that failed this request counts one failure, however many times it was tried;
+- a worker that answered (a status below 500, 408 and 429 included: it is up, if busy)
+  counts one success;
+- when no attempt succeeded and at least two distinct workers answered with a 5xx status,
+  the request is poison: they were reachable and all refused this input, so those answers
+  count against no worker (logged once, with the request id). Attempts that got no answer
+  at all (no connection, a broken one, a timeout) still count: a dead worker is dead.
+
+A stream that breaks after its first byte is a failure of its own, fed at once
+(``stream_broke``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+from shunter.core.retry import RETRYABLE_STATUSES
+from shunter.core.worker import Worker
+
+log = logging.getLogger("shunter.breaker")
+
+
+class Outcome(enum.IntEnum):
+    """One attempt's outcome, in order of how much it says against the worker."""
+
+    ANSWERED = 0  # a status below 500
+    REFUSED = 1  # a 5xx status: reachable, but it failed this request
+    UNREACHABLE = 2  # no answer: no connection, a broken one, or a timeout
+
+
+def _feed(worker: Worker, success: bool) -> None:
+    if worker.breaker is not None:
+        worker.breaker.record(success)
+
+
+class Verdict:
+    __slots__ = ("request_id", "served", "settled", "tried")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.tried: list[tuple[Worker, Outcome]] = []
+        self.served = False  # the last attempt got an answer that ends the request well
+        self.settled = False
+
+    def answered(self, worker: Worker, status: int) -> None:
+        self.tried.append((worker, Outcome.ANSWERED if status < 500 else Outcome.REFUSED))
+        self.served = status < 500 and status not in RETRYABLE_STATUSES
+
+    def unreachable(self, worker: Worker) -> None:
+        self.tried.append((worker, Outcome.UNREACHABLE))
+        self.served = False
+
+    def settle(self) -> None:
+        """Feed each worker's breaker its one outcome; later calls do nothing."""
+        if self.settled:
+            return
+        self.settled = True
+        tried = self.tried
+        if len(tried) == 1:  # the common case
+            worker, outcome = tried[0]
+            _feed(worker, outcome is Outcome.ANSWERED)
+            return
+        worst: dict[Worker, Outcome] = {}
+        for worker, outcome in tried:
+            worst[worker] = max(outcome, worst.get(worker, Outcome.ANSWERED))
+        refused_by = {worker for worker, outcome in tried if outcome is Outcome.REFUSED}
+        poison = not self.served and len(refused_by) >= 2
+        if poison:
+            log.warning(
+                "poison request: every worker that answered it failed; not held against them",
+                extra={"request_id": self.request_id, "workers": sorted(w.url for w in refused_by)},
+            )
+        for worker, outcome in worst.items():
+            if not (poison and outcome is Outcome.REFUSED):
+                _feed(worker, outcome is Outcome.ANSWERED)
+
+    @staticmethod
+    def stream_broke(worker: Worker) -> None:
+        """The worker broke off a stream the client had started to receive."""
+        _feed(worker, False)
