@@ -226,6 +226,63 @@ def test_the_gateway_refuses_to_start_on_unreadable_tls_files() -> None:
     assert out.returncode == 2 and "cannot read it" in out.stderr
 
 
+def test_workers_killed_and_restarted_in_turn_never_strand_the_fleet(procs: list[Proc]) -> None:
+    """Each kill opens the victim's breaker; when it is back, so is its share of the traffic.
+
+    With every opening lasting the full --cb-timeout-duration-secs (60 s) the third kill
+    left every breaker open while every worker was up, and requests got 503s.
+    """
+    sims = [Sim(f"turn-{i}", "--itl-ms", "1") for i in range(3)]
+    procs += sims
+    gateway = Gateway(
+        "--policy",
+        "round_robin",
+        "--cb-failure-threshold",
+        "3",
+        *FAST_RETRY,
+        workers=[s.url for s in sims],
+    )
+    procs.append(gateway)
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not done.is_set():
+                body = {"prompt": "x", "max_tokens": 2}
+                status = http.post(gateway.url + "/v1/completions", json=body).status_code
+                with lock:
+                    statuses[status] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i, victim in enumerate(sims):  # never two down at once
+            time.sleep(1.5)
+            victim.kill()
+            time.sleep(1.0)
+            sims[i] = Sim(victim.name, "--itl-ms", "1", port=victim.port)
+            procs.append(sims[i])
+        time.sleep(3.0)  # the last victim's breaker is still open: the others serve
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    assert set(statuses) == {200}, statuses
+    assert statuses[200] > 300
+    metrics = httpx.get(gateway.metrics_url).text
+    opened = {
+        line.split('worker="')[1].split('"')[0]
+        for line in metrics.splitlines()
+        if line.startswith("smg_worker_cb_transitions_total") and 'to="open"' in line
+    }
+    assert opened == {s.url for s in sims}  # every kill did open a breaker
+    served = Counter(complete(gateway).headers["x-worker-id"] for _ in range(9))
+    assert set(served) == {s.name for s in sims}, served  # all back in service
+
+
 def test_a_poison_request_opens_no_breaker(procs: list[Proc]) -> None:
     sims = [Sim(f"taster-{i}") for i in range(3)]
     procs += sims
