@@ -3,12 +3,15 @@
 A breaker is there to take a failing worker out of a healthy fleet. When most of a model's
 workers are out, the breakers have stopped telling the failing from the healthy (several
 workers restarted in turn, or one bad stretch hit them all) and excluding them only turns
-capacity away: in a chaos run (three workers, one killed every 6 s and restarted 2 s later)
-every breaker ended up open while every worker was back, and 1,115 of 3,814 requests got a
-503. So, as a proxy's panic threshold does: when, among a model's workers that pass their
-health checks, the share that their breaker leaves in falls below ``threshold``, that
-model's breakers are ignored and every healthy worker of it is routable. The retry loop
-then steps over a worker that really is down.
+capacity away. So, as a proxy's panic threshold does: when, among a model's workers that
+pass their health checks, the share that their breaker leaves in falls below
+``threshold``, that model's breakers are ignored and every healthy worker of it is
+routable. The retry loop then steps over a worker that really is down.
+
+Measured with ``bench/chaos_bench.py breakers`` (three sims, 32 clients, one sim SIGKILLed
+every 6 s and restarted 2 s later, 60 s): with 60 s openings and no panic, every breaker
+was open while every worker was back and 3,440 of 9,826 requests got a 503; with backed-off
+openings but panic off, 297 of 29,959 still did; with both, none of 26,689.
 
 Policies read ``worker.is_available`` (``healthy and not breaker_open``) on every request, so
 the decision is made here, on the rare events that can change it (a breaker transition, a
