@@ -21,7 +21,6 @@ A stream that breaks after its first byte is a failure of its own, fed at once
 
 from __future__ import annotations
 
-import enum
 import logging
 
 from shunter.core.retry import RETRYABLE_STATUSES
@@ -30,12 +29,11 @@ from shunter.core.worker import Worker
 log = logging.getLogger("shunter.breaker")
 
 
-class Outcome(enum.IntEnum):
-    """One attempt's outcome, in order of how much it says against the worker."""
-
-    ANSWERED = 0  # a status below 500
-    REFUSED = 1  # a 5xx status: reachable, but it failed this request
-    UNREACHABLE = 2  # no answer: no connection, a broken one, or a timeout
+# One attempt's outcome, in order of how much it says against the worker. Plain ints: an
+# enum member costs a class attribute lookup (~0.1 us) on every request.
+ANSWERED = 0  # a status below 500
+REFUSED = 1  # a 5xx status: reachable, but it failed this request
+UNREACHABLE = 2  # no answer: no connection, a broken one, or a timeout
 
 
 def _feed(worker: Worker, success: bool) -> None:
@@ -48,16 +46,16 @@ class Verdict:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.tried: list[tuple[Worker, Outcome]] = []
+        self.tried: list[tuple[Worker, int]] = []
         self.served = False  # the last attempt got an answer that ends the request well
         self.settled = False
 
     def answered(self, worker: Worker, status: int) -> None:
-        self.tried.append((worker, Outcome.ANSWERED if status < 500 else Outcome.REFUSED))
+        self.tried.append((worker, ANSWERED if status < 500 else REFUSED))
         self.served = status < 500 and status not in RETRYABLE_STATUSES
 
     def unreachable(self, worker: Worker) -> None:
-        self.tried.append((worker, Outcome.UNREACHABLE))
+        self.tried.append((worker, UNREACHABLE))
         self.served = False
 
     def settle(self) -> None:
@@ -68,12 +66,12 @@ class Verdict:
         tried = self.tried
         if len(tried) == 1:  # the common case
             worker, outcome = tried[0]
-            _feed(worker, outcome is Outcome.ANSWERED)
+            _feed(worker, outcome is ANSWERED)
             return
-        worst: dict[Worker, Outcome] = {}
+        worst: dict[Worker, int] = {}
         for worker, outcome in tried:
-            worst[worker] = max(outcome, worst.get(worker, Outcome.ANSWERED))
-        refused_by = {worker for worker, outcome in tried if outcome is Outcome.REFUSED}
+            worst[worker] = max(outcome, worst.get(worker, ANSWERED))
+        refused_by = {worker for worker, outcome in tried if outcome is REFUSED}
         poison = not self.served and len(refused_by) >= 2
         if poison:
             log.warning(
@@ -81,8 +79,8 @@ class Verdict:
                 extra={"request_id": self.request_id, "workers": sorted(w.url for w in refused_by)},
             )
         for worker, outcome in worst.items():
-            if not (poison and outcome is Outcome.REFUSED):
-                _feed(worker, outcome is Outcome.ANSWERED)
+            if not (poison and outcome is REFUSED):
+                _feed(worker, outcome is ANSWERED)
 
     @staticmethod
     def stream_broke(worker: Worker) -> None:
