@@ -479,13 +479,12 @@ def test_a_request_answered_in_the_end_is_not_poison() -> None:
     a, b, c = (Worker(url=f"http://{n}", healthy=True) for n in "abc")
     for worker in (a, b, c):
         breaker_for(worker)
-    verdict = Verdict("r")
+    verdict = Verdict()
     verdict.answered(a, 500)
     verdict.answered(b, 503)
     verdict.answered(a, 500)
-    verdict.answered(c, 200)
-    verdict.settle()
-    verdict.settle()  # once only
+    verdict.relayed(c, 200, "r")
+    verdict.settle("r")  # once only
     outcomes = [w.breaker.outcomes for w in (a, b, c)]  # type: ignore[union-attr]
     assert outcomes == [
         {"success": 0, "failure": 1},
@@ -498,11 +497,10 @@ def test_a_request_that_ends_busy_after_two_refusals_is_poison() -> None:
     a, b, c = (Worker(url=f"http://{n}", healthy=True) for n in "abc")
     for worker in (a, b, c):
         breaker_for(worker)
-    verdict = Verdict("r")
+    verdict = Verdict()
     verdict.answered(a, 500)
     verdict.answered(b, 500)
-    verdict.answered(c, 429)  # the last attempt: the client gets a 429, not an answer
-    verdict.settle()
+    verdict.relayed(c, 429, "r")  # the last attempt: the client gets a 429, not an answer
     outcomes = [w.breaker.outcomes for w in (a, b, c)]  # type: ignore[union-attr]
     assert outcomes == [
         {"success": 0, "failure": 0},

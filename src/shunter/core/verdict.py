@@ -42,45 +42,64 @@ def _feed(worker: Worker, success: bool) -> None:
 
 
 class Verdict:
-    __slots__ = ("request_id", "served", "settled", "tried")
+    """One per request. Most requests take one attempt whose answer is relayed: for them
+    ``relayed`` feeds the breaker at once and nothing else is kept. Measured in a timeit
+    loop (a no-op call 27 ns): ~0.4 us per request over feeding the breaker directly,
+    where collecting every attempt in a list cost ~0.9 us; a proxied request costs the
+    gateway ~130 us of CPU (bench/README.md)."""
 
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self.tried: list[tuple[Worker, int]] = []
+    __slots__ = ("served", "settled", "tried")
+
+    def __init__(self) -> None:
+        self.tried: list[tuple[Worker, int]] | None = None  # attempts not relayed, in order
         self.served = False  # the last attempt got an answer that ends the request well
         self.settled = False
 
     def answered(self, worker: Worker, status: int) -> None:
-        self.tried.append((worker, ANSWERED if status < 500 else REFUSED))
+        """An answer the client will not get as it is: retried, or turned into an error."""
+        self._add(worker, ANSWERED if status < 500 else REFUSED)
         self.served = status < 500 and status not in RETRYABLE_STATUSES
 
     def unreachable(self, worker: Worker) -> None:
-        self.tried.append((worker, UNREACHABLE))
+        self._add(worker, UNREACHABLE)
         self.served = False
 
-    def settle(self) -> None:
+    def _add(self, worker: Worker, outcome: int) -> None:
+        if self.tried is None:
+            self.tried = []
+        self.tried.append((worker, outcome))
+
+    def relayed(self, worker: Worker, status: int, request_id: str) -> None:
+        """This answer goes to the client: the retry loop is over, the breakers hear it."""
+        if self.tried is None:  # the only attempt
+            self.settled = True
+            if worker.breaker is not None:
+                worker.breaker.record(status < 500)
+            return
+        self.answered(worker, status)
+        self.settle(request_id)
+
+    def settle(self, request_id: str) -> None:
         """Feed each worker's breaker its one outcome; later calls do nothing."""
         if self.settled:
             return
         self.settled = True
         tried = self.tried
-        if len(tried) == 1:  # the common case
-            worker, outcome = tried[0]
-            _feed(worker, outcome is ANSWERED)
+        if tried is None:
             return
         worst: dict[Worker, int] = {}
         for worker, outcome in tried:
             worst[worker] = max(outcome, worst.get(worker, ANSWERED))
-        refused_by = {worker for worker, outcome in tried if outcome is REFUSED}
+        refused_by = {worker for worker, outcome in tried if outcome == REFUSED}
         poison = not self.served and len(refused_by) >= 2
         if poison:
             log.warning(
                 "poison request: every worker that answered it failed; not held against them",
-                extra={"request_id": self.request_id, "workers": sorted(w.url for w in refused_by)},
+                extra={"request_id": request_id, "workers": sorted(w.url for w in refused_by)},
             )
         for worker, outcome in worst.items():
-            if not (poison and outcome is REFUSED):
-                _feed(worker, outcome is ANSWERED)
+            if not (poison and outcome == REFUSED):
+                _feed(worker, outcome == ANSWERED)
 
     @staticmethod
     def stream_broke(worker: Worker) -> None:

@@ -236,6 +236,7 @@ class _Output:
         ]
         self.usage = Usage()
         self.format = OutputFormat(request, request_id, request.model or model)
+        self.request_id = request_id
         self.verdict = verdict
         self.stopped_early = False
 
@@ -276,8 +277,7 @@ class _Output:
 
     def _answered(self) -> None:
         """The answer goes to the client now: no more retries, the breakers hear it."""
-        self.verdict.answered(self.worker, 200)
-        self.verdict.settle()
+        self.verdict.relayed(self.worker, 200, self.request_id)
 
     async def _start_stream(self, send: Send) -> None:
         self._answered()

@@ -185,7 +185,7 @@ class RegularRouter:
         watch = DisconnectWatch(receive) if fields.stream else None
         attempts = self.retry.attempts
         failed: list[Worker] = []
-        verdict = Verdict(request.request_id)
+        verdict = Verdict()
         try:
             for attempt in range(attempts):
                 last = attempt + 1 == attempts
@@ -219,7 +219,8 @@ class RegularRouter:
                 return 499
             raise
         finally:
-            verdict.settle()  # a no-op when a relayed answer settled it
+            if not verdict.settled:  # a relayed answer settles it; errors end up here
+                verdict.settle(request.request_id)
             if watch is not None:
                 watch.finish()
 
@@ -333,15 +334,15 @@ class RegularRouter:
         answer is relayed, so the request's attempts are told to the breakers now."""
         worker = attempt.worker
         self.metrics.upstream_answer(status)
-        attempt.verdict.answered(worker, status)
         if status >= 500:
             self.metrics.worker_error(worker, f"status_{status}")
         if status in RETRYABLE_STATUSES:
             if not attempt.last:
+                attempt.verdict.answered(worker, status)
                 raise RetryAttempt
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
-        attempt.verdict.settle()
+        attempt.verdict.relayed(worker, status, request.request_id)
 
     def _upstream_failure(
         self, attempt: _Attempt, exc: UpstreamError, request: Inbound
