@@ -1,10 +1,15 @@
 """Chaos, scale and fuzz runs against a real gateway and real sims.
 
-Run: python bench/chaos_bench.py [chaos] [streams] [fuzz]      (all three by default)
+Run: python bench/chaos_bench.py [chaos] [breakers] [streams] [fuzz]
+(chaos, streams and fuzz by default)
 
 - chaos: 3 sims, 64 concurrent clients (1 in 4 streaming) for 60 s; one sim is killed
   (SIGKILL) and restarted on its port every 10 s. Counts failed non-streamed requests (target
   0), failed streams split by whether they had started, and latency percentiles.
+- breakers: the circuit breakers at their default flags against workers that restart in
+  turn: 3 sims, 32 clients for 60 s; one sim is SIGKILLed every 6 s and restarted 2 s later
+  (never two down at once). Counts failed requests by status (target 0), breaker openings
+  and latency percentiles.
 - streams: 10,000 concurrent slow streams held open through the gateway; its RSS then.
 - fuzz: 10,000 random or malformed requests (bodies, headers, paths, methods, raw bytes);
   counts 5xx answers made by the gateway itself (target 0), checks it is still up, and
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -84,10 +90,16 @@ class Fleet:
     def _start_sim(self, i: int) -> subprocess.Popen[bytes]:
         return spawn("sim", "--port", str(self.ports[i]), "--worker-id", f"sim-{i}", *self.sim_args)
 
-    def restart(self, i: int) -> None:
+    def restart(self, i: int, down_secs: float = 0.5) -> None:
+        self.kill(i)
+        time.sleep(down_secs)
+        self.revive(i)
+
+    def kill(self, i: int) -> None:
         self.sims[i].kill()
         self.sims[i].wait()
-        time.sleep(0.5)
+
+    def revive(self, i: int) -> None:
         self.sims[i] = self._start_sim(i)
 
     def stop(self) -> None:
@@ -189,6 +201,88 @@ def run_chaos(seconds: float = 60, every: float = 10) -> None:
         f"{outcomes['stream failed after start=False']} failed before it"
     )
     print(f"  all outcomes: {dict(outcomes)}")
+
+
+# --- breakers against workers restarting in turn --------------------------------------------
+
+
+async def plain_client(
+    url: str, stop_at: float, statuses: Counter[str], latencies: list[float]
+) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        while time.monotonic() < stop_at:
+            body = {"prompt": "breakers " * 20, "max_tokens": 8}
+            started = time.monotonic()
+            try:
+                response = await client.post(url + "/v1/completions", json=body)
+                statuses[str(response.status_code)] += 1
+            except httpx.HTTPError as exc:
+                statuses[type(exc).__name__] += 1
+            latencies.append(time.monotonic() - started)
+
+
+def breaker_openings(metrics_url: str) -> int:
+    """Breaker openings the gateway counted (smg_worker_cb_transitions to="open")."""
+    text = httpx.get(metrics_url, timeout=5).text
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("smg_worker_cb_transitions_total{") and 'to="open"' in line
+    )
+
+
+def run_breakers(
+    seconds: float = 60,
+    every: float = 6,
+    down: float = 2,
+    clients: int = 32,
+    gateway_args: Sequence[str] = (),  # e.g. other breaker flags, to compare
+) -> None:
+    metrics_port = free_port()
+    fleet = Fleet(
+        3,
+        ["--itl-ms", "5", "--max-running", "64"],
+        ["--policy", "round_robin", "--prometheus-port", str(metrics_port), *gateway_args],
+    )
+    statuses: Counter[str] = Counter()
+    latencies: list[float] = []
+    stop_at = time.monotonic() + seconds
+    kills = 0
+
+    async def main() -> None:
+        nonlocal kills
+        task = asyncio.gather(
+            *(plain_client(fleet.url, stop_at, statuses, latencies) for _ in range(clients))
+        )
+        victim = 0
+        while time.monotonic() + every < stop_at:
+            await asyncio.sleep(every - down)
+            await asyncio.to_thread(fleet.kill, victim)
+            kills += 1
+            await asyncio.sleep(down)
+            await asyncio.to_thread(fleet.revive, victim)
+            victim = (victim + 1) % 3
+        await task
+
+    try:
+        asyncio.run(main())
+        openings = breaker_openings(f"http://127.0.0.1:{metrics_port}/metrics")
+    finally:
+        fleet.stop()
+    total = sum(statuses.values())
+    failed = {k: v for k, v in sorted(statuses.items()) if k != "200"}
+    latencies.sort()
+    print(
+        f"breakers: 3 sims, {clients} clients, {seconds:.0f} s, {kills} kills (SIGKILL every "
+        f"{every:g} s, restarted {down:g} s later), breaker flags: "
+        f"{' '.join(gateway_args) or 'the defaults'}"
+    )
+    print(f"  requests: {total}, failed: {sum(failed.values())} by status {failed}")
+    print(
+        f"  breaker openings: {openings}; latency p50 "
+        f"{statistics.median(latencies) * 1000:.1f} ms, "
+        f"p99 {latencies[int(len(latencies) * 0.99)] * 1000:.1f} ms"
+    )
 
 
 # --- 10,000 streams -------------------------------------------------------------------------
@@ -404,5 +498,7 @@ if __name__ == "__main__":
         run_fuzz()
     if "chaos" in wanted:
         run_chaos()
+    if "breakers" in wanted:
+        run_breakers()
     if "streams" in wanted:
         run_streams()

@@ -11,8 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
-from harness import Gateway, Proc, Sim, wait_for
+from shunter.config import grpc_available
+
+from harness import Gateway, GrpcSim, Proc, Sim, wait_for
 
 FAST_RETRY = ("--retry-initial-backoff-ms", "5", "--retry-max-backoff-ms", "50")
 
@@ -127,9 +130,10 @@ def test_an_open_circuit_half_opens_and_closes_when_the_worker_recovers(
 ) -> None:
     sim = Sim("recovering", "--error-rate", "1.0")
     procs.append(sim)
+    # Panic off: with the default threshold a model's only worker is never excluded.
     gateway = Gateway("--cb-failure-threshold", "2", "--cb-success-threshold", "1",
                       "--cb-timeout-duration-secs", "0.5", "--disable-retries",
-                      workers=[sim.url])  # fmt: skip
+                      "--cb-panic-threshold", "0", workers=[sim.url])  # fmt: skip
     procs.append(gateway)
     assert [complete(gateway).status_code for _ in range(2)] == [500, 500]
     refused = complete(gateway)
@@ -220,3 +224,113 @@ def test_the_gateway_refuses_to_start_on_unreadable_tls_files() -> None:
         timeout=30,
     )
     assert out.returncode == 2 and "cannot read it" in out.stderr
+
+
+def test_workers_killed_and_restarted_in_turn_never_strand_the_fleet(procs: list[Proc]) -> None:
+    """Each kill opens the victim's breaker; when it is back, so is its share of the traffic.
+
+    With every opening lasting the full --cb-timeout-duration-secs (60 s) the third kill
+    left every breaker open while every worker was up, and requests got 503s.
+    """
+    sims = [Sim(f"turn-{i}", "--itl-ms", "1") for i in range(3)]
+    procs += sims
+    gateway = Gateway(
+        "--policy",
+        "round_robin",
+        "--cb-failure-threshold",
+        "3",
+        *FAST_RETRY,
+        workers=[s.url for s in sims],
+    )
+    procs.append(gateway)
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not done.is_set():
+                body = {"prompt": "x", "max_tokens": 2}
+                status = http.post(gateway.url + "/v1/completions", json=body).status_code
+                with lock:
+                    statuses[status] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i, victim in enumerate(sims):  # never two down at once
+            time.sleep(1.5)
+            victim.kill()
+            time.sleep(1.0)
+            sims[i] = Sim(victim.name, "--itl-ms", "1", port=victim.port)
+            procs.append(sims[i])
+        time.sleep(1.5)  # the last victim's breaker may still be open: the others serve
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    assert set(statuses) == {200}, statuses
+    assert statuses[200] > 300
+    metrics = httpx.get(gateway.metrics_url).text
+    opened = {
+        line.split('worker="')[1].split('"')[0]
+        for line in metrics.splitlines()
+        if line.startswith("smg_worker_cb_transitions_total") and 'to="open"' in line
+    }
+    assert opened == {s.url for s in sims}  # every kill did open a breaker
+    # The last opening ends within its backed-off time (2 s, or 4 s if its first probe
+    # came before the sim was back).
+    wait_for(lambda: "open" not in {w["circuit_state"] for w in gateway.workers()}, 10, "probes")
+    served = Counter(complete(gateway).headers["x-worker-id"] for _ in range(9))
+    assert set(served) == {s.name for s in sims}, served  # all back in service
+
+
+def test_a_poison_request_opens_no_breaker(procs: list[Proc]) -> None:
+    sims = [Sim(f"taster-{i}") for i in range(3)]
+    procs += sims
+    gateway = Gateway(
+        "--policy",
+        "round_robin",
+        "--cb-failure-threshold",
+        "2",
+        *FAST_RETRY,
+        workers=[s.url for s in sims],
+    )
+    procs.append(gateway)
+    for sim in sims:
+        sim.set_faults(poison_text="DROP TABLE")
+    for _ in range(3):  # more than the failure threshold
+        poisoned = complete(gateway, prompt="x'; DROP TABLE users")
+        assert poisoned.status_code == 500
+    assert sum(len(s.requests()) for s in sims) == 3 * 5  # each tried on every attempt
+    assert {w["circuit_state"] for w in gateway.workers()} == {"closed"}
+    served = Counter(complete(gateway).headers["x-worker-id"] for _ in range(6))
+    assert served == {s.name: 2 for s in sims}
+    assert "poison request" in gateway.output()
+
+
+@pytest.mark.skipif(not grpc_available(), reason="needs the grpc extra")
+def test_a_request_every_grpc_worker_fails_opens_no_breaker(procs: list[Proc]) -> None:
+    """The gRPC attempt path tells the breakers through the same Verdict as HTTP."""
+    sims = [GrpcSim(f"grpc-taster-{i}") for i in range(2)]
+    procs += sims
+    gateway = Gateway(
+        "--policy",
+        "round_robin",
+        "--cb-failure-threshold",
+        "2",
+        *FAST_RETRY,
+        workers=[s.url for s in sims],
+    )
+    procs.append(gateway)
+    for sim in sims:
+        sim.set_faults(error_rate=1.0, error_status=500)  # gRPC INTERNAL: an answer
+    assert [complete(gateway).status_code for _ in range(3)] == [502] * 3
+    assert {w["circuit_state"] for w in gateway.workers()} == {"closed"}
+    before = [sim.stats()["requests_total"] for sim in sims]
+    for sim in sims:
+        sim.set_faults(error_rate=0.0)
+    assert [complete(gateway).status_code for _ in range(4)] == [200] * 4
+    after = [sim.stats()["requests_total"] for sim in sims]
+    assert [now - then for now, then in zip(after, before, strict=True)] == [2, 2]

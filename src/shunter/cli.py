@@ -168,7 +168,20 @@ def _add_reliability_flags(p: argparse.ArgumentParser) -> None:
         "--cb-timeout-duration-secs",
         type=float,
         default=b.timeout_secs,
-        help="seconds an open circuit waits before half-open",
+        help="the longest an open circuit waits before half-open (openings back off to it)",
+    )
+    p.add_argument(
+        "--cb-base-open-secs",
+        type=float,
+        default=b.base_open_secs,
+        help="how long a first opening lasts; each consecutive one doubles it",
+    )
+    p.add_argument(
+        "--cb-panic-threshold",
+        type=float,
+        default=b.panic_threshold,
+        help="ignore a model's breakers when fewer than this share of its healthy workers "
+        "are left in by them (0: never)",
     )
     p.add_argument(
         "--cb-window-duration-secs",
@@ -388,9 +401,13 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         retry=RetryConfig(args.retry_max_retries, args.retry_initial_backoff_ms,
                           args.retry_max_backoff_ms, args.retry_backoff_multiplier,
                           args.retry_jitter_factor, args.disable_retries),
-        breaker=BreakerConfig(args.cb_failure_threshold, args.cb_success_threshold,
-                              args.cb_timeout_duration_secs, args.cb_window_duration_secs,
-                              args.disable_circuit_breaker),
+        breaker=BreakerConfig(failure_threshold=args.cb_failure_threshold,
+                              success_threshold=args.cb_success_threshold,
+                              timeout_secs=args.cb_timeout_duration_secs,
+                              window_secs=args.cb_window_duration_secs,
+                              disabled=args.disable_circuit_breaker,
+                              base_open_secs=args.cb_base_open_secs,
+                              panic_threshold=args.cb_panic_threshold),
         health=HealthConfig(args.health_check_interval_secs, args.health_check_timeout_secs,
                             args.health_check_endpoint, args.health_failure_threshold,
                             args.health_success_threshold),

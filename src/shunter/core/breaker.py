@@ -3,12 +3,20 @@
 - Closed: requests flow. ``failure_threshold`` consecutive failures open it, provided they
   all fall within ``window_secs`` (smg validates its window and ignores it; here a failure
   streak older than the window starts over, so rare failures never add up to an outage).
-- Open: the worker is out of selection. After ``timeout_secs`` it turns half-open (a timer,
-  so readers only ever look at a flag).
+- Open: the worker is out of selection. It turns half-open when its open time is up (a
+  timer, so readers only ever look at a flag), or at once when a health check passes.
 - Half-open: requests flow again; ``success_threshold`` consecutive successes close it, one
   failure opens it again.
 
-``worker.breaker_open`` mirrors "open" so ``worker.is_available`` stays an attribute read.
+How long a circuit stays open backs off, as an outlier ejection does: the first opening
+lasts ``base_open_secs``, each further consecutive one twice the last, up to
+``timeout_secs`` (smg's ``--cb-timeout-duration-secs``, which smg uses for every opening).
+A worker that merely restarted is back within seconds instead of a minute, while one that
+keeps failing is soon probed only once a minute. The openings count as consecutive until
+the circuit has stayed closed for ``timeout_secs``.
+
+The breaker knows nothing of routing: ``on_change`` hears every transition, and
+``core/ejection.py`` decides from that whether the worker is excluded (``worker.breaker_open``).
 """
 
 from __future__ import annotations
@@ -34,15 +42,27 @@ class State(enum.Enum):
 class BreakerConfig:
     failure_threshold: int = 10
     success_threshold: int = 3
-    timeout_secs: float = 60.0
+    timeout_secs: float = 60.0  # the longest an opening lasts
     window_secs: float = 120.0
     disabled: bool = False
+    # The first opening. 2 s: a worker that restarted or shed a burst is probed again
+    # soon, and one that stays dead costs five failed probes (at 2, 6, 14, 30 and 62 s,
+    # each one attempt retried elsewhere) before it is probed once a minute. In the
+    # breakers chaos bench 1, 2 and 5 s all failed no request; 1 s failed more probes.
+    base_open_secs: float = 2.0
+    # Below this share of a model's healthy workers left by their breakers, the model's
+    # breakers are ignored (core/ejection.py); 0 turns that off.
+    panic_threshold: float = 0.5
 
     def validate(self) -> BreakerConfig:
         if self.failure_threshold < 1 or self.success_threshold < 1:
             raise ValueError("--cb-failure-threshold and --cb-success-threshold must be >= 1")
         if self.timeout_secs <= 0 or self.window_secs <= 0:
             raise ValueError("--cb-timeout-duration-secs and --cb-window-duration-secs must be > 0")
+        if self.base_open_secs <= 0:
+            raise ValueError("--cb-base-open-secs must be > 0")
+        if not 0 <= self.panic_threshold <= 1:
+            raise ValueError("--cb-panic-threshold must be between 0 and 1")
         return self
 
 
@@ -50,23 +70,31 @@ Transition = Callable[["CircuitBreaker", State, State], None]
 
 
 class CircuitBreaker:
-    __slots__ = ("_streak_started", "_timer", "config", "consecutive_failures",
-                 "consecutive_successes", "on_change", "outcomes", "set_open", "state")  # fmt: skip
+    __slots__ = (
+        "_closed_since",
+        "_streak_started",
+        "_timer",
+        "config",
+        "consecutive_failures",
+        "consecutive_successes",
+        "ejections",
+        "on_change",
+        "open_secs",
+        "outcomes",
+        "state",
+    )
 
-    def __init__(
-        self,
-        config: BreakerConfig,
-        set_open: Callable[[bool], None],
-        on_change: Transition | None = None,
-    ) -> None:
+    def __init__(self, config: BreakerConfig, on_change: Transition | None = None) -> None:
         self.config = config
-        self.set_open = set_open
         self.on_change = on_change
         self.state = State.CLOSED
         self.consecutive_failures = 0
         self.consecutive_successes = 0
+        self.ejections = 0  # consecutive openings so far
+        self.open_secs = 0.0  # how long the current (or last) opening lasts
         self.outcomes = {"success": 0, "failure": 0}
         self._streak_started = 0.0
+        self._closed_since = time.monotonic()
         self._timer: asyncio.TimerHandle | None = None
 
     def record(self, success: bool) -> None:
@@ -95,6 +123,12 @@ class CircuitBreaker:
         ):
             self._move(State.OPEN)
 
+    def health_passed(self) -> None:
+        """A health check passed: an open circuit turns half-open now, not when its time is
+        up, so a worker that is back is tried again at the next check."""
+        if self.state is State.OPEN:
+            self._move(State.HALF_OPEN)
+
     def _move(self, new: State) -> None:
         old, self.state = self.state, new
         self.consecutive_failures = 0
@@ -102,14 +136,22 @@ class CircuitBreaker:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if new is State.OPEN:
+        now = time.monotonic()
+        if new is State.CLOSED:
+            self._closed_since = now
+        elif new is State.OPEN:
+            config = self.config
+            if old is State.CLOSED and now - self._closed_since >= config.timeout_secs:
+                self.ejections = 0  # closed long enough: this opening starts afresh
+            self.ejections += 1
+            longer = config.base_open_secs if self.ejections == 1 else 2 * self.open_secs
+            self.open_secs = min(longer, config.timeout_secs)
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
             if loop is not None:
-                self._timer = loop.call_later(self.config.timeout_secs, self._half_open)
-        self.set_open(new is State.OPEN)
+                self._timer = loop.call_later(self.open_secs, self._half_open)
         if self.on_change is not None:
             self.on_change(self, old, new)
 
@@ -119,5 +161,7 @@ class CircuitBreaker:
             self._move(State.HALF_OPEN)
 
     def reset(self) -> None:
+        self.ejections = 0
+        self.open_secs = 0.0
         if self.state is not State.CLOSED:
             self._move(State.CLOSED)

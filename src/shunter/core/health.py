@@ -4,8 +4,13 @@ Every ``interval_secs`` all workers are checked at once, each bounded by ``timeo
 a slow worker delays nobody else's check. ``GET {base_url}{endpoint}`` answering 2xx is a
 success. ``failure_threshold`` consecutive failures mark a worker unhealthy,
 ``success_threshold`` consecutive successes mark it healthy again; the counters restart
-after each transition. Health is separate from the circuit breaker, and workers are never
-removed for failing checks. DP ranks share their base URL's check.
+after each transition. Workers are never removed for failing checks. DP ranks share their
+base URL's check.
+
+Health is separate from the circuit breaker, with one link: a passing check turns an open
+breaker half-open at once, so a worker that came back is tried again within one interval
+instead of waiting out its open time (a proxy's "uneject on a successful active health
+check"). If the worker still fails real requests, the first failure opens it again.
 """
 
 from __future__ import annotations
@@ -52,11 +57,13 @@ class HealthChecker:
         workers: Callable[[], Sequence[Worker]],
         client: UpstreamClient,
         on_check: Callable[[Worker, bool], None] | None = None,
+        on_flip: Callable[[Worker], None] | None = None,
     ) -> None:
         self.config = config
         self.workers = workers
         self.client = client
-        self.on_check = on_check
+        self.on_check = on_check  # every check
+        self.on_flip = on_flip  # a worker turned healthy or unhealthy
         self._loop = Periodic("health checks", config.interval_secs, self.check_all)
 
     def start(self) -> None:
@@ -106,12 +113,15 @@ class HealthChecker:
         if self.on_check is not None:
             self.on_check(worker, ok)
         if ok:
+            if worker.breaker is not None:
+                worker.breaker.health_passed()
             worker.health_failures = 0
             worker.health_successes += 1
             if not worker.healthy and worker.health_successes >= self.config.success_threshold:
                 worker.healthy = True
                 worker.health_successes = 0
                 log.info("worker healthy again", extra={"url": worker.url})
+                self._flipped(worker)
         else:
             worker.health_successes = 0
             worker.health_failures += 1
@@ -119,3 +129,8 @@ class HealthChecker:
                 worker.healthy = False
                 worker.health_failures = 0
                 log.warning("worker unhealthy", extra={"url": worker.url})
+                self._flipped(worker)
+
+    def _flipped(self, worker: Worker) -> None:
+        if self.on_flip is not None:
+            self.on_flip(worker)

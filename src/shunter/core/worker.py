@@ -71,7 +71,9 @@ class Worker:
     health_failures: int = 0  # consecutive failed health checks
     health_successes: int = 0  # consecutive passed health checks
     breaker: CircuitBreaker | None = None
-    breaker_open: bool = False  # mirrors breaker.state is OPEN, for a cheap is_available
+    # Whether the breaker keeps the worker out right now: its breaker is open and its model
+    # is not in panic (core/ejection.py keeps it right, so is_available is attribute reads).
+    breaker_open: bool = False
     client_cell: OnceCell[UpstreamClient] | None = None  # HTTP workers
     scheduler_cell: OnceCell[SchedulerClient] | None = None  # gRPC workers
 
@@ -91,6 +93,11 @@ class Worker:
         if self.models:
             return self.models[0]
         return self.labels.get("model_id", "unknown")
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        """Every model the worker serves (the registry indexes it under each)."""
+        return self.models or (self.model_id,)
 
     @property
     def priority(self) -> int:

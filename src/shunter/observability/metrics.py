@@ -65,6 +65,7 @@ class Metrics:
         self.retries: dict[tuple[str, str], int] = {}  # worker type, endpoint
         self.exhausted: dict[tuple[str, str], int] = {}
         self.cb_transitions: dict[tuple[str, str, str], int] = {}  # worker, from, to
+        self.cb_panic: set[str] = set()  # models whose breakers are ignored (core/ejection.py)
         self.health_checks: dict[tuple[str, str], int] = {}  # worker type, result
         self.rate_limit: dict[str, int] = {}  # result
         self.ttft: dict[tuple[str, str], HistogramCell] = {}  # model, endpoint
@@ -161,6 +162,12 @@ class Metrics:
     def breaker_moved(self, worker: Worker, old: str, new: str) -> None:
         key = (worker.url, old, new)
         self.cb_transitions[key] = self.cb_transitions.get(key, 0) + 1
+
+    def breaker_panic(self, model: str, panic: bool) -> None:
+        if panic:
+            self.cb_panic.add(model)
+        else:
+            self.cb_panic.discard(model)
 
     def health_checked(self, worker: Worker, ok: bool) -> None:
         key = (worker.worker_type.value, "success" if ok else "failure")
@@ -363,6 +370,14 @@ class _Collector:
         outcomes = CounterMetricFamily(
             "smg_worker_cb_outcomes", "Outcomes fed to the breaker", labels=["worker", "outcome"]
         )
+        panic = GaugeMetricFamily(
+            "shunter_breaker_panic",
+            "1 while a model's breakers are ignored: too few of its healthy workers left in",
+            labels=["model"],
+        )
+        panicking = self.m.cb_panic.copy()
+        for model in sorted({model for worker in workers for model in worker.model_ids}):
+            panic.add_metric([model], 1 if model in panicking else 0)
         for worker in workers:
             breaker = worker.breaker
             if breaker is None:
@@ -372,7 +387,7 @@ class _Collector:
             successes.add_metric([worker.url], breaker.consecutive_successes)
             for outcome, count in breaker.outcomes.items():
                 outcomes.add_metric([worker.url, outcome], count)
-        yield from (state, failures, successes, outcomes)
+        yield from (state, failures, successes, outcomes, panic)
         yield _counter(
             "smg_worker_cb_transitions",
             "Circuit state changes",

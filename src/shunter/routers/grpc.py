@@ -6,8 +6,9 @@ would: chat template, tokenization, ``Generate``, incremental detokenization, st
 the parsers, and OpenAI- or SGLang-shaped responses and SSE chunks. A client that leaves
 cancels the call and sends ``Abort``, as does a stop string the gateway finds first.
 
-Reliability is the HTTP path's: the worker's load is counted by the caller, and a failure
-before the first byte reaches the client feeds the breaker and asks for a retry.
+Reliability is the HTTP path's: the worker's load is counted by the caller, a failure
+before the first byte reaches the client asks for a retry, and the attempts reach the
+breakers through the request's ``Verdict`` (core/verdict.py), settled before the first byte.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from shunter.asgi import (
 )
 from shunter.core.once import OnceCell
 from shunter.core.retry import RETRYABLE_STATUSES
+from shunter.core.verdict import Verdict
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
@@ -111,6 +113,7 @@ class GrpcAttempt:
         send: Send,
         watch: DisconnectWatch | None,
         last: bool,
+        verdict: Verdict,
     ) -> int:
         request = parse_generation_request(path, body)
         cell = worker.scheduler_cell
@@ -119,7 +122,7 @@ class GrpcAttempt:
             client = cell.value or await cell.get()
             tokenizer = await self.tokenizers.get(model, client)
         except SchedulerError as exc:
-            raise self._failure(worker, exc, last) from None
+            raise self._failure(worker, exc, last, verdict) from None
         except TokenizerError as exc:
             log.warning("tokenizer unavailable", extra={"model": model, "error": str(exc)})
             raise ApiError(
@@ -127,7 +130,7 @@ class GrpcAttempt:
             ) from None
         generate = self._generate_request(request, tokenizer, worker, request_id)
         call: Any = client.generate(generate, self.request_timeout)
-        output = _Output(self, worker, request, tokenizer, request_id, model)
+        output = _Output(self, worker, request, tokenizer, request_id, model, verdict)
         try:
             status = await output.run(call, send, watch is not None)
         except asyncio.CancelledError:
@@ -135,13 +138,11 @@ class GrpcAttempt:
             self._abort(client, request_id, "client disconnected")
             raise
         except SchedulerError as exc:
-            raise self._failure(worker, exc, last) from None
+            raise self._failure(worker, exc, last, verdict) from None
         finally:
             if output.stopped_early:
                 call.cancel()
                 self._abort(client, request_id, "stopped by the gateway")
-        if worker.breaker is not None:
-            worker.breaker.record(True)
         self.metrics.upstream_answer(status)
         return status
 
@@ -174,12 +175,19 @@ class GrpcAttempt:
             sampling_params=params, stream=stream, **extra,
         )  # fmt: skip
 
-    def _failure(self, worker: Worker, exc: SchedulerError, last: bool) -> Exception:
-        """Record a failed call; a retryable one asks for another attempt if one is left."""
+    def _failure(
+        self, worker: Worker, exc: SchedulerError, last: bool, verdict: Verdict
+    ) -> Exception:
+        """Record a failed call; a retryable one asks for another attempt if one is left.
+
+        A gRPC status is the worker's answer (INTERNAL is its 500, INVALID_ARGUMENT its
+        400); no channel or a deadline passed is no answer at all."""
         self.metrics.worker_error(worker, "upstream_" + exc.kind)
         self.metrics.upstream_answer(exc.status, "upstream_" + exc.kind)
-        if worker.breaker is not None and exc.status >= 500:
-            worker.breaker.record(False)
+        if exc.kind in ("connect", "timeout"):
+            verdict.unreachable(worker)
+        else:
+            verdict.answered(worker, exc.status)
         if exc.kind == "connect" and worker.scheduler_cell is not None:
             client = worker.scheduler_cell.value
             if client is not None:
@@ -218,6 +226,7 @@ class _Output:
         tokenizer: ModelTokenizer,
         request_id: str,
         model: str,
+        verdict: Verdict,
     ) -> None:
         sampling = request.sampling
         stop_ids = frozenset(sampling.stop_token_ids) | (
@@ -233,6 +242,8 @@ class _Output:
         ]
         self.usage = Usage()
         self.format = OutputFormat(request, request_id, request.model or model)
+        self.request_id = request_id
+        self.verdict = verdict
         self.stopped_early = False
 
     async def run(self, call: Any, send: Send, stream: bool) -> int:
@@ -251,15 +262,16 @@ class _Output:
             log.warning(
                 "gRPC stream broke", extra={"worker": self.worker.url, "error": str(failure)}
             )
+            Verdict.stream_broke(self.worker)
             await send_chunk(send, stream_broken_event(failure.kind))
             await end_stream(send)
             return 200
         # Finished by the gateway (a stop string) before the worker's end: stop the worker.
         self.stopped_early = not all(s.completed for s in self.sequences)
         if not stream:
-            await send_bytes(
-                send, 200, self.format.whole(self.sequences, self.usage), [JSON_CONTENT]
-            )
+            whole = self.format.whole(self.sequences, self.usage)
+            self._answered()
+            await send_bytes(send, 200, whole, [JSON_CONTENT])
             return 200
         if not started:
             await self._start_stream(send)
@@ -269,7 +281,12 @@ class _Output:
         await end_stream(send)
         return 200
 
+    def _answered(self) -> None:
+        """The answer goes to the client now: no more retries, the breakers hear it."""
+        self.verdict.relayed(self.worker, 200, self.request_id)
+
     async def _start_stream(self, send: Send) -> None:
+        self._answered()
         await start_stream(send, 200, _SSE)
         for sequence in self.sequences:
             chunk = self.format.role_chunk(sequence.index)

@@ -28,6 +28,7 @@ from shunter.asgi import (
 )
 from shunter.core.registry import WorkerRegistry, Workers
 from shunter.core.retry import RETRYABLE_STATUSES, RetryConfig
+from shunter.core.verdict import Verdict
 from shunter.core.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.observability.streams import StreamStats
@@ -64,6 +65,7 @@ class _Attempt:
     headers: list[tuple[str, str]]
     body: bytes
     last: bool  # no retry after this one
+    verdict: Verdict  # the request's attempts, for the breakers
 
 
 @dataclass(slots=True)
@@ -162,7 +164,8 @@ class RegularRouter:
 
         Each attempt selects a worker afresh (avoiding the ones that failed this request);
         a retryable failure (a 408/429/5xx status, no connection) waits the backoff and tries
-        again, as long as nothing has reached the client yet.
+        again, as long as nothing has reached the client yet. The breakers hear the
+        request's attempts once, when the loop ends (core/verdict.py).
         """
         fields = decode_routing_fields(request.body)
         incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
@@ -187,6 +190,7 @@ class RegularRouter:
         watch = DisconnectWatch(receive) if fields.stream else None
         attempts = self.retry.attempts
         failed: list[Worker] = []
+        verdict = Verdict()
         try:
             for attempt in range(attempts):
                 last = attempt + 1 == attempts
@@ -208,7 +212,7 @@ class RegularRouter:
                     worker, model, request.path, watch is not None, policy.name
                 )
                 try:
-                    return await self._attempt(worker, request, send, watch, last)
+                    return await self._attempt(worker, request, send, watch, last, verdict)
                 except RetryAttempt:
                     failed.append(worker)
             raise AssertionError("the last attempt never asks for a retry")
@@ -220,6 +224,8 @@ class RegularRouter:
                 return 499
             raise
         finally:
+            if not verdict.settled:  # a relayed answer settles it; errors end up here
+                verdict.settle(request.request_id)
             if watch is not None:
                 watch.finish()
 
@@ -230,6 +236,7 @@ class RegularRouter:
         send: Send,
         watch: DisconnectWatch | None,
         last: bool,
+        verdict: Verdict,
     ) -> int:
         """One try on ``worker``, over HTTP or gRPC, its load counted while it runs."""
         over_grpc = worker.scheduler_cell is not None
@@ -244,8 +251,8 @@ class RegularRouter:
                     assert self.grpc is not None
                     return await self.grpc.serve(worker, request.model, request.path,
                                                  request.body, request.request_id, send, watch,
-                                                 last)  # fmt: skip
-                return await self._http_attempt(worker, request, send, watch, last)
+                                                 last, verdict)  # fmt: skip
+                return await self._http_attempt(worker, request, send, watch, last, verdict)
             finally:
                 worker.in_flight -= 1
                 worker.processed += 1
@@ -257,6 +264,7 @@ class RegularRouter:
         send: Send,
         watch: DisconnectWatch | None,
         last: bool,
+        verdict: Verdict,
     ) -> int:
         cell = worker.client_cell
         assert cell is not None
@@ -270,6 +278,7 @@ class RegularRouter:
             headers=upstream_headers(request, worker, self.gateway_auth),
             body=request.body if worker.dp_rank is None else inject_rank(request.body, worker),
             last=last,
+            verdict=verdict,
         )
         if self.tracing is not None:  # the worker continues our trace, not the client's
             attempt.headers = [*without_trace_headers(attempt.headers), *self.tracing.outgoing()]
@@ -317,8 +326,7 @@ class RegularRouter:
                 extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
             )
             self.metrics.worker_error(worker, "stream_" + exc.kind)
-            if worker.breaker is not None:
-                worker.breaker.record(False)
+            Verdict.stream_broke(worker)
             await send_chunk(send, stream_broken_event(exc.kind))
         finally:
             await upstream.aclose()
@@ -327,18 +335,19 @@ class RegularRouter:
         return upstream.status
 
     def _retry_on_status(self, attempt: _Attempt, status: int, request: Inbound) -> None:
-        """Feed the breaker; ask for another attempt on a retryable status if one is left."""
+        """Ask for another attempt on a retryable status if one is left; otherwise this
+        answer is relayed, so the request's attempts are told to the breakers now."""
         worker = attempt.worker
         self.metrics.upstream_answer(status)
-        if worker.breaker is not None:
-            worker.breaker.record(status < 500)
         if status >= 500:
             self.metrics.worker_error(worker, f"status_{status}")
         if status in RETRYABLE_STATUSES:
             if not attempt.last:
+                attempt.verdict.answered(worker, status)
                 raise RetryAttempt
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
+        attempt.verdict.relayed(worker, status, request.request_id)
 
     def _upstream_failure(
         self, attempt: _Attempt, exc: UpstreamError, request: Inbound
@@ -346,8 +355,7 @@ class RegularRouter:
         worker = attempt.worker
         self.metrics.worker_error(worker, "upstream_" + exc.kind)
         self.metrics.upstream_answer(_UPSTREAM_STATUS.get(exc.kind, 502), "upstream_" + exc.kind)
-        if worker.breaker is not None:
-            worker.breaker.record(False)
+        attempt.verdict.unreachable(worker)
         if exc.kind != "timeout" and worker.client_cell is not None:
             # The pool may hold connections to a worker that restarted: build a fresh one
             # in the background; requests keep using this one until it is ready.

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from shunter.config import GatewayConfig, grpc_available
 from shunter.core.breaker import CircuitBreaker, State
+from shunter.core.ejection import Ejection
 from shunter.core.health import HealthChecker
 from shunter.core.jobs import JobQueue
 from shunter.core.limiter import Admission
@@ -143,8 +144,15 @@ class GatewayState:
 
             return OnceCell(create, _close_client)
 
+        self.ejection = Ejection(
+            config.breaker.panic_threshold, self.registry.get_by_model, self.metrics.breaker_panic
+        )
         self.health = HealthChecker(
-            config.health, self.registry.all, self.control, self.metrics.health_checked
+            config.health,
+            self.registry.all,
+            self.control,
+            self.metrics.health_checked,
+            on_flip=lambda worker: self.ejection.changed((worker,)),
         )
         self.load_monitor = LoadMonitor(
             self.registry.all, self.control, config.worker_startup_check_interval
@@ -169,20 +177,20 @@ class GatewayState:
         for worker in added:
             self._attach_breaker(worker)
             self.policies.on_worker_added(worker)
+        self.ejection.changed((*added, *removed))
 
     def _attach_breaker(self, worker: Worker) -> None:
-        def set_open(is_open: bool) -> None:
-            worker.breaker_open = is_open
-
         def moved(breaker: CircuitBreaker, old: State, new: State) -> None:
             self.metrics.breaker_moved(worker, old.label, new.label)
-            log.warning(
-                "circuit breaker moved",
-                extra={"url": worker.url, "from": old.label, "to": new.label},
-            )
+            facts: dict[str, object] = {"url": worker.url, "from": old.label, "to": new.label}
+            if new is State.OPEN:
+                facts["open_secs"] = breaker.open_secs
+                facts["ejections"] = breaker.ejections
+            log.warning("circuit breaker moved", extra=facts)
+            self.ejection.changed((worker,))
 
         worker.breaker_open = False
-        worker.breaker = CircuitBreaker(self.config.breaker, set_open, moved)
+        worker.breaker = CircuitBreaker(self.config.breaker, moved)
 
     def submit_add(self, spec: WorkerSpec) -> None:
         async def add() -> None:

@@ -190,7 +190,7 @@ class SimApp:
         )
 
     async def _inference_gate(self, request: Request) -> None:
-        """Auth and the faults that act before any work: latency, hang, error rate."""
+        """Auth and the faults that act before any work: latency, hang, error rate, poison."""
         key = self.config.api_key
         if key is not None:
             auth = header_value(request.scope, b"authorization")
@@ -203,6 +203,8 @@ class SimApp:
             await self._hang(request)
         if faults.error_rate > 0 and random.random() < faults.error_rate:
             raise BadRequest("injected fault", faults.error_status)
+        if faults.poison_text and faults.poison_text.encode() in request.body:
+            raise BadRequest("injected fault: poison input", 500)
 
     async def _hang(self, request: Request) -> None:
         watch = DisconnectWatch(request.receive)

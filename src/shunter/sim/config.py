@@ -18,6 +18,9 @@ class Faults:
     drop_after_chunks: int = -1  # close the connection after N body chunks (-1: never)
     hang: bool = False  # inference requests never answer (until the client leaves)
     fail_health: bool = False  # /health and /health_generate answer 503
+    # An inference request whose body contains this text is answered 500 (a poison input:
+    # every worker fails it, while it serves everything else).
+    poison_text: str = ""
     # Not a fault: when set, gRPC outputs are this text, then end-of-sequence (parser tests).
     scripted_reply: str = ""
 
