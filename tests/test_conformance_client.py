@@ -15,8 +15,13 @@ from typing import Any
 
 import pytest
 
+from shunter.config import ConfigError, GatewayConfig
 from shunter.transport.base import UpstreamError
 from shunter.transport.h1stream import MAX_HEAD_BYTES, H1Stream, H1StreamClient
+from shunter.transport.reqwest import MAX_RESPONSE_BYTES, ClientSettings, ReqwestClient
+from shunter.transport.split import worker_client
+
+from harness import Gateway, Proc, Sim
 
 Handler = Callable[["Peer"], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -570,3 +575,106 @@ async def test_a_request_that_could_split_is_refused_before_anything_is_written(
     assert await body_of(await get(client, "/after")) == b"ok"
     assert [r.split(b" ")[1] for r in script.requests] == [b"/first", b"/after"]
     assert len(script.peers) == 1
+
+
+# --- the whole-response cap (pyreqwest) -----------------------------------------------------
+
+
+async def whole_worker(body: bytes, chunked: bool = False) -> tuple[asyncio.AbstractServer, str]:
+    """A worker answering every request with ``body`` (declared, or chunked in 64 KiB)."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = Peer(0, reader, writer)
+        try:
+            while True:
+                await peer.request()
+                if chunked:
+                    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    for start in range(0, len(body), 65536):
+                        part = body[start : start + 65536]
+                        writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                    writer.write(b"0\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(body))
+                    writer.write(body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_whole_response_over_the_cap_fails_the_attempt(chunked: bool) -> None:
+    """A declared length over the cap is refused before the body is read; an undeclared
+    (chunked) one as soon as the running total passes it. Both are an ``io`` error that
+    names the cap."""
+    server, url = await whole_worker(b"x" * 300_000, chunked)
+    client = ReqwestClient(ClientSettings(max_response_bytes=100_000))
+    try:
+        with pytest.raises(UpstreamError) as failed:
+            await client.request("POST", url + "/v1/embeddings", [], b"{}")
+        assert failed.value.kind == "io"
+        assert "the worker's response exceeded 100000 bytes" in str(failed.value)
+    finally:
+        await client.close()
+        server.close()
+
+
+@pytest.mark.parametrize(("size", "chunked"), [(1000, False), (1000, True), (1_500_000, False)])
+async def test_a_whole_response_up_to_the_cap_is_read_whole(size: int, chunked: bool) -> None:
+    """At the cap exactly, small or large (a large one is read chunk by chunk), declared or
+    chunked: the body arrives intact, and the pooled connection is reused."""
+    body = bytes(range(256)) * (size // 256) + b"e" * (size % 256)
+    server, url = await whole_worker(body, chunked)
+    client = ReqwestClient(ClientSettings(max_response_bytes=size))
+    try:
+        for _ in range(2):
+            response = await client.request("GET", url + "/x", [], None)
+            assert response.status == 200 and response.body == body
+            assert isinstance(response.body, bytes)
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_the_worker_client_caps_whole_responses_but_not_streams() -> None:
+    """The split client (transport/split.py) passes the cap to its whole-response side; a
+    stream is relayed chunk by chunk and holds nothing, so it has no such cap."""
+    server, url = await whole_worker(b"s" * 5000, chunked=True)
+    client = worker_client(ClientSettings(max_response_bytes=4096), url)
+    try:
+        with pytest.raises(UpstreamError, match="exceeded 4096 bytes"):
+            await client.request("POST", url + "/v1/embeddings", [], b"{}")
+        stream = await client.stream("POST", url + "/v1/completions", [], b"{}")
+        assert len(await body_of(stream)) == 5000
+    finally:
+        await client.close()
+        server.close()
+
+
+def test_max_response_bytes_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="--max-response-bytes"):
+        GatewayConfig(max_response_bytes=0).validate()
+    assert GatewayConfig().validate().max_response_bytes == MAX_RESPONSE_BYTES
+
+
+def test_the_gateway_answers_502_for_a_response_over_max_response_bytes(
+    procs: list[Proc],
+) -> None:
+    """``shunter serve --max-response-bytes`` reaches the worker clients: a reply bigger
+    than it is a 502 naming the cap, while streams still flow."""
+    sim = Sim("w0")
+    procs.append(sim)
+    gateway = Gateway("--max-response-bytes", "64", workers=[sim.url])
+    procs.append(gateway)
+    request = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with gateway.client() as http:
+        whole = http.post("/v1/chat/completions", json=request)
+        assert whole.status_code == 502
+        assert "exceeded 64 bytes" in whole.json()["error"]["message"]
+        streamed = {**request, "stream": True}
+        with http.stream("POST", "/v1/chat/completions", json=streamed) as stream:
+            assert stream.status_code == 200
+            assert b"[DONE]" in b"".join(stream.iter_bytes())
