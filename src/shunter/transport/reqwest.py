@@ -86,23 +86,24 @@ class ReqwestStream:
         await self._context.__aexit__(None, None, None)
 
 
-async def read_whole(response: Response, limit: int) -> bytes:
+def declared_length(response: Response) -> int | None:
+    """The body length the worker declared (hyper has checked that it frames the body)."""
+    declared = response.get_header("content-length")
+    return int(declared) if declared is not None and declared.isdigit() else None
+
+
+async def read_whole(response: Response, declared: int | None, limit: int) -> bytes:
     """The body of ``response``, refused once it is past ``limit`` bytes.
 
-    A declared Content-Length over the limit is refused before any of the body is read;
-    otherwise the running total is checked as chunks arrive, and the rest is never read.
-    Chunks go into a ``BytesIO``, whose ``getvalue()`` hands over its own buffer (no copy)
-    and grows by ``realloc``: a 200 MiB body peaks at ~210 MiB of RSS, where reading it in
-    one call into Rust and copying it into ``bytes`` peaked at ~630 MiB
-    (``bench/client_bench.py rss``), and takes ~270 ms instead of ~420 ms.
+    A declared length over the limit is refused before any of the body is read; otherwise
+    the running total is checked as chunks arrive, and the rest is never read. Chunks go
+    into a ``BytesIO``, whose ``getvalue()`` hands over its own buffer (no copy) and grows
+    by ``realloc``: a 200 MiB body peaks at ~210 MiB of RSS, where reading it in one call
+    into Rust and copying it into ``bytes`` peaked at ~630 MiB (``bench/client_bench.py
+    rss``), and takes ~270 ms instead of ~420 ms.
     """
-    declared = response.get_header("content-length")
-    if declared is not None and declared.isdigit():  # hyper has checked it frames the body
-        size = int(declared)
-        if size > limit:
-            raise _too_large(limit)
-        if size <= ONE_READ_BYTES:
-            return bytes(await response.bytes())
+    if declared is not None and declared > limit:
+        raise _too_large(limit)
     reader = response.body_reader
     buffer = io.BytesIO()
     total = 0
@@ -141,6 +142,7 @@ class ReqwestClient:
             builder = builder.add_root_certificate_pem(ca)
         self._client: Client = builder.build()
         self._max_response_bytes = settings.max_response_bytes
+        self._one_read_bytes = min(ONE_READ_BYTES, settings.max_response_bytes)
 
     async def request(
         self, method: str, url: str, headers: HeaderPairs, body: bytes | None
@@ -152,7 +154,11 @@ class ReqwestClient:
         try:
             response = await context.__aenter__()
             try:
-                payload = await read_whole(response, self._max_response_bytes)
+                declared = declared_length(response)
+                if declared is not None and declared <= self._one_read_bytes:
+                    payload = bytes(await response.bytes())  # the common, small answer
+                else:
+                    payload = await read_whole(response, declared, self._max_response_bytes)
             finally:
                 await context.__aexit__(None, None, None)
         except PyreqwestError as exc:
