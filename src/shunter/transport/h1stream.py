@@ -423,10 +423,9 @@ class H1StreamClient:
 
     def _pooled(self) -> _Connection | None:
         """The most recently released idle connection that is still fit; the unfit close."""
-        now = asyncio.get_running_loop().time()
         while self.idle:
             conn = self.idle.pop()
-            if conn.state is _IDLE and now - conn.idle_since < self.idle_timeout:
+            if conn.state is _IDLE and conn.loop.time() - conn.idle_since < self.idle_timeout:
                 return conn
             conn.close()
         return None
