@@ -74,11 +74,9 @@ async def test_chunked_stream_then_reuse_of_the_kept_alive_connection(serve) -> 
 
 async def test_content_length_and_close_delimited_bodies(serve) -> None:  # type: ignore[no-untyped-def]
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await read_request(reader)
-        if b"/sized" in request:
-            writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 5\r\n\r\nhello")
-            await writer.drain()
-            return
+        assert b"/sized" in await read_request(reader)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 5\r\n\r\nhello")
+        assert b"/open" in await read_request(reader)  # on the same, kept-alive connection
         writer.write(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
         await writer.drain()
         writer.close()

@@ -263,6 +263,13 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
         help="largest request body in bytes (default %(default)s)",
     )
     p.add_argument(
+        "--max-response-bytes",
+        type=_non_negative_int,
+        default=d.max_response_bytes,
+        help="largest whole (non-streamed) response body taken from a worker, in bytes; "
+        "a bigger one fails the attempt, 502 (default %(default)s)",
+    )
+    p.add_argument(
         "--request-timeout-secs",
         type=_positive_float,
         default=d.request_timeout_secs,
@@ -388,6 +395,7 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     config = GatewayConfig(
         host=args.host, port=args.port, worker_urls=args.worker_urls, policy=policy,
         max_payload_size=args.max_payload_size, request_timeout_secs=args.request_timeout_secs,
+        max_response_bytes=args.max_response_bytes,
         api_key=args.api_key, worker_api_key=args.worker_api_key, log_level=args.log_level,
         log_dir=args.log_dir,
         log_json=args.log_json, prometheus_host=args.prometheus_host,

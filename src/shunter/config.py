@@ -42,6 +42,7 @@ class GatewayConfig:
     # takes up to 50 MB of images per request. smg's 512 MiB let a handful of clients make
     # the gateway buffer gigabytes.
     max_payload_size: int = 64 * 1024 * 1024
+    max_response_bytes: int = 268_435_456  # a worker's whole reply (reqwest.MAX_RESPONSE_BYTES)
     request_timeout_secs: float = 1800
     api_key: str | None = None  # what clients must send; never sent to workers
     worker_api_key: str | None = None  # what the --worker-urls workers are sent
@@ -82,6 +83,8 @@ class GatewayConfig:
         _check_port("--prometheus-port", self.prometheus_port, allow_zero=True)
         if self.max_payload_size <= 0:
             raise ConfigError(f"--max-payload-size must be > 0 bytes, got {self.max_payload_size}")
+        if self.max_response_bytes <= 0:
+            raise ConfigError(f"--max-response-bytes must be > 0, got {self.max_response_bytes}")
         for flag, value in (
             ("--request-timeout-secs", self.request_timeout_secs),
             ("--worker-startup-timeout-secs", self.worker_startup_timeout_secs),

@@ -122,6 +122,7 @@ class GatewayState:
         worker_settings = ClientSettings(
             connect_timeout_secs=config.connect_timeout_secs,
             read_timeout_secs=config.request_timeout_secs,
+            max_response_bytes=config.max_response_bytes,
             client_cert_pem=identity,
             ca_certs_pem=cas,
             ssl_context=_ssl_context(config),

@@ -34,6 +34,12 @@ class WorkerClient:
 
 def worker_client(settings: ClientSettings, base_url: str) -> WorkerClient:
     """The client for the worker at ``base_url``."""
-    streams = H1StreamClient(base_url, settings.connect_timeout_secs,
-                             settings.read_timeout_secs, settings.ssl_context)  # fmt: skip
+    streams = H1StreamClient(
+        base_url,
+        settings.connect_timeout_secs,
+        settings.read_timeout_secs,
+        settings.ssl_context,
+        idle_timeout=settings.pool_idle_timeout_secs,
+        max_idle=settings.pool_max_idle_per_host,
+    )
     return WorkerClient(ReqwestClient(settings), streams)
