@@ -608,14 +608,14 @@ async def whole_worker(body: bytes, chunked: bool = False) -> tuple[asyncio.Abst
 @pytest.mark.parametrize("chunked", [False, True])
 async def test_a_whole_response_over_the_cap_fails_the_attempt(chunked: bool) -> None:
     """A declared length over the cap is refused before the body is read; an undeclared
-    (chunked) one as soon as the running total passes it. Both are an ``io`` error that
+    (chunked) one as soon as the running total passes it. Both are an ``oversize`` error that
     names the cap."""
     server, url = await whole_worker(b"x" * 300_000, chunked)
     client = ReqwestClient(ClientSettings(max_response_bytes=100_000))
     try:
         with pytest.raises(UpstreamError) as failed:
             await client.request("POST", url + "/v1/embeddings", [], b"{}")
-        assert failed.value.kind == "io"
+        assert failed.value.kind == "oversize"
         assert "the worker's response exceeded 100000 bytes" in str(failed.value)
     finally:
         await client.close()
@@ -664,7 +664,7 @@ def test_the_gateway_answers_502_for_a_response_over_max_response_bytes(
     procs: list[Proc],
 ) -> None:
     """``shunter serve --max-response-bytes`` reaches the worker clients: a reply bigger
-    than it is a 502 naming the cap, while streams still flow."""
+    than it is a 502 saying so (not retried, the worker's pool kept), while streams flow."""
     sim = Sim("w0")
     procs.append(sim)
     gateway = Gateway("--max-response-bytes", "64", workers=[sim.url])
@@ -673,7 +673,9 @@ def test_the_gateway_answers_502_for_a_response_over_max_response_bytes(
     with gateway.client() as http:
         whole = http.post("/v1/chat/completions", json=request)
         assert whole.status_code == 502
-        assert "exceeded 64 bytes" in whole.json()["error"]["message"]
+        assert whole.json()["error"]["code"] == "upstream_response_too_large"
+        assert "larger than the gateway accepts" in whole.json()["error"]["message"]
+        assert len(sim.requests()) == 1  # not retried: any worker would answer as much
         streamed = {**request, "stream": True}
         with http.stream("POST", "/v1/chat/completions", json=streamed) as stream:
             assert stream.status_code == 200

@@ -55,11 +55,12 @@ _FAILURE_KINDS = {
     "connect": "the worker could not be reached",
     "timeout": "the worker did not answer in time",
     "io": "the connection to the worker broke",
+    "oversize": "the worker's response is larger than the gateway accepts",
 }
 
 
 def upstream_failure(kind: str) -> str:
-    """A client-safe description of a worker failure of ``kind`` (connect, timeout, io)."""
+    """A client-safe description of a worker failure of ``kind`` (see UpstreamError)."""
     return _FAILURE_KINDS.get(kind, "the worker failed")
 
 

@@ -355,6 +355,15 @@ class RegularRouter:
         worker = attempt.worker
         self.metrics.worker_error(worker, "upstream_" + exc.kind)
         self.metrics.upstream_answer(_UPSTREAM_STATUS.get(exc.kind, 502), "upstream_" + exc.kind)
+        if exc.kind == "oversize":
+            # The worker answered, too much: this request's answer, not the worker's health
+            # or its connections. Another worker would send as much again: no retry.
+            attempt.verdict.relayed(worker, 200, request.request_id)
+            log.warning(
+                "worker response too large",
+                extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
+            )
+            return ApiError(502, "upstream_response_too_large", upstream_failure(exc.kind))
         attempt.verdict.unreachable(worker)
         if exc.kind != "timeout" and worker.client_cell is not None:
             # The pool may hold connections to a worker that restarted: build a fresh one

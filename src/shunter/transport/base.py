@@ -30,10 +30,10 @@ HOP_BY_HOP = frozenset(
 class UpstreamError(Exception):
     """A worker could not be reached or broke off the exchange.
 
-    ``kind`` is ``connect`` (no connection: nothing was sent), ``timeout``, or ``io``
-    (the connection broke after the request left, or the answer broke HTTP/1.1 or one
-    of our bounds: a malformed or oversized head, a body cut short, a whole response over
-    ``max_response_bytes``).
+    ``kind`` is ``connect`` (no connection: nothing was sent), ``timeout``, ``io`` (the
+    connection broke after the request left, or the answer broke HTTP/1.1 or one of our
+    bounds: a malformed or oversized head, a body cut short), or ``oversize`` (a whole
+    response over ``max_response_bytes``: the worker answered, this answer is too big).
     """
 
     def __init__(self, kind: str, message: str) -> None:

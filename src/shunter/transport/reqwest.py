@@ -116,7 +116,7 @@ async def read_whole(response: Response, declared: int | None, limit: int) -> by
 
 
 def _too_large(limit: int) -> UpstreamError:
-    return UpstreamError("io", f"the worker's response exceeded {limit} bytes")
+    return UpstreamError("oversize", f"the worker's response exceeded {limit} bytes")
 
 
 class ReqwestClient:
