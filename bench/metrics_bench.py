@@ -16,7 +16,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS, Metrics
 
 N = 200_000

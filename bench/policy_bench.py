@@ -18,7 +18,7 @@ import random
 import statistics
 import time
 
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
 from shunter.policies.base import RouteRequest
 from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from shunter.policies.factory import BUILT, create_policy

@@ -15,8 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from shunter.core.registry import WorkerRegistry
-from shunter.core.worker import Worker
+from shunter.fleet.registry import WorkerRegistry
+from shunter.fleet.worker import Worker
 
 BATCH = 1000
 BATCHES = 400

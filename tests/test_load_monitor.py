@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shunter.core.load_monitor import LoadMonitor, sglang_load, sum_metrics
-from shunter.core.worker import Runtime, Worker
+from shunter.fleet.load_monitor import LoadMonitor, sglang_load, sum_metrics
+from shunter.fleet.worker import Runtime, Worker
 from shunter.transport.base import FullResponse, HeaderPairs, UpstreamError
 
 VLLM = """# HELP vllm:num_requests_running Number of requests running

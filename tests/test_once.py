@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shunter.core.once import OnceCell
+from shunter.aio.once import OnceCell
 
 
 class FakeClient:
@@ -99,7 +99,7 @@ async def test_replace_of_a_client_that_is_no_longer_current_does_nothing() -> N
 
 @pytest.mark.parametrize("users", [1, 1000])
 async def test_worker_client_cell_is_wired_to_one_factory(users: int) -> None:
-    from shunter.core.worker import Worker
+    from shunter.fleet.worker import Worker
 
     factory = CountingFactory()
     worker = Worker(url="http://w")

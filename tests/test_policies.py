@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
 from shunter.policies.base import RouteRequest, least_loaded
 from shunter.policies.bucket import BucketPolicy
 from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from shunter.core.registry import WorkerRegistry
-from shunter.core.worker import ConnectionMode, Worker, WorkerType
+from shunter.fleet.registry import WorkerRegistry
+from shunter.fleet.worker import ConnectionMode, Worker, WorkerType
 
 
 def make(url: str, model: str = "m", kind: WorkerType = WorkerType.REGULAR) -> Worker:

@@ -9,18 +9,18 @@ import time
 import pytest
 from prometheus_client import generate_latest
 
+from shunter.aio.once import OnceCell
 from shunter.cli import _config_from_args, build_parser
 from shunter.config import GatewayConfig
-from shunter.core.breaker import BreakerConfig, CircuitBreaker, State
-from shunter.core.ejection import in_panic
-from shunter.core.health import HealthChecker, HealthConfig
-from shunter.core.limiter import Admission, AdmissionConfig
-from shunter.core.once import OnceCell
-from shunter.core.retry import RetryConfig
-from shunter.core.verdict import Verdict
-from shunter.core.worker import Worker
+from shunter.fleet.breaker import BreakerConfig, CircuitBreaker, State
+from shunter.fleet.ejection import in_panic
+from shunter.fleet.health import HealthChecker, HealthConfig
+from shunter.fleet.worker import Worker
 from shunter.protocols.errors import ApiError
-from shunter.routers.regular import Inbound
+from shunter.routing.limiter import Admission, AdmissionConfig
+from shunter.routing.retry import RetryConfig
+from shunter.routing.router import Inbound
+from shunter.routing.verdict import Verdict
 from shunter.server.state import GatewayState
 from shunter.transport.base import FullResponse, HeaderPairs, UpstreamError
 

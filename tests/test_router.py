@@ -7,10 +7,10 @@ from typing import Any
 
 import orjson
 
+from shunter.aio.once import OnceCell
 from shunter.config import GatewayConfig
-from shunter.core.once import OnceCell
-from shunter.core.retry import RetryConfig
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
+from shunter.routing.retry import RetryConfig
 from shunter.server.app import GatewayApp
 from shunter.server.state import GatewayState
 from shunter.transport.base import FullResponse, HeaderPairs, UpstreamError

@@ -14,10 +14,10 @@ from urllib.parse import quote
 import orjson
 import pytest
 
+from shunter.aio.once import OnceCell
 from shunter.config import GatewayConfig
-from shunter.core.once import OnceCell
-from shunter.core.retry import RetryConfig
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
+from shunter.routing.retry import RetryConfig
 from shunter.server.app import GatewayApp
 from shunter.server.dashboard import SESSION_COOKIE, DashboardSessions
 from shunter.server.state import GatewayState

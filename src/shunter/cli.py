@@ -8,10 +8,8 @@ from collections.abc import Sequence
 
 from shunter import __version__
 from shunter.config import DEFAULT_REQUEST_ID_HEADERS, ConfigError, GatewayConfig
-from shunter.core.breaker import BreakerConfig
-from shunter.core.health import HealthConfig
-from shunter.core.limiter import AdmissionConfig
-from shunter.core.retry import RetryConfig
+from shunter.fleet.breaker import BreakerConfig
+from shunter.fleet.health import HealthConfig
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.cache_aware import CacheAwareConfig
 from shunter.policies.factory import (
@@ -22,6 +20,8 @@ from shunter.policies.factory import (
     create_policy,
 )
 from shunter.policies.prefix_hash import PrefixHashConfig
+from shunter.routing.limiter import AdmissionConfig
+from shunter.routing.retry import RetryConfig
 
 # sglang-router / smg flags whose features Shunter does not have yet. Naming one exits at
 # start with a message, so that nothing a user asked for is silently ignored.

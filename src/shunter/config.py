@@ -6,12 +6,12 @@ import os
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from shunter.core.breaker import BreakerConfig
-from shunter.core.health import HealthConfig
-from shunter.core.limiter import AdmissionConfig
-from shunter.core.retry import RetryConfig
+from shunter.fleet.breaker import BreakerConfig
+from shunter.fleet.health import HealthConfig
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
+from shunter.routing.limiter import AdmissionConfig
+from shunter.routing.retry import RetryConfig
 
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 WORKER_SCHEMES = ("http", "https", "grpc")

@@ -1,7 +1,7 @@
 """A policy plugin used by the tests (and the README's example, nearly verbatim)."""
 
-from shunter.core.registry import Workers
-from shunter.core.worker import Worker
+from shunter.fleet.registry import Workers
+from shunter.fleet.worker import Worker
 from shunter.policies.base import Policy, RouteRequest
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from shunter.core.worker import Runtime, Worker
+from shunter.fleet.worker import Runtime, Worker
 from shunter.transport.base import FullResponse, UpstreamClient, UpstreamError
 
 if TYPE_CHECKING:

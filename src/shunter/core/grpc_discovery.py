@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shunter.core.once import OnceCell
+from shunter.aio.once import OnceCell
 
 
 @dataclass

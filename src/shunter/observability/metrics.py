@@ -25,7 +25,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
 from shunter.observability.streams import StreamStats
 
 log = logging.getLogger("shunter.metrics")

@@ -6,8 +6,8 @@ import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from shunter.core.registry import Workers
-from shunter.core.worker import Worker
+from shunter.fleet.registry import Workers
+from shunter.fleet.worker import Worker
 
 
 @dataclass(slots=True)

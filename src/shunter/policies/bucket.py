@@ -15,9 +15,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from shunter.core.periodic import Periodic
-from shunter.core.registry import Workers
-from shunter.core.worker import Worker
+from shunter.aio.periodic import Periodic
+from shunter.fleet.registry import Workers
+from shunter.fleet.worker import Worker
 from shunter.policies.base import Policy, RouteRequest
 
 INITIAL_MAX_CHARS = 4096

@@ -25,9 +25,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from shunter.core.periodic import Periodic
-from shunter.core.registry import Workers
-from shunter.core.worker import Worker
+from shunter.aio.periodic import Periodic
+from shunter.fleet.registry import Workers
+from shunter.fleet.worker import Worker
 from shunter.policies.base import Policy, RouteRequest, UrlIndexes, least_loaded
 from shunter.policies.tree import Tree
 

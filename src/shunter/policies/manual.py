@@ -12,9 +12,9 @@ from __future__ import annotations
 import random as _random
 import time
 
-from shunter.core.periodic import Periodic
-from shunter.core.registry import Workers
-from shunter.core.worker import Worker
+from shunter.aio.periodic import Periodic
+from shunter.fleet.registry import Workers
+from shunter.fleet.worker import Worker
 from shunter.policies.base import Policy, RouteRequest, UrlIndexes
 from shunter.policies.consistent_hashing import KEY_HEADER
 

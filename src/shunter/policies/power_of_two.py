@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import random as _random
 
-from shunter.core.registry import Workers
-from shunter.core.worker import Worker
+from shunter.fleet.registry import Workers
+from shunter.fleet.worker import Worker
 from shunter.policies.base import Policy, RouteRequest, available
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shunter.core.registry import Workers
-from shunter.core.worker import Worker
+from shunter.fleet.registry import Workers
+from shunter.fleet.worker import Worker
 from shunter.policies.base import Policy, RouteRequest, least_loaded
 from shunter.policies.ring import RingCache
 

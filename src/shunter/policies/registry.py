@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
 from shunter.policies.base import Policy
 from shunter.policies.factory import PolicyError, PolicySettings, create_policy
 

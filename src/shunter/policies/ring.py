@@ -10,8 +10,8 @@ from __future__ import annotations
 import bisect
 import hashlib
 
-from shunter.core.registry import Workers
-from shunter.core.worker import Worker
+from shunter.fleet.registry import Workers
+from shunter.fleet.worker import Worker
 
 VIRTUAL_NODES = 150
 

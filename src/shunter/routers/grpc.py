@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
+from shunter.aio.once import OnceCell
 from shunter.asgi import (
     JSON_CONTENT,
     SSE_CONTENT,
@@ -30,10 +31,7 @@ from shunter.asgi import (
     send_chunk,
     start_stream,
 )
-from shunter.core.once import OnceCell
-from shunter.core.retry import RETRYABLE_STATUSES
-from shunter.core.verdict import Verdict
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
 from shunter.protocols.generation import (
@@ -42,8 +40,10 @@ from shunter.protocols.generation import (
     GenerationRequest,
     parse_generation_request,
 )
-from shunter.routers.attempt import RetryAttempt
 from shunter.routers.grpc_output import OutputFormat, Sequence, Usage
+from shunter.routing.attempt import RetryAttempt
+from shunter.routing.retry import RETRYABLE_STATUSES
+from shunter.routing.verdict import Verdict
 from shunter.tokenizer.tokenizer import ModelTokenizer, TokenizerError
 from shunter.transport.scheduler import SchedulerClient, SchedulerError, scheduler_error
 

@@ -11,9 +11,9 @@ from shunter.asgi import JSON_CONTENT
 from shunter.config import normalize_worker_url
 from shunter.core import engine_ops
 from shunter.core.engine_ops import EngineOpError
-from shunter.core.jobs import QueueFull
-from shunter.core.registration import SpecError, WorkerSpec
-from shunter.core.worker import Runtime, Worker, WorkerType
+from shunter.fleet.jobs import QueueFull
+from shunter.fleet.registration import SpecError, WorkerSpec
+from shunter.fleet.worker import Runtime, Worker, WorkerType
 from shunter.observability.engine_metrics import merge
 from shunter.protocols.errors import ApiError
 from shunter.server.call import Call

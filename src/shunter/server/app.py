@@ -19,7 +19,7 @@ from random import getrandbits as _random_bits
 from shunter.asgi import BodyTooLarge, ClientGone, Message, Receive, Scope, Send
 from shunter.config import GatewayConfig
 from shunter.protocols.errors import ApiError
-from shunter.routers.regular import Inbound
+from shunter.routing.router import Inbound
 from shunter.server.admin import AdminHandlers
 from shunter.server.call import Call
 from shunter.server.cors import Cors

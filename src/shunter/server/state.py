@@ -7,22 +7,22 @@ import ssl
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from shunter.aio.once import OnceCell
 from shunter.config import GatewayConfig, grpc_available
-from shunter.core.breaker import CircuitBreaker, State
-from shunter.core.ejection import Ejection
-from shunter.core.health import HealthChecker
-from shunter.core.jobs import JobQueue
-from shunter.core.limiter import Admission
-from shunter.core.load_monitor import LoadMonitor
-from shunter.core.once import OnceCell
-from shunter.core.registration import Registrar, WorkerSpec
-from shunter.core.registry import WorkerRegistry
-from shunter.core.worker import Worker
+from shunter.fleet.breaker import CircuitBreaker, State
+from shunter.fleet.ejection import Ejection
+from shunter.fleet.health import HealthChecker
+from shunter.fleet.jobs import JobQueue
+from shunter.fleet.load_monitor import LoadMonitor
+from shunter.fleet.registration import Registrar, WorkerSpec
+from shunter.fleet.registry import WorkerRegistry
+from shunter.fleet.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.observability.tracing import Tracing
 from shunter.policies.factory import create_policy
 from shunter.policies.registry import PolicyRegistry
-from shunter.routers.regular import RegularRouter
+from shunter.routing.limiter import Admission
+from shunter.routing.router import RegularRouter
 from shunter.transport.base import UpstreamClient
 from shunter.transport.reqwest import ClientSettings, ReqwestClient
 from shunter.transport.split import worker_client

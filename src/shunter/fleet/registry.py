@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from shunter.core.worker import ConnectionMode, Worker, WorkerType
+from shunter.fleet.worker import ConnectionMode, Worker, WorkerType
 
 Workers = tuple[Worker, ...]
 EMPTY: Workers = ()

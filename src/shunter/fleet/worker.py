@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shunter.core.breaker import CircuitBreaker
-from shunter.core.once import OnceCell
+from shunter.aio.once import OnceCell
+from shunter.fleet.breaker import CircuitBreaker
 from shunter.transport.base import UpstreamClient
 
 if TYPE_CHECKING:  # the gRPC client needs grpcio, which only gRPC workers use

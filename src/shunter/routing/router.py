@@ -26,10 +26,8 @@ from shunter.asgi import (
     send_chunk,
     start_stream,
 )
-from shunter.core.registry import WorkerRegistry, Workers
-from shunter.core.retry import RETRYABLE_STATUSES, RetryConfig
-from shunter.core.verdict import Verdict
-from shunter.core.worker import Worker
+from shunter.fleet.registry import WorkerRegistry, Workers
+from shunter.fleet.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.observability.streams import StreamStats
 from shunter.observability.tracing import Tracing, without_trace_headers
@@ -37,7 +35,9 @@ from shunter.policies.base import Policy, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
 from shunter.protocols.routing import RoutingFields, decode_routing_fields, routing_text
-from shunter.routers.attempt import RetryAttempt
+from shunter.routing.attempt import RetryAttempt
+from shunter.routing.retry import RETRYABLE_STATUSES, RetryConfig
+from shunter.routing.verdict import Verdict
 from shunter.transport.base import HOP_BY_HOP, UpstreamClient, UpstreamError
 
 if TYPE_CHECKING:

@@ -17,11 +17,11 @@ from typing import Any
 
 import orjson
 
+from shunter.aio.once import OnceCell
 from shunter.config import ConfigError, grpc_available, validate_worker_url
 from shunter.core.grpc_discovery import describe, first_to_answer, health_problem
-from shunter.core.once import OnceCell
-from shunter.core.registry import WorkerRegistry
-from shunter.core.worker import ConnectionMode, Runtime, Worker, WorkerType
+from shunter.fleet.registry import WorkerRegistry
+from shunter.fleet.worker import ConnectionMode, Runtime, Worker, WorkerType
 from shunter.policies.factory import PolicyError, create_policy
 from shunter.transport.base import UpstreamClient, UpstreamError
 

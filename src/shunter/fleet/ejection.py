@@ -27,8 +27,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from shunter.core.breaker import State
-from shunter.core.worker import Worker
+from shunter.fleet.breaker import State
+from shunter.fleet.worker import Worker
 
 log = logging.getLogger("shunter.breaker")
 

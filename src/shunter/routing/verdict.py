@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 
-from shunter.core.retry import RETRYABLE_STATUSES
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
+from shunter.routing.retry import RETRYABLE_STATUSES
 
 log = logging.getLogger("shunter.breaker")
 

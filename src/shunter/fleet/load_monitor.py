@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from shunter.core.periodic import Periodic
-from shunter.core.worker import Runtime, Worker
+from shunter.aio.periodic import Periodic
+from shunter.fleet.worker import Runtime, Worker
 from shunter.transport.base import UpstreamClient, UpstreamError
 
 log = logging.getLogger("shunter.load_monitor")

@@ -20,9 +20,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from shunter.aio.periodic import Periodic
 from shunter.core.grpc_discovery import health_problem
-from shunter.core.periodic import Periodic
-from shunter.core.worker import Worker
+from shunter.fleet.worker import Worker
 from shunter.transport.base import UpstreamClient, UpstreamError
 
 log = logging.getLogger("shunter.health")

@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-log = logging.getLogger("shunter.core.once")
+log = logging.getLogger("shunter.aio.once")
 
 
 class OnceCell(Generic[T]):
