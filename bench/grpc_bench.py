@@ -90,11 +90,10 @@ async def ttft_under_load(port: int, concurrent: int = 64) -> float:
 
 async def fetch_cost(concurrency: int, fetches: int = 20_000) -> float:
     """ns per channel fetch with ``concurrency`` tasks fetching at once."""
-    from shunter.server.state import _scheduler_cell_factory
+    from shunter.backends.grpc.backend import GrpcBackend
 
-    factory = _scheduler_cell_factory()
-    assert factory is not None
-    cell = factory("grpc://127.0.0.1:1")
+    backend = GrpcBackend("grpc://127.0.0.1:1", None, 1.0)  # type: ignore[arg-type]
+    cell = backend.channel
     await cell.get()
     per_task = max(1, fetches // concurrency)
     start = asyncio.Event()

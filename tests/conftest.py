@@ -1,14 +1,10 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from harness import Gateway, Proc, Sim
+from support.harness import Gateway, Proc, Sim
 
 
 class Fleet:

@@ -15,13 +15,12 @@ from typing import Any
 
 import pytest
 
+from shunter.backends.http.client import worker_client
 from shunter.config import ConfigError, GatewayConfig
-from shunter.transport.base import UpstreamError
-from shunter.transport.h1stream import MAX_HEAD_BYTES, H1Stream, H1StreamClient
-from shunter.transport.reqwest import MAX_RESPONSE_BYTES, ClientSettings, ReqwestClient
-from shunter.transport.split import worker_client
-
-from harness import Gateway, Proc, Sim
+from shunter.wire.base import UpstreamError
+from shunter.wire.client import MAX_HEAD_BYTES, H1Stream, H1StreamClient
+from shunter.wire.reqwest import MAX_RESPONSE_BYTES, ClientSettings, ReqwestClient
+from support.harness import Gateway, Proc, Sim
 
 Handler = Callable[["Peer"], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -109,7 +108,7 @@ async def body_of(stream: H1Stream) -> bytes:
 
 
 async def get(client: H1StreamClient, path: str = "/") -> H1Stream:
-    return await client.stream("POST", f"http://worker{path}", [("x-test", "1")], b"{}")
+    return await client.stream("POST", f"http://worker{path}", [(b"x-test", b"1")], b"{}")
 
 
 async def within(awaitable: Awaitable[Any], seconds: float = 5.0) -> Any:
@@ -169,7 +168,7 @@ async def test_bytes_in_the_same_read_as_the_end_of_a_response_close_the_connect
     script, client = await serve(worker)
     first = await get(client)
     assert await body_of(first) == b"ok"
-    assert ("x-leak", "1") not in first.headers
+    assert (b"x-leak", b"1") not in first.headers
     await within(first_closed.wait())
     assert await body_of(await get(client)) == b"clean"
     assert len(script.peers) == 2
@@ -303,7 +302,7 @@ async def test_interim_responses_come_before_the_real_one(serve: Serve) -> None:
     script, client = await serve(worker, read_timeout=3.0, head_timeout=0.2)
     stream = await get(client)
     assert stream.status == 201
-    assert ("x-final", "1") in stream.headers and all(k != "link" for k, _ in stream.headers)
+    assert (b"x-final", b"1") in stream.headers and all(k != b"link" for k, _ in stream.headers)
     assert await body_of(stream) == b"done"
     assert await body_of(await get(client)) == b"ok"  # and the connection is reusable
     assert len(script.peers) == 1
@@ -534,17 +533,17 @@ async def test_the_idle_pool_keeps_at_most_max_idle_connections(serve: Serve) ->
 
 BAD_TARGETS = ["/v1/x\r\nx-injected: 1", "/v1/x\ny", "/v1/x y", "/v1/x\x00", "/v1/\u00e9", "/\x7f"]
 BAD_HEADERS = [
-    [("x-ok", "a\r\nx-injected: 1")],
-    [("x-ok", "a\nb")],
-    [("x-ok", "a\rb")],
-    [("x-ok", "a\x00b")],
-    [("x bad", "1")],
-    [("x:bad", "1")],
-    [("x: bad", "1")],
-    [("", "1")],
-    [("x-ok\r\nx-injected", "1")],
-    [("x-ok\nx-injected", "1")],
-    [("x-ok", "fine"), ("x\x00", "1")],
+    [(b"x-ok", b"a\r\nx-injected: 1")],
+    [(b"x-ok", b"a\nb")],
+    [(b"x-ok", b"a\rb")],
+    [(b"x-ok", b"a\x00b")],
+    [(b"x bad", b"1")],
+    [(b"x:bad", b"1")],
+    [(b"x: bad", b"1")],
+    [(b"", b"1")],
+    [(b"x-ok\r\nx-injected", b"1")],
+    [(b"x-ok\nx-injected", b"1")],
+    [(b"x-ok", b"fine"), (b"x\x00", b"1")],
 ]
 
 
@@ -555,7 +554,7 @@ BAD_HEADERS = [
     + [("/v1/x", [], "GET /evil HTTP/1.1\r\n")],
 )
 async def test_a_request_that_could_split_is_refused_before_anything_is_written(
-    serve: Serve, target: str, headers: list[tuple[str, str]], method: str
+    serve: Serve, target: str, headers: list[tuple[bytes, bytes]], method: str
 ) -> None:
     """h11 refuses a request-target that is not visible ASCII, a header name that is not a
     token and a header value with CR, LF or NUL (``LocalProtocolError``); aiohttp refuses

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import Gateway, Proc, Sim
+from support.harness import Gateway, Proc, Sim
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")

@@ -8,7 +8,7 @@ import sys
 
 import httpx
 
-from harness import Proc, free_port, wait_for
+from support.harness import Proc, free_port, wait_for
 
 
 def test_demo_serves_and_its_printed_snippets_work(procs: list[Proc]) -> None:

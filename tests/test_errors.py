@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from harness import LOOPBACK, Gateway, Proc, Sim
+from support.harness import LOOPBACK, Gateway, Proc, Sim
 
 
 def assert_envelope(response: httpx.Response, status: int, code: str) -> None:

@@ -20,8 +20,7 @@ import pytest
 pytest.importorskip("smg_grpc_proto")
 
 from shunter.sim.tokenizer import tokenizer_archive
-
-from harness import Gateway, GrpcSim, Proc, Sim, wait_for
+from support.harness import Gateway, GrpcSim, Proc, Sim, wait_for
 
 CHAT = [{"role": "user", "content": "tell me about the river"}]
 
@@ -319,15 +318,13 @@ def test_channel_replaced_under_load_loses_no_request(procs: list[Proc]) -> None
 
 
 async def test_concurrent_first_use_creates_one_channel() -> None:
-    from shunter.server.state import _scheduler_cell_factory
+    from shunter.backends.grpc.backend import GrpcBackend
 
-    factory = _scheduler_cell_factory()
-    assert factory is not None
-    cell = factory("grpc://127.0.0.1:1")
-    clients = await asyncio.gather(*(cell.get() for _ in range(100)))
+    backend = GrpcBackend("grpc://127.0.0.1:1", None, 1.0)  # type: ignore[arg-type]
+    channel = backend.channel
+    clients = await asyncio.gather(*(channel.get() for _ in range(100)))
     assert len({id(c) for c in clients}) == 1
-    assert cell.value is clients[0]
-    await cell.close()
+    await backend.close()
 
 
 def test_post_workers_takes_grpc_urls_and_parser_fields(procs: list[Proc]) -> None:

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shunter.asgi import Receive, Scope, Send, read_body, send_bytes
 from shunter.server.http11 import HttpServer
+from shunter.wire.asgi import Receive, Scope, Send, read_body, send_bytes
 
 LEFT: list[str] = []
 

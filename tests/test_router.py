@@ -8,12 +8,12 @@ from typing import Any
 import orjson
 
 from shunter.aio.once import OnceCell
+from shunter.api.app import GatewayApp
 from shunter.config import GatewayConfig
 from shunter.fleet.worker import Worker
 from shunter.routing.retry import RetryConfig
-from shunter.server.app import GatewayApp
 from shunter.server.state import GatewayState
-from shunter.transport.base import FullResponse, HeaderPairs, UpstreamError
+from shunter.wire.base import FullResponse, HeaderPairs, UpstreamError
 
 
 class FakeClient:

@@ -11,7 +11,8 @@ from urllib.parse import quote
 
 import httpx
 
-from harness import Gateway, Proc, Sim, wait_for
+import support
+from support.harness import Gateway, Proc, Sim, wait_for
 
 
 def worker_of(gateway: Gateway, body: dict[str, object]) -> str:
@@ -101,11 +102,11 @@ def test_a_worker_label_sets_its_models_policy_and_bad_labels_are_refused(
 def test_a_plugin_policy_from_the_command_line(procs: list[Proc]) -> None:
     sims = [Sim("plug-a"), Sim("plug-b")]
     procs += sims
-    plugins = str(Path(__file__).parent / "plugins")
-    os.environ["PYTHONPATH"] = plugins + os.pathsep + os.environ.get("PYTHONPATH", "")
+    tests = str(Path(support.__file__).resolve().parents[1])  # the plugin's package root
+    os.environ["PYTHONPATH"] = tests + os.pathsep + os.environ.get("PYTHONPATH", "")
     try:
-        gateway = Gateway("--policy", "lightest_first:LightestFirst",
-                          workers=[s.url for s in sims])  # fmt: skip
+        policy = "support.plugins.lightest_first:LightestFirst"
+        gateway = Gateway("--policy", policy, workers=[s.url for s in sims])
     finally:
         os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
     procs.append(gateway)

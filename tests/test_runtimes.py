@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import httpx
 
-from harness import Gateway, Proc, Sim, wait_for
+from support.harness import Gateway, Proc, Sim, wait_for
 
 PROMPT = "one two three four five six seven eight nine ten " * 8
 

@@ -9,8 +9,7 @@ import pytest
 
 from shunter.sim.cache import PrefixCache
 from shunter.sim.config import Faults
-
-from harness import Sim
+from support.harness import Sim
 
 
 def test_prefix_cache_matches_whole_blocks_of_a_shared_prefix() -> None:

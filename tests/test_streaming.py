@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from harness import Gateway, Sim, wait_for
+from support.harness import Gateway, Sim, wait_for
 
 
 @pytest.fixture(scope="module")

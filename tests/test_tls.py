@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness import Gateway, Proc, Sim, wait_for
+from support.harness import Gateway, Proc, Sim, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 

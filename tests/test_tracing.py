@@ -12,7 +12,7 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from harness import Gateway, Proc, Sim, free_port, wait_for
+from support.harness import Gateway, Proc, Sim, free_port, wait_for
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from harness import Gateway, Proc, Sim, free_port, wait_for
+from support.harness import Gateway, Proc, Sim, free_port, wait_for
 
 
 @pytest.fixture(scope="module")

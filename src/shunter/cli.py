@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from shunter import __version__
 from shunter.config import DEFAULT_REQUEST_ID_HEADERS, ConfigError, GatewayConfig
 from shunter.fleet.breaker import BreakerConfig
-from shunter.fleet.health import HealthConfig
+from shunter.fleet.runtime import HealthConfig
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.cache_aware import CacheAwareConfig
 from shunter.policies.factory import (
@@ -575,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = commands[args.command]
     if command.prog.endswith(("serve", "launch")):
-        from shunter.server.run import run_gateway
+        from shunter.run import run_gateway
 
         run_gateway(_config_from_args(args, command))
     elif args.command == "sim":

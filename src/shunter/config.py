@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from shunter.backends.connect import grpc_available
 from shunter.fleet.breaker import BreakerConfig
-from shunter.fleet.health import HealthConfig
+from shunter.fleet.runtime import HealthConfig
+from shunter.fleet.urls import WorkerUrlError, validate_worker_url
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
 
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
-WORKER_SCHEMES = ("http", "https", "grpc")
-NOT_YET_SCHEMES = ("grpcs",)  # TLS to gRPC workers is not built yet
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical")
-
-
-def grpc_available() -> bool:
-    """Whether the grpc extra (grpcio, smg-grpc-proto, tokenizers, jinja2) is installed."""
-    from importlib.util import find_spec
-
-    modules = ("grpc", "smg_grpc_proto", "tokenizers", "jinja2")
-    return all(find_spec(m) is not None for m in modules)
 
 
 class ConfigError(ValueError):
@@ -95,8 +86,11 @@ class GatewayConfig:
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         # A URL without a scheme is probed as HTTP and as gRPC when the worker is added.
-        self.probe_both |= {validate_worker_url(u) for u in self.worker_urls if "://" not in u}
-        self.worker_urls = [validate_worker_url(url) for url in self.worker_urls]
+        try:
+            self.probe_both |= {validate_worker_url(u) for u in self.worker_urls if "://" not in u}
+            self.worker_urls = [validate_worker_url(url) for url in self.worker_urls]
+        except WorkerUrlError as exc:
+            raise ConfigError(str(exc)) from None
         try:
             for part in (
                 self.policy_settings,
@@ -170,36 +164,3 @@ def _check_port(flag: str, port: int, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:
         raise ConfigError(f"{flag} must be between {low} and 65535, got {port}")
-
-
-def normalize_worker_url(url: str) -> str:
-    """Add ``http://`` to a URL given without a scheme and drop a trailing slash."""
-    url = url.strip()
-    if "://" not in url:
-        url = "http://" + url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme.lower()}://{rest.rstrip('/')}"
-
-
-def validate_worker_url(url: str) -> str:
-    """The normalised URL; raises ConfigError when it is not a worker address we can call."""
-    normalised = normalize_worker_url(url)
-    try:
-        parts = urlsplit(normalised)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"worker URL {url!r} is malformed: {exc}") from None
-    if parts.scheme in NOT_YET_SCHEMES:
-        raise ConfigError(f"worker URL {url!r}: TLS to gRPC workers is not supported yet")
-    if parts.scheme not in WORKER_SCHEMES:
-        raise ConfigError(
-            f"worker URL {url!r} has scheme {parts.scheme!r}; use one of "
-            + ", ".join(WORKER_SCHEMES)
-        )
-    if not parts.hostname:
-        raise ConfigError(f"worker URL {url!r} has no host")
-    if port == 0:
-        raise ConfigError(f"worker URL {url!r} has port 0")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ConfigError(f"worker URL {url!r} must not carry credentials, a query or a fragment")
-    return normalised

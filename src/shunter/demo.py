@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from shunter.config import GatewayConfig
-from shunter.server.run import run_gateway
+from shunter.run import run_gateway
 
 
 def free_port() -> int:

@@ -13,10 +13,10 @@ every 6 s and restarted 2 s later, 60 s): with 60 s openings and no panic, every
 was open while every worker was back and 3,440 of 9,826 requests got a 503; with backed-off
 openings but panic off, 297 of 29,959 still did; with both, none of 26,689.
 
-Policies read ``worker.is_available`` (``healthy and not breaker_open``) on every request, so
+Policies read ``worker.state.available`` (healthy and not excluded) on every request, so
 the decision is made here, on the rare events that can change it (a breaker transition, a
-health flip, a worker added or removed), and stored in ``breaker_open``: requests pay one
-attribute read, as before.
+health flip, a worker added or removed), and stored with ``WorkerRuntime.exclude``:
+requests pay one attribute read.
 
 A worker that serves several models is routable if any of them is in panic (one flag per
 worker; the point of panic is that a healthy worker is never refused).
@@ -35,7 +35,8 @@ log = logging.getLogger("shunter.breaker")
 
 def excluded_by_breaker(worker: Worker) -> bool:
     """Whether the worker's own breaker keeps it out (open; half-open lets requests in)."""
-    return worker.breaker is not None and worker.breaker.state is State.OPEN
+    breaker = worker.state.breaker
+    return breaker is not None and breaker.state is State.OPEN
 
 
 def in_panic(workers: Iterable[Worker], threshold: float) -> bool:
@@ -44,7 +45,7 @@ def in_panic(workers: Iterable[Worker], threshold: float) -> bool:
     healthy = 0
     left_in = 0
     for worker in workers:
-        if worker.healthy:
+        if worker.state.healthy:
             healthy += 1
             left_in += not excluded_by_breaker(worker)
     # A quotient of integers and the threshold, both correctly rounded, compare as the
@@ -53,7 +54,7 @@ def in_panic(workers: Iterable[Worker], threshold: float) -> bool:
 
 
 class Ejection:
-    """Keeps ``breaker_open`` of every worker right; ``changed`` is called on each event."""
+    """Keeps every worker's exclusion right; ``changed`` is called on each event."""
 
     def __init__(
         self,
@@ -78,13 +79,13 @@ class Ejection:
         if panic != (model in self.panicking):
             self._switch(model, panic, workers)
         for worker in workers:
-            worker.breaker_open = excluded_by_breaker(worker) and not self._panics(worker)
+            worker.state.exclude(excluded_by_breaker(worker) and not self._panics(worker))
 
     def _panics(self, worker: Worker) -> bool:
         return any(model in self.panicking for model in worker.model_ids)
 
     def _switch(self, model: str, panic: bool, workers: tuple[Worker, ...]) -> None:
-        healthy = [w for w in workers if w.healthy]
+        healthy = [w for w in workers if w.state.healthy]
         facts = {
             "model": model,
             "healthy": len(healthy),

@@ -1,8 +1,9 @@
-"""The background job queue behind ``/workers`` (smg's job queue, inventory §2.4).
+"""The background job queue behind ``POST /workers``, as smg's.
 
-Worker additions, updates and removals answer 202 at once and run here. A job's status is
-kept while it is pending or processing and, when it fails, for ``FAILED_TTL_SECS``;
-a job that succeeds drops its status, as smg does.
+Adding a worker can take minutes (it may still be loading its model), so an addition
+answers 202 at once and runs here. Updates and removals touch only the registry and run at
+once (their answers say so). A job's status is kept while it is pending or processing and,
+when it fails, for ``FAILED_TTL_SECS``; a job that succeeds drops its status, as smg does.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The worker registry: immutable snapshots, replaced copy-on-write (DESIGN §3).
+"""The worker registry: immutable snapshots, replaced copy-on-write.
 
 Readers take no lock and copy nothing: every index lives in one frozen ``_Snapshot`` and a
 read is an attribute load plus a dict lookup that returns a tuple, whatever the fleet size.
@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from shunter.fleet.worker import ConnectionMode, Worker, WorkerType
+from shunter.fleet.worker import Worker, WorkerType
 
 Workers = tuple[Worker, ...]
 EMPTY: Workers = ()
@@ -28,7 +28,6 @@ class _Snapshot:
     # Per model, the workers that serve SGLang's native endpoints (/generate).
     native_by_model: dict[str, Workers] = field(default_factory=dict)
     by_type: dict[WorkerType, Workers] = field(default_factory=dict)
-    by_connection: dict[ConnectionMode, Workers] = field(default_factory=dict)
     all: Workers = EMPTY
     models: tuple[str, ...] = ()
     # The fleet's only model and its workers, when it serves exactly one (else None).
@@ -67,11 +66,11 @@ def _reindex(
 
 
 def _models_of(worker: Worker) -> tuple[str, ...]:
-    return worker.models or (worker.model_id,)
+    return worker.model_ids
 
 
 def _native_models_of(worker: Worker) -> tuple[str, ...]:
-    return _models_of(worker) if worker.runtime.speaks_sglang else ()
+    return worker.model_ids if worker.serves_generate else ()
 
 
 class WorkerRegistry:
@@ -94,9 +93,6 @@ class WorkerRegistry:
     def get_by_type(self, worker_type: WorkerType) -> Workers:
         return self._snap.by_type.get(worker_type, EMPTY)
 
-    def get_by_connection(self, mode: ConnectionMode) -> Workers:
-        return self._snap.by_connection.get(mode, EMPTY)
-
     def all(self) -> Workers:
         return self._snap.all
 
@@ -115,8 +111,8 @@ class WorkerRegistry:
         return {
             "total_workers": len(snap.all),
             "total_models": len(snap.models),
-            "healthy_workers": sum(1 for w in snap.all if w.healthy),
-            "total_load": sum(w.in_flight for w in snap.all),
+            "healthy_workers": sum(1 for w in snap.all if w.state.healthy),
+            "total_load": sum(w.state.in_flight for w in snap.all),
             "regular_workers": len(snap.by_type.get(WorkerType.REGULAR, EMPTY)),
             "prefill_workers": len(snap.by_type.get(WorkerType.PREFILL, EMPTY)),
             "decode_workers": len(snap.by_type.get(WorkerType.DECODE, EMPTY)),
@@ -140,7 +136,6 @@ class WorkerRegistry:
             old = self._snap.by_url.get(url)
             if old is not None:
                 self._publish(old, None)
-                old.healthy = False  # in-flight holders may still have it
             return old
 
     def remove_base_url(self, base_url: str) -> list[Worker]:
@@ -149,7 +144,6 @@ class WorkerRegistry:
             victims = [w for w in self._snap.all if w.url == base_url or w.base_url == base_url]
             for worker in victims:
                 self._publish(worker, None)
-                worker.healthy = False
             return victims
 
     def _publish(self, old: Worker | None, new: Worker | None) -> None:
@@ -172,7 +166,6 @@ class WorkerRegistry:
             by_model=by_model,
             native_by_model=_reindex(snap.native_by_model, _native_models_of, old, new),
             by_type=_reindex(snap.by_type, lambda w: (w.worker_type,), old, new),
-            by_connection=_reindex(snap.by_connection, lambda w: (w.connection_mode,), old, new),
             all=workers,
             models=models,
             only_model=(models[0], by_model[models[0]]) if len(models) == 1 else None,

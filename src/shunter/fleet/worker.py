@@ -1,18 +1,26 @@
-"""A worker: one inference server (or one DP rank of it) the gateway can route to."""
+"""A worker: one inference server (or one DP rank of it) the gateway can route to.
+
+``Worker`` is the worker's identity and configuration, frozen: its URL, models, type,
+labels, key, DP rank. It holds the two things that outlive any one identity: its
+``backend`` (how to reach it, shared by its DP ranks) and its ``state`` (``WorkerRuntime``:
+requests in flight, health, breaker, load). An update (``PUT /workers/{url}``) builds a new
+identity around the same two, so nothing counted so far forks or is lost.
+
+Hot-path code reads ``worker.state`` directly (``worker.state.available``,
+``worker.state.in_flight``): an attribute chain costs a third of a property call, measured
+over an 8-worker least-loaded scan (303 against 903 ns). The properties below are for
+readers where that does not matter (plugins, the admin API).
+"""
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from shunter.aio.once import OnceCell
-from shunter.fleet.breaker import CircuitBreaker
-from shunter.transport.base import UpstreamClient
-
-if TYPE_CHECKING:  # the gRPC client needs grpcio, which only gRPC workers use
-    from shunter.transport.scheduler import SchedulerClient
+from shunter.backends.base import Backend, ConnectionMode, Runtime
+from shunter.fleet.runtime import HealthConfig, WorkerRuntime
 
 
 class WorkerType(enum.Enum):
@@ -21,72 +29,32 @@ class WorkerType(enum.Enum):
     DECODE = "decode"
 
 
-class ConnectionMode(enum.Enum):
-    HTTP = "HTTP"
-    GRPC = "gRPC"
-
-
-class Runtime(enum.Enum):
-    SGLANG = "sglang"
-    VLLM = "vllm"
-    LLAMACPP = "llamacpp"
-    OPENAI = "openai"  # any other OpenAI-compatible server
-
-    @property
-    def speaks_sglang(self) -> bool:
-        """Whether the worker serves SGLang's native endpoints (/generate, /get_load…)."""
-        return self is Runtime.SGLANG
-
-
 DEFAULT_PRIORITY = 50
 DEFAULT_COST = 1.0
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, slots=True, eq=False)
 class Worker:
-    """A routing target. Identity is the object; the registry keys it by ``url``.
-
-    ``url`` is the registry key: for a DP-aware rank it is ``base_url@rank``, while
-    requests go to ``base_url`` with ``data_parallel_rank`` in the body.
-    """
+    """A routing target. ``url`` is the registry key: for a DP-aware rank it is
+    ``base_url@rank``, while requests go to ``base_url`` with the rank in the body."""
 
     url: str
+    backend: Backend
+    state: WorkerRuntime = field(default_factory=WorkerRuntime)
     models: tuple[str, ...] = ()
     worker_type: WorkerType = WorkerType.REGULAR
     bootstrap_port: int | None = None
-    connection_mode: ConnectionMode = ConnectionMode.HTTP
-    runtime: Runtime = Runtime.SGLANG
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
     api_key: str | None = None
     dp_rank: int | None = None
     dp_size: int | None = None
     base_url: str = ""
-    # Run-time state. Plain attributes: the event loop is the only writer on the hot path.
-    healthy: bool = False
-    in_flight: int = 0
-    processed: int = 0
-    reported_load: int | None = None  # the worker's own load report; None: unknown
-    cache_hit_rate: float | None = None  # the worker's prefix-cache hit rate, if it reports one
-    errors: int = 0  # 5xx answers and failed connections
-    health_failures: int = 0  # consecutive failed health checks
-    health_successes: int = 0  # consecutive passed health checks
-    breaker: CircuitBreaker | None = None
-    # Whether the breaker keeps the worker out right now: its breaker is open and its model
-    # is not in panic (core/ejection.py keeps it right, so is_available is attribute reads).
-    breaker_open: bool = False
-    client_cell: OnceCell[UpstreamClient] | None = None  # HTTP workers
-    scheduler_cell: OnceCell[SchedulerClient] | None = None  # gRPC workers
+    health: HealthConfig | None = None  # its own health-check settings; None: the flags'
 
     def __post_init__(self) -> None:
         if not self.base_url:
-            self.base_url = self.url.split("@", 1)[0] if self.dp_rank is not None else self.url
-
-    def attach_client_factory(
-        self,
-        factory: Callable[[], Awaitable[UpstreamClient]],
-        closer: Callable[[UpstreamClient], Awaitable[None]] | None = None,
-    ) -> None:
-        self.client_cell = OnceCell(factory, closer)
+            base = self.url.split("@", 1)[0] if self.dp_rank is not None else self.url
+            object.__setattr__(self, "base_url", base)
 
     @property
     def model_id(self) -> str:
@@ -96,7 +64,7 @@ class Worker:
 
     @property
     def model_ids(self) -> tuple[str, ...]:
-        """Every model the worker serves (the registry indexes it under each)."""
+        """Every model the worker serves (its registry index keys)."""
         return self.models or (self.model_id,)
 
     @property
@@ -113,16 +81,41 @@ class Worker:
         except ValueError:
             return DEFAULT_COST
 
-    def auth_headers(self) -> list[tuple[str, str]]:
-        """The header that carries the worker's API key, if it has one."""
-        return [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+    @property
+    def connection_mode(self) -> ConnectionMode:
+        return self.backend.mode
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.backend.runtime
+
+    @property
+    def serves_generate(self) -> bool:
+        """Whether it answers SGLang's native ``/generate``."""
+        return self.backend.serves("/generate")
+
+    # Read-only views of the run-time state, for plugins and the admin API.
 
     @property
     def is_available(self) -> bool:
-        return self.healthy and not self.breaker_open
+        return self.state.available
+
+    @property
+    def in_flight(self) -> int:
+        return self.state.in_flight
+
+    @property
+    def reported_load(self) -> int | None:
+        return self.state.reported_load
+
+    @property
+    def healthy(self) -> bool:
+        return self.state.healthy
 
     def to_info(self) -> dict[str, Any]:
         """The worker's JSON as smg's ``WorkerInfo``."""
+        state = self.state
+        breaker = state.breaker
         info: dict[str, Any] = {
             "id": self.url,
             "url": self.url,
@@ -131,14 +124,14 @@ class Worker:
             "priority": self.priority,
             "cost": self.cost,
             "worker_type": self.worker_type.value,
-            "is_healthy": self.healthy,
-            "load": self.in_flight,
-            "processed": self.processed,
+            "is_healthy": state.healthy,
+            "load": state.in_flight,
+            "processed": state.processed,
             "connection_mode": self.connection_mode.value,
             "runtime_type": self.runtime.value,
-            "circuit_state": self.breaker.state.label if self.breaker else "closed",
-            "errors": self.errors,
-            "cache_hit_rate": self.cache_hit_rate,
+            "circuit_state": breaker.state.label if breaker is not None else "closed",
+            "errors": state.errors,
+            "cache_hit_rate": state.cache_hit_rate,
         }
         if self.bootstrap_port is not None:
             info["bootstrap_port"] = self.bootstrap_port

@@ -1,4 +1,4 @@
-"""Prometheus metrics with smg's names and labels (inventory §8.1), for the layers that exist.
+"""Prometheus metrics with smg's names and labels, for the layers that exist.
 
 The hot path only bumps plain Python numbers in dicts (tens of nanoseconds, no lock: the
 event loop is their only writer). A prometheus-client ``Collector`` turns them into metric
@@ -105,7 +105,6 @@ class Metrics:
         self.selected[chosen] = self.selected.get(chosen, 0) + 1
 
     def worker_error(self, worker: Worker, error_type: str) -> None:
-        worker.errors += 1
         key = (worker.worker_type.value, worker.connection_mode.value, error_type)
         self.worker_errors[key] = self.worker_errors.get(key, 0) + 1
 
@@ -159,8 +158,8 @@ class Metrics:
         key = (worker.worker_type.value, endpoint)
         self.exhausted[key] = self.exhausted.get(key, 0) + 1
 
-    def breaker_moved(self, worker: Worker, old: str, new: str) -> None:
-        key = (worker.url, old, new)
+    def breaker_moved(self, url: str, old: str, new: str) -> None:
+        key = (url, old, new)
         self.cb_transitions[key] = self.cb_transitions.get(key, 0) + 1
 
     def breaker_panic(self, model: str, panic: bool) -> None:
@@ -379,7 +378,7 @@ class _Collector:
         for model in sorted({model for worker in workers for model in worker.model_ids}):
             panic.add_metric([model], 1 if model in panicking else 0)
         for worker in workers:
-            breaker = worker.breaker
+            breaker = worker.state.breaker
             if breaker is None:
                 continue
             state.add_metric([worker.url], breaker.state.value)

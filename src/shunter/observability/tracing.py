@@ -9,13 +9,13 @@ worker call, whose context goes to the worker as ``traceparent``/``tracestate``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger("shunter.tracing")
 
-TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 
 
 class Tracing:
@@ -50,13 +50,15 @@ class Tracing:
 
     def incoming(self, headers: list[tuple[bytes, bytes]]) -> Any:
         """The trace context a client sent (``traceparent``/``tracestate``), if any."""
-        carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
-                   if k.decode("latin-1") in TRACE_HEADERS}  # fmt: skip
+        carrier = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k in TRACE_HEADERS
+        }
         return self.propagator.extract(carrier, getter=self._getter)
 
     @contextmanager
-    def span(self, name: str, context: Any = None, client: bool = False,
-             **attributes: Any) -> Iterator[Any]:  # fmt: skip
+    def span(
+        self, name: str, context: Any = None, client: bool = False, **attributes: Any
+    ) -> Iterator[Any]:
         kind = self._client if client else self._server if context is not None else None
         options: dict[str, Any] = {"attributes": attributes}
         if kind is not None:
@@ -66,17 +68,11 @@ class Tracing:
         with self.tracer.start_as_current_span(name, **options) as span:
             yield span
 
-    def outgoing(self) -> list[tuple[str, str]]:
+    def outgoing(self) -> list[tuple[bytes, bytes]]:
         """Headers carrying the current span's context to the worker."""
         carrier: dict[str, str] = {}
         self.propagator.inject(carrier, setter=self._setter)  # type: ignore[misc]
-        return list(carrier.items())
+        return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in carrier.items()]
 
     def shutdown(self) -> None:
         self.provider.shutdown()
-
-
-def without_trace_headers(headers: Mapping[str, str] | list[tuple[str, str]]) -> list[
-        tuple[str, str]]:  # fmt: skip
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    return [(k, v) for k, v in items if k not in TRACE_HEADERS]

@@ -65,7 +65,7 @@ class BucketPolicy(Policy):
             return None
         state = self._buckets(request.model, workers)
         length = len(request.text or "")
-        by_url = {w.url: w for w in workers if w.is_available}
+        by_url = {w.url: w for w in workers if w.state.available}
         if not by_url:
             return None
         self._expire(state, time.monotonic())

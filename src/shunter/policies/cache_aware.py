@@ -83,11 +83,11 @@ class CacheAwarePolicy(Policy):
             return None
         if len(workers) == 1:
             only = workers[0]
-            chosen: Worker | None = only if only.is_available else None
+            chosen: Worker | None = only if only.state.available else None
         else:
-            chosen = self._choose(workers, request.text or "", request.tree_key, config)
+            chosen = self._choose(workers, request.text or "", request.model, config)
         if chosen is not None and request.text:
-            tree = self.tree_for(request.tree_key)
+            tree = self.tree_for(request.model)
             tree.insert(request.text, chosen.url)
             if tree.tenant_chars[chosen.url] > config.max_tree_size:
                 self._evictor.wake.set()  # trim now rather than at the next interval
@@ -96,7 +96,7 @@ class CacheAwarePolicy(Policy):
     def _choose(
         self, workers: Workers, text: str, tree_key: str, config: CacheAwareConfig
     ) -> Worker | None:
-        loads = [w.in_flight for w in workers]
+        loads = [w.state.in_flight for w in workers]
         low, high = min(loads), max(loads)
         if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
             return least_loaded(workers)
@@ -119,7 +119,7 @@ class CacheAwarePolicy(Policy):
         for url, stamp in tenants.items():
             if stamp > best_stamp:
                 worker = by_url.get(url)
-                if worker is not None and worker.is_available:
+                if worker is not None and worker.state.available:
                     best, best_stamp = worker, stamp
         return best
 
@@ -172,9 +172,9 @@ def _place_new_prefix(
     best_key = (0, 0)
     for offset in range(count):
         worker = workers[(start + offset) % count]
-        if not worker.is_available:
+        if not worker.state.available:
             continue
-        load = worker.in_flight
+        load = worker.state.in_flight
         if load - low > config.balance_abs_threshold and load > low * config.balance_rel_threshold:
             continue
         key = (chars.get(worker.url, 0), load)

@@ -51,4 +51,4 @@ def _target(workers: Workers, target: str) -> Worker | None:
         worker = workers[index] if index < len(workers) else None
     else:
         worker = next((w for w in workers if w.url == target.rstrip("/")), None)
-    return worker if worker is not None and worker.is_available else None
+    return worker if worker is not None and worker.state.available else None

@@ -37,7 +37,7 @@ class ManualPolicy(Policy):
             return None
         raw = request.header(KEY_HEADER)
         key = raw.decode("latin-1") if raw is not None else request.routing_id
-        candidates = [w for w in workers if w.is_available]
+        candidates = [w for w in workers if w.state.available]
         if not candidates:
             return None
         if key is None:
@@ -47,7 +47,7 @@ class ManualPolicy(Policy):
         urls, _ = self.assignments.get(slot, ([], 0.0))
         for url in urls:
             worker = by_url.get(url)
-            if worker is not None and worker.is_available:
+            if worker is not None and worker.state.available:
                 self.assignments[slot] = (urls, time.monotonic())
                 return worker
         chosen = self._rng.choice(candidates)

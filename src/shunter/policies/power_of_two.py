@@ -27,12 +27,12 @@ class PowerOfTwoPolicy(Policy):
         if count == 0:
             return None
         if count == 1:
-            return workers[0] if workers[0].is_available else None
+            return workers[0] if workers[0].state.available else None
         draw = self._rng.random
         first = int(draw() * count)
         second = (first + 1 + int(draw() * (count - 1))) % count
         a, b = workers[first], workers[second]
-        if not (a.is_available and b.is_available):
+        if not (a.state.available and b.state.available):
             candidates = available(workers)
             if len(candidates) < 2:
                 return candidates[0] if candidates else None
@@ -41,7 +41,7 @@ class PowerOfTwoPolicy(Policy):
 
 
 def _load(worker: Worker, other: Worker) -> tuple[int, int]:
-    reported, other_reported = worker.reported_load, other.reported_load
+    reported, other_reported = worker.state.reported_load, other.state.reported_load
     if reported is not None and other_reported is not None:
-        return reported, worker.in_flight
-    return worker.in_flight, 0
+        return reported, worker.state.in_flight
+    return worker.state.in_flight, 0

@@ -50,11 +50,11 @@ class PrefixHashPolicy(Policy):
             return None
         total = up = 0
         for worker in workers:
-            if worker.is_available:
-                total += worker.in_flight
+            if worker.state.available:
+                total += worker.state.in_flight
                 up += 1
         # Bounded load: the ring's pick may exceed the average by load_factor (plus one, so
         # an idle fleet does not bounce the first requests around).
-        if chosen.in_flight > (total / up) * self.config.load_factor + 1:
+        if chosen.state.in_flight > (total / up) * self.config.load_factor + 1:
             return least_loaded(workers)
         return chosen

@@ -21,7 +21,7 @@ class RandomPolicy(Policy):
         # Fast path: one draw, no copy; only when it lands on an unavailable worker do we
         # build the list of available ones (which keeps the choice uniform among them).
         worker = workers[int(self._rng.random() * len(workers))]
-        if worker.is_available:
+        if worker.state.available:
             return worker
         candidates = available(workers)
         return self._rng.choice(candidates) if candidates else None

@@ -1,4 +1,4 @@
-"""Which policy serves which model (smg's policy registry, inventory §3.6).
+"""Which policy serves which model (smg's policy registry).
 
 The first worker of a model fixes its policy: the worker's ``policy`` label if it has one
 (a fresh instance of that policy for the model), else the gateway's default (``--policy``,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from shunter.fleet.worker import Worker
 from shunter.policies.base import Policy
@@ -32,8 +33,15 @@ class PolicyRegistry:
     def all(self) -> list[Policy]:
         return [self.default, *(p for p in self.by_model.values() if p is not self.default)]
 
+    def fleet_changed(self, added: Sequence[Worker], removed: Sequence[Worker]) -> None:
+        """The fleet's membership changed: tell each model's policy."""
+        for worker in removed:
+            self.on_worker_removed(worker)
+        for worker in added:
+            self.on_worker_added(worker)
+
     def on_worker_added(self, worker: Worker) -> None:
-        for model in worker.models or (worker.model_id,):
+        for model in worker.model_ids:
             count = self._workers_per_model.get(model, 0)
             self._workers_per_model[model] = count + 1
             if count == 0 and model not in self.by_model:
@@ -41,7 +49,7 @@ class PolicyRegistry:
             self.policy_for(model).on_worker_added(worker)
 
     def on_worker_removed(self, worker: Worker) -> None:
-        for model in worker.models or (worker.model_id,):
+        for model in worker.model_ids:
             self.policy_for(model).on_worker_removed(worker)
             count = self._workers_per_model.get(model, 0) - 1
             if count > 0:

@@ -43,7 +43,7 @@ class Ring:
         seen: set[int] = set()
         for step in range(total):
             worker = self.owners[(start + step) % total]
-            if worker.is_available:
+            if worker.state.available:
                 return worker
             seen.add(id(worker))
             if len(seen) == len(self.workers):

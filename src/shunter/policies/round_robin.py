@@ -20,7 +20,7 @@ class RoundRobinPolicy(Policy):
         start = self._counter
         for offset in range(count):
             worker = workers[(start + offset) % count]
-            if worker.is_available:
+            if worker.state.available:
                 self._counter = start + offset + 1
                 return worker
         return None

@@ -12,7 +12,7 @@ from http import HTTPStatus
 
 import orjson
 
-from shunter.asgi import JSON_CONTENT, Send, send_bytes
+from shunter.protocols.reply import Reply
 
 
 class ApiError(Exception):
@@ -32,14 +32,15 @@ class ApiError(Exception):
             {"error": {"message": self.message, "type": _reason(self.status), "code": self.code}}
         )
 
-    async def send(self, send: Send, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-        headers = [
-            JSON_CONTENT,
-            (b"x-smg-error-code", self.code.encode()),
-            *self.headers,
-            *extra_headers,
-        ]
-        await send_bytes(send, self.status, self.body(), headers)
+
+def error_reply(error: ApiError) -> Reply:
+    """The envelope as a reply, with its code in ``X-SMG-Error-Code`` too."""
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"x-smg-error-code", error.code.encode()),
+        *error.headers,
+    ]
+    return Reply(error.status, headers, error.body())
 
 
 def _reason(status: int) -> str:

@@ -1,9 +1,14 @@
-"""The few request fields routing needs, decoded without building the whole request.
+"""The request fields routing needs, decoded in one pass without building the request.
 
-A msgspec Struct that declares only these fields skips everything else in the body
-(DESIGN §5: 187 ns for a 314-byte chat body against 533 ns for orjson.loads). The body's
-bytes themselves are forwarded unchanged. The routing text (for prefix-aware policies) is
-decoded by a second Struct, only when the model's policy asks for it.
+One msgspec Struct declares only what routing reads: ``model``, ``stream``, ``routing_id``
+and the text a prefix-aware policy routes on (chat contents, prompt, text, input ids,
+embedding input, rerank query); everything else in the body is skipped and the body's
+bytes are forwarded unchanged. Measured on a 1 KB chat body: this one pass 2.1 µs, where
+the routing fields alone (1.5 µs) plus a second pass for the text (2.0 µs) took 3.5; on a
+32 KB body one pass costs no more than skipping the text did (13.9 against 18.8 µs).
+
+The text is joined from its parts only when a policy asks (``RequestFields.routing_text``),
+once per request whatever the number of retries.
 """
 
 from __future__ import annotations
@@ -15,12 +20,6 @@ import msgspec
 from shunter.protocols.errors import ApiError
 
 
-class RoutingFields(msgspec.Struct):
-    model: str | None = None
-    stream: bool | None = None
-    routing_id: str | None = None
-
-
 class _Part(msgspec.Struct):
     text: str | None = None
 
@@ -29,7 +28,10 @@ class _Message(msgspec.Struct):
     content: str | list[_Part | str] | None = None
 
 
-class _TextFields(msgspec.Struct):
+class RequestFields(msgspec.Struct):
+    model: str | None = None
+    stream: bool | None = None
+    routing_id: str | None = None
     messages: list[_Message] | None = None  # chat
     prompt: str | list[Any] | None = None  # completions
     text: str | list[Any] | None = None  # /generate
@@ -37,15 +39,50 @@ class _TextFields(msgspec.Struct):
     input: str | list[Any] | None = None  # embeddings
     query: str | None = None  # rerank
 
+    def routing_text(self) -> str:
+        """The text a prefix-aware policy routes on; empty for shapes it does not know."""
+        if self.messages is not None:
+            parts: list[str] = []
+            for message in self.messages:
+                content = message.content
+                if isinstance(content, str):
+                    parts.append(content)
+                elif content:
+                    parts.extend(p if isinstance(p, str) else p.text or "" for p in content)
+            return "\n".join(parts)
+        for value in (self.prompt, self.text, self.input, self.query):
+            if isinstance(value, str):
+                return value
+            if isinstance(value, list) and value:
+                return " ".join(map(str, value))
+        if self.input_ids:
+            return " ".join(map(str, self.input_ids))
+        return ""
 
-_decoder = msgspec.json.Decoder(RoutingFields)
-_text_decoder = msgspec.json.Decoder(_TextFields)
+
+class _RoutingOnly(msgspec.Struct):
+    model: str | None = None
+    stream: bool | None = None
+    routing_id: str | None = None
 
 
-def decode_routing_fields(body: bytes) -> RoutingFields:
-    """The routing fields of a JSON object body; raises a 400 ApiError otherwise."""
+_decoder = msgspec.json.Decoder(RequestFields)
+_fallback = msgspec.json.Decoder(_RoutingOnly)
+
+
+def decode_routing_fields(body: bytes) -> RequestFields:
+    """The routing fields of a JSON object body; raises a 400 ApiError otherwise.
+
+    A text field of a shape routing does not know (``messages`` that is not a list, say) is
+    not the gateway's to refuse: the worker judges the body, and the request routes with
+    no text.
+    """
     try:
         return _decoder.decode(body)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        pass  # a ValidationError is a DecodeError; the second pass says what is wrong
+    try:
+        only = _fallback.decode(body)
     except msgspec.ValidationError as exc:
         raise ApiError(400, "invalid_request", f"invalid request body: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -54,31 +91,4 @@ def decode_routing_fields(body: bytes) -> RoutingFields:
         raise ApiError(400, "json_parse_error", "JSON body nested too deeply") from None
     except UnicodeDecodeError:  # a string that is not UTF-8 (found by the fuzzer too)
         raise ApiError(400, "json_parse_error", "JSON body is not valid UTF-8") from None
-
-
-def routing_text(body: bytes) -> str:
-    """The text a prefix-aware policy routes on: chat contents, prompt, text or input.
-
-    Shapes the gateway does not recognise give an empty text (the worker judges the body).
-    """
-    try:
-        fields = _text_decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-        return ""
-    if fields.messages is not None:
-        parts: list[str] = []
-        for message in fields.messages:
-            content = message.content
-            if isinstance(content, str):
-                parts.append(content)
-            elif content:
-                parts.extend(p if isinstance(p, str) else p.text or "" for p in content)
-        return "\n".join(parts)
-    for value in (fields.prompt, fields.text, fields.input, fields.query):
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list) and value:
-            return " ".join(map(str, value))
-    if fields.input_ids:
-        return " ".join(map(str, fields.input_ids))
-    return ""
+    return RequestFields(only.model, only.stream, only.routing_id)

@@ -1,4 +1,4 @@
-"""Admission control for inference routes (smg's limiter and queue, inventory §4.4).
+"""Admission control for inference routes (smg's limiter and queue).
 
 Two limits, both must allow a request to start:
 
@@ -22,7 +22,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from shunter.protocols.errors import ApiError
+
+class QueueFull(Exception):
+    """No place left in the admission queue (the API answers 429)."""
+
+
+class QueueTimeout(Exception):
+    """A request waited its ``queue_timeout_secs`` without being admitted (408)."""
 
 
 @dataclass(frozen=True)
@@ -76,14 +82,12 @@ class Admission:
             self.tokens -= 1.0
 
     async def acquire(self) -> None:
-        """Wait for a slot and a token, or raise 429 (queue full) / 408 (waited too long)."""
+        """Wait for a slot and a token, or raise QueueFull / QueueTimeout (waited too long)."""
         if not self.queue and self._can_start():
             self._take()
             return
         if len(self.queue) >= self.config.queue_size:
-            raise ApiError(
-                429, "rate_limit_exceeded", "too many requests: the gateway's request queue is full"
-            )
+            raise QueueFull
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.queue.append(waiter)
         self._schedule_refill()
@@ -94,9 +98,7 @@ class Admission:
                 return  # admitted at the last moment
             waiter.cancel()
             self._forget(waiter)
-            raise ApiError(
-                408, "queue_timeout", "the request waited too long in the gateway's queue"
-            ) from None
+            raise QueueTimeout from None
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # admitted, but the client left: hand the slot on

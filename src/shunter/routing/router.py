@@ -1,8 +1,18 @@
-"""The regular HTTP router: request → model's workers → policy → worker client → relay.
+"""The router: an inference request in, a reply out. Select, attempt, retry.
 
-The hot path: decode two fields of the body, one registry read, one policy call, one
-attribute read for the worker's client, then bytes straight through. The client's body is
-forwarded unchanged unless a field must be injected (a DP rank).
+The hot path: the routing fields decoded once, one registry read, one policy call, then
+the worker's backend does the talking and hands back a ``Reply``. The router counts the
+worker's load for as long as the attempt lasts (for a stream: until its last chunk or its
+client leaves), records what the attempts say about the workers (metrics, and the breakers
+once per request: ``verdict.py``), and decides on retries.
+
+A retryable failure (a 408/429/5xx status, no connection, a timeout) waits the backoff and
+tries again on a worker chosen afresh, avoiding those that failed this request, as long as
+nothing has been handed back yet. A stream that breaks after its reply was handed back ends
+with an SSE error event instead.
+
+No ASGI here: whoever called ``route`` writes the reply, and a client that leaves reaches the
+router as a cancellation of ``route`` or a close of the stream's body.
 """
 
 from __future__ import annotations
@@ -12,78 +22,29 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import orjson
-
-from shunter.asgi import (
-    DisconnectWatch,
-    Receive,
-    Send,
-    end_stream,
-    send_bytes,
-    send_chunk,
-    start_stream,
-)
+from shunter.backends.base import SGLANG_ONLY_PATHS, Outbound
 from shunter.fleet.registry import WorkerRegistry, Workers
 from shunter.fleet.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.observability.streams import StreamStats
-from shunter.observability.tracing import Tracing, without_trace_headers
+from shunter.observability.tracing import Tracing
 from shunter.policies.base import Policy, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
-from shunter.protocols.routing import RoutingFields, decode_routing_fields, routing_text
-from shunter.routing.attempt import RetryAttempt
+from shunter.protocols.reply import Reply, Stream, primed
+from shunter.routing.request import InferenceRequest
 from shunter.routing.retry import RETRYABLE_STATUSES, RetryConfig
 from shunter.routing.verdict import Verdict
-from shunter.transport.base import HOP_BY_HOP, UpstreamClient, UpstreamError
-
-if TYPE_CHECKING:
-    from shunter.routers.grpc import GrpcAttempt
+from shunter.wire.base import UpstreamError
 
 log = logging.getLogger("shunter.router")
 
-# Hop-by-hop headers, the request id (the gateway's own goes instead), and Expect (the
-# gateway answered any 100-continue itself; the worker gets the whole body at once).
-_NOT_FORWARDED = HOP_BY_HOP | {"x-request-id", "expect"}
-# Endpoints only SGLang workers serve; OpenAI-compatible servers answer them with 404.
-SGLANG_ONLY_PATHS = frozenset({"/generate"})
-# What a gRPC worker serves (the gateway tokenizes and formats for it).
-GRPC_PATHS = frozenset({"/generate", "/v1/chat/completions", "/v1/completions"})
-_UPSTREAM_STATUS = {"connect": 502, "io": 502, "timeout": 504}
+_UPSTREAM_STATUS = {"connect": 502, "io": 502, "timeout": 504, "oversize": 502}
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """One try of a request on one worker."""
-
-    client: UpstreamClient
-    worker: Worker
-    url: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    last: bool  # no retry after this one
-    verdict: Verdict  # the request's attempts, for the breakers
-
-
-@dataclass(slots=True)
-class Inbound:
-    """An inference request as the router sees it."""
-
-    method: str
-    path: str
-    query: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    request_id: str
-    worker: str | None = None  # set per attempt: the worker last tried
-    model: str = ""  # the registry's model id, once selected
-    started: float = 0.0  # perf_counter() when the request arrived
-
-
-class RegularRouter:
+class Router:
     def __init__(
         self,
         registry: WorkerRegistry,
@@ -91,12 +52,7 @@ class RegularRouter:
         metrics: Metrics,
         retry: RetryConfig | None = None,
         tracing: Tracing | None = None,
-        grpc: GrpcAttempt | None = None,
-        gateway_auth: bytes | None = None,
     ) -> None:
-        self.grpc = grpc  # serves attempts on gRPC workers; None without the grpc extra
-        # The client's Authorization that carries the gateway's own key: never forwarded.
-        self.gateway_auth = gateway_auth
         self.registry = registry
         self.policies = policies
         self.metrics = metrics
@@ -142,52 +98,47 @@ class RegularRouter:
         return workers
 
     def select(
-        self, fields: RoutingFields, request: Inbound, avoid: Sequence[Worker] = ()
+        self, request: InferenceRequest, avoid: Sequence[Worker] = ()
     ) -> tuple[Worker, Policy, str]:
-        model, workers = self.workers_for(fields.model)
+        model, workers = self.workers_for(request.fields.model)
         if request.path in SGLANG_ONLY_PATHS:
             workers = self._native_workers(model, request.path)
         if avoid:  # a retry: prefer workers this request has not failed on yet
             workers = tuple(w for w in workers if w not in avoid) or workers
         policy = self.policies.policy_for(model)
-        text = routing_text(request.body) if policy.needs_text else None
-        route = RouteRequest(model, text, request.headers, fields.routing_id)
+        text = request.routing_text if policy.needs_text else None
+        route = RouteRequest(model, text, request.headers, request.fields.routing_id)
         worker = policy.select(workers, route)
         if worker is None:
             raise ApiError(503, "no_available_workers", "no healthy worker is available")
         return worker, policy, model
 
-    # --- forwarding -------------------------------------------------------------------------
+    # --- routing ----------------------------------------------------------------------------
 
-    async def route(self, request: Inbound, send: Send, receive: Receive) -> int:
-        """Serve one inference request; returns the status sent to the client.
-
-        Each attempt selects a worker afresh (avoiding the ones that failed this request);
-        a retryable failure (a 408/429/5xx status, no connection) waits the backoff and tries
-        again, as long as nothing has reached the client yet. The breakers hear the
-        request's attempts once, when the loop ends (core/verdict.py).
-        """
-        fields = decode_routing_fields(request.body)
+    async def route(self, request: InferenceRequest) -> Reply:
+        """Serve one inference request: the reply to send, or an ApiError to answer."""
         incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
-        status, error_code = 500, "internal_error"
+        model = "unknown"
         try:
-            with self._span("route", context=incoming, path=request.path,
-                            request_id=request.request_id):  # fmt: skip
-                status = await self._route(fields, request, send, receive)
-                error_code = ""
-                return status
+            with self._span(
+                "route", context=incoming, path=request.path, request_id=request.request_id
+            ):
+                reply = await self._route(request)
         except ApiError as exc:
-            status, error_code = exc.status, exc.code
+            self._routed(request, model, exc.status, exc.code)
             raise
-        finally:
-            self.metrics.routed_request(request.model or "unknown", request.path,
-                                        time.perf_counter() - request.started, status,
-                                        error_code)  # fmt: skip
+        except asyncio.CancelledError:
+            self._routed(request, model, 499, "client_closed")
+            raise
+        if isinstance(reply.body, bytes):
+            self._routed(request, reply.model or model, reply.status, "")
+        return reply
 
-    async def _route(
-        self, fields: RoutingFields, request: Inbound, send: Send, receive: Receive
-    ) -> int:
-        watch = DisconnectWatch(receive) if fields.stream else None
+    def _routed(self, request: InferenceRequest, model: str, status: int, code: str) -> None:
+        elapsed = time.perf_counter() - request.started
+        self.metrics.routed_request(model, request.path, elapsed, status, code)
+
+    async def _route(self, request: InferenceRequest) -> Reply:
         attempts = self.retry.attempts
         failed: list[Worker] = []
         verdict = Verdict()
@@ -200,261 +151,144 @@ class RegularRouter:
                     await asyncio.sleep(delay)
                 try:
                     with self._span("select_worker", attempt=attempt):
-                        worker, policy, model = self.select(fields, request, failed)
+                        worker, policy, model = self.select(request, failed)
                 except ApiError as exc:
                     if exc.status != 503 or last:
                         raise
                     continue
                 if attempt:
                     self.metrics.retried(worker, request.path)
-                request.model = model
-                self.metrics.observe_route(
-                    worker, model, request.path, watch is not None, policy.name
-                )
-                try:
-                    return await self._attempt(worker, request, send, watch, last, verdict)
-                except RetryAttempt:
-                    failed.append(worker)
+                self.metrics.observe_route(worker, model, request.path, request.stream, policy.name)
+                reply = await self._attempt(worker, model, request, last, verdict)
+                if reply is not None:
+                    return reply
+                failed.append(worker)
             raise AssertionError("the last attempt never asks for a retry")
-        except asyncio.CancelledError:
-            if watch is not None and watch.absorb_cancel():
-                log.info(
-                    "client left; upstream cancelled", extra={"request_id": request.request_id}
-                )
-                return 499
-            raise
         finally:
             if not verdict.settled:  # a relayed answer settles it; errors end up here
                 verdict.settle(request.request_id)
-            if watch is not None:
-                watch.finish()
 
     async def _attempt(
-        self,
-        worker: Worker,
-        request: Inbound,
-        send: Send,
-        watch: DisconnectWatch | None,
-        last: bool,
-        verdict: Verdict,
-    ) -> int:
-        """One try on ``worker``, over HTTP or gRPC, its load counted while it runs."""
-        over_grpc = worker.scheduler_cell is not None
-        if over_grpc and (self.grpc is None or request.path not in GRPC_PATHS):
-            raise ApiError(501, "not_implemented",
-                           f"{request.path} is not served by gRPC workers")  # fmt: skip
-        request.worker = worker.url
-        with self._span("upstream", client=True, worker=worker.url):
-            worker.in_flight += 1
-            try:
-                if over_grpc:
-                    assert self.grpc is not None
-                    return await self.grpc.serve(worker, request.model, request.path,
-                                                 request.body, request.request_id, send, watch,
-                                                 last, verdict)  # fmt: skip
-                return await self._http_attempt(worker, request, send, watch, last, verdict)
-            finally:
-                worker.in_flight -= 1
-                worker.processed += 1
-
-    async def _http_attempt(
-        self,
-        worker: Worker,
-        request: Inbound,
-        send: Send,
-        watch: DisconnectWatch | None,
-        last: bool,
-        verdict: Verdict,
-    ) -> int:
-        cell = worker.client_cell
-        assert cell is not None
-        url = worker.base_url + request.path
-        if request.query:
-            url += "?" + request.query.decode("latin-1")
-        attempt = _Attempt(
-            client=cell.value or await cell.get(),
-            worker=worker,
-            url=url,
-            headers=upstream_headers(request, worker, self.gateway_auth),
-            body=request.body if worker.dp_rank is None else inject_rank(request.body, worker),
-            last=last,
-            verdict=verdict,
+        self, worker: Worker, model: str, request: InferenceRequest, last: bool, verdict: Verdict
+    ) -> Reply | None:
+        """One try on ``worker``: its reply, or None to try again elsewhere."""
+        backend = worker.backend
+        if not backend.serves(request.path):
+            raise ApiError(
+                501,
+                "not_implemented",
+                f"{request.path} is not served by {backend.mode.value} workers",
+            )
+        outbound = Outbound(
+            request.method,
+            request.path,
+            request.query,
+            request.headers,
+            request.body,
+            request.stream,
+            request.request_id,
+            model,
         )
-        if self.tracing is not None:  # the worker continues our trace, not the client's
-            attempt.headers = [*without_trace_headers(attempt.headers), *self.tracing.outgoing()]
-        if watch is None:
-            return await self._relay_whole(attempt, request, send)
-        return await self._relay_stream(attempt, request, send, watch)
-
-    async def _relay_whole(self, attempt: _Attempt, request: Inbound, send: Send) -> int:
+        state = worker.state
+        state.started()
         try:
-            response = await attempt.client.request(
-                request.method, attempt.url, attempt.headers, attempt.body
-            )
+            with self._span("upstream", client=True, worker=worker.url):
+                if self.tracing is not None:  # the worker continues our trace
+                    outbound.trace = self.tracing.outgoing()
+                reply = await backend.send(worker, outbound)
         except UpstreamError as exc:
-            raise self._upstream_failure(attempt, exc, request) from None
-        self._retry_on_status(attempt, response.status, request)
-        await send_bytes(
-            send, response.status, response.body, downstream_headers(response.headers, request)
-        )
-        return response.status
-
-    async def _relay_stream(
-        self, attempt: _Attempt, request: Inbound, send: Send, watch: DisconnectWatch
-    ) -> int:
-        worker = attempt.worker
-        try:
-            upstream = await attempt.client.stream(
-                request.method, attempt.url, attempt.headers, attempt.body
-            )
-        except UpstreamError as exc:
-            raise self._upstream_failure(attempt, exc, request) from None
-        try:
-            self._retry_on_status(attempt, upstream.status, request)
-            await start_stream(send, upstream.status, downstream_headers(upstream.headers, request))
-            # From here on the client has bytes: no more retries.
-            stats = StreamStats(request.started)
-            while (chunk := await upstream.next_chunk()) is not None:
-                stats.on_chunk(chunk)
-                await send_chunk(send, chunk)
-            if upstream.status == 200:
-                self.metrics.observe_stream(request.model, request.path, stats)
-        except UpstreamError as exc:
-            # The status is sent, so tell the client in-band.
-            log.warning(
-                "stream broke",
-                extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
-            )
-            self.metrics.worker_error(worker, "stream_" + exc.kind)
-            Verdict.stream_broke(worker)
-            await send_chunk(send, stream_broken_event(exc.kind))
-        finally:
-            await upstream.aclose()
-        watch.finish()
-        await end_stream(send)
-        return upstream.status
-
-    def _retry_on_status(self, attempt: _Attempt, status: int, request: Inbound) -> None:
-        """Ask for another attempt on a retryable status if one is left; otherwise this
-        answer is relayed, so the request's attempts are told to the breakers now."""
-        worker = attempt.worker
+            state.finished()
+            self._no_answer(worker, exc, request, last, verdict)  # raises unless retrying
+            return None
+        except BaseException:
+            state.finished()
+            raise
+        status = reply.status
         self.metrics.upstream_answer(status)
         if status >= 500:
+            state.failed()
             self.metrics.worker_error(worker, f"status_{status}")
         if status in RETRYABLE_STATUSES:
-            if not attempt.last:
-                attempt.verdict.answered(worker, status)
-                raise RetryAttempt
+            if not last:
+                verdict.answered(worker, status)
+                if not isinstance(reply.body, bytes):
+                    await reply.body.aclose()
+                state.finished()
+                return None
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
-        attempt.verdict.relayed(worker, status, request.request_id)
+        verdict.relayed(worker, status, request.request_id)
+        reply.worker, reply.model = worker.url, model
+        if isinstance(reply.body, bytes):
+            state.finished()
+        else:
+            reply.body = await primed(self._relay(reply.body, status, worker, model, request))
+        return reply
 
-    def _upstream_failure(
-        self, attempt: _Attempt, exc: UpstreamError, request: Inbound
-    ) -> Exception:
-        worker = attempt.worker
+    def _no_answer(
+        self,
+        worker: Worker,
+        exc: UpstreamError,
+        request: InferenceRequest,
+        last: bool,
+        verdict: Verdict,
+    ) -> None:
+        """Record an attempt the worker gave no answer to; returns to ask for another
+        attempt, else raises the ApiError to answer."""
+        status = _UPSTREAM_STATUS.get(exc.kind, 502)
+        worker.state.failed()
         self.metrics.worker_error(worker, "upstream_" + exc.kind)
-        self.metrics.upstream_answer(_UPSTREAM_STATUS.get(exc.kind, 502), "upstream_" + exc.kind)
+        self.metrics.upstream_answer(status, "upstream_" + exc.kind)
+        facts = {"worker": worker.url, "error": str(exc), "request_id": request.request_id}
         if exc.kind == "oversize":
-            # The worker answered, too much: this request's answer, not the worker's health
-            # or its connections. Another worker would send as much again: no retry.
-            attempt.verdict.relayed(worker, 200, request.request_id)
-            log.warning(
-                "worker response too large",
-                extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
-            )
-            return ApiError(502, "upstream_response_too_large", upstream_failure(exc.kind))
-        attempt.verdict.unreachable(worker)
-        if exc.kind != "timeout" and worker.client_cell is not None:
-            # The pool may hold connections to a worker that restarted: build a fresh one
-            # in the background; requests keep using this one until it is ready.
-            worker.client_cell.replace(attempt.client)
-        log.warning(
-            "worker call failed",
-            extra={"worker": worker.url, "error": str(exc), "request_id": request.request_id},
-        )
-        if not attempt.last:
-            return RetryAttempt()
+            # The worker answered, too much: this request's answer, not the worker's
+            # health. Another worker would send as much again: no retry.
+            verdict.relayed(worker, 200, request.request_id)
+            log.warning("worker response too large", extra=facts)
+            raise ApiError(502, "upstream_response_too_large", upstream_failure(exc.kind))
+        verdict.unreachable(worker)
+        log.warning("worker call failed", extra=facts)
+        if not last:
+            return
         if self.retry.attempts > 1:
             self.metrics.retries_exhausted(worker, request.path)
-        status = _UPSTREAM_STATUS.get(exc.kind, 502)
         code = "upstream_timeout" if status == 504 else "upstream_unavailable"
-        return ApiError(status, code, upstream_failure(exc.kind))
+        raise ApiError(status, code, upstream_failure(exc.kind))
 
-    def first_available(self) -> Worker:
-        """The first available worker, for the proxied info endpoints."""
-        for worker in self.registry.all():
-            if worker.is_available:
-                return worker
-        raise ApiError(503, "no_available_workers", "no healthy worker is available")
-
-    async def proxy_get(
-        self, path: str, request_id: str, worker: Worker | None = None
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """GET ``path`` from ``worker``, by default the first available one."""
-        worker = worker or self.first_available()
-        cell = worker.client_cell
-        assert cell is not None
-        client = cell.value or await cell.get()
-        headers = [("x-request-id", request_id), *worker.auth_headers()]
+    async def _relay(
+        self, chunks: Stream, status: int, worker: Worker, model: str, request: InferenceRequest
+    ) -> Stream:
+        """The worker's chunks, watched: stream metrics, an in-band error if it breaks, and
+        the worker's load counted until the last chunk (or the client's leaving)."""
+        stats = StreamStats(request.started)
+        outcome, code = status, ""
         try:
-            response = await client.request("GET", worker.base_url + path, headers, None)
-        except UpstreamError as exc:
-            status = _UPSTREAM_STATUS.get(exc.kind, 502)
-            raise ApiError(
-                status, "upstream_unavailable", f"worker {worker.url} failed: {exc}"
-            ) from None
-        relayed = [
-            (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in response.headers
-            if k not in HOP_BY_HOP
-        ]
-        return response.status, relayed, response.body
-
-
-def upstream_headers(
-    request: Inbound, worker: Worker, gateway_auth: bytes | None
-) -> list[tuple[str, str]]:
-    """The headers the worker receives: the client's, less hop-by-hop ones, those the
-    client's ``Connection`` header names and ``Expect``, plus the request id.
-
-    Credentials: a worker with its own key gets that key, never the client's header; a
-    worker without one gets the client's ``Authorization``, unless that is the gateway's
-    own key (whoever runs a worker must not learn how to administer the gateway).
-    """
-    headers = request.headers
-    dropped = _NOT_FORWARDED
-    for name, value in headers:
-        if name == b"connection":
-            named = {t.strip().lower() for t in value.decode("latin-1").split(",")}
-            dropped = dropped | named
-    has_key = worker.api_key is not None
-    forwarded = [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in headers
-        if k.decode("latin-1") not in dropped
-        and not (k == b"authorization" and (has_key or v == gateway_auth))
-    ]
-    if has_key:
-        forwarded.append(("authorization", f"Bearer {worker.api_key}"))
-    forwarded.append(("x-request-id", request.request_id))
-    return forwarded
-
-
-def downstream_headers(
-    headers: list[tuple[str, str]], request: Inbound
-) -> list[tuple[bytes, bytes]]:
-    relayed = [
-        (k.encode("latin-1"), v.encode("latin-1"))
-        for k, v in headers
-        if k not in HOP_BY_HOP and k != "x-request-id"
-    ]
-    relayed.append((b"x-request-id", request.request_id.encode()))
-    return relayed
-
-
-def inject_rank(body: bytes, worker: Worker) -> bytes:
-    """The body with ``data_parallel_rank`` set: the one case where the gateway rewrites it."""
-    payload = orjson.loads(body)
-    payload["data_parallel_rank"] = worker.dp_rank
-    return orjson.dumps(payload)
+            yield b""  # primed: see protocols/reply.py
+            try:
+                async for chunk in chunks:
+                    stats.on_chunk(chunk)
+                    yield chunk
+                if status == 200:
+                    self.metrics.observe_stream(model, request.path, stats)
+            except UpstreamError as exc:
+                # The status is sent, so tell the client in-band.
+                log.warning(
+                    "stream broke",
+                    extra={
+                        "worker": worker.url,
+                        "error": str(exc),
+                        "request_id": request.request_id,
+                    },
+                )
+                worker.state.failed()
+                self.metrics.worker_error(worker, "stream_" + exc.kind)
+                Verdict.stream_broke(worker)
+                code = "upstream_stream_broken"
+                yield stream_broken_event(exc.kind)
+        except (GeneratorExit, asyncio.CancelledError):  # the client left
+            outcome, code = 499, "client_closed"
+            raise
+        finally:
+            await chunks.aclose()
+            worker.state.finished()
+            self._routed(request, model, outcome, code)

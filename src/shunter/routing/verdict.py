@@ -37,8 +37,9 @@ UNREACHABLE = 2  # no answer: no connection, a broken one, or a timeout
 
 
 def _feed(worker: Worker, success: bool) -> None:
-    if worker.breaker is not None:
-        worker.breaker.record(success)
+    breaker = worker.state.breaker
+    if breaker is not None:
+        breaker.record(success)
 
 
 class Verdict:
@@ -73,8 +74,7 @@ class Verdict:
         """This answer goes to the client: the retry loop is over, the breakers hear it."""
         if self.tried is None:  # the only attempt
             self.settled = True
-            if worker.breaker is not None:
-                worker.breaker.record(status < 500)
+            _feed(worker, status < 500)
             return
         self.answered(worker, status)
         self.settle(request_id)

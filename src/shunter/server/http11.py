@@ -27,7 +27,7 @@ from typing import Any
 
 import httptools
 
-from shunter.asgi import Message, Receive, Scope, Send
+from shunter.wire.asgi import Message, Receive, Scope, Send
 
 log = logging.getLogger("shunter.http")
 

@@ -16,11 +16,14 @@ from typing import Any
 
 import orjson
 
-from shunter.asgi import (
+from shunter.sim.config import SimConfig
+from shunter.sim.disconnect import DisconnectWatch
+from shunter.sim.engine import Engine, Generation, tokenize
+from shunter.sim.formats import ChatFormat, CompletionFormat, Format, GenerateFormat
+from shunter.wire.asgi import (
     JSON_CONTENT,
     SSE_CONTENT,
     TEXT_CONTENT,
-    DisconnectWatch,
     Receive,
     Scope,
     Send,
@@ -31,9 +34,6 @@ from shunter.asgi import (
     send_json,
     start_stream,
 )
-from shunter.sim.config import SimConfig
-from shunter.sim.engine import Engine, Generation, tokenize
-from shunter.sim.formats import ChatFormat, CompletionFormat, Format, GenerateFormat
 
 log = logging.getLogger("shunter.sim")
 

@@ -1,0 +1,99 @@
+"""The inference endpoints: admission, then the router, whose reply goes back as it is.
+
+Admission (``--max-concurrent-requests``, the queue, the rate limit) holds a slot until the
+reply is done: for a whole body, as soon as the router hands it back; for a stream, when its
+last chunk is out or its client leaves. A full queue is 429, a request that waited too long
+408.
+
+The request the router sees carries the client's headers minus the gateway's own key: no
+worker ever receives that (the worker gets its own key, or the client's other credentials).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from shunter.api.call import Call
+from shunter.observability.metrics import Metrics
+from shunter.protocols.errors import ApiError
+from shunter.protocols.reply import Reply, Stream, primed
+from shunter.routing.limiter import Admission, QueueFull, QueueTimeout
+from shunter.routing.request import InferenceRequest
+from shunter.routing.router import Router
+
+INFERENCE_PATHS = (
+    "/generate",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/rerank",
+)
+
+
+class InferenceApi:
+    def __init__(
+        self,
+        router: Router,
+        metrics: Metrics,
+        admission: Admission | None = None,
+        gateway_auth: bytes | None = None,
+    ) -> None:
+        self.router = router
+        self.metrics = metrics
+        self.admission = admission
+        self.gateway_auth = gateway_auth  # "Bearer <--api-key>", never forwarded
+
+    async def handle(self, call: Call) -> Reply:
+        admission = self.admission
+        if admission is None:
+            return await self._route(call)
+        try:
+            await admission.acquire()
+        except QueueFull:
+            self.metrics.admission("rejected")
+            raise ApiError(
+                429, "rate_limit_exceeded", "too many requests: the gateway's request queue is full"
+            ) from None
+        except QueueTimeout:
+            self.metrics.admission("timed_out")
+            raise ApiError(
+                408, "queue_timeout", "the request waited too long in the gateway's queue"
+            ) from None
+        self.metrics.admission("allowed")
+        try:
+            reply = await self._route(call)
+        except BaseException:
+            admission.release()
+            raise
+        if isinstance(reply.body, bytes):
+            admission.release()
+        else:
+            reply.body = await primed(_then(reply.body, admission.release))
+        return reply
+
+    async def _route(self, call: Call) -> Reply:
+        scope = call.scope
+        headers = scope["headers"]
+        if self.gateway_auth is not None:
+            headers = [h for h in headers if h != (b"authorization", self.gateway_auth)]
+        request = InferenceRequest(
+            call.method,
+            call.path,
+            scope["query_string"],
+            headers,
+            await call.body(),
+            call.request_id,
+            call.started,
+        )
+        return await self.router.route(request)
+
+
+async def _then(chunks: Stream, done: Callable[[], None]) -> Stream:
+    """``chunks``, then ``done()`` once they end or are closed."""
+    try:
+        yield b""  # primed: see protocols/reply.py
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        await chunks.aclose()
+        done()

@@ -1,0 +1,172 @@
+"""Endpoints about the fleet rather than for inference: health, readiness, models, the
+workers' own information and metrics, loads, and cache flushing.
+
+Each asks the workers' backends, which know how their engine answers (SGLang's own
+endpoints, vLLM's and llama.cpp's metrics, a gRPC worker's RPCs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from shunter.api.call import Call
+from shunter.api.reply import json_reply, text_reply
+from shunter.backends.base import EngineOpError, InfoKind
+from shunter.fleet.load_monitor import LoadMonitor
+from shunter.fleet.registry import WorkerRegistry
+from shunter.fleet.worker import Worker
+from shunter.observability.engine_metrics import merge
+from shunter.protocols.errors import ApiError
+from shunter.protocols.reply import Reply
+
+log = logging.getLogger("shunter.api.info")
+
+ENGINE_METRICS_SECS = 5.0  # each worker's /metrics, at most
+ENGINE_METRICS_FANOUT = 32  # workers asked at once
+PROMETHEUS_TEXT = (b"content-type", b"text/plain; version=0.0.4")
+
+
+class InfoApi:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        loads: LoadMonitor,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.registry = registry
+        self.loads = loads
+        self.draining = draining  # the gateway is shutting down: not ready for new requests
+
+    # --- health -----------------------------------------------------------------------------
+
+    async def liveness(self, call: Call) -> Reply:
+        return text_reply(200, "OK")
+
+    async def readiness(self, call: Call) -> Reply:
+        if self.draining():
+            return json_reply(503, {"status": "not ready", "reason": "draining"})
+        workers = self.registry.all()
+        healthy = sum(1 for w in workers if w.state.healthy)
+        if healthy:
+            counts = {"healthy_workers": healthy, "total_workers": len(workers)}
+            return json_reply(200, {"status": "ready", **counts})
+        return json_reply(503, {"status": "not ready", "reason": "insufficient healthy workers"})
+
+    async def models(self, call: Call) -> Reply:
+        models = self.registry.models()
+        if not models:
+            raise ApiError(503, "no_models", "No models available")
+        data = [{"id": m, "object": "model", "owned_by": "local"} for m in models]
+        return json_reply(200, {"object": "list", "data": data})
+
+    def first_available(self) -> Worker:
+        for worker in self.registry.all():
+            if worker.state.available:
+                return worker
+        raise ApiError(503, "no_available_workers", "no healthy worker is available")
+
+    async def health_generate(self, call: Call) -> Reply:
+        """A generation check on the first available worker, in its engine's way (SGLang's
+        own endpoint; one token from /v1/completions elsewhere; gRPC's HealthCheck)."""
+        worker = self.first_available()
+        try:
+            body = await worker.backend.health_generate(worker)
+        except EngineOpError as exc:
+            raise ApiError(
+                503, "health_generate_failed", f"worker {worker.url} failed to generate: {exc}"
+            ) from None
+        return Reply(200, [], body)
+
+    # --- the workers' own information ----------------------------------------------------
+
+    async def server_info(self, call: Call) -> Reply:
+        return await self._info(call, "server")
+
+    async def model_info(self, call: Call) -> Reply:
+        return await self._info(call, "model")
+
+    async def _info(self, call: Call, kind: InfoKind) -> Reply:
+        worker = self.first_available()
+        try:
+            return await worker.backend.info(worker, kind, call.request_id)
+        except EngineOpError as exc:
+            raise ApiError(502, "upstream_unavailable", f"worker {worker.url}: {exc}") from None
+
+    async def engine_metrics(self, call: Call) -> Reply:
+        """The workers' own metrics, fanned out and merged, each sample labelled with its
+        worker's address."""
+        workers = {w.base_url: w for w in self.registry.all()}
+        if not workers:
+            raise ApiError(503, "no_workers", "no workers are registered")
+        gate = asyncio.Semaphore(ENGINE_METRICS_FANOUT)
+
+        async def fetch(worker: Worker) -> str | None:
+            async with gate:
+                try:
+                    return await asyncio.wait_for(
+                        worker.backend.metrics(worker), ENGINE_METRICS_SECS
+                    )
+                except TimeoutError:
+                    return None
+
+        texts = await asyncio.gather(*(fetch(w) for w in workers.values()))
+        answered = {url: text for url, text in zip(workers, texts, strict=True) if text}
+        if not answered:
+            raise ApiError(502, "engine_metrics_unavailable", "no worker answered /metrics")
+        return Reply(200, [PROMETHEUS_TEXT], merge(answered).encode())
+
+    # --- loads and caches ---------------------------------------------------------------------
+
+    async def get_loads(self, call: Call) -> Reply:
+        workers = self.registry.all()
+        loads = await asyncio.gather(*(self.loads.read(w) for w in workers))
+        rows = [
+            {"worker": w.url, "load": -1 if load.load is None else load.load}
+            for w, load in zip(workers, loads, strict=True)
+        ]
+        return json_reply(200, {"workers": rows})
+
+    async def flush_cache(self, call: Call) -> Reply:
+        """Flush every engine that has a way to, concurrently (one call per base URL)."""
+        workers = self.registry.all()
+        bases = {w.base_url: w for w in workers if w.backend.can_flush}
+        results = await asyncio.gather(*(_flush(w) for w in bases.values()))
+        failed = [{"worker": url, "error": err} for url, err in results if err]
+        ok = [url for url, err in results if not err]
+        common = {"total_http_workers": len(bases), "total_workers": len(workers)}
+        if not failed:
+            return json_reply(
+                200,
+                {
+                    "status": "success",
+                    "message": f"Cache flushed on {len(ok)} workers",
+                    "workers_flushed": len(ok),
+                    **common,
+                },
+            )
+        log.warning(
+            "cache flush failed on %d of %d workers",
+            len(failed),
+            len(bases),
+            extra={"failed": failed},
+        )
+        return json_reply(
+            206,
+            {
+                "status": "partial_success",
+                "message": "Cache flush failed on some workers",
+                "successful": ok,
+                "failed": failed,
+                **common,
+            },
+        )
+
+
+async def _flush(worker: Worker) -> tuple[str, str | None]:
+    try:
+        await worker.backend.flush(worker)
+    except EngineOpError as exc:
+        return worker.base_url, str(exc)
+    return worker.base_url, None

@@ -1,0 +1,188 @@
+"""From a worker's URL to its backend: wait until it answers, ask what it is, build it.
+
+``http://`` and ``https://`` workers get an ``HttpBackend`` for the engine they turn out to
+run; ``grpc://`` workers a ``GrpcBackend``. A URL given without a scheme is probed as HTTP
+and as gRPC at once, and the first protocol to answer decides (smg does the same).
+
+How long to wait for a worker that is still starting is the caller's (the fleet's) rule:
+``connect`` takes a ``wait(probe, what)`` that calls ``probe`` until it returns None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shunter.aio.once import OnceCell
+from shunter.backends.base import Address, Backend, Description, Runtime
+from shunter.backends.http.backend import HttpBackend, probe_http
+from shunter.backends.http.calls import WorkerCalls
+from shunter.backends.http.client import worker_client
+from shunter.backends.http.discovery import describe
+from shunter.backends.http.engines import ENGINES
+from shunter.wire.base import UpstreamClient, WholeClient
+from shunter.wire.reqwest import ClientSettings
+
+if TYPE_CHECKING:  # grpcio is only imported when the grpc extra is there
+    from shunter.backends.grpc.pipeline import GrpcPipeline
+
+log = logging.getLogger("shunter.backends")
+
+Probe = Callable[[], Awaitable[str | None]]
+Wait = Callable[[Probe, str], Awaitable[None]]
+
+
+def grpc_available() -> bool:
+    """Whether the grpc extra (grpcio, smg-grpc-proto, tokenizers, jinja2) is installed."""
+    from importlib.util import find_spec
+
+    modules = ("grpc", "smg_grpc_proto", "tokenizers", "jinja2")
+    return all(find_spec(m) is not None for m in modules)
+
+
+class ConnectError(ValueError):
+    """A worker URL this gateway cannot serve (a gRPC worker without the grpc extra)."""
+
+
+@dataclass
+class Connected:
+    url: str  # as registered: a URL probed both ways gets the scheme that answered
+    backend: Backend
+    description: Description
+
+
+@dataclass(frozen=True)
+class GrpcSupport:
+    """What gRPC backends share: the request pipeline, and how long a replaced channel's
+    running calls may take to finish."""
+
+    pipeline: GrpcPipeline
+    retire_grace_secs: float
+
+
+class Connector:
+    def __init__(
+        self,
+        control: WholeClient,
+        worker_settings: ClientSettings,
+        probe_timeout_secs: float,
+        health_endpoint: str = "/health",
+        grpc: GrpcSupport | None = None,
+        data_client: Callable[[ClientSettings, str], UpstreamClient] = worker_client,
+    ) -> None:
+        self.control = control
+        self.worker_settings = worker_settings
+        self.probe_timeout_secs = probe_timeout_secs
+        self.health_endpoint = health_endpoint
+        self.grpc = grpc  # None: the grpc extra is not installed
+        self.data_client = data_client  # tests swap the network here
+
+    async def connect(
+        self,
+        url: str,
+        api_key: str | None,
+        runtime: Runtime | None,
+        wait: Wait,
+        probe_both: bool = False,
+    ) -> Connected:
+        """The worker's backend and description, once it answers; raises what went wrong."""
+        if url.startswith("grpc://"):
+            return await self._grpc(url, wait)
+        address = Address(url, api_key)
+        if not (probe_both and self.grpc is not None):
+            await wait(lambda: self._probe_http(address), f"worker {url}")
+        else:
+            grpc_url = "grpc://" + url.split("://", 1)[1]
+            grpc = self._grpc_backend(grpc_url)
+            over_http = asyncio.ensure_future(
+                wait(lambda: self._probe_http(address), f"worker {url}")
+            )
+            over_grpc = asyncio.ensure_future(
+                wait(lambda: grpc.probe(address, self.probe_timeout_secs), "gRPC worker")
+            )
+            if await _first_to_answer(over_http, over_grpc) == 1:
+                return await self._described_grpc(grpc_url, grpc)
+            await grpc.close()
+        calls = self._calls(None)
+        description = await describe(calls, address, runtime)
+        return Connected(url, self._http_backend(url, description), description)
+
+    # --- HTTP --------------------------------------------------------------------------------
+
+    def _calls(self, clients: OnceCell[UpstreamClient] | None) -> WorkerCalls:
+        async def data() -> UpstreamClient:
+            assert clients is not None, "no data-plane client before registration"
+            return clients.value or await clients.get()
+
+        return WorkerCalls(self.control, data)
+
+    async def _probe_http(self, address: Address) -> str | None:
+        return await probe_http(self._calls(None), address, self.health_endpoint)
+
+    def _http_backend(self, url: str, description: Description) -> HttpBackend:
+        settings = self.worker_settings
+
+        async def create() -> UpstreamClient:
+            return self.data_client(settings, url)
+
+        async def close(client: UpstreamClient) -> None:
+            await client.close()
+
+        clients: OnceCell[UpstreamClient] = OnceCell(create, close)
+        engine = ENGINES[description.runtime]
+        return HttpBackend(engine, clients, self._calls(clients), self.health_endpoint)
+
+    # --- gRPC --------------------------------------------------------------------------------
+
+    def _grpc_backend(self, url: str) -> Backend:
+        if self.grpc is None:
+            raise ConnectError(
+                f"{url}: gRPC workers need the grpc extra (pip install 'shunter[grpc]')"
+            )
+        from shunter.backends.grpc.backend import GrpcBackend
+
+        return GrpcBackend(url, self.grpc.pipeline, self.grpc.retire_grace_secs)
+
+    async def _grpc(self, url: str, wait: Wait) -> Connected:
+        backend = self._grpc_backend(url)
+        address = Address(url)
+        try:
+            await wait(lambda: backend.probe(address, self.probe_timeout_secs), "gRPC worker")
+        except BaseException:
+            await backend.close()
+            raise
+        return await self._described_grpc(url, backend)
+
+    async def _described_grpc(self, url: str, backend: Backend) -> Connected:
+        from shunter.backends.grpc.backend import GrpcBackend
+
+        assert isinstance(backend, GrpcBackend)
+        try:
+            description = await backend.describe(self.probe_timeout_secs)
+        except BaseException:
+            await backend.close()
+            raise
+        return Connected(url, backend, description)
+
+
+async def _first_to_answer(http: asyncio.Future[None], grpc: asyncio.Future[None]) -> int:
+    """0 when the HTTP wait succeeds first, 1 for gRPC. If both fail, raise the HTTP one's
+    error (the usual case for a URL without a scheme); the other wait is cancelled."""
+    order = {http: 0, grpc: 1}
+    errors: dict[int, BaseException] = {}
+    try:
+        pending: set[asyncio.Future[None]] = {http, grpc}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = task.exception()
+                if error is None:
+                    return order[task]
+                errors[order[task]] = error
+        raise errors[0]
+    finally:
+        for task in order:
+            task.cancel()

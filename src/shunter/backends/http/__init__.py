@@ -1,0 +1,1 @@
+"""Workers reached over HTTP: a connection pool per worker, and each engine's own endpoints."""

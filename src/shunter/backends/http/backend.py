@@ -1,0 +1,167 @@
+"""A worker reached over HTTP: the client's bytes forwarded, the worker's bytes relayed.
+
+The body goes to the worker as the client sent it (unknown fields included), unless a DP
+rank must be injected. Headers are filtered on the way in and out (``forwarded_headers``,
+``relayed_headers``); a stream's chunks are handed on as they arrive.
+
+The data-plane client is created on first use by one task and read as an attribute after
+(``aio/once.py``); a connection failure starts building a fresh one in the background while
+requests keep using the old one, so a worker that restarted is reached again without being
+re-added. What differs between engines (load, flush, generation check, ``/generate``) is
+the ``Engine``'s business (``engines/``).
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from shunter.aio.once import OnceCell
+from shunter.backends.base import (
+    SGLANG_ONLY_PATHS,
+    Backend,
+    ConnectionMode,
+    EngineOpError,
+    InfoKind,
+    Load,
+    Outbound,
+    Target,
+)
+from shunter.backends.http.calls import WorkerCalls, bearer
+from shunter.backends.http.engines.base import Engine
+from shunter.protocols.reply import Headers, Reply, Stream, primed
+from shunter.wire.base import HOP_BY_HOP, StreamingResponse, UpstreamClient, UpstreamError
+
+# Never forwarded: hop-by-hop headers, the request id (the gateway's own goes instead) and
+# Expect (the gateway answered any 100-continue itself; the worker gets the whole body).
+_NOT_FORWARDED = HOP_BY_HOP | {b"x-request-id", b"expect"}
+_TRACE = frozenset({b"traceparent", b"tracestate"})
+_NOT_RELAYED = HOP_BY_HOP | {b"x-request-id"}
+_INFO_PATHS = {"server": "/get_server_info", "model": "/get_model_info"}
+
+
+class HttpBackend(Backend):
+    mode = ConnectionMode.HTTP
+
+    def __init__(
+        self,
+        engine: Engine,
+        clients: OnceCell[UpstreamClient],
+        calls: WorkerCalls,
+        health_endpoint: str = "/health",
+    ) -> None:
+        self.engine = engine
+        self.runtime = engine.runtime
+        self._clients = clients  # the data plane's, created on first use
+        self._calls = calls  # the control plane's
+        self._health_endpoint = health_endpoint
+
+    def serves(self, path: str) -> bool:
+        return path not in SGLANG_ONLY_PATHS or self.engine.native_generate
+
+    # --- the data plane ------------------------------------------------------------------
+
+    async def send(self, target: Target, request: Outbound) -> Reply:
+        cell = self._clients
+        client = cell.value or await cell.get()
+        url = target.base_url + request.path
+        if request.query:
+            url += "?" + request.query.decode("latin-1")
+        headers = forwarded_headers(request, target.api_key)
+        body = request.body if target.dp_rank is None else with_rank(request.body, target.dp_rank)
+        try:
+            if request.stream:
+                upstream = await client.stream(request.method, url, headers, body)
+                chunks = await primed(_chunks(upstream))
+                return Reply(upstream.status, relayed_headers(upstream.headers), chunks)
+            response = await client.request(request.method, url, headers, body)
+        except UpstreamError as exc:
+            if exc.kind in ("connect", "io"):
+                # The pool may hold connections to a worker that restarted: build a fresh
+                # one in the background; requests keep using this one until it is ready.
+                cell.replace(client)
+            raise
+        return Reply(response.status, relayed_headers(response.headers), response.body)
+
+    # --- the control plane -----------------------------------------------------------------
+
+    async def probe(self, target: Target, timeout: float) -> str | None:
+        return await probe_http(self._calls, target, self._health_endpoint)
+
+    async def load(self, target: Target) -> Load:
+        return await self.engine.load(self._calls, target)
+
+    @property
+    def can_flush(self) -> bool:
+        return self.engine.can_flush
+
+    async def flush(self, target: Target) -> None:
+        await self.engine.flush(self._calls, target)
+
+    async def health_generate(self, target: Target) -> bytes:
+        return await self.engine.health_generate(self._calls, target)
+
+    async def info(self, target: Target, kind: InfoKind, request_id: str) -> Reply:
+        id_header = [(b"x-request-id", request_id.encode("latin-1"))]
+        try:
+            response = await self._calls.request(target, "GET", _INFO_PATHS[kind], None, id_header)
+        except UpstreamError as exc:
+            raise EngineOpError(str(exc)) from None
+        return Reply(response.status, relayed_headers(response.headers), response.body)
+
+    async def metrics(self, target: Target) -> str | None:
+        text = await self._calls.get(target, "/metrics")
+        return None if text is None else text.decode("utf-8", "replace")
+
+    async def close(self) -> None:
+        await self._clients.close()
+
+
+async def probe_http(calls: WorkerCalls, target: Target, endpoint: str) -> str | None:
+    """``GET endpoint`` (``/health``): None when it answers 2xx, else what is wrong. Bounded by
+    the control client's timeouts (the probe timeout)."""
+    try:
+        response = await calls.request(target, "GET", endpoint)
+    except UpstreamError as exc:
+        return str(exc)
+    return None if 200 <= response.status < 300 else f"{endpoint} answered {response.status}"
+
+
+def forwarded_headers(request: Outbound, api_key: str | None) -> Headers:
+    """The headers the worker receives: the client's, less hop-by-hop ones, those the
+    client's ``Connection`` header names and ``Expect``; plus the worker's own key (in place
+    of the client's ``Authorization``), the request id and the gateway's trace context."""
+    dropped = _NOT_FORWARDED
+    for name, value in request.headers:
+        if name == b"connection":
+            dropped = dropped | {t.strip().lower() for t in value.split(b",")}
+    if api_key is not None:
+        dropped = dropped | {b"authorization"}
+    if request.trace:  # the worker continues the gateway's trace, not the client's
+        dropped = dropped | _TRACE
+    headers = [(k, v) for k, v in request.headers if k not in dropped]
+    headers += bearer(api_key)
+    headers.append((b"x-request-id", request.request_id.encode("latin-1")))
+    headers += request.trace
+    return headers
+
+
+def relayed_headers(headers: Headers) -> Headers:
+    """The worker's response headers the client receives (the API adds the request id)."""
+    return [(k, v) for k, v in headers if k not in _NOT_RELAYED]
+
+
+def with_rank(body: bytes, rank: int) -> bytes:
+    """The body with ``data_parallel_rank`` set: the one case where the gateway rewrites it."""
+    payload = orjson.loads(body)
+    payload["data_parallel_rank"] = rank
+    return orjson.dumps(payload)
+
+
+async def _chunks(upstream: StreamingResponse) -> Stream:
+    """The worker's chunks as they arrive; closing early closes the worker's connection."""
+    try:
+        yield b""  # primed: see protocols/reply.py
+        while (chunk := await upstream.next_chunk()) is not None:
+            yield chunk
+    finally:
+        await upstream.aclose()

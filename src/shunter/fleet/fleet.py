@@ -1,0 +1,160 @@
+"""The fleet: the registry and everything that keeps it true, wired together once.
+
+Registration adds, updates and removes workers; health checks and load polling refresh
+their state; each worker's circuit breaker reports its moves to the ejection rule (which
+decides who is excluded, with a panic threshold) and to whoever listens. Listeners hear
+workers join and leave (``on_change``: the policies keep per-worker state); observers hear
+checks, breaker moves and panics (metrics). None of it runs on the request path: requests
+only read the registry and the workers' run-time state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shunter.backends.connect import Connector
+from shunter.fleet.breaker import BreakerConfig, CircuitBreaker, State
+from shunter.fleet.ejection import Ejection
+from shunter.fleet.health import HealthChecker
+from shunter.fleet.jobs import JobQueue, JobStatus
+from shunter.fleet.load_monitor import LoadMonitor
+from shunter.fleet.registration import Changed, Registrar
+from shunter.fleet.registry import WorkerRegistry
+from shunter.fleet.runtime import HealthConfig, WorkerRuntime
+from shunter.fleet.spec import WorkerSpec
+from shunter.fleet.worker import Worker
+
+log = logging.getLogger("shunter.fleet")
+
+
+def _ignore(*_: Any) -> None:
+    pass
+
+
+@dataclass
+class FleetObserver:
+    """What the fleet tells the outside (metrics) as it happens."""
+
+    health_checked: Callable[[Worker, bool], None] = _ignore
+    breaker_moved: Callable[[str, str, str], None] = _ignore  # url, from, to
+    panic: Callable[[str, bool], None] = _ignore  # model, in panic
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    health: HealthConfig
+    breaker: BreakerConfig
+    startup_timeout_secs: float
+    check_interval_secs: float  # registration probes' longest pause; load polling interval
+    drain_timeout_secs: float = 1800.0  # how long a removed worker's requests may finish
+    dp_aware: bool = False
+
+
+class Fleet:
+    def __init__(
+        self,
+        settings: FleetSettings,
+        connector: Connector,
+        observer: FleetObserver | None = None,
+    ) -> None:
+        self.settings = settings
+        self.observer = observer or FleetObserver()
+        self.registry = WorkerRegistry()
+        self.jobs = JobQueue()
+        self._listeners: list[Changed] = []
+        self.ejection = Ejection(
+            settings.breaker.panic_threshold, self.registry.get_by_model, self.observer.panic
+        )
+        self.registrar = Registrar(
+            self.registry,
+            connector,
+            self._new_runtime,
+            settings.health,
+            startup_timeout_secs=settings.startup_timeout_secs,
+            check_interval_secs=settings.check_interval_secs,
+            drain_timeout_secs=settings.drain_timeout_secs,
+            dp_aware=settings.dp_aware,
+            on_change=self._changed,
+        )
+        self.health = HealthChecker(
+            settings.health,
+            self.registry.all,
+            on_check=self.observer.health_checked,
+            on_flip=lambda worker: self.ejection.changed((worker,)),
+        )
+        self.loads = LoadMonitor(self.registry.all, settings.check_interval_secs)
+
+    # --- membership ------------------------------------------------------------------------
+
+    def subscribe(self, listener: Changed) -> None:
+        """Hear every change of membership: ``listener(added, removed)``."""
+        self._listeners.append(listener)
+
+    def _changed(self, added: Sequence[Worker], removed: Sequence[Worker]) -> None:
+        for worker in removed:
+            if worker.state.breaker is not None:
+                worker.state.breaker.reset()  # no timer left running for it
+        for listener in self._listeners:
+            listener(added, removed)
+        self.ejection.changed((*added, *removed))
+
+    def _new_runtime(self, url: str) -> WorkerRuntime:
+        runtime = WorkerRuntime()
+
+        def moved(breaker: CircuitBreaker, old: State, new: State) -> None:
+            self.observer.breaker_moved(url, old.label, new.label)
+            facts: dict[str, object] = {"url": url, "from": old.label, "to": new.label}
+            if new is State.OPEN:
+                facts["open_secs"] = breaker.open_secs
+                facts["ejections"] = breaker.ejections
+            log.warning("circuit breaker moved", extra=facts)
+            worker = self.registry.get_by_url(url)
+            if worker is not None:
+                self.ejection.changed((worker,))
+
+        runtime.breaker = CircuitBreaker(self.settings.breaker, moved)
+        return runtime
+
+    # --- what the API asks -------------------------------------------------------------------
+
+    def submit_add(self, spec: WorkerSpec) -> None:
+        """Queue an addition; raises QueueFull when the job queue is."""
+
+        async def add() -> None:
+            await self.registrar.add(spec)
+
+        self.jobs.submit("AddWorker", spec.url, add)
+
+    def job_status(self, url: str) -> JobStatus | None:
+        return self.jobs.status(url)
+
+    def find(self, url: str) -> list[Worker]:
+        return self.registrar.find(url)
+
+    def update(self, url: str, changes: dict[str, Any]) -> list[Worker]:
+        updated = self.registrar.update(url, changes)
+        self.ejection.changed(updated)
+        self.health.wake.set()  # its check interval may have changed
+        return updated
+
+    def remove(self, url: str) -> list[Worker]:
+        return self.registrar.remove(url)
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start background work; needs the running event loop."""
+        self.loads.start()
+        self.health.start()
+
+    async def close(self) -> None:
+        await self.jobs.cancel_all()
+        await self.loads.stop()
+        await self.health.stop()
+        await self.registrar.close()
+        backends = {id(w.backend): w.backend for w in self.registry.all()}
+        for backend in backends.values():
+            await backend.close()

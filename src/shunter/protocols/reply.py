@@ -1,0 +1,45 @@
+"""A reply, as backends and routers hand it back: status, headers, and a body.
+
+The body is either the whole of it (``bytes``) or a stream: an async generator of chunks,
+each relayed as it comes. Whoever writes the reply to the client iterates the stream and
+must ``aclose()`` it in the end, finished or not: closing is what releases the worker's
+connection and the request's bookkeeping when a client leaves half way.
+
+A stream that cleans up in its ``finally`` (every one here does: it closes a worker's
+connection, cancels a call, or counts a request as done) starts with ``yield b""`` and is
+handed on ``primed``: an async generator closed before it ever ran skips its ``finally``,
+which would leave a connection open, or a request counted in flight for good, whenever a
+client leaves before the first chunk.
+
+``worker`` and ``model`` say who answered, for the access log and metrics; they are
+values, not out-parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+Headers = list[tuple[bytes, bytes]]
+Stream = AsyncGenerator[bytes, None]
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    headers: Headers = field(default_factory=list)
+    body: bytes | Stream = b""
+    worker: str | None = None  # the worker that answered, if one did
+    model: str | None = None  # the registry's model id the request was routed for
+
+    @property
+    def streamed(self) -> bool:
+        return not isinstance(self.body, bytes)
+
+
+async def primed(stream: Stream) -> Stream:
+    """``stream`` advanced past its leading ``yield b""``, so that closing it always runs
+    its cleanup (see the module docstring)."""
+    first = await stream.__anext__()
+    assert first == b"", "a primed stream starts with an empty chunk"
+    return stream

@@ -1,0 +1,36 @@
+"""An inference request as the router sees it: what the API read off the wire, plus the
+fields routing needs, decoded once (``protocols/routing.py``) and reused by every retry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shunter.protocols.reply import Headers
+from shunter.protocols.routing import RequestFields, decode_routing_fields
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    method: str
+    path: str
+    query: bytes
+    headers: Headers  # as received (lower-case names), less the gateway's own credential
+    body: bytes
+    request_id: str
+    started: float = 0.0  # perf_counter() when the request arrived
+    fields: RequestFields = field(init=False)
+    _text: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.fields = decode_routing_fields(self.body)  # a 400 ApiError when malformed
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.fields.stream)
+
+    @property
+    def routing_text(self) -> str:
+        """The text a prefix-aware policy routes on, joined once per request."""
+        if self._text is None:
+            self._text = self.fields.routing_text()
+        return self._text

@@ -1,0 +1,117 @@
+"""Run the gateway: our HTTP/1.1 server on uvloop, until SIGTERM or SIGINT, then drain.
+
+On the signal the gateway stops accepting connections, reports ``/readiness`` 503
+("draining") to whoever still asks, lets requests and streams in flight finish for up to
+``--graceful-shutdown-timeout-secs``, then closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import ipaddress
+import logging
+import resource
+import signal
+import ssl
+
+import uvloop
+
+from shunter.config import GatewayConfig
+from shunter.gateway import Gateway
+from shunter.observability.logging import setup_logging
+from shunter.server.http11 import HttpServer
+
+log = logging.getLogger("shunter.server")
+
+
+async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then drain in-flight requests and shut down."""
+    config = gateway.config
+    gateway.start()
+    _warn_if_open(config)
+    _tune_gc()
+    server = HttpServer(gateway.app)
+    port = await server.listen(config.host, config.port, ssl=_server_tls(config))
+    log.info(
+        "gateway listening",
+        extra={
+            "host": config.host,
+            "port": port,
+            "policy": config.policy,
+            "workers": len(config.worker_urls),
+        },
+    )
+    try:
+        await stop.wait()
+    finally:
+        gateway.draining = True
+        log.info("shutting down", extra={"drain_secs": config.shutdown_drain_secs})
+        await server.shutdown(config.shutdown_drain_secs)
+        await gateway.close()
+
+
+def _warn_if_open(config: GatewayConfig) -> None:
+    """Listening beyond loopback with no key lets anyone who can reach the gateway add a
+    worker (and so read prompts): say so at start."""
+    if config.api_key is None and listens_beyond_loopback(config.host):
+        log.warning(
+            "listening beyond loopback without --api-key: anyone who can reach this "
+            "address can add workers (and so read prompts), flush caches and run "
+            "inference; set --api-key, or --host 127.0.0.1",
+            extra={"host": config.host},
+        )
+
+
+def listens_beyond_loopback(host: str) -> bool:
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: assume it resolves beyond this machine
+
+
+def _server_tls(config: GatewayConfig) -> ssl.SSLContext | None:
+    if not config.tls_cert_path or not config.tls_key_path:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert_path, config.tls_key_path)
+    return context
+
+
+def _tune_gc() -> None:
+    """Fewer, larger young-generation collections, and start-up objects out of their way.
+
+    The hot path makes few reference cycles, so the default threshold (700 allocations)
+    runs the collector thousands of times a second for nothing. Measured on the proxy
+    benchmark: ~10 µs of CPU per request (bench/README.md).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
+async def _main(config: GatewayConfig) -> None:
+    gateway = Gateway(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(gateway, stop)
+
+
+def _raise_open_file_limit() -> None:
+    """Each proxied connection needs two descriptors (client and worker): take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit", extra={"soft": soft})
+
+
+def run_gateway(config: GatewayConfig) -> None:
+    setup_logging(config.log_level, config.log_dir, config.log_json)
+    _raise_open_file_limit()
+    uvloop.run(_main(config))

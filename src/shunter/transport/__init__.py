@@ -1,1 +1,0 @@
-"""Upstream transports: how the gateway talks to workers."""

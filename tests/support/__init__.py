@@ -1,0 +1,1 @@
+"""Helpers the tests share: real processes (``harness``) and in-process fakes (``fakes``)."""

@@ -1,0 +1,1 @@
+"""Policy plugins the tests load by name (``--policy module:Class``)."""

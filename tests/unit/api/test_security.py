@@ -1,0 +1,282 @@
+"""What hostile clients and curious workers can no longer do (a whole gateway, in process).
+
+Request ids, cross-site requests to admin routes, guarded info routes, credentials that stay
+where they belong, error bodies that name no worker, the dashboard's sign-in.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+import pytest
+
+from shunter.api.dashboard import SESSION_COOKIE, DashboardSessions
+from shunter.gateway import Gateway
+from shunter.routing.retry import RetryConfig
+from shunter.run import listens_beyond_loopback
+from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
+from support.fakes import Answer, Workers, call, gateway, ok, ready
+
+
+async def gateway_with(
+    fail: dict[str, str] | None = None, workers: bool = True, **settings: Any
+) -> tuple[Gateway, Workers]:
+    """A gateway with one worker (unless ``workers`` is false) that fails with
+    ``fail["kind"]`` while it is set."""
+    failing = fail if fail is not None else {}
+
+    def handler(request: MockRequest) -> MockResponse:
+        if failing.get("kind"):
+            message = f"cannot connect to {request.url}: [Errno 111] refused"
+            raise UpstreamError(failing["kind"], message)
+        return ok(request)
+
+    network = Workers(handler)
+    urls = ("http://w:1",) if workers else ()
+    gw = gateway(urls, network=network, retry=RetryConfig(disabled=True), **settings)
+    await ready(gw)
+    return gw, network
+
+
+def sent(network: Workers) -> list[tuple[bytes, bytes]]:
+    return network.requests("http://w:1")[-1].headers
+
+
+# --- request ids ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given",
+    [b"caf\xe9-\xff", b"a" * 129, b"two words", b"<script>", b"line\x01break", b""],
+)
+async def test_a_request_id_that_is_not_short_and_plain_is_replaced(given: bytes) -> None:
+    gw, network = await gateway_with()
+    answer = await call(gw.app, "POST", "/v1/completions", b"{}", [(b"x-request-id", given)])
+    fresh = answer.header(b"x-request-id")
+    assert answer.status == 200 and fresh is not None and fresh != given
+    assert fresh.startswith(b"cmpl-")
+    assert (b"x-request-id", fresh) in sent(network)
+    await gw.close()
+
+
+async def test_a_plain_request_id_is_kept_and_reaches_the_worker() -> None:
+    gw, network = await gateway_with()
+    given = b"Trace-42.a:b_c" + b"x" * 100
+    answer = await call(gw.app, "POST", "/v1/completions", b"{}", [(b"x-correlation-id", given)])
+    assert answer.header(b"x-request-id") == given
+    assert (b"x-request-id", given) in sent(network)
+    await gw.close()
+
+
+# --- routing edges ----------------------------------------------------------------------
+
+
+async def test_head_is_answered_like_get() -> None:
+    gw, _ = await gateway_with(workers=False)
+    for path in ("/health", "/readiness", "/workers"):
+        head, get = await call(gw.app, "HEAD", path), await call(gw.app, "GET", path)
+        assert head.status == get.status
+    refused = await call(gw.app, "HEAD", "/v1/completions")
+    assert refused.status == 405 and refused.header(b"allow") == b"POST"
+    await gw.close()
+
+
+async def test_a_worker_url_in_the_path_is_percent_decoded_once() -> None:
+    gw, _ = await gateway_with()
+    once = quote("http://w:1", safe="")
+    raw = f"/workers/{once}".encode()
+    found = await call(gw.app, "GET", "/workers/http://w:1", raw_path=raw)
+    assert found.status == 200 and found.json()["url"] == "http://w:1"
+    twice = quote(once, safe="")  # the server decodes this to /workers/<once>
+    raw = f"/workers/{twice}".encode()
+    assert (await call(gw.app, "GET", f"/workers/{once}", raw_path=raw)).status == 404
+    await gw.close()
+
+
+# --- cross-site requests ----------------------------------------------------------------
+
+
+async def test_admin_routes_refuse_other_sites_pages() -> None:
+    gw, _ = await gateway_with()
+    evil = [(b"origin", b"http://evil.example"), (b"host", b"gateway:30000")]
+    body = orjson.dumps({"url": "http://attacker.example:8000"})
+    for method, path, payload in (
+        ("POST", "/workers", body),
+        ("GET", "/workers", b""),
+        ("DELETE", "/workers/http%3A%2F%2Fw%3A1", b""),
+        ("POST", "/flush_cache", b""),
+        ("GET", "/dashboard/data", b""),
+    ):
+        answer = await call(gw.app, method, path, payload, evil)
+        assert answer.status == 403, path
+        assert answer.json()["error"]["code"] == "cross_origin_refused"
+        assert answer.header(b"access-control-allow-origin") is None
+    assert len(gw.fleet.registry) == 1 and not gw.fleet.jobs.status("http://attacker.example:8000")
+    preflight = await call(
+        gw.app, "OPTIONS", "/workers", headers=[*evil, (b"access-control-request-method", b"POST")]
+    )
+    assert preflight.header(b"access-control-allow-origin") is None
+    await gw.close()
+
+
+async def test_inference_stays_open_to_any_origin_and_admin_to_its_own() -> None:
+    gw, _ = await gateway_with()
+    page = [(b"origin", b"http://app.example"), (b"host", b"gateway:30000")]
+    answer = await call(gw.app, "POST", "/v1/completions", b"{}", page)
+    assert answer.status == 200 and answer.header(b"access-control-allow-origin") == b"*"
+    own = [(b"origin", b"http://gateway:30000"), (b"host", b"gateway:30000")]
+    assert (await call(gw.app, "GET", "/workers", headers=own)).status == 200
+    assert (await call(gw.app, "GET", "/workers")).status == 200  # curl sends no Origin
+    await gw.close()
+
+
+async def test_a_listed_origin_may_use_admin_routes() -> None:
+    gw, _ = await gateway_with(workers=False, cors_allowed_origins=["http://ops.example"])
+    ops = [(b"origin", b"http://ops.example"), (b"host", b"gateway:30000")]
+    answer = await call(gw.app, "GET", "/workers", headers=ops)
+    assert answer.status == 200
+    assert answer.header(b"access-control-allow-origin") == b"http://ops.example"
+    await gw.close()
+
+
+# --- what open routes reveal ---------------------------------------------------------------
+
+
+async def test_with_a_key_the_info_routes_are_guarded_and_health_is_not() -> None:
+    gw, _ = await gateway_with(api_key="gk")
+    for path in ("/engine_metrics", "/get_server_info", "/get_model_info", "/health_generate"):
+        assert (await call(gw.app, "GET", path)).status == 401, path
+    for path in ("/health", "/liveness", "/readiness", "/v1/models"):
+        assert (await call(gw.app, "GET", path)).status == 200, path
+    await gw.close()
+
+
+async def test_a_failing_worker_is_not_named_to_the_client(caplog: Any) -> None:
+    fail: dict[str, str] = {}
+    gw, _ = await gateway_with(fail)
+    fail["kind"] = "connect"
+    with caplog.at_level(logging.WARNING, logger="shunter"):
+        answer = await call(gw.app, "POST", "/v1/completions", b"{}")
+    assert answer.status == 502
+    assert answer.json()["error"]["message"] == "the worker could not be reached"
+    assert b"w:1" not in answer.body and b"Errno" not in answer.body
+    assert any("Errno 111" in str(getattr(r, "error", "")) for r in caplog.records)
+    await gw.close()
+
+
+# --- credentials ------------------------------------------------------------------------
+
+
+def authorization(network: Workers) -> list[bytes]:
+    return [v for k, v in sent(network) if k == b"authorization"]
+
+
+async def test_the_gateway_key_never_reaches_a_worker() -> None:
+    gw, network = await gateway_with(api_key="gk")
+    answer = await call(
+        gw.app, "POST", "/v1/completions", b"{}", [(b"authorization", b"Bearer gk")]
+    )
+    assert answer.status == 200 and authorization(network) == []
+    await gw.close()
+
+
+async def test_a_worker_gets_its_own_key_or_else_the_clients_own_credential() -> None:
+    gw, network = await gateway_with()
+    await call(gw.app, "POST", "/v1/completions", b"{}", [(b"authorization", b"Bearer user")])
+    assert authorization(network) == [b"Bearer user"]
+    await gw.close()
+    gw, network = await gateway_with(worker_api_key="wk")
+    await call(gw.app, "POST", "/v1/completions", b"{}", [(b"authorization", b"Bearer user")])
+    assert authorization(network) == [b"Bearer wk"]
+    await gw.close()
+
+
+async def test_connection_named_headers_and_expect_are_not_forwarded() -> None:
+    gw, network = await gateway_with()
+    headers = [
+        (b"connection", b"keep-alive, X-Secret"),
+        (b"x-secret", b"1"),
+        (b"x-kept", b"2"),
+        (b"expect", b"100-continue"),
+    ]
+    await call(gw.app, "POST", "/v1/completions", b"{}", headers)
+    names = {k for k, _ in sent(network)}
+    assert b"x-kept" in names and not {b"x-secret", b"expect", b"connection"} & names
+    await gw.close()
+
+
+# --- the dashboard's sign-in ---------------------------------------------------------------
+
+
+def cookie_of(answer: Answer) -> bytes:
+    value = answer.header(b"set-cookie")
+    assert value is not None
+    attributes = value.split(b"; ")
+    assert b"HttpOnly" in attributes and b"SameSite=Strict" in attributes
+    assert b"Path=/dashboard" in attributes
+    return attributes[0]
+
+
+async def test_the_dashboard_exchanges_the_key_for_a_session_cookie() -> None:
+    gw, _ = await gateway_with(workers=False, api_key="gk")
+    app = gw.app
+    sign_in = await call(app, "GET", "/dashboard")
+    assert sign_in.status == 401 and b'<form method="post"' in sign_in.body
+    assert b"frame-ancestors 'none'" in (sign_in.header(b"content-security-policy") or b"")
+    assert (await call(app, "GET", "/dashboard", query=b"api_key=wrong")).status == 401
+    redirect = await call(app, "GET", "/dashboard", query=b"api_key=gk")
+    assert redirect.status == 303 and redirect.header(b"location") == b"/dashboard"
+    cookie = cookie_of(redirect)
+    page = await call(app, "GET", "/dashboard", headers=[(b"cookie", b"a=1; " + cookie)])
+    assert page.status == 200 and b"Shunter fleet" in page.body
+    policy = page.header(b"content-security-policy") or b""
+    assert b"script-src 'sha256-" in policy and b"default-src 'none'" in policy
+    assert page.header(b"x-frame-options") == b"DENY"
+    assert page.header(b"x-content-type-options") == b"nosniff"
+    data = await call(app, "GET", "/dashboard/data", headers=[(b"cookie", cookie)])
+    assert data.status == 200 and data.json()["workers"] == []
+    forged = cookie.split(b".")[0] + b".00"
+    assert (await call(app, "GET", "/dashboard/data", headers=[(b"cookie", forged)])).status == 401
+    await gw.close()
+
+
+async def test_the_sign_in_form_posts_the_key_in_the_body() -> None:
+    gw, _ = await gateway_with(workers=False, api_key="gk")
+    form = [(b"content-type", b"application/x-www-form-urlencoded")]
+    assert (await call(gw.app, "POST", "/dashboard/login", b"api_key=nope", form)).status == 401
+    answer = await call(gw.app, "POST", "/dashboard/login", b"api_key=gk", form)
+    assert answer.status == 303
+    cookie = cookie_of(answer)
+    assert (await call(gw.app, "GET", "/dashboard", headers=[(b"cookie", cookie)])).status == 200
+    await gw.close()
+
+
+def test_a_session_expires_and_a_new_key_signs_everyone_out() -> None:
+    now = [1_000_000.0]
+    sessions = DashboardSessions("gk", clock=lambda: now[0])
+    value = sessions.issue(secure=True).split(b";")[0]
+    assert sessions.issue(secure=True).endswith(b"; Secure")
+    scope = {"headers": [(b"cookie", value)]}
+    assert sessions.valid(scope)
+    assert not DashboardSessions("other", clock=lambda: now[0]).valid(scope)
+    now[0] += 13 * 3600
+    assert not sessions.valid(scope)
+    assert SESSION_COOKIE.encode() in value
+
+
+@pytest.mark.parametrize(
+    ("host", "open_"),
+    [
+        ("0.0.0.0", True),
+        ("::", True),
+        ("gateway.example", True),
+        ("127.0.0.1", False),
+        ("::1", False),
+        ("localhost", False),
+    ],
+)
+def test_listening_beyond_loopback_is_recognised(host: str, open_: bool) -> None:
+    assert listens_beyond_loopback(host) is open_

@@ -1,0 +1,220 @@
+"""The router, through a whole gateway on a mock network: no socket, no subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from shunter.routing.retry import RetryConfig
+from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
+from support.fakes import Workers, call, gateway, ok, ready
+
+NO_RETRIES = RetryConfig(disabled=True)
+FAST_RETRIES = RetryConfig(initial_backoff_ms=1, max_backoff_ms=1)
+
+
+async def test_a_request_goes_to_a_worker_and_its_answer_comes_back() -> None:
+    network = Workers()
+    gw = gateway(network=network)
+    await ready(gw)
+    answer = await call(gw.app, "POST", "/v1/completions", b'{"prompt": "x", "extra": [1]}')
+    assert answer.status == 200 and answer.json() == {"ok": True}
+    sent = network.requests("http://w:1")[0]
+    assert sent.url == "http://w:1/v1/completions"
+    assert sent.body == b'{"prompt": "x", "extra": [1]}'  # the client's bytes, unchanged
+    assert gw.fleet.registry.all()[0].state.in_flight == 0
+    await gw.close()
+
+
+async def test_a_connection_failure_is_502_and_the_client_is_replaced() -> None:
+    failing = {"on": False}
+
+    def handler(request: MockRequest) -> MockResponse:
+        if failing["on"]:
+            raise UpstreamError("connect", "refused")
+        return ok(request)
+
+    network = Workers(handler)
+    gw = gateway(network=network, retry=NO_RETRIES)
+    await ready(gw)
+    assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 200
+    failing["on"] = True
+    answer = await call(gw.app, "POST", "/v1/completions", b"{}")
+    assert answer.status == 502 and answer.json()["error"]["code"] == "upstream_unavailable"
+    for _ in range(100):  # the replacement is built in the background
+        if len(network.clients["http://w:1"]) == 2:
+            break
+        await asyncio.sleep(0.001)
+    assert len(network.clients["http://w:1"]) == 2
+    failing["on"] = False
+    assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 200
+    assert len(network.clients["http://w:1"][1].requests) == 1  # the fresh client served it
+    await gw.close()
+
+
+async def test_a_timeout_is_504_and_keeps_the_client() -> None:
+    def handler(request: MockRequest) -> MockResponse:
+        raise UpstreamError("timeout", "slow")
+
+    network = Workers(handler)
+    gw = gateway(network=network, retry=NO_RETRIES)
+    await ready(gw)
+    answer = await call(gw.app, "POST", "/v1/completions", b"{}")
+    assert answer.status == 504 and answer.json()["error"]["code"] == "upstream_timeout"
+    await asyncio.sleep(0.01)
+    assert len(network.clients["http://w:1"]) == 1
+    await gw.close()
+
+
+async def test_retries_move_to_another_worker_and_feed_the_breaker_once() -> None:
+    def handler(request: MockRequest) -> MockResponse:
+        if request.url.startswith("http://a:1"):
+            raise UpstreamError("io", "broke")
+        return ok(request)
+
+    network = Workers(handler)
+    gw = gateway(("http://a:1", "http://b:1"), network=network, retry=FAST_RETRIES)
+    await ready(gw)
+    for _ in range(4):
+        assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 200
+    a = gw.fleet.registry.get_by_url("http://a:1")
+    assert a is not None and a.state.breaker is not None
+    tried_a = len(network.requests("http://a:1"))
+    assert tried_a >= 2 and a.state.breaker.outcomes["failure"] == tried_a  # once per request
+    assert len(network.requests("http://b:1")) == 4
+    await gw.close()
+
+
+async def test_headers_forwarded_and_relayed_as_bytes() -> None:
+    def handler(request: MockRequest) -> MockResponse:
+        return MockResponse(200, [(b"connection", b"close"), (b"x-worker", b"w")], b"{}")
+
+    network = Workers(handler)
+    gw = gateway(network=network)
+    await ready(gw)
+    answer = await call(
+        gw.app,
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": []}',
+        [
+            (b"host", b"gw"),
+            (b"connection", b"keep-alive"),
+            (b"authorization", b"Bearer client"),
+            (b"x-trace", b"t1"),
+            (b"transfer-encoding", b"chunked"),
+        ],
+    )
+    sent = network.requests("http://w:1")[0]
+    names = [k for k, _ in sent.headers]
+    assert (b"authorization", b"Bearer client") in sent.headers  # the worker has no key
+    assert (b"x-trace", b"t1") in sent.headers
+    assert not {b"host", b"connection", b"transfer-encoding", b"content-length"} & set(names)
+    assert names.count(b"x-request-id") == 1
+    assert answer.header(b"connection") is None and answer.header(b"x-worker") == b"w"
+    assert (answer.header(b"x-request-id") or b"").startswith(b"chatcmpl-")
+    await gw.close()
+
+
+async def test_dp_rank_is_injected_into_the_body_sent_to_the_base_url() -> None:
+    network = Workers(dp_size=2)
+    gw = gateway(network=network, dp_aware=True)
+    await ready(gw, 2)
+    for _ in range(2):
+        await call(gw.app, "POST", "/generate", b'{"text": "x", "extra": [1]}')
+    sent = network.requests("http://w:1")
+    assert [r.url for r in sent] == ["http://w:1/generate"] * 2
+    bodies = [orjson.loads(r.body or b"") for r in sent]
+    assert sorted(b["data_parallel_rank"] for b in bodies) == [0, 1]
+    assert all(b["extra"] == [1] for b in bodies)
+    await gw.close()
+
+
+# --- streams ------------------------------------------------------------------------------
+
+
+def streaming(*chunks: bytes | UpstreamError, status: int = 200) -> MockResponse:
+    return MockResponse(status, [(b"content-type", b"text/event-stream")], list(chunks))
+
+
+async def test_a_stream_is_relayed_chunk_by_chunk_and_its_load_ends_with_it() -> None:
+    gw = gateway(handler=lambda r: streaming(b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"))
+    await ready(gw)
+    answer = await call(gw.app, "POST", "/v1/completions", b'{"stream": true}')
+    assert answer.status == 200
+    assert answer.chunks[:3] == [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+    assert gw.fleet.registry.all()[0].state.in_flight == 0
+    await gw.close()
+
+
+async def test_a_stream_that_breaks_ends_with_an_error_event_and_one_breaker_failure() -> None:
+    gw = gateway(handler=lambda r: streaming(b"data: 1\n\n", UpstreamError("io", "cut")))
+    await ready(gw)
+    answer = await call(gw.app, "POST", "/v1/completions", b'{"stream": true}')
+    assert answer.status == 200 and answer.chunks[0] == b"data: 1\n\n"
+    error = orjson.loads(answer.chunks[1][len(b"data: ") :])["error"]
+    assert error["code"] == "upstream_stream_broken"
+    worker = gw.fleet.registry.all()[0]
+    assert worker.state.in_flight == 0 and worker.state.errors == 1
+    assert worker.state.breaker is not None and worker.state.breaker.outcomes["failure"] == 1
+    await gw.close()
+
+
+async def test_a_retryable_status_before_the_stream_starts_is_retried_elsewhere() -> None:
+    def handler(request: MockRequest) -> MockResponse:
+        if request.url.startswith("http://a:1"):
+            return streaming(b"busy", status=503)
+        return streaming(b"data: fine\n\n")
+
+    network = Workers(handler)
+    gw = gateway(("http://a:1", "http://b:1"), network=network, retry=FAST_RETRIES)
+    await ready(gw)
+    for _ in range(2):
+        answer = await call(gw.app, "POST", "/v1/completions", b'{"stream": true}')
+        assert answer.status == 200 and answer.chunks[0] == b"data: fine\n\n"
+    closed = [s.closed for c in network.clients["http://a:1"] for s in c.streams]
+    assert closed and all(closed)  # the refused stream's connection was let go
+    assert all(w.state.in_flight == 0 for w in gw.fleet.registry.all())
+    await gw.close()
+
+
+async def test_a_client_that_leaves_a_stream_releases_the_worker_at_once() -> None:
+    release = asyncio.Event()
+
+    async def slow(request: MockRequest) -> MockResponse:
+        return streaming(b"data: 1\n\n", b"data: 2\n\n")
+
+    network = Workers(slow)
+    gw = gateway(network=network)
+    await ready(gw)
+    started = asyncio.Event()
+
+    async def send(message: dict[str, object]) -> None:
+        if message.get("body") == b"data: 1\n\n":
+            started.set()
+            await release.wait()  # the client stalls, then leaves
+
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "headers": [],
+    }
+    body = {"type": "http.request", "body": b'{"stream": true}', "more_body": False}
+
+    async def receive() -> dict[str, object]:
+        return body
+
+    task = asyncio.ensure_future(gw.app(scope, receive, send))
+    await started.wait()
+    worker = gw.fleet.registry.all()[0]
+    assert worker.state.in_flight == 1
+    task.cancel()  # what the server does when the client's connection closes
+    await asyncio.gather(task, return_exceptions=True)
+    assert worker.state.in_flight == 0
+    assert all(s.closed for c in network.clients["http://w:1"] for s in c.streams)
+    await gw.close()

@@ -1,0 +1,81 @@
+"""The layers point one way: each package imports only the packages below it.
+
+cli → gateway/run → api → routing → policies → fleet → backends → wire → aio, with
+protocols, tokenizer and parsers as leaves and observability beside the router. The
+fleet knows nothing of the config, the policies, the router or the API; the backends nothing
+of the fleet; the wire nothing of inference. Every import counts: at module level, inside
+functions, and under ``TYPE_CHECKING``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import shunter
+
+ROOT = Path(shunter.__file__).parent
+
+# What each package may import from the project, besides itself.
+ALLOWED: dict[str, set[str]] = {
+    "aio": set(),
+    "protocols": set(),
+    "tokenizer": set(),
+    "parsers": {"tokenizer"},
+    "wire": {"aio"},
+    "backends": {"aio", "wire", "protocols", "tokenizer", "parsers"},
+    "fleet": {"aio", "backends", "wire", "protocols", "parsers"},
+    "observability": {"fleet", "backends", "protocols"},
+    "policies": {"aio", "fleet"},
+    "routing": {"aio", "wire", "protocols", "backends", "fleet", "policies", "observability"},
+    "api": {"aio", "wire", "protocols", "backends", "fleet", "routing", "observability"},
+    "sim": {"wire"},
+}
+# Top-level modules: the composition root and the entry points may import anything.
+TOP = {"gateway", "run", "cli", "config", "demo", "llamacpp", "__main__", "__init__"}
+
+
+def _imports(path: Path) -> set[str]:
+    """The first component under ``shunter.`` of every module ``path`` imports."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "shunter" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_package_has_a_rule() -> None:
+    packages = {
+        p.relative_to(ROOT).parts[0] for p in _modules() if len(p.relative_to(ROOT).parts) > 1
+    }
+    assert packages <= set(ALLOWED), f"packages without a layering rule: {packages - set(ALLOWED)}"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_down(path: Path) -> None:
+    parts = path.relative_to(ROOT).parts
+    if len(parts) == 1:
+        assert path.stem in TOP, f"{path.name}: a new top-level module needs a place here"
+        return
+    package = parts[0]
+    upward = _imports(path) - ALLOWED[package] - {package}
+    assert not upward, f"{'/'.join(parts)} imports {sorted(upward)}, above {package}"
+
+
+def test_the_fleet_imports_neither_config_nor_policies() -> None:
+    """The rule the redesign was made for, spelled out."""
+    for path in (ROOT / "fleet").rglob("*.py"):
+        assert not {"config", "policies", "routing", "api"} & _imports(path), path.name
