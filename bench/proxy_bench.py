@@ -1,6 +1,10 @@
 """Proxy overhead: direct-to-worker against through-the-gateway, in the same run.
 
-Run: python bench/proxy_bench.py [--duration 8]     (needs `wrk`: apt-get install wrk)
+Run: python bench/proxy_bench.py [--duration 8] [--baseline REV]   (needs `wrk`)
+
+``--baseline REV`` runs Shunter as it was at git revision REV beside the working copy, in
+the same run (a temporary worktree, imported first through PYTHONPATH): a before/after
+ratio that survives a noisy machine.
 
 The gateway runs alone on CPU 1; the mock worker, wrk and the stream client share CPU 0.
 Gateway CPU per request is the gateway process's user+system time over the requests wrk
@@ -40,12 +44,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def spawn(cpu: int, *args: str) -> subprocess.Popen[bytes]:
+def spawn(cpu: int, *args: str, source: Path | None = None) -> subprocess.Popen[bytes]:
+    """``python args`` on ``cpu``; with ``source``, Shunter is imported from that tree."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
         ["taskset", "-c", str(cpu), sys.executable, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
+
+
+def checkout(rev: str) -> Path:
+    """A worktree of ``rev`` in a temporary directory; its ``src`` to import Shunter from."""
+    where = Path(tempfile.mkdtemp(prefix="shunter-baseline-"))
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(where), rev],
+        cwd=HERE.parent,
+        check=True,
+        capture_output=True,
+    )
+    return where
 
 
 def to_us(text: str) -> float:
@@ -122,30 +143,34 @@ async def stream_batch(port: int, concurrent: int, rounds: int) -> int:
     return concurrent * rounds
 
 
-def start_gateways(up_url: str, smg: str | None) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
-    gateways = {}
+def shunter(up_url: str, source: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    gateways["shunter"] = (
-        spawn(
-            1,
-            "-m",
-            "shunter",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--prometheus-port",
-            "0",
-            "--log-level",
-            "warning",
-            "--policy",
-            "round_robin",
-            "--worker-urls",
-            up_url,
-        ),
-        port,
-    )
+    args = [
+        "-m",
+        "shunter",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-port",
+        "0",
+        "--log-level",
+        "warning",
+        "--policy",
+        "round_robin",
+        "--worker-urls",
+        up_url,
+    ]
+    return spawn(1, *args, source=source), port
+
+
+def start_gateways(
+    up_url: str, smg: str | None, baseline: Path | None = None
+) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
+    gateways = {"shunter": shunter(up_url)}
+    if baseline is not None:
+        gateways["baseline"] = shunter(up_url, baseline / "src")
     if smg:
         port = free_port()
         process = subprocess.Popen(
@@ -184,6 +209,9 @@ def main() -> None:
         "--rounds", type=int, default=3, help="runs per row; the median of each figure is reported"
     )
     parser.add_argument(
+        "--baseline", default=None, help="git revision of Shunter to measure beside this one"
+    )
+    parser.add_argument(
         "--smg",
         default=shutil.which("smg"),
         help="smg executable to measure in the same run (pip install smg)",
@@ -192,7 +220,8 @@ def main() -> None:
     up_port = free_port()
     upstream = spawn(0, str(HERE / "mock_upstream.py"), str(up_port))
     wait_http(f"http://127.0.0.1:{up_port}/health")
-    gateways = start_gateways(f"http://127.0.0.1:{up_port}", args.smg)
+    baseline = checkout(args.baseline) if args.baseline else None
+    gateways = start_gateways(f"http://127.0.0.1:{up_port}", args.smg, baseline)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=HERE / "chat_1k.json"))
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
@@ -234,6 +263,10 @@ def main() -> None:
         upstream.terminate()
         upstream.wait()
         os.unlink(script.name)
+        if baseline is not None:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(baseline)], cwd=HERE.parent, check=True
+            )
     report(results, streams, direct_ttfb, args)
 
 

@@ -143,11 +143,13 @@ class GatewayConfig:
             raise ConfigError("--tls-cert-path and --tls-key-path go together")
         if (self.client_cert_path is None) != (self.client_key_path is None):
             raise ConfigError("--client-cert-path and --client-key-path go together")
-        for flag, path in (("--tls-cert-path", self.tls_cert_path),
-                           ("--tls-key-path", self.tls_key_path),
-                           ("--client-cert-path", self.client_cert_path),
-                           ("--client-key-path", self.client_key_path),
-                           *(("--ca-cert-paths", p) for p in self.ca_cert_paths)):  # fmt: skip
+        for flag, path in (
+            ("--tls-cert-path", self.tls_cert_path),
+            ("--tls-key-path", self.tls_key_path),
+            ("--client-cert-path", self.client_cert_path),
+            ("--client-key-path", self.client_key_path),
+            *(("--ca-cert-paths", p) for p in self.ca_cert_paths),
+        ):
             if path is not None:
                 _readable(flag, path)
 

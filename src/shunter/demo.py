@@ -21,10 +21,22 @@ def run_demo(port: int, prometheus_port: int) -> None:
     urls = []
     for name in ("sim-a", "sim-b"):
         sim_port = free_port()
-        sims.append(subprocess.Popen([
-            sys.executable, "-m", "shunter", "sim", "--port", str(sim_port),
-            "--worker-id", name, "--itl-ms", "30",
-        ]))  # fmt: skip
+        sims.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "shunter",
+                    "sim",
+                    "--port",
+                    str(sim_port),
+                    "--worker-id",
+                    name,
+                    "--itl-ms",
+                    "30",
+                ]
+            )
+        )
         urls.append(f"http://127.0.0.1:{sim_port}")
     base = f"http://127.0.0.1:{port}"
     banner = f"""

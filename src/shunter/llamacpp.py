@@ -89,8 +89,13 @@ def run_llamacpp(config: LlamaCppConfig) -> None:
         # Slot actions (erase, used by /flush_cache) are only served with a save path.
         params.slot_save_path = slot_dir
         server = xllamacpp.Server(params)
-        log.info("llama.cpp serving %s as %r on %s (%d slots)", params.model.path,
-                 config.alias, server.listening_address, config.slots)  # fmt: skip
+        log.info(
+            "llama.cpp serving %s as %r on %s (%d slots)",
+            params.model.path,
+            config.alias,
+            server.listening_address,
+            config.slots,
+        )
         _wait_for_signal()
 
 

@@ -189,3 +189,11 @@ class Gateway(Proc):
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 15), **kwargs)
+
+
+class Fleet:
+    """Sims and the gateway in front of them, as a fixture shares them."""
+
+    def __init__(self, sims: list[Sim], gateway: Gateway) -> None:
+        self.sims = sims
+        self.gateway = gateway

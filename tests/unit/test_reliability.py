@@ -20,6 +20,7 @@ from shunter.routing.limiter import Admission, AdmissionConfig, QueueFull, Queue
 from shunter.routing.retry import RetryConfig
 from shunter.routing.verdict import Verdict
 from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
+
 from support.fakes import Workers, call, gateway, make_worker, ready, with_breaker
 
 

@@ -1,4 +1,4 @@
-"""A per-worker circuit breaker: closed -> open -> half-open -> closed, as smg (inventory §4.2).
+"""A per-worker circuit breaker: closed -> open -> half-open -> closed, as smg's.
 
 - Closed: requests flow. ``failure_threshold`` consecutive failures open it, provided they
   all fall within ``window_secs`` (smg validates its window and ignores it; here a failure

@@ -1,5 +1,5 @@
 """``/engine_metrics``: the workers' own ``/metrics``, merged, each sample labelled with its
-worker (smg's metrics aggregator, inventory §5.1).
+worker (as smg's metrics aggregator does).
 
 Each worker's Prometheus text is read sample by sample; a ``worker_addr="<url>"`` label is
 added to every sample, ``:`` in names becomes ``_`` (as smg), and samples of the same family
@@ -31,8 +31,9 @@ def _label_sample(line: str, worker: str) -> str | None:
         if close < 0:
             return None
         labels, tail = rest[:close], rest[close + 1 :]
-        joined = f"{labels},worker_addr=\"{escaped}\"" if labels.strip() else \
-            f"worker_addr=\"{escaped}\""  # fmt: skip
+        joined = (
+            f'{labels},worker_addr="{escaped}"' if labels.strip() else f'worker_addr="{escaped}"'
+        )
         return f"{name.replace(':', '_')}{{{joined}}}{tail}"
     name, tail = line[:space], line[space:]
     return f'{name.replace(":", "_")}{{worker_addr="{escaped}"}}{tail}'

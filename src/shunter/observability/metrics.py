@@ -32,9 +32,27 @@ log = logging.getLogger("shunter.metrics")
 
 # smg's default duration buckets: 1 ms to 240 s, 20 buckets.
 DEFAULT_DURATION_BUCKETS = (
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 15.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 240.0,
-)  # fmt: skip
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    30.0,
+    45.0,
+    60.0,
+    90.0,
+    120.0,
+    180.0,
+    240.0,
+)
 
 
 class HistogramCell:
@@ -134,8 +152,9 @@ class Metrics:
         if completion > 1:
             self._observe(self.tpot, key, (end - stats.first) / (completion - 1))
 
-    def routed_request(self, model: str, endpoint: str, seconds: float, status: int,
-                       error_code: str) -> None:  # fmt: skip
+    def routed_request(
+        self, model: str, endpoint: str, seconds: float, status: int, error_code: str
+    ) -> None:
         """One routed request, end to end (all its attempts)."""
         key = (model, endpoint)
         self._observe(self.router_duration, key, seconds)
@@ -208,8 +227,11 @@ class _Collector:
     def _http(self) -> Iterator[Metric]:
         m = self.m
         http = m.http.copy()
-        requests = CounterMetricFamily("smg_http_requests", "HTTP requests by route and status "
-                                       "class", labels=["method", "path", "status"])  # fmt: skip
+        requests = CounterMetricFamily(
+            "smg_http_requests",
+            "HTTP requests by route and status class",
+            labels=["method", "path", "status"],
+        )
         by_class: dict[tuple[str, str, str], int] = {}
         by_route: dict[tuple[str, str], HistogramCell] = {}
         for (method, path, status), cell in http.items():
@@ -229,9 +251,11 @@ class _Collector:
             by_route,
             m.bounds,
         )
-        responses = CounterMetricFamily("smg_http_responses", "HTTP responses by status code "
-                                        "and gateway error code",
-                                        labels=["status_code", "error_code"])  # fmt: skip
+        responses = CounterMetricFamily(
+            "smg_http_responses",
+            "HTTP responses by status code and gateway error code",
+            labels=["status_code", "error_code"],
+        )
         for (status, code), count in m.responses.copy().items():
             responses.add_metric([str(status), code], count)
         yield responses
@@ -242,24 +266,33 @@ class _Collector:
     def _router(self) -> Iterator[Metric]:
         m = self.m
         routed = CounterMetricFamily(
-            "smg_router_requests", "Requests routed to workers",
-            labels=["router_type", "backend_type", "connection_mode", "model", "endpoint",
-                    "streaming"],
-        )  # fmt: skip
+            "smg_router_requests",
+            "Requests routed to workers",
+            labels=[
+                "router_type",
+                "backend_type",
+                "connection_mode",
+                "model",
+                "endpoint",
+                "streaming",
+            ],
+        )
         for (mode, model, endpoint, stream), count in m.routed.copy().items():
             routed.add_metric(["http", "regular", mode, model, endpoint, stream], count)
         yield routed
         selected = CounterMetricFamily(
-            "smg_worker_selection", "Worker selections by policy",
+            "smg_worker_selection",
+            "Worker selections by policy",
             labels=["worker_type", "connection_mode", "model", "policy"],
-        )  # fmt: skip
+        )
         for labels, count in m.selected.copy().items():
             selected.add_metric(list(labels), count)
         yield selected
         errors = CounterMetricFamily(
-            "smg_worker_errors", "Errors talking to workers",
+            "smg_worker_errors",
+            "Errors talking to workers",
             labels=["worker_type", "connection_mode", "error_type"],
-        )  # fmt: skip
+        )
         for error_labels, count in m.worker_errors.copy().items():
             errors.add_metric(list(error_labels), count)
         yield errors
@@ -271,16 +304,23 @@ class _Collector:
         ):
             cells = {("http", "regular", *key): cell for key, cell in table.copy().items()}
             yield _histogram(name, doc, route_labels, cells, m.bounds)
-        durations = {("http", "regular", "HTTP", *key): cell
-                     for key, cell in m.router_duration.copy().items()}  # fmt: skip
-        yield _histogram("smg_router_request_duration_seconds", "Routed requests, end to end",
-                         ["router_type", "backend_type", "connection_mode", "model", "endpoint"],
-                         durations, m.bounds)  # fmt: skip
-        yield _counter("smg_router_request_errors", "Routed requests that failed",
-                       ["router_type", "backend_type", "connection_mode", "model", "endpoint",
-                        "error_type"],
-                       {("http", "regular", "HTTP", *k): v
-                        for k, v in m.router_errors.copy().items()})  # fmt: skip
+        durations = {
+            ("http", "regular", "HTTP", *key): cell
+            for key, cell in m.router_duration.copy().items()
+        }
+        yield _histogram(
+            "smg_router_request_duration_seconds",
+            "Routed requests, end to end",
+            ["router_type", "backend_type", "connection_mode", "model", "endpoint"],
+            durations,
+            m.bounds,
+        )
+        yield _counter(
+            "smg_router_request_errors",
+            "Routed requests that failed",
+            ["router_type", "backend_type", "connection_mode", "model", "endpoint", "error_type"],
+            {("http", "regular", "HTTP", *k): v for k, v in m.router_errors.copy().items()},
+        )
         yield _counter(
             "smg_router_upstream_responses",
             "Answers from workers, per attempt",
@@ -340,9 +380,11 @@ class _Collector:
             sizes[key] = sizes.get(key, 0) + 1
         for labels, count in sizes.items():
             pool.add_metric(list(labels), count)
-        connections = GaugeMetricFamily("smg_worker_connections_active",
-                                        "Requests in flight by worker type",
-                                        labels=["worker_type", "connection_mode"])  # fmt: skip
+        connections = GaugeMetricFamily(
+            "smg_worker_connections_active",
+            "Requests in flight by worker type",
+            labels=["worker_type", "connection_mode"],
+        )
         by_kind: dict[tuple[str, str], int] = {}
         for worker in workers:
             kind = (worker.worker_type.value, worker.connection_mode.value)

@@ -1,6 +1,6 @@
 """``bucket``: each worker owns a range of prompt lengths; ranges follow the traffic.
 
-As smg's bucket policy (inventory §3.5), which it offers for PD prefill workers; here it
+As smg's bucket policy, which it offers for PD prefill workers; here it
 routes any model's workers. Initially ``[0, 4096)`` characters is split evenly (the last
 worker also takes everything longer). Every ``bucket_adjust_interval_secs`` the boundaries
 move so that each worker's range carried about the same number of characters in the last

@@ -1,6 +1,6 @@
 """``cache_aware``: send a request where its prefix is likely cached, unless load is skewed.
 
-As smg after its min-load fix (inventory §3.4):
+As smg's, after its fix that picks the least-loaded worker on imbalance:
 
 1. If the fleet is imbalanced (max - min in-flight > ``balance_abs_threshold`` and
    max > min * ``balance_rel_threshold``), pick the least loaded worker.

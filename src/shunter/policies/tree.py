@@ -173,7 +173,11 @@ class Tree:
                 continue  # touched since, or not this tenant's leaf (yet)
             parent = node.parent
             self._drop(node, tenant)
-            if parent is not None and parent is not self.root and tenant in parent.tenants and \
-                    not any(tenant in c.tenants for c in parent.children.values()):  # fmt: skip
+            if (
+                parent is not None
+                and parent is not self.root
+                and tenant in parent.tenants
+                and not any(tenant in c.tenants for c in parent.children.values())
+            ):
                 heapq.heappush(heap, (parent.tenants[tenant], counter, tenant, parent))
                 counter += 1

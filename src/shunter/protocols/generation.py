@@ -116,8 +116,9 @@ def _stops(value: Any) -> list[str]:
 def _token_ids(value: Any, key: str) -> list[int]:
     if value is None:
         return []
-    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                       and t >= 0 for t in value):  # fmt: skip
+    if isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
         return list(value)
     raise _bad(f"'{key}' must be a list of token ids")
 
@@ -135,7 +136,8 @@ def sampling_from(params: dict[str, Any], max_tokens_key: str) -> Sampling:
         repetition_penalty=_number(params, "repetition_penalty", 1.0, 0.0, 2.0),
         max_new_tokens=_integer(params, max_tokens_key, None, 0),
         min_new_tokens=_integer(params, "min_tokens", 0, 0)
-        or _integer(params, "min_new_tokens", 0, 0) or 0,
+        or _integer(params, "min_new_tokens", 0, 0)
+        or 0,
         stop=_stops(params.get("stop")),
         stop_token_ids=_token_ids(params.get("stop_token_ids"), "stop_token_ids"),
         ignore_eos=_flag(params, "ignore_eos", False),
@@ -143,7 +145,7 @@ def sampling_from(params: dict[str, Any], max_tokens_key: str) -> Sampling:
         skip_special_tokens=_flag(params, "skip_special_tokens", True),
         spaces_between_special_tokens=_flag(params, "spaces_between_special_tokens", True),
         n=_integer(params, "n", 1, 1) or 1,
-    )  # fmt: skip
+    )
     if sampling.n > 128:
         raise _bad("'n' must be at most 128")
     for key in ("regex", "json_schema", "ebnf"):
@@ -179,8 +181,11 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise _bad("each message must be an object with a 'role'")
         content = message.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            texts = [p.get("text", "") for p in content
-                     if isinstance(p, dict) and p.get("type") == "text"]  # fmt: skip
+            texts = [
+                p.get("text", "")
+                for p in content
+                if isinstance(p, dict) and p.get("type") == "text"
+            ]
             message = {**message, "content": "".join(texts)}
         elif content is not None and not isinstance(content, str):
             raise _bad("a message's 'content' must be a string or a list of parts")
@@ -204,9 +209,9 @@ def parse_generation_request(path: str, body: bytes) -> GenerationRequest:
     if kind == GENERATE:
         return _generate_request(data, model, stream)
     sampling = sampling_from(
-        data, "max_completion_tokens" if data.get("max_completion_tokens") is not None
-        else "max_tokens",
-    )  # fmt: skip
+        data,
+        "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens",
+    )
     _response_format(data, sampling)
     if kind == CHAT:
         tools = data.get("tools")
@@ -216,21 +221,28 @@ def parse_generation_request(path: str, body: bytes) -> GenerationRequest:
         if not isinstance(kwargs, dict):
             raise _bad("'chat_template_kwargs' must be an object")
         return GenerationRequest(
-            CHAT, model, stream, sampling, messages=_messages(data.get("messages")),
-            tools=tools if data.get("tool_choice") != "none" else None, template_kwargs=kwargs,
+            CHAT,
+            model,
+            stream,
+            sampling,
+            messages=_messages(data.get("messages")),
+            tools=tools if data.get("tool_choice") != "none" else None,
+            template_kwargs=kwargs,
             include_usage=include_usage,
             separate_reasoning=_flag(data, "separate_reasoning", True),
-        )  # fmt: skip
+        )
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return GenerationRequest(COMPLETION, model, stream, sampling, input_ids=prompt,
-                                 include_usage=include_usage)  # fmt: skip
+        return GenerationRequest(
+            COMPLETION, model, stream, sampling, input_ids=prompt, include_usage=include_usage
+        )
     if not isinstance(prompt, str):
         raise _bad("'prompt' must be a string, a one-string list or a list of token ids")
-    return GenerationRequest(COMPLETION, model, stream, sampling, text=prompt,
-                             include_usage=include_usage)  # fmt: skip
+    return GenerationRequest(
+        COMPLETION, model, stream, sampling, text=prompt, include_usage=include_usage
+    )
 
 
 def _generate_request(data: dict[str, Any], model: str | None, stream: bool) -> GenerationRequest:

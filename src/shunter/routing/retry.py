@@ -1,4 +1,4 @@
-"""Retry settings and backoff, as smg (inventory §4.3).
+"""Retry settings and backoff, as smg's.
 
 ``max_retries`` counts every attempt, the first included (smg's meaning of the flag). The
 delay before attempt k+1 is ``min(initial * multiplier**k, max)`` scaled by a random factor in

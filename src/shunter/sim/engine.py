@@ -141,12 +141,15 @@ class Engine:
         if self.config.runtime == "llamacpp":
             # llama.cpp's names; its prompt_tokens_total leaves out the cached tokens.
             llama: list[tuple[str, str, float]] = [
-                ("llamacpp:prompt_tokens_total", "counter",
-                 s.prompt_tokens_total - s.cached_tokens_total),
+                (
+                    "llamacpp:prompt_tokens_total",
+                    "counter",
+                    s.prompt_tokens_total - s.cached_tokens_total,
+                ),
                 ("llamacpp:tokens_predicted_total", "counter", s.generation_tokens_total),
                 ("llamacpp:requests_processing", "gauge", self.running),
                 ("llamacpp:requests_deferred", "gauge", self.waiting),
-            ]  # fmt: skip
+            ]
             return "".join(f"# TYPE {m} {kind}\n{m} {v}\n" for m, kind, v in llama)
         name = self.config.served_model_name
         lines: list[tuple[str, str, float]] = [

@@ -84,27 +84,36 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
     async def GetModelInfo(self, request: Any, context: Any) -> Any:
         name = self.config.served_model_name
         return pb.GetModelInfoResponse(
-            model_path=name, tokenizer_path=name, is_generation=True, served_model_name=name,
-            max_context_length=32768, vocab_size=sim_tokenizer().get_vocab_size(),
-            model_type="llama", eos_token_ids=eos_token_ids(),
+            model_path=name,
+            tokenizer_path=name,
+            is_generation=True,
+            served_model_name=name,
+            max_context_length=32768,
+            vocab_size=sim_tokenizer().get_vocab_size(),
+            model_type="llama",
+            eos_token_ids=eos_token_ids(),
             architectures=["LlamaForCausalLM"],
-        )  # fmt: skip
+        )
 
     async def GetServerInfo(self, request: Any, context: Any) -> Any:
         return pb.GetServerInfoResponse(
             active_requests=self.engine.running + self.engine.waiting,
-            uptime_seconds=time.time() - self.started, sglang_version="shunter-sim",
+            uptime_seconds=time.time() - self.started,
+            sglang_version="shunter-sim",
             server_type="grpc",
-        )  # fmt: skip
+        )
 
     async def GetLoads(self, request: Any, context: Any) -> Any:
         engine = self.engine
         load = pb.SchedulerLoad(
-            dp_rank=0, num_running_reqs=engine.running, num_waiting_reqs=engine.waiting,
+            dp_rank=0,
+            num_running_reqs=engine.running,
+            num_waiting_reqs=engine.waiting,
             num_total_reqs=engine.running + engine.waiting,
-            num_used_tokens=engine.tokens_in_flight, cache_hit_rate=engine.cache.hit_rate,
+            num_used_tokens=engine.tokens_in_flight,
+            cache_hit_rate=engine.cache.hit_rate,
             max_running_requests=self.config.max_running,
-        )  # fmt: skip
+        )
         return pb.GetLoadsResponse(dp_rank_count=1, loads=[load])
 
     async def GetTokenizer(self, request: Any, context: Any) -> AsyncIterator[Any]:
@@ -171,20 +180,32 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
             if token in stops:
                 finish, matched = "stop", token
                 break
-        yield pb.GenerateResponse(request_id=request.request_id, complete=pb.GenerateComplete(
-            output_ids=[] if request.stream else output, finish_reason=finish,
-            prompt_tokens=len(generation.prompt_tokens), completion_tokens=len(output),
-            cached_tokens=generation.cached_tokens, index=index,
-            **({"matched_token_id": matched} if matched is not None else {}),
-        ))  # fmt: skip
+        yield pb.GenerateResponse(
+            request_id=request.request_id,
+            complete=pb.GenerateComplete(
+                output_ids=[] if request.stream else output,
+                finish_reason=finish,
+                prompt_tokens=len(generation.prompt_tokens),
+                completion_tokens=len(output),
+                cached_tokens=generation.cached_tokens,
+                index=index,
+                **({"matched_token_id": matched} if matched is not None else {}),
+            ),
+        )
 
     def _chunk(
         self, request: Any, generation: Generation, output: list[int], ids: list[int], index: int
     ) -> Any:
-        return pb.GenerateResponse(request_id=request.request_id, chunk=pb.GenerateStreamChunk(
-            token_ids=ids, prompt_tokens=len(generation.prompt_tokens),
-            completion_tokens=len(output), cached_tokens=generation.cached_tokens, index=index,
-        ))  # fmt: skip
+        return pb.GenerateResponse(
+            request_id=request.request_id,
+            chunk=pb.GenerateStreamChunk(
+                token_ids=ids,
+                prompt_tokens=len(generation.prompt_tokens),
+                completion_tokens=len(output),
+                cached_tokens=generation.cached_tokens,
+                index=index,
+            ),
+        )
 
     async def _faults(self, context: Any) -> None:
         faults = self.config.faults

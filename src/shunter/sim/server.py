@@ -45,10 +45,16 @@ async def _serve_grpc(app: SimApp, config: SimConfig, log_level: str) -> None:
         if config.http_port is None:
             await server.wait_for_termination()
             return
-        http = uvicorn.Server(uvicorn.Config(
-            app, host=config.host, port=config.http_port, lifespan="on", access_log=False,
-            log_level=log_level,
-        ))  # fmt: skip
+        http = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.http_port,
+                lifespan="on",
+                access_log=False,
+                log_level=log_level,
+            )
+        )
         await http.serve()
     finally:
         await server.stop(grace=1)

@@ -18,6 +18,7 @@ from shunter.gateway import Gateway
 from shunter.routing.retry import RetryConfig
 from shunter.run import listens_beyond_loopback
 from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
+
 from support.fakes import Answer, Workers, call, gateway, ok, ready
 
 

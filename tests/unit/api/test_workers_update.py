@@ -13,6 +13,7 @@ from urllib.parse import quote
 from prometheus_client import generate_latest
 
 from shunter.wire.mock import MockRequest, MockResponse
+
 from support.fakes import Workers, call, gateway, ok, ready
 
 URL = "http://w:1"

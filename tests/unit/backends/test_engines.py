@@ -7,6 +7,7 @@ from shunter.backends.http.engines.base import sum_metrics
 from shunter.backends.http.engines.sglang import sglang_load
 from shunter.fleet.load_monitor import LoadMonitor
 from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
+
 from support.fakes import make_worker
 
 VLLM = """# HELP vllm:num_requests_running Number of requests running

@@ -6,6 +6,7 @@ import threading
 
 from shunter.fleet.registry import WorkerRegistry
 from shunter.fleet.worker import Worker, WorkerType
+
 from support.fakes import make_worker
 
 

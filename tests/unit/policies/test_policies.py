@@ -20,6 +20,7 @@ from shunter.policies.random import RandomPolicy
 from shunter.policies.registry import PolicyRegistry
 from shunter.policies.round_robin import RoundRobinPolicy
 from shunter.policies.tree import Tree
+
 from support.fakes import make_worker
 
 REQ = RouteRequest()

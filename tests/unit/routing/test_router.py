@@ -8,6 +8,7 @@ import orjson
 
 from shunter.routing.retry import RetryConfig
 from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
+
 from support.fakes import Workers, call, gateway, ok, ready
 
 NO_RETRIES = RetryConfig(disabled=True)

@@ -149,15 +149,28 @@ class OutputFormat:
         if self.kind == CHAT:
             choices = [self._chat_choice(s) for s in sequences]
         elif self.kind == COMPLETION:
-            choices = [{"index": s.index, "text": s.text, "logprobs": None,
-                        "finish_reason": s.finish_reason} for s in sequences]  # fmt: skip
+            choices = [
+                {
+                    "index": s.index,
+                    "text": s.text,
+                    "logprobs": None,
+                    "finish_reason": s.finish_reason,
+                }
+                for s in sequences
+            ]
         else:
             items = [self._generate_item(s, usage) for s in sequences]
             return orjson.dumps(items[0] if len(items) == 1 else items)
-        return orjson.dumps({
-            "id": self.request_id, "object": self.object, "created": self.created,
-            "model": self.model, "choices": choices, "usage": usage.as_dict(),
-        })  # fmt: skip
+        return orjson.dumps(
+            {
+                "id": self.request_id,
+                "object": self.object,
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                "usage": usage.as_dict(),
+            }
+        )
 
     def _chat_choice(self, sequence: OutputSequence) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": sequence.text or None}
@@ -181,22 +194,25 @@ class OutputFormat:
         elif sequence.finish_reason is not None:
             finish = {"type": sequence.finish_reason, "matched": sequence.matched}
         return {
-            "text": sequence.text, "output_ids": sequence.output_ids,
+            "text": sequence.text,
+            "output_ids": sequence.output_ids,
             "meta_info": {
-                "id": self.request_id, "finish_reason": finish,
+                "id": self.request_id,
+                "finish_reason": finish,
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": sequence.completion_tokens,
                 "cached_tokens": usage.cached_tokens,
             },
-        }  # fmt: skip
+        }
 
     # --- stream chunks --------------------------------------------------------------------
 
     def role_chunk(self, index: int) -> bytes | None:
         if self.kind != CHAT:
             return None
-        return self._chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                             "finish_reason": None}])  # fmt: skip
+        return self._chunk(
+            [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+        )
 
     def delta_chunk(self, sequence: OutputSequence, delta: Delta) -> bytes | None:
         if self.kind == CHAT:
@@ -214,8 +230,16 @@ class OutputFormat:
         if self.kind == COMPLETION:
             if not delta.content:
                 return None
-            return self._chunk([{"index": sequence.index, "text": delta.content,
-                                 "logprobs": None, "finish_reason": None}])  # fmt: skip
+            return self._chunk(
+                [
+                    {
+                        "index": sequence.index,
+                        "text": delta.content,
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            )
         return None  # /generate streams whole states, at finish and per token (generate_state)
 
     def generate_state(self, sequence: OutputSequence, usage: Usage) -> bytes:
@@ -226,12 +250,27 @@ class OutputFormat:
 
     def finish_chunk(self, sequence: OutputSequence) -> bytes | None:
         if self.kind == CHAT:
-            return self._chunk([{"index": sequence.index, "delta": {},
-                                 "finish_reason": sequence.openai_finish,
-                                 "matched_stop": sequence.matched}])  # fmt: skip
+            return self._chunk(
+                [
+                    {
+                        "index": sequence.index,
+                        "delta": {},
+                        "finish_reason": sequence.openai_finish,
+                        "matched_stop": sequence.matched,
+                    }
+                ]
+            )
         if self.kind == COMPLETION:
-            return self._chunk([{"index": sequence.index, "text": "", "logprobs": None,
-                                 "finish_reason": sequence.finish_reason}])  # fmt: skip
+            return self._chunk(
+                [
+                    {
+                        "index": sequence.index,
+                        "text": "",
+                        "logprobs": None,
+                        "finish_reason": sequence.finish_reason,
+                    }
+                ]
+            )
         return None
 
     def usage_chunk(self, usage: Usage) -> bytes:
@@ -239,9 +278,12 @@ class OutputFormat:
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         body: dict[str, Any] = {
-            "id": self.request_id, "object": self.object + ".chunk" if self.kind == CHAT
-            else self.object, "created": self.created, "model": self.model, "choices": choices,
-        }  # fmt: skip
+            "id": self.request_id,
+            "object": self.object + ".chunk" if self.kind == CHAT else self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
         if usage is not None:
             body["usage"] = usage
         return b"data: " + orjson.dumps(body) + b"\n\n"

@@ -8,9 +8,8 @@ import httpx
 
 from shunter.observability.engine_metrics import merge
 from shunter.observability.streams import StreamStats
-from support.harness import Gateway, Proc, Sim
 
-from conftest import Fleet
+from support.harness import Fleet, Gateway, Proc, Sim
 
 
 def test_merge_labels_every_sample_with_its_worker_and_lists_families_once() -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from shunter.sim.cache import PrefixCache
 from shunter.sim.config import Faults
+
 from support.harness import Sim
 
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Fleet
+from support.harness import Fleet
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from shunter.config import grpc_available
+
 from support.harness import Gateway, GrpcSim, Proc, Sim, wait_for
 
 FAST_RETRY = ("--retry-initial-backoff-ms", "5", "--retry-max-backoff-ms", "50")

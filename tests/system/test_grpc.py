@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("smg_grpc_proto")
 
 from shunter.sim.tokenizer import tokenizer_archive
+
 from support.harness import Gateway, GrpcSim, Proc, Sim, wait_for
 
 CHAT = [{"role": "user", "content": "tell me about the river"}]

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from shunter.llamacpp import available
+
 from support.harness import Gateway, LlamaCpp, wait_for
 
 pytestmark = pytest.mark.e2e

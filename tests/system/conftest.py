@@ -1,16 +1,12 @@
+"""Fixtures for the tests that start real processes (sims, gateways) on 127.0.0.1."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
 
-from support.harness import Gateway, Proc, Sim
-
-
-class Fleet:
-    def __init__(self, sims: list[Sim], gateway: Gateway) -> None:
-        self.sims = sims
-        self.gateway = gateway
+from support.harness import Fleet, Gateway, Proc, Sim
 
 
 @pytest.fixture
