@@ -29,7 +29,7 @@ async def serve(app: GatewayApp, stop: asyncio.Event) -> None:
     config = app.config
     app.startup()
     _tune_gc()
-    server = HttpServer(app)
+    server = HttpServer(app, limits=config.server_limits)
     port = await server.listen(config.host, config.port, ssl=_server_tls(config))
     log.info(
         "gateway listening",
@@ -38,6 +38,7 @@ async def serve(app: GatewayApp, stop: asyncio.Event) -> None:
             "port": port,
             "policy": config.policy,
             "workers": len(config.worker_urls),
+            "max_connections": server.max_connections,
         },
     )
     try:
