@@ -325,13 +325,14 @@ async def test_a_head_waiting_behind_a_slow_response_is_not_timed_out(app: EchoA
     """h11 and hyper do not read the next request while a response is in progress, so its
     deadline cannot run out meanwhile. We read ahead, so a head's time restarts when the
     response before it ends."""
-    async with serving(app, FAST) as port:
+    async with serving(app, ServerLimits(request_head_timeout_secs=0.6)) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request("/wait") + b"GET /after HTTP/1.1\r\n")
         await app.started.wait()
-        await asyncio.sleep(0.8)  # the time under test: over twice the head deadline
+        await asyncio.sleep(1.3)  # the time under test: over twice the head deadline
         app.release.set()
         await reader.readuntil(b"GET /wait ")
+        await asyncio.sleep(0.3)  # half the deadline, counted from the end of the response
         writer.write(b"host: x\r\nconnection: close\r\n\r\n")
         data = await asyncio.wait_for(reader.read(), 5)
         writer.close()
