@@ -106,8 +106,9 @@ _SPECIAL = {
     b"date": _DATE,
 }
 # Header names already checked, with their kind. The relay sends the same few names on every
-# response, so a dict lookup replaces a regex search and a lower() per header (measured: the
-# checks add ~1 µs per 5-header response this way, ~3 µs with a regex per name and value).
+# response, so a dict lookup replaces a regex search and a lower() per header. Measured with
+# callgrind for a 6-header head: 22k instructions with these checks, 17k without; a regex
+# search per name and per value, as uvicorn does, would add ~19k.
 _known_names: dict[bytes, int] = {}
 _KNOWN_NAMES_MAX = 1024
 
@@ -444,40 +445,41 @@ class HttpProtocol(asyncio.Protocol):
                     self.head_started = now
                 self.head_room -= len(data)
                 self.parser.feed_data(data)
-                if self.head_started and len(self.headers) > self.max_headers:
-                    raise _Refusal(431, b"too many request headers")  # a head still coming
             else:
                 if not self.head_started:
                     self.head_started = now
                 self._feed_past_head_room(data)
+            if self.head_started and len(self.headers) > self.max_headers:
+                raise _Refusal(431, b"too many request headers")  # in a head still coming
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Refusal):
-                self._fail(cause.status, cause.text)
+                self.fail(cause.status, cause.text)
             elif isinstance(cause, httptools.HttpParserError):  # parse_url: a bad target
                 self._reject_malformed(cause)
             else:
                 log.error("HTTP parser callback failed", exc_info=cause)
-                self._fail(500, b"internal server error")
+                self.fail(500, b"internal server error")
             return
         except httptools.HttpParserUpgrade:
             # Connection: upgrade, or CONNECT. The parser stopped right after that request's
             # end, in this read, so its cycle is the last queued and has not started.
-            self.queue.pop()
-            self._fail(400, b"upgrades are not supported")
+            if self.queue:
+                self.queue.pop()
+            self.fail(400, b"upgrades are not supported")
             return
         except httptools.HttpParserError as exc:
             self._reject_malformed(exc)
             return
         except _Refusal as refusal:
-            self._fail(refusal.status, refusal.text)
+            self.fail(refusal.status, refusal.text)
             return
         if self.running is None and self.queue:
             self._start_next()  # started only now: a request that failed to parse never runs
 
     def _reject_malformed(self, exc: Exception) -> None:
         log.debug("bad HTTP request", extra={"client": self.client, "error": str(exc)})
-        self._fail(400, b"malformed HTTP request: %s" % str(exc).encode("latin-1", "replace"))
+        self.fail(400, b"malformed HTTP request: %s" % str(exc).encode("latin-1", "replace"))
 
     def _feed_body(self, data: bytes | memoryview) -> None:
         self.framing_bytes += len(data)
@@ -506,7 +508,7 @@ class HttpProtocol(asyncio.Protocol):
                 self.parser.feed_data(data)
                 return
 
-    def _fail(self, status: int, text: bytes) -> None:
+    def fail(self, status: int, text: bytes) -> None:
         """Stop reading; answer what was received in full, then ``status``, then close.
 
         The request being parsed when the error came is dropped: its app (if running) sees
@@ -787,11 +789,11 @@ class HttpServer:
                 if conn.running is None and not conn.queue:
                     if conn.head_started:
                         if conn.head_started < head_cutoff:
-                            conn._fail(408, b"request head not received in time")
+                            conn.fail(408, b"request head not received in time")
                     elif conn.last_activity < idle_cutoff:
                         conn.transport.close()
                 elif 0.0 < conn.body_wait_since < body_cutoff:
-                    conn._fail(408, b"request body not received in time")
+                    conn.fail(408, b"request body not received in time")
 
     async def shutdown(self, drain_secs: float) -> None:
         """Stop accepting, let in-flight requests finish (up to ``drain_secs``), close."""
