@@ -183,7 +183,7 @@ def is_refusal(data: bytes, status: int) -> Reply:
 @pytest.mark.parametrize(("size", "status"), [(64 * 1024, 200), (64 * 1024 + 1, 431)])
 async def test_a_head_over_64_kib_is_431(app: EchoApp, port: int, size: int, status: int) -> None:
     """hyper answers a head over its buffer limit with 431 and closes; h11 refuses a head
-    over 16 KiB with error_status_hint 431 (uvicorn sends that as 400). Our limit: 64 KiB."""
+    over 16 KiB with error_status_hint 431 (uvicorn on h11 sends that as 400). Ours: 64 KiB."""
     data = await talk(port, head_of_size(size) + request("/next", "connection: close"))
     if status == 431:
         is_refusal(data, 431)
@@ -197,8 +197,8 @@ async def test_a_head_over_64_kib_is_431(app: EchoApp, port: int, size: int, sta
 async def test_a_request_line_over_8190_bytes_is_414(
     app: EchoApp, port: int, method: str, line: int, status: int
 ) -> None:
-    """hyper answers a request target too long to buffer with 414; aiohttp refuses a request
-    line over max_line_size (8190) with 400."""
+    """aiohttp refuses a request line over max_line_size (8190 bytes) with 400; hyper answers
+    a target over its own limit (65534 bytes) with 414. Ours: aiohttp's limit, hyper's 414."""
     target = "/" + "a" * (line - len(f"{method} / HTTP/1.1"))
     raw = f"{method} {target} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode()
     assert len(raw.split(b"\r\n")[0]) == line
@@ -227,8 +227,8 @@ async def test_more_than_100_headers_is_431(
 
 @pytest.mark.parametrize(("size", "status"), [(8190, 200), (8191, 431)])
 async def test_one_header_over_8190_bytes_is_431(port: int, size: int, status: int) -> None:
-    """aiohttp refuses a header field over max_field_size (8190 bytes) with 400; hyper with
-    431. Counted: name and value."""
+    """aiohttp refuses a header line over max_field_size (8190 bytes) with 400 (LineTooLong);
+    we answer 431, the status RFC 6585 has for it. Counted: name and value."""
     header = "x-big: " + "v" * (size - len("x-big"))
     data = await talk(port, request("/", "connection: close", header))
     if status == 431:
@@ -285,7 +285,7 @@ async def test_too_many_headers_are_refused_before_the_head_ends(app: EchoApp, p
 
 async def test_trailers_count_against_the_head_limit(app: EchoApp, port: int) -> None:
     """h11 buffers trailers under the same 16 KiB limit as the head; aiohttp counts them
-    against max_headers and max_field_size. Ours: 64 KiB of chunk lines and trailers."""
+    against max_headers. Ours: 64 KiB of chunk lines and trailers."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request("/", "transfer-encoding: chunked", method="POST") + b"3\r\nabc\r\n0\r\n")
     writer.write(b"x-trailer: ")
@@ -305,8 +305,8 @@ FAST = ServerLimits(request_head_timeout_secs=0.3, request_body_timeout_secs=0.3
 @pytest.mark.parametrize("prefix", [b"", b"\r\n"])
 async def test_a_head_sent_byte_by_byte_gets_408(app: EchoApp, prefix: bytes) -> None:
     """hyper's header_read_timeout (30 s by default) runs from the first byte of a head to
-    its end, whatever trickles in; on expiry the connection gets 408 and is closed. Empty
-    lines before a request line are part of the head's time (hyper, h11 skip them)."""
+    its end, whatever trickles in, then closes the connection; we also say why, with 408.
+    Empty lines before a request line (which h11 skips) count as part of the head."""
     async with serving(app, FAST) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         raw = prefix + b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: " + b"s" * 1000
@@ -325,10 +325,10 @@ async def test_a_head_sent_byte_by_byte_gets_408(app: EchoApp, prefix: bytes) ->
 
 
 async def test_a_stalled_body_gets_408_and_the_app_sees_a_disconnect(app: EchoApp) -> None:
-    """hyper closes a connection whose body stops arriving once its timer expires; aiohttp
-    answers 408 (its read timeout) when no response was started. The app's receive()
-    returns http.disconnect, as uvicorn's does for a closed connection, and what the app
-    sends afterwards never reaches the wire."""
+    """nginx's client_body_timeout bounds the wait between two body reads and answers 408
+    (h11, uvicorn and aiohttp have no such deadline). The app's receive() returns
+    http.disconnect, as uvicorn's does once the connection is gone, and what the app sends
+    afterwards never reaches the wire."""
     async with serving(app, FAST) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request("/", "content-length: 10", method="POST") + b"abc")
@@ -340,8 +340,8 @@ async def test_a_stalled_body_gets_408_and_the_app_sees_a_disconnect(app: EchoAp
 
 
 async def test_an_idle_keep_alive_connection_is_not_a_slow_head(app: EchoApp) -> None:
-    """hyper starts header_read_timeout at a head's first byte: a kept-alive connection idle
-    between requests falls under the keep-alive timeout instead."""
+    """uvicorn closes a kept-alive connection idle between requests by its keep-alive
+    timeout, not as a slow request: the head deadline starts with a head's first byte."""
     async with serving(app, FAST) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request("/one"))
@@ -354,9 +354,9 @@ async def test_an_idle_keep_alive_connection_is_not_a_slow_head(app: EchoApp) ->
 
 
 async def test_a_head_waiting_behind_a_slow_response_is_not_timed_out(app: EchoApp) -> None:
-    """h11 and hyper do not read the next request while a response is in progress, so its
-    deadline cannot run out meanwhile. We read ahead, so a head's time restarts when the
-    response before it ends."""
+    """uvicorn on h11 pauses reading while a response is in progress (h11 returns PAUSED),
+    so a next request's time cannot run out meanwhile. We read ahead, so a head's time
+    restarts when the response before it ends."""
     async with serving(app, ServerLimits(request_head_timeout_secs=0.6)) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request("/wait") + b"GET /after HTTP/1.1\r\n")
@@ -374,8 +374,8 @@ async def test_a_head_waiting_behind_a_slow_response_is_not_timed_out(app: EchoA
 async def test_connections_over_the_cap_get_503_and_one_warning(
     app: EchoApp, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """nginx's limit_conn, and hyper-based servers with a connection limit, shed load with
-    503 at once; the refusal is logged, but not once per connection."""
+    """uvicorn's --limit-concurrency answers 503 once that many connections are open; we
+    answer at once, before reading, and log it, but not once per refused connection."""
     async with serving(app, ServerLimits(max_connections=2)) as port:
         kept = []
         for i in range(2):
@@ -404,8 +404,9 @@ async def test_connections_over_the_cap_get_503_and_one_warning(
 
 
 async def test_head_gets_the_head_without_the_body(port: int) -> None:
-    """h11 and uvicorn never write a body for HEAD (the app's is dropped) and keep the
-    Content-Length the app set; the next pipelined request is read normally."""
+    """uvicorn never writes a body for HEAD (it drops the app's) and keeps the Content-Length
+    the app set; h11 refuses body bytes for a HEAD response. The next pipelined request is
+    read normally."""
     raw = request("/h", method="HEAD") + request("/g", "connection: close")
     data = await talk(port, raw)
     head, get = replies(data, ["HEAD", "GET"])
@@ -415,8 +416,8 @@ async def test_head_gets_the_head_without_the_body(port: int) -> None:
 
 
 async def test_head_of_a_streamed_response_has_no_chunked_framing(port: int) -> None:
-    """uvicorn adds transfer-encoding: chunked only when the method is not HEAD; h11 writes
-    no body for HEAD. The connection stays usable."""
+    """uvicorn adds transfer-encoding: chunked only when the method is not HEAD (h11 adds it
+    to the head, but writes no body either). The connection stays usable."""
     raw = request("/stream", method="HEAD") + request("/g", "connection: close")
     data = await talk(port, raw)
     head, get = replies(data, ["HEAD", "GET"])
@@ -444,8 +445,8 @@ async def test_pipelined_requests_are_answered_in_order(app: EchoApp, port: int)
 async def test_a_malformed_request_behind_a_valid_one_does_not_cut_its_response(
     app: EchoApp, port: int
 ) -> None:
-    """aiohttp answers the messages it parsed before a bad one, then 400s; h11 parses one
-    request at a time, so the first is answered in full before the error is seen."""
+    """uvicorn on h11 answers the valid request in full, then 400s the bad one: h11 parses
+    the next request only once the exchange before it is done."""
     done = asyncio.ensure_future(talk(port, request("/wait") + b"NOT HTTP AT ALL\r\n\r\n"))
     await app.started.wait()
     app.release.set()
@@ -512,7 +513,7 @@ FRAMING_REFUSED = {
 async def test_framing_that_h11_or_aiohttp_refuses_gets_400(
     app: EchoApp, port: int, case: str
 ) -> None:
-    """Each case is refused by aiohttp with 400 and by h11 (see the case's note); we answer
+    """aiohttp refuses each case with 400 (h11 too where the case's note says so); we answer
     400 with a short text body, close, and never run the app."""
     raw, _fact = FRAMING_REFUSED[case]
     data = await talk(port, raw)
@@ -589,7 +590,8 @@ async def test_http10_keep_alive_is_announced_when_kept(port: int) -> None:
 
 
 async def test_100_continue_comes_when_the_app_reads_the_body(port: int) -> None:
-    """uvicorn writes '100 Continue' when the app first calls receive(); h11 the same."""
+    """uvicorn (on httptools or h11) writes '100 Continue' when the app first calls
+    receive()."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request("/", "content-length: 2", "expect: 100-continue", method="POST"))
     assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == (
@@ -602,7 +604,7 @@ async def test_100_continue_comes_when_the_app_reads_the_body(port: int) -> None
 
 
 async def test_no_100_continue_when_the_app_answers_without_the_body(port: int) -> None:
-    """h11 stops offering 100 Continue once the response starts; uvicorn the same. The
+    """h11 stops offering 100 Continue once the response starts; uvicorn too. The
     client may then never send the body, so the connection cannot be reused: the response
     says so (connection: close) and the connection is closed."""
     raw = request("/no-read", "content-length: 5", "expect: 100-continue", method="POST")

@@ -242,17 +242,16 @@ async def test_a_32_mib_header_is_refused_before_the_key_and_leaves_no_memory_be
         assert warm.startswith(b"HTTP/1.1 401")
     before = rss_bytes(pid)
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    answer = asyncio.ensure_future(asyncio.wait_for(reader.read(), 30))
+    # The answer's head is enough: the gateway may close while data is still coming.
+    answer = asyncio.ensure_future(asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30))
     writer.write(REFUSED_WITHOUT_KEY + b"x-huge: ")
     piece = b"h" * 65536
-    sent = 0
     try:
         for _ in range(512):  # 32 MiB, stopping once the gateway has answered
             if answer.done():
                 break
             writer.write(piece)
             await writer.drain()
-            sent += len(piece)
         else:
             writer.write(b"\r\n\r\n")
     except ConnectionError:
@@ -261,4 +260,4 @@ async def test_a_32_mib_header_is_refused_before_the_key_and_leaves_no_memory_be
     writer.close()
     assert data.startswith(b"HTTP/1.1 431"), data[:100]
     after = rss_bytes(pid)
-    assert after - before < 4 * 1024 * 1024, (before, after, sent)
+    assert after - before < 4 * 1024 * 1024, (before, after)

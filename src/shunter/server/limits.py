@@ -3,13 +3,14 @@
 Every limit bounds what a hostile or broken client can cost before the app (and its API key
 check) sees a request. The defaults are the ones the established servers settled on:
 
-- request line and each header line 8190 bytes: aiohttp's ``max_line_size`` and
-  ``max_field_size`` (and the 8 KiB h11 and hyper keep per line);
-- 100 headers: hyper's and aiohttp's ``max_headers``;
+- request line and each header 8190 bytes: aiohttp's ``max_line_size`` and
+  ``max_field_size``;
+- 100 headers: hyper's ``max_headers`` (aiohttp's server allows 128);
 - 64 KiB for the whole head: between h11's 16 KiB ``max_incomplete_event_size`` and hyper's
-  ~400 KiB buffer; a real client's head is well under 4 KiB;
+  ~400 KiB read buffer; an API client's head is well under 4 KiB;
 - 30 s to send a whole head: hyper's ``header_read_timeout``;
-- 30 s without a body byte while the app waits for one: the same budget for the body.
+- 30 s without a body byte while the app waits for one: the same budget for the body (nginx's
+  client_body_timeout, the wait between two body reads, is 60 s).
 
 A head over a limit is answered 431 (414 for the request line), a deadline 408; both close.
 """
