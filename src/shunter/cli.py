@@ -269,8 +269,8 @@ def _add_server_limit_flags(p: argparse.ArgumentParser) -> None:
         "--max-connections",
         type=int,
         default=s.max_connections,
-        help="open client connections; 503 beyond (default: half the open-file limit, "
-        f"less {RESERVED_FILES})",
+        help="open client connections; 503 beyond (default: (open-file limit - "
+        f"{RESERVED_FILES}) / 2, computed at start and logged)",
     )
 
 
