@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 from collections.abc import AsyncIterator
 
 import pytest
 
+from shunter.cli import _config_from_args, build_parser
+from shunter.config import GatewayConfig
 from shunter.server.http11 import HttpServer
+from shunter.server.limits import RESERVED_FILES, ServerLimits, default_max_connections
 from shunter.wire.asgi import Receive, Scope, Send, read_body, send_bytes
+
+from support.harness import Gateway, Proc
 
 LEFT: list[str] = []
 
@@ -153,3 +159,105 @@ async def test_shutdown_drains_a_request_in_flight() -> None:
     await stopping
     data = await request
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"finished")
+
+
+# --- limits: configuration -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limits", "flag"),
+    [
+        (ServerLimits(max_request_line_bytes=10), "--max-request-line-bytes"),
+        (ServerLimits(max_header_bytes=0), "--max-header-bytes"),
+        (ServerLimits(max_headers=0), "--max-headers"),
+        (ServerLimits(max_request_head_bytes=100), "--max-request-head-bytes"),
+        (ServerLimits(request_head_timeout_secs=0), "--request-head-timeout-secs"),
+        (ServerLimits(request_body_timeout_secs=-1), "--request-body-timeout-secs"),
+        (ServerLimits(max_connections=0), "--max-connections"),
+    ],
+)
+def test_a_bad_limit_is_refused_by_its_flag_name(limits: ServerLimits, flag: str) -> None:
+    with pytest.raises(ValueError, match=flag):
+        limits.validate()
+
+
+def test_the_connection_cap_defaults_to_half_the_open_files_less_a_reserve() -> None:
+    assert default_max_connections(20_000) == (20_000 - RESERVED_FILES) // 2
+    assert default_max_connections(RESERVED_FILES) == 1
+    assert default_max_connections(resource.RLIM_INFINITY) == ((1 << 20) - RESERVED_FILES) // 2
+    assert ServerLimits(max_connections=5).connection_cap() == 5
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert ServerLimits().connection_cap() == default_max_connections(soft)
+
+
+def test_serve_flags_set_the_server_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    parser, commands = build_parser()
+
+    def config_for(*argv: str) -> GatewayConfig:
+        return _config_from_args(parser.parse_args(["serve", *argv]), commands["serve"])
+
+    assert config_for().server_limits == ServerLimits()
+    flags = {
+        "--max-request-line-bytes": "4000",
+        "--max-header-bytes": "2000",
+        "--max-headers": "20",
+        "--max-request-head-bytes": "9000",
+        "--request-head-timeout-secs": "5",
+        "--request-body-timeout-secs": "7",
+        "--max-connections": "300",
+    }
+    argv = [part for flag_and_value in flags.items() for part in flag_and_value]
+    assert config_for(*argv).server_limits == ServerLimits(4000, 2000, 20, 9000, 5.0, 7.0, 300)
+    with pytest.raises(SystemExit):
+        config_for("--max-request-head-bytes", "1000", "--max-request-line-bytes", "2000")
+    assert "--max-request-head-bytes must be >= --max-request-line-bytes" in capsys.readouterr().err
+
+
+# --- limits: memory, in a real gateway process ---------------------------------------------
+
+
+REFUSED_WITHOUT_KEY = b"GET /workers HTTP/1.1\r\nhost: x\r\n"  # 401 when the head is fine
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_32_mib_header_is_refused_before_the_key_and_leaves_no_memory_behind(
+    procs: list[Proc],
+) -> None:
+    """Before the head limits, one 32 MiB header was answered after the whole of it (and the
+    gateway kept ~95 MiB). Now 431 comes after 64 KiB, before the API key is looked at, and
+    the gateway's memory stays where it was."""
+    gateway = Gateway("--api-key", "secret")
+    procs.append(gateway)
+    pid = gateway.popen.pid
+    for _ in range(3):  # warm up the request path, so that it is not what grows
+        warm_header = b"x-warm: %s\r\nconnection: close\r\n\r\n" % (b"w" * 8000)
+        warm = await read_until_closed(gateway.port, REFUSED_WITHOUT_KEY + warm_header)
+        assert warm.startswith(b"HTTP/1.1 401")
+    before = rss_bytes(pid)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    # The answer's head is enough: the gateway may close while data is still coming.
+    answer = asyncio.ensure_future(asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30))
+    writer.write(REFUSED_WITHOUT_KEY + b"x-huge: ")
+    piece = b"h" * 65536
+    try:
+        for _ in range(512):  # 32 MiB, stopping once the gateway has answered
+            if answer.done():
+                break
+            writer.write(piece)
+            await writer.drain()
+        else:
+            writer.write(b"\r\n\r\n")
+    except ConnectionError:
+        pass
+    data = await answer
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 431"), data[:100]
+    after = rss_bytes(pid)
+    assert after - before < 4 * 1024 * 1024, (before, after)

@@ -22,6 +22,7 @@ from shunter.policies.factory import (
 from shunter.policies.prefix_hash import PrefixHashConfig
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
+from shunter.server.limits import RESERVED_FILES, ServerLimits
 
 # sglang-router / smg flags whose features Shunter does not have yet. Naming one exits at
 # start with a message, so that nothing a user asked for is silently ignored.
@@ -238,6 +239,66 @@ def _add_reliability_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_server_limit_flags(p: argparse.ArgumentParser) -> None:
+    s = ServerLimits()
+    g = p.add_argument_group("client limits (what one client may make the server hold)")
+    g.add_argument(
+        "--max-request-line-bytes",
+        type=int,
+        default=s.max_request_line_bytes,
+        help="longest request line; 414 beyond (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=s.max_header_bytes,
+        help="longest header, name and value; 431 beyond (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-headers",
+        type=int,
+        default=s.max_headers,
+        help="most headers in a request; 431 beyond (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-request-head-bytes",
+        type=int,
+        default=s.max_request_head_bytes,
+        help="largest request head, line ends included; 431 beyond (default %(default)s)",
+    )
+    g.add_argument(
+        "--request-head-timeout-secs",
+        type=float,
+        default=s.request_head_timeout_secs,
+        help="longest time from a head's first byte to its end; 408 beyond (default %(default)s)",
+    )
+    g.add_argument(
+        "--request-body-timeout-secs",
+        type=float,
+        default=s.request_body_timeout_secs,
+        help="longest wait for a body byte the app waits for; 408 beyond (default %(default)s)",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=int,
+        default=s.max_connections,
+        help="open client connections; 503 beyond (default: (open-file limit - "
+        f"{RESERVED_FILES}) / 2, computed at start and logged)",
+    )
+
+
+def _server_limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    return ServerLimits(
+        max_request_line_bytes=args.max_request_line_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
+        max_request_head_bytes=args.max_request_head_bytes,
+        request_head_timeout_secs=args.request_head_timeout_secs,
+        request_body_timeout_secs=args.request_body_timeout_secs,
+        max_connections=args.max_connections,
+    )
+
+
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     d = GatewayConfig()
     p.add_argument("--host", default=d.host, help="address to listen on (default %(default)s)")
@@ -256,6 +317,7 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     )
     _add_policy_flags(p)
     _add_reliability_flags(p)
+    _add_server_limit_flags(p)
     p.add_argument(
         "--max-payload-size",
         type=_non_negative_int,
@@ -427,6 +489,7 @@ def _config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         shutdown_drain_secs=args.graceful_shutdown_timeout_secs,
         duration_buckets=tuple(args.prometheus_duration_buckets or DEFAULT_DURATION_BUCKETS),
         enable_trace=args.enable_trace, otlp_traces_endpoint=args.otlp_traces_endpoint,
+        server_limits=_server_limits_from_args(args),
     )  # fmt: skip
     try:
         return config.validate()

@@ -13,6 +13,7 @@ from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
+from shunter.server.limits import ServerLimits
 
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical")
@@ -54,6 +55,7 @@ class GatewayConfig:
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    server_limits: ServerLimits = field(default_factory=ServerLimits)
     tls_cert_path: str | None = None
     tls_key_path: str | None = None
     client_cert_path: str | None = None
@@ -98,6 +100,7 @@ class GatewayConfig:
                 self.breaker,
                 self.health,
                 self.admission,
+                self.server_limits,
             ):
                 part.validate()
         except ValueError as exc:

@@ -31,7 +31,7 @@ async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
     gateway.start()
     _warn_if_open(config)
     _tune_gc()
-    server = HttpServer(gateway.app)
+    server = HttpServer(gateway.app, limits=config.server_limits)
     port = await server.listen(config.host, config.port, ssl=_server_tls(config))
     log.info(
         "gateway listening",
@@ -40,6 +40,7 @@ async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
             "port": port,
             "policy": config.policy,
             "workers": len(config.worker_urls),
+            "max_connections": server.max_connections,
         },
     )
     try:
