@@ -22,7 +22,7 @@ from shunter.policies.factory import (
 from shunter.policies.prefix_hash import PrefixHashConfig
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
-from shunter.server.limits import RESERVED_FILES, ServerLimits
+from shunter.wire.limits import RESERVED_FILES, ServerLimits
 
 # sglang-router / smg flags whose features Shunter does not have yet. Naming one exits at
 # start with a message, so that nothing a user asked for is silently ignored.

@@ -13,7 +13,7 @@ from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
-from shunter.server.limits import ServerLimits
+from shunter.wire.limits import ServerLimits
 
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical")

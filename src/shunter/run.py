@@ -20,7 +20,7 @@ import uvloop
 from shunter.config import GatewayConfig
 from shunter.gateway import Gateway
 from shunter.observability.logging import setup_logging
-from shunter.server.http11 import HttpServer
+from shunter.wire.server import HttpServer
 
 log = logging.getLogger("shunter.server")
 

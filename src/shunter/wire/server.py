@@ -10,8 +10,10 @@ What it does: keep-alive (idle connections closed after ``keep_alive_secs``), pi
 requests answered in order, request bodies streamed through ``receive()`` with read
 back-pressure, ``Expect: 100-continue``, responses with a Content-Length written in one
 ``write`` (head and body together), chunked streaming with write back-pressure, no body for
-HEAD, ``http.disconnect`` when the client leaves, graceful shutdown that drains in-flight
-requests.
+HEAD, graceful shutdown that drains in-flight requests. When the client leaves before its
+response is complete, the app's task is cancelled (aiohttp's "handler cancellation"): the
+app needs no watcher of its own to give up on a worker nobody is waiting for, and
+``receive()`` answers ``http.disconnect`` for an app that asks.
 
 What it refuses, before the app sees anything (limits.py has the numbers and their sources):
 a head over its size limits (431, or 414 for the request line; bytes are counted as they
@@ -35,7 +37,7 @@ from typing import Any
 
 import httptools
 
-from shunter.server.limits import ServerLimits
+from shunter.wire.limits import ServerLimits
 from shunter.wire.asgi import Message, Receive, Scope, Send
 
 log = logging.getLogger("shunter.http")
@@ -149,6 +151,7 @@ class Cycle:
         "response_complete",
         "response_started",
         "scope",
+        "task",
     )
 
     def __init__(
@@ -169,6 +172,7 @@ class Cycle:
         self.framing = _RAW
         self.remaining = -1  # body bytes still owed to a declared Content-Length; -1: none
         self.head = b""  # the response head, until it is written with the first body bytes
+        self.task: asyncio.Task[None] | None = None  # the app running this exchange
 
     def nothing_sent(self) -> bool:
         """Whether no byte of the response has been written (so another can take its place)."""
@@ -431,6 +435,10 @@ class HttpProtocol(asyncio.Protocol):
         for cycle in (*self.queue, *((self.running,) if self.running else ())):
             if not cycle.response_complete:
                 cycle.disconnected = True
+                if cycle.task is not None:
+                    # Nobody will read the answer: stop the app now, so whatever it waits
+                    # on (a worker's reply, a stream) is given up at once.
+                    cycle.task.cancel()
             cycle.event.set()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
@@ -673,7 +681,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         cycle = self.queue.popleft()
         self.running = cycle
-        task = self.loop.create_task(self._run(cycle))
+        task = cycle.task = self.loop.create_task(self._run(cycle))
         self.server.tasks.add(task)
         task.add_done_callback(self.server.tasks.discard)
 
@@ -682,6 +690,8 @@ class HttpProtocol(asyncio.Protocol):
             await self.app(cycle.scope, cycle.receive, cycle.send)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
+                if cycle.disconnected:
+                    return  # we cancelled it: the client left
                 self.transport.close()
                 raise
             log.exception("error in ASGI application", extra={"path": cycle.scope["path"]})

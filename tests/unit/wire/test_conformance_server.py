@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import h11
 import pytest
 
-from shunter.server.http11 import HttpServer
-from shunter.server.limits import ServerLimits
 from shunter.wire.asgi import ClientGone, Message, Receive, Scope, Send, read_body, send_bytes
+from shunter.wire.limits import ServerLimits
+from shunter.wire.server import HttpServer
 
 # --- the app, the server, the client -------------------------------------------------------
 
