@@ -37,8 +37,8 @@ from typing import Any
 
 import httptools
 
-from shunter.wire.limits import ServerLimits
 from shunter.wire.asgi import Message, Receive, Scope, Send
+from shunter.wire.limits import ServerLimits
 
 log = logging.getLogger("shunter.http")
 
