@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from shunter.cli import NOT_YET_SUPPORTED, _config_from_args, build_parser, main
+from shunter.cli import main, serve_config
+from shunter.cli.serve import NOT_YET_SUPPORTED
+from shunter.config import GatewayConfig
 
 
-def config_for(*argv: str):  # type: ignore[no-untyped-def]
-    parser, commands = build_parser()
-    args = parser.parse_args(["serve", *argv])
-    return _config_from_args(args, commands["serve"])
+def config_for(*argv: str) -> GatewayConfig:
+    return serve_config(argv)
 
 
 def refusal(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -9,7 +9,7 @@ import time
 import pytest
 from prometheus_client import generate_latest
 
-from shunter.cli import _config_from_args, build_parser
+from shunter.cli import serve_config
 from shunter.fleet.breaker import BreakerConfig, CircuitBreaker, State
 from shunter.fleet.ejection import in_panic
 from shunter.fleet.health import HealthChecker
@@ -487,13 +487,11 @@ def test_a_request_that_ends_busy_after_two_refusals_is_poison() -> None:
 
 
 def test_the_breaker_flags_are_read() -> None:
-    parser, commands = build_parser()
-    args = parser.parse_args(["serve", "--cb-base-open-secs", "3", "--cb-panic-threshold", "0.25"])
-    breaker = _config_from_args(args, commands["serve"]).breaker
+    breaker = serve_config(["--cb-base-open-secs", "3", "--cb-panic-threshold", "0.25"]).breaker
     assert (breaker.base_open_secs, breaker.panic_threshold) == (3, 0.25)
-    defaults = _config_from_args(parser.parse_args(["serve"]), commands["serve"]).breaker
+    defaults = serve_config([]).breaker
     assert defaults.base_open_secs == 2 and defaults.panic_threshold == 0.5
     assert defaults.timeout_secs == 60
     for bad in (("--cb-panic-threshold", "1.5"), ("--cb-base-open-secs", "0")):
         with pytest.raises(SystemExit):
-            _config_from_args(parser.parse_args(["serve", *bad]), commands["serve"])
+            serve_config(bad)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shunter.cli import _config_from_args, build_parser
+from shunter.cli import serve_config
 from shunter.config import GatewayConfig
 from shunter.wire.asgi import Receive, Scope, Send, read_body, send_bytes
 from shunter.wire.limits import RESERVED_FILES, ServerLimits, default_max_connections
@@ -193,10 +193,8 @@ def test_the_connection_cap_defaults_to_half_the_open_files_less_a_reserve() -> 
 
 
 def test_serve_flags_set_the_server_limits(capsys: pytest.CaptureFixture[str]) -> None:
-    parser, commands = build_parser()
-
     def config_for(*argv: str) -> GatewayConfig:
-        return _config_from_args(parser.parse_args(["serve", *argv]), commands["serve"])
+        return serve_config(argv)
 
     assert config_for().server_limits == ServerLimits()
     flags = {

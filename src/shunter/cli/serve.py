@@ -1,0 +1,444 @@
+"""``shunter serve`` (alias ``launch``): the gateway, with sglang-router's flags and defaults.
+
+Every default comes from the config object the flag sets (``cli/options.py``). Flags of
+sglang-router / smg features Shunter does not have yet are recognised and refused at start,
+naming the feature, so that nothing a user asked for is silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from shunter.cli.options import ConfigFlags, non_negative_int, positive_float
+from shunter.config import ConfigError, GatewayConfig
+from shunter.fleet.breaker import BreakerConfig
+from shunter.fleet.runtime import HealthConfig
+from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
+from shunter.policies.cache_aware import CacheAwareConfig
+from shunter.policies.factory import (
+    BUILT,
+    PolicyError,
+    PolicySettings,
+    canonical_name,
+    create_policy,
+)
+from shunter.policies.prefix_hash import PrefixHashConfig
+from shunter.routing.limiter import AdmissionConfig
+from shunter.routing.retry import RetryConfig
+from shunter.wire.limits import RESERVED_FILES, ServerLimits
+
+_SWITCH = "switch"
+_VALUE = "value"
+NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
+    "--pd-disaggregation": (_SWITCH, "prefill/decode disaggregation"),
+    "--prefill": (_VALUE, "prefill/decode disaggregation"),
+    "--decode": (_VALUE, "prefill/decode disaggregation"),
+    "--prefill-policy": (_VALUE, "prefill/decode disaggregation"),
+    "--decode-policy": (_VALUE, "prefill/decode disaggregation"),
+    "--enable-igw": (_SWITCH, "inference gateway (multi-router) mode"),
+    "--service-discovery": (_SWITCH, "Kubernetes service discovery"),
+    "--selector": (_VALUE, "Kubernetes service discovery"),
+    "--service-discovery-port": (_VALUE, "Kubernetes service discovery"),
+    "--service-discovery-namespace": (_VALUE, "Kubernetes service discovery"),
+    "--prefill-selector": (_VALUE, "Kubernetes service discovery"),
+    "--decode-selector": (_VALUE, "Kubernetes service discovery"),
+    "--tokenizer-cache-enable-l0": (_SWITCH, "the gRPC data plane (tokenizer cache)"),
+    "--tokenizer-cache-l0-max-entries": (_VALUE, "the gRPC data plane (tokenizer cache)"),
+    "--tokenizer-cache-enable-l1": (_SWITCH, "the gRPC data plane (tokenizer cache)"),
+    "--tokenizer-cache-l1-max-memory": (_VALUE, "the gRPC data plane (tokenizer cache)"),
+    "--mcp-config-path": (_VALUE, "MCP tool servers"),
+    "--history-backend": (_VALUE, "the Responses API history storage"),
+    "--oracle-wallet-path": (_VALUE, "Oracle history storage"),
+    "--oracle-tns-alias": (_VALUE, "Oracle history storage"),
+    "--oracle-dsn": (_VALUE, "Oracle history storage"),
+    "--oracle-connect-descriptor": (_VALUE, "Oracle history storage"),
+    "--oracle-user": (_VALUE, "Oracle history storage"),
+    "--oracle-username": (_VALUE, "Oracle history storage"),
+    "--oracle-password": (_VALUE, "Oracle history storage"),
+    "--oracle-pool-min": (_VALUE, "Oracle history storage"),
+    "--oracle-pool-max": (_VALUE, "Oracle history storage"),
+    "--oracle-pool-timeout-secs": (_VALUE, "Oracle history storage"),
+    "--postgres-db-url": (_VALUE, "Postgres history storage"),
+    "--postgres-pool-max-size": (_VALUE, "Postgres history storage"),
+    "--postgres-pool-max": (_VALUE, "Postgres history storage"),
+    "--enable-wasm": (_SWITCH, "WASM middleware"),
+    "--mini-lb": (_SWITCH, "the Python mini load balancer"),
+}
+_BACKENDS_BUILT = ("sglang",)
+
+
+class ServeFlags:
+    """The parser for ``shunter serve``, and the ``GatewayConfig`` its arguments make."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.gateway = ConfigFlags(parser, GatewayConfig(), "gateway")
+        self._gateway_flags(self.gateway)
+        self.cache_aware = ConfigFlags(parser, CacheAwareConfig(), "cache_aware")
+        self.prefix_hash = ConfigFlags(parser, PrefixHashConfig(), "prefix_hash")
+        self.policies = ConfigFlags(parser, PolicySettings(), "policies")
+        self._policy_flags()
+        self.retry = ConfigFlags(parser, RetryConfig(), "retry")
+        self.breaker = ConfigFlags(parser, BreakerConfig(), "breaker")
+        self.health = ConfigFlags(parser, HealthConfig(), "health")
+        self.admission = ConfigFlags(parser, AdmissionConfig(), "admission")
+        self._reliability_flags()
+        limits = parser.add_argument_group(
+            "client limits (what one client may make the server hold)"
+        )
+        self.limits = ConfigFlags(limits, ServerLimits(), "limits")
+        self._limit_flags()
+        self._grpc_flags(parser.add_argument_group("gRPC workers (the gateway tokenizes for them)"))
+        parser.add_argument(
+            "--backend",
+            "--runtime",
+            dest="backend",
+            default="sglang",
+            help="worker backend; only 'sglang' (any SGLang or OpenAI-compatible HTTP worker)",
+        )
+        for flag, (kind, _feature) in NOT_YET_SUPPORTED.items():
+            dest = "unsupported_" + flag.lstrip("-").replace("-", "_")
+            if kind == _SWITCH:
+                parser.add_argument(
+                    flag,
+                    dest=dest,
+                    action="store_true",
+                    default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS,
+                )
+            else:
+                parser.add_argument(
+                    flag,
+                    dest=dest,
+                    nargs="*",
+                    action="append",
+                    default=argparse.SUPPRESS,
+                    help=argparse.SUPPRESS,
+                )
+
+    # --- the flags ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _gateway_flags(g: ConfigFlags[GatewayConfig]) -> None:
+        g.flag("--host", "host", help="address to listen on (default %(default)s)")
+        g.flag("--port", "port", help="port (default %(default)s)")
+        g.flag(
+            "--worker-urls",
+            "worker_urls",
+            type=str,
+            nargs="*",
+            metavar="URL",
+            help="workers to register at start (http://, https:// or grpc://)",
+        )
+        g.flag(
+            "--policy",
+            "policy",
+            help="routing policy: " + ", ".join(BUILT) + ", or module:Class (default %(default)s)",
+        )
+        g.flag(
+            "--max-payload-size",
+            "max_payload_size",
+            type=non_negative_int,
+            help="largest request body in bytes (default %(default)s)",
+        )
+        g.flag(
+            "--max-response-bytes",
+            "max_response_bytes",
+            type=non_negative_int,
+            help="largest whole (non-streamed) response body taken from a worker, in bytes; "
+            "a bigger one fails the attempt, 502 (default %(default)s)",
+        )
+        g.flag(
+            "--request-timeout-secs",
+            "request_timeout_secs",
+            type=positive_float,
+            help="longest wait for a worker's first byte and between chunks",
+        )
+        g.flag(
+            "--api-key",
+            "api_key",
+            type=str,
+            help="require 'Authorization: Bearer <key>' from clients; never sent to workers",
+        )
+        g.flag(
+            "--worker-api-key",
+            "worker_api_key",
+            type=str,
+            help="the key sent as a Bearer token to the --worker-urls workers",
+        )
+        g.flag("--log-level", "log_level", help="debug, info, warn, error")
+        g.flag("--log-dir", "log_dir", type=str, help="also log to a daily-rotated file here")
+        g.flag("--log-json", "log_json", action="store_true", help="log JSON lines")
+        g.flag("--prometheus-host", "prometheus_host")
+        g.flag(
+            "--prometheus-port",
+            "prometheus_port",
+            help="Prometheus /metrics port; 0 turns the listener off",
+        )
+        g.flag(
+            "--enable-trace",
+            "enable_trace",
+            action="store_true",
+            help="export OpenTelemetry spans over OTLP/gRPC",
+        )
+        g.flag(
+            "--otlp-traces-endpoint",
+            "otlp_traces_endpoint",
+            help="where spans go (default %(default)s)",
+        )
+        g.flag(
+            "--prometheus-duration-buckets",
+            "duration_buckets",
+            type=float,
+            nargs="*",
+            metavar="SECONDS",
+            help="upper bounds of the *_duration_seconds buckets",
+        )
+        g.flag(
+            "--cors-allowed-origins", "cors_allowed_origins", type=str, nargs="*", metavar="ORIGIN"
+        )
+        g.flag("--request-id-headers", "request_id_headers", type=str, nargs="*", metavar="HEADER")
+        g.flag("--worker-startup-timeout-secs", "worker_startup_timeout_secs", type=positive_float)
+        g.flag(
+            "--worker-startup-check-interval",
+            "worker_startup_check_interval",
+            type=positive_float,
+        )
+        g.flag(
+            "--dp-aware",
+            "dp_aware",
+            action="store_true",
+            help="route to each data-parallel rank of a worker separately",
+        )
+        g.flag(
+            "--tls-cert-path", "tls_cert_path", type=str, help="serve HTTPS with this certificate"
+        )
+        g.flag("--tls-key-path", "tls_key_path", type=str, help="and this private key")
+        g.flag(
+            "--client-cert-path", "client_cert_path", type=str, help="mTLS to workers: certificate"
+        )
+        g.flag(
+            "--client-key-path", "client_key_path", type=str, help="mTLS to workers: private key"
+        )
+        g.flag(
+            "--ca-cert-paths",
+            "ca_cert_paths",
+            type=str,
+            nargs="*",
+            metavar="PEM",
+            help="CA certificates to trust for https:// workers",
+        )
+        g.flag(
+            "--graceful-shutdown-timeout-secs",
+            "shutdown_drain_secs",
+            help="on SIGTERM, how long in-flight requests may finish",
+        )
+
+    def _policy_flags(self) -> None:
+        c, h, p = self.cache_aware, self.prefix_hash, self.policies
+        c.flag(
+            "--cache-threshold",
+            "cache_threshold",
+            help="cache_aware: share of the text that must match to follow the cache",
+        )
+        c.flag(
+            "--balance-abs-threshold",
+            "balance_abs_threshold",
+            help="cache_aware/bucket: in-flight gap that counts as imbalance",
+        )
+        c.flag(
+            "--balance-rel-threshold",
+            "balance_rel_threshold",
+            help="cache_aware/bucket: in-flight ratio that counts as imbalance",
+        )
+        c.flag(
+            "--eviction-interval-secs",
+            "eviction_interval_secs",
+            "--eviction-interval",
+            help="cache_aware: seconds between tree trims",
+        )
+        c.flag(
+            "--max-tree-size",
+            "max_tree_size",
+            help="cache_aware: characters kept per worker in a model's tree",
+        )
+        p.flag(
+            "--bucket-adjust-interval-secs",
+            "bucket_adjust_interval_secs",
+            help="bucket: seconds between boundary adjustments",
+        )
+        h.flag(
+            "--prefix-token-count",
+            "prefix_token_count",
+            help="prefix_hash: tokens of the prompt start that pick the worker",
+        )
+        h.flag(
+            "--prefix-hash-load-factor",
+            "load_factor",
+            help="prefix_hash: load over the average that sends a request elsewhere",
+        )
+        p.flag(
+            "--max-idle-secs",
+            "manual_max_idle_secs",
+            help="manual: seconds before an unused routing key is forgotten",
+        )
+
+    def _reliability_flags(self) -> None:
+        r, b, h, a = self.retry, self.breaker, self.health, self.admission
+        r.flag(
+            "--retry-max-retries", "max_retries", help="attempts per request, the first included"
+        )
+        r.flag("--retry-initial-backoff-ms", "initial_backoff_ms")
+        r.flag("--retry-max-backoff-ms", "max_backoff_ms")
+        r.flag("--retry-backoff-multiplier", "backoff_multiplier")
+        r.flag("--retry-jitter-factor", "jitter_factor")
+        r.flag("--disable-retries", "disabled", action="store_true")
+        b.flag(
+            "--cb-failure-threshold",
+            "failure_threshold",
+            help="consecutive failures (within the window) that open a circuit",
+        )
+        b.flag(
+            "--cb-success-threshold",
+            "success_threshold",
+            help="consecutive half-open successes that close it",
+        )
+        b.flag(
+            "--cb-timeout-duration-secs",
+            "timeout_secs",
+            help="the longest an open circuit waits before half-open (openings back off to it)",
+        )
+        b.flag(
+            "--cb-base-open-secs",
+            "base_open_secs",
+            help="how long a first opening lasts; each consecutive one doubles it",
+        )
+        b.flag(
+            "--cb-panic-threshold",
+            "panic_threshold",
+            help="ignore a model's breakers when fewer than this share of its healthy "
+            "workers are left in by them (0: never)",
+        )
+        b.flag(
+            "--cb-window-duration-secs",
+            "window_secs",
+            help="failures further apart than this do not add up",
+        )
+        b.flag("--disable-circuit-breaker", "disabled", action="store_true")
+        h.flag("--health-check-interval-secs", "interval_secs")
+        h.flag("--health-check-timeout-secs", "timeout_secs")
+        h.flag("--health-check-endpoint", "endpoint")
+        h.flag("--health-failure-threshold", "failure_threshold")
+        h.flag("--health-success-threshold", "success_threshold")
+        a.flag(
+            "--max-concurrent-requests",
+            "max_concurrent",
+            help="requests in progress at once; -1: no limit",
+        )
+        a.flag("--queue-size", "queue_size", help="requests that may wait for a slot (429 beyond)")
+        a.flag(
+            "--queue-timeout-secs",
+            "queue_timeout_secs",
+            help="longest wait for a slot (408 beyond)",
+        )
+        a.flag(
+            "--rate-limit-tokens-per-second",
+            "tokens_per_second",
+            type=float,
+            help="admissions per second (default: no rate limit)",
+        )
+
+    def _limit_flags(self) -> None:
+        s = self.limits
+        s.flag(
+            "--max-request-line-bytes",
+            "max_request_line_bytes",
+            help="longest request line; 414 beyond (default %(default)s)",
+        )
+        s.flag(
+            "--max-header-bytes",
+            "max_header_bytes",
+            help="longest header, name and value; 431 beyond (default %(default)s)",
+        )
+        s.flag(
+            "--max-headers",
+            "max_headers",
+            help="most headers in a request; 431 beyond (default %(default)s)",
+        )
+        s.flag(
+            "--max-request-head-bytes",
+            "max_request_head_bytes",
+            help="largest request head, line ends included; 431 beyond (default %(default)s)",
+        )
+        s.flag(
+            "--request-head-timeout-secs",
+            "request_head_timeout_secs",
+            help="longest time from a head's first byte to its end; 408 beyond (default "
+            "%(default)s)",
+        )
+        s.flag(
+            "--request-body-timeout-secs",
+            "request_body_timeout_secs",
+            help="longest wait for a body byte the app waits for; 408 beyond (default %(default)s)",
+        )
+        s.flag(
+            "--max-connections",
+            "max_connections",
+            type=int,
+            help="open client connections; 503 beyond (default: (open-file limit - "
+            f"{RESERVED_FILES}) / 2, computed at start and logged)",
+        )
+
+    def _grpc_flags(self, group: argparse._ArgumentGroup) -> None:
+        g = ConfigFlags(group, GatewayConfig(), "gateway")
+        group.add_argument("--model-path", default=None, help="a local model directory (tokenizer)")
+        g.flag(
+            "--tokenizer-path",
+            "tokenizer_path",
+            type=str,
+            help="a local tokenizer directory; default: --model-path, else the worker's "
+            "GetTokenizer",
+        )
+        g.flag(
+            "--chat-template", "chat_template", type=str, help="a Jinja file overriding the model's"
+        )
+        g.flag("--reasoning-parser", "reasoning_parser", type=str, help="deepseek_r1 or qwen3")
+        g.flag("--tool-call-parser", "tool_call_parser", type=str, help="json, qwen or hermes")
+        self.gateway.fields += g.fields
+
+    # --- the config --------------------------------------------------------------------------
+
+    def config(self, args: argparse.Namespace) -> GatewayConfig:
+        """The validated config; exits with the parser's error message when it is not."""
+        parser = self.parser
+        for flag, (_kind, feature) in NOT_YET_SUPPORTED.items():
+            if hasattr(args, "unsupported_" + flag.lstrip("-").replace("-", "_")):
+                parser.error(f"{flag} is not supported yet: Shunter does not have {feature} yet")
+        if args.backend not in _BACKENDS_BUILT:
+            parser.error(f"--backend {args.backend} is not supported yet (only: sglang)")
+        settings = self.policies.build(
+            args, cache_aware=self.cache_aware.build(args), prefix_hash=self.prefix_hash.build(args)
+        )
+        policy = canonical_name(getattr(args, "gateway.policy"))
+        try:
+            create_policy(policy, settings)  # fail at start on an unknown name or a bad plugin
+        except PolicyError as exc:
+            parser.error(f"--policy: {exc}")
+        buckets = getattr(args, "gateway.duration_buckets") or DEFAULT_DURATION_BUCKETS
+        config = self.gateway.build(
+            args,
+            policy=policy,
+            policy_settings=settings,
+            duration_buckets=tuple(buckets),
+            tokenizer_path=getattr(args, "gateway.tokenizer_path") or args.model_path,
+            retry=self.retry.build(args),
+            breaker=self.breaker.build(args),
+            health=self.health.build(args),
+            admission=self.admission.build(args),
+            server_limits=self.limits.build(args),
+        )
+        try:
+            return config.validate()
+        except ConfigError as exc:
+            parser.error(str(exc))
+        raise AssertionError("unreachable")
