@@ -8,6 +8,7 @@ from collections import Counter
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from support.harness import Fleet
 
@@ -27,7 +28,7 @@ def test_chat_completion(sdk: openai.OpenAI) -> None:
 
 
 def test_streamed_chat_equals_the_whole_answer(sdk: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "stream this please"}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "stream this please"}]
     whole = sdk.chat.completions.create(model="sim-model", messages=messages, max_tokens=8)
     stream = sdk.chat.completions.create(
         model="sim-model", messages=messages, max_tokens=8, stream=True,

@@ -18,7 +18,7 @@ def test_demo_serves_and_its_printed_snippets_work(procs: list[Proc]) -> None:
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
-        return httpx.get(url + "/readiness", timeout=1).json().get("healthy_workers") == 2
+        return bool(httpx.get(url + "/readiness", timeout=1).json().get("healthy_workers") == 2)
 
     wait_for(ready, 20, "the demo fleet")
     banner = demo.output()

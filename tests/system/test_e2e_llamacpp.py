@@ -14,6 +14,7 @@ from urllib.parse import quote
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from shunter.llamacpp import available
 
@@ -21,7 +22,9 @@ from support.harness import Gateway, LlamaCpp, wait_for
 
 pytestmark = pytest.mark.e2e
 MODEL = "smollm2"
-QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Name three colours of the rainbow."}
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def test_chat(sdk: openai.OpenAI) -> None:
         model=MODEL,
         messages=QUESTION,
         max_tokens=24,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.prompt_tokens > 0

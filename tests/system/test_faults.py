@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from shunter.config import grpc_available
+from shunter.backends.connect import grpc_available
 
 from support.harness import Gateway, GrpcSim, Proc, Sim, wait_for
 

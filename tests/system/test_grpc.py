@@ -16,6 +16,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import (
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+    ChatCompletionToolParam,
+)
 
 pytest.importorskip("smg_grpc_proto")
 
@@ -23,7 +28,7 @@ from shunter.sim.tokenizer import tokenizer_archive
 
 from support.harness import Gateway, GrpcSim, Proc, Sim, wait_for
 
-CHAT = [{"role": "user", "content": "tell me about the river"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "tell me about the river"}]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ def test_grpc_workers_register_with_their_model(grpc_fleet: tuple[list[GrpcSim],
 
 
 def test_chat_whole_and_streamed_agree(sdk: openai.OpenAI) -> None:
-    whole = sdk.chat.completions.create(model="sim-model", messages=CHAT, max_tokens=12)  # type: ignore[arg-type]
+    whole = sdk.chat.completions.create(model="sim-model", messages=CHAT, max_tokens=12)
     text = whole.choices[0].message.content
     assert text and whole.choices[0].finish_reason == "length"
     assert whole.usage is not None and whole.usage.completion_tokens == 12
@@ -58,7 +63,7 @@ def test_chat_whole_and_streamed_agree(sdk: openai.OpenAI) -> None:
             model="sim-model",
             messages=CHAT,
             max_tokens=12,
-            stream=True,  # type: ignore[arg-type]
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -70,11 +75,14 @@ def test_chat_whole_and_streamed_agree(sdk: openai.OpenAI) -> None:
 
 
 def test_cached_tokens_are_reported(sdk: openai.OpenAI) -> None:
-    messages = [{"role": "system", "content": "the same long system prompt " * 20}, *CHAT]
-    sdk.chat.completions.create(model="sim-model", messages=messages, max_tokens=1)  # type: ignore[arg-type]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "the same long system prompt " * 20},
+        *CHAT,
+    ]
+    sdk.chat.completions.create(model="sim-model", messages=messages, max_tokens=1)
     # round_robin: the third request lands on the worker that served the first
-    sdk.chat.completions.create(model="sim-model", messages=CHAT, max_tokens=1)  # type: ignore[arg-type]
-    again = sdk.chat.completions.create(model="sim-model", messages=messages, max_tokens=1)  # type: ignore[arg-type]
+    sdk.chat.completions.create(model="sim-model", messages=CHAT, max_tokens=1)
+    again = sdk.chat.completions.create(model="sim-model", messages=messages, max_tokens=1)
     assert again.usage is not None and again.usage.prompt_tokens_details is not None
     assert (again.usage.prompt_tokens_details.cached_tokens or 0) > 0
 
@@ -177,20 +185,25 @@ def test_parsers_split_reasoning_and_tool_calls(procs: list[Proc]) -> None:
         f"<tool_call>{json.dumps(call)}</tool_call>"
     )
     sdk = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
-    reply = sdk.chat.completions.create(model="m", messages=CHAT, tools=tools, max_tokens=200)  # type: ignore[arg-type]
+    tools: list[ChatCompletionToolParam] = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    ]
+    reply = sdk.chat.completions.create(model="m", messages=CHAT, tools=tools, max_tokens=200)
     message = reply.choices[0].message
     assert message.content == "Checking."
     assert message.model_extra and message.model_extra["reasoning_content"] == "User wants weather."
-    assert message.tool_calls and message.tool_calls[0].function.name == "get_weather"
-    assert json.loads(message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    assert message.tool_calls
+    tool_call = message.tool_calls[0]
+    assert isinstance(tool_call, ChatCompletionMessageFunctionToolCall)
+    assert tool_call.function.name == "get_weather"
+    assert json.loads(tool_call.function.arguments) == {"city": "Paris"}
     assert reply.choices[0].finish_reason == "tool_calls"
 
     chunks = list(
         sdk.chat.completions.create(
             model="m",
             messages=CHAT,
-            tools=tools,  # type: ignore[arg-type]
+            tools=tools,
             max_tokens=200,
             stream=True,
         )

@@ -7,6 +7,7 @@ import asyncio
 import orjson
 
 from shunter.routing.retry import RetryConfig
+from shunter.wire.asgi import Message
 from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
 
 from support.fakes import Workers, call, gateway, ok, ready
@@ -191,7 +192,7 @@ async def test_a_client_that_leaves_a_stream_releases_the_worker_at_once() -> No
     await ready(gw)
     started = asyncio.Event()
 
-    async def send(message: dict[str, object]) -> None:
+    async def send(message: Message) -> None:
         if message.get("body") == b"data: 1\n\n":
             started.set()
             await release.wait()  # the client stalls, then leaves

@@ -155,7 +155,7 @@ def head_of_size(size: int) -> bytes:
     headers of at most 4 KiB each."""
     start = b"GET / HTTP/1.1\r\nhost: x\r\n"
     fill = size - len(start) - 2
-    lines = []
+    lines: list[bytes] = []
     while fill:
         line = min(fill, 4096)
         if 0 < fill - line < 8:  # keep room for one more minimal header line
