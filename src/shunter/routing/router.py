@@ -42,6 +42,7 @@ from shunter.wire.base import UpstreamError
 log = logging.getLogger("shunter.router")
 
 _UPSTREAM_STATUS = {"connect": 502, "io": 502, "timeout": 504, "oversize": 502}
+_NO_SPAN = nullcontext()  # reusable: tracing off costs one method call per span
 
 
 class Router:
@@ -60,7 +61,7 @@ class Router:
         self.tracing = tracing
 
     def _span(self, name: str, **options: Any) -> AbstractContextManager[Any]:
-        return nullcontext() if self.tracing is None else self.tracing.span(name, **options)
+        return _NO_SPAN if self.tracing is None else self.tracing.span(name, **options)
 
     # --- selection --------------------------------------------------------------------------
 
