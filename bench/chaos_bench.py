@@ -424,13 +424,24 @@ async def raw_garbage(port: int, rng: random.Random) -> None:
     """Bytes that are not HTTP at all, or HTTP broken in the middle."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        kind = rng.randrange(3)
+        kind = rng.randrange(7)
         if kind == 0:
             writer.write(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 500))))
         elif kind == 1:
             writer.write(b"POST /v1/completions HTTP/1.1\r\ncontent-length: 100\r\n\r\n{")
-        else:
+        elif kind == 2:  # over the head limit (431)
             writer.write(b"GET / HTTP/1.1\r\n" + b"x-long: " + b"a" * 100_000 + b"\r\n\r\n")
+        elif kind == 3:  # over the header count (431)
+            writer.write(b"GET /health HTTP/1.1\r\n" + b"x: 1\r\n" * 150 + b"\r\n")
+        elif kind == 4:  # an upgrade (400)
+            writer.write(b"GET /health HTTP/1.1\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n")
+        elif kind == 5:  # a bad chunk size behind a valid request (200, then 400)
+            writer.write(
+                b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"
+                b"POST /v1/completions HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"
+            )
+        else:  # HEAD on a GET route: a head and no body
+            writer.write(b"HEAD /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         await writer.drain()
         await asyncio.wait_for(reader.read(1000), 2)
         writer.close()

@@ -44,7 +44,7 @@ ANSWER = (
     b'jumps over the lazy dog."},"finish_reason":"stop"}],"usage":{"prompt_tokens":250,'
     b'"completion_tokens":10,"total_tokens":260}}'
 )
-HEADERS = [("content-type", "application/json"), ("x-request-id", "bench-0123456789")]
+HEADERS = [(b"content-type", b"application/json"), (b"x-request-id", b"bench-0123456789")]
 
 
 # --- the worker ---------------------------------------------------------------------------
@@ -117,12 +117,12 @@ class Worker:
 
 
 def load(rev: str | None, name: str) -> ModuleType:
-    """``shunter.transport.<name>`` from the working copy, or as it was at ``rev``."""
+    """``shunter.wire.<name>`` from the working copy, or as it was at ``rev`` (a revision
+    with the ``wire/`` layout: the modules were ``transport/h1stream.py`` and
+    ``transport/reqwest.py`` before it, with string headers)."""
     if rev is None:
-        return importlib.import_module(f"shunter.transport.{name}")
-    source = subprocess.check_output(
-        ["git", "show", f"{rev}:src/shunter/transport/{name}.py"], cwd=ROOT
-    )
+        return importlib.import_module(f"shunter.wire.{name}")
+    source = subprocess.check_output(["git", "show", f"{rev}:src/shunter/wire/{name}.py"], cwd=ROOT)
     path = Path(tempfile.mkdtemp()) / f"baseline_{name}.py"
     path.write_bytes(source)
     spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
@@ -261,14 +261,14 @@ async def _requests(module: ModuleType, count: int) -> float:
     conn.connection_made(_AnsweringTransport(conn))
     client.release(conn)
     headers = [
-        ("content-type", "application/json"),
-        ("authorization", "Bearer sk-0123456789abcdef0123456789abcdef"),
-        ("user-agent", "OpenAI/Python 1.54.0"),
-        ("accept", "application/json"),
-        ("x-request-id", "9f0e4c1a-6b1f-4a51-9d1c-7d7c3a5b2e11"),
-        ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
-        ("x-stainless-lang", "python"),
-        ("accept-encoding", "identity"),
+        (b"content-type", b"application/json"),
+        (b"authorization", b"Bearer sk-0123456789abcdef0123456789abcdef"),
+        (b"user-agent", b"OpenAI/Python 1.54.0"),
+        (b"accept", b"application/json"),
+        (b"x-request-id", b"9f0e4c1a-6b1f-4a51-9d1c-7d7c3a5b2e11"),
+        (b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        (b"x-stainless-lang", b"python"),
+        (b"accept-encoding", b"identity"),
     ]
     body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
     started = time.process_time()
@@ -283,7 +283,7 @@ async def _requests(module: ModuleType, count: int) -> float:
 
 
 def bench_chunks(rev: str, rounds: int) -> None:
-    modules = variants(rev, "h1stream")
+    modules = variants(rev, "client")
     for reader_waits, label in ((False, "chunk read before asked"), (True, "relay waits for it")):
         results: dict[str, list[float]] = {name: [] for name in modules}
         for _ in range(rounds):

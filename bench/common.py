@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from typing import Any
 
 
 def free_port() -> int:
@@ -47,3 +48,29 @@ def wait_registered(base: str, count: int, timeout: float = 60) -> None:
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{base} never registered {count} workers")
+
+
+def make_worker(url: str, models: tuple[str, ...] = ("m",)) -> Any:
+    """A healthy ``Worker`` for in-process benchmarks: a real HTTP backend over a mock client
+    (``shunter.wire.mock``), so nothing here touches the network."""
+    from shunter.aio.once import OnceCell
+    from shunter.backends.base import Runtime
+    from shunter.backends.http.backend import HttpBackend
+    from shunter.backends.http.calls import WorkerCalls
+    from shunter.backends.http.engines import ENGINES
+    from shunter.fleet.runtime import WorkerRuntime
+    from shunter.fleet.worker import Worker
+    from shunter.wire.mock import MockClient, MockResponse
+
+    client = MockClient(lambda request: MockResponse(200))
+
+    async def create() -> MockClient:
+        return client
+
+    async def data() -> MockClient:
+        return client
+
+    backend = HttpBackend(ENGINES[Runtime.SGLANG], OnceCell(create), WorkerCalls(client, data))  # type: ignore[arg-type]
+    state = WorkerRuntime()
+    state.ready()
+    return Worker(url, backend, state, models=models)

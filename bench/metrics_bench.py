@@ -16,6 +16,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from common import make_worker
 from shunter.fleet.worker import Worker
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS, Metrics
 
@@ -68,7 +69,7 @@ def prometheus_client_cost() -> float:
 
 
 def main() -> None:
-    worker = Worker(url="http://w:1", models=("m",), healthy=True)
+    worker = make_worker("http://w:1")
     ours = min(shunter_cost(worker) for _ in range(3))
     theirs = min(prometheus_client_cost() for _ in range(3))
     print(

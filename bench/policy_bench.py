@@ -18,6 +18,7 @@ import random
 import statistics
 import time
 
+from common import make_worker
 from shunter.fleet.worker import Worker
 from shunter.policies.base import RouteRequest
 from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
@@ -32,9 +33,7 @@ HEADERS = [
 
 
 def fleet(size: int) -> tuple[Worker, ...]:
-    return tuple(
-        Worker(url=f"http://10.0.0.{i}:8000", models=("m",), healthy=True) for i in range(size)
-    )
+    return tuple(make_worker(f"http://10.0.0.{i}:8000") for i in range(size))
 
 
 def requests(prompt_chars: int, count: int, systems: int = 32) -> list[RouteRequest]:

@@ -15,8 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from common import make_worker
 from shunter.fleet.registry import WorkerRegistry
-from shunter.fleet.worker import Worker
 
 BATCH = 1000
 BATCHES = 400
@@ -27,9 +27,7 @@ SIZES = (8, 64, 1024, 4096)
 def fleet(size: int) -> WorkerRegistry:
     registry = WorkerRegistry()
     for i in range(size):
-        registry.register(
-            Worker(url=f"http://10.0.{i // 250}.{i % 250}:8000", models=("m",), healthy=True)
-        )
+        registry.register(make_worker(f"http://10.0.{i // 250}.{i % 250}:8000"))
     return registry
 
 
@@ -75,7 +73,7 @@ class Churn:
         while not self.stop.is_set():
             url = f"http://churn-{i % 16}:8000"
             if self.registry.get_by_url(url) is None:
-                self.registry.register(Worker(url=url, models=("m",), healthy=True))
+                self.registry.register(make_worker(url))
             else:
                 self.registry.remove(url)
             self.writes += 1
