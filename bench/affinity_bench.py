@@ -44,15 +44,80 @@ POLICIES = ("round_robin", "power_of_two", "cache_aware", "prefix_hash")
 Messages = list[dict[str, str]]
 
 _WORDS = (
-    "account", "answer", "budget", "call", "change", "check", "client", "contract", "cost",
-    "customer", "data", "date", "delivery", "detail", "document", "email", "error", "feature",
-    "file", "form", "goal", "issue", "invoice", "item", "letter", "limit", "list", "meeting",
-    "message", "method", "model", "month", "note", "number", "offer", "order", "owner",
-    "payment", "plan", "policy", "price", "problem", "process", "product", "project",
-    "question", "rate", "record", "refund", "report", "request", "result", "review", "rule",
-    "sale", "schedule", "service", "shipment", "status", "step", "system", "task", "team",
-    "term", "ticket", "time", "tool", "total", "update", "user", "value", "version", "week",
-)  # fmt: skip
+    "account",
+    "answer",
+    "budget",
+    "call",
+    "change",
+    "check",
+    "client",
+    "contract",
+    "cost",
+    "customer",
+    "data",
+    "date",
+    "delivery",
+    "detail",
+    "document",
+    "email",
+    "error",
+    "feature",
+    "file",
+    "form",
+    "goal",
+    "issue",
+    "invoice",
+    "item",
+    "letter",
+    "limit",
+    "list",
+    "meeting",
+    "message",
+    "method",
+    "model",
+    "month",
+    "note",
+    "number",
+    "offer",
+    "order",
+    "owner",
+    "payment",
+    "plan",
+    "policy",
+    "price",
+    "problem",
+    "process",
+    "product",
+    "project",
+    "question",
+    "rate",
+    "record",
+    "refund",
+    "report",
+    "request",
+    "result",
+    "review",
+    "rule",
+    "sale",
+    "schedule",
+    "service",
+    "shipment",
+    "status",
+    "step",
+    "system",
+    "task",
+    "team",
+    "term",
+    "ticket",
+    "time",
+    "tool",
+    "total",
+    "update",
+    "user",
+    "value",
+    "version",
+    "week",
+)
 
 
 def system_prompt(rng: random.Random, index: int) -> str:
@@ -70,10 +135,17 @@ def workload(users: int = USERS, seed: int = 7) -> tuple[list[str], list[Session
     rng = random.Random(seed)
     systems = [system_prompt(rng, s) for s in range(SYSTEMS)]
     sessions = [
-        Session(s, [f"I am user {u}. Question {t + 1}: what is the status of order "
-                    f"{rng.randint(1000, 9999)}?" for t in range(TURNS)])
-        for s in range(SYSTEMS) for u in range(users)
-    ]  # fmt: skip
+        Session(
+            s,
+            [
+                f"I am user {u}. Question {t + 1}: what is the status of order "
+                f"{rng.randint(1000, 9999)}?"
+                for t in range(TURNS)
+            ],
+        )
+        for s in range(SYSTEMS)
+        for u in range(users)
+    ]
     rng.shuffle(sessions)
     return systems, sessions
 
@@ -118,8 +190,14 @@ async def stream_chat(
     client: httpx.AsyncClient, base: str, messages: Messages
 ) -> tuple[float, str]:
     """(time to first content token in ms, the whole answer)."""
-    body = {"model": MODEL, "messages": messages, "stream": True, "temperature": 0,
-            "max_tokens": MAX_TOKENS, "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "messages": messages,
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
+    }
     started = time.perf_counter()
     first: float | None = None
     pieces: list[str] = []
@@ -202,8 +280,13 @@ def measure(
 # --- gateways ----------------------------------------------------------------------------
 
 
-def through_gateway(name: str, command: list[str], port: int, workers: list[str],
-                    workload_: tuple[list[str], list[Session]]) -> Row:  # fmt: skip
+def through_gateway(
+    name: str,
+    command: list[str],
+    port: int,
+    workers: list[str],
+    workload_: tuple[list[str], list[Session]],
+) -> Row:
     gateway = start(command)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -227,19 +310,25 @@ def percentile(values: list[float], q: int) -> float:
 
 def print_table(rows: list[Row], users: int) -> None:
     base = next((r for r in rows if r.name == "shunter round_robin"), None)
-    print(f"{SYSTEMS} system prompts x {users} users x {TURNS} turns, {CONCURRENCY} at a time, "
-          f"2 llama.cpp workers x {SLOTS} slots, cache_ram_mib=0")  # fmt: skip
-    print(f"{'routing':>22} | {'p50 ms':>7} {'p95 ms':>7} {'vs rr':>6} | "
-          f"{'prompt tokens processed':>24} {'ratio':>5} | {'requests':>9} | {'fail':>4} | "
-          f"{'wall s':>6}")  # fmt: skip
+    print(
+        f"{SYSTEMS} system prompts x {users} users x {TURNS} turns, {CONCURRENCY} at a time, "
+        f"2 llama.cpp workers x {SLOTS} slots, cache_ram_mib=0"
+    )
+    print(
+        f"{'routing':>22} | {'p50 ms':>7} {'p95 ms':>7} {'vs rr':>6} | "
+        f"{'prompt tokens processed':>24} {'ratio':>5} | {'requests':>9} | {'fail':>4} | "
+        f"{'wall s':>6}"
+    )
     for row in rows:
         p50, p95 = statistics.median(row.ttft_ms), percentile(row.ttft_ms, 95)
         gain = f"{statistics.median(base.ttft_ms) / p50:.2f}x" if base else ""
         tokens = "/".join(str(t) for t in row.prompt_tokens)
         ratio = max(row.prompt_tokens) / max(1, min(row.prompt_tokens))
         served = "/".join(str(s) for s in row.served)
-        print(f"{row.name:>22} | {p50:>7.0f} {p95:>7.0f} {gain:>6} | {tokens:>24} {ratio:>5.2f} | "
-              f"{served:>9} | {row.failures:>4} | {row.seconds:>6.1f}")  # fmt: skip
+        print(
+            f"{row.name:>22} | {p50:>7.0f} {p95:>7.0f} {gain:>6} | {tokens:>24} {ratio:>5.2f} | "
+            f"{served:>9} | {row.failures:>4} | {row.seconds:>6.1f}"
+        )
 
 
 def plot(rows: list[Row], path: str) -> None:
@@ -255,8 +344,10 @@ def plot(rows: list[Row], path: str) -> None:
     ax.set_xticks(range(1, len(rows) + 1), [r.name.replace(" ", "\n") for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("time to first token, ms (log)")
-    ax.set_title(f"TTFT by routing: 2 llama.cpp workers x {SLOTS} slots, SmolLM2-135M, "
-                 f"{SYSTEMS} prompts x {USERS} users x {TURNS} turns")  # fmt: skip
+    ax.set_title(
+        f"TTFT by routing: 2 llama.cpp workers x {SLOTS} slots, SmolLM2-135M, "
+        f"{SYSTEMS} prompts x {USERS} users x {TURNS} turns"
+    )
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -278,8 +369,10 @@ def main() -> None:
         sys.exit(missing)
     ports = [free_port() for _ in range(2)]
     worker_args = ["--slots", str(SLOTS), "--threads", "1", "--cache-ram-mib", "0"]
-    procs = [start([sys.executable, "-m", "shunter", "llamacpp", "--port", str(p), *worker_args])
-             for p in ports]  # fmt: skip
+    procs = [
+        start([sys.executable, "-m", "shunter", "llamacpp", "--port", str(p), *worker_args])
+        for p in ports
+    ]
     workers = [f"http://127.0.0.1:{p}" for p in ports]
     work = workload(args.users)
     rows: list[Row] = []
@@ -289,15 +382,43 @@ def main() -> None:
         rows.append(measure("fixed (no gateway)", lambda s: workers[s % 2], workers, work))
         for policy in args.policies:
             port = free_port()
-            command = [sys.executable, "-m", "shunter", "serve", "--host", "127.0.0.1", "--port",
-                       str(port), "--prometheus-port", "0", "--log-level", "warning",
-                       "--policy", policy, "--worker-urls", *workers]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "shunter",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--prometheus-port",
+                "0",
+                "--log-level",
+                "warning",
+                "--policy",
+                policy,
+                "--worker-urls",
+                *workers,
+            ]
             rows.append(through_gateway(f"shunter {policy}", command, port, workers, work))
         if args.smg:
             port = free_port()
-            command = [args.smg, "launch", "--host", "127.0.0.1", "--port", str(port),
-                       "--prometheus-port", str(free_port()), "--log-level", "warn",
-                       "--policy", "cache_aware", "--worker-urls", *workers]  # fmt: skip
+            command = [
+                args.smg,
+                "launch",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--prometheus-port",
+                str(free_port()),
+                "--log-level",
+                "warn",
+                "--policy",
+                "cache_aware",
+                "--worker-urls",
+                *workers,
+            ]
             rows.append(through_gateway("smg cache_aware", command, port, workers, work))
     finally:
         for proc in procs:

@@ -37,10 +37,16 @@ def workload() -> list[tuple[int, list[dict[str, str]]]]:
     vocabulary = [f"w{i}" for i in range(5000)]
     systems = [" ".join(rng.choice(vocabulary) for _ in range(2000)) for _ in range(SYSTEMS)]
     requests = [
-        (s, [{"role": "system", "content": systems[s]},
-             {"role": "user", "content": f"user {u} asks about item {rng.randint(0, 10**6)}"}])
-        for s in range(SYSTEMS) for u in range(USERS)
-    ]  # fmt: skip
+        (
+            s,
+            [
+                {"role": "system", "content": systems[s]},
+                {"role": "user", "content": f"user {u} asks about item {rng.randint(0, 10**6)}"},
+            ],
+        )
+        for s in range(SYSTEMS)
+        for u in range(USERS)
+    ]
     rng.shuffle(requests)
     return requests
 
@@ -114,10 +120,29 @@ def main() -> None:
     args = parser.parse_args()
     requests = workload()
     sim_ports = [free_port() for _ in range(WORKERS)]
-    sims = [start([sys.executable, "-m", "shunter", "sim", "--port", str(p), "--worker-id",
-                   f"sim-{i}", "--cache-tokens", str(CACHE_TOKENS), "--ttft-ms", "1",
-                   "--prefill-us-per-token", "5", "--max-running", "16"])
-            for i, p in enumerate(sim_ports)]  # fmt: skip
+    sims = [
+        start(
+            [
+                sys.executable,
+                "-m",
+                "shunter",
+                "sim",
+                "--port",
+                str(p),
+                "--worker-id",
+                f"sim-{i}",
+                "--cache-tokens",
+                str(CACHE_TOKENS),
+                "--ttft-ms",
+                "1",
+                "--prefill-us-per-token",
+                "5",
+                "--max-running",
+                "16",
+            ]
+        )
+        for i, p in enumerate(sim_ports)
+    ]
     urls = [f"http://127.0.0.1:{p}" for p in sim_ports]
     rows: dict[str, dict[str, float]] = {}
     try:
@@ -125,10 +150,30 @@ def main() -> None:
             wait_http(url + "/health")
         for policy in ("cache_aware", "round_robin", "prefix_hash"):
             port = free_port()
-            rows[f"shunter {policy}"] = measure(policy, [
-                sys.executable, "-m", "shunter", "serve", "--host", "127.0.0.1", "--port",
-                str(port), "--prometheus-port", "0", "--log-level", "warning", "--policy",
-                policy, "--worker-urls", *urls], port, urls, requests)  # fmt: skip
+            rows[f"shunter {policy}"] = measure(
+                policy,
+                [
+                    sys.executable,
+                    "-m",
+                    "shunter",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--prometheus-port",
+                    "0",
+                    "--log-level",
+                    "warning",
+                    "--policy",
+                    policy,
+                    "--worker-urls",
+                    *urls,
+                ],
+                port,
+                urls,
+                requests,
+            )
         if args.smg:
             port = free_port()
             rows["smg cache_aware"] = measure(

@@ -70,9 +70,21 @@ class Fleet:
             wait_http(f"http://127.0.0.1:{port}/health")
         self.port = free_port()
         urls = [f"http://127.0.0.1:{p}" for p in self.ports]
-        self.gateway = spawn("serve", "--host", "127.0.0.1", "--port", str(self.port),
-                             "--prometheus-port", "0", "--log-level", "error", *gateway_args,
-                             "--worker-urls", *urls, log=GATEWAY_LOG)  # fmt: skip
+        self.gateway = spawn(
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--prometheus-port",
+            "0",
+            "--log-level",
+            "error",
+            *gateway_args,
+            "--worker-urls",
+            *urls,
+            log=GATEWAY_LOG,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 30
         while self._healthy() != sims:
@@ -82,8 +94,9 @@ class Fleet:
 
     def _healthy(self) -> int:
         try:
-            return int(httpx.get(self.url + "/readiness", timeout=1).json()
-                       .get("healthy_workers", 0))  # fmt: skip
+            return int(
+                httpx.get(self.url + "/readiness", timeout=1).json().get("healthy_workers", 0)
+            )
         except (httpx.HTTPError, ValueError):
             return 0
 

@@ -41,9 +41,24 @@ CHAT = {
 
 def start_gateway(worker: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    process = spawn(1, "-m", "shunter", "serve", "--host", "127.0.0.1", "--port", str(port),
-                    "--prometheus-port", "0", "--log-level", "warning", "--policy",
-                    "round_robin", "--worker-urls", worker)  # fmt: skip
+    process = spawn(
+        1,
+        "-m",
+        "shunter",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-port",
+        "0",
+        "--log-level",
+        "warning",
+        "--policy",
+        "round_robin",
+        "--worker-urls",
+        worker,
+    )
     return process, port
 
 
@@ -120,9 +135,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     grpc_port, http_port = free_port(), free_port()
-    sim = spawn(0, "-m", "shunter", "sim", "--grpc", "--port", str(grpc_port), "--http-port",
-                str(http_port), "--ttft-ms", "0", "--itl-ms", "0", "--prefill-us-per-token", "0",
-                "--max-running", "256")  # fmt: skip
+    sim = spawn(
+        0,
+        "-m",
+        "shunter",
+        "sim",
+        "--grpc",
+        "--port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        "--ttft-ms",
+        "0",
+        "--itl-ms",
+        "0",
+        "--prefill-us-per-token",
+        "0",
+        "--max-running",
+        "256",
+    )
     gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     rows: dict[str, dict[str, list[float]]] = {}
     try:
@@ -137,12 +168,14 @@ def main() -> None:
             wait_routing(port, body=json.dumps(CHAT).encode())
         for _ in range(args.rounds):
             for name, (process, port) in gateways.items():
-                row = rows.setdefault(name, {"cpu_us": [], "rps": [], "p50": [], "tok_us": [],
-                                             "ttft": []})  # fmt: skip
+                row = rows.setdefault(
+                    name, {"cpu_us": [], "rps": [], "p50": [], "tok_us": [], "ttft": []}
+                )
                 pid = process.pid
                 before = cpu_seconds(pid)
-                result = run_wrk(f"http://127.0.0.1:{port}/v1/chat/completions", 16,
-                                 args.duration, script.name)  # fmt: skip
+                result = run_wrk(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", 16, args.duration, script.name
+                )
                 row["cpu_us"].append((cpu_seconds(pid) - before) / result["total"] * 1e6)
                 row["rps"].append(result["rps"])
                 row["p50"].append(result["p50"])
@@ -156,15 +189,21 @@ def main() -> None:
             process.wait()
         sim.terminate()
         sim.wait()
-    print(f"gateway CPU, same sim, medians of {args.rounds} rounds ({args.duration} s wrk, "
-          "16 connections; streams: 16 x 64 tokens x 4)")  # fmt: skip
-    print(f"{'worker':>6} | {'CPU/chat':>9} | {'req/s':>7} | {'p50':>8} | "
-          f"{'CPU/streamed token':>18} | {'TTFT, 64 streams':>16}")  # fmt: skip
+    print(
+        f"gateway CPU, same sim, medians of {args.rounds} rounds ({args.duration} s wrk, "
+        "16 connections; streams: 16 x 64 tokens x 4)"
+    )
+    print(
+        f"{'worker':>6} | {'CPU/chat':>9} | {'req/s':>7} | {'p50':>8} | "
+        f"{'CPU/streamed token':>18} | {'TTFT, 64 streams':>16}"
+    )
     for name, row in rows.items():
-        print(f"{name:>6} | {statistics.median(row['cpu_us']):>7.0f}us | "
-              f"{statistics.median(row['rps']):>7.0f} | {statistics.median(row['p50']):>6.0f}us | "
-              f"{statistics.median(row['tok_us']):>16.1f}us | "
-              f"{statistics.median(row['ttft']):>14.1f}ms")  # fmt: skip
+        print(
+            f"{name:>6} | {statistics.median(row['cpu_us']):>7.0f}us | "
+            f"{statistics.median(row['rps']):>7.0f} | {statistics.median(row['p50']):>6.0f}us | "
+            f"{statistics.median(row['tok_us']):>16.1f}us | "
+            f"{statistics.median(row['ttft']):>14.1f}ms"
+        )
     print("channel fetch (cell.value or await cell.get()), ns per fetch:")
     costs = {n: asyncio.run(fetch_cost(n)) for n in (1, 10, 100, 1000)}
     print("  " + "  ".join(f"{n} tasks: {ns:.0f}" for n, ns in costs.items()))

@@ -49,13 +49,15 @@ def prometheus_client_cost() -> float:
     routed_duration = Histogram(
         "z", "z", ["a", "b", "c", "d", "e"], buckets=DEFAULT_DURATION_BUCKETS, registry=registry
     )
-    children = (requests.labels("POST", "/v1/chat/completions", "2xx"),
-                duration.labels("POST", "/v1/chat/completions"), responses.labels("200", ""),
-                routed.labels("http", "regular", "HTTP", "m", "/v1/chat/completions", "false"),
-                selected.labels("regular", "HTTP", "m", "cache_aware"),
-                upstream.labels("http", "200", ""),
-                routed_duration.labels("http", "regular", "HTTP", "m",
-                                       "/v1/chat/completions"))  # fmt: skip
+    children = (
+        requests.labels("POST", "/v1/chat/completions", "2xx"),
+        duration.labels("POST", "/v1/chat/completions"),
+        responses.labels("200", ""),
+        routed.labels("http", "regular", "HTTP", "m", "/v1/chat/completions", "false"),
+        selected.labels("regular", "HTTP", "m", "cache_aware"),
+        upstream.labels("http", "200", ""),
+        routed_duration.labels("http", "regular", "HTTP", "m", "/v1/chat/completions"),
+    )
     started = time.perf_counter()
     for i in range(N):
         children[0].inc()

@@ -174,11 +174,28 @@ def start_gateways(
     if smg:
         port = free_port()
         process = subprocess.Popen(
-            ["taskset", "-c", "1", smg, "launch", "--host", "127.0.0.1", "--port", str(port),
-             "--worker-urls", up_url, "--policy", "round_robin", "--prometheus-port",
-             str(free_port()), "--log-level", "warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                "taskset",
+                "-c",
+                "1",
+                smg,
+                "launch",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--worker-urls",
+                up_url,
+                "--policy",
+                "round_robin",
+                "--prometheus-port",
+                str(free_port()),
+                "--log-level",
+                "warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         gateways["smg"] = (process, port)
     return gateways
 

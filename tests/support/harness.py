@@ -164,9 +164,20 @@ class Gateway(Proc):
         self.metrics_url = f"http://{LOOPBACK}:{self.metrics_port}/metrics"
         key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
         self.auth = {"authorization": f"Bearer {key}"} if key else {}
-        args = ["serve", "--host", LOOPBACK, "--port", str(self.port),
-                "--prometheus-host", LOOPBACK, "--prometheus-port", str(self.metrics_port),
-                "--log-level", "debug", *extra]  # fmt: skip
+        args = [
+            "serve",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--prometheus-host",
+            LOOPBACK,
+            "--prometheus-port",
+            str(self.metrics_port),
+            "--log-level",
+            "debug",
+            *extra,
+        ]
         if workers:
             args += ["--worker-urls", *workers]
         super().__init__(args)

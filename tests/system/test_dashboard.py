@@ -21,16 +21,25 @@ def test_the_dashboard_shows_a_new_worker_within_seconds(procs: list[Proc]) -> N
 
     first, second = Sim("dash-a", "--itl-ms", "1"), Sim("dash-b", "--itl-ms", "1")
     procs += [first, second]
-    gateway = Gateway("--api-key", "dash-key", "--worker-startup-check-interval", "1",
-                      workers=[first.url])  # fmt: skip
+    gateway = Gateway(
+        "--api-key", "dash-key", "--worker-startup-check-interval", "1", workers=[first.url]
+    )
     procs.append(gateway)
     auth = {"authorization": "Bearer dash-key"}
     console: list[str] = []
     assert httpx.get(gateway.url + "/dashboard").status_code == 401  # the sign-in form
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])  # fmt: skip
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1200, "height": 360})
         page.on("console", lambda message: console.append(message.text))
         page.goto(gateway.url + "/dashboard")  # signs in through the form: no key in a URL
@@ -50,7 +59,8 @@ def test_the_dashboard_shows_a_new_worker_within_seconds(procs: list[Proc]) -> N
                 json={"prompt": "the same long prompt " * 20, "max_tokens": 2},
             )
         expect(page.locator(f'tr[data-url="{first.url}"] td').nth(9)).not_to_have_text(
-            "n/a", timeout=5000)  # fmt: skip
+            "n/a", timeout=5000
+        )
         # The Content-Security-Policy admits the page's own script and style: nothing refused.
         assert not [m for m in console if "Content Security Policy" in m], console
         # A link written for smg (key in the query) is exchanged and the key leaves the URL.

@@ -31,9 +31,12 @@ def test_streamed_chat_equals_the_whole_answer(sdk: openai.OpenAI) -> None:
     messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "stream this please"}]
     whole = sdk.chat.completions.create(model="sim-model", messages=messages, max_tokens=8)
     stream = sdk.chat.completions.create(
-        model="sim-model", messages=messages, max_tokens=8, stream=True,
+        model="sim-model",
+        messages=messages,
+        max_tokens=8,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     pieces, usage = [], None
     for chunk in stream:
         if chunk.choices:
@@ -101,8 +104,10 @@ def test_round_robin_spreads_requests_over_both_workers(fleet: Fleet) -> None:
 
 
 def test_body_bytes_are_forwarded_unchanged_with_unknown_fields(fleet: Fleet) -> None:
-    raw = (b'{"model":"sim-model","prompt":"keep me","max_tokens":1,'
-           b'"my_custom_field":{"nested":[1,2,3]},  "spacing" : true}')  # fmt: skip
+    raw = (
+        b'{"model":"sim-model","prompt":"keep me","max_tokens":1,'
+        b'"my_custom_field":{"nested":[1,2,3]},  "spacing" : true}'
+    )
     with fleet.gateway.client() as http:
         response = http.post(
             "/v1/completions",
@@ -188,9 +193,14 @@ def test_metrics_count_requests_by_route_and_status(fleet: Fleet) -> None:
 
 def test_cors_allows_any_origin_by_default(fleet: Fleet) -> None:
     with fleet.gateway.client() as http:
-        preflight = http.options("/v1/chat/completions", headers={
-            "origin": "http://app.example", "access-control-request-method": "POST",
-            "access-control-request-headers": "content-type"})  # fmt: skip
+        preflight = http.options(
+            "/v1/chat/completions",
+            headers={
+                "origin": "http://app.example",
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type",
+            },
+        )
         actual = http.post(
             "/v1/completions",
             json={"prompt": "x", "max_tokens": 1},

@@ -130,8 +130,13 @@ def test_client_disconnect_frees_the_engine_slot(gateway: Gateway, workers: list
     def busy() -> float:
         return sum(w.metric("llamacpp:requests_processing") for w in workers)
 
-    body = {"model": MODEL, "prompt": "Count:", "max_tokens": 1500, "stream": True,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": "Count:",
+        "max_tokens": 1500,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with (
         httpx.Client(base_url=gateway.url, timeout=60) as client,
         client.stream("POST", "/v1/completions", json=body) as stream,

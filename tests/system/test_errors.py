@@ -77,16 +77,20 @@ def _raw_exchange(port: int, head: bytes, first_part: bytes) -> bytes:
 
 def test_413_comes_before_a_huge_declared_body_is_sent(small: tuple[Gateway, Sim]) -> None:
     gateway, _ = small
-    head = (b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: 104857600\r\n\r\n")  # fmt: skip
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 104857600\r\n\r\n"
+    )
     reply = _raw_exchange(gateway.port, head, b'{"prompt": "' + b"x" * 1000)
     assert reply.startswith(b"HTTP/1.1 413")
 
 
 def test_413_stops_reading_a_chunked_body_at_the_limit(small: tuple[Gateway, Sim]) -> None:
     gateway, _ = small
-    head = (b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+    )
     chunk = b"x" * 3000
     part = b"%x\r\n%s\r\n" % (len(chunk), chunk)
     # 6 KB of an endless body: the gateway must answer without waiting for the end.
@@ -185,6 +189,8 @@ def test_cors_with_configured_origins_admits_only_those(procs: list[Proc]) -> No
     assert good.headers["access-control-allow-origin"] == "http://good.example"
     assert good.headers["access-control-expose-headers"] == "x-request-id"
     assert "access-control-allow-origin" not in evil.headers
-    preflight = httpx.options(gateway.url + "/v1/completions", headers={
-        "origin": "http://good.example", "access-control-request-method": "POST"})  # fmt: skip
+    preflight = httpx.options(
+        gateway.url + "/v1/completions",
+        headers={"origin": "http://good.example", "access-control-request-method": "POST"},
+    )
     assert preflight.headers["access-control-allow-methods"] == "GET, POST, OPTIONS"

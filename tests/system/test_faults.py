@@ -32,9 +32,16 @@ def worker_info(gateway: Gateway, sim: Sim) -> dict[str, Any]:
 def test_a_failing_worker_is_retried_elsewhere_then_circuit_broken(procs: list[Proc]) -> None:
     bad, good = Sim("bad", "--error-rate", "1.0", "--error-status", "500"), Sim("good")
     procs += [bad, good]
-    gateway = Gateway("--policy", "round_robin", "--cb-failure-threshold", "3",
-                      "--cb-timeout-duration-secs", "300", *FAST_RETRY,
-                      workers=[bad.url, good.url])  # fmt: skip
+    gateway = Gateway(
+        "--policy",
+        "round_robin",
+        "--cb-failure-threshold",
+        "3",
+        "--cb-timeout-duration-secs",
+        "300",
+        *FAST_RETRY,
+        workers=[bad.url, good.url],
+    )
     procs.append(gateway)
     answers = [complete(gateway) for _ in range(12)]
     assert [r.status_code for r in answers] == [200] * 12
@@ -55,8 +62,7 @@ def test_a_worker_killed_under_load_loses_no_request_that_can_be_retried(
 ) -> None:
     doomed, survivor = Sim("doomed", "--itl-ms", "2"), Sim("survivor", "--itl-ms", "2")
     procs += [doomed, survivor]
-    gateway = Gateway("--policy", "round_robin", *FAST_RETRY,
-                      workers=[doomed.url, survivor.url])  # fmt: skip
+    gateway = Gateway("--policy", "round_robin", *FAST_RETRY, workers=[doomed.url, survivor.url])
     procs.append(gateway)
     stop = time.monotonic() + 3.0
     killed = threading.Event()
@@ -111,9 +117,17 @@ def test_a_hanging_worker_costs_a_client_at_most_the_timeout(procs: list[Proc]) 
 def test_an_unhealthy_worker_leaves_and_is_readmitted_when_it_recovers(procs: list[Proc]) -> None:
     flaky, steady = Sim("flaky"), Sim("steady")
     procs += [flaky, steady]
-    gateway = Gateway("--policy", "round_robin", "--health-check-interval-secs", "0.1",
-                      "--health-failure-threshold", "2", "--health-success-threshold", "2",
-                      workers=[flaky.url, steady.url])  # fmt: skip
+    gateway = Gateway(
+        "--policy",
+        "round_robin",
+        "--health-check-interval-secs",
+        "0.1",
+        "--health-failure-threshold",
+        "2",
+        "--health-success-threshold",
+        "2",
+        workers=[flaky.url, steady.url],
+    )
     procs.append(gateway)
     flaky.set_faults(fail_health=True)
     wait_for(lambda: not worker_info(gateway, flaky)["is_healthy"], 10, "flaky marked unhealthy")
@@ -121,8 +135,10 @@ def test_an_unhealthy_worker_leaves_and_is_readmitted_when_it_recovers(procs: li
     flaky.set_faults(fail_health=False)
     wait_for(lambda: worker_info(gateway, flaky)["is_healthy"], 10, "flaky readmitted")
     assert {complete(gateway).headers["x-worker-id"] for _ in range(6)} == {"flaky", "steady"}
-    assert 'smg_worker_health_checks_total{result="failure",worker_type="regular"}' in \
-        httpx.get(gateway.metrics_url).text  # fmt: skip
+    assert (
+        'smg_worker_health_checks_total{result="failure",worker_type="regular"}'
+        in httpx.get(gateway.metrics_url).text
+    )
 
 
 def test_an_open_circuit_half_opens_and_closes_when_the_worker_recovers(
@@ -131,9 +147,18 @@ def test_an_open_circuit_half_opens_and_closes_when_the_worker_recovers(
     sim = Sim("recovering", "--error-rate", "1.0")
     procs.append(sim)
     # Panic off: with the default threshold a model's only worker is never excluded.
-    gateway = Gateway("--cb-failure-threshold", "2", "--cb-success-threshold", "1",
-                      "--cb-timeout-duration-secs", "0.5", "--disable-retries",
-                      "--cb-panic-threshold", "0", workers=[sim.url])  # fmt: skip
+    gateway = Gateway(
+        "--cb-failure-threshold",
+        "2",
+        "--cb-success-threshold",
+        "1",
+        "--cb-timeout-duration-secs",
+        "0.5",
+        "--disable-retries",
+        "--cb-panic-threshold",
+        "0",
+        workers=[sim.url],
+    )
     procs.append(gateway)
     assert [complete(gateway).status_code for _ in range(2)] == [500, 500]
     refused = complete(gateway)
@@ -150,8 +175,15 @@ def test_a_burst_gets_429_when_the_queue_is_full_and_408_when_it_waits_too_long(
 ) -> None:
     sim = Sim("slowpoke", "--itl-ms", "50")
     procs.append(sim)
-    gateway = Gateway("--max-concurrent-requests", "2", "--queue-size", "2",
-                      "--queue-timeout-secs", "0.3", workers=[sim.url])  # fmt: skip
+    gateway = Gateway(
+        "--max-concurrent-requests",
+        "2",
+        "--queue-size",
+        "2",
+        "--queue-timeout-secs",
+        "0.3",
+        workers=[sim.url],
+    )
     procs.append(gateway)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: complete(gateway, max_tokens=30), range(8)))
@@ -167,8 +199,7 @@ def test_a_burst_gets_429_when_the_queue_is_full_and_408_when_it_waits_too_long(
 def test_a_client_that_leaves_returns_its_slot(procs: list[Proc]) -> None:
     sim = Sim("long", "--itl-ms", "50")
     procs.append(sim)
-    gateway = Gateway("--max-concurrent-requests", "1", "--queue-size", "0",
-                      workers=[sim.url])  # fmt: skip
+    gateway = Gateway("--max-concurrent-requests", "1", "--queue-size", "0", workers=[sim.url])
     procs.append(gateway)
     body = {"prompt": "x", "max_tokens": 200, "stream": True}
     with httpx.stream("POST", gateway.url + "/v1/completions", json=body, timeout=30) as r:

@@ -235,8 +235,14 @@ def test_failing_worker_is_retried_elsewhere(procs: list[Proc]) -> None:
 def test_breaker_opens_on_a_failing_grpc_worker(procs: list[Proc]) -> None:
     good, bad = GrpcSim("good"), GrpcSim("bad")
     procs += [good, bad]
-    gateway = Gateway("--policy", "round_robin", "--disable-retries", "--cb-failure-threshold",
-                      "2", workers=[good.url, bad.url])  # fmt: skip
+    gateway = Gateway(
+        "--policy",
+        "round_robin",
+        "--disable-retries",
+        "--cb-failure-threshold",
+        "2",
+        workers=[good.url, bad.url],
+    )
     procs.append(gateway)
     bad.set_faults(error_rate=1.0, error_status=503)
     with gateway.client() as http:

@@ -13,8 +13,10 @@ from support.harness import Fleet, Gateway, Proc, Sim
 
 
 def test_merge_labels_every_sample_with_its_worker_and_lists_families_once() -> None:
-    a = ('# HELP vllm:running Running\n# TYPE vllm:running gauge\nvllm:running{m="x"} 2\n'
-         "# TYPE up gauge\nup 1\n")  # fmt: skip
+    a = (
+        '# HELP vllm:running Running\n# TYPE vllm:running gauge\nvllm:running{m="x"} 2\n'
+        "# TYPE up gauge\nup 1\n"
+    )
     b = '# TYPE vllm:running gauge\nvllm:running{m="x"} 5\n'
     text = merge({"http://a:1": a, "http://b:2": b})
     assert text.count("# TYPE vllm_running gauge") == 1
@@ -54,8 +56,10 @@ def test_one_access_line_per_request_in_json_and_never_a_key(procs: list[Proc]) 
     )
     procs.append(gateway)
     auth = {"authorization": "Bearer top-secret-key", "x-request-id": "trace-me-1"}
-    assert httpx.post(gateway.url + "/v1/completions", json={"prompt": "x"},
-                      headers=auth).status_code == 200  # fmt: skip
+    assert (
+        httpx.post(gateway.url + "/v1/completions", json={"prompt": "x"}, headers=auth).status_code
+        == 200
+    )
     assert (
         httpx.post(
             gateway.url + "/v1/completions",
@@ -80,24 +84,34 @@ def test_stream_stats_read_usage_and_meta_info() -> None:
     stats = StreamStats(0.0)
     stats.on_chunk(b'data: {"choices": []}\n\n')
     assert stats.first is not None and stats.tokens() is None
-    stats.on_chunk(b'data: {"choices": [], "usage": {"prompt_tokens": 7, '
-                   b'"completion_tokens": 3}}\n\ndata: [DONE]\n\n')  # fmt: skip
+    stats.on_chunk(
+        b'data: {"choices": [], "usage": {"prompt_tokens": 7, '
+        b'"completion_tokens": 3}}\n\ndata: [DONE]\n\n'
+    )
     assert stats.tokens() == (7, 3)
     sglang = StreamStats(0.0)
-    sglang.on_chunk(b'data: {"text": "a b", "meta_info": {"prompt_tokens": 4, '
-                    b'"completion_tokens": 2}}\n\n')  # fmt: skip
+    sglang.on_chunk(
+        b'data: {"text": "a b", "meta_info": {"prompt_tokens": 4, "completion_tokens": 2}}\n\n'
+    )
     assert sglang.tokens() == (4, 2)
 
 
 def test_streams_report_ttft_tpot_and_tokens(fleet: Fleet) -> None:
-    body = {"messages": [{"role": "user", "content": "count me"}], "max_tokens": 6,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "messages": [{"role": "user", "content": "count me"}],
+        "max_tokens": 6,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with fleet.gateway.client() as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
             response.read()
-        generate = {"text": "count me too", "stream": True,
-                    "sampling_params": {"max_new_tokens": 4}}  # fmt: skip
+        generate = {
+            "text": "count me too",
+            "stream": True,
+            "sampling_params": {"max_new_tokens": 4},
+        }
         with http.stream("POST", "/generate", json=generate) as response:
             response.read()
     text = httpx.get(fleet.gateway.metrics_url).text
@@ -122,12 +136,14 @@ def test_router_metrics_cover_durations_errors_and_upstream_answers(fleet: Fleet
     text = httpx.get(fleet.gateway.metrics_url).text
 
     def has(name: str, **labels: str) -> bool:
-        return any(line.startswith(name + "{") and all(f'{k}="{v}"' in line
-                                                       for k, v in labels.items())
-                   for line in text.splitlines())  # fmt: skip
+        return any(
+            line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+            for line in text.splitlines()
+        )
 
     assert has("smg_router_request_duration_seconds_bucket", endpoint="/v1/completions")
-    assert has("smg_router_request_errors_total", error_type="status_400",
-               endpoint="/v1/chat/completions")  # fmt: skip
+    assert has(
+        "smg_router_request_errors_total", error_type="status_400", endpoint="/v1/chat/completions"
+    )
     assert has("smg_router_upstream_responses_total", router_type="http", status_code="200")
     assert has("smg_worker_connections_active", worker_type="regular", connection_mode="HTTP")

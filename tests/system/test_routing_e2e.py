@@ -22,8 +22,10 @@ def worker_of(gateway: Gateway, body: dict[str, object]) -> str:
 
 
 def chat(system: str, user: str) -> dict[str, object]:
-    return {"messages": [{"role": "system", "content": system},
-                         {"role": "user", "content": user}], "max_tokens": 2}  # fmt: skip
+    return {
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "max_tokens": 2,
+    }
 
 
 def test_cache_aware_keeps_each_system_prompt_on_one_worker(procs: list[Proc]) -> None:
@@ -31,8 +33,9 @@ def test_cache_aware_keeps_each_system_prompt_on_one_worker(procs: list[Proc]) -
     procs += sims
     gateway = Gateway(workers=[s.url for s in sims])  # cache_aware is the default
     procs.append(gateway)
-    systems = [f"You are assistant number {i}. " + "Follow the house style. " * 80
-               for i in range(4)]  # fmt: skip
+    systems = [
+        f"You are assistant number {i}. " + "Follow the house style. " * 80 for i in range(4)
+    ]
     homes: dict[int, Counter[str]] = {i: Counter() for i in range(4)}
     for user in range(6):
         for i, system in enumerate(systems):
@@ -47,8 +50,13 @@ def test_cache_aware_keeps_each_system_prompt_on_one_worker(procs: list[Proc]) -
 def test_power_of_two_avoids_the_worker_that_reports_load(procs: list[Proc]) -> None:
     busy, idle = Sim("busy", "--itl-ms", "50", "--max-running", "2"), Sim("idle")
     procs += [busy, idle]
-    gateway = Gateway("--policy", "power_of_two", "--worker-startup-check-interval", "0.2",
-                      workers=[busy.url, idle.url])  # fmt: skip
+    gateway = Gateway(
+        "--policy",
+        "power_of_two",
+        "--worker-startup-check-interval",
+        "0.2",
+        workers=[busy.url, idle.url],
+    )
     procs.append(gateway)
 
     def load_busy() -> None:  # straight to the worker: the gateway cannot count these
@@ -126,8 +134,9 @@ def test_removing_a_worker_lets_its_streams_finish_and_moves_new_traffic(
 
     def stream() -> None:
         body = {"prompt": "x", "max_tokens": 30, "stream": True}
-        with httpx.stream("POST", gateway.url + "/v1/completions", json=body,
-                          timeout=30) as response:  # fmt: skip
+        with httpx.stream(
+            "POST", gateway.url + "/v1/completions", json=body, timeout=30
+        ) as response:
             lines = [ln for ln in response.iter_lines() if ln.startswith("data: ")]
         results.append((response.headers["x-worker-id"], len(lines)))
 

@@ -23,8 +23,12 @@ def slow() -> Iterator[tuple[Gateway, Sim]]:
 
 def test_chunks_reach_the_client_as_they_leave_the_worker(slow: tuple[Gateway, Sim]) -> None:
     gateway, _ = slow
-    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 8, "stream": True}  # fmt: skip
+    body = {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 8,
+        "stream": True,
+    }
     arrivals = []
     with (
         httpx.Client(timeout=30) as http,

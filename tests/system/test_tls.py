@@ -55,9 +55,24 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             f"{name}.csr",
             cwd=d,
         )
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext",
-                 "-out", f"{name}.pem", cwd=d)  # fmt: skip
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+            "-out",
+            f"{name}.pem",
+            cwd=d,
+        )
     return d
 
 
@@ -93,9 +108,15 @@ def test_mutual_tls_to_a_worker_that_demands_a_client_certificate(
         str(certs / "ca.pem"),
     )
     procs.append(sim)
-    gateway = Gateway("--client-cert-path", str(certs / "client.pem"), "--client-key-path",
-                      str(certs / "client.key"), "--ca-cert-paths", str(certs / "ca.pem"),
-                      workers=[sim.url])  # fmt: skip
+    gateway = Gateway(
+        "--client-cert-path",
+        str(certs / "client.pem"),
+        "--client-key-path",
+        str(certs / "client.key"),
+        "--ca-cert-paths",
+        str(certs / "ca.pem"),
+        workers=[sim.url],
+    )
     procs.append(gateway)
     response = httpx.post(gateway.url + "/v1/completions", json={"prompt": "x"})
     assert response.status_code == 200
@@ -109,8 +130,9 @@ def test_mutual_tls_to_a_worker_that_demands_a_client_certificate(
     httpx.post(outsider.url + "/workers", json={"url": sim.url})
 
     def failed() -> bool:
-        job = httpx.get(outsider.url + "/workers/" + sim.url.replace("/", "%2F")
-                        .replace(":", "%3A")).json()  # fmt: skip
+        job = httpx.get(
+            outsider.url + "/workers/" + sim.url.replace("/", "%2F").replace(":", "%3A")
+        ).json()
         return bool(job.get("job_status", {}).get("status") == "failed")
 
     wait_for(failed, 15, "the registration without a client certificate to fail")

@@ -46,8 +46,9 @@ def test_spans_reach_the_collector_and_the_trace_reaches_the_worker(
     servicer, port = collector
     sim = Sim("traced")
     procs.append(sim)
-    gateway = Gateway("--enable-trace", "--otlp-traces-endpoint", f"127.0.0.1:{port}",
-                      workers=[sim.url])  # fmt: skip
+    gateway = Gateway(
+        "--enable-trace", "--otlp-traces-endpoint", f"127.0.0.1:{port}", workers=[sim.url]
+    )
     procs.append(gateway)
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     parent = f"00-{trace_id}-00f067aa0ba902b7-01"

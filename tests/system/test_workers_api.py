@@ -82,10 +82,17 @@ def test_worker_info_update_and_not_found(procs: list[Proc]) -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [{"url": "file:///etc/passwd"}, {"url": "gopher://x:70"}, {}, {"url": 5},
-     {"url": "http://"}, {"url": "http://h:1", "worker_type": "boss"},
-     {"url": "http://h:1", "priority": -1}, [1]],
-)  # fmt: skip
+    [
+        {"url": "file:///etc/passwd"},
+        {"url": "gopher://x:70"},
+        {},
+        {"url": 5},
+        {"url": "http://"},
+        {"url": "http://h:1", "worker_type": "boss"},
+        {"url": "http://h:1", "priority": -1},
+        [1],
+    ],
+)
 def test_bad_worker_specs_are_400(empty_gateway: Gateway, body: object) -> None:
     gateway = empty_gateway
     response = httpx.post(gateway.url + "/workers", json=body)
@@ -176,8 +183,15 @@ def test_worker_api_key_is_sent_as_bearer(procs: list[Proc]) -> None:
 def test_configured_workers_get_the_worker_key_and_never_the_gateways(procs: list[Proc]) -> None:
     locked, open_ = Sim("locked", "--api-key", "worker-key"), Sim("open")
     procs += [locked, open_]
-    gateway = Gateway("--api-key", "gateway-key", "--worker-api-key", "worker-key",
-                      "--policy", "round_robin", workers=[locked.url, open_.url])  # fmt: skip
+    gateway = Gateway(
+        "--api-key",
+        "gateway-key",
+        "--worker-api-key",
+        "worker-key",
+        "--policy",
+        "round_robin",
+        workers=[locked.url, open_.url],
+    )
     procs.append(gateway)
     with gateway.client(headers=gateway.auth) as http:
         for _ in range(4):

@@ -78,11 +78,29 @@ def test_defaults_are_sglang_routers() -> None:
 
 def test_flags_are_read() -> None:
     config = config_for(
-        "--host", "127.0.0.1", "--port", "8080", "--worker-urls", "http://a:1", "b:2",
-        "--policy", "random", "--max-payload-size", "1024", "--request-timeout-secs", "5",
-        "--api-key", "k", "--log-level", "debug", "--cors-allowed-origins", "http://x.io",
-        "--request-id-headers", "X-My-Id", "--dp-aware",
-    )  # fmt: skip
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8080",
+        "--worker-urls",
+        "http://a:1",
+        "b:2",
+        "--policy",
+        "random",
+        "--max-payload-size",
+        "1024",
+        "--request-timeout-secs",
+        "5",
+        "--api-key",
+        "k",
+        "--log-level",
+        "debug",
+        "--cors-allowed-origins",
+        "http://x.io",
+        "--request-id-headers",
+        "X-My-Id",
+        "--dp-aware",
+    )
     assert config.worker_urls == ["http://a:1", "http://b:2"]
     assert config.policy == "random" and config.max_payload_size == 1024
     assert config.request_id_headers == ["x-my-id"] and config.dp_aware

@@ -89,8 +89,9 @@ def test_a_disabled_breaker_never_opens() -> None:
 
 
 def test_backoff_grows_caps_and_jitters() -> None:
-    config = RetryConfig(initial_backoff_ms=100, max_backoff_ms=300, backoff_multiplier=2,
-                         jitter_factor=0.1)  # fmt: skip
+    config = RetryConfig(
+        initial_backoff_ms=100, max_backoff_ms=300, backoff_multiplier=2, jitter_factor=0.1
+    )
     rng = random.Random(1)
     for attempt, base in ((0, 0.1), (1, 0.2), (2, 0.3), (5, 0.3)):
         delays = [config.backoff_secs(attempt, rng) for _ in range(200)]

@@ -16,7 +16,7 @@ keeps failing is soon probed only once a minute. The openings count as consecuti
 the circuit has stayed closed for ``timeout_secs``.
 
 The breaker knows nothing of routing: ``on_change`` hears every transition, and
-``core/ejection.py`` decides from that whether the worker is excluded (``worker.breaker_open``).
+``fleet/ejection.py`` decides from that whether the worker is excluded (``WorkerRuntime.exclude``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class BreakerConfig:
     # breakers chaos bench 1, 2 and 5 s all failed no request; 1 s failed more probes.
     base_open_secs: float = 2.0
     # Below this share of a model's healthy workers left by their breakers, the model's
-    # breakers are ignored (core/ejection.py); 0 turns that off.
+    # breakers are ignored (fleet/ejection.py); 0 turns that off.
     panic_threshold: float = 0.5
 
     def validate(self) -> BreakerConfig:

@@ -83,7 +83,7 @@ class Metrics:
         self.retries: dict[tuple[str, str], int] = {}  # worker type, endpoint
         self.exhausted: dict[tuple[str, str], int] = {}
         self.cb_transitions: dict[tuple[str, str, str], int] = {}  # worker, from, to
-        self.cb_panic: set[str] = set()  # models whose breakers are ignored (core/ejection.py)
+        self.cb_panic: set[str] = set()  # models whose breakers are ignored (fleet/ejection.py)
         self.health_checks: dict[tuple[str, str], int] = {}  # worker type, result
         self.rate_limit: dict[str, int] = {}  # result
         self.ttft: dict[tuple[str, str], HistogramCell] = {}  # model, endpoint

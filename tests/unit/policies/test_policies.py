@@ -95,8 +95,10 @@ def test_random_is_uniform_over_available_workers() -> None:
 def test_least_loaded_breaks_ties_by_rotating() -> None:
     workers = fleet(3)
     assert Counter(least_loaded(workers).url for _ in range(30)) == {  # type: ignore[union-attr]
-        "http://w0": 10, "http://w1": 10, "http://w2": 10,
-    }  # fmt: skip
+        "http://w0": 10,
+        "http://w1": 10,
+        "http://w2": 10,
+    }
     workers[1].state.in_flight = 0
     workers[0].state.in_flight = workers[2].state.in_flight = 2
     assert all(least_loaded(workers) is workers[1] for _ in range(5))
@@ -244,14 +246,19 @@ async def test_cache_aware_eviction_keeps_trees_within_max_tree_size() -> None:
 def test_consistent_hashing_is_sticky_per_key_and_moves_few_keys_on_growth() -> None:
     policy = ConsistentHashingPolicy(random.Random(4))
     workers = fleet(4)
-    before = {k: policy.select(workers, headers_request(x_smg_routing_key=f"user-{k}"))
-              for k in range(400)}  # fmt: skip
-    again = {k: policy.select(workers, headers_request(x_smg_routing_key=f"user-{k}"))
-             for k in range(400)}  # fmt: skip
+    before = {
+        k: policy.select(workers, headers_request(x_smg_routing_key=f"user-{k}"))
+        for k in range(400)
+    }
+    again = {
+        k: policy.select(workers, headers_request(x_smg_routing_key=f"user-{k}"))
+        for k in range(400)
+    }
     assert before == again
     grown = (*workers, make_worker("http://w4", models=("m",), healthy=True))
-    after = {k: policy.select(grown, headers_request(x_smg_routing_key=f"user-{k}"))
-             for k in range(400)}  # fmt: skip
+    after = {
+        k: policy.select(grown, headers_request(x_smg_routing_key=f"user-{k}")) for k in range(400)
+    }
     moved = sum(1 for k in before if after[k] is not before[k])
     assert 30 < moved < 150  # about 1/5 of the keys move, all of them to the new worker
     assert all(after[k].url == "http://w4" for k in before if after[k] is not before[k])  # type: ignore[union-attr]
@@ -289,8 +296,10 @@ def test_manual_is_sticky_by_key_and_reassigns_when_its_worker_leaves() -> None:
     policy = ManualPolicy(max_idle_secs=100, rng=random.Random(5))
     workers = fleet(3)
     first = policy.select(workers, headers_request(x_smg_routing_key="session-1"))
-    assert all(policy.select(workers, headers_request(x_smg_routing_key="session-1")) is first
-               for _ in range(10))  # fmt: skip
+    assert all(
+        policy.select(workers, headers_request(x_smg_routing_key="session-1")) is first
+        for _ in range(10)
+    )
     by_body = policy.select(workers, RouteRequest("m", None, None, "session-2"))
     assert policy.select(workers, RouteRequest("m", None, None, "session-2")) is by_body
     assert first is not None

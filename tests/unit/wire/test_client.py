@@ -51,8 +51,10 @@ async def test_chunked_stream_then_reuse_of_the_kept_alive_connection(serve) -> 
         connections += 1
         for _ in range(2):
             seen.append(await read_request(reader))
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                         b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                b"transfer-encoding: chunked\r\n\r\n"
+            )
             for part in (b"data: 1\n\n", b"data: 2\n\n"):
                 writer.write(b"%x\r\n%s\r\n" % (len(part), part))
                 await writer.drain()

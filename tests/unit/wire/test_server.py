@@ -85,8 +85,10 @@ async def test_pipelined_requests_are_answered_in_order(server: int) -> None:
 
 
 async def test_chunked_request_body_is_reassembled(server: int) -> None:
-    raw = (b"POST /c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
-           b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")  # fmt: skip
+    raw = (
+        b"POST /c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
     data = await read_until_closed(server, raw)
     assert data.endswith(b"POST /c hello world")
 

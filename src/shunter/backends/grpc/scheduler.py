@@ -2,7 +2,7 @@
 
 One ``SchedulerClient`` per gRPC worker, holding one grpc.aio channel that every request to
 that worker shares (a channel multiplexes concurrent calls over one HTTP/2 connection). It
-is created once, on first use, in the worker's client cell (``core/once.py``) and replaced
+is created once, on first use, in its backend's once-cell (``aio/once.py``) and replaced
 there in the background when it breaks.
 
 The proto and its generated stubs come from the ``smg-grpc-proto`` wheel.
