@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import httpx
 import orjson
 
-from common import free_port, start, wait_http, wait_registered
+from common import free_port, gateway_args, start, wait_http, wait_registered
 
 MODEL = "smollm2"
 SYSTEMS, USERS, TURNS = 8, 24, 2
@@ -382,24 +382,7 @@ def main() -> None:
         rows.append(measure("fixed (no gateway)", lambda s: workers[s % 2], workers, work))
         for policy in args.policies:
             port = free_port()
-            command = [
-                sys.executable,
-                "-m",
-                "shunter",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--prometheus-port",
-                "0",
-                "--log-level",
-                "warning",
-                "--policy",
-                policy,
-                "--worker-urls",
-                *workers,
-            ]
+            command = [sys.executable, *gateway_args(port, policy, *workers)]
             rows.append(through_gateway(f"shunter {policy}", command, port, workers, work))
         if args.smg:
             port = free_port()

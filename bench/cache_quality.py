@@ -21,7 +21,7 @@ import time
 
 import httpx
 
-from common import free_port, start, wait_http, wait_registered
+from common import free_port, gateway_args, start, wait_http, wait_registered
 from shunter.sim.cache import PrefixCache
 from shunter.sim.engine import tokenize
 
@@ -152,24 +152,7 @@ def main() -> None:
             port = free_port()
             rows[f"shunter {policy}"] = measure(
                 policy,
-                [
-                    sys.executable,
-                    "-m",
-                    "shunter",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--prometheus-port",
-                    "0",
-                    "--log-level",
-                    "warning",
-                    "--policy",
-                    policy,
-                    "--worker-urls",
-                    *urls,
-                ],
+                [sys.executable, *gateway_args(port, policy, *urls)],
                 port,
                 urls,
                 requests,

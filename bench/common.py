@@ -10,6 +10,27 @@ import urllib.request
 from typing import Any
 
 
+def gateway_args(port: int, policy: str = "round_robin", *workers: str) -> list[str]:
+    """``-m shunter serve`` on 127.0.0.1:``port``, quiet, no metrics listener."""
+    return [
+        "-m",
+        "shunter",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-port",
+        "0",
+        "--log-level",
+        "warning",
+        "--policy",
+        policy,
+        "--worker-urls",
+        *workers,
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

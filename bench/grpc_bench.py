@@ -26,7 +26,7 @@ import time
 
 import httpx
 
-from common import free_port, wait_http
+from common import free_port, gateway_args, wait_http
 from proxy_bench import LUA, cpu_seconds, run_wrk, spawn, wait_routing
 
 CHAT = {
@@ -41,25 +41,7 @@ CHAT = {
 
 def start_gateway(worker: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    process = spawn(
-        1,
-        "-m",
-        "shunter",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--prometheus-port",
-        "0",
-        "--log-level",
-        "warning",
-        "--policy",
-        "round_robin",
-        "--worker-urls",
-        worker,
-    )
-    return process, port
+    return spawn(1, *gateway_args(port, "round_robin", worker)), port
 
 
 async def streams(port: int, concurrent: int, rounds: int) -> int:

@@ -27,7 +27,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import free_port, wait_http
+from common import free_port, gateway_args, wait_http
 
 HERE = Path(__file__).resolve().parent
 BODY = (HERE / "chat_1k.json").read_bytes()
@@ -145,24 +145,7 @@ async def stream_batch(port: int, concurrent: int, rounds: int) -> int:
 
 def shunter(up_url: str, source: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    args = [
-        "-m",
-        "shunter",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--prometheus-port",
-        "0",
-        "--log-level",
-        "warning",
-        "--policy",
-        "round_robin",
-        "--worker-urls",
-        up_url,
-    ]
-    return spawn(1, *args, source=source), port
+    return spawn(1, *gateway_args(port, "round_robin", up_url), source=source), port
 
 
 def start_gateways(

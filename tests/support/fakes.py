@@ -83,6 +83,7 @@ class Workers:
     def __init__(self, handler: Handler = ok, **server_info: Any) -> None:
         self.handler = handler
         self.server_info = {"served_model_name": "m", **server_info}
+        self.healthy = True  # what /health answers: 200, or 503 once set false
         self.clients: dict[str, list[MockClient]] = {}  # base URL -> clients made, in order
         self.control = MockClient(self._control)
 
@@ -90,7 +91,7 @@ class Workers:
         """The control plane: /health and SGLang's /server_info answer for every worker;
         anything else is a 404 unless ``control`` answers it."""
         if request.url.endswith("/health"):
-            return MockResponse(200)
+            return MockResponse(200 if self.healthy else 503)
         if request.url.endswith(("/server_info", "/get_server_info")):
             return MockResponse(200, body=orjson.dumps(self.server_info))
         return self.control_handler(request)

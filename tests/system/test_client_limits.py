@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from support.harness import Gateway, Proc
+from support.sockets import read_until_closed
 
 REFUSED_WITHOUT_KEY = b"GET /workers HTTP/1.1\r\nhost: x\r\n"  # 401 when the head is fine
 
@@ -15,16 +16,6 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-async def read_until_closed(port: int, raw: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(raw)
-    data = b""
-    while chunk := await asyncio.wait_for(reader.read(65536), 5):
-        data += chunk
-    writer.close()
-    return data
 
 
 async def test_a_32_mib_header_is_refused_before_the_key_and_leaves_no_memory_behind(

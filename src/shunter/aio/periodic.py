@@ -2,6 +2,8 @@
 
 Health checks, load polling, tree trimming, bucket adjustment and idle-key sweeps all need
 the same loop: run on the event loop, survive a failing round (log it, go on), stop cleanly.
+The pause between rounds is a number, or a function asked after each round (health checks
+wait until the next worker is due, whatever each worker's own interval).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ class Periodic:
     def __init__(
         self,
         name: str,
-        interval_secs: float,
+        interval_secs: float | Callable[[], float],
         work: Callable[[], object],  # a plain or async function; its result is ignored
         *,
         run_first: bool = False,
@@ -46,8 +48,11 @@ class Periodic:
         if self.run_first:
             await self._once()
         while True:
+            pause = self.interval_secs
+            if callable(pause):
+                pause = max(0.0, pause())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=self.interval_secs)
+                await asyncio.wait_for(self.wake.wait(), timeout=pause)
             self.wake.clear()
             await self._once()
 

@@ -18,11 +18,11 @@ check"). If the worker still fails real requests, the first failure opens it aga
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 
+from shunter.aio.periodic import Periodic
 from shunter.fleet.runtime import HealthConfig
 from shunter.fleet.worker import Worker
 
@@ -42,47 +42,49 @@ class HealthChecker:
         self.on_check = on_check  # every check
         self.on_flip = on_flip  # a worker turned healthy or unhealthy
         self._due: dict[str, float] = {}  # base URL -> when its next check is due
-        self._task: asyncio.Task[None] | None = None
-        self.wake = asyncio.Event()  # set(): reconsider the schedule now (settings changed)
+        self._loop = Periodic("health checks", self._until_next, self._check_due)
+
+    @property
+    def wake(self) -> asyncio.Event:
+        """set(): reconsider the schedule now (a worker's settings changed)."""
+        return self._loop.wake
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._loop.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loop.stop()
 
     def _settings(self, worker: Worker) -> HealthConfig:
         return worker.health or self.config
 
-    async def _run(self) -> None:
-        while True:
-            now = time.monotonic()
-            groups = _by_base_url(self.workers())
-            due = self._due
-            for base in list(due):
-                if base not in groups:
-                    del due[base]  # removed
-            for base, group in groups.items():
-                due.setdefault(base, now + self._settings(group[0]).interval_secs)
-            ready = [group for base, group in groups.items() if due[base] <= now]
-            if ready:
-                try:
-                    await self._check(ready)
-                except Exception:
-                    log.exception("health checks failed")
-                for group in ready:
-                    due[group[0].base_url] = (
-                        time.monotonic() + self._settings(group[0]).interval_secs
-                    )
-            wait = min(due.values(), default=now + self.config.interval_secs) - time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=max(0.0, wait))
-            self.wake.clear()
+    def _schedule(self) -> dict[str, list[Worker]]:
+        """The workers by base URL; a new one is first due one interval from now."""
+        groups = _by_base_url(self.workers())
+        now = time.monotonic()
+        due = self._due
+        for base in [b for b in due if b not in groups]:
+            del due[base]  # removed
+        for base, group in groups.items():
+            due.setdefault(base, now + self._settings(group[0]).interval_secs)
+        return groups
+
+    def _until_next(self) -> float:
+        self._schedule()
+        next_due = min(self._due.values(), default=time.monotonic() + self.config.interval_secs)
+        return next_due - time.monotonic()
+
+    async def _check_due(self) -> None:
+        now = time.monotonic()
+        ready = [g for base, g in self._schedule().items() if self._due[base] <= now]
+        if not ready:
+            return
+        try:
+            await self._check(ready)
+        finally:
+            for group in ready:
+                interval = self._settings(group[0]).interval_secs
+                self._due[group[0].base_url] = time.monotonic() + interval
 
     async def check_all(self) -> None:
         """Check every worker now (tests, and an operator's explicit request)."""

@@ -73,3 +73,25 @@ async def test_an_update_refuses_fields_it_cannot_apply_and_applies_health_setti
     assert worker.health.interval_secs == 0.05 and worker.health.failure_threshold == 1
     assert worker.health.timeout_secs == gw.config.health.timeout_secs  # the rest: the flags'
     await gw.close()
+
+
+async def test_a_workers_own_health_settings_are_applied() -> None:
+    """PUT's health fields are applied, not silently ignored: with its own 50 ms interval and
+    a threshold of one, a worker that stops answering /health leaves at once, while the
+    flags' interval (60 s) would have kept it for a minute."""
+    network = Workers()
+    gw = gateway(network=network)
+    await ready(gw)
+    body = b'{"health_check_interval_secs": 0.05, "health_failure_threshold": 1}'
+    assert (await call(gw.app, "PUT", PATH, body)).status == 202
+    network.healthy = False
+    worker = gw.fleet.registry.get_by_url(URL)
+    assert worker is not None
+    for _ in range(100):
+        if not worker.state.healthy:
+            break
+        await asyncio.sleep(0.01)
+    assert not worker.state.healthy
+    answer = await call(gw.app, "POST", "/v1/completions", b"{}")
+    assert answer.status == 503
+    await gw.close()

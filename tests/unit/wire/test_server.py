@@ -15,6 +15,8 @@ from shunter.wire.asgi import Receive, Scope, Send, read_body, send_bytes
 from shunter.wire.limits import RESERVED_FILES, ServerLimits, default_max_connections
 from shunter.wire.server import HttpServer
 
+from support.sockets import read_until_closed
+
 LEFT: list[str] = []
 
 
@@ -48,16 +50,6 @@ async def server() -> AsyncIterator[int]:
     port = await http.listen("127.0.0.1", 0)
     yield port
     await http.shutdown(1)
-
-
-async def read_until_closed(port: int, raw: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(raw)
-    data = b""
-    while chunk := await asyncio.wait_for(reader.read(65536), 5):
-        data += chunk
-    writer.close()
-    return data
 
 
 async def test_keep_alive_serves_several_requests_on_one_connection(server: int) -> None:
