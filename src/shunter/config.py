@@ -70,6 +70,15 @@ class GatewayConfig:
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
     probe_both: set[str] = field(default_factory=set)  # filled by validate()
+    # Prefill/decode disaggregation (routing/pd/): the workers of each leg (a prefill
+    # worker's bootstrap port, None: its engine's default), each leg's policy (None:
+    # --policy), and the prompt size under which the decode worker runs a request alone.
+    pd_disaggregation: bool = False
+    prefill_urls: list[tuple[str, int | None]] = field(default_factory=list)
+    decode_urls: list[str] = field(default_factory=list)
+    prefill_policy: str | None = None
+    decode_policy: str | None = None
+    pd_min_prefill_tokens: int = 0
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
@@ -108,6 +117,7 @@ class GatewayConfig:
         if self.shutdown_drain_secs < 0:
             raise ConfigError("--graceful-shutdown-timeout-secs must be >= 0")
         self._validate_tls()
+        self._validate_pd()
         self._validate_grpc()
         buckets = self.duration_buckets
         if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
@@ -123,8 +133,50 @@ class GatewayConfig:
         self.request_id_headers = [h.lower() for h in self.request_id_headers]
         return self
 
+    def _validate_pd(self) -> None:
+        given = [
+            flag
+            for flag, value in (
+                ("--prefill", self.prefill_urls),
+                ("--decode", self.decode_urls),
+                ("--prefill-policy", self.prefill_policy),
+                ("--decode-policy", self.decode_policy),
+                ("--pd-min-prefill-tokens", self.pd_min_prefill_tokens),
+            )
+            if value
+        ]
+        if not self.pd_disaggregation:
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)}: prefill/decode settings need --pd-disaggregation"
+                )
+            return
+        if self.worker_urls:
+            raise ConfigError(
+                "--worker-urls registers ordinary workers; with --pd-disaggregation give the "
+                "workers with --prefill URL [BOOTSTRAP_PORT] and --decode URL"
+            )
+        if self.decode_policy == "bucket":
+            raise ConfigError(
+                "--decode-policy bucket: bucket balances prompt lengths, which only the "
+                "prefill leg's work depends on; choose another policy for the decode leg"
+            )
+        if self.pd_min_prefill_tokens < 0:
+            raise ConfigError("--pd-min-prefill-tokens must be >= 0")
+        for url, port in self.prefill_urls:
+            if port is not None:
+                _check_port(f"--prefill {url}: the bootstrap port", port)
+        try:
+            given_urls = [*(u for u, _ in self.prefill_urls), *self.decode_urls]
+            self.probe_both |= {validate_worker_url(u) for u in given_urls if "://" not in u}
+            self.prefill_urls = [(validate_worker_url(u), p) for u, p in self.prefill_urls]
+            self.decode_urls = [validate_worker_url(url) for url in self.decode_urls]
+        except WorkerUrlError as exc:
+            raise ConfigError(str(exc)) from None
+
     def _validate_grpc(self) -> None:
-        if any(url.startswith("grpc://") for url in self.worker_urls) and not grpc_available():
+        urls = [*self.worker_urls, *(u for u, _ in self.prefill_urls), *self.decode_urls]
+        if any(url.startswith("grpc://") for url in urls) and not grpc_available():
             raise ConfigError("grpc:// workers need the grpc extra: pip install 'shunter[grpc]'")
         from shunter.parsers.reasoning import REASONING_PARSERS
         from shunter.parsers.tool_calls import TOOL_CALL_PARSERS

@@ -24,11 +24,14 @@ from shunter.backends.http.client import worker_client
 from shunter.config import GatewayConfig
 from shunter.fleet.fleet import Fleet, FleetObserver, FleetSettings
 from shunter.fleet.spec import WorkerSpec
+from shunter.fleet.worker import WorkerType
 from shunter.observability.metrics import Metrics
 from shunter.observability.tracing import Tracing
 from shunter.policies.factory import PolicyError, create_policy
 from shunter.policies.registry import PolicyRegistry
 from shunter.routing.limiter import Admission
+from shunter.routing.pd.pairs import PairSelector
+from shunter.routing.pd.router import PdRouter
 from shunter.routing.router import Router
 from shunter.wire.base import UpstreamClient, WholeClient
 from shunter.wire.reqwest import ClientSettings, ReqwestClient
@@ -93,15 +96,11 @@ class Gateway:
             dp_aware=config.dp_aware,
         )
         self.fleet = Fleet(settings, connector, observer)
+        self.policy_registries: list[PolicyRegistry] = []
         self.metrics.workers = self.fleet.registry.all
-        self.policies = PolicyRegistry(
-            create_policy(config.policy, config.policy_settings), config.policy_settings
-        )
-        self.fleet.subscribe(self.policies.fleet_changed)
+        self.policies = self._policies(config.policy, WorkerType.REGULAR)
         self.tracing = Tracing(config.otlp_traces_endpoint) if config.enable_trace else None
-        self.router = Router(
-            self.fleet.registry, self.policies, self.metrics, config.retry, self.tracing
-        )
+        self.router = self._router(config)
         admission = Admission(config.admission) if config.admission.enabled else None
         keys = KeyCheck(config.api_key)
         self.app = GatewayApp(
@@ -113,10 +112,36 @@ class Gateway:
             ),
             self.metrics,
             InferenceApi(self.router, self.metrics, admission, keys.expected),
-            InfoApi(self.fleet.registry, self.fleet.loads, lambda: self.draining),
-            WorkersApi(self.fleet, _check_policy),
+            InfoApi(
+                self.fleet.registry,
+                self.fleet.loads,
+                lambda: self.draining,
+                config.pd_disaggregation,
+            ),
+            WorkersApi(self.fleet, _check_policy, config.pd_disaggregation),
             Dashboard(config.api_key, keys.carried_by, self._dashboard_data),
         )
+
+    def _policies(self, name: str, worker_type: WorkerType) -> PolicyRegistry:
+        """The policy registry of one kind of worker, told of the fleet's changes."""
+        settings = self.config.policy_settings
+        registry = PolicyRegistry(create_policy(name, settings), settings, worker_type)
+        self.fleet.subscribe(registry.fleet_changed)
+        self.policy_registries.append(registry)
+        return registry
+
+    def _router(self, config: GatewayConfig) -> Router:
+        """The regular router, or in PD mode the PD router with a policy per leg."""
+        registry = self.fleet.registry
+        if not config.pd_disaggregation:
+            return Router(registry, self.policies, self.metrics, config.retry, self.tracing)
+        pairs = PairSelector(
+            registry,
+            self._policies(config.prefill_policy or config.policy, WorkerType.PREFILL),
+            self._policies(config.decode_policy or config.policy, WorkerType.DECODE),
+            config.pd_min_prefill_tokens,
+        )
+        return PdRouter(registry, self.policies, pairs, self.metrics, config.retry, self.tracing)
 
     def _dashboard_data(self) -> dict[str, object]:
         """What the dashboard shows: every worker, the models, the default policy."""
@@ -124,27 +149,55 @@ class Gateway:
         return {
             "workers": [w.to_info() for w in registry.all()],
             "models": list(registry.models()),
-            "policy": self.policies.default.name,
+            "policy": self._policy_names(),
         }
+
+    def _policy_names(self) -> str:
+        """The default policy, or in PD mode each leg's ("prefill round_robin, ...")."""
+        if not self.config.pd_disaggregation:
+            return self.policies.default.name
+        return ", ".join(
+            f"{p.worker_type.value if p.worker_type else 'any'} {p.default.name}"
+            for p in self.policy_registries
+        )
 
     def start(self) -> None:
         """Start background work and queue the ``--worker-urls`` workers (needs the loop)."""
         config = self.config
         if config.prometheus_port:
             self.metrics.serve(config.prometheus_host, config.prometheus_port)
-        self.policies.start()
+        for policies in self.policy_registries:
+            policies.start()
         self.fleet.start()
-        for url in config.worker_urls:
-            # Their key is --worker-api-key: smg gave them the gateway's own key, so whoever
-            # ran a worker could administer the gateway.
-            spec = WorkerSpec(
-                url, api_key=config.worker_api_key, probe_grpc=url in config.probe_both
+        # Their key is --worker-api-key (both legs' in PD): smg gave them the gateway's own
+        # key, so whoever ran a worker could administer the gateway.
+        key, probe_both = config.worker_api_key, config.probe_both
+        specs = [
+            WorkerSpec(url, api_key=key, probe_grpc=url in probe_both) for url in config.worker_urls
+        ]
+        specs += [
+            WorkerSpec(
+                url,
+                api_key=key,
+                worker_type=WorkerType.PREFILL,
+                bootstrap_port=port,
+                probe_grpc=url in probe_both,
             )
+            for url, port in config.prefill_urls
+        ]
+        specs += [
+            WorkerSpec(
+                url, api_key=key, worker_type=WorkerType.DECODE, probe_grpc=url in probe_both
+            )
+            for url in config.decode_urls
+        ]
+        for spec in specs:
             self.fleet.submit_add(spec)
 
     async def close(self) -> None:
         await self.fleet.close()
-        await self.policies.stop()
+        for policies in self.policy_registries:
+            await policies.stop()
         await self.control.close()
         if self.tracing is not None:
             self.tracing.shutdown()  # flushes the spans not yet exported

@@ -123,6 +123,25 @@ def gateway(
     return Gateway(config, (network or Workers(handler)).network())
 
 
+def pd_gateway(
+    prefills: tuple[str, ...],
+    decodes: tuple[str, ...],
+    network: Workers,
+    bootstrap_port: int | None = 8998,
+    **settings: Any,
+) -> Gateway:
+    """A PD gateway on a mock network: ``prefills`` (each with ``bootstrap_port``) and
+    ``decodes``; ``await ready(gw, len(prefills) + len(decodes))`` once started."""
+    settings = {"prometheus_port": 0, "policy": "round_robin", **settings}
+    config = GatewayConfig(
+        pd_disaggregation=True,
+        prefill_urls=[(url, bootstrap_port) for url in prefills],
+        decode_urls=list(decodes),
+        **settings,
+    ).validate()
+    return Gateway(config, network.network())
+
+
 async def ready(gw: Gateway, count: int | None = None, timeout: float = 5.0) -> None:
     """Start ``gw`` and wait until ``count`` workers (default: its --worker-urls) are up."""
     gw.start()

@@ -111,7 +111,6 @@ def test_flags_are_read() -> None:
     [
         "--enable-igw",
         "--mini-lb",
-        "--pd-disaggregation",
         "--service-discovery",
         "--tokenizer-cache-enable-l0",
         "--history-backend",
@@ -157,6 +156,81 @@ def test_flags_of_features_not_built_are_refused_by_name(
     ],
 )
 def test_bad_values_fail_at_start_with_a_reason(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert message in refusal(capsys, "serve", *argv)
+
+
+def test_pd_flags_as_smg_takes_them() -> None:
+    config = config_for(
+        "--pd-disaggregation",
+        "--prefill",
+        "http://p1:8000",
+        "9001",
+        "--prefill",
+        "http://p2:8000",
+        "--prefill",
+        "http://p3:8000",
+        "none",
+        "--decode",
+        "http://d1:8000",
+        "--decode",
+        "http://d2:8000",
+        "--policy",
+        "round_robin",
+        "--prefill-policy",
+        "cacheaware",
+        "--pd-min-prefill-tokens",
+        "256",
+    )
+    assert config.pd_disaggregation
+    assert config.prefill_urls == [
+        ("http://p1:8000", 9001),
+        ("http://p2:8000", None),
+        ("http://p3:8000", None),
+    ]
+    assert config.decode_urls == ["http://d1:8000", "http://d2:8000"]
+    assert config.prefill_policy == "cache_aware"  # canonical, as --policy's
+    assert config.decode_policy is None  # falls back to --policy
+    assert config.pd_min_prefill_tokens == 256
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--pd-disaggregation", "--prefill", "http://p:1", "99999"],
+            "--prefill http://p:1 99999: the bootstrap port must be a number from 1 to 65535",
+        ),
+        (
+            ["--pd-disaggregation", "--prefill", "http://p:1", "eight"],
+            "the bootstrap port must be a number from 1 to 65535, or 'none'",
+        ),
+        (
+            ["--pd-disaggregation", "--prefill", "http://p:1", "http://p:2"],
+            "repeat --prefill for each prefill worker",
+        ),
+        (
+            ["--pd-disaggregation", "--prefill", "http://p:1", "--decode-policy", "bucket"],
+            "--decode-policy bucket",
+        ),
+        (
+            ["--pd-disaggregation", "--prefill-policy", "fastest"],
+            "--prefill-policy: unknown policy 'fastest'",
+        ),
+        (
+            ["--prefill", "http://p:1"],
+            "--prefill: prefill/decode settings need --pd-disaggregation",
+        ),
+        (["--decode", "http://d:1"], "--decode: prefill/decode settings need --pd-disaggregation"),
+        (
+            ["--pd-disaggregation", "--worker-urls", "http://w:1"],
+            "with --pd-disaggregation give the workers with --prefill",
+        ),
+        (["--pd-disaggregation", "--decode", "ftp://d:1"], "has scheme 'ftp'"),
+    ],
+)
+def test_bad_pd_flags_say_what_to_change(
     capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
     assert message in refusal(capsys, "serve", *argv)

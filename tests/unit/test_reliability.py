@@ -14,7 +14,7 @@ from shunter.fleet.breaker import BreakerConfig, CircuitBreaker, State
 from shunter.fleet.ejection import in_panic
 from shunter.fleet.health import HealthChecker
 from shunter.fleet.runtime import HealthConfig
-from shunter.fleet.worker import Worker
+from shunter.fleet.worker import Worker, WorkerType
 from shunter.gateway import Gateway
 from shunter.routing.limiter import Admission, AdmissionConfig, QueueFull, QueueTimeout
 from shunter.routing.retry import RetryConfig
@@ -362,13 +362,13 @@ def breaker(worker: Worker | None) -> CircuitBreaker:
 async def test_a_model_whose_breakers_leave_too_few_workers_in_ignores_them() -> None:
     f = await fleet(200, 200, 200, failure_threshold=1)
     gw, workers = f.gw, f.workers
-    panic_gauge = 'shunter_breaker_panic{model="m"}'
+    panic_gauge = 'shunter_breaker_panic{model="m",worker_type="regular"}'
     breaker(workers[0]).record(False)
     assert available(workers) == [False, True, True]  # 2 of 3 left in
     assert f"{panic_gauge} 0.0" in generate_latest(gw.metrics.registry).decode()
     breaker(workers[1]).record(False)
     assert available(workers) == [True, True, True]  # 1 of 3: panic
-    assert gw.fleet.ejection.panicking == {"m"}
+    assert gw.fleet.ejection.panicking == {("m", WorkerType.REGULAR)}
     assert f"{panic_gauge} 1.0" in generate_latest(gw.metrics.registry).decode()
     # A health flip decides again: worker 0 is down, so 1 of the 2 healthy is left in.
     for _ in range(gw.config.health.failure_threshold):

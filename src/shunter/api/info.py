@@ -3,6 +3,10 @@ workers' own information and metrics, loads, and cache flushing.
 
 Each asks the workers' backends, which know how their engine answers (SGLang's own
 endpoints, vLLM's and llama.cpp's metrics, a gRPC worker's RPCs).
+
+In PD mode a request needs a pair: readiness wants a healthy prefill worker and a healthy
+decode worker, the generation check runs on one of each, and the server and model
+information come from a healthy prefill worker (smg asks the first one, healthy or not).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from shunter.api.reply import json_reply, text_reply
 from shunter.backends.base import EngineOpError, InfoKind
 from shunter.fleet.load_monitor import LoadMonitor
 from shunter.fleet.registry import WorkerRegistry
-from shunter.fleet.worker import Worker
+from shunter.fleet.worker import Worker, WorkerType
 from shunter.observability.engine_metrics import merge
 from shunter.protocols.errors import ApiError
 from shunter.protocols.reply import Reply
@@ -34,10 +38,12 @@ class InfoApi:
         registry: WorkerRegistry,
         loads: LoadMonitor,
         draining: Callable[[], bool] = lambda: False,
+        pd_mode: bool = False,
     ) -> None:
         self.registry = registry
         self.loads = loads
         self.draining = draining  # the gateway is shutting down: not ready for new requests
+        self.pd_mode = pd_mode
 
     # --- health -----------------------------------------------------------------------------
 
@@ -49,10 +55,17 @@ class InfoApi:
             return json_reply(503, {"status": "not ready", "reason": "draining"})
         workers = self.registry.all()
         healthy = sum(1 for w in workers if w.state.healthy)
-        if healthy:
-            counts = {"healthy_workers": healthy, "total_workers": len(workers)}
-            return json_reply(200, {"status": "ready", **counts})
-        return json_reply(503, {"status": "not ready", "reason": "insufficient healthy workers"})
+        counts: dict[str, int] = {"healthy_workers": healthy, "total_workers": len(workers)}
+        missing = "insufficient healthy workers" if not healthy else ""
+        if self.pd_mode:
+            for kind in (WorkerType.PREFILL, WorkerType.DECODE):
+                count = sum(1 for w in self.registry.get_by_type(kind) if w.state.healthy)
+                counts[f"healthy_{kind.value}_workers"] = count
+                if not count:
+                    missing = missing or f"no healthy {kind.value} worker"
+        if missing:
+            return json_reply(503, {"status": "not ready", "reason": missing, **counts})
+        return json_reply(200, {"status": "ready", **counts})
 
     async def models(self, call: Call) -> Reply:
         models = self.registry.models()
@@ -61,23 +74,32 @@ class InfoApi:
         data = [{"id": m, "object": "model", "owned_by": "local"} for m in models]
         return json_reply(200, {"object": "list", "data": data})
 
-    def first_available(self) -> Worker:
-        for worker in self.registry.all():
+    def first_available(self, kind: WorkerType | None = None) -> Worker:
+        """The first available worker (of ``kind``, when given)."""
+        workers = self.registry.all() if kind is None else self.registry.get_by_type(kind)
+        for worker in workers:
             if worker.state.available:
                 return worker
-        raise ApiError(503, "no_available_workers", "no healthy worker is available")
+        which = "" if kind is None else f"{kind.value} "
+        raise ApiError(503, "no_available_workers", f"no healthy {which}worker is available")
 
     async def health_generate(self, call: Call) -> Reply:
-        """A generation check on the first available worker, in its engine's way (SGLang's
-        own endpoint; one token from /v1/completions elsewhere; gRPC's HealthCheck)."""
-        worker = self.first_available()
-        try:
-            body = await worker.backend.health_generate(worker)
-        except EngineOpError as exc:
-            raise ApiError(
-                503, "health_generate_failed", f"worker {worker.url} failed to generate: {exc}"
-            ) from None
-        return Reply(200, [], body)
+        """A generation check on the first available worker (in PD mode, on a prefill and
+        a decode worker), in its engine's way (SGLang's own endpoint; one token from
+        /v1/completions elsewhere; gRPC's HealthCheck)."""
+        if not self.pd_mode:
+            return Reply(200, [], await _generates(self.first_available()))
+        pair = [self.first_available(WorkerType.PREFILL), self.first_available(WorkerType.DECODE)]
+        await asyncio.gather(*(_generates(worker) for worker in pair))
+        return json_reply(
+            200,
+            {
+                "status": "ok",
+                "message": "Health generate passed on a pair",
+                "prefill": pair[0].url,
+                "decode": pair[1].url,
+            },
+        )
 
     # --- the workers' own information ----------------------------------------------------
 
@@ -88,7 +110,7 @@ class InfoApi:
         return await self._info(call, "model")
 
     async def _info(self, call: Call, kind: InfoKind) -> Reply:
-        worker = self.first_available()
+        worker = self.first_available(WorkerType.PREFILL if self.pd_mode else None)
         try:
             return await worker.backend.info(worker, kind, call.request_id)
         except EngineOpError as exc:
@@ -162,6 +184,16 @@ class InfoApi:
                 **common,
             },
         )
+
+
+async def _generates(worker: Worker) -> bytes:
+    """The worker's answer to a generation check; a 503 ApiError if it fails."""
+    try:
+        return await worker.backend.health_generate(worker)
+    except EngineOpError as exc:
+        raise ApiError(
+            503, "health_generate_failed", f"worker {worker.url} failed to generate: {exc}"
+        ) from None
 
 
 async def _flush(worker: Worker) -> tuple[str, str | None]:

@@ -20,14 +20,18 @@ from shunter.fleet.fleet import Fleet
 from shunter.fleet.jobs import QueueFull
 from shunter.fleet.spec import SpecError, WorkerSpec, check_update
 from shunter.fleet.urls import normalize_worker_url
+from shunter.fleet.worker import WorkerType
 from shunter.protocols.errors import ApiError
 from shunter.protocols.reply import Reply
 
 
 class WorkersApi:
-    def __init__(self, fleet: Fleet, check_policy: Callable[[str], None]) -> None:
+    def __init__(
+        self, fleet: Fleet, check_policy: Callable[[str], None], pd_mode: bool = False
+    ) -> None:
         self.fleet = fleet
         self.check_policy = check_policy  # raises ValueError for a policy name it refuses
+        self.pd_mode = pd_mode  # prefill and decode workers are routed to only in PD mode
 
     async def list_workers(self, call: Call) -> Reply:
         registry = self.fleet.registry
@@ -46,6 +50,11 @@ class WorkersApi:
             spec = WorkerSpec.from_json(payload)
             if "policy" in spec.labels:
                 self.check_policy(spec.labels["policy"])
+            if spec.worker_type is not WorkerType.REGULAR and not self.pd_mode:
+                raise SpecError(
+                    f"'worker_type' {spec.worker_type.value}: this gateway routes to prefill "
+                    "and decode workers only when started with --pd-disaggregation"
+                )
         except SpecError as exc:
             raise ApiError(400, "invalid_worker_spec", str(exc)) from None
         except ValueError as exc:

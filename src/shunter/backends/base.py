@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from shunter.protocols.bootstrap import Bootstrap
 from shunter.protocols.reply import Headers, Reply
 
 
@@ -77,7 +78,9 @@ class Outbound:
     """One attempt of an inference request, as the router hands it to a backend.
 
     ``headers`` are the client's, as byte pairs (the backend decides what its transport
-    forwards); ``trace`` carries the gateway's own trace context, when tracing is on.
+    forwards); ``trace`` carries the gateway's own trace context, when tracing is on;
+    ``bootstrap``, for one leg of a prefill/decode pair, where the pair hands the KV cache
+    over (the backend puts it in the request in its transport's way).
     """
 
     method: str
@@ -89,6 +92,7 @@ class Outbound:
     request_id: str
     model: str
     trace: Headers = field(default_factory=list)
+    bootstrap: Bootstrap | None = None
 
 
 @dataclass(frozen=True, slots=True)

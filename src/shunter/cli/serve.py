@@ -30,11 +30,6 @@ from shunter.wire.limits import RESERVED_FILES, ServerLimits
 _SWITCH = "switch"
 _VALUE = "value"
 NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
-    "--pd-disaggregation": (_SWITCH, "prefill/decode disaggregation"),
-    "--prefill": (_VALUE, "prefill/decode disaggregation"),
-    "--decode": (_VALUE, "prefill/decode disaggregation"),
-    "--prefill-policy": (_VALUE, "prefill/decode disaggregation"),
-    "--decode-policy": (_VALUE, "prefill/decode disaggregation"),
     "--enable-igw": (_SWITCH, "inference gateway (multi-router) mode"),
     "--service-discovery": (_SWITCH, "Kubernetes service discovery"),
     "--selector": (_VALUE, "Kubernetes service discovery"),
@@ -89,6 +84,7 @@ class ServeFlags:
         self.limits = ConfigFlags(limits, ServerLimits(), "limits")
         self._limit_flags()
         self._grpc_flags(parser.add_argument_group("gRPC workers (the gateway tokenizes for them)"))
+        self._pd_flags(parser.add_argument_group("prefill/decode disaggregation"))
         parser.add_argument(
             "--backend",
             "--runtime",
@@ -406,6 +402,84 @@ class ServeFlags:
         g.flag("--tool-call-parser", "tool_call_parser", type=str, help="json, qwen or hermes")
         self.gateway.fields += g.fields
 
+    def _pd_flags(self, group: argparse._ArgumentGroup) -> None:
+        g = ConfigFlags(group, GatewayConfig(), "gateway")
+        g.flag(
+            "--pd-disaggregation",
+            "pd_disaggregation",
+            action="store_true",
+            help="serve requests with a prefill and a decode worker together",
+        )
+        group.add_argument(
+            "--prefill",
+            dest="pd_prefill",
+            nargs="+",
+            action="append",
+            default=[],
+            metavar=("URL", "BOOTSTRAP_PORT"),
+            help="a prefill worker, and its bootstrap port (or 'none', or nothing: the "
+            "engine's default); repeat for each",
+        )
+        g.flag(
+            "--decode",
+            "decode_urls",
+            type=str,
+            action="append",
+            metavar="URL",
+            help="a decode worker; repeat for each",
+        )
+        g.flag(
+            "--prefill-policy",
+            "prefill_policy",
+            type=str,
+            help="the prefill leg's (default --policy)",
+        )
+        g.flag(
+            "--decode-policy",
+            "decode_policy",
+            type=str,
+            help="the decode leg's (default --policy; not bucket)",
+        )
+        g.flag(
+            "--pd-min-prefill-tokens",
+            "pd_min_prefill_tokens",
+            type=non_negative_int,
+            help="send a prompt to the decode worker alone when fewer of its tokens than this "
+            "are not in that worker's cache already (as the decode policy sees it: "
+            "cache_aware); 0, the default: always disaggregate",
+        )
+        self.gateway.fields += g.fields
+
+    def _prefill_urls(self, given: list[list[str]]) -> list[tuple[str, int | None]]:
+        """``--prefill URL [BOOTSTRAP_PORT|none]`` values, checked."""
+        prefills: list[tuple[str, int | None]] = []
+        for values in given:
+            if len(values) > 2 or (len(values) == 2 and "://" in values[1]):
+                self.parser.error(
+                    f"--prefill {' '.join(values)}: takes a URL and at most one bootstrap port; "
+                    "repeat --prefill for each prefill worker"
+                )
+            url, port = values[0], values[1] if len(values) == 2 else "none"
+            if port.lower() == "none":
+                prefills.append((url, None))
+            elif port.isascii() and port.isdigit() and 0 < int(port) < 65536:
+                prefills.append((url, int(port)))
+            else:
+                self.parser.error(
+                    f"--prefill {url} {port}: the bootstrap port must be a number from 1 to "
+                    "65535, or 'none'"
+                )
+        return prefills
+
+    def _policy_name(self, flag: str, name: str, settings: PolicySettings) -> str:
+        """A policy name from ``flag``, canonical and known; exits when it is not."""
+        policy = canonical_name(name)
+        try:
+            create_policy(policy, settings)  # fail at start on an unknown name or a bad plugin
+        except PolicyError as exc:
+            self.parser.error(f"{flag}: {exc}")
+        return policy
+
     # --- the config --------------------------------------------------------------------------
 
     def config(self, args: argparse.Namespace) -> GatewayConfig:
@@ -419,11 +493,14 @@ class ServeFlags:
         settings = self.policies.build(
             args, cache_aware=self.cache_aware.build(args), prefix_hash=self.prefix_hash.build(args)
         )
-        policy = canonical_name(getattr(args, "gateway.policy"))
-        try:
-            create_policy(policy, settings)  # fail at start on an unknown name or a bad plugin
-        except PolicyError as exc:
-            parser.error(f"--policy: {exc}")
+        policy = self._policy_name("--policy", getattr(args, "gateway.policy"), settings)
+        leg_policies: dict[str, str | None] = {}
+        for flag, field in (
+            ("--prefill-policy", "prefill_policy"),
+            ("--decode-policy", "decode_policy"),
+        ):
+            name = getattr(args, f"gateway.{field}")
+            leg_policies[field] = None if name is None else self._policy_name(flag, name, settings)
         buckets = getattr(args, "gateway.duration_buckets") or DEFAULT_DURATION_BUCKETS
         config = self.gateway.build(
             args,
@@ -436,6 +513,8 @@ class ServeFlags:
             health=self.health.build(args),
             admission=self.admission.build(args),
             server_limits=self.limits.build(args),
+            prefill_urls=self._prefill_urls(args.pd_prefill),
+            **leg_policies,
         )
         try:
             return config.validate()

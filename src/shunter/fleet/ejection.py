@@ -18,8 +18,12 @@ the decision is made here, on the rare events that can change it (a breaker tran
 health flip, a worker added or removed), and stored with ``WorkerRuntime.exclude``:
 requests pay one attribute read.
 
-A worker that serves several models is routable if any of them is in panic (one flag per
-worker; the point of panic is that a healthy worker is never refused).
+Panic is decided per pool: a model's workers of one type. A PD model's prefill and decode
+workers are separate pools (every decode worker out is an outage however healthy the
+prefill workers are), and a regular model has one pool.
+
+A worker that serves several models is routable if any of its pools is in panic (one flag
+per worker; the point of panic is that a healthy worker is never refused).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import logging
 from collections.abc import Callable, Iterable
 
 from shunter.fleet.breaker import State
-from shunter.fleet.worker import Worker
+from shunter.fleet.worker import Worker, WorkerType
+
+Pool = tuple[str, WorkerType]  # a model's workers of one type
 
 log = logging.getLogger("shunter.breaker")
 
@@ -60,12 +66,12 @@ class Ejection:
         self,
         threshold: float,
         workers_of: Callable[[str], Iterable[Worker]],
-        on_panic: Callable[[str, bool], None] | None = None,
+        on_panic: Callable[[str, str, bool], None] | None = None,
     ) -> None:
         self.threshold = threshold
         self.workers_of = workers_of  # a model's registered workers
-        self.on_panic = on_panic
-        self.panicking: set[str] = set()  # models whose breakers are ignored
+        self.on_panic = on_panic  # (model, worker type, in panic)
+        self.panicking: set[Pool] = set()  # pools whose breakers are ignored
 
     def changed(self, workers: Iterable[Worker]) -> None:
         """Something about these workers changed: decide again for each model they serve."""
@@ -74,29 +80,37 @@ class Ejection:
             self.refresh(model)
 
     def refresh(self, model: str) -> None:
-        workers = tuple(self.workers_of(model))
-        panic = in_panic(workers, self.threshold)
-        if panic != (model in self.panicking):
-            self._switch(model, panic, workers)
-        for worker in workers:
-            worker.state.exclude(excluded_by_breaker(worker) and not self._panics(worker))
+        pools: dict[WorkerType, list[Worker]] = {}
+        for worker in self.workers_of(model):
+            pools.setdefault(worker.worker_type, []).append(worker)
+        for kind, workers in pools.items():
+            pool = (model, kind)
+            panic = in_panic(workers, self.threshold)
+            if panic != (pool in self.panicking):
+                self._switch(pool, panic, workers)
+        for workers in pools.values():
+            for worker in workers:
+                worker.state.exclude(excluded_by_breaker(worker) and not self._panics(worker))
 
     def _panics(self, worker: Worker) -> bool:
-        return any(model in self.panicking for model in worker.model_ids)
+        kind = worker.worker_type
+        return any((model, kind) in self.panicking for model in worker.model_ids)
 
-    def _switch(self, model: str, panic: bool, workers: tuple[Worker, ...]) -> None:
+    def _switch(self, pool: Pool, panic: bool, workers: list[Worker]) -> None:
+        model, kind = pool
         healthy = [w for w in workers if w.state.healthy]
         facts = {
             "model": model,
+            "worker_type": kind.value,
             "healthy": len(healthy),
             "excluded": sum(1 for w in healthy if excluded_by_breaker(w)),
             "threshold": self.threshold,
         }
         if panic:
-            self.panicking.add(model)
+            self.panicking.add(pool)
             log.warning("breaker panic: too few workers left in, breakers ignored", extra=facts)
         else:
-            self.panicking.discard(model)
+            self.panicking.discard(pool)
             log.info("breaker panic over: breakers apply again", extra=facts)
         if self.on_panic is not None:
-            self.on_panic(model, panic)
+            self.on_panic(model, kind.value, panic)

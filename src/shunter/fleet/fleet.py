@@ -40,7 +40,7 @@ class FleetObserver:
 
     health_checked: Callable[[Worker, bool], None] = _ignore
     breaker_moved: Callable[[str, str, str], None] = _ignore  # url, from, to
-    panic: Callable[[str, bool], None] = _ignore  # model, in panic
+    panic: Callable[[str, str, bool], None] = _ignore  # model, worker type, in panic
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ class _Snapshot:
     # Per model, the workers that serve SGLang's native endpoints (/generate).
     native_by_model: dict[str, Workers] = field(default_factory=dict)
     by_type: dict[WorkerType, Workers] = field(default_factory=dict)
+    # Per (worker type, model): the pools a prefill/decode pair is chosen from.
+    by_pool: dict[tuple[WorkerType, str], Workers] = field(default_factory=dict)
     all: Workers = EMPTY
     models: tuple[str, ...] = ()
     # The fleet's only model and its workers, when it serves exactly one (else None).
@@ -73,6 +75,10 @@ def _native_models_of(worker: Worker) -> tuple[str, ...]:
     return worker.model_ids if worker.serves_generate else ()
 
 
+def _pools_of(worker: Worker) -> tuple[tuple[WorkerType, str], ...]:
+    return tuple((worker.worker_type, model) for model in worker.model_ids)
+
+
 class WorkerRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -92,6 +98,10 @@ class WorkerRegistry:
 
     def get_by_type(self, worker_type: WorkerType) -> Workers:
         return self._snap.by_type.get(worker_type, EMPTY)
+
+    def get_pool(self, worker_type: WorkerType, model_id: str) -> Workers:
+        """The model's workers of one type: its prefill or decode pool in a PD fleet."""
+        return self._snap.by_pool.get((worker_type, model_id), EMPTY)
 
     def all(self) -> Workers:
         return self._snap.all
@@ -166,6 +176,7 @@ class WorkerRegistry:
             by_model=by_model,
             native_by_model=_reindex(snap.native_by_model, _native_models_of, old, new),
             by_type=_reindex(snap.by_type, lambda w: (w.worker_type,), old, new),
+            by_pool=_reindex(snap.by_pool, _pools_of, old, new),
             all=workers,
             models=models,
             only_model=(models[0], by_model[models[0]]) if len(models) == 1 else None,

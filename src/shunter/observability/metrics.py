@@ -77,13 +77,15 @@ class Metrics:
         self.connections_active = 0
         self.http: dict[tuple[str, str, int], HistogramCell] = {}
         self.responses: dict[tuple[int, str], int] = {}
-        self.routed: dict[tuple[str, str, str, str], int] = {}  # mode, model, endpoint, stream
+        # backend type (regular, pd), mode, model, endpoint, stream
+        self.routed: dict[tuple[str, str, str, str, str], int] = {}
         self.selected: dict[tuple[str, str, str, str], int] = {}  # type, mode, model, policy
         self.worker_errors: dict[tuple[str, str, str], int] = {}
         self.retries: dict[tuple[str, str], int] = {}  # worker type, endpoint
         self.exhausted: dict[tuple[str, str], int] = {}
         self.cb_transitions: dict[tuple[str, str, str], int] = {}  # worker, from, to
-        self.cb_panic: set[str] = set()  # models whose breakers are ignored (fleet/ejection.py)
+        # (model, worker type) pools whose breakers are ignored (fleet/ejection.py)
+        self.cb_panic: set[tuple[str, str]] = set()
         self.health_checks: dict[tuple[str, str], int] = {}  # worker type, result
         self.rate_limit: dict[str, int] = {}  # result
         self.ttft: dict[tuple[str, str], HistogramCell] = {}  # model, endpoint
@@ -94,6 +96,13 @@ class Metrics:
         self.router_errors: dict[tuple[str, str, str], int] = {}  # model, endpoint, error type
         self.upstream: dict[tuple[str, str], int] = {}  # status code, error code
         self.backoff: dict[tuple[str], HistogramCell] = {}  # attempt
+        # Prefill/decode pairs (routing/pd/): dispatched pairs, the time from dispatch to
+        # the decode's first chunk (a whole answer: to the answer), the prefill's duration,
+        # and pairs that failed before the client got anything, by leg and reason.
+        self.pd_requests: dict[tuple[str, str], int] = {}  # model, endpoint
+        self.pd_ttft: dict[tuple[str, str], HistogramCell] = {}  # model, endpoint
+        self.pd_prefill: dict[tuple[str], HistogramCell] = {}  # model
+        self.pd_failures: dict[tuple[str, str, str], int] = {}  # model, leg, reason
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         self._server: Any = None
@@ -114,13 +123,36 @@ class Metrics:
         self.responses[response_key] = self.responses.get(response_key, 0) + 1
 
     def observe_route(
-        self, worker: Worker, model: str, endpoint: str, streaming: bool, policy: str
+        self,
+        worker: Worker,
+        model: str,
+        endpoint: str,
+        streaming: bool,
+        policy: str,
+        backend_type: str = "regular",
     ) -> None:
         mode = worker.connection_mode.value
-        key = (mode, model, endpoint, "true" if streaming else "false")
+        key = (backend_type, mode, model, endpoint, "true" if streaming else "false")
         self.routed[key] = self.routed.get(key, 0) + 1
-        chosen = (worker.worker_type.value, mode, model, policy)
+        self.observe_selection(worker, model, policy)
+
+    def observe_selection(self, worker: Worker, model: str, policy: str) -> None:
+        chosen = (worker.worker_type.value, worker.connection_mode.value, model, policy)
         self.selected[chosen] = self.selected.get(chosen, 0) + 1
+
+    def pd_dispatched(self, model: str, endpoint: str) -> None:
+        key = (model, endpoint)
+        self.pd_requests[key] = self.pd_requests.get(key, 0) + 1
+
+    def pd_first_token(self, model: str, endpoint: str, seconds: float) -> None:
+        self._observe(self.pd_ttft, (model, endpoint), seconds)
+
+    def pd_prefilled(self, model: str, seconds: float) -> None:
+        self._observe(self.pd_prefill, (model,), seconds)
+
+    def pd_failed(self, model: str, leg: str, reason: str) -> None:
+        key = (model, leg, reason)
+        self.pd_failures[key] = self.pd_failures.get(key, 0) + 1
 
     def worker_error(self, worker: Worker, error_type: str) -> None:
         key = (worker.worker_type.value, worker.connection_mode.value, error_type)
@@ -181,11 +213,11 @@ class Metrics:
         key = (url, old, new)
         self.cb_transitions[key] = self.cb_transitions.get(key, 0) + 1
 
-    def breaker_panic(self, model: str, panic: bool) -> None:
+    def breaker_panic(self, model: str, worker_type: str, panic: bool) -> None:
         if panic:
-            self.cb_panic.add(model)
+            self.cb_panic.add((model, worker_type))
         else:
-            self.cb_panic.discard(model)
+            self.cb_panic.discard((model, worker_type))
 
     def health_checked(self, worker: Worker, ok: bool) -> None:
         key = (worker.worker_type.value, "success" if ok else "failure")
@@ -277,9 +309,10 @@ class _Collector:
                 "streaming",
             ],
         )
-        for (mode, model, endpoint, stream), count in m.routed.copy().items():
-            routed.add_metric(["http", "regular", mode, model, endpoint, stream], count)
+        for (backend, mode, model, endpoint, stream), count in m.routed.copy().items():
+            routed.add_metric(["http", backend, mode, model, endpoint, stream], count)
         yield routed
+        yield from self._pd()
         selected = CounterMetricFamily(
             "smg_worker_selection",
             "Worker selections by policy",
@@ -363,6 +396,35 @@ class _Collector:
             {(k,): v for k, v in m.rate_limit.copy().items()},
         )
 
+    def _pd(self) -> Iterator[Metric]:
+        m = self.m
+        yield _counter(
+            "smg_pd_requests",
+            "Requests dispatched to a prefill/decode pair",
+            ["model", "endpoint"],
+            m.pd_requests,
+        )
+        yield _histogram(
+            "smg_pd_ttft_seconds",
+            "From dispatch to the decode worker's first chunk (a whole answer: the answer)",
+            ["model", "endpoint"],
+            m.pd_ttft.copy(),
+            m.bounds,
+        )
+        yield _histogram(
+            "smg_pd_prefill_duration_seconds",
+            "From dispatch to the prefill worker's whole answer",
+            ["model"],
+            m.pd_prefill.copy(),
+            m.bounds,
+        )
+        yield _counter(
+            "smg_pd_bootstrap_failures",
+            "Pairs that failed before the client got an answer, by leg and reason",
+            ["model", "leg", "reason"],
+            m.pd_failures,
+        )
+
     def _workers(self) -> Iterator[Metric]:
         workers = self.m.workers()
         active = GaugeMetricFamily(
@@ -413,12 +475,13 @@ class _Collector:
         )
         panic = GaugeMetricFamily(
             "shunter_breaker_panic",
-            "1 while a model's breakers are ignored: too few of its healthy workers left in",
-            labels=["model"],
+            "1 while a pool's breakers are ignored: too few of its healthy workers left in",
+            labels=["model", "worker_type"],
         )
         panicking = self.m.cb_panic.copy()
-        for model in sorted({model for worker in workers for model in worker.model_ids}):
-            panic.add_metric([model], 1 if model in panicking else 0)
+        pools = {(m, w.worker_type.value) for w in workers for m in w.model_ids}
+        for pool in sorted(pools):
+            panic.add_metric(list(pool), 1 if pool in panicking else 0)
         for worker in workers:
             breaker = worker.state.breaker
             if breaker is None:

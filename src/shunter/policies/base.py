@@ -48,6 +48,13 @@ class Policy(ABC):
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
         """Pick an available worker from ``workers`` (which may hold unavailable ones)."""
 
+    def cached_prefix(self, request: RouteRequest) -> tuple[int, frozenset[str]]:
+        """What this policy has seen of ``request.text``: the longest prefix it routed before
+        (in characters) and the URLs of the workers it sent that prefix to, which likely
+        hold it in their prefix cache. ``(0, frozenset())`` for policies that keep no such
+        record. Ask before ``select``, which records the request."""
+        return 0, frozenset()
+
     def on_worker_added(self, worker: Worker) -> None:  # noqa: B027 - optional hook
         """Called when a worker of this policy's model joins."""
 

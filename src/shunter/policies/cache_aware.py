@@ -93,6 +93,13 @@ class CacheAwarePolicy(Policy):
                 self._evictor.wake.set()  # trim now rather than at the next interval
         return chosen
 
+    def cached_prefix(self, request: RouteRequest) -> tuple[int, frozenset[str]]:
+        tree = self.trees.get(request.model)
+        if tree is None or not request.text:
+            return 0, frozenset()
+        matched, tenants = tree.match(request.text)
+        return matched, frozenset(tenants)
+
     def _choose(
         self, workers: Workers, text: str, tree_key: str, config: CacheAwareConfig
     ) -> Worker | None:

@@ -4,6 +4,11 @@ The first worker of a model fixes its policy: the worker's ``policy`` label if i
 (a fresh instance of that policy for the model), else the gateway's default (``--policy``,
 one instance shared by the models without a label). When a model's last worker leaves, its
 mapping goes. The hot path reads one dict.
+
+A PD gateway keeps one registry per leg (``worker_type``): the prefill and the decode
+policies are separate instances that hear only of their own pool's workers, so a round
+robin advances once per request on each leg and a cache_aware tree holds only its leg's
+workers (smg once shared one instance between the legs).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from shunter.fleet.worker import Worker
+from shunter.fleet.worker import Worker, WorkerType
 from shunter.policies.base import Policy
 from shunter.policies.factory import PolicyError, PolicySettings, create_policy
 
@@ -20,9 +25,12 @@ log = logging.getLogger("shunter.policies")
 
 
 class PolicyRegistry:
-    def __init__(self, default: Policy, settings: PolicySettings) -> None:
+    def __init__(
+        self, default: Policy, settings: PolicySettings, worker_type: WorkerType | None = None
+    ) -> None:
         self.default = default
         self.settings = settings
+        self.worker_type = worker_type  # None: every worker; else only those of this type
         self.by_model: dict[str, Policy] = {}
         self._workers_per_model: dict[str, int] = {}
         self._running = False
@@ -35,10 +43,13 @@ class PolicyRegistry:
 
     def fleet_changed(self, added: Sequence[Worker], removed: Sequence[Worker]) -> None:
         """The fleet's membership changed: tell each model's policy."""
+        kind = self.worker_type
         for worker in removed:
-            self.on_worker_removed(worker)
+            if kind is None or worker.worker_type is kind:
+                self.on_worker_removed(worker)
         for worker in added:
-            self.on_worker_added(worker)
+            if kind is None or worker.worker_type is kind:
+                self.on_worker_added(worker)
 
     def on_worker_added(self, worker: Worker) -> None:
         for model in worker.model_ids:

@@ -38,6 +38,10 @@ class RequestFields(msgspec.Struct):
     input_ids: list[Any] | None = None  # /generate with token ids
     input: str | list[Any] | None = None  # embeddings
     query: str | None = None  # rerank
+    # What a prefill/decode pair needs to know (protocols/bootstrap.py, logprobs.py):
+    n: Any = None  # parallel samples (chat, completions)
+    sampling_params: Any = None  # /generate's, where its n is
+    return_logprob: Any = None
 
     def routing_text(self) -> str:
         """The text a prefix-aware policy routes on; empty for shapes it does not know."""
@@ -64,6 +68,9 @@ class _RoutingOnly(msgspec.Struct):
     model: str | None = None
     stream: bool | None = None
     routing_id: str | None = None
+    n: Any = None
+    sampling_params: Any = None
+    return_logprob: Any = None
 
 
 _decoder = msgspec.json.Decoder(RequestFields)
@@ -91,4 +98,11 @@ def decode_routing_fields(body: bytes) -> RequestFields:
         raise ApiError(400, "json_parse_error", "JSON body nested too deeply") from None
     except UnicodeDecodeError:  # a string that is not UTF-8 (found by the fuzzer too)
         raise ApiError(400, "json_parse_error", "JSON body is not valid UTF-8") from None
-    return RequestFields(only.model, only.stream, only.routing_id)
+    return RequestFields(
+        only.model,
+        only.stream,
+        only.routing_id,
+        n=only.n,
+        sampling_params=only.sampling_params,
+        return_logprob=only.return_logprob,
+    )

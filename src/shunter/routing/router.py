@@ -170,9 +170,16 @@ class Router:
                 verdict.settle(request.request_id)
 
     async def _attempt(
-        self, worker: Worker, model: str, request: InferenceRequest, last: bool, verdict: Verdict
+        self,
+        worker: Worker,
+        model: str,
+        request: InferenceRequest,
+        last: bool,
+        verdict: Verdict,
+        body: bytes | None = None,
     ) -> Reply | None:
-        """One try on ``worker``: its reply, or None to try again elsewhere."""
+        """One try on ``worker`` (with ``body`` in place of the client's, when given): its
+        reply, or None to try again elsewhere."""
         backend = worker.backend
         if not backend.serves(request.path):
             raise ApiError(
@@ -180,16 +187,7 @@ class Router:
                 "not_implemented",
                 f"{request.path} is not served by {backend.mode.value} workers",
             )
-        outbound = Outbound(
-            request.method,
-            request.path,
-            request.query,
-            request.headers,
-            request.body,
-            request.stream,
-            request.request_id,
-            model,
-        )
+        outbound = outbound_for(request, model, body)
         state = worker.state
         state.started()
         try:
@@ -204,6 +202,20 @@ class Router:
         except BaseException:
             state.finished()
             raise
+        return await self._answered(worker, model, request, reply, last, verdict)
+
+    async def _answered(
+        self,
+        worker: Worker,
+        model: str,
+        request: InferenceRequest,
+        reply: Reply,
+        last: bool,
+        verdict: Verdict,
+    ) -> Reply | None:
+        """What becomes of ``worker``'s answer (the worker still counted in flight): the
+        reply to hand back (a stream relayed), or None to try again elsewhere."""
+        state = worker.state
         status = reply.status
         self.metrics.upstream_answer(status)
         if status >= 500:
@@ -293,3 +305,17 @@ class Router:
             await chunks.aclose()
             worker.state.finished()
             self._routed(request, model, outcome, code)
+
+
+def outbound_for(request: InferenceRequest, model: str, body: bytes | None = None) -> Outbound:
+    """The attempt a backend is handed: the client's request, or ``body`` in its place."""
+    return Outbound(
+        request.method,
+        request.path,
+        request.query,
+        request.headers,
+        request.body if body is None else body,
+        request.stream,
+        request.request_id,
+        model,
+    )

@@ -105,3 +105,9 @@ class Verdict:
     def stream_broke(worker: Worker) -> None:
         """The worker broke off a stream the client had started to receive."""
         _feed(worker, False)
+
+    @staticmethod
+    def after(worker: Worker, success: bool) -> None:
+        """An outcome known only once the request's answer is out (a prefill that finished
+        behind its decode): fed at once."""
+        _feed(worker, success)

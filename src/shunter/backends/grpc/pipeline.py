@@ -30,6 +30,7 @@ from shunter.backends.base import Outbound, Target
 from shunter.backends.grpc.output import OutputFormat, OutputSequence, Usage
 from shunter.backends.grpc.scheduler import SchedulerClient, SchedulerError, scheduler_error
 from shunter.backends.grpc.tokenizers import Tokenizers
+from shunter.protocols.bootstrap import SGLANG_DEFAULT_BOOTSTRAP_PORT, Bootstrap
 from shunter.protocols.errors import ApiError, error_reply, upstream_failure
 from shunter.protocols.generation import (
     CHAT,
@@ -71,7 +72,7 @@ class GrpcPipeline:
         generation = parse_generation_request(request.path, request.body)
         try:
             tokenizer = await self.tokenizers.get(request.model, client)
-            generate = self._generate_request(generation, tokenizer, target, request.request_id)
+            generate = self._generate_request(generation, tokenizer, target, request)
             call: Any = client.generate(generate, self.request_timeout)
         except SchedulerError as exc:
             return _answer(exc)
@@ -96,7 +97,11 @@ class GrpcPipeline:
             raise
 
     def _generate_request(
-        self, request: GenerationRequest, tokenizer: ModelTokenizer, target: Target, rid: str
+        self,
+        request: GenerationRequest,
+        tokenizer: ModelTokenizer,
+        target: Target,
+        outbound: Outbound,
     ) -> Any:
         try:
             if request.kind == CHAT:
@@ -115,12 +120,16 @@ class GrpcPipeline:
         if not ids:
             raise ApiError(400, "invalid_request", "the prompt is empty")
         params = pb.SamplingParams(**request.sampling.as_proto_fields())
-        extra = {} if target.dp_rank is None else {"data_parallel_rank": target.dp_rank}
+        extra: dict[str, Any] = {}
+        if target.dp_rank is not None:
+            extra["data_parallel_rank"] = target.dp_rank
+        if outbound.bootstrap is not None:
+            extra["disaggregated_params"] = _disaggregated(outbound.bootstrap)
         # A whole response needs one message from the worker, unless stop strings are to be
         # caught as they appear (the gateway stops the worker early then).
         stream = request.stream or bool(request.sampling.stop)
         return pb.GenerateRequest(
-            request_id=rid,
+            request_id=outbound.request_id,
             tokenized=pb.TokenizedInput(original_text=text, input_ids=ids),
             sampling_params=params,
             stream=stream,
@@ -139,6 +148,16 @@ class GrpcPipeline:
         task = asyncio.get_running_loop().create_task(abort())
         self._aborts.add(task)  # keep a reference until it is done
         task.add_done_callback(self._aborts.discard)
+
+
+def _disaggregated(bootstrap: Bootstrap) -> Any:
+    """The proto's bootstrap fields: one room (a gRPC request is one prompt), the port
+    SGLang's engines default to when the prefill worker's is not known."""
+    return pb.DisaggregatedParams(
+        bootstrap_host=bootstrap.host,
+        bootstrap_port=bootstrap.port or SGLANG_DEFAULT_BOOTSTRAP_PORT,
+        bootstrap_room=bootstrap.rooms[0],
+    )
 
 
 def _answer(exc: SchedulerError) -> Reply:

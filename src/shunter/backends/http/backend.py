@@ -1,7 +1,8 @@
 """A worker reached over HTTP: the client's bytes forwarded, the worker's bytes relayed.
 
 The body goes to the worker as the client sent it (unknown fields included), unless a DP
-rank must be injected. Headers are filtered on the way in and out (``forwarded_headers``,
+rank or, for one leg of a prefill/decode pair, the bootstrap fields must be injected.
+Headers are filtered on the way in and out (``forwarded_headers``,
 ``relayed_headers``); a stream's chunks are handed on as they arrive.
 
 The data-plane client is created on first use by one task and read as an attribute after
@@ -67,7 +68,11 @@ class HttpBackend(Backend):
         if request.query:
             url += "?" + request.query.decode("latin-1")
         headers = forwarded_headers(request, target.api_key)
-        body = request.body if target.dp_rank is None else with_rank(request.body, target.dp_rank)
+        body = request.body
+        if request.bootstrap is not None:
+            body = request.bootstrap.into(body)
+        if target.dp_rank is not None:
+            body = with_rank(body, target.dp_rank)
         try:
             if request.stream:
                 upstream = await client.stream(request.method, url, headers, body)
