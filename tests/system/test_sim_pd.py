@@ -69,6 +69,15 @@ def rooms_waiting(sim: Sim) -> int:
     return int(sim.stats()["bootstrap_rooms"])
 
 
+def raw_post(path: str, body: bytes) -> bytes:
+    """A request for a plain socket, whose closing is the client leaving."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
 def sse_events(text: str) -> list[Any]:
     events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]", text
@@ -166,12 +175,8 @@ def test_a_decode_whose_client_leaves_stops_waiting(sglang: Pair) -> None:
     room = fresh_room()
     body = orjson.dumps({"text": "left", **sglang.fields(room, sglang.bootstrap_port)})
     aborted = sglang.decode.stats()["aborted_total"]
-    request = (
-        f"POST /generate HTTP/1.1\r\nHost: {LOOPBACK}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
     with socket.create_connection((LOOPBACK, sglang.decode.port)) as client:
-        client.sendall(request)
+        client.sendall(raw_post("/generate", body))
         wait_for(lambda: sglang.decode.requests()[-1]["rooms"] == [room], what="decode waiting")
     wait_for(lambda: sglang.decode.requests()[-1]["aborted"], what="the decode recorded aborted")
     assert sglang.decode.stats()["aborted_total"] == aborted + 1
@@ -179,6 +184,20 @@ def test_a_decode_whose_client_leaves_stops_waiting(sglang: Pair) -> None:
     prefill_body = {"text": "left", **sglang.fields(room, sglang.bootstrap_port)}
     late = post(sglang.prefill.url + "/generate", prefill_body)
     assert late.status_code == 500 and "was never claimed" in late.text
+
+
+def test_a_prefill_whose_client_leaves_forgets_its_room_at_once(sglang: Pair) -> None:
+    """The gateway cancelling a prefill leg: the room goes now, not at the timeout."""
+    body = orjson.dumps({"text": "cancelled", **sglang.fields(fresh_room(), None)})
+    aborted = sglang.prefill.stats()["aborted_total"]
+    with socket.create_connection((LOOPBACK, sglang.prefill.port)) as client:
+        client.sendall(raw_post("/generate", body))
+        wait_for(lambda: rooms_waiting(sglang.prefill) == 1, what="the room published")
+        left = time.monotonic()
+    wait_for(lambda: sglang.prefill.requests()[-1]["aborted"], what="the prefill aborted")
+    assert rooms_waiting(sglang.prefill) == 0
+    assert time.monotonic() - left < TIMEOUT  # so it was not the timeout that removed it
+    assert sglang.prefill.stats()["aborted_total"] == aborted + 1
 
 
 def test_a_batch_carries_one_room_per_item(sglang: Pair) -> None:
