@@ -452,11 +452,8 @@ async def test_grpc_legs_join_through_disaggregated_params(grpc_pair: Pair) -> N
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_grpc_decode_without_its_prefill_fails_and_a_cancelled_one_is_aborted(
-    grpc_pair: Pair,
-) -> None:
+async def test_grpc_decode_without_its_prefill_fails_with_internal(grpc_pair: Pair) -> None:
     import grpc
-    from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc
 
     missing = fresh_room()
     started = time.monotonic()
@@ -465,16 +462,36 @@ async def test_grpc_decode_without_its_prefill_fails_and_a_cancelled_one_is_abor
     assert time.monotonic() - started >= TIMEOUT
     assert failed.value.code() == grpc.StatusCode.INTERNAL
     assert f"waiting for room {missing}" in (failed.value.details() or "")
-    cancelled = fresh_room()
-    async with grpc.aio.insecure_channel(f"{LOOPBACK}:{grpc_pair.decode.port}") as channel:
+
+
+async def test_a_grpc_decode_cancelled_or_aborted_while_waiting_is_recorded_aborted(
+    grpc_pair: Pair,
+) -> None:
+    import grpc
+    from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
+    from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc
+
+    decode = grpc_pair.decode
+
+    def waiting(room: int) -> None:
+        wait_for(lambda: decode.requests()[-1]["rooms"] == [room], what="decode waiting")
+
+    aborted = decode.stats()["aborted_total"]
+    async with grpc.aio.insecure_channel(f"{LOOPBACK}:{decode.port}") as channel:
         stub = sglang_scheduler_pb2_grpc.SglangSchedulerStub(channel)
-        call = stub.Generate(generate_request(cancelled, grpc_pair.bootstrap_port))
-        await asyncio.to_thread(
-            wait_for,
-            lambda: grpc_pair.decode.requests()[-1]["rooms"] == [cancelled],
-            what="decode waiting",
-        )
+        left = fresh_room()  # the client goes
+        call = stub.Generate(generate_request(left, grpc_pair.bootstrap_port))
+        await asyncio.to_thread(waiting, left)
         call.cancel()
-    await asyncio.to_thread(
-        wait_for, lambda: grpc_pair.decode.requests()[-1]["aborted"], what="aborted record"
-    )
+        await asyncio.to_thread(
+            wait_for, lambda: decode.requests()[-1]["aborted"], what="a cancelled call aborted"
+        )
+        stopped = fresh_room()  # the gateway's Abort
+        request = generate_request(stopped, grpc_pair.bootstrap_port)
+        call = stub.Generate(request)
+        await asyncio.to_thread(waiting, stopped)
+        await stub.Abort(pb.AbortRequest(request_id=request.request_id))
+        answers = [response async for response in call]
+    assert answers[-1].complete.finish_reason == "abort"
+    assert decode.requests()[-1]["aborted"] is True
+    assert decode.stats()["aborted_total"] == aborted + 2

@@ -1,5 +1,7 @@
 """The simulated worker's HTTP API: SGLang's worker endpoints and the OpenAI API.
 
+A sim playing a PD leg (``--disaggregation-mode``) answers inference with ``pd_http.py``.
+
 Every response names the worker in ``X-Worker-Id`` so tests can see where requests went.
 Faults (``/sim/faults``) let tests break the worker on purpose.
 """

@@ -254,33 +254,30 @@ class PdEndpoints:
         limit: Any,
         format_class: type[Format],
     ) -> None:
-        try:
-            if self.pd.mode == "prefill":
-                vllm_prefill_params(body)
-            else:
-                remote = vllm_decode_params(body)
-        except PdFieldError as exc:
-            raise BadRequest(str(exc)) from None
         if self.pd.mode == "prefill":
-            if limit != 1 or body.get("stream"):
-                raise BadRequest(
-                    "a vLLM prefill leg expects max_tokens 1 and stream false "
-                    f"(got max_tokens {limit}, stream {bool(body.get('stream'))})"
-                )
-            await self._vllm_prefill(request, body, prompt, format_class)
-            return
-        request.record["rooms"] = [remote.request_id]
-        if not await self._pull(request, [(remote.host, remote.port, remote.request_id)]):
-            return
-        generation = Generation(prompt, max_tokens_of(limit, self.config.max_tokens))
-        fmt = self._format(body, format_class, None, None)
-        await self.app.respond(request, body, fmt, generation)
+            await self._vllm_prefill(request, body, prompt, limit, format_class)
+        else:
+            await self._vllm_decode(request, body, prompt, limit, format_class)
 
     async def _vllm_prefill(
-        self, request: Request, body: dict[str, Any], prompt: list[str], format_class: type[Format]
+        self,
+        request: Request,
+        body: dict[str, Any],
+        prompt: list[str],
+        limit: Any,
+        format_class: type[Format],
     ) -> None:
         """Prefill, register the transfer, answer at once: vLLM does not wait for the decode
         (the transfer waits at the prefill, for the bootstrap timeout at most)."""
+        try:
+            vllm_prefill_params(body)
+        except PdFieldError as exc:
+            raise BadRequest(str(exc)) from None
+        if limit != 1 or body.get("stream"):
+            raise BadRequest(
+                "a vLLM prefill leg expects max_tokens 1 and stream false "
+                f"(got max_tokens {limit}, stream {bool(body.get('stream'))})"
+            )
         generation = Generation(prompt, 1)
         watch = DisconnectWatch(request.receive)
         try:
@@ -301,6 +298,26 @@ class PdEndpoints:
         payload = self._format(body, format_class, None, None).whole(token, generation)
         payload["kv_transfer_params"] = params
         await request.reply(200, payload)
+
+    async def _vllm_decode(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        prompt: list[str],
+        limit: Any,
+        format_class: type[Format],
+    ) -> None:
+        """Pull the KV the prefill's kv_transfer_params name, then generate."""
+        try:
+            remote = vllm_decode_params(body)
+        except PdFieldError as exc:
+            raise BadRequest(str(exc)) from None
+        request.record["rooms"] = [remote.request_id]
+        if not await self._pull(request, [(remote.host, remote.port, remote.request_id)]):
+            return
+        generation = Generation(prompt, max_tokens_of(limit, self.config.max_tokens))
+        fmt = self._format(body, format_class, None, None)
+        await self.app.respond(request, body, fmt, generation)
 
     # --- shared --------------------------------------------------------------------------
 
