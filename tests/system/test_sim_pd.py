@@ -100,6 +100,13 @@ def sglang() -> Iterator[Pair]:
     decode.stop()
 
 
+def test_server_info_reports_the_pd_mode_and_bootstrap_port(sglang: Pair) -> None:
+    info = httpx.get(sglang.prefill.url + "/server_info").json()
+    assert info["disaggregation_mode"] == "prefill"
+    assert info["disaggregation_bootstrap_port"] == sglang.bootstrap_port
+    assert httpx.get(sglang.decode.url + "/server_info").json()["disaggregation_mode"] == "decode"
+
+
 def test_legs_without_bootstrap_fields_are_refused(sglang: Pair) -> None:
     for sim, role in ((sglang.prefill, "prefill"), (sglang.decode, "decode")):
         refused = post(sim.url + "/generate", {"text": "hello there"})
@@ -229,7 +236,7 @@ def test_a_batch_carries_one_room_per_item(sglang: Pair) -> None:
     assert refused.status_code == 400 and "arrays of 2" in refused.json()["error"]["message"]
 
 
-def test_chat_with_n_answers_one_choice_per_room(sglang: Pair) -> None:
+def test_chat_n_and_completion_lists_answer_one_choice_per_room(sglang: Pair) -> None:
     body = {
         "messages": [{"role": "user", "content": "two answers please"}],
         "n": 2,
@@ -243,6 +250,20 @@ def test_chat_with_n_answers_one_choice_per_room(sglang: Pair) -> None:
     assert [c["index"] for c in decode.json()["choices"]] == [0, 1]
     assert decode.json()["usage"]["completion_tokens"] == 8
     assert prefill.json()["usage"]["completion_tokens"] == 2
+    completion = {
+        "prompt": ["one prompt", "another prompt"],
+        "max_tokens": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **{k: v for k, v in body.items() if k.startswith("bootstrap_")},
+        "bootstrap_room": [fresh_room(), fresh_room()],
+    }
+    prefill, decode = sglang.send_both("/v1/completions", completion)
+    events = sse_events(decode.text)
+    assert {e["choices"][0]["index"] for e in events if e["choices"]} == {0, 1}
+    assert len({e["id"] for e in events}) == 1  # one response
+    assert events[-1]["usage"]["completion_tokens"] == 4
+    assert sse_events(prefill.text)[-1]["usage"]["completion_tokens"] == 2
 
 
 def test_input_logprobs_come_from_the_prefill_only(sglang: Pair) -> None:
