@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from shunter.cli.options import ConfigFlags
-from shunter.sim.config import RUNTIMES, Faults, SimConfig
+from shunter.sim.config import DISAGGREGATION_MODES, PD_RUNTIMES, RUNTIMES, Faults, SimConfig
 
 
 class SimFlags:
@@ -21,7 +21,8 @@ class SimFlags:
             "runtime",
             choices=RUNTIMES,
             help="'openai': only the OpenAI API; 'llamacpp': that, plus llama.cpp's /slots "
-            "(erasing a slot flushes the cache) and llamacpp:* metrics",
+            "(erasing a slot flushes the cache) and llamacpp:* metrics; 'vllm': the OpenAI API, "
+            "vllm:* metrics and POST /reset_prefix_cache",
         )
         s.flag("--ttft-ms", "ttft_ms", help="fixed time to first token")
         s.flag("--itl-ms", "itl_ms", help="inter-token latency")
@@ -44,6 +45,25 @@ class SimFlags:
         )
         s.flag(
             "--http-port", "http_port", type=int, help="with --grpc: the HTTP API on this port too"
+        )
+        s.flag(
+            "--disaggregation-mode",
+            "disaggregation_mode",
+            choices=DISAGGREGATION_MODES,
+            help="play one leg of a PD pair: 'prefill' serves a bootstrap server on "
+            "--disaggregation-bootstrap-port and answers once its decode took the KV; "
+            "'decode' takes the KV from the prefill the request names, then generates",
+        )
+        s.flag(
+            "--disaggregation-bootstrap-port",
+            "disaggregation_bootstrap_port",
+            help="a prefill's bootstrap server port; a decode's when a request's "
+            "bootstrap_port is null",
+        )
+        s.flag(
+            "--disaggregation-bootstrap-timeout",
+            "disaggregation_bootstrap_timeout",
+            help="seconds a prefill holds a room for its decode, and a decode polls for it",
         )
         s.flag("--tls-cert-path", "tls_cert_path", type=str, help="serve HTTPS")
         s.flag("--tls-key-path", "tls_key_path", type=str)
@@ -71,6 +91,15 @@ class SimFlags:
         config = self.sim.build(args, faults=faults)
         if config.max_running < 1 or config.block_size < 1 or config.dp_size < 1:
             self.parser.error("--max-running, --block-size and --dp-size must be >= 1")
+        if config.disaggregation_mode != "null":
+            if config.runtime not in PD_RUNTIMES:
+                self.parser.error("--disaggregation-mode needs --runtime sglang or vllm")
+            if config.runtime == "vllm" and config.grpc:
+                self.parser.error("--runtime vllm serves HTTP only: no --grpc")
+        if not 0 < config.disaggregation_bootstrap_port < 65536:
+            self.parser.error("--disaggregation-bootstrap-port must be a port (1-65535)")
+        if config.disaggregation_bootstrap_timeout <= 0:
+            self.parser.error("--disaggregation-bootstrap-timeout must be > 0")
         return config
 
 

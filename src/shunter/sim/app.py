@@ -1,5 +1,7 @@
 """The simulated worker's HTTP API: SGLang's worker endpoints and the OpenAI API.
 
+A sim playing a PD leg (``--disaggregation-mode``) answers inference with ``pd_http.py``.
+
 Every response names the worker in ``X-Worker-Id`` so tests can see where requests went.
 Faults (``/sim/faults``) let tests break the worker on purpose.
 """
@@ -11,7 +13,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -20,10 +22,19 @@ from shunter.sim.config import SimConfig
 from shunter.sim.disconnect import DisconnectWatch
 from shunter.sim.engine import Engine, Generation, tokenize
 from shunter.sim.formats import ChatFormat, CompletionFormat, Format, GenerateFormat
+from shunter.sim.pd import Disaggregation
+from shunter.sim.pd_http import PdEndpoints
+from shunter.sim.request import (
+    BadRequest,
+    DroppedConnection,
+    Request,
+    chat_prompt,
+    error_body,
+    max_tokens_of,
+)
 from shunter.wire.asgi import (
     JSON_CONTENT,
     SSE_CONTENT,
-    TEXT_CONTENT,
     Receive,
     Scope,
     Send,
@@ -31,76 +42,12 @@ from shunter.wire.asgi import (
     header_value,
     send_bytes,
     send_chunk,
-    send_json,
     start_stream,
 )
 
 log = logging.getLogger("shunter.sim")
 
 Handler = Callable[["Request"], Awaitable[None]]
-
-
-class DroppedConnection(Exception):
-    """Raised on purpose after the response started, so uvicorn cuts the connection."""
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class Request:
-    __slots__ = ("body", "receive", "scope", "send", "worker_header")
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send, body: bytes, worker: bytes):
-        self.scope = scope
-        self.receive = receive
-        self.send = send
-        self.body = body
-        self.worker_header = (b"x-worker-id", worker)
-
-    def json(self) -> dict[str, Any]:
-        try:
-            payload = orjson.loads(self.body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"invalid JSON body: {exc}") from None
-        if not isinstance(payload, dict):
-            raise BadRequest("the body must be a JSON object")
-        return payload
-
-    async def reply(self, status: int, payload: Any) -> None:
-        await send_json(self.send, status, payload, [self.worker_header])
-
-    async def reply_text(self, status: int, text: str) -> None:
-        await send_bytes(self.send, status, text.encode(), [TEXT_CONTENT, self.worker_header])
-
-
-def _error(message: str, status: int) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": status}}
-
-
-def _chat_prompt(messages: Any) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list")
-    parts = []
-    for message in messages:
-        if not isinstance(message, dict):
-            raise BadRequest("each message must be an object")
-        content = message.get("content") or ""
-        if isinstance(content, list):
-            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        parts.append(f"<|{message.get('role', 'user')}|> {content}")
-    return " ".join(parts) + " <|assistant|>"
-
-
-def _max_tokens(value: Any, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest("max_tokens must be a non-negative integer")
-    return value
 
 
 class SimApp:
@@ -121,6 +68,8 @@ class SimApp:
         }
         # llama.cpp's slot API: the list, and POST /slots/{id}?action=erase (by prefix).
         llamacpp: dict[str, Handler] = {"/slots": self.slots}
+        # vLLM's dev-mode flush (VLLM_SERVER_DEV_MODE=1).
+        vllm: dict[str, Handler] = {"/reset_prefix_cache": self.reset_prefix_cache}
         common: dict[str, Handler] = {
             "/health": self.health,
             "/metrics": self.metrics,
@@ -135,8 +84,13 @@ class SimApp:
         }
         # The last inference requests as received, so tests can check what the gateway sent.
         self.recent: deque[dict[str, Any]] = deque(maxlen=64)
-        own = {"sglang": sglang, "llamacpp": llamacpp}.get(config.runtime, {})
+        own = {"sglang": sglang, "llamacpp": llamacpp, "vllm": vllm}.get(config.runtime, {})
         self.routes = {**common, **own}
+        # A PD leg (--disaggregation-mode prefill|decode) answers inference as one.
+        self.pd: Disaggregation | None = None
+        if config.disaggregation_mode != "null":
+            self.pd = Disaggregation(config)
+            self.routes |= PdEndpoints(self, self.pd).routes()
         self._inference = {
             "/generate",
             "/v1/chat/completions",
@@ -162,32 +116,57 @@ class SimApp:
                 break
         request = Request(scope, receive, send, body, self.worker)
         if handler is None:
-            await request.reply(404, _error(f"no route {scope['path']}", 404))
+            await request.reply(404, error_body(f"no route {scope['path']}", 404))
             return
         try:
             if scope["path"] in self._inference:
-                self._record(scope, body)
+                request.record = self._record(scope, body)
                 await self._inference_gate(request)
             await handler(request)
         except BadRequest as exc:
-            await request.reply(exc.status, _error(str(exc), exc.status))
+            await request.reply(exc.status, error_body(str(exc), exc.status))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                try:
+                    await self.start()
+                except OSError as exc:  # the bootstrap port is taken
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await self.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _record(self, scope: Scope, body: bytes) -> None:
+    async def start(self) -> None:
+        """What runs beside the API: a prefill's bootstrap server."""
+        if self.pd is not None:
+            await self.pd.start()
+
+    async def stop(self) -> None:
+        if self.pd is not None:
+            await self.pd.stop()
+
+    def _record(self, scope: Scope, body: bytes) -> dict[str, Any]:
+        """An inference request's entry in /sim/requests. ``role`` is this sim's PD mode,
+        ``rooms`` the bootstrap rooms (or vLLM transfer ids) it carried, ``aborted`` whether
+        its client left before the response was complete."""
         headers: dict[str, list[str]] = {}
         for key, value in scope["headers"]:
             headers.setdefault(key.decode("latin-1"), []).append(value.decode("latin-1"))
-        self.recent.append(
-            {"path": scope["path"], "headers": headers, "body": body.decode("utf-8", "replace")}
-        )
+        record = {
+            "path": scope["path"],
+            "headers": headers,
+            "body": body.decode("utf-8", "replace"),
+            "role": self.config.disaggregation_mode,
+            "rooms": [],
+            "aborted": False,
+        }
+        self.recent.append(record)
+        return record
 
     async def _inference_gate(self, request: Request) -> None:
         """Auth and the faults that act before any work: latency, hang, error rate, poison."""
@@ -213,6 +192,7 @@ class SimApp:
         except asyncio.CancelledError:
             if watch.absorb_cancel():
                 self.engine.stats.aborted_total += 1
+                request.record["aborted"] = True
                 raise DroppedConnection("client left a hanging request") from None
             raise
 
@@ -245,6 +225,8 @@ class SimApp:
                 "tp_size": 1,
                 "max_running_requests": self.config.max_running,
                 "version": "shunter-sim",
+                "disaggregation_mode": self.config.disaggregation_mode,
+                "disaggregation_bootstrap_port": self.config.disaggregation_bootstrap_port,
             },
         )
 
@@ -262,7 +244,8 @@ class SimApp:
         )
 
     async def models(self, request: Request) -> None:
-        owner = {"sglang": "sglang", "llamacpp": "llamacpp"}.get(self.config.runtime, "shunter-sim")
+        owners = {"sglang": "sglang", "llamacpp": "llamacpp", "vllm": "vllm"}
+        owner = owners.get(self.config.runtime, "shunter-sim")
         await request.reply(
             200,
             {
@@ -331,6 +314,12 @@ class SimApp:
         self.engine.cache.flush()
         await request.reply_text(200, "Cache flushed.\n")
 
+    async def reset_prefix_cache(self, request: Request) -> None:
+        if request.scope["method"] != "POST":
+            raise BadRequest("POST /reset_prefix_cache", 405)
+        self.engine.cache.flush()
+        await send_bytes(request.send, 200, b"", [request.worker_header])
+
     async def metrics(self, request: Request) -> None:
         body = self.engine.metrics_text().encode()
         headers = [(b"content-type", b"text/plain; version=0.0.4"), request.worker_header]
@@ -361,6 +350,7 @@ class SimApp:
                 "running": self.engine.running,
                 "waiting": self.engine.waiting,
                 "cache_hit_rate": self.engine.cache.hit_rate,
+                "bootstrap_rooms": len(self.pd.rooms) if self.pd is not None else 0,
             },
         )
 
@@ -371,10 +361,10 @@ class SimApp:
 
     async def chat(self, request: Request) -> None:
         body = request.json()
-        prompt = _chat_prompt(body.get("messages"))
+        prompt = chat_prompt(body.get("messages"))
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         await self._complete(
-            request, body, prompt, _max_tokens(limit, self.config.max_tokens), ChatFormat
+            request, body, prompt, max_tokens_of(limit, self.config.max_tokens), ChatFormat
         )
 
     async def completions(self, request: Request) -> None:
@@ -384,7 +374,7 @@ class SimApp:
             prompt = " ".join(str(p) for p in prompt)
         if not isinstance(prompt, str):
             raise BadRequest("'prompt' must be a string or a list of strings")
-        limit = _max_tokens(body.get("max_tokens"), self.config.max_tokens)
+        limit = max_tokens_of(body.get("max_tokens"), self.config.max_tokens)
         await self._complete(request, body, prompt, limit, CompletionFormat)
 
     async def generate(self, request: Request) -> None:
@@ -398,7 +388,7 @@ class SimApp:
             prompt = body["text"]
         else:
             raise BadRequest("give 'text' or 'input_ids'")
-        limit = _max_tokens(params.get("max_new_tokens"), self.config.max_tokens)
+        limit = max_tokens_of(params.get("max_new_tokens"), self.config.max_tokens)
         await self._complete(request, body, prompt, limit, GenerateFormat)
 
     async def _complete(
@@ -413,16 +403,30 @@ class SimApp:
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         fmt = format_class(body.get("model") or self.config.served_model_name, include_usage)
         generation = Generation(tokenize(prompt), max_tokens)
+        await self.respond(request, body, fmt, generation)
+
+    async def respond(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        fmt: Format,
+        generation: Generation,
+        source: AsyncIterator[str] | None = None,
+    ) -> None:
+        """Answer one sequence, whole or streamed as the body asks. Its tokens come from
+        the engine, or from ``source`` when they were computed already (a PD prefill's)."""
+        tokens_of = self.engine.run(generation) if source is None else source
         if body.get("stream"):
-            await self._stream(request, fmt, generation)
+            await self._stream(request, fmt, generation, tokens_of)
             return
         watch = DisconnectWatch(request.receive)
         tokens: list[str] = []
         try:
-            async for token in self.engine.run(generation):
+            async for token in tokens_of:
                 tokens.append(token)
         except asyncio.CancelledError:
             if watch.absorb_cancel():
+                request.record["aborted"] = True
                 return
             raise
         watch.finish()
@@ -436,7 +440,9 @@ class SimApp:
         await start_stream(request.send, 200, headers)
         raise DroppedConnection("injected fault: connection dropped mid-body")
 
-    async def _stream(self, request: Request, fmt: Format, generation: Generation) -> None:
+    async def _stream(
+        self, request: Request, fmt: Format, generation: Generation, tokens: AsyncIterator[str]
+    ) -> None:
         send = request.send
         drop_after = self.config.faults.drop_after_chunks
         watch = DisconnectWatch(request.receive)
@@ -445,7 +451,7 @@ class SimApp:
             sent = 0
             first = fmt.first_chunk()
             text = ""
-            async for token in self.engine.run(generation):
+            async for token in tokens:
                 if first is not None:
                     await send_chunk(send, first)
                     first = None
@@ -460,6 +466,7 @@ class SimApp:
             await end_stream(send)
         except asyncio.CancelledError:
             if watch.absorb_cancel():
+                request.record["aborted"] = True
                 return
             raise
 

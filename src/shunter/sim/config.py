@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-RUNTIMES = ("sglang", "openai", "llamacpp")
+RUNTIMES = ("sglang", "openai", "llamacpp", "vllm")
+# SGLang's --disaggregation-mode values: a regular worker, or one leg of a PD pair.
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
+# The runtimes that play PD: SGLang's (bootstrap rooms) and vLLM's (kv_transfer_params).
+PD_RUNTIMES = ("sglang", "vllm")
 
 
 @dataclass
@@ -60,7 +64,8 @@ class SimConfig:
     port: int = 8000
     worker_id: str | None = None  # defaults to host:port
     served_model_name: str = "sim-model"
-    # "openai": only the OpenAI API; "llamacpp": that plus llama.cpp's /slots and metrics
+    # "openai": only the OpenAI API; "llamacpp": that plus llama.cpp's /slots and metrics;
+    # "vllm": that plus vLLM's metrics and /reset_prefix_cache
     runtime: str = "sglang"
     ttft_ms: float = 5.0  # fixed time to first token, on top of prefill
     itl_ms: float = 2.0  # inter-token latency
@@ -76,6 +81,10 @@ class SimConfig:
     tls_client_ca_path: str | None = None  # and require client certificates from this CA
     grpc: bool = False  # serve SGLang's gRPC scheduler service on `port`
     http_port: int | None = None  # with grpc: the HTTP API (and /sim/*) on this port too
+    # PD disaggregation, with SGLang's flag names and defaults (sim/pd.py).
+    disaggregation_mode: str = "null"
+    disaggregation_bootstrap_port: int = 8998  # a prefill's bootstrap server listens here
+    disaggregation_bootstrap_timeout: float = 300.0  # seconds a room waits for its other leg
     faults: Faults = field(default_factory=Faults)
 
     @property

@@ -152,6 +152,20 @@ class Engine:
             ]
             return "".join(f"# TYPE {m} {kind}\n{m} {v}\n" for m, kind, v in llama)
         name = self.config.served_model_name
+        if self.config.runtime == "vllm":
+            # vLLM V1's names; its prefix-cache counters are in tokens, as the sim's are.
+            vllm: list[tuple[str, str, float]] = [
+                ("vllm:num_requests_running", "gauge", self.running),
+                ("vllm:num_requests_waiting", "gauge", self.waiting),
+                ("vllm:prompt_tokens_total", "counter", s.prompt_tokens_total),
+                ("vllm:generation_tokens_total", "counter", s.generation_tokens_total),
+                ("vllm:prefix_cache_queries_total", "counter", self.cache.lookup_tokens),
+                ("vllm:prefix_cache_hits_total", "counter", self.cache.hit_tokens),
+            ]
+            return "".join(
+                f'# TYPE {m} {kind}\n{m}{{engine="0",model_name="{name}"}} {v}\n'
+                for m, kind, v in vllm
+            )
         lines: list[tuple[str, str, float]] = [
             ("sglang:num_running_reqs", "gauge", self.running),
             ("sglang:num_queue_reqs", "gauge", self.waiting),

@@ -32,15 +32,33 @@ def usage(generation: Generation) -> dict[str, Any]:
 
 
 class Format:
-    """Base: one response id and creation time per request."""
+    """Base: one response id and creation time per request.
+
+    ``index`` is an item's place in a batch (several prompts, or n > 1), None for a single
+    request. ``input_logprobs``, when given, goes into SGLang's ``meta_info`` as
+    ``input_token_logprobs`` (a PD leg asked for ``return_logprob``).
+    """
 
     prefix = "cmpl-"
 
-    def __init__(self, model: str, include_usage: bool = False) -> None:
+    def __init__(
+        self,
+        model: str,
+        include_usage: bool = False,
+        *,
+        index: int | None = None,
+        input_logprobs: list[Any] | None = None,
+    ) -> None:
         self.id = self.prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.index = index
+        self.input_logprobs = input_logprobs
+
+    @property
+    def choice_index(self) -> int:
+        return self.index or 0
 
     def first_chunk(self) -> bytes | None:
         return None
@@ -48,8 +66,18 @@ class Format:
     def chunk(self, token: str, text_so_far: str, generation: Generation) -> bytes:
         raise NotImplementedError
 
+    def finish_chunks(self, generation: Generation) -> list[bytes]:
+        """What ends this item's stream, before any usage chunk and ``[DONE]``."""
+        return []
+
+    def usage_chunk(self, generation: Generation) -> bytes | None:
+        """The streamed usage, when the request asked for it."""
+        return None
+
     def final_chunks(self, generation: Generation) -> list[bytes]:
-        raise NotImplementedError
+        usage_chunk = self.usage_chunk(generation)
+        tail = [usage_chunk] if usage_chunk is not None else []
+        return [*self.finish_chunks(generation), *tail, SSE_DONE]
 
     def whole(self, text: str, generation: Generation) -> dict[str, Any]:
         raise NotImplementedError
@@ -64,7 +92,7 @@ class ChatFormat(Format):
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "choices": [{"index": self.choice_index, "delta": delta, "finish_reason": finish}],
         }
 
     def first_chunk(self) -> bytes:
@@ -74,14 +102,16 @@ class ChatFormat(Format):
         piece = token if generation.completion_tokens == 1 else " " + token
         return sse(self._chunk({"content": piece}, None))
 
-    def final_chunks(self, generation: Generation) -> list[bytes]:
-        chunks = [sse(self._chunk({}, generation.finish_reason))]
-        if self.include_usage:
-            last = self._chunk({}, None)
-            last["choices"] = []
-            last["usage"] = usage(generation)
-            chunks.append(sse(last))
-        return [*chunks, SSE_DONE]
+    def finish_chunks(self, generation: Generation) -> list[bytes]:
+        return [sse(self._chunk({}, generation.finish_reason))]
+
+    def usage_chunk(self, generation: Generation) -> bytes | None:
+        if not self.include_usage:
+            return None
+        last = self._chunk({}, None)
+        last["choices"] = []
+        last["usage"] = usage(generation)
+        return sse(last)
 
     def whole(self, text: str, generation: Generation) -> dict[str, Any]:
         return {
@@ -91,7 +121,7 @@ class ChatFormat(Format):
             "model": self.model,
             "choices": [
                 {
-                    "index": 0,
+                    "index": self.choice_index,
                     "message": {"role": "assistant", "content": text},
                     "finish_reason": generation.finish_reason,
                 }
@@ -107,21 +137,30 @@ class CompletionFormat(Format):
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": [
+                {
+                    "index": self.choice_index,
+                    "text": text,
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            ],
         }
 
     def chunk(self, token: str, text_so_far: str, generation: Generation) -> bytes:
         piece = token if generation.completion_tokens == 1 else " " + token
         return sse(self._body(piece, None))
 
-    def final_chunks(self, generation: Generation) -> list[bytes]:
-        chunks = [sse(self._body("", generation.finish_reason))]
-        if self.include_usage:
-            last = self._body("", None)
-            last["choices"] = []
-            last["usage"] = usage(generation)
-            chunks.append(sse(last))
-        return [*chunks, SSE_DONE]
+    def finish_chunks(self, generation: Generation) -> list[bytes]:
+        return [sse(self._body("", generation.finish_reason))]
+
+    def usage_chunk(self, generation: Generation) -> bytes | None:
+        if not self.include_usage:
+            return None
+        last = self._body("", None)
+        last["choices"] = []
+        last["usage"] = usage(generation)
+        return sse(last)
 
     def whole(self, text: str, generation: Generation) -> dict[str, Any]:
         body = self._body(text, generation.finish_reason)
@@ -135,7 +174,7 @@ class GenerateFormat(Format):
     prefix = ""
 
     def _meta(self, generation: Generation, finished: bool) -> dict[str, Any]:
-        return {
+        meta: dict[str, Any] = {
             "id": self.id,
             "prompt_tokens": len(generation.prompt_tokens),
             "completion_tokens": generation.completion_tokens,
@@ -144,13 +183,16 @@ class GenerateFormat(Format):
                 {"type": "length", "length": generation.completion_tokens} if finished else None
             ),
         }
+        if self.input_logprobs is not None:
+            meta["input_token_logprobs"] = self.input_logprobs
+        return meta
 
     def chunk(self, token: str, text_so_far: str, generation: Generation) -> bytes:
         last = generation.completion_tokens >= generation.max_tokens
-        return sse({"text": text_so_far, "meta_info": self._meta(generation, last)})
-
-    def final_chunks(self, generation: Generation) -> list[bytes]:
-        return [SSE_DONE]
+        event: dict[str, Any] = {"text": text_so_far, "meta_info": self._meta(generation, last)}
+        if self.index is not None:  # a batch's items share one stream, told apart by index
+            event["index"] = self.index
+        return sse(event)
 
     def whole(self, text: str, generation: Generation) -> dict[str, Any]:
         return {"text": text, "meta_info": self._meta(generation, True)}

@@ -5,6 +5,12 @@ prefix cache, faults), fed with token ids. Output: the engine's deterministic wo
 with the sim's own tokenizer (``sim/tokenizer.py``) and sent one token id per step, so
 ``max_new_tokens`` counts ids as a real engine does. ``GetTokenizer`` hands that tokenizer
 to the gateway.
+
+In PD (``--disaggregation-mode``) a request's ``disaggregated_params`` join its legs as the
+HTTP fields do (``pd.py``): a prefill prefills, publishes the room at its (HTTP) bootstrap
+server, holds until the decode claimed it, then completes with its one token; a decode
+claims the room, then generates. A bootstrap timeout ends the call with INTERNAL, which the
+gateway sees as a worker failure.
 """
 
 from __future__ import annotations
@@ -15,15 +21,19 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToJson
 from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2, sglang_scheduler_pb2_grpc
 
+from shunter.sim.bootstrap import BootstrapTimeout
 from shunter.sim.config import SimConfig
 from shunter.sim.engine import Engine, Generation
+from shunter.sim.logprobs import logprob, start_position
+from shunter.sim.pd import Disaggregation
+from shunter.sim.rooms import RoomInUse
 from shunter.sim.tokenizer import eos_token_ids, sim_tokenizer, tokenizer_archive
 
 log = logging.getLogger("shunter.sim.grpc")
@@ -63,13 +73,44 @@ class _Sequence:
         return self.pending.pop(0)
 
 
+def _input_logprobs(input_ids: list[int], logprob_start_len: int) -> Any:
+    """The prompt's logprobs, as a prefill returns them (the values of ``sim/logprobs.py``)."""
+    start = start_position(logprob_start_len, len(input_ids))
+    positions = range(start, len(input_ids))
+    return pb.InputLogProbs(
+        token_logprobs=[pb.InputTokenLogProb(value=logprob(input_ids[i], i)) for i in positions],
+        token_ids=[input_ids[i] for i in positions],
+    )
+
+
+async def _unless_aborted(work: Coroutine[Any, Any, Any], aborted: asyncio.Event) -> bool:
+    """Run ``work`` unless the request is aborted first (False: it was, and ``work`` stops)."""
+    task = asyncio.ensure_future(work)
+    abort = asyncio.ensure_future(aborted.wait())
+    try:
+        await asyncio.wait({task, abort}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        abort.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        task.result()  # its failure is the request's
+        return True
+    return False
+
+
 class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # type: ignore[misc]
     def __init__(
-        self, config: SimConfig, engine: Engine, recent: deque[dict[str, Any]] | None = None
+        self,
+        config: SimConfig,
+        engine: Engine,
+        recent: deque[dict[str, Any]] | None = None,
+        pd: Disaggregation | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
         self.recent = recent  # the HTTP sim's /sim/requests log: tests read what was sent
+        self.pd = pd  # this sim's PD role, when it plays one
         self.started = time.time()
         self.active: dict[str, asyncio.Event] = {}  # request id -> set when aborted
 
@@ -141,9 +182,17 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         self.engine.stats.grpc_peers.add(context.peer())
+        # As the HTTP sim's records: role, rooms, and whether the call was cancelled.
+        record: dict[str, Any] = {
+            "path": "grpc:Generate",
+            "headers": {},
+            "role": self.config.disaggregation_mode,
+            "rooms": [],
+            "aborted": False,
+        }
         if self.recent is not None:
-            body = MessageToJson(request, preserving_proto_field_name=True)
-            self.recent.append({"path": "grpc:Generate", "headers": {}, "body": body})
+            record["body"] = MessageToJson(request, preserving_proto_field_name=True)
+            self.recent.append(record)
         await self._faults(context)
         params = request.sampling_params
         prompt = [str(i) for i in request.tokenized.input_ids]
@@ -152,12 +201,124 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
         limit = params.max_new_tokens if params.HasField("max_new_tokens") else 16
         aborted = self.active.setdefault(request.request_id, asyncio.Event())
         try:
+            if self.pd is not None:
+                async for response in self._pd_leg(request, context, prompt, aborted, record):
+                    yield response
+                if self.pd.mode == "prefill" or record["aborted"]:
+                    return
             for index in range(max(1, params.n)):
                 generation = Generation(prompt, limit)
                 async for response in self._one(request, generation, index, aborted):
                     yield response
+            if aborted.is_set():
+                record["aborted"] = True
+        except asyncio.CancelledError:  # the client went
+            record["aborted"] = True
+            raise
         finally:
             self.active.pop(request.request_id, None)
+
+    async def _pd_leg(
+        self,
+        request: Any,
+        context: Any,
+        prompt: list[str],
+        aborted: asyncio.Event,
+        record: dict[str, Any],
+    ) -> AsyncIterator[Any]:
+        """A prefill's whole answer; for a decode, the wait for its room (nothing yielded
+        unless the call is aborted while it waits)."""
+        assert self.pd is not None
+        if not request.HasField("disaggregated_params"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.pd.mode} worker needs disaggregated_params "
+                "(bootstrap_host, bootstrap_port, bootstrap_room)",
+            )
+        bootstrap = request.disaggregated_params
+        if not bootstrap.bootstrap_host:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "disaggregated_params needs bootstrap_host"
+            )
+        record["rooms"] = [bootstrap.bootstrap_room]
+        key = str(bootstrap.bootstrap_room)
+        try:
+            if self.pd.mode == "prefill":
+                async for response in self._prefill(request, context, prompt, key, aborted):
+                    yield response
+            else:
+                source = (bootstrap.bootstrap_host, bootstrap.bootstrap_port or None, key)
+                started = time.monotonic()
+                try:
+                    claimed = await self._wait(self.pd.pull([source]), aborted)
+                finally:
+                    record["bootstrap_wait_ms"] = round((time.monotonic() - started) * 1000, 1)
+                if not claimed:
+                    yield self._aborted(request, Generation(prompt, 0))
+        except BootstrapTimeout as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+        except RoomInUse as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if aborted.is_set():
+            record["aborted"] = True
+
+    async def _prefill(
+        self, request: Any, context: Any, prompt: list[str], key: str, aborted: asyncio.Event
+    ) -> AsyncIterator[Any]:
+        """Prefill, publish the room, hold until it is claimed, complete with one token."""
+        assert self.pd is not None
+        generation = Generation(prompt, 1)
+        sequence = _Sequence(self.engine, generation, self.config.faults.scripted_reply)
+        token = 0
+        async for _ in self.engine.run(generation):
+            token = sequence.next_id()
+        info = {
+            "room": int(key),
+            "prompt_tokens": len(prompt),
+            "cached_tokens": generation.cached_tokens,
+        }
+        room = self.pd.publish(key, info)
+        if not await self._wait(self.pd.hold([room]), aborted):
+            yield self._aborted(request, generation)
+            return
+        logprobs = {}
+        if request.return_logprob:
+            ids = list(request.tokenized.input_ids)
+            logprobs = {"input_logprobs": _input_logprobs(ids, request.logprob_start_len)}
+        yield pb.GenerateResponse(
+            request_id=request.request_id,
+            complete=pb.GenerateComplete(
+                output_ids=[token],
+                finish_reason="length",
+                prompt_tokens=len(prompt),
+                completion_tokens=1,
+                cached_tokens=generation.cached_tokens,
+                **logprobs,
+            ),
+        )
+
+    async def _wait(self, work: Coroutine[Any, Any, Any], aborted: asyncio.Event) -> bool:
+        """A PD wait, outside the engine: an Abort or the client going while it waits
+        counts in aborted_total here, as the engine counts one while it runs."""
+        try:
+            done = await _unless_aborted(work, aborted)
+        except asyncio.CancelledError:
+            self.engine.stats.aborted_total += 1
+            raise
+        if not done:
+            self.engine.stats.aborted_total += 1
+        return done
+
+    @staticmethod
+    def _aborted(request: Any, generation: Generation) -> Any:
+        return pb.GenerateResponse(
+            request_id=request.request_id,
+            complete=pb.GenerateComplete(
+                finish_reason="abort",
+                prompt_tokens=len(generation.prompt_tokens),
+                cached_tokens=generation.cached_tokens,
+            ),
+        )
 
     async def _one(
         self, request: Any, generation: Generation, index: int, aborted: asyncio.Event
@@ -219,11 +380,15 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
 
 
 async def serve_grpc(
-    config: SimConfig, engine: Engine, port: int, recent: deque[dict[str, Any]] | None = None
+    config: SimConfig,
+    engine: Engine,
+    port: int,
+    recent: deque[dict[str, Any]] | None = None,
+    pd: Disaggregation | None = None,
 ) -> grpc.aio.Server:
     """Start the scheduler service on ``config.host:port``; the caller stops it."""
     server = grpc.aio.server()
-    servicer = SchedulerServicer(config, engine, recent)
+    servicer = SchedulerServicer(config, engine, recent, pd)
     sglang_scheduler_pb2_grpc.add_SglangSchedulerServicer_to_server(servicer, server)
     server.add_insecure_port(f"{config.host}:{port}")
     await server.start()

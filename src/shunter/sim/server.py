@@ -37,10 +37,12 @@ def run_sim(config: SimConfig, log_level: str = "warning") -> None:
 
 async def _serve_grpc(app: SimApp, config: SimConfig, log_level: str) -> None:
     """The gRPC scheduler on ``port``; the HTTP API on ``http_port`` if given. Both share
-    one engine, so faults set over HTTP (/sim/faults) act on gRPC requests too."""
+    one engine, so faults set over HTTP (/sim/faults) act on gRPC requests too, and one PD
+    role (a prefill's bootstrap server is HTTP whichever API the sim speaks)."""
     from shunter.sim.grpc_server import serve_grpc
 
-    server = await serve_grpc(config, app.engine, config.port, app.recent)
+    await app.start()  # a prefill's bootstrap server, before the first request can come
+    server = await serve_grpc(config, app.engine, config.port, app.recent, app.pd)
     try:
         if config.http_port is None:
             await server.wait_for_termination()
@@ -58,3 +60,4 @@ async def _serve_grpc(app: SimApp, config: SimConfig, log_level: str) -> None:
         await http.serve()
     finally:
         await server.stop(grace=1)
+        await app.stop()
