@@ -360,6 +360,10 @@ def test_vllm_prefill_hands_its_kv_transfer_params_to_the_decode(vllm: Pair) -> 
         vllm.decode.url + "/v1/completions", {"prompt": "x", "kv_transfer_params": partial}
     )
     assert refused.status_code == 400 and "remote_request_id" in refused.text
+    # No kv_transfer_params at all: a kv_both decode serves the request whole.
+    alone = post(vllm.decode.url + "/v1/completions", {"prompt": "x y z", "max_tokens": 3})
+    assert alone.status_code == 200 and alone.json()["usage"]["completion_tokens"] == 3
+    assert vllm.decode.requests()[-1]["rooms"] == []
 
 
 def test_vllm_decode_with_an_unknown_transfer_times_out(vllm: Pair) -> None:

@@ -182,10 +182,11 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:
         self.engine.stats.grpc_peers.add(context.peer())
-        # As the HTTP sim's records: role, rooms, and whether the call was cancelled.
+        # As the HTTP sim's records: role, rooms, and whether the call was cancelled; the
+        # request's id where an HTTP record has its x-request-id header.
         record: dict[str, Any] = {
             "path": "grpc:Generate",
-            "headers": {},
+            "headers": {"x-request-id": [request.request_id]},
             "role": self.config.disaggregation_mode,
             "rooms": [],
             "aborted": False,

@@ -307,7 +307,14 @@ class PdEndpoints:
         limit: Any,
         format_class: type[Format],
     ) -> None:
-        """Pull the KV the prefill's kv_transfer_params name, then generate."""
+        """Pull the KV the prefill's kv_transfer_params name, then generate. A request
+        without them is served whole, prompt included, as a vLLM decode worker running its
+        connector as ``kv_both`` does (a gateway sends it a prompt too short to disaggregate)."""
+        if body.get("kv_transfer_params") is None:
+            generation = Generation(prompt, max_tokens_of(limit, self.config.max_tokens))
+            fmt = self._format(body, format_class, None, None)
+            await self.app.respond(request, body, fmt, generation)
+            return
         try:
             remote = vllm_decode_params(body)
         except PdFieldError as exc:

@@ -9,7 +9,10 @@ failed this request, when the pool has others.
 The skip rule (``--pd-min-prefill-tokens``) is decided here, since it needs the decode
 policy's view of the caches before it records the request: a prompt whose tokens the
 chosen decode worker does not already hold are fewer than the threshold costs more to hand
-over than to compute, so the decode worker runs it alone (``Pair.prefill`` is None).
+over than to compute, so the decode worker runs it alone (``Pair.prefill`` is None). Only
+an engine that serves a whole request on a decode worker is sent one: vLLM's (a connector
+in the ``kv_both`` role serves requests that carry no transfer), not SGLang's (its decode
+workers wait for a bootstrap room).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shunter.backends.base import SGLANG_ONLY_PATHS
+from shunter.backends.base import SGLANG_ONLY_PATHS, Runtime
 from shunter.fleet.registry import WorkerRegistry, Workers
 from shunter.fleet.worker import Worker, WorkerType
 from shunter.policies.base import Policy, RouteRequest
@@ -25,6 +28,8 @@ from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError
 from shunter.routing.request import InferenceRequest
 
+# The engines whose decode workers serve a request alone (see the module docstring).
+RUNS_ALONE = frozenset({Runtime.VLLM})
 # Characters per token when a prompt's tokens are not known (the gateway does not tokenize
 # for HTTP workers): the usual rule for English text with BPE tokenizers.
 CHARS_PER_TOKEN = 4
@@ -77,7 +82,11 @@ class PairSelector:
         route = RouteRequest(model, text, request.headers, request.fields.routing_id)
         held = decode_policy.cached_prefix(route) if self.min_prefill_tokens else None
         decode = _chosen(decode_policy, decodes, route, WorkerType.DECODE)
-        if held is not None and self._decode_alone(request, held, decode):
+        if (
+            held is not None
+            and decode.runtime in RUNS_ALONE
+            and self._decode_alone(request, held, decode)
+        ):
             return Pair(None, decode, "", decode_policy.name)
         prefill = _chosen(prefill_policy, prefills, route, WorkerType.PREFILL)
         return Pair(prefill, decode, prefill_policy.name, decode_policy.name)
@@ -120,13 +129,15 @@ class PairSelector:
 
 
 def prompt_tokens(request: InferenceRequest) -> int:
-    """The prompt's length in tokens: counted when the client sent token ids, estimated
-    from its characters otherwise (``CHARS_PER_TOKEN``)."""
-    ids = request.fields.input_ids
-    if ids:
-        if isinstance(ids[0], list):
-            return sum(len(item) for item in ids if isinstance(item, list))
-        return len(ids)
+    """The prompt's length in tokens: counted when the client sent token ids (``input_ids``,
+    or a completion ``prompt`` of ids), estimated from its characters otherwise
+    (``CHARS_PER_TOKEN``)."""
+    fields = request.fields
+    for ids in (fields.input_ids, fields.prompt):
+        if isinstance(ids, list) and ids and not isinstance(ids[0], str):
+            if isinstance(ids[0], list):
+                return sum(len(item) for item in ids if isinstance(item, list))
+            return len(ids)
     return -(-len(request.routing_text) // CHARS_PER_TOKEN)
 
 

@@ -437,26 +437,29 @@ async def test_a_vllm_prefill_without_transfer_params_is_a_clear_502() -> None:
     await gw.close()
 
 
-async def test_short_prompts_go_to_the_decode_worker_alone_under_the_skip_rule() -> None:
-    fleet = PdFleet()
-    answering = fleet.answering_decode
+class AloneFleet(VllmFleet):
+    """vLLM pairs whose decode workers serve a request without a transfer whole."""
 
-    async def decode(request: MockRequest, body: dict[str, Any]) -> MockResponse:
-        if "bootstrap_room" not in body:  # run alone: the decode worker prefills itself
+    async def vllm_decode(self, request: MockRequest, body: dict[str, Any]) -> MockResponse:
+        if "kv_transfer_params" not in body:
             return MockResponse(200, JSON, b'{"text": "alone"}')
-        return await answering(request, body)
+        return await super().vllm_decode(request, body)
 
-    fleet.decode = decode
+
+async def test_short_prompts_go_to_the_decode_worker_alone_under_the_skip_rule() -> None:
+    fleet = AloneFleet()
     gw = await pd(fleet, pd_min_prefill_tokens=10, policy="cache_aware")
-    short = await generate(gw, {"text": "a" * 36})  # 9 tokens by the 4-characters rule
+    short = await generate(gw, {"prompt": "a" * 36}, "/v1/completions")  # 9 tokens (4 chars each)
     assert short.json() == {"text": "alone"}
     assert not any(url in PREFILLS for url, _ in fleet.sent)
     long = "b" * 400  # 100 tokens: disaggregated
-    assert (await generate(gw, {"text": long})).json()["text"] == "hello"
-    decode_url = next(u for u, body in fleet.sent if u in DECODES and "bootstrap_room" in body)
-    # The same prompt again, plus a short tail: the decode worker that prefilled it (as the
+    answer = await generate(gw, {"prompt": long}, "/v1/completions")
+    assert answer.json() == {"choices": [{"text": "hello"}]}
+    decode_url = fleet.sent[-1][0]
+    assert decode_url in DECODES and "kv_transfer_params" in fleet.sent[-1][1]
+    # The same prompt again, plus a short tail: the decode worker that served it (as the
     # cache_aware decode policy remembers) holds all but a few tokens, so it runs alone.
-    again = await generate(gw, {"text": long + "tail"})
+    again = await generate(gw, {"prompt": long + "tail"}, "/v1/completions")
     assert again.json() == {"text": "alone"}
     assert fleet.sent[-1][0] == decode_url
     assert sum(1 for url, _ in fleet.sent if url in PREFILLS) == 1
@@ -465,16 +468,17 @@ async def test_short_prompts_go_to_the_decode_worker_alone_under_the_skip_rule()
 
 
 async def test_token_ids_count_exactly_for_the_skip_rule() -> None:
-    fleet = PdFleet()
+    fleet = AloneFleet()
     gw = await pd(fleet, pd_min_prefill_tokens=3)
-    answering = fleet.answering_decode
+    assert (await generate(gw, {"prompt": [1, 2]}, "/v1/completions")).json() == {"text": "alone"}
+    long = await generate(gw, {"prompt": [1, 2, 3]}, "/v1/completions")
+    assert long.json() == {"choices": [{"text": "hello"}]}
+    await gw.close()
 
-    async def decode(request: MockRequest, body: dict[str, Any]) -> MockResponse:
-        if "bootstrap_room" not in body:
-            return MockResponse(200, JSON, b'{"text": "alone"}')
-        return await answering(request, body)
 
-    fleet.decode = decode
-    assert (await generate(gw, {"input_ids": [1, 2]})).json() == {"text": "alone"}
-    assert (await generate(gw, {"input_ids": [1, 2, 3]})).json()["text"] == "hello"
+async def test_sglang_decode_workers_are_never_sent_a_request_alone() -> None:
+    fleet = PdFleet()  # an SGLang decode worker waits for a room: it cannot run one alone
+    gw = await pd(fleet, pd_min_prefill_tokens=1000)
+    assert (await generate(gw, {"text": "short"})).json()["text"] == "hello"
+    assert len(fleet.bodies("http://p1:1")) == 1
     await gw.close()
