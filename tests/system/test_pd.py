@@ -57,30 +57,19 @@ class PdFleet:
         return prefill, decode
 
 
-def prefill_sim(name: str, *extra: str) -> tuple[Sim, int]:
+def prefill_sim(name: str, *extra: str, kind: type[Sim] = Sim) -> tuple[Sim, int]:
+    """A prefill sim (``kind``: ``GrpcSim`` for gRPC) and its bootstrap port."""
     port = free_port()
-    sim = Sim(
-        name,
-        "--disaggregation-mode",
-        "prefill",
-        "--disaggregation-bootstrap-port",
-        str(port),
-        "--disaggregation-bootstrap-timeout",
-        BOOTSTRAP_TIMEOUT,
-        *extra,
-    )
-    return sim, port
+    bootstrap = ["--disaggregation-bootstrap-port", str(port)]
+    return kind(name, "--disaggregation-mode", "prefill", *bootstrap, *_timeout(extra)), port
 
 
-def decode_sim(name: str, *extra: str) -> Sim:
-    return Sim(
-        name,
-        "--disaggregation-mode",
-        "decode",
-        "--disaggregation-bootstrap-timeout",
-        BOOTSTRAP_TIMEOUT,
-        *extra,
-    )
+def decode_sim(name: str, *extra: str, kind: type[Sim] = Sim) -> Sim:
+    return kind(name, "--disaggregation-mode", "decode", *_timeout(extra))
+
+
+def _timeout(extra: tuple[str, ...]) -> list[str]:
+    return ["--disaggregation-bootstrap-timeout", BOOTSTRAP_TIMEOUT, *extra]
 
 
 def pd_gateway(prefills: list[tuple[Sim, int]], decodes: list[Sim], *extra: str) -> Gateway:
@@ -273,24 +262,9 @@ def test_pd_metrics(sglang: PdFleet) -> None:
 
 def test_grpc_pairs_share_a_room_through_disaggregated_params(procs: list[Proc]) -> None:
     pytest.importorskip("grpc")
-    port = free_port()
-    prefill = GrpcSim(
-        "grpc-prefill",
-        "--disaggregation-mode",
-        "prefill",
-        "--disaggregation-bootstrap-port",
-        str(port),
-        "--disaggregation-bootstrap-timeout",
-        BOOTSTRAP_TIMEOUT,
-    )
+    prefill, port = prefill_sim("grpc-prefill", kind=GrpcSim)
     procs.append(prefill)
-    decode = GrpcSim(
-        "grpc-decode",
-        "--disaggregation-mode",
-        "decode",
-        "--disaggregation-bootstrap-timeout",
-        BOOTSTRAP_TIMEOUT,
-    )
+    decode = decode_sim("grpc-decode", kind=GrpcSim)
     procs.append(decode)
     gateway = pd_gateway([(prefill, port)], [decode])
     procs.append(gateway)

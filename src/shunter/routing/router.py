@@ -147,15 +147,12 @@ class Router:
             for attempt in range(attempts):
                 last = attempt + 1 == attempts
                 if attempt:
-                    delay = self.retry.backoff_secs(attempt - 1)
-                    self.metrics.retry_backoff(attempt, delay)
-                    await asyncio.sleep(delay)
+                    await self._back_off(attempt)
                 try:
                     with self._span("select_worker", attempt=attempt):
                         worker, policy, model = self.select(request, failed)
                 except ApiError as exc:
-                    if exc.status != 503 or last:
-                        raise
+                    retry_if_none_available(exc, last)
                     continue
                 if attempt:
                     self.metrics.retried(worker, request.path)
@@ -168,6 +165,12 @@ class Router:
         finally:
             if not verdict.settled:  # a relayed answer settles it; errors end up here
                 verdict.settle(request.request_id)
+
+    async def _back_off(self, attempt: int) -> None:
+        """The pause before attempt number ``attempt`` (a retry), recorded."""
+        delay = self.retry.backoff_secs(attempt - 1)
+        self.metrics.retry_backoff(attempt, delay)
+        await asyncio.sleep(delay)
 
     async def _attempt(
         self,
@@ -305,6 +308,13 @@ class Router:
             await chunks.aclose()
             worker.state.finished()
             self._routed(request, model, outcome, code)
+
+
+def retry_if_none_available(exc: ApiError, last: bool) -> None:
+    """A selection that found no available worker (503) is tried again after the backoff,
+    as workers come back; any other refusal, or the last attempt's, is the answer."""
+    if exc.status != 503 or last:
+        raise exc
 
 
 def outbound_for(request: InferenceRequest, model: str, body: bytes | None = None) -> Outbound:
