@@ -171,7 +171,6 @@ class _Watch:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     ended: bool = False
-    severed: bool = False
 
     def selects(self, pod: Pod | None) -> bool:
         return _selected(pod, self.namespace, self.selector)
@@ -515,7 +514,6 @@ class FakeKube:
                 self._changed.notify_all()
             for watch in watches:
                 watch.ended = True
-                watch.severed = sever
                 watch.wake_up()
                 if reset:
                     sock = watch.writer.get_extra_info("socket")
@@ -698,8 +696,6 @@ class FakeKube:
                 await asyncio.wait(waiting, timeout=remaining, return_when="FIRST_COMPLETED")
                 if client_gone.done():
                     return False
-            if watch.severed:
-                return False
             writer.write(b"0\r\n\r\n")
             await writer.drain()
             return True
