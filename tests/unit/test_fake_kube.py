@@ -158,7 +158,8 @@ async def test_watch_from_the_list_version_sees_every_change_in_order(
     kube.terminate("w2")
     kube.delete("w2")  # already terminating: straight to DELETED
 
-    seen = [described(kind, pod) for kind, pod in await events]
+    received = await events
+    seen = [described(kind, pod) for kind, pod in received]
     assert [(kind, name) for kind, name, _ in seen] == [
         ("MODIFIED", "w1"),
         ("ADDED", "w2"),
@@ -169,13 +170,10 @@ async def test_watch_from_the_list_version_sees_every_change_in_order(
         ("DELETED", "w2"),
     ]
     versions = [rv for _, _, rv in seen]
-    assert versions == sorted(versions) and versions[0] > listed
-    assert len(set(versions)) == len(versions)
-    kinds_and_pods = (await events)[-3:]
-    terminating = kinds_and_pods[1][1].metadata
-    assert terminating is not None and terminating.deletionTimestamp is not None
-    assert kinds_and_pods[0][1].status is not None
-    assert kinds_and_pods[0][1].status.podIP == "127.0.0.2"
+    assert versions == sorted(set(versions)) and versions[0] > listed
+    moved, terminating = received[4][1], received[5][1]
+    assert moved.status is not None and moved.status.podIP == "127.0.0.2"
+    assert terminating.metadata is not None and terminating.metadata.deletionTimestamp is not None
 
 
 async def test_delete_terminates_first_force_delete_does_not(
@@ -435,6 +433,17 @@ async def test_timeout_seconds_ends_the_stream_cleanly(kube: FakeKube) -> None:
         async with asyncio.timeout(5), raw.stream("GET", "/api/v1/pods", params=params) as stream:
             assert [line async for line in stream.aiter_lines()] == []
         assert (await raw.get("/api/v1/pods")).json()["kind"] == "PodList"
+
+
+def test_stop_drops_open_watches(kube: FakeKube) -> None:
+    with (
+        httpx.Client(base_url=kube.url) as raw,
+        raw.stream("GET", "/api/v1/pods", params={"watch": "true"}) as stream,
+    ):
+        kube.wait_until(lambda: kube.watch_count == 1)
+        kube.stop()
+        with pytest.raises(httpx.RemoteProtocolError):
+            stream.read()
 
 
 def test_sync_client_from_the_kubeconfig_env(
