@@ -22,8 +22,8 @@ it. It serves the two pod collections, ``/api/v1/pods`` and
 * With a token configured, a request without ``Authorization: Bearer <token>`` is a 401;
   ``forbid()`` answers every request 403 with the message RBAC gives.
 
-What the real client, lightkube 1.0 (``AsyncClient``), makes of it (each proven in
-``tests/unit/test_fake_kube.py``):
+What the real client, lightkube 1.0 (``AsyncClient``), makes of it (proven in
+``tests/unit/test_fake_kube.py`` unless marked as read from its source):
 
 * ``client.list(Pod, namespace=..., labels=...)`` returns an iterable whose
   ``.resourceVersion`` is readable only once the iteration has started (``NotReadyError``
@@ -32,10 +32,11 @@ What the real client, lightkube 1.0 (``AsyncClient``), makes of it (each proven 
 * An error status on a LIST raises ``ApiError`` (``e.status.code``, ``e.status.message``).
   On a WATCH it raises a plain ``httpx2.HTTPStatusError`` (``e.response.status_code``):
   lightkube checks the streamed response before reading its body, so the ``Status`` is
-  not decoded. Note lightkube decodes an error body only if its Content-Type is exactly
-  ``application/json``.
+  not decoded. (Its source decodes an error body only if the Content-Type is exactly
+  ``application/json``, which is what this fake and the API server send.)
 * The 410 ERROR event raises ``ApiError`` with ``status.code == 410`` and ``status.reason
-  == "Expired"``; it carries neither a request nor a response (both None).
+  == "Expired"``; it comes from the stream, not an HTTP status, so ``e.response`` is None
+  (and reading ``e.request`` raises ``RuntimeError``).
 * A watch connection dropped mid-stream raises ``httpx2.RemoteProtocolError`` ("peer
   closed connection without sending complete message body"), or ``httpx2.ReadError``
   when the peer resets it (``sever_watches(reset=True)``).
@@ -46,8 +47,8 @@ What the real client, lightkube 1.0 (``AsyncClient``), makes of it (each proven 
   the gap are never reported (the ADDED replay shows only the living). A reconciler
   therefore lets the error raise and re-LISTs.
 * ``watch()`` has no way to ask for bookmarks (it never sends ``allowWatchBookmarks``), and
-  a watch has no read timeout: a silent connection blocks it forever, so a reconciler
-  passes ``server_timeout`` or keeps its own deadline.
+  (from its source) a watch has no read timeout: a silent connection blocks it forever, so
+  a reconciler passes ``server_timeout`` or keeps its own deadline.
 
 Use it as a context manager (``with FakeKube() as kube:``) or ``start()``/``stop()``. The
 test controls are plain thread-safe methods; those that act on open connections
@@ -294,7 +295,8 @@ class FakeKube:
         self.stop()
 
     def kubeconfig(self, path: str | Path, namespace: str = "default") -> Path:
-        """Write a kubeconfig (JSON, which is YAML) for this server and return its path."""
+        """Write a kubeconfig for this server (JSON, which is YAML) and return its path: for a
+        gateway's ``--kubeconfig PATH`` or ``KUBECONFIG``. It has a token if the fake has one."""
         user: dict[str, str] = {"token": self.token} if self.token else {}
         context = {"cluster": "fake", "user": "fake", "namespace": namespace}
         config = {
