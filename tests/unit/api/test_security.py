@@ -143,6 +143,49 @@ async def test_a_listed_origin_may_use_admin_routes() -> None:
     await gw.close()
 
 
+def cors_echoing_worker(request: MockRequest) -> MockResponse:
+    """A worker that answers CORS itself, as SGLang and vLLM do: any origin, credentials."""
+    origin = request.header(b"origin") or b"*"
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"access-control-allow-origin", origin),
+        (b"access-control-allow-credentials", b"true"),
+        (b"access-control-expose-headers", b"*"),
+    ]
+    return MockResponse(200, headers, b"{}")
+
+
+def values(answer: Answer, name: bytes) -> list[bytes]:
+    return [v for k, v in answer.headers if k == name]
+
+
+async def test_a_workers_own_cors_headers_never_reach_the_client() -> None:
+    network = Workers(cors_echoing_worker)
+    gw = gateway(network=network, cors_allowed_origins=["https://ops.example"])
+    await ready(gw)
+    evil = [(b"origin", b"https://evil.example")]
+    answer = await call(gw.app, "POST", "/v1/completions", b"{}", evil)
+    assert answer.status == 200
+    assert not [k for k, _ in answer.headers if k.startswith(b"access-control-")]
+    assert network.requests("http://w:1")[-1].header(b"origin") is None  # not forwarded
+    ops = [(b"origin", b"https://ops.example")]
+    answer = await call(gw.app, "POST", "/v1/completions", b"{}", ops)
+    assert values(answer, b"access-control-allow-origin") == [b"https://ops.example"]
+    assert values(answer, b"access-control-allow-credentials") == []
+    await gw.close()
+
+
+async def test_without_listed_origins_a_reply_carries_the_gateways_cors_headers_once() -> None:
+    gw = gateway(handler=cors_echoing_worker)
+    await ready(gw)
+    page = [(b"origin", b"https://app.example")]
+    answer = await call(gw.app, "POST", "/v1/completions", b"{}", page)
+    assert values(answer, b"access-control-allow-origin") == [b"*"]
+    assert values(answer, b"access-control-expose-headers") == [b"*"]
+    assert values(answer, b"access-control-allow-credentials") == []
+    await gw.close()
+
+
 # --- what open routes reveal ---------------------------------------------------------------
 
 

@@ -31,11 +31,15 @@ from shunter.backends.http.engines.base import Engine
 from shunter.protocols.reply import Headers, Reply, Stream, primed
 from shunter.wire.base import HOP_BY_HOP, StreamingResponse, UpstreamClient, UpstreamError
 
-# Never forwarded: hop-by-hop headers, the request id (the gateway's own goes instead) and
-# Expect (the gateway answered any 100-continue itself; the worker gets the whole body).
-_NOT_FORWARDED = HOP_BY_HOP | {b"x-request-id", b"expect"}
+# Never forwarded: hop-by-hop headers, the request id (the gateway's own goes instead),
+# Expect (the gateway answered any 100-continue itself; the worker gets the whole body) and
+# Origin (CORS is the gateway's to answer: a worker that sees one answers it too).
+_NOT_FORWARDED = HOP_BY_HOP | {b"x-request-id", b"expect", b"origin"}
 _TRACE = frozenset({b"traceparent", b"tracestate"})
 _NOT_RELAYED = HOP_BY_HOP | {b"x-request-id"}
+# Never relayed either: a worker's own CORS answer (SGLang and vLLM echo any origin, with
+# credentials) would override the gateway's, which ``api/cors.py`` adds.
+_CORS_PREFIX = b"access-control-"
 _INFO_PATHS = {"server": "/get_server_info", "model": "/get_model_info"}
 
 
@@ -146,8 +150,9 @@ def forwarded_headers(request: Outbound, api_key: str | None) -> Headers:
 
 
 def relayed_headers(headers: Headers) -> Headers:
-    """The worker's response headers the client receives (the API adds the request id)."""
-    return [(k, v) for k, v in headers if k not in _NOT_RELAYED]
+    """The worker's response headers the client receives (the API adds the request id and
+    its own CORS headers)."""
+    return [(k, v) for k, v in headers if k not in _NOT_RELAYED and not k.startswith(_CORS_PREFIX)]
 
 
 def with_rank(body: bytes, rank: int) -> bytes:
