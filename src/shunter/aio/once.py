@@ -5,7 +5,10 @@ await ``get()``: the first caller starts the creation and every concurrent calle
 that same future, so N simultaneous first uses create exactly one value (single-flight).
 
 A value found broken is handed to ``replace(broken)``: a new one is created in the
-background while readers keep reading the old one; the swap is one assignment.
+background while readers keep reading the old one; the swap is one assignment. The old
+value is then *retired*, not closed: requests that read it just before the swap may still
+be running on it, so ``retirer`` (a client's "close once your calls have ended") is given
+it, and only ``close()`` closes values at once.
 """
 
 from __future__ import annotations
@@ -21,16 +24,20 @@ log = logging.getLogger("shunter.aio.once")
 
 
 class OnceCell(Generic[T]):
-    __slots__ = ("_closer", "_factory", "_pending", "_replacing", "value")
+    __slots__ = ("_closer", "_factory", "_pending", "_replacing", "_retirer", "value")
 
     def __init__(
         self,
         factory: Callable[[], Awaitable[T]],
         closer: Callable[[T], Awaitable[None]] | None = None,
+        retirer: Callable[[T], Awaitable[None]] | None = None,
     ) -> None:
+        """``closer`` closes a value now; ``retirer`` closes a replaced one once what runs on
+        it has ended (``closer`` when not given)."""
         self.value: T | None = None
         self._factory = factory
         self._closer = closer
+        self._retirer = retirer or closer
         self._pending: asyncio.Future[T] | None = None
         self._replacing: asyncio.Task[None] | None = None
 
@@ -70,9 +77,9 @@ class OnceCell(Generic[T]):
         finally:
             self._replacing = None
         self.value = fresh
-        if self._closer is not None:
+        if self._retirer is not None:
             try:
-                await self._closer(broken)
+                await self._retirer(broken)
             except Exception:
                 log.warning("closing a replaced client failed", exc_info=True)
 

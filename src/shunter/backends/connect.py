@@ -131,7 +131,11 @@ class Connector:
         async def close(client: UpstreamClient) -> None:
             await client.close()
 
-        clients: OnceCell[UpstreamClient] = OnceCell(create, close)
+        async def retire(client: UpstreamClient) -> None:
+            # A request may take as long as the read timeout allows; no longer.
+            await client.retire(settings.read_timeout_secs)
+
+        clients: OnceCell[UpstreamClient] = OnceCell(create, close, retire)
         engine = ENGINES[description.runtime]
         return HttpBackend(engine, clients, self._calls(clients), self.health_endpoint)
 

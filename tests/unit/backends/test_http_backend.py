@@ -9,6 +9,8 @@ import pytest
 from shunter.backends.base import Address, Outbound, Runtime
 from shunter.backends.connect import Connector
 from shunter.backends.http.backend import HttpBackend
+from shunter.backends.http.client import WorkerClient, worker_client
+from shunter.wire.base import UpstreamError
 from shunter.wire.mock import MockClient, MockRequest, MockResponse
 from shunter.wire.reqwest import ClientSettings
 
@@ -45,3 +47,101 @@ async def test_a_workers_client_is_created_once_by_concurrent_first_requests(use
     assert {r.status for r in replies} == {200}
     assert len(made) == 1 and len(made[0].requests) == users
     assert not backend.serves("/generate")  # vLLM has no SGLang /generate
+
+
+# --- one failure, many requests ------------------------------------------------------------
+
+
+class HoldingWorker:
+    """A worker on a real socket that holds ``/v1/held`` requests until ``release`` is set,
+    answers ``/v1/bad`` with a malformed head and anything else at once."""
+
+    def __init__(self, holding: int) -> None:
+        self.holding = holding
+        self.arrived = 0
+        self.all_arrived = asyncio.Event()
+        self.release = asyncio.Event()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                path = head.split(b" ")[1]
+                if path == b"/v1/bad":
+                    writer.write(b"HTTP/1.1 200 OK\r\nnot a header\r\n\r\n")
+                    writer.close()
+                    return
+                if path == b"/v1/held":
+                    self.arrived += 1
+                    if self.arrived == self.holding:
+                        self.all_arrived.set()
+                    await self.release.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+
+def post(path: str) -> Outbound:
+    return Outbound("POST", path, b"", [], b"{}", False, "r", "m")
+
+
+async def connect_to(url: str, made: list[WorkerClient]) -> HttpBackend:
+    def data_client(settings: ClientSettings, base_url: str) -> WorkerClient:
+        client = worker_client(settings, base_url)
+        made.append(client)
+        return client
+
+    connector = Connector(MockClient(answer_models), ClientSettings(), 1.0, data_client=data_client)
+
+    async def wait(probe, what):  # type: ignore[no-untyped-def]
+        assert await probe() is None
+
+    backend = (await connector.connect(url, None, None, wait)).backend
+    assert isinstance(backend, HttpBackend)
+    return backend
+
+
+async def test_a_broken_exchange_fails_alone_and_keeps_the_workers_client() -> None:
+    worker = HoldingWorker(holding=4)
+    url = await worker.start()
+    made: list[WorkerClient] = []
+    backend = await connect_to(url, made)
+    address = Address(url)
+    held = [asyncio.ensure_future(backend.send(address, post("/v1/held"))) for _ in range(4)]
+    await worker.all_arrived.wait()
+    with pytest.raises(UpstreamError) as failed:
+        await backend.send(address, post("/v1/bad"))
+    assert failed.value.kind == "io"
+    assert (await backend.send(address, post("/v1/quick"))).status == 200
+    worker.release.set()
+    assert [r.status for r in await asyncio.gather(*held)] == [200] * 4
+    assert len(made) == 1  # one broken connection says nothing about the pool
+    await backend.close()
+    assert worker.server is not None
+    worker.server.close()
+
+
+async def test_a_refused_connection_replaces_the_client_and_its_requests_finish_on_it() -> None:
+    worker = HoldingWorker(holding=4)
+    url = await worker.start()
+    made: list[WorkerClient] = []
+    backend = await connect_to(url, made)
+    address = Address(url)
+    held = [asyncio.ensure_future(backend.send(address, post("/v1/held"))) for _ in range(4)]
+    await worker.all_arrived.wait()
+    assert worker.server is not None
+    worker.server.close()  # the worker stops accepting; its open connections go on
+    with pytest.raises(UpstreamError) as failed:
+        await backend.send(address, post("/v1/quick"))
+    assert failed.value.kind == "connect"
+    worker.release.set()
+    assert [r.status for r in await asyncio.gather(*held)] == [200] * 4
+    assert len(made) == 2 and made[0].running == 0  # replaced, and retired only now
+    await backend.close()

@@ -5,7 +5,7 @@ rank must be injected. Headers are filtered on the way in and out (``forwarded_h
 ``relayed_headers``); a stream's chunks are handed on as they arrive.
 
 The data-plane client is created on first use by one task and read as an attribute after
-(``aio/once.py``); a connection failure starts building a fresh one in the background while
+(``aio/once.py``); a refused connection starts building a fresh one in the background while
 requests keep using the old one, so a worker that restarted is reached again without being
 re-added. What differs between engines (load, flush, generation check, ``/generate``) is
 the ``Engine``'s business (``engines/``).
@@ -79,9 +79,11 @@ class HttpBackend(Backend):
                 return Reply(upstream.status, relayed_headers(upstream.headers), chunks)
             response = await client.request(request.method, url, headers, body)
         except UpstreamError as exc:
-            if exc.kind in ("connect", "io"):
-                # The pool may hold connections to a worker that restarted: build a fresh
-                # one in the background; requests keep using this one until it is ready.
+            if exc.kind == "connect":
+                # The worker may have restarted: build a fresh pool in the background;
+                # requests keep using this one until it is ready, and those running on it
+                # finish there (it is retired, not closed). A broken exchange ("io") says
+                # nothing about the pool's other connections.
                 cell.replace(client)
             raise
         return Reply(response.status, relayed_headers(response.headers), response.body)

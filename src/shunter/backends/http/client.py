@@ -4,9 +4,18 @@ HTTP/1.1 client.
 Measured (bench/README.md): pyreqwest is the cheapest client for whole responses, but costs
 a thread hop per streamed chunk and ~64 KiB per open stream; ``wire/client.py`` relays
 chunks from the protocol callback and holds a few KiB per stream.
+
+A client that is replaced (the worker refused a connection: it may have restarted) is
+retired, not closed: closing pyreqwest's client fails every request still running on it,
+so one refused connection would fail every concurrent request to that worker. ``retire``
+closes the stream pool at once (a stream running on it keeps its connection, which is closed
+when the stream ends) and the whole-response client once its requests have ended.
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
 
 from shunter.wire.base import FullResponse, HeaderPairs, WholeClient
 from shunter.wire.client import H1Stream, H1StreamClient
@@ -14,19 +23,39 @@ from shunter.wire.reqwest import ClientSettings, ReqwestClient
 
 
 class WorkerClient:
+    __slots__ = ("_quiet", "_streams", "_whole", "running")
+
     def __init__(self, whole: WholeClient, streams: H1StreamClient) -> None:
         self._whole = whole
         self._streams = streams
+        self.running = 0  # whole-response requests in flight
+        self._quiet: asyncio.Event | None = None  # set when ``running`` drops to 0, if retiring
 
     async def request(
         self, method: str, url: str, headers: HeaderPairs, body: bytes | None
     ) -> FullResponse:
-        return await self._whole.request(method, url, headers, body)
+        self.running += 1
+        try:
+            return await self._whole.request(method, url, headers, body)
+        finally:
+            self.running -= 1
+            if self._quiet is not None and not self.running:
+                self._quiet.set()
 
     async def stream(
         self, method: str, url: str, headers: HeaderPairs, body: bytes | None
     ) -> H1Stream:
         return await self._streams.stream(method, url, headers, body)
+
+    async def retire(self, grace: float) -> None:
+        """Close without failing what runs on this client: its requests get ``grace``
+        seconds to end."""
+        await self._streams.close()
+        if self.running:
+            self._quiet = asyncio.Event()
+            with contextlib.suppress(TimeoutError):  # past the grace: closed all the same
+                await asyncio.wait_for(self._quiet.wait(), grace)
+        await self._whole.close()
 
     async def close(self) -> None:
         await self._whole.close()
