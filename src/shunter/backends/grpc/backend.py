@@ -52,11 +52,14 @@ class GrpcBackend(Backend):
         async def create() -> SchedulerClient:
             return SchedulerClient(url)
 
+        async def close(client: SchedulerClient) -> None:
+            await client.close()
+
         async def retire(client: SchedulerClient) -> None:
             await client.retire(retire_grace_secs)
 
         # The worker's channel: read as ``channel.value or await channel.get()``.
-        self.channel: OnceCell[SchedulerClient] = OnceCell(create, retire)
+        self.channel: OnceCell[SchedulerClient] = OnceCell(create, close, retire)
 
     async def _client(self) -> SchedulerClient:
         cell = self.channel
@@ -156,7 +159,6 @@ class GrpcBackend(Backend):
         return Reply(200, list(JSON_HEADERS), body)
 
     async def close(self) -> None:
-        """Close now: calls still running are cancelled (at shutdown, after the drain)."""
-        client = self.channel.value
-        if client is not None:
-            await client.close()
+        """Close now, retiring channels included: calls still running are cancelled (at
+        shutdown, after the drain)."""
+        await self.channel.close()
