@@ -145,3 +145,48 @@ async def test_a_refused_connection_replaces_the_client_and_its_requests_finish_
     assert [r.status for r in await asyncio.gather(*held)] == [200] * 4
     assert len(made) == 2 and made[0].running == 0  # replaced, and retired only now
     await backend.close()
+
+
+# --- header bytes --------------------------------------------------------------------------
+
+
+async def recording_worker(answer: bytes) -> tuple[str, list[bytes], asyncio.AbstractServer]:
+    """A worker on a real socket that records each request head and sends ``answer``."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"content-length: " in head.lower():
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+        heads.append(head)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", heads, server
+
+
+@pytest.mark.parametrize("value", [b"caf\xc3\xa9 \xe2\x82\xac", b"caf\xe9", b"plain"])
+async def test_header_bytes_reach_the_worker_as_the_client_sent_them(value: bytes) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"
+    url, heads, server = await recording_worker(answer)
+    client = worker_client(ClientSettings(), url)
+    response = await client.request("POST", url + "/v1/completions", [(b"x-name", value)], b"{}")
+    assert response.status == 200 and response.body == b"{}"
+    lines = [line.lower() for line in heads[0].split(b"\r\n")]
+    assert b"x-name: " + value.lower() in lines
+    await client.close()
+    server.close()
+
+
+async def test_a_whole_answer_with_a_non_ascii_header_is_a_broken_exchange() -> None:
+    answer = b"HTTP/1.1 200 OK\r\nx-name: caf\xc3\xa9\r\ncontent-length: 2\r\n\r\n{}"
+    url, _, server = await recording_worker(answer)
+    client = worker_client(ClientSettings(), url)
+    with pytest.raises(UpstreamError) as failed:
+        await client.request("GET", url + "/get_model_info", [], None)
+    assert failed.value.kind == "io"
+    await client.close()
+    server.close()

@@ -5,6 +5,10 @@ Measured (bench/README.md): pyreqwest is the cheapest client for whole responses
 a thread hop per streamed chunk and ~64 KiB per open stream; ``wire/client.py`` relays
 chunks from the protocol callback and holds a few KiB per stream.
 
+pyreqwest carries only UTF-8 header values; a request with another byte in one (HTTP allows
+any) goes over the stream client, which sends header bytes as they came, and is read whole
+there, within the same size bound.
+
 A client that is replaced (the worker refused a connection: it may have restarted) is
 retired, not closed: closing pyreqwest's client fails every request still running on it,
 so one refused connection would fail every concurrent request to that worker. ``retire``
@@ -17,17 +21,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from shunter.wire.base import FullResponse, HeaderPairs, WholeClient
+from shunter.wire.base import FullResponse, HeaderPairs, UpstreamError, WholeClient
 from shunter.wire.client import H1Stream, H1StreamClient
-from shunter.wire.reqwest import ClientSettings, ReqwestClient
+from shunter.wire.reqwest import (
+    MAX_RESPONSE_BYTES,
+    ClientSettings,
+    ReqwestClient,
+    UnsendableHeaders,
+)
 
 
 class WorkerClient:
-    __slots__ = ("_quiet", "_streams", "_whole", "running")
+    __slots__ = ("_max_response_bytes", "_quiet", "_streams", "_whole", "running")
 
-    def __init__(self, whole: WholeClient, streams: H1StreamClient) -> None:
+    def __init__(
+        self,
+        whole: WholeClient,
+        streams: H1StreamClient,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         self._whole = whole
         self._streams = streams
+        self._max_response_bytes = max_response_bytes
         self.running = 0  # whole-response requests in flight
         self._quiet: asyncio.Event | None = None  # set when ``running`` drops to 0, if retiring
 
@@ -36,7 +51,10 @@ class WorkerClient:
     ) -> FullResponse:
         self.running += 1
         try:
-            return await self._whole.request(method, url, headers, body)
+            try:
+                return await self._whole.request(method, url, headers, body)
+            except UnsendableHeaders:
+                return await self._whole_over_streams(method, url, headers, body)
         finally:
             self.running -= 1
             if self._quiet is not None and not self.running:
@@ -46,6 +64,23 @@ class WorkerClient:
         self, method: str, url: str, headers: HeaderPairs, body: bytes | None
     ) -> H1Stream:
         return await self._streams.stream(method, url, headers, body)
+
+    async def _whole_over_streams(
+        self, method: str, url: str, headers: HeaderPairs, body: bytes | None
+    ) -> FullResponse:
+        limit = self._max_response_bytes
+        stream = await self._streams.stream(method, url, headers, body)
+        parts: list[bytes] = []
+        total = 0
+        try:
+            while (chunk := await stream.next_chunk()) is not None:
+                total += len(chunk)
+                if total > limit:
+                    raise UpstreamError("oversize", f"the worker's response exceeded {limit} bytes")
+                parts.append(chunk)
+        finally:
+            await stream.aclose()
+        return FullResponse(stream.status, stream.headers, b"".join(parts))
 
     async def retire(self, grace: float) -> None:
         """Close without failing what runs on this client: its requests get ``grace``
@@ -72,4 +107,4 @@ def worker_client(settings: ClientSettings, base_url: str) -> WorkerClient:
         idle_timeout=settings.pool_idle_timeout_secs,
         max_idle=settings.pool_max_idle_per_host,
     )
-    return WorkerClient(ReqwestClient(settings), streams)
+    return WorkerClient(ReqwestClient(settings), streams, settings.max_response_bytes)
