@@ -110,6 +110,12 @@ class InfoApi:
                     )
                 except TimeoutError:
                     return None
+                except Exception as exc:  # this worker is left out; the others are merged
+                    log.warning(
+                        "reading a worker's metrics raised",
+                        extra={"url": worker.url, "error": repr(exc)},
+                    )
+                    return None
 
         texts = await asyncio.gather(*(fetch(w) for w in workers.values()))
         answered = {url: text for url, text in zip(workers, texts, strict=True) if text}
@@ -169,4 +175,7 @@ async def _flush(worker: Worker) -> tuple[str, str | None]:
         await worker.backend.flush(worker)
     except EngineOpError as exc:
         return worker.base_url, str(exc)
+    except Exception as exc:  # reported as this worker's failure, not the whole answer's
+        log.warning("cache flush raised", extra={"url": worker.base_url, "error": repr(exc)})
+        return worker.base_url, "the flush failed in the gateway"
     return worker.base_url, None
