@@ -134,12 +134,12 @@ class GatewayApp:
                 return
             send = self.cors.wrap(origin, send, admin)
         call = Call(scope, receive, request_id, self.settings.max_payload_size, started)
-        status, error_code, worker = 500, "internal_error", None
+        status, error_code = 500, "internal_error"
         metrics = self.metrics
         metrics.connections_active += 1
         try:
             reply = await self._reply(call, methods, route, seen)
-            status, worker = reply.status, reply.worker
+            status = reply.status
             error_code = _error_code(reply) if status >= 400 else ""
             await write_reply(send, reply, [(b"x-request-id", request_id.encode())])
         except ClientGone:
@@ -151,7 +151,7 @@ class GatewayApp:
             metrics.connections_active -= 1
             elapsed = time.perf_counter() - started
             metrics.observe_http(method, label, status, error_code, elapsed)
-            log_access(method, path, status, elapsed, worker, request_id, error_code)
+            log_access(method, path, status, elapsed, call.worker, request_id, error_code)
 
     async def _reply(
         self,

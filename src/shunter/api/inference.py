@@ -85,7 +85,10 @@ class InferenceApi:
             call.request_id,
             call.started,
         )
-        return await self.router.route(request)
+        try:
+            return await self.router.route(request)
+        finally:
+            call.worker = request.worker
 
 
 async def _then(chunks: Stream, done: Callable[[], None]) -> Stream:

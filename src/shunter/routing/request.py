@@ -1,5 +1,8 @@
 """An inference request as the router sees it: what the API read off the wire, plus the
-fields routing needs, decoded once (``protocols/routing.py``) and reused by every retry."""
+fields routing needs, decoded once (``protocols/routing.py``) and reused by every retry.
+
+The router notes on it the model it was routed for and the last worker tried, so that a
+request that fails is still counted and logged with them."""
 
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ class InferenceRequest:
     request_id: str
     started: float = 0.0  # perf_counter() when the request arrived
     fields: RequestFields = field(init=False)
+    model: str = field(init=False, default="unknown")  # the registry's model id, once selected
+    worker: str | None = field(init=False, default=None)  # the last worker tried
     _text: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:

@@ -119,25 +119,24 @@ class Router:
     async def route(self, request: InferenceRequest) -> Reply:
         """Serve one inference request: the reply to send, or an ApiError to answer."""
         incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
-        model = "unknown"
         try:
             with self._span(
                 "route", context=incoming, path=request.path, request_id=request.request_id
             ):
                 reply = await self._route(request)
         except ApiError as exc:
-            self._routed(request, model, exc.status, exc.code)
+            self._routed(request, exc.status, exc.code)
             raise
         except asyncio.CancelledError:
-            self._routed(request, model, 499, "client_closed")
+            self._routed(request, 499, "client_closed")
             raise
         if isinstance(reply.body, bytes):
-            self._routed(request, reply.model or model, reply.status, "")
+            self._routed(request, reply.status, "")
         return reply
 
-    def _routed(self, request: InferenceRequest, model: str, status: int, code: str) -> None:
+    def _routed(self, request: InferenceRequest, status: int, code: str) -> None:
         elapsed = time.perf_counter() - request.started
-        self.metrics.routed_request(model, request.path, elapsed, status, code)
+        self.metrics.routed_request(request.model, request.path, elapsed, status, code)
 
     async def _route(self, request: InferenceRequest) -> Reply:
         attempts = self.retry.attempts
@@ -157,6 +156,7 @@ class Router:
                     if exc.status != 503 or last:
                         raise
                     continue
+                request.model, request.worker = model, worker.url
                 if attempt:
                     self.metrics.retried(worker, request.path)
                 self.metrics.observe_route(worker, model, request.path, request.stream, policy.name)
@@ -219,7 +219,6 @@ class Router:
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
         verdict.relayed(worker, status, request.request_id)
-        reply.worker, reply.model = worker.url, model
         if isinstance(reply.body, bytes):
             state.finished()
         else:
@@ -292,4 +291,4 @@ class Router:
         finally:
             await chunks.aclose()
             worker.state.finished()
-            self._routed(request, model, outcome, code)
+            self._routed(request, outcome, code)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import orjson
+import pytest
 
 from shunter.routing.retry import RetryConfig
 from shunter.wire.asgi import Message
@@ -52,6 +54,23 @@ async def test_a_connection_failure_is_502_and_the_client_is_replaced() -> None:
     failing["on"] = False
     assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 200
     assert len(network.clients["http://w:1"][1].requests) == 1  # the fresh client served it
+    await gw.close()
+
+
+async def test_a_failed_request_is_counted_and_logged_with_its_model_and_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def handler(request: MockRequest) -> MockResponse:
+        raise UpstreamError("connect", "refused")
+
+    gw = gateway(handler=handler, retry=NO_RETRIES)
+    await ready(gw)
+    with caplog.at_level(logging.INFO, logger="shunter.access"):
+        answer = await call(gw.app, "POST", "/v1/completions", b'{"model": "m"}')
+    assert answer.status == 502
+    assert gw.metrics.router_errors == {("m", "/v1/completions", "upstream_unavailable"): 1}
+    [line] = [r for r in caplog.records if r.name == "shunter.access"]
+    assert getattr(line, "worker", None) == "http://w:1"
     await gw.close()
 
 
