@@ -7,6 +7,7 @@ request that fails is still counted and logged with them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from shunter.protocols.reply import Headers
 from shunter.protocols.routing import RequestFields, decode_routing_fields
@@ -24,6 +25,7 @@ class InferenceRequest:
     fields: RequestFields = field(init=False)
     model: str = field(init=False, default="unknown")  # the registry's model id, once selected
     worker: str | None = field(init=False, default=None)  # the last worker tried
+    span: Any = field(init=False, default=None)  # its tracing span (``route``), if tracing
     _text: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:

@@ -121,8 +121,13 @@ class Router:
         incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
         try:
             with self._span(
-                "route", context=incoming, path=request.path, request_id=request.request_id
-            ):
+                "route",
+                context=incoming,
+                held=True,  # a stream's relay ends it
+                path=request.path,
+                request_id=request.request_id,
+            ) as span:
+                request.span = span
                 reply = await self._route(request)
         except ApiError as exc:
             self._routed(request, exc.status, exc.code)
@@ -131,6 +136,7 @@ class Router:
             self._routed(request, 499, "client_closed")
             raise
         if isinstance(reply.body, bytes):
+            _end(span)
             self._routed(request, reply.status, "")
         return reply
 
@@ -193,7 +199,7 @@ class Router:
         state = worker.state
         state.started()
         try:
-            with self._span("upstream", client=True, worker=worker.url):
+            with self._span("upstream", client=True, held=True, worker=worker.url) as span:
                 if self.tracing is not None:  # the worker continues our trace
                     outbound.trace = self.tracing.outgoing()
                 reply = await backend.send(worker, outbound)
@@ -204,6 +210,8 @@ class Router:
         except BaseException:
             state.finished()
             raise
+        if isinstance(reply.body, bytes):
+            _end(span)  # a stream's ends with it (``_relay``)
         status = reply.status
         self.metrics.upstream_answer(status)
         if status >= 500:
@@ -214,6 +222,7 @@ class Router:
                 verdict.answered(worker, status)
                 if not isinstance(reply.body, bytes):
                     await reply.body.aclose()
+                    _end(span)
                 state.finished()
                 return None
             if self.retry.attempts > 1:
@@ -222,7 +231,8 @@ class Router:
         if isinstance(reply.body, bytes):
             state.finished()
         else:
-            reply.body = await primed(self._relay(reply.body, status, worker, model, request))
+            relay = self._relay(reply.body, status, worker, model, request, span)
+            reply.body = await primed(relay)
         return reply
 
     def _no_answer(
@@ -256,10 +266,17 @@ class Router:
         raise ApiError(status, code, upstream_failure(exc.kind))
 
     async def _relay(
-        self, chunks: Stream, status: int, worker: Worker, model: str, request: InferenceRequest
+        self,
+        chunks: Stream,
+        status: int,
+        worker: Worker,
+        model: str,
+        request: InferenceRequest,
+        span: Any,
     ) -> Stream:
         """The worker's chunks, watched: stream metrics, an in-band error if it breaks, and
-        the worker's load counted until the last chunk (or the client's leaving)."""
+        the worker's load and the request's spans (``upstream``, then ``route``) held until
+        the last chunk (or the client's leaving)."""
         stats = StreamStats(request.started)
         outcome, code = status, ""
         try:
@@ -292,3 +309,11 @@ class Router:
             await chunks.aclose()
             worker.state.finished()
             self._routed(request, outcome, code)
+            _end(span)
+            _end(request.span)
+
+
+def _end(span: Any) -> None:
+    """End a held tracing span (None: tracing is off)."""
+    if span is not None:
+        span.end()

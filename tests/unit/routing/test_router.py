@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import orjson
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from shunter.observability.tracing import Tracing
 from shunter.routing.retry import RetryConfig
 from shunter.wire.asgi import Message
 from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
@@ -159,6 +162,29 @@ def streaming(*chunks: bytes | UpstreamError, status: int = 200) -> MockResponse
     return MockResponse(status, [(b"content-type", b"text/event-stream")], list(chunks))
 
 
+def stream_scope() -> dict[str, object]:
+    """A ``POST /v1/completions`` as our server hands it to the app."""
+    return {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "headers": [],
+    }
+
+
+def one_body(body: bytes) -> Callable[[], Awaitable[dict[str, object]]]:
+    """A ``receive`` that hands over ``body`` whole (again if asked again)."""
+    message = {"type": "http.request", "body": body, "more_body": False}
+
+    async def receive() -> dict[str, object]:
+        return message
+
+    return receive
+
+
 async def test_a_stream_is_relayed_chunk_by_chunk_and_its_load_ends_with_it() -> None:
     gw = gateway(handler=lambda r: streaming(b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"))
     await ready(gw)
@@ -216,21 +242,7 @@ async def test_a_client_that_leaves_a_stream_releases_the_worker_at_once() -> No
             started.set()
             await release.wait()  # the client stalls, then leaves
 
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": "POST",
-        "path": "/v1/completions",
-        "raw_path": b"/v1/completions",
-        "query_string": b"",
-        "headers": [],
-    }
-    body = {"type": "http.request", "body": b'{"stream": true}', "more_body": False}
-
-    async def receive() -> dict[str, object]:
-        return body
-
-    task = asyncio.ensure_future(gw.app(scope, receive, send))
+    task = asyncio.ensure_future(gw.app(stream_scope(), one_body(b'{"stream": true}'), send))
     await started.wait()
     worker = gw.fleet.registry.all()[0]
     assert worker.state.in_flight == 1
@@ -239,3 +251,25 @@ async def test_a_client_that_leaves_a_stream_releases_the_worker_at_once() -> No
     assert worker.state.in_flight == 0
     assert all(s.closed for c in network.clients["http://w:1"] for s in c.streams)
     await gw.close()
+
+
+async def test_a_streamed_requests_spans_end_when_its_stream_does() -> None:
+    exporter = InMemorySpanExporter()
+    gw = gateway(handler=lambda r: streaming(b"data: 1\n\n", b"data: 2\n\n"))
+    gw.router.tracing = Tracing("unused", exporter=exporter)
+    await ready(gw)
+    ended_at_first_chunk: set[str] = set()
+
+    async def send(message: Message) -> None:
+        if message.get("body") == b"data: 1\n\n":
+            ended_at_first_chunk.update(s.name for s in exporter.get_finished_spans())
+
+    await gw.app(stream_scope(), one_body(b'{"stream": true}'), send)
+    assert ended_at_first_chunk == {"select_worker"}  # route and upstream still running
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"route", "select_worker", "upstream"}
+    route, upstream = spans["route"], spans["upstream"]
+    assert upstream.parent is not None and upstream.parent.span_id == route.context.span_id
+    assert (upstream.end_time or 0) <= (route.end_time or 0)
+    await gw.close()
+    gw.router.tracing.shutdown()
