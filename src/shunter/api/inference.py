@@ -98,5 +98,7 @@ async def _then(chunks: Stream, done: Callable[[], None]) -> Stream:
         async for chunk in chunks:
             yield chunk
     finally:
-        await chunks.aclose()
-        done()
+        try:
+            await chunks.aclose()
+        finally:  # the slot goes back even if the close is cut short (a second cancel)
+            done()

@@ -306,11 +306,13 @@ class Router:
             outcome, code = 499, "client_closed"
             raise
         finally:
-            await chunks.aclose()
-            worker.state.finished()
-            self._routed(request, outcome, code)
-            _end(span)
-            _end(request.span)
+            try:
+                await chunks.aclose()
+            finally:  # counted as ended even if the close is cut short (a second cancel)
+                worker.state.finished()
+                self._routed(request, outcome, code)
+                _end(span)
+                _end(request.span)
 
 
 def _end(span: Any) -> None:

@@ -10,10 +10,20 @@ import orjson
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from shunter.gateway import Gateway
 from shunter.observability.tracing import Tracing
+from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
 from shunter.wire.asgi import Message
-from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
+from shunter.wire.base import HeaderPairs
+from shunter.wire.mock import (
+    Handler,
+    MockClient,
+    MockRequest,
+    MockResponse,
+    MockStream,
+    UpstreamError,
+)
 
 from support.fakes import Workers, call, gateway, ok, ready
 
@@ -273,3 +283,89 @@ async def test_a_streamed_requests_spans_end_when_its_stream_does() -> None:
     assert (upstream.end_time or 0) <= (route.end_time or 0)
     await gw.close()
     gw.router.tracing.shutdown()
+
+
+# --- a client that leaves -------------------------------------------------------------------
+
+
+class SlowToClose(MockStream):
+    """A stream whose close takes its time (a gRPC worker's Abort, say): ``aclose`` waits
+    until it is cancelled."""
+
+    def __init__(self, response: MockResponse, closing: asyncio.Event) -> None:
+        super().__init__(response)
+        self.closing = closing
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        await asyncio.Event().wait()
+
+
+class StallingClose(Workers):
+    """Workers whose streams are slow to close; ``closing`` is set once one starts to."""
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__(handler)
+        self.closing = asyncio.Event()
+
+    def client(self, base_url: str) -> MockClient:
+        closing = self.closing
+
+        class Client(MockClient):
+            async def stream(
+                self, method: str, url: str, headers: HeaderPairs, body: bytes | None
+            ) -> MockStream:
+                request = MockRequest(method, url, list(headers), body, True)
+                return SlowToClose(await self._answer(request), closing)
+
+        return Client(self.handler)
+
+
+async def leave(gw: Gateway, when: Callable[[Message], bool]) -> asyncio.Task[None]:
+    """Start a streamed request whose client stalls at the first message ``when`` picks,
+    then leaves (the task is cancelled, as our server does); the task, once it got there."""
+    there = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        if when(message):
+            there.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(gw.app(stream_scope(), one_body(b'{"stream": true}'), send))
+    await there.wait()
+    assert gw.fleet.registry.all()[0].state.in_flight == 1
+    task.cancel()
+    return task
+
+
+ONE_AT_A_TIME = AdmissionConfig(max_concurrent=1, queue_size=0)
+
+
+async def assert_released(gw: Gateway) -> None:
+    """The worker counts no request in flight, and the one admission slot is free."""
+    assert gw.fleet.registry.all()[0].state.in_flight == 0
+    assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 200
+
+
+async def test_a_client_that_leaves_before_the_first_chunk_releases_everything() -> None:
+    network = Workers(lambda r: streaming(b"data: 1\n\n"))
+    gw = gateway(network=network, admission=ONE_AT_A_TIME)
+    await ready(gw)
+    task = await leave(gw, lambda m: m["type"] == "http.response.start")
+    await asyncio.gather(task, return_exceptions=True)
+    await assert_released(gw)
+    assert all(s.closed for c in network.clients["http://w:1"] for s in c.streams)
+    assert gw.metrics.router_errors == {("m", "/v1/completions", "client_closed"): 1}
+    await gw.close()
+
+
+async def test_a_close_cut_short_by_a_second_cancel_still_releases_everything() -> None:
+    network = StallingClose(lambda r: streaming(b"data: 1\n\n", b"data: 2\n\n"))
+    gw = gateway(network=network, admission=ONE_AT_A_TIME)
+    await ready(gw)
+    task = await leave(gw, lambda m: m.get("body") == b"data: 1\n\n")
+    await network.closing.wait()  # the stream is closing, slowly...
+    task.cancel()  # ...and is cancelled again (a shutdown, say)
+    await asyncio.gather(task, return_exceptions=True)
+    await assert_released(gw)
+    await gw.close()
