@@ -90,7 +90,9 @@ class GatewayConfig:
         # A URL without a scheme is probed as HTTP and as gRPC when the worker is added.
         try:
             self.probe_both |= {validate_worker_url(u) for u in self.worker_urls if "://" not in u}
-            self.worker_urls = [validate_worker_url(url) for url in self.worker_urls]
+            # Each worker once, however often or however spelled it was given.
+            urls = dict.fromkeys(validate_worker_url(url) for url in self.worker_urls)
+            self.worker_urls = list(urls)
         except WorkerUrlError as exc:
             raise ConfigError(str(exc)) from None
         try:

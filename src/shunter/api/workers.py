@@ -50,11 +50,18 @@ class WorkersApi:
             raise ApiError(400, "invalid_worker_spec", str(exc)) from None
         except ValueError as exc:
             raise ApiError(400, "invalid_worker_spec", f"labels.policy: {exc}") from None
-        if self.fleet.find(spec.url):
+        taken = self.fleet.taken(spec)
+        if taken is not None:
             raise ApiError(
                 409,
                 "WORKER_ALREADY_EXISTS",
-                f"Worker {spec.url} already exists; use PUT /workers/{{url}}",
+                f"Worker {taken} already exists; use PUT /workers/{{url}}",
+            )
+        if self.fleet.adding(spec.url):
+            raise ApiError(
+                409,
+                "WORKER_ADD_IN_PROGRESS",
+                f"Worker {spec.url} is already being added; GET /workers/{{url}} shows how far",
             )
         try:
             self.fleet.submit_add(spec)
