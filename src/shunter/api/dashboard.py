@@ -111,7 +111,10 @@ class DashboardSessions:
         if value is None or "." not in value:
             return False
         expires_text, mac = value.split(".", 1)
-        if not expires_text.isdigit() or int(expires_text) < self._clock():
+        # isdigit() alone accepts digits int() refuses ("²"): ASCII digits only.
+        if not (expires_text.isascii() and expires_text.isdigit()):
+            return False
+        if int(expires_text) < self._clock():
             return False
         return hmac.compare_digest(mac, self._mac(int(expires_text)))
 

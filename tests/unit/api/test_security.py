@@ -311,6 +311,16 @@ def test_a_session_expires_and_a_new_key_signs_everyone_out() -> None:
     assert SESSION_COOKIE.encode() in value
 
 
+@pytest.mark.parametrize("expiry", [b"\xb2", b"12\xb9", b"\xb3\xb3", b"", b"-1", b"1e9"])
+async def test_a_crafted_session_cookie_is_refused_not_a_500(expiry: bytes) -> None:
+    gw, _ = await gateway_with(workers=False, api_key="gk")
+    cookie = SESSION_COOKIE.encode() + b"=" + expiry + b".00"  # "\xb2" is "²" in latin-1
+    for path in ("/dashboard", "/dashboard/data"):
+        answer = await call(gw.app, "GET", path, headers=[(b"cookie", cookie)])
+        assert answer.status == 401, (path, expiry)
+    await gw.close()
+
+
 @pytest.mark.parametrize(
     ("host", "open_"),
     [
