@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
+import orjson
 import pytest
 
 from shunter.backends.base import Address, Outbound, Runtime
 from shunter.backends.connect import Connector
-from shunter.backends.http.backend import HttpBackend
+from shunter.backends.http.backend import HttpBackend, with_rank
 from shunter.backends.http.client import WorkerClient, worker_client
 from shunter.wire.base import UpstreamError
 from shunter.wire.mock import MockClient, MockRequest, MockResponse
@@ -190,3 +192,30 @@ async def test_a_whole_answer_with_a_non_ascii_header_is_a_broken_exchange() -> 
     assert failed.value.kind == "io"
     await client.close()
     server.close()
+
+
+# --- the DP rank -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "sent"),
+    [
+        (b'{"text": "x"}', b'{"text": "x","data_parallel_rank":1}'),
+        (b"{}", b'{"data_parallel_rank":1}'),
+        (b" { \n } \r\n", b' {"data_parallel_rank":1}'),
+        (b'{"a": "{"}\n', b'{"a": "{","data_parallel_rank":1}'),
+        (b'{"n": 1e400, "big": 123456789012345678901234567890}', None),
+    ],
+)
+def test_the_rank_is_spliced_into_the_clients_bytes(body: bytes, sent: bytes | None) -> None:
+    spliced = with_rank(body, 1)
+    if sent is not None:
+        assert spliced == sent
+    else:  # numbers orjson cannot carry through arrive as the client wrote them
+        assert spliced == body[:-1] + b',"data_parallel_rank":1}'
+
+
+def test_a_rank_the_client_gave_is_overridden_by_the_gateways() -> None:
+    spliced = with_rank(b'{"data_parallel_rank": 7, "text": "x"}', 0)
+    assert json.loads(spliced)["data_parallel_rank"] == 0
+    assert orjson.loads(spliced)["data_parallel_rank"] == 0

@@ -13,8 +13,6 @@ the ``Engine``'s business (``engines/``).
 
 from __future__ import annotations
 
-import orjson
-
 from shunter.aio.once import OnceCell
 from shunter.backends.base import (
     SGLANG_ONLY_PATHS,
@@ -41,6 +39,7 @@ _NOT_RELAYED = HOP_BY_HOP | {b"x-request-id"}
 # credentials) would override the gateway's, which ``api/cors.py`` adds.
 _CORS_PREFIX = b"access-control-"
 _INFO_PATHS = {"server": "/get_server_info", "model": "/get_model_info"}
+_JSON_SPACE = b" \t\r\n"
 
 
 class HttpBackend(Backend):
@@ -158,10 +157,18 @@ def relayed_headers(headers: Headers) -> Headers:
 
 
 def with_rank(body: bytes, rank: int) -> bytes:
-    """The body with ``data_parallel_rank`` set: the one case where the gateway rewrites it."""
-    payload = orjson.loads(body)
-    payload["data_parallel_rank"] = rank
-    return orjson.dumps(payload)
+    """The body with ``data_parallel_rank`` set: the one case where the gateway rewrites it.
+
+    The field is spliced in before the closing brace, leaving every other byte as the
+    client sent it: decoding and encoding again changed numbers (``1e400`` failed, integers
+    past 64 bits came back as floats). The router routes only JSON objects, so the body
+    ends with ``}``. A body that has the field already has it twice after this: JSON
+    parsers (Python's, orjson, pydantic's) keep the last, the gateway's."""
+    end = body.rstrip(_JSON_SPACE)
+    assert end.endswith(b"}"), "the router routes JSON objects only"
+    inner = end[:-1].rstrip(_JSON_SPACE)
+    separator = b"" if inner.endswith(b"{") else b","  # only an empty object ends so
+    return b'%s%s"data_parallel_rank":%d}' % (inner, separator, rank)
 
 
 async def _chunks(upstream: StreamingResponse) -> Stream:
