@@ -108,6 +108,7 @@ class Gateway:
             AppSettings(
                 api_key=config.api_key,
                 cors_allowed_origins=tuple(config.cors_allowed_origins),
+                listen_host=config.host,
                 request_id_headers=tuple(config.request_id_headers),
                 max_payload_size=config.max_payload_size,
             ),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from shunter.api.call import Call
-from shunter.api.cors import Cors
+from shunter.api.cors import Cors, own_hosts
 from shunter.api.dashboard import Dashboard
 from shunter.api.inference import INFERENCE_PATHS, InferenceApi
 from shunter.api.info import InfoApi
@@ -49,6 +49,7 @@ class Route:
 class AppSettings:
     api_key: str | None = None
     cors_allowed_origins: tuple[str, ...] = ()
+    listen_host: str = "127.0.0.1"  # --host: a name the admin routes' own origin may carry
     request_id_headers: tuple[str, ...] = ("x-request-id",)
     max_payload_size: int = 64 * 1024 * 1024
 
@@ -73,7 +74,9 @@ class GatewayApp:
         self.metrics = metrics
         self._id_headers = tuple(h.encode() for h in settings.request_id_headers)
         self.keys = KeyCheck(settings.api_key)
-        self.cors = Cors(list(settings.cors_allowed_origins))
+        # Without a key, only unmovable names count as the gateway's own (DNS rebinding).
+        hosts = own_hosts(settings.listen_host) if settings.api_key is None else None
+        self.cors = Cors(list(settings.cors_allowed_origins), hosts)
         # Open: health and the model list. Guarded (with --api-key): inference, and every
         # route that changes state, costs worker work or reveals the fleet. Admin routes are
         # also closed to other sites' pages (api/cors.py).

@@ -128,9 +128,42 @@ async def test_inference_stays_open_to_any_origin_and_admin_to_its_own() -> None
     page = [(b"origin", b"http://app.example"), (b"host", b"gateway:30000")]
     answer = await call(gw.app, "POST", "/v1/completions", b"{}", page)
     assert answer.status == 200 and answer.header(b"access-control-allow-origin") == b"*"
-    own = [(b"origin", b"http://gateway:30000"), (b"host", b"gateway:30000")]
+    own = [(b"origin", b"http://localhost:30000"), (b"host", b"localhost:30000")]
     assert (await call(gw.app, "GET", "/workers", headers=own)).status == 200
     assert (await call(gw.app, "GET", "/workers")).status == 200  # curl sends no Origin
+    await gw.close()
+
+
+def same_origin(host: bytes) -> list[tuple[bytes, bytes]]:
+    """The headers of a page served from ``host`` calling the gateway at ``host``."""
+    return [(b"origin", b"http://" + host), (b"host", host)]
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        (b"attacker.example:30000", 403),  # re-pointed at the gateway: DNS rebinding
+        (b"gateway.example:30000", 403),
+        (b"localhost:30000", 200),
+        (b"127.0.0.1:30000", 200),
+        (b"127.0.0.2", 200),
+        (b"[::1]:30000", 200),
+        (b"gw.internal:30000", 200),  # the --host it listens on
+    ],
+)
+async def test_without_a_key_only_unmovable_hosts_are_the_gateways_own_origin(
+    host: bytes, status: int
+) -> None:
+    gw, _ = await gateway_with(host="gw.internal")
+    answer = await call(gw.app, "GET", "/workers", headers=same_origin(host))
+    assert answer.status == status
+    await gw.close()
+
+
+async def test_with_a_key_any_host_the_request_names_is_its_own_origin() -> None:
+    gw, _ = await gateway_with(api_key="gk")
+    headers = [*same_origin(b"gateway.example:30000"), (b"authorization", b"Bearer gk")]
+    assert (await call(gw.app, "GET", "/workers", headers=headers)).status == 200
     await gw.close()
 
 
