@@ -198,17 +198,19 @@ class Registrar:
 
     async def _close_when_drained(self, removed: Sequence[Worker]) -> None:
         deadline = time.monotonic() + self.drain_timeout_secs
-        while any(w.state.in_flight for w in removed) and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_SECS)
-        backends: dict[int, Backend] = {id(w.backend): w.backend for w in removed}
-        for backend in backends.values():
-            try:
-                await backend.close()
-            except Exception:
-                log.warning("closing a removed worker's connections failed", exc_info=True)
+        try:
+            while any(w.state.in_flight for w in removed) and time.monotonic() < deadline:
+                await asyncio.sleep(DRAIN_POLL_SECS)
+        finally:  # drained, out of time, or the gateway is shutting down: close now
+            backends: dict[int, Backend] = {id(w.backend): w.backend for w in removed}
+            for backend in backends.values():
+                try:
+                    await backend.close()
+                except Exception:
+                    log.warning("closing a removed worker's connections failed", exc_info=True)
 
     async def close(self) -> None:
-        """Stop waiting on removed workers' drains (shutdown closes every backend)."""
+        """Stop waiting on removed workers' drains: their connections close at once."""
         for task in list(self._draining):
             task.cancel()
         await asyncio.gather(*self._draining, return_exceptions=True)

@@ -9,12 +9,17 @@ import orjson
 import pytest
 
 from shunter.aio.once import CellClosed
-from shunter.backends.base import Address, Outbound, Runtime
-from shunter.backends.connect import Connected, Connector, Wait
+from shunter.backends.base import Address, Backend, Outbound, Runtime
+from shunter.backends.connect import Connected, Connector, GrpcSupport, Probe, Wait
+from shunter.backends.grpc.backend import GrpcBackend
+from shunter.backends.grpc.pipeline import GrpcPipeline
+from shunter.backends.grpc.tokenizers import Tokenizers
 from shunter.config import GatewayConfig
 from shunter.fleet.spec import SpecError, WorkerSpec
+from shunter.wire.reqwest import ClientSettings
 
 from support.fakes import Workers, call, gateway, make_worker, ready
+from support.harness import free_port
 
 
 class SlowToConnect(Connector):
@@ -101,3 +106,76 @@ async def test_a_worker_added_without_a_scheme_is_found_under_its_grpc_url() -> 
 def test_repeated_worker_urls_are_kept_once(given: list[str], kept: list[str]) -> None:
     settings: dict[str, Any] = {"worker_urls": given}
     assert GatewayConfig(**settings).validate().worker_urls == kept
+
+
+# --- what is closed ------------------------------------------------------------------------
+
+
+async def test_a_removed_worker_still_draining_at_shutdown_is_closed() -> None:
+    network = Workers()
+    gw = gateway(network=network)
+    await ready(gw)
+    assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 200
+    [client] = network.clients["http://w:1"]
+    worker = gw.fleet.registry.all()[0]
+    worker.state.started()  # a request still running on it
+    gw.fleet.remove("http://w:1")
+    await gw.close()  # long before the drain would end
+    assert client.closed
+
+
+class RecordingGrpc(Connector):
+    """Keeps the gRPC backends it builds, to see whether they were closed."""
+
+    made: list[GrpcBackend]
+
+    def _grpc_backend(self, url: str) -> Backend:
+        backend = super()._grpc_backend(url)
+        assert isinstance(backend, GrpcBackend)
+        self.made = [*getattr(self, "made", []), backend]
+        return backend
+
+
+def grpc_connector(network: Workers) -> RecordingGrpc:
+    pipeline = GrpcPipeline(Tokenizers(None, None, 1.0), 1.0, None, None)
+    support = GrpcSupport(pipeline, retire_grace_secs=1.0)
+    return RecordingGrpc(network.control, ClientSettings(), 0.2, grpc=support)
+
+
+async def assert_closed(backend: GrpcBackend) -> None:
+    assert backend.channel.value is None
+    with pytest.raises(CellClosed):
+        await backend.channel.get()
+
+
+async def test_a_url_without_a_scheme_that_answers_neither_way_leaves_no_channel_open() -> None:
+    network = Workers()
+    network.healthy = False  # /health answers 503
+    connector = grpc_connector(network)
+    url = f"http://127.0.0.1:{free_port()}"  # and no gRPC server listens there
+
+    async def once(probe: Probe, what: str) -> None:
+        if (problem := await probe()) is not None:
+            raise TimeoutError(f"{what}: {problem}")
+
+    with pytest.raises(TimeoutError):
+        await connector.connect(url, None, None, once, probe_both=True)
+    [made] = connector.made
+    await assert_closed(made)
+
+
+async def test_a_cancelled_addition_probing_both_ways_leaves_no_channel_open() -> None:
+    connector = grpc_connector(Workers())
+    waiting = asyncio.Event()
+
+    async def forever(probe: Probe, what: str) -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    url = f"http://127.0.0.1:{free_port()}"
+    adding = asyncio.ensure_future(connector.connect(url, None, None, forever, probe_both=True))
+    await waiting.wait()
+    adding.cancel()
+    await asyncio.gather(adding, return_exceptions=True)
+    [made] = connector.made
+    await assert_closed(made)
