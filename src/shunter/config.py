@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from shunter.backends.connect import grpc_available
 from shunter.fleet.breaker import BreakerConfig
 from shunter.fleet.runtime import HealthConfig
+from shunter.fleet.spec import API_KEY_RULE, valid_api_key
 from shunter.fleet.urls import WorkerUrlError, validate_worker_url
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
@@ -116,10 +117,11 @@ class GatewayConfig:
             raise ConfigError(
                 "--prometheus-duration-buckets needs positive, increasing, distinct seconds"
             )
-        if self.api_key is not None and not self.api_key:
-            raise ConfigError("--api-key must not be empty")
-        if self.worker_api_key is not None and not self.worker_api_key:
-            raise ConfigError("--worker-api-key must not be empty")
+        for flag, key in (("--api-key", self.api_key), ("--worker-api-key", self.worker_api_key)):
+            if key is not None and not key:
+                raise ConfigError(f"{flag} must not be empty")
+            if key is not None and not valid_api_key(key):
+                raise ConfigError(f"{flag} must be {API_KEY_RULE}")
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]

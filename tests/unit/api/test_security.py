@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from shunter.api.dashboard import SESSION_COOKIE, DashboardSessions
+from shunter.config import ConfigError, GatewayConfig
 from shunter.gateway import Gateway
 from shunter.routing.retry import RetryConfig
 from shunter.run import listens_beyond_loopback
@@ -367,3 +368,30 @@ async def test_a_crafted_session_cookie_is_refused_not_a_500(expiry: bytes) -> N
 )
 def test_listening_beyond_loopback_is_recognised(host: str, open_: bool) -> None:
     assert listens_beyond_loopback(host) is open_
+
+
+@pytest.mark.parametrize(
+    "key", ["a\r\nx-injected: 1", "caf\u00e9", "two words", "\u20ac", "tab\there"]
+)
+async def test_a_worker_key_that_cannot_be_sent_as_given_is_refused(key: str) -> None:
+    gw, _ = await gateway_with()
+    added = await call(
+        gw.app, "POST", "/workers", orjson.dumps({"url": "http://v:1", "api_key": key})
+    )
+    assert added.status == 400 and "visible ASCII" in added.json()["error"]["message"]
+    raw = b"/workers/" + quote("http://w:1", safe="").encode()
+    update = orjson.dumps({"api_key": key})
+    updated = await call(gw.app, "PUT", "/workers/http://w:1", update, raw_path=raw)
+    assert updated.status == 400
+    assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 200
+    await gw.close()
+
+
+@pytest.mark.parametrize("flag", ["--api-key", "--worker-api-key"])
+@pytest.mark.parametrize("key", ["a b", "caf\u00e9", "x\n"])
+def test_a_gateway_or_worker_key_flag_that_cannot_be_sent_is_refused(flag: str, key: str) -> None:
+    config = (
+        GatewayConfig(api_key=key) if flag == "--api-key" else GatewayConfig(worker_api_key=key)
+    )
+    with pytest.raises(ConfigError, match=f"{flag} must be visible ASCII"):
+        config.validate()
