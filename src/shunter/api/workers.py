@@ -84,7 +84,10 @@ class WorkersApi:
             changes = check_update(await call.json())
         except SpecError as exc:
             raise ApiError(400, "invalid_worker_update", str(exc)) from None
-        self.fleet.update(url, changes)
+        try:
+            self.fleet.update(url, changes)
+        except LookupError:  # removed while its body was on its way
+            raise ApiError(404, "WORKER_NOT_FOUND", f"Worker {url} not found") from None
         return _accepted(url, "Worker updated")
 
     def _get_worker(self, url: str) -> Reply:
