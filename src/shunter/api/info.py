@@ -18,7 +18,7 @@ from shunter.fleet.load_monitor import LoadMonitor
 from shunter.fleet.registry import WorkerRegistry
 from shunter.fleet.worker import Worker
 from shunter.observability.engine_metrics import merge
-from shunter.protocols.errors import ApiError
+from shunter.protocols.errors import ApiError, upstream_failure
 from shunter.protocols.reply import Reply
 
 log = logging.getLogger("shunter.api.info")
@@ -74,9 +74,9 @@ class InfoApi:
         try:
             body = await worker.backend.health_generate(worker)
         except EngineOpError as exc:
-            raise ApiError(
-                503, "health_generate_failed", f"worker {worker.url} failed to generate: {exc}"
-            ) from None
+            _log_failure("generation check failed", worker, exc, call)
+            message = f"the generation check failed: {upstream_failure(exc.kind)}"
+            raise ApiError(503, "health_generate_failed", message) from None
         return Reply(200, [], body)
 
     # --- the workers' own information ----------------------------------------------------
@@ -92,7 +92,8 @@ class InfoApi:
         try:
             return await worker.backend.info(worker, kind, call.request_id)
         except EngineOpError as exc:
-            raise ApiError(502, "upstream_unavailable", f"worker {worker.url}: {exc}") from None
+            _log_failure(f"{kind} info request failed", worker, exc, call)
+            raise ApiError(502, "upstream_unavailable", upstream_failure(exc.kind)) from None
 
     async def engine_metrics(self, call: Call) -> Reply:
         """The workers' own metrics, fanned out and merged, each sample labelled with its
@@ -170,11 +171,18 @@ class InfoApi:
         )
 
 
+def _log_failure(what: str, worker: Worker, exc: EngineOpError, call: Call) -> None:
+    """The worker and the details go to the log; the client is told only the kind."""
+    facts = {"url": worker.url, "error": str(exc), "request_id": call.request_id}
+    log.warning(what, extra=facts)
+
+
 async def _flush(worker: Worker) -> tuple[str, str | None]:
     try:
         await worker.backend.flush(worker)
     except EngineOpError as exc:
-        return worker.base_url, str(exc)
+        log.warning("cache flush failed", extra={"url": worker.base_url, "error": str(exc)})
+        return worker.base_url, upstream_failure(exc.kind)
     except Exception as exc:  # reported as this worker's failure, not the whole answer's
         log.warning("cache flush raised", extra={"url": worker.base_url, "error": repr(exc)})
         return worker.base_url, "the flush failed in the gateway"

@@ -57,6 +57,7 @@ _FAILURE_KINDS = {
     "timeout": "the worker did not answer in time",
     "io": "the connection to the worker broke",
     "oversize": "the worker's response is larger than the gateway accepts",
+    "answer": "the worker answered with an error",
 }
 
 

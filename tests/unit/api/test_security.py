@@ -245,6 +245,36 @@ async def test_a_failing_worker_is_not_named_to_the_client(caplog: Any) -> None:
     await gw.close()
 
 
+class InfoRefused(Workers):
+    """A worker whose model info cannot be reached (its server info is the fakes')."""
+
+    def control_handler(self, request: MockRequest) -> MockResponse:
+        raise UpstreamError("connect", f"cannot connect to {request.url}: [Errno 111] refused")
+
+
+async def test_admin_errors_name_no_worker_and_the_log_has_it(caplog: Any) -> None:
+    fail = {"kind": "connect"}
+    gw, _ = await gateway_with(fail)
+    with caplog.at_level(logging.WARNING, logger="shunter"):
+        answer = await call(gw.app, "GET", "/health_generate", headers=[(b"x-request-id", b"r1")])
+    assert answer.status == 503
+    message = answer.json()["error"]["message"]
+    assert message == "the generation check failed: the worker could not be reached"
+    assert b"w:1" not in answer.body and b"Errno" not in answer.body
+    [logged] = [r for r in caplog.records if r.getMessage() == "generation check failed"]
+    assert getattr(logged, "url", "") == "http://w:1" and getattr(logged, "request_id", "") == "r1"
+    assert "Errno 111" in getattr(logged, "error", "")
+    await gw.close()
+
+    gw = gateway(network=InfoRefused(), retry=RetryConfig(disabled=True))
+    await ready(gw)
+    answer = await call(gw.app, "GET", "/get_model_info")
+    assert answer.status == 502
+    assert answer.json()["error"]["message"] == "the worker could not be reached"
+    assert b"w:1" not in answer.body and b"Errno" not in answer.body
+    await gw.close()
+
+
 # --- credentials ------------------------------------------------------------------------
 
 

@@ -141,7 +141,7 @@ class GrpcBackend(Backend):
         try:
             ok, message = await call(await self._client())
         except SchedulerError as exc:
-            raise EngineOpError(str(exc)) from None
+            raise EngineOpError(str(exc), exc.kind) from None
         if not ok:
             raise EngineOpError(f"{what}: {message}")
 
@@ -154,7 +154,7 @@ class GrpcBackend(Backend):
                 else client.model_info(CONTROL_SECS)
             )
         except SchedulerError as exc:
-            raise EngineOpError(str(exc)) from None
+            raise EngineOpError(str(exc), exc.kind) from None
         body = str(MessageToJson(message, preserving_proto_field_name=True)).encode()
         return Reply(200, list(JSON_HEADERS), body)
 

@@ -110,7 +110,7 @@ class HttpBackend(Backend):
         try:
             response = await self._calls.request(target, "GET", _INFO_PATHS[kind], None, id_header)
         except UpstreamError as exc:
-            raise EngineOpError(str(exc)) from None
+            raise EngineOpError(str(exc), exc.kind) from None
         return Reply(response.status, relayed_headers(response.headers), response.body)
 
     async def metrics(self, target: Target) -> str | None:

@@ -71,7 +71,7 @@ class WorkerCalls:
         try:
             response = await self.request(target, method, path, body, long=long)
         except UpstreamError as exc:
-            raise EngineOpError(str(exc)) from None
+            raise EngineOpError(str(exc), exc.kind) from None
         if not 200 <= response.status < 300:
             snippet = response.body[:200].decode("utf-8", "replace")
             raise EngineOpError(f"{method} {path}: status {response.status}: {snippet}")
