@@ -6,7 +6,9 @@ where they belong, error bodies that name no worker, the dashboard's sign-in.
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 from typing import Any
 from urllib.parse import quote
 
@@ -16,6 +18,7 @@ import pytest
 from shunter.api.dashboard import SESSION_COOKIE, DashboardSessions
 from shunter.config import ConfigError, GatewayConfig
 from shunter.gateway import Gateway
+from shunter.observability.logging import TextFormatter
 from shunter.routing.retry import RetryConfig
 from shunter.run import listens_beyond_loopback
 from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
@@ -273,6 +276,39 @@ async def test_admin_errors_name_no_worker_and_the_log_has_it(caplog: Any) -> No
     assert answer.json()["error"]["message"] == "the worker could not be reached"
     assert b"w:1" not in answer.body and b"Errno" not in answer.body
     await gw.close()
+
+
+async def test_a_path_cannot_forge_a_line_of_the_text_access_log() -> None:
+    gw, _ = await gateway_with()
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(TextFormatter())
+    access = logging.getLogger("shunter.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    forged = "/x\r\n2030-01-01 00:00:00 INFO shunter.access: GET /workers 200 \\x0a\u2028"
+    try:
+        assert (await call(gw.app, "GET", forged)).status == 404
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(logging.NOTSET)
+    [line] = lines.getvalue().splitlines()
+    assert "/x\\x0d\\x0a2030-01-01" in line and "200 \\\\x0a\\u2028 404" in line
+    await gw.close()
+
+
+def test_a_traceback_in_the_text_log_keeps_its_lines() -> None:
+    try:
+        raise ValueError("bad\nvalue")
+    except ValueError:
+        record = logging.makeLogRecord(
+            {"msg": "failed", "exc_info": sys.exc_info(), "path": "/a\nb"}
+        )
+    text = TextFormatter().format(record)
+    first, *rest = text.splitlines()
+    assert (
+        first.endswith("failed path=/a\\x0ab") and rest[0] == "Traceback (most recent call last):"
+    )
 
 
 # --- credentials ------------------------------------------------------------------------
