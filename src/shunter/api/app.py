@@ -47,7 +47,6 @@ class Route:
 
 @dataclass(frozen=True)
 class AppSettings:
-    api_key: str | None = None
     cors_allowed_origins: tuple[str, ...] = ()
     listen_host: str = "127.0.0.1"  # --host: a name the admin routes' own origin may carry
     request_id_headers: tuple[str, ...] = ("x-request-id",)
@@ -64,6 +63,7 @@ class GatewayApp:
     def __init__(
         self,
         settings: AppSettings,
+        keys: KeyCheck,
         metrics: Metrics,
         inference: InferenceApi,
         info: InfoApi,
@@ -73,9 +73,9 @@ class GatewayApp:
         self.settings = settings
         self.metrics = metrics
         self._id_headers = tuple(h.encode() for h in settings.request_id_headers)
-        self.keys = KeyCheck(settings.api_key)
+        self.keys = keys  # the gateway's one KeyCheck, which the dashboard uses too
         # Without a key, only unmovable names count as the gateway's own (DNS rebinding).
-        hosts = own_hosts(settings.listen_host) if settings.api_key is None else None
+        hosts = own_hosts(settings.listen_host) if keys.expected is None else None
         self.cors = Cors(list(settings.cors_allowed_origins), hosts)
         # Open: health and the model list. Guarded (with --api-key): inference, and every
         # route that changes state, costs worker work or reveals the fleet. Admin routes are

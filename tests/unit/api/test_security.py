@@ -352,6 +352,22 @@ async def test_connection_named_headers_and_expect_are_not_forwarded() -> None:
     await gw.close()
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "status"),
+    [(b"Bearer gk", b"Bearer wrong", 200), (b"Bearer wrong", b"Bearer gk", 401)],
+)
+async def test_of_several_authorization_headers_the_first_counts_everywhere(
+    first: bytes, second: bytes, status: int
+) -> None:
+    gw, _ = await gateway_with(api_key="gk")
+    both = [(b"authorization", first), (b"authorization", second)]
+    inference = await call(gw.app, "POST", "/v1/completions", b"{}", both)
+    workers = await call(gw.app, "GET", "/workers", headers=both)
+    dashboard = await call(gw.app, "GET", "/dashboard/data", headers=both)
+    assert [inference.status, workers.status, dashboard.status] == [status] * 3
+    await gw.close()
+
+
 # --- the dashboard's sign-in ---------------------------------------------------------------
 
 
