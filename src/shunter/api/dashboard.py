@@ -32,9 +32,8 @@ from urllib.parse import parse_qs
 import orjson
 
 from shunter.api.call import Call
-from shunter.api.reply import JSON_CONTENT
 from shunter.protocols.errors import ApiError
-from shunter.protocols.reply import Reply
+from shunter.protocols.reply import JSON_CONTENT, Reply
 from shunter.wire.asgi import Scope, header_value
 
 SESSION_COOKIE = "shunter_dashboard"

@@ -20,16 +20,17 @@ from dataclasses import dataclass, field
 Headers = list[tuple[bytes, bytes]]
 Stream = AsyncGenerator[bytes, None]
 
+# The content types replies carry (the gateway's own and the simulated worker's).
+JSON_CONTENT = (b"content-type", b"application/json")
+TEXT_CONTENT = (b"content-type", b"text/plain; charset=utf-8")
+SSE_CONTENT = (b"content-type", b"text/event-stream")
+
 
 @dataclass(slots=True)
 class Reply:
     status: int
     headers: Headers = field(default_factory=list)
     body: bytes | Stream = b""
-
-    @property
-    def streamed(self) -> bool:
-        return not isinstance(self.body, bytes)
 
 
 async def primed(stream: Stream) -> Stream:

@@ -16,24 +16,13 @@ from typing import Any
 
 import orjson
 
+from shunter.protocols.reply import JSON_CONTENT, SSE_CONTENT, TEXT_CONTENT
 from shunter.sim.config import SimConfig
 from shunter.sim.disconnect import DisconnectWatch
 from shunter.sim.engine import Engine, Generation, tokenize
 from shunter.sim.formats import ChatFormat, CompletionFormat, Format, GenerateFormat
-from shunter.wire.asgi import (
-    JSON_CONTENT,
-    SSE_CONTENT,
-    TEXT_CONTENT,
-    Receive,
-    Scope,
-    Send,
-    end_stream,
-    header_value,
-    send_bytes,
-    send_chunk,
-    send_json,
-    start_stream,
-)
+from shunter.sim.send import end_stream, send_bytes, send_chunk, send_json, start_stream
+from shunter.wire.asgi import Receive, Scope, Send, header_value
 
 log = logging.getLogger("shunter.sim")
 

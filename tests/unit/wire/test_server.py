@@ -11,7 +11,8 @@ import pytest
 
 from shunter.cli import serve_config
 from shunter.config import GatewayConfig
-from shunter.wire.asgi import Receive, Scope, Send, read_body, send_bytes
+from shunter.sim.send import send_bytes
+from shunter.wire.asgi import Receive, Scope, Send, read_body
 from shunter.wire.limits import RESERVED_FILES, ServerLimits, default_max_connections
 from shunter.wire.server import HttpServer
 

@@ -31,9 +31,9 @@ from shunter.backends.base import (
     Runtime,
     Target,
 )
-from shunter.backends.grpc.pipeline import GRPC_PATHS, JSON_HEADERS, GrpcPipeline
+from shunter.backends.grpc.pipeline import GRPC_PATHS, GrpcPipeline
 from shunter.backends.grpc.scheduler import SchedulerClient, SchedulerError
-from shunter.protocols.reply import Reply
+from shunter.protocols.reply import JSON_CONTENT, Reply
 from shunter.wire.base import UpstreamError
 
 # The scheduler's HealthCheck generates a token; it may take longer than a probe.
@@ -156,7 +156,7 @@ class GrpcBackend(Backend):
         except SchedulerError as exc:
             raise EngineOpError(str(exc), exc.kind) from None
         body = str(MessageToJson(message, preserving_proto_field_name=True)).encode()
-        return Reply(200, list(JSON_HEADERS), body)
+        return Reply(200, [JSON_CONTENT], body)
 
     async def close(self) -> None:
         """Close now, retiring channels included: calls still running are cancelled (at

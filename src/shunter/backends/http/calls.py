@@ -14,9 +14,8 @@ from typing import Any
 import orjson
 
 from shunter.backends.base import EngineOpError, Target
+from shunter.protocols.reply import JSON_CONTENT
 from shunter.wire.base import FullResponse, HeaderPairs, UpstreamError, WholeClient
-
-JSON_CONTENT = (b"content-type", b"application/json")
 
 
 def bearer(api_key: str | None) -> list[tuple[bytes, bytes]]:
