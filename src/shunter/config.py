@@ -9,6 +9,7 @@ from shunter.backends.connect import grpc_available
 from shunter.discovery.config import DiscoveryConfig, DiscoveryConfigError, discovery_available
 from shunter.fleet.breaker import BreakerConfig
 from shunter.fleet.runtime import HealthConfig
+from shunter.fleet.spec import API_KEY_RULE, valid_api_key
 from shunter.fleet.urls import WorkerUrlError, validate_worker_url
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
@@ -104,7 +105,9 @@ class GatewayConfig:
         # A URL without a scheme is probed as HTTP and as gRPC when the worker is added.
         try:
             self.probe_both |= {validate_worker_url(u) for u in self.worker_urls if "://" not in u}
-            self.worker_urls = [validate_worker_url(url) for url in self.worker_urls]
+            # Each worker once, however often or however spelled it was given.
+            urls = dict.fromkeys(validate_worker_url(url) for url in self.worker_urls)
+            self.worker_urls = list(urls)
         except WorkerUrlError as exc:
             raise ConfigError(str(exc)) from None
         try:
@@ -130,10 +133,11 @@ class GatewayConfig:
             raise ConfigError(
                 "--prometheus-duration-buckets needs positive, increasing, distinct seconds"
             )
-        if self.api_key is not None and not self.api_key:
-            raise ConfigError("--api-key must not be empty")
-        if self.worker_api_key is not None and not self.worker_api_key:
-            raise ConfigError("--worker-api-key must not be empty")
+        for flag, key in (("--api-key", self.api_key), ("--worker-api-key", self.worker_api_key)):
+            if key is not None and not key:
+                raise ConfigError(f"{flag} must not be empty")
+            if key is not None and not valid_api_key(key):
+                raise ConfigError(f"{flag} must be {API_KEY_RULE}")
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]

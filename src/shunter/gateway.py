@@ -111,11 +111,12 @@ class Gateway:
         keys = KeyCheck(config.api_key)
         self.app = GatewayApp(
             AppSettings(
-                api_key=config.api_key,
                 cors_allowed_origins=tuple(config.cors_allowed_origins),
+                listen_host=config.host,
                 request_id_headers=tuple(config.request_id_headers),
                 max_payload_size=config.max_payload_size,
             ),
+            keys,
             self.metrics,
             InferenceApi(self.router, self.metrics, admission, keys.expected),
             InfoApi(

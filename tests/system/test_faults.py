@@ -39,6 +39,10 @@ def test_a_failing_worker_is_retried_elsewhere_then_circuit_broken(procs: list[P
         "3",
         "--cb-timeout-duration-secs",
         "300",
+        # The first opening lasts 2 s by default: on a loaded machine the requests below
+        # may outlast it and half-open the circuit. Held open for the whole test instead.
+        "--cb-base-open-secs",
+        "300",
         *FAST_RETRY,
         workers=[bad.url, good.url],
     )

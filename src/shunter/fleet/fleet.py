@@ -141,8 +141,17 @@ class Fleet:
     def job_status(self, url: str) -> JobStatus | None:
         return self.jobs.status(url)
 
+    def adding(self, url: str) -> bool:
+        """Whether an addition of ``url`` is queued or under way."""
+        job = self.jobs.status(url)
+        return job is not None and job.job_type == "AddWorker" and job.status != "failed"
+
     def find(self, url: str) -> list[Worker]:
         return self.registrar.find(url)
+
+    def taken(self, spec: WorkerSpec) -> str | None:
+        """The registered URL ``spec`` would add again, if any (see ``Registrar.taken``)."""
+        return self.registrar.taken(spec)
 
     def update(self, url: str, changes: dict[str, Any]) -> list[Worker]:
         updated = self.registrar.update(url, changes)

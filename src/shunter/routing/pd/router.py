@@ -118,6 +118,7 @@ class PdRouter(Router):
                     retry_if_none_available(exc, last)
                     continue
                 decode = pair.decode
+                request.model, request.worker = model, decode.url
                 if attempt:
                     self.metrics.retried(decode, request.path)
                 self.metrics.observe_route(
