@@ -8,7 +8,8 @@ wants strings (``reqwest.py``) converts, at its edge.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,3 +86,31 @@ class UpstreamClient(WholeClient, Protocol):
     async def retire(self, grace: float) -> None:
         """Close once the exchanges running on it have ended, or after ``grace`` seconds:
         it was replaced, and new exchanges go to its successor."""
+
+
+async def read_capped(
+    next_chunk: Callable[[], Awaitable[bytes | None]], declared: int | None, limit: int
+) -> bytes:
+    """A whole body read chunk by chunk with ``next_chunk``, refused once past ``limit``
+    bytes (UpstreamError "oversize"): a ``declared`` length over it before any of the body
+    is read, else as chunks arrive, the rest never read.
+
+    Chunks go into a ``BytesIO``, whose ``getvalue()`` hands over its own buffer (no copy)
+    and grows by ``realloc``: a 200 MiB body peaks at ~210 MiB of RSS, where reading it in
+    one call into Rust and copying it into ``bytes`` peaked at ~630 MiB (``bench/client_bench.py
+    rss``), and it arrives in 0.5-0.7x the time (fewer copies).
+    """
+    if declared is not None and declared > limit:
+        raise _too_large(limit)
+    buffer = io.BytesIO()
+    total = 0
+    while (chunk := await next_chunk()) is not None:
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(limit)
+        buffer.write(chunk)
+    return buffer.getvalue()
+
+
+def _too_large(limit: int) -> UpstreamError:
+    return UpstreamError("oversize", f"the worker's response exceeded {limit} bytes")

@@ -6,12 +6,11 @@ for streams: it costs a thread hop per chunk and ~64 KiB per open stream, and wi
 default buffering it held SSE back until the stream ended; ``client.py`` relays streams.
 
 Whole responses are read through pyreqwest's streamed API too, because its one-shot read
-has no size limit: a worker could make us buffer any amount. See ``read_whole``.
+has no size limit: a worker could make us buffer any amount. See ``wire.base.read_capped``.
 """
 
 from __future__ import annotations
 
-import io
 import ssl
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,11 +24,11 @@ from pyreqwest.exceptions import (
 )
 from pyreqwest.response import Response
 
-from shunter.wire.base import FullResponse, HeaderPairs, UpstreamError
+from shunter.wire.base import FullResponse, HeaderPairs, UpstreamError, read_capped
 
 # The largest whole response we expect is an embeddings batch: 2048 inputs (OpenAI's limit
 # per request) of 4096 dimensions, written as JSON floats of ~21 bytes each, is ~172 MiB.
-# 256 MiB passes that; it is held once (about 1.05x its size at peak, see ``read_whole``).
+# 256 MiB passes that; it is held once (about 1.05x its size at peak: ``base.read_capped``).
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 # A body of known length up to this is read in one call: fewer hops into pyreqwest for the
 # common small answer. A bigger one is read chunk by chunk so it is held only once.
@@ -85,33 +84,6 @@ def declared_length(response: Response) -> int | None:
     return int(declared) if declared is not None and declared.isdigit() else None
 
 
-async def read_whole(response: Response, declared: int | None, limit: int) -> bytes:
-    """The body of ``response``, refused once it is past ``limit`` bytes.
-
-    A declared length over the limit is refused before any of the body is read; otherwise
-    the running total is checked as chunks arrive, and the rest is never read. Chunks go
-    into a ``BytesIO``, whose ``getvalue()`` hands over its own buffer (no copy) and grows
-    by ``realloc``: a 200 MiB body peaks at ~210 MiB of RSS, where reading it in one call
-    into Rust and copying it into ``bytes`` peaked at ~630 MiB (``bench/client_bench.py
-    rss``), and it arrives in 0.5-0.7x the time (fewer copies).
-    """
-    if declared is not None and declared > limit:
-        raise _too_large(limit)
-    reader = response.body_reader
-    buffer = io.BytesIO()
-    total = 0
-    while (chunk := await reader.read_chunk()) is not None:
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(limit)
-        buffer.write(chunk)
-    return buffer.getvalue()
-
-
-def _too_large(limit: int) -> UpstreamError:
-    return UpstreamError("oversize", f"the worker's response exceeded {limit} bytes")
-
-
 class ReqwestClient:
     """One worker's connection pool."""
 
@@ -157,7 +129,9 @@ class ReqwestClient:
                 if declared is not None and declared <= self._one_read_bytes:
                     payload = bytes(await response.bytes())  # the common, small answer
                 else:
-                    payload = await read_whole(response, declared, self._max_response_bytes)
+                    payload = await read_capped(
+                        response.body_reader.read_chunk, declared, self._max_response_bytes
+                    )
             finally:
                 await context.__aexit__(None, None, None)
         except PyreqwestError as exc:

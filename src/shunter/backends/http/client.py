@@ -12,9 +12,7 @@ pyreqwest serves the control plane's probes, where nothing is abandoned.
 
 from __future__ import annotations
 
-import io
-
-from shunter.wire.base import FullResponse, HeaderPairs, UpstreamError
+from shunter.wire.base import FullResponse, HeaderPairs, read_capped
 from shunter.wire.client import H1Stream, H1StreamClient
 from shunter.wire.reqwest import ClientSettings
 
@@ -29,7 +27,9 @@ class WorkerClient:
     ) -> FullResponse:
         response = await self._streams.stream(method, url, headers, body)
         try:
-            whole = await read_whole(response, self._max_response_bytes)
+            whole = await read_capped(
+                response.next_chunk, _declared_length(response), self._max_response_bytes
+            )
         finally:
             await response.aclose()  # back to the pool once read; closed if not
         return FullResponse(response.status, response.headers, whole)
@@ -49,26 +49,11 @@ class WorkerClient:
         await self._streams.close()
 
 
-async def read_whole(response: H1Stream, limit: int) -> bytes:
-    """The body of ``response``, refused once it is past ``limit`` bytes: a declared length
-    over it before any of the body is read, else as chunks arrive (the rest never read).
-    Chunks go into a ``BytesIO``, whose ``getvalue()`` hands over its own buffer: a body is
-    held once."""
+def _declared_length(response: H1Stream) -> int | None:
     for name, value in response.headers:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            raise _too_large(limit)
-    buffer = io.BytesIO()
-    total = 0
-    while (chunk := await response.next_chunk()) is not None:
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(limit)
-        buffer.write(chunk)
-    return buffer.getvalue()
-
-
-def _too_large(limit: int) -> UpstreamError:
-    return UpstreamError("oversize", f"the worker's response exceeded {limit} bytes")
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return None
 
 
 def worker_client(settings: ClientSettings, base_url: str) -> WorkerClient:
