@@ -11,7 +11,10 @@ from __future__ import annotations
 import io
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 HeaderPairs = Sequence[tuple[bytes, bytes]]
 
@@ -89,7 +92,7 @@ class UpstreamClient(WholeClient, Protocol):
 
 
 async def read_capped(
-    next_chunk: Callable[[], Awaitable[bytes | None]], declared: int | None, limit: int
+    next_chunk: Callable[[], Awaitable[ReadableBuffer | None]], declared: int | None, limit: int
 ) -> bytes:
     """A whole body read chunk by chunk with ``next_chunk``, refused once past ``limit``
     bytes (UpstreamError "oversize"): a ``declared`` length over it before any of the body
@@ -105,10 +108,9 @@ async def read_capped(
     buffer = io.BytesIO()
     total = 0
     while (chunk := await next_chunk()) is not None:
-        total += len(chunk)
+        total += buffer.write(chunk)  # bytes, or pyreqwest's own buffer type
         if total > limit:
             raise _too_large(limit)
-        buffer.write(chunk)
     return buffer.getvalue()
 
 
