@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from shunter.backends.connect import grpc_available
+from shunter.discovery.config import DiscoveryConfig, DiscoveryConfigError, discovery_available
 from shunter.fleet.breaker import BreakerConfig
 from shunter.fleet.runtime import HealthConfig
 from shunter.fleet.urls import WorkerUrlError, validate_worker_url
@@ -50,7 +51,10 @@ class GatewayConfig:
     dp_aware: bool = False
     connect_timeout_secs: float = 10.0
     probe_timeout_secs: float = 5.0  # one registration probe (health, discovery)
-    shutdown_drain_secs: float = 30.0  # how long in-flight requests may finish on SIGTERM
+    # On SIGTERM: /readiness turns 503 at once, new requests are still served for a settle
+    # window (min(grace / 2, 5 s): the time a Service takes to stop sending), then requests
+    # in flight may finish for what is left of the grace period.
+    shutdown_grace_secs: float = 180.0
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -79,6 +83,7 @@ class GatewayConfig:
     prefill_policy: str | None = None
     decode_policy: str | None = None
     pd_min_prefill_tokens: int = 0
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
@@ -114,10 +119,11 @@ class GatewayConfig:
                 part.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.shutdown_drain_secs < 0:
-            raise ConfigError("--graceful-shutdown-timeout-secs must be >= 0")
+        if self.shutdown_grace_secs < 0:
+            raise ConfigError("--shutdown-grace-period-secs must be >= 0")
         self._validate_tls()
         self._validate_pd()
+        self._validate_discovery()
         self._validate_grpc()
         buckets = self.duration_buckets
         if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
@@ -173,6 +179,16 @@ class GatewayConfig:
             self.decode_urls = [validate_worker_url(url) for url in self.decode_urls]
         except WorkerUrlError as exc:
             raise ConfigError(str(exc)) from None
+
+    def _validate_discovery(self) -> None:
+        try:
+            self.discovery.validate(self.pd_disaggregation)
+        except DiscoveryConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.discovery.enabled and not discovery_available():
+            raise ConfigError(
+                "--service-discovery needs the kubernetes extra: pip install 'shunter[kubernetes]'"
+            )
 
     def _validate_grpc(self) -> None:
         urls = [*self.worker_urls, *(u for u, _ in self.prefill_urls), *self.decode_urls]

@@ -1,7 +1,8 @@
 """The layers point one way: each package imports only the packages below it.
 
 cli → gateway/run → api → routing → policies → fleet → backends → wire → aio, with
-protocols, tokenizer and parsers as leaves and observability beside the router. The
+protocols, tokenizer and parsers as leaves, observability beside the router and discovery
+(Kubernetes) beside the API, driving the fleet. The
 fleet knows nothing of the config, the policies, the router or the API; the backends nothing
 of the fleet; the wire nothing of inference. Every import counts: at module level, inside
 functions, and under ``TYPE_CHECKING``.
@@ -28,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"aio", "wire", "protocols", "tokenizer", "parsers"},
     "fleet": {"aio", "backends", "wire", "protocols", "parsers"},
     "observability": {"fleet", "backends", "protocols"},
+    "discovery": {"fleet"},
     "policies": {"aio", "fleet"},
     "routing": {"aio", "wire", "protocols", "backends", "fleet", "policies", "observability"},
     "api": {"aio", "wire", "protocols", "backends", "fleet", "routing", "observability"},

@@ -39,11 +39,14 @@ class InfoApi:
         loads: LoadMonitor,
         draining: Callable[[], bool] = lambda: False,
         pd_mode: bool = False,
+        discovery_problem: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.registry = registry
         self.loads = loads
         self.draining = draining  # the gateway is shutting down: not ready for new requests
         self.pd_mode = pd_mode
+        # Why service discovery has no view of the pods yet (None: it has one, or is off).
+        self.discovery_problem = discovery_problem
 
     # --- health -----------------------------------------------------------------------------
 
@@ -56,7 +59,9 @@ class InfoApi:
         workers = self.registry.all()
         healthy = sum(1 for w in workers if w.state.healthy)
         counts: dict[str, int] = {"healthy_workers": healthy, "total_workers": len(workers)}
-        missing = "insufficient healthy workers" if not healthy else ""
+        missing = self.discovery_problem() or (
+            "insufficient healthy workers" if not healthy else ""
+        )
         if self.pd_mode:
             for kind in (WorkerType.PREFILL, WorkerType.DECODE):
                 count = sum(1 for w in self.registry.get_by_type(kind) if w.state.healthy)

@@ -120,11 +120,21 @@ class Fleet:
 
     # --- what the API asks -------------------------------------------------------------------
 
-    def submit_add(self, spec: WorkerSpec) -> None:
-        """Queue an addition; raises QueueFull when the job queue is."""
+    def submit_add(
+        self, spec: WorkerSpec, done: Callable[[Exception | None], None] | None = None
+    ) -> None:
+        """Queue an addition; raises QueueFull when the job queue is. ``done`` hears how it
+        ended (None: registered)."""
 
         async def add() -> None:
-            await self.registrar.add(spec)
+            try:
+                await self.registrar.add(spec)
+            except Exception as exc:
+                if done is not None:
+                    done(exc)
+                raise
+            if done is not None:
+                done(None)
 
         self.jobs.submit("AddWorker", spec.url, add)
 
