@@ -292,6 +292,9 @@ def test_the_validator_names_a_missing_required_field() -> None:
 # --- the gateway's args, as its own CLI reads them -----------------------------------------
 
 
+NAMESPACE = "inference"  # the namespace the manifests are applied in, for the checks
+
+
 class ArgsRefused(AssertionError):
     """``shunter serve`` refuses a container's args."""
 
@@ -310,9 +313,6 @@ def expand(args: list[str], box: Doc) -> list[str]:
         return NAMESPACE  # what the downward API gives
 
     return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value, arg) for arg in args]
-
-
-NAMESPACE = "inference"  # the namespace the manifests are applied in, for the checks
 
 
 def gateway_config(box: Doc) -> GatewayConfig:
@@ -471,7 +471,7 @@ def test_the_rbac_check_refuses_more_or_less_than_reading_pods(rules: list[Doc])
 
 
 def test_the_cluster_wide_variant_binds_the_gateway_service_account() -> None:
-    _docs, deployment, _box, _config = gateway("gateway.yaml", "shunter")
+    _docs, deployment, box, _config = gateway("gateway.yaml", "shunter")
     docs = load("cluster-wide.yaml")
     binding = one(docs, "ClusterRoleBinding")
     (subject,) = binding["subjects"]
@@ -480,6 +480,11 @@ def test_the_cluster_wide_variant_binds_the_gateway_service_account() -> None:
     assert subject["namespace"]  # a ClusterRoleBinding's subject must name it
     assert binding["roleRef"]["kind"] == "ClusterRole"
     assert_reads_pods_only(one(docs, "ClusterRole", binding["roleRef"]["name"]))
+    # Its step 3: without --service-discovery-namespace, discovery watches every namespace.
+    args = list(box["args"])
+    at = args.index("--service-discovery-namespace")
+    del args[at : at + 2]
+    assert gateway_config({**box, "args": args}).discovery.namespace is None
 
 
 @pytest.mark.parametrize(("name", "deployment_name"), GATEWAYS)
