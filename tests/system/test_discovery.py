@@ -40,8 +40,9 @@ T = TypeVar("T")
 
 
 def started(*makers: Callable[[], T]) -> list[T]:
-    """Start processes side by side (each waits for its own readiness)."""
-    with ThreadPoolExecutor(len(makers)) as pool:
+    """Start (or stop) processes two at a time, one per core: each waits for its own
+    readiness, and more at once only slow each other's start past its deadline."""
+    with ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda make: make(), makers))
 
 
@@ -189,8 +190,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
             *(f"{k}={v}" for k, v in SELECTED.items()),
             "--service-discovery-resync-secs",
             "2",
-            "--worker-startup-check-interval",
-            "0.1",
+            "--worker-startup-check-interval",  # an engine not up: given up on in 1 s
+            "0.05",
             "--health-success-threshold",
             "1",
             workers=(manual.url,),

@@ -12,9 +12,12 @@ LIST, and the pass that follows converges. Every ``resync_secs`` the watch is en
 purpose for a full LIST.
 
 Failures wait a backoff, 0.5 s doubling to 30 s, which starts over only once a watch has
-proven healthy (it delivered an event, reached its resync deadline or expired with a 410):
-a server that answers the LIST but drops or refuses every WATCH is asked ever less often,
-never in a loop. Each failure is logged once, however often it repeats, and its end once.
+proven healthy (it delivered an event, reached its deadline or expired with a 410): a
+server that answers the LIST but drops or refuses every WATCH is asked ever less often,
+never in a loop. After a failed watch the next one's deadline is ``PROBATION_SECS``, not the
+resync interval, so that a quiet watch that works proves it in 2 s (and a fixed RBAC rule
+shows on ``/readiness`` then, not a minute later). Each failure is logged once, however
+often it repeats, and its end once.
 
 A 401 or 403 means the gateway's credentials or its permissions are wrong: the message
 names what to grant, and ``Failure.denied`` marks it, so ``/readiness`` reports it even
@@ -63,6 +66,7 @@ log = logging.getLogger("shunter.discovery")
 
 FIRST_BACKOFF_SECS = 0.5
 MAX_BACKOFF_SECS = 30.0
+PROBATION_SECS = 2.0
 
 Step = Literal["list", "watch"]
 
@@ -140,11 +144,14 @@ class PodWatcher:
         except Exception as exc:
             await self._failed(_failure("list", exc, self.config.namespace))
             return False
+        deadline = self.config.resync_secs
+        if self.failure is not None and self.failure.step == "watch":
+            deadline = min(deadline, PROBATION_SECS)
         try:
-            async with asyncio.timeout(self.config.resync_secs):
+            async with asyncio.timeout(deadline):
                 await self._watch(self._client, version)
         except TimeoutError:
-            self._healthy()  # time for the periodic full LIST
+            self._healthy()  # open until its deadline: time for a full LIST
         except ApiError as exc:
             if exc.status.code != 410:
                 await self._failed(_failure("watch", exc, self.config.namespace))

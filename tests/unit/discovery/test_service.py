@@ -156,7 +156,10 @@ async def test_no_pass_runs_before_the_first_list(
     assert running.discovery.problem is not None
     assert "ConfigError" in running.discovery.problem
     await running.until(lambda: len(running.urls()) == 1)
+    running.discovery.wake()  # as a registration ending does
+    await running.until(lambda: not running.discovery._wake.is_set())  # the loop looked
     assert running.gw.metrics.discovery_sync == {}  # no pass: it would see no pods
+    assert running.urls() == {"http://10.9.9.9:80": None}
 
 
 async def test_an_engine_not_up_is_retried_sooner_than_the_resync(

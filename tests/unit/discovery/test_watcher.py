@@ -13,13 +13,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import httpx2
 import pytest
-from lightkube import AsyncClient
+from lightkube import ApiError, AsyncClient
+from lightkube.models.meta_v1 import Status
 
 from shunter.discovery import watcher as watcher_module
 from shunter.discovery.config import DiscoveryConfig
 from shunter.discovery.pods import PodView
-from shunter.discovery.watcher import PodWatcher, kube_client
+from shunter.discovery.watcher import Failure, PodWatcher, _failure, kube_client
 
 from support.fake_kube import FakeKube
 from support.harness import free_port
@@ -39,6 +41,7 @@ def quick_backoff(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixt
     caplog.set_level(logging.INFO, "shunter.discovery")
     monkeypatch.setattr(watcher_module, "FIRST_BACKOFF_SECS", 0.02)
     monkeypatch.setattr(watcher_module, "MAX_BACKOFF_SECS", 0.08)
+    monkeypatch.setattr(watcher_module, "PROBATION_SECS", 0.1)
 
 
 class Watching:
@@ -244,6 +247,8 @@ class WatchForbidden:
     """A client whose RBAC grants list but not watch (the fake forbids everything or
     nothing: it is told before each request)."""
 
+    allowed = False  # set: the role now grants watch too
+
     def __init__(self, kube: FakeKube, client: AsyncClient) -> None:
         self.kube = kube
         self.client = client
@@ -253,7 +258,7 @@ class WatchForbidden:
         return self.client.list(*args, **kwargs)
 
     def watch(self, *args: Any, **kwargs: Any) -> Any:
-        self.kube.forbid(True)
+        self.kube.forbid(not WatchForbidden.allowed)
         return self.client.watch(*args, **kwargs)
 
     async def close(self) -> None:
@@ -266,6 +271,7 @@ async def test_a_forbidden_watch_is_a_denial_not_a_crash_loop(
     kube.add_pod("w1", labels=SELECTOR)
     connect = client_of(kube, tmp_path)
     clients: list[WatchForbidden] = []
+    WatchForbidden.allowed = False
 
     def forbidden_watch() -> AsyncClient:
         clients.append(WatchForbidden(kube, connect()))
@@ -286,6 +292,10 @@ async def test_a_forbidden_watch_is_a_denial_not_a_crash_loop(
     assert "service discovery recovered" not in caplog.messages  # a LIST is not a watch
     assert watch.watcher._backoff == watcher_module.MAX_BACKOFF_SECS
     assert len(clients) >= 4  # each try on a fresh client
+    # Granted: a quiet watch proves itself within its probation, not at the resync (30 s).
+    WatchForbidden.allowed = True
+    await watch.until(lambda: watch.watcher.failure is None)
+    assert caplog.messages.count("service discovery recovered") == 1
     await watch.stop()
     assert kube.watch_count == 0
 
@@ -386,3 +396,42 @@ async def test_other_status_errors_are_reported_with_their_code(
     assert failure is not None and not failure.denied
     assert failure.message.startswith("the API server answered 400 to a list of pods: ")
     await watch.stop()
+
+
+class ErrorEvents:
+    """A client whose every watch yields a BOOKMARK then an ERROR event that is not a 410
+    (the API server sends a 500 so when its watch cache fails)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    def list(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.list(*args, **kwargs)
+
+    def watch(self, *args: Any, **kwargs: Any) -> Any:
+        async def events() -> AsyncIterator[tuple[str, Any]]:
+            yield "BOOKMARK", None  # lightkube never asks for them; skipped if sent
+            status = Status(code=500, reason="InternalError", message="etcd is gone")
+            raise ApiError(status=status)
+
+        return events()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def test_an_error_event_other_than_410_is_a_failure(kube: FakeKube, tmp_path: Path) -> None:
+    kube.add_pod("w1", labels=SELECTOR)
+    connect = client_of(kube, tmp_path)
+    watch = watching(config(), lambda: cast(AsyncClient, ErrorEvents(connect()))).start()
+    await watch.until(lambda: watch.watcher.failure is not None)
+    assert watch.watcher.failure == Failure(
+        "watch", "the API server answered 500 to a watch of pods: etcd is gone"
+    )
+    assert watch.names == {"w1"}  # the bookmark was skipped (read, it would have failed)
+    await watch.stop()
+
+
+def test_a_transport_error_without_a_request_has_no_address() -> None:
+    failure = _failure("list", httpx2.ConnectError("refused"), None)
+    assert failure.message == "cannot reach the Kubernetes API server: ConnectError('refused')"
