@@ -3,8 +3,8 @@
 The watcher keeps the pod cache and asks for a pass on every change; the loop runs a pass
 once changes have settled for a moment (``SETTLE_SECS``: a rollout's burst of events makes
 one pass, not fifty), and at least every ``resync_secs``. When a pass leaves workers
-unregistered (an engine still loading), the next one comes sooner: after 1 s, doubling to
-the resync interval.
+unregistered (an engine still loading) or fails, the next one comes sooner: after 1 s,
+doubling to the resync interval (the changes a failed pass missed are not lost).
 """
 
 from __future__ import annotations
@@ -53,7 +53,12 @@ class Discovery:
 
     @property
     def problem(self) -> str | None:
-        """Why discovery has no view of the pods yet (None once it has one)."""
+        """What keeps discovery from a view of the pods (None once it has one): any failure
+        before the first LIST, and a refusal (401, 403) at any time, since it lasts until
+        someone fixes the credentials or the RBAC rules."""
+        failure = self.watcher.failure
+        if failure is not None and failure.denied:
+            return failure.message
         if self.watcher.listed:
             return None
         return self.watcher.error or "service discovery has not listed the pods yet"
@@ -88,7 +93,7 @@ class Discovery:
                 log.exception("reconcile pass failed")
                 result = None
             self.observer.synced(time.perf_counter() - started)
-            if result is not None and result.missing:
+            if result is None or result.missing:  # failed, or engines not up: try sooner
                 wait, retry = retry, min(retry * 2, self.config.resync_secs)
             else:
                 wait, retry = self.config.resync_secs, FIRST_RETRY_SECS

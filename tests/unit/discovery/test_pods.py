@@ -138,6 +138,7 @@ def test_model_id_sources_and_ipv6() -> None:
         (DiscoveryConfig(enabled=True, port=0), False, "--service-discovery-port must be"),
         (DiscoveryConfig(enabled=True, namespace="Bad_NS"), False, "is not a namespace name"),
         (DiscoveryConfig(enabled=True, model_id_from="label:"), False, "--model-id-from"),
+        (DiscoveryConfig(enabled=True, resync_secs=0), False, "resync-secs must be > 0"),
         (DiscoveryConfig(enabled=True, selector={"a": "b"}), True, "use --prefill-selector"),
         (DiscoveryConfig(enabled=True, prefill_selector={"a": "b"}), True, "needs --prefill"),
         (DiscoveryConfig(enabled=True, decode_selector={"a": "b"}), False, "need --pd-disag"),

@@ -12,6 +12,7 @@ import pytest
 from shunter.discovery.config import DiscoveryConfig
 from shunter.discovery.pods import PodView
 from shunter.discovery.reconciler import DiscoveryObserver, Reconciler
+from shunter.fleet.jobs import QueueFull
 from shunter.fleet.spec import WorkerSpec
 from shunter.gateway import Gateway
 from shunter.wire.mock import MockRequest, MockResponse
@@ -157,3 +158,29 @@ async def test_an_engine_not_up_yet_is_queued_again_on_later_passes(passes: Pass
     passes.engines.down.clear()  # the engine has loaded its model
     await passes.settle()
     assert passes.urls() == {"http://127.0.0.1:1001": "uid-a"}
+
+
+async def test_a_full_job_queue_or_a_worker_removed_meanwhile_waits_for_the_next_pass(
+    passes: Passes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = passes.gw.fleet
+
+    def full(*_: object) -> None:
+        raise QueueFull("AddWorker")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(fleet, "submit_add", full)
+        passes.set(pod("a", 1001))
+        result = passes.reconciler.reconcile()
+        assert (result.added, result.missing) == (0, 1)  # nothing queued: the next pass
+    await passes.settle()
+    assert passes.urls() == {"http://127.0.0.1:1001": "uid-a"}
+
+    def gone(url: str) -> None:  # removed by hand (DELETE /workers) while the pass ran
+        raise LookupError(url)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(fleet, "remove", gone)
+        passes.set()
+        passes.reconciler.reconcile()  # no error, no removal counted
+    assert ("removed", "pod_gone") not in passes.events
