@@ -111,6 +111,19 @@ class Workers:
         return [r for c in self.clients.get(base_url, []) for r in c.requests]
 
 
+class Engines(Workers):
+    """Every address answers, except those in ``down`` (an engine still loading)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down: set[str] = set()
+
+    def _control(self, request: MockRequest) -> MockResponse:
+        if any(address in request.url for address in self.down):
+            return MockResponse(503)
+        return super()._control(request)
+
+
 def gateway(
     urls: tuple[str, ...] = ("http://w:1",),
     handler: Handler = ok,

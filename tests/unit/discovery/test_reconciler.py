@@ -15,24 +15,10 @@ from shunter.discovery.reconciler import DiscoveryObserver, Reconciler
 from shunter.fleet.jobs import QueueFull
 from shunter.fleet.spec import WorkerSpec
 from shunter.gateway import Gateway
-from shunter.wire.mock import MockRequest, MockResponse
 
-from support.fakes import Workers, gateway
+from support.fakes import Engines, gateway
 
 CONFIG = DiscoveryConfig(enabled=True, selector={"app": "w"}, port=8000)
-
-
-class Engines(Workers):
-    """Every address answers, except those in ``down`` (an engine still loading)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down: set[str] = set()
-
-    def _control(self, request: MockRequest) -> MockResponse:
-        if any(address in request.url for address in self.down):
-            return MockResponse(503)
-        return super()._control(request)
 
 
 class Passes:

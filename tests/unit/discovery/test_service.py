@@ -16,25 +16,11 @@ from shunter.discovery import watcher as watcher_module
 from shunter.discovery.config import DiscoveryConfig
 from shunter.discovery.service import Discovery
 from shunter.gateway import Gateway
-from shunter.wire.mock import MockRequest, MockResponse
 
 from support.fake_kube import FakeKube
-from support.fakes import Workers, call, gateway
+from support.fakes import Engines, call, gateway
 
 LABELS = {"app": "worker"}
-
-
-class Engines(Workers):
-    """Every address answers, except those in ``down`` (an engine still loading)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.down: set[str] = set()
-
-    def _control(self, request: MockRequest) -> MockResponse:
-        if any(address in request.url for address in self.down):
-            return MockResponse(503)
-        return super()._control(request)
 
 
 @pytest.fixture
