@@ -9,7 +9,7 @@ from shunter.backends.connect import grpc_available
 from shunter.discovery.config import DiscoveryConfig, DiscoveryConfigError, discovery_available
 from shunter.fleet.breaker import BreakerConfig
 from shunter.fleet.runtime import HealthConfig
-from shunter.fleet.spec import API_KEY_RULE, valid_api_key
+from shunter.fleet.spec import API_KEY_RULE, check_kv_events_endpoint, valid_api_key
 from shunter.fleet.urls import WorkerUrlError, validate_worker_url
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
@@ -85,6 +85,11 @@ class GatewayConfig:
     decode_policy: str | None = None
     pd_min_prefill_tokens: int = 0
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    # KV-cache events of --worker-urls workers: URL -> (PUB endpoint, replay endpoint).
+    kv_events_endpoints: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    # How precise cache_aware turns a request's text into the engines' token ids: "words"
+    # (shunter sim's) or a tokenizer directory / tokenizer.json.
+    kv_events_tokenizer: str = "words"
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
@@ -128,6 +133,7 @@ class GatewayConfig:
         self._validate_pd()
         self._validate_discovery()
         self._validate_grpc()
+        self._validate_kv_events()
         buckets = self.duration_buckets
         if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ConfigError(
@@ -211,6 +217,30 @@ class GatewayConfig:
             raise ConfigError(
                 f"--tokenizer-path/--model-path {self.tokenizer_path}: no tokenizer.json there "
                 "(a local directory is needed; the gateway does not download from a hub)"
+            )
+
+    def _validate_kv_events(self) -> None:
+        try:
+            given = {validate_worker_url(u): e for u, e in self.kv_events_endpoints.items()}
+        except WorkerUrlError as exc:
+            raise ConfigError(f"--kv-events-endpoint: {exc}") from None
+        unknown = set(given) - set(self.worker_urls)
+        if unknown:
+            raise ConfigError(
+                f"--kv-events-endpoint names {', '.join(sorted(unknown))}, not in --worker-urls"
+            )
+        for url, (endpoint, replay) in given.items():
+            for value in (endpoint, replay):
+                if value is not None:
+                    try:
+                        check_kv_events_endpoint("--kv-events-endpoint", value)
+                    except ValueError as exc:
+                        raise ConfigError(f"{url}: {exc}") from None
+        self.kv_events_endpoints = given
+        source = self.kv_events_tokenizer
+        if source != "words" and not os.path.exists(source):
+            raise ConfigError(
+                f"--kv-events-tokenizer {source}: no such file or directory (or 'words')"
             )
 
     def _validate_tls(self) -> None:

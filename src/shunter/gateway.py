@@ -8,9 +8,10 @@ run a whole gateway in process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,8 @@ from shunter.config import GatewayConfig
 from shunter.discovery.reconciler import DiscoveryObserver
 from shunter.fleet.fleet import Fleet, FleetObserver, FleetSettings
 from shunter.fleet.spec import WorkerSpec
-from shunter.fleet.worker import WorkerType
+from shunter.fleet.worker import Worker, WorkerType
+from shunter.kv_events.hub import KvEvents, tokenizer_from
 from shunter.observability.metrics import Metrics
 from shunter.observability.tracing import Tracing
 from shunter.policies.factory import PolicyError, create_policy
@@ -102,6 +104,9 @@ class Gateway:
         )
         self.fleet = Fleet(settings, connector, observer)
         self.policy_registries: list[PolicyRegistry] = []
+        # Precise cache_aware: the engines' KV events (subscribers start with their workers).
+        self.kv_events = KvEvents(tokenizer_from(config.kv_events_tokenizer))
+        self.fleet.subscribe(self._kv_events_changed)
         self.metrics.workers = self.fleet.registry.all
         self.policies = self._policies(config.policy, WorkerType.REGULAR)
         self.tracing = Tracing(config.otlp_traces_endpoint) if config.enable_trace else None
@@ -159,11 +164,29 @@ class Gateway:
 
     def _policies(self, name: str, worker_type: WorkerType) -> PolicyRegistry:
         """The policy registry of one kind of worker, told of the fleet's changes."""
-        settings = self.config.policy_settings
+        settings = dataclasses.replace(self.config.policy_settings, prefix_scorer=self.kv_events)
         registry = PolicyRegistry(create_policy(name, settings), settings, worker_type)
         self.fleet.subscribe(registry.fleet_changed)
         self.policy_registries.append(registry)
         return registry
+
+    def _kv_events_changed(self, added: Sequence[Worker], removed: Sequence[Worker]) -> None:
+        """Follow the KV events of the workers that publish them (the endpoints are labels,
+        from ``POST /workers`` or ``--kv-events-endpoint``); a DP rank's publisher is on
+        the base port + rank, as the engines do."""
+        for worker in removed:
+            self.kv_events.remove(worker.url)
+        for worker in added:
+            endpoint = worker.labels.get("kv_events_endpoint")
+            if endpoint:
+                replay = worker.labels.get("kv_events_replay_endpoint")
+                rank = worker.dp_rank or 0
+                self.kv_events.add(
+                    worker.url,
+                    worker.model_id,
+                    _rank_endpoint(endpoint, rank),
+                    None if replay is None else _rank_endpoint(replay, rank),
+                )
 
     def _router(self, config: GatewayConfig) -> Router:
         """The regular router, or in PD mode the PD router with a policy per leg."""
@@ -185,6 +208,7 @@ class Gateway:
             "workers": [w.to_info() for w in registry.all()],
             "models": list(registry.models()),
             "policy": self._policy_names(),
+            "kv_events": self.kv_events.counters(),
         }
 
     def _policy_names(self) -> str:
@@ -208,7 +232,13 @@ class Gateway:
         # key, so whoever ran a worker could administer the gateway.
         key, probe_both = config.worker_api_key, config.probe_both
         specs = [
-            WorkerSpec(url, api_key=key, probe_grpc=url in probe_both) for url in config.worker_urls
+            WorkerSpec(
+                url,
+                api_key=key,
+                probe_grpc=url in probe_both,
+                labels=_kv_events_labels(config.kv_events_endpoints.get(url)),
+            )
+            for url in config.worker_urls
         ]
         specs += [
             WorkerSpec(
@@ -235,12 +265,32 @@ class Gateway:
         if self.discovery is not None:
             await self.discovery.stop()
         await self.fleet.close()
+        await self.kv_events.close()
         for policies in self.policy_registries:
             await policies.stop()
         await self.control.close()
         if self.tracing is not None:
             self.tracing.shutdown()  # flushes the spans not yet exported
         self.metrics.shutdown()
+
+
+def _kv_events_labels(endpoints: tuple[str, str | None] | None) -> dict[str, str]:
+    """A ``--kv-events-endpoint`` as the labels ``POST /workers`` would set."""
+    if endpoints is None:
+        return {}
+    endpoint, replay = endpoints
+    labels = {"kv_events_endpoint": endpoint}
+    if replay:
+        labels["kv_events_replay_endpoint"] = replay
+    return labels
+
+
+def _rank_endpoint(endpoint: str, rank: int) -> str:
+    """A DP rank's endpoint: ``tcp://host:port`` becomes port + rank (rank 0 unchanged)."""
+    if not rank or not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint.rpartition(":")
+    return f"{host}:{int(port) + rank}" if port.isdigit() else endpoint
 
 
 def _check_policy(name: str) -> None:

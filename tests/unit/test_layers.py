@@ -33,7 +33,9 @@ ALLOWED: dict[str, set[str]] = {
     "policies": {"aio", "fleet"},
     "routing": {"aio", "wire", "protocols", "backends", "fleet", "policies", "observability"},
     "api": {"aio", "wire", "protocols", "backends", "fleet", "routing", "observability"},
-    "sim": {"wire", "protocols"},
+    "sim": {"wire", "protocols", "tokenizer"},
+    # KV-cache events: a leaf the composition root wires; policies get a read-only scorer.
+    "kv_events": {"aio", "tokenizer"},
 }
 # The entry points, at the top, may import anything.
 ENTRY = {"cli"}

@@ -80,6 +80,9 @@ class ServeFlags:
         self._limit_flags()
         self._grpc_flags(parser.add_argument_group("gRPC workers (the gateway tokenizes for them)"))
         self._pd_flags(parser.add_argument_group("prefill/decode disaggregation"))
+        self._kv_events_flags(
+            parser.add_argument_group("KV-cache events (precise cache_aware routing)")
+        )
         self.discovery = ConfigFlags(
             parser.add_argument_group("Kubernetes service discovery"),
             DiscoveryConfig(),
@@ -406,6 +409,41 @@ class ServeFlags:
         g.flag("--tool-call-parser", "tool_call_parser", type=str, help="json, qwen or hermes")
         self.gateway.fields += g.fields
 
+    def _kv_events_flags(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument(
+            "--kv-events-endpoint",
+            dest="kv_events_endpoint",
+            action="append",
+            default=[],
+            metavar="URL=ENDPOINT[,REPLAY_ENDPOINT]",
+            help="subscribe to a --worker-urls worker's KV-cache events (its engine's "
+            "--kv-events-config endpoint, and replay_endpoint if set), e.g. "
+            "http://w1:30000=tcp://w1:5557,tcp://w1:6557; repeat per worker. "
+            "cache_aware then scores that worker by its exact cached blocks",
+        )
+        g = ConfigFlags(group, GatewayConfig(), "gateway")
+        g.flag(
+            "--kv-events-tokenizer",
+            "kv_events_tokenizer",
+            help="how a request's text becomes the engine's token ids for precise scoring: "
+            "'words' (shunter sim's whitespace words) or a tokenizer directory or "
+            "tokenizer.json (default %(default)s)",
+        )
+        self.gateway.fields += g.fields
+
+    def _kv_events_endpoints(self, given: list[str]) -> dict[str, tuple[str, str | None]]:
+        """``--kv-events-endpoint URL=ENDPOINT[,REPLAY]`` values, split (checked later)."""
+        endpoints: dict[str, tuple[str, str | None]] = {}
+        for value in given:
+            url, sep, rest = value.rpartition("=")
+            endpoint, _, replay = rest.partition(",")
+            if not sep or not url or not endpoint:
+                self.parser.error(
+                    f"--kv-events-endpoint {value}: give WORKER_URL=ENDPOINT[,REPLAY_ENDPOINT]"
+                )
+            endpoints[url] = (endpoint, replay or None)
+        return endpoints
+
     def _pd_flags(self, group: argparse._ArgumentGroup) -> None:
         g = ConfigFlags(group, GatewayConfig(), "gateway")
         g.flag(
@@ -582,6 +620,7 @@ class ServeFlags:
             server_limits=self.limits.build(args),
             prefill_urls=self._prefill_urls(args.pd_prefill),
             discovery=self._discovery_config(args),
+            kv_events_endpoints=self._kv_events_endpoints(args.kv_events_endpoint),
             **leg_policies,
         )
         try:

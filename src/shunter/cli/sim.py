@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from shunter.cli.options import ConfigFlags
-from shunter.sim.config import DISAGGREGATION_MODES, PD_RUNTIMES, RUNTIMES, Faults, SimConfig
+from shunter.sim.config import (
+    DISAGGREGATION_MODES,
+    KV_EVENT_FORMATS,
+    PD_RUNTIMES,
+    RUNTIMES,
+    Faults,
+    SimConfig,
+)
 
 
 class SimFlags:
@@ -73,6 +80,32 @@ class SimFlags:
             type=str,
             help="require client certificates signed by this CA (mTLS)",
         )
+        s.flag(
+            "--kv-events-endpoint",
+            "kv_events_endpoint",
+            type=str,
+            help="publish the prefix cache's KV events on a ZMQ PUB bound here "
+            "(e.g. tcp://127.0.0.1:5557), as SGLang's --kv-events-config endpoint",
+        )
+        s.flag(
+            "--kv-events-replay-endpoint",
+            "kv_events_replay_endpoint",
+            type=str,
+            help="answer replay requests on a ZMQ ROUTER bound here",
+        )
+        s.flag(
+            "--kv-events-format",
+            "kv_events_format",
+            choices=KV_EVENT_FORMATS,
+            help="'sglang': tagged arrays, one page per BlockStored, signed hashes; "
+            "'vllm': tagged maps as vLLM v0.26, one BlockStored per run, unsigned hashes",
+        )
+        s.flag(
+            "--kv-events-topic",
+            "kv_events_topic",
+            type=str,
+            help="frame 0 of each event message (default kv@<worker-id>@<model>)",
+        )
         f = self.faults = ConfigFlags(parser, Faults(), "faults")
         f.flag("--error-rate", "error_rate")
         f.flag("--error-status", "error_status")
@@ -96,6 +129,8 @@ class SimFlags:
                 self.parser.error("--disaggregation-mode needs --runtime sglang or vllm")
             if config.runtime == "vllm" and config.grpc:
                 self.parser.error("--runtime vllm serves HTTP only: no --grpc")
+        if config.kv_events_replay_endpoint and not config.kv_events_endpoint:
+            self.parser.error("--kv-events-replay-endpoint needs --kv-events-endpoint")
         if not 0 < config.disaggregation_bootstrap_port < 65536:
             self.parser.error("--disaggregation-bootstrap-port must be a port (1-65535)")
         if config.disaggregation_bootstrap_timeout <= 0:

@@ -73,6 +73,7 @@ class WorkerSpec:
         labels = _string_map(payload.get("labels"), "labels")
         _parser_labels(payload, labels)
         _number_labels(payload, labels)
+        _kv_events_labels(payload, labels)
         spec = cls(url=url, labels=labels, probe_grpc="://" not in payload["url"])
         spec.api_key = _api_key(payload)
         spec.model_id = _optional_str(payload, "model_id")
@@ -145,6 +146,28 @@ def _number_labels(payload: dict[str, Any], labels: dict[str, str]) -> None:
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise SpecError(f"'{key}' must be a non-negative number")
             labels[key] = str(value)
+
+
+KV_EVENTS_SCHEMES = ("tcp://", "ipc://")
+
+
+def check_kv_events_endpoint(field_name: str, value: str) -> None:
+    """An endpoint a ZMQ socket can connect to; raises SpecError."""
+    if not value.startswith(KV_EVENTS_SCHEMES) or len(value) <= len("tcp://"):
+        raise SpecError(f"'{field_name}' must be a tcp:// or ipc:// ZMQ endpoint, got {value!r}")
+
+
+def _kv_events_labels(payload: dict[str, Any], labels: dict[str, str]) -> None:
+    """The worker's KV-cache event endpoints (its engine's PUB, and its replay ROUTER),
+    kept as labels, which the gateway's event subscribers read."""
+    endpoint = _optional_str(payload, "kv_events_endpoint")
+    replay = _optional_str(payload, "kv_events_replay_endpoint")
+    if replay is not None and endpoint is None:
+        raise SpecError("'kv_events_replay_endpoint' needs 'kv_events_endpoint'")
+    for key, value in (("kv_events_endpoint", endpoint), ("kv_events_replay_endpoint", replay)):
+        if value is not None:
+            check_kv_events_endpoint(key, value)
+            labels[key] = value
 
 
 def _parser_labels(payload: dict[str, Any], labels: dict[str, str]) -> None:

@@ -10,6 +10,14 @@ As smg's, after its fix that picks the least-loaded worker on imbalance:
    among those not overloaded (smg: the least loaded; see ``_place_new_prefix``).
 3. Record the text under the chosen worker.
 
+Precise mode: given a ``PrefixScorer`` (the engines' KV-cache events, ``kv_events/``), a
+worker that publishes events is judged by what its engine says it holds, not by the tree:
+step 2 first takes the available worker with the longest run of cached blocks from the start
+of the prompt (ties: the less loaded), if that run covers more than ``cache_threshold`` of
+the prompt; otherwise the tree is matched as above, among the workers *without* events
+only. The tree still records every decision, so a worker that stops publishing falls back
+to it.
+
 Unlike smg, the matched tenant is the most recently used *available* worker at the deepest
 node (smg takes the first in its map, and falls back to an arbitrary worker if that one is
 gone). Trees are per model and trimmed by a background task every
@@ -23,7 +31,9 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from shunter.aio.periodic import Periodic
 from shunter.fleet.registry import Workers
@@ -56,12 +66,30 @@ class CacheAwareConfig:
         return self
 
 
+class PrefixScorer(Protocol):
+    """Exact cache state, read-only: what the engines' KV events say each worker holds."""
+
+    active: bool  # whether any worker publishes events (read per request)
+
+    def tracks(self, url: str) -> bool:
+        """Whether ``url``'s engine publishes events (its cache is known exactly)."""
+        ...
+
+    def cached_tokens(self, model: str, text: str) -> tuple[int, Mapping[str, int]]:
+        """The prompt's length in tokens, and per tracked worker the leading tokens it holds
+        in whole cached blocks (workers holding none may be left out)."""
+        ...
+
+
 class CacheAwarePolicy(Policy):
     name = "cache_aware"
     needs_text = True
 
-    def __init__(self, config: CacheAwareConfig | None = None) -> None:
+    def __init__(
+        self, config: CacheAwareConfig | None = None, scorer: PrefixScorer | None = None
+    ) -> None:
         self.config = config or CacheAwareConfig()
+        self.scorer = scorer
         self.trees: dict[str, Tree] = {}
         self._indexes = UrlIndexes()
         # Trims every eviction_interval_secs, or as soon as a worker's text exceeds
@@ -107,11 +135,21 @@ class CacheAwarePolicy(Policy):
         low, high = min(loads), max(loads)
         if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
             return least_loaded(workers)
+        scorer = self.scorer
+        precise = scorer is not None and scorer.active and bool(text)
+        if precise:
+            assert scorer is not None
+            holder = _longest_cached(workers, scorer, tree_key, text, config)
+            if holder is not None:
+                return holder
         tree = self.trees.get(tree_key)
         if tree is None or not text:
             return least_loaded(workers)
         matched, tenants = tree.match(text)
         if tenants and matched / len(text) > config.cache_threshold:
+            if precise:  # the tree speaks only for workers without events
+                assert scorer is not None
+                tenants = {u: t for u, t in tenants.items() if not scorer.tracks(u)}
             holder = self._most_recent_available(workers, tree_key, tenants)
             if holder is not None:
                 return holder
@@ -158,6 +196,27 @@ class CacheAwarePolicy(Policy):
 
 
 _rotation = itertools.count()
+
+
+def _longest_cached(
+    workers: Workers, scorer: PrefixScorer, model: str, text: str, config: CacheAwareConfig
+) -> Worker | None:
+    """The available worker whose engine holds the longest cached run of the prompt, if
+    that run is more than ``cache_threshold`` of it; ties go to the less loaded."""
+    total, cached = scorer.cached_tokens(model, text)
+    if not total or not cached:
+        return None
+    best: Worker | None = None
+    best_key = (0, 0)
+    for worker in workers:
+        tokens = cached.get(worker.url, 0)
+        if tokens and worker.state.available:
+            key = (tokens, -worker.state.in_flight)
+            if best is None or key > best_key:
+                best, best_key = worker, key
+    if best is None or best_key[0] / total <= config.cache_threshold:
+        return None
+    return best
 
 
 def _place_new_prefix(

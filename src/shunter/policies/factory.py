@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from shunter.policies.base import Policy
 from shunter.policies.bucket import BucketPolicy
-from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy, PrefixScorer
 from shunter.policies.consistent_hashing import ConsistentHashingPolicy
 from shunter.policies.manual import ManualPolicy
 from shunter.policies.power_of_two import PowerOfTwoPolicy
@@ -27,6 +27,8 @@ class PolicySettings:
     prefix_hash: PrefixHashConfig = field(default_factory=PrefixHashConfig)
     bucket_adjust_interval_secs: float = 5.0
     manual_max_idle_secs: float = 4 * 3600.0
+    # Precise cache_aware: the engines' KV events (set by the gateway, not a flag).
+    prefix_scorer: PrefixScorer | None = field(default=None, compare=False)
 
     def validate(self) -> PolicySettings:
         self.cache_aware.validate()
@@ -42,7 +44,7 @@ BUILT: dict[str, Callable[[PolicySettings], Policy]] = {
     "random": lambda s: RandomPolicy(),
     "round_robin": lambda s: RoundRobinPolicy(),
     "power_of_two": lambda s: PowerOfTwoPolicy(),
-    "cache_aware": lambda s: CacheAwarePolicy(s.cache_aware),
+    "cache_aware": lambda s: CacheAwarePolicy(s.cache_aware, s.prefix_scorer),
     "bucket": lambda s: BucketPolicy(
         s.bucket_adjust_interval_secs,
         s.cache_aware.balance_abs_threshold,

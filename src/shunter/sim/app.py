@@ -133,13 +133,17 @@ class SimApp:
                 return
 
     async def start(self) -> None:
-        """What runs beside the API: a prefill's bootstrap server."""
+        """What runs beside the API: a prefill's bootstrap server, the KV event publisher."""
         if self.pd is not None:
             await self.pd.start()
+        if self.engine.kv_events is not None:
+            await self.engine.kv_events.start()
 
     async def stop(self) -> None:
         if self.pd is not None:
             await self.pd.stop()
+        if self.engine.kv_events is not None:
+            await self.engine.kv_events.stop()
 
     def _record(self, scope: Scope, body: bytes) -> dict[str, Any]:
         """An inference request's entry in /sim/requests. ``role`` is this sim's PD mode,

@@ -10,6 +10,7 @@ RUNTIMES = ("sglang", "openai", "llamacpp", "vllm")
 DISAGGREGATION_MODES = ("null", "prefill", "decode")
 # The runtimes that play PD: SGLang's (bootstrap rooms) and vLLM's (kv_transfer_params).
 PD_RUNTIMES = ("sglang", "vllm")
+KV_EVENT_FORMATS = ("sglang", "vllm")  # sim/kv_events.py
 
 
 @dataclass
@@ -27,6 +28,9 @@ class Faults:
     poison_text: str = ""
     # Not a fault: when set, gRPC outputs are this text, then end-of-sequence (parser tests).
     scripted_reply: str = ""
+    # With --kv-events-endpoint: the next N event batches are numbered but not sent live
+    # (they stay in the replay buffer), so a subscriber sees a gap.
+    kv_events_drop_batches: int = 0
 
     def update(self, changes: dict[str, Any]) -> None:
         """Apply a partial update, checking names and types; raises ValueError."""
@@ -85,6 +89,12 @@ class SimConfig:
     disaggregation_mode: str = "null"
     disaggregation_bootstrap_port: int = 8998  # a prefill's bootstrap server listens here
     disaggregation_bootstrap_timeout: float = 300.0  # seconds a room waits for its other leg
+    # KV-cache events (sim/kv_events.py): a PUB endpoint to bind, an optional replay ROUTER,
+    # the wire format ("sglang" or "vllm") and the topic (default kv@<name>@<model>).
+    kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
+    kv_events_format: str = "sglang"
+    kv_events_topic: str | None = None
     faults: Faults = field(default_factory=Faults)
 
     @property

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from shunter.sim.cache import PrefixCache
 from shunter.sim.config import SimConfig
+from shunter.sim.kv_events import KvEventPublisher
 
 WORDS = [
     "the",
@@ -76,7 +77,19 @@ class EngineStats:
 class Engine:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
-        self.cache = PrefixCache(config.cache_tokens, config.block_size)
+        self.kv_events: KvEventPublisher | None = None
+        if config.kv_events_endpoint:
+            topic = config.kv_events_topic
+            self.kv_events = KvEventPublisher(
+                config.kv_events_endpoint,
+                config.kv_events_replay_endpoint,
+                fmt=config.kv_events_format,
+                topic=f"kv@{config.name}@{config.served_model_name}" if topic is None else topic,
+                block_size=config.block_size,
+                faults=config.faults,
+            )
+        listener = None if self.kv_events is None else self.kv_events.publish
+        self.cache = PrefixCache(config.cache_tokens, config.block_size, listener)
         self.stats = EngineStats()
         self.running = 0
         self.waiting = 0

@@ -1,0 +1,125 @@
+"""The gateway's KV events: one subscriber per worker that publishes, one index, and the
+read-only view the precise ``cache_aware`` reads (``tracks``, ``cached_tokens``).
+
+Workers come and go through ``add`` and ``remove`` (the composition root calls them on fleet
+changes); a removed worker's subscriber is closed and its blocks dropped. A request is
+scored by tokenizing its routing text with the tokenizer the engines use (``tokenize``):
+the events carry token ids, so the ids must be the very ones the engine saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from shunter.kv_events.index import KvIndex
+from shunter.kv_events.subscriber import Subscriber
+
+log = logging.getLogger("shunter.kv_events")
+
+Tokenize = Callable[[str], Sequence[Any]]
+
+
+class KvEvents:
+    def __init__(self, tokenize: Tokenize, *, replay_timeout: float = 2.0) -> None:
+        self.index = KvIndex()
+        self.subscribers: dict[str, Subscriber] = {}
+        self.active = False  # whether any worker publishes: the policy's one check
+        self._tokenize = tokenize
+        self._replay_timeout = replay_timeout
+        self._context: zmq.asyncio.Context | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # --- the policy's view ---------------------------------------------------------------
+
+    def tracks(self, url: str) -> bool:
+        return url in self.subscribers
+
+    def cached_tokens(self, model: str, text: str) -> tuple[int, Mapping[str, int]]:
+        """The prompt's length in tokens and, per worker with events, how many of its
+        leading tokens that worker holds in whole cached blocks."""
+        ids = self._tokenize(text)
+        return len(ids), self.index.longest_prefix(model, ids)
+
+    # --- membership ----------------------------------------------------------------------
+
+    def add(self, url: str, model: str, endpoint: str, replay_endpoint: str | None) -> None:
+        """Subscribe to a worker's events (on the running loop); a bad endpoint is logged."""
+        if url in self.subscribers:
+            return
+        if self._context is None:
+            self._context = zmq.asyncio.Context()
+        subscriber = Subscriber(
+            url,
+            endpoint,
+            self.index.of(model),
+            self._context,
+            replay_endpoint,
+            replay_timeout=self._replay_timeout,
+        )
+        try:
+            subscriber.start()
+        except zmq.ZMQError as exc:
+            log.error(
+                "kv events: cannot subscribe",
+                extra={"worker": url, "endpoint": endpoint, "error": str(exc)},
+            )
+            return
+        self.subscribers[url] = subscriber
+        self.active = True
+        log.info("kv events: subscribed", extra={"worker": url, "endpoint": endpoint})
+
+    def remove(self, url: str) -> None:
+        """Stop following a worker and forget its blocks (at once: the close finishes in
+        the background)."""
+        subscriber = self.subscribers.pop(url, None)
+        self.active = bool(self.subscribers)
+        if subscriber is None:
+            return
+        self.index.drop_worker(url)
+        task = asyncio.get_running_loop().create_task(subscriber.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        for subscriber in list(self.subscribers.values()):
+            await subscriber.close()
+        self.subscribers.clear()
+        self.active = False
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._context is not None:
+            self._context.destroy(linger=0)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Each worker's subscriber counters (``/kv_events``, tests)."""
+        return {
+            url: vars(s.counters) | {"blocks": s.index.blocks_of(url)}
+            for url, s in self.subscribers.items()
+        }
+
+
+def tokenizer_from(source: str) -> Tokenize:
+    """``words``: the sim's (whitespace words, ``tokenizer/words.py``); otherwise a
+    tokenizer directory or ``tokenizer.json`` file, encoded with the special tokens the
+    model adds (a BOS, for most), as an engine encodes a text prompt."""
+    if source == "words":
+        from shunter.tokenizer.words import text_ids
+
+        return text_ids
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    path = Path(source)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text).ids
+
+    return encode

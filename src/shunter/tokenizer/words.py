@@ -1,0 +1,33 @@
+"""Whitespace words as token ids: the simulated worker's tokenizer, shared with the gateway.
+
+``shunter sim`` counts a prompt in whitespace-separated words. To publish KV-cache events it
+needs integer token ids, and a gateway routing precisely on those events must compute the
+same ids from the request's text; both use this function. A word that is a decimal number
+below 2**32 is that number (so a prompt given as token ids, as the gRPC sim receives it, keeps
+its ids); any other word is the CRC-32 of its UTF-8 bytes (stable across processes, unlike
+``hash``, and within SGLang's 4-byte token range).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable
+
+
+def word_id(word: str) -> int:
+    if word.isdecimal() and word.isascii():
+        value = int(word)
+        if value < 2**32:
+            return value
+    return zlib.crc32(word.encode())
+
+
+def word_ids(words: Iterable[str]) -> list[int]:
+    return [word_id(word) for word in words]
+
+
+def text_ids(text: str) -> list[int]:
+    """The ids of ``text`` as the sim tokenizes it (split on whitespace). Per request in
+    precise mode: words go straight to CRC-32, a third faster than through ``word_id``."""
+    crc32 = zlib.crc32
+    return [word_id(w) if w.isdecimal() else crc32(w.encode()) for w in text.split()]

@@ -1,0 +1,154 @@
+"""Precise mode's wiring: the flags and POST /workers fields that name a worker's events,
+the tokenizer choice, and cache_aware reading a scorer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from shunter.cli import main, serve_config
+from shunter.fleet.spec import SpecError, WorkerSpec
+from shunter.gateway import _rank_endpoint
+from shunter.kv_events.hub import tokenizer_from
+from shunter.policies.base import RouteRequest
+from shunter.policies.cache_aware import CacheAwarePolicy
+from shunter.sim.tokenizer import sim_tokenizer, tokenizer_config
+from shunter.tokenizer.words import text_ids, word_id
+
+from support.fakes import make_worker
+
+
+def test_the_flag_names_a_worker_its_endpoint_and_replay_endpoint() -> None:
+    config = serve_config(
+        [
+            "--worker-urls",
+            "http://w1:1",
+            "http://w2:2",
+            "--kv-events-endpoint",
+            "http://w1:1=tcp://w1:5557,tcp://w1:6557",
+            "--kv-events-endpoint",
+            "http://w2:2=ipc:///tmp/w2",
+        ]
+    )
+    assert config.kv_events_endpoints == {
+        "http://w1:1": ("tcp://w1:5557", "tcp://w1:6557"),
+        "http://w2:2": ("ipc:///tmp/w2", None),
+    }
+    assert config.kv_events_tokenizer == "words"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--kv-events-endpoint", "tcp://w:5557"], "give WORKER_URL=ENDPOINT"),
+        (["--kv-events-endpoint", "http://other:1=tcp://w:5557"], "not in --worker-urls"),
+        (["--kv-events-endpoint", "http://w:1=http://w:5557"], "tcp:// or ipc://"),
+        (["--kv-events-tokenizer", "/no/such/tokenizer"], "no such file"),
+    ],
+)
+def test_bad_kv_events_flags_are_refused_with_a_reason(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--worker-urls", "http://w:1", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_post_workers_takes_the_endpoints_as_labels() -> None:
+    spec = WorkerSpec.from_json(
+        {
+            "url": "http://w:1",
+            "kv_events_endpoint": "tcp://w:5557",
+            "kv_events_replay_endpoint": "tcp://w:6557",
+        }
+    )
+    assert spec.labels["kv_events_endpoint"] == "tcp://w:5557"
+    assert spec.labels["kv_events_replay_endpoint"] == "tcp://w:6557"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"kv_events_endpoint": 5557}, "must be a string"),
+        ({"kv_events_endpoint": "w:5557"}, "tcp:// or ipc://"),
+        ({"kv_events_replay_endpoint": "tcp://w:6557"}, "needs 'kv_events_endpoint'"),
+    ],
+)
+def test_post_workers_refuses_bad_endpoints(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        WorkerSpec.from_json({"url": "http://w:1", **fields})
+
+
+def test_a_dp_rank_publishes_on_the_base_port_plus_its_rank() -> None:
+    assert _rank_endpoint("tcp://w:5557", 0) == "tcp://w:5557"
+    assert _rank_endpoint("tcp://w:5557", 2) == "tcp://w:5559"
+    assert _rank_endpoint("ipc:///tmp/x", 2) == "ipc:///tmp/x"
+
+
+def test_the_words_tokenizer_keeps_numbers_and_hashes_words() -> None:
+    assert text_ids("12 the  12") == [12, word_id("the"), 12]
+    assert word_id("the") != word_id("fox") and word_id(str(2**40)) < 2**32
+    assert tokenizer_from("words")("a b") == text_ids("a b")
+
+
+def test_a_tokenizer_directory_encodes_as_the_engine(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text(sim_tokenizer().to_str())
+    (tmp_path / "tokenizer_config.json").write_text(str(tokenizer_config()))
+    encode = tokenizer_from(str(tmp_path))
+    assert encode("the quick fox") == sim_tokenizer().encode("the quick fox").ids
+    assert tokenizer_from(str(tmp_path / "tokenizer.json"))("fox") == encode("fox")
+
+
+class Scorer:
+    """What the events say, set by the test."""
+
+    def __init__(self, tracked: set[str], cached: dict[str, int], total: int = 100) -> None:
+        self.active = bool(tracked)
+        self.tracked = tracked
+        self.cached = cached
+        self.total = total
+
+    def tracks(self, url: str) -> bool:
+        return url in self.tracked
+
+    def cached_tokens(self, model: str, text: str) -> tuple[int, Mapping[str, int]]:
+        return self.total, self.cached
+
+
+def _request(text: str = "some prompt " * 10) -> RouteRequest:
+    return RouteRequest(model="m", text=text)
+
+
+def test_precise_mode_picks_the_longest_cached_run_then_the_less_loaded() -> None:
+    a, b, c = (make_worker(f"http://{n}:1") for n in "abc")
+    policy = CacheAwarePolicy(scorer=Scorer({a.url, b.url, c.url}, {a.url: 48, b.url: 64}))
+    assert policy.select((a, b, c), _request()) is b
+    policy.scorer = Scorer({a.url, b.url}, {a.url: 64, b.url: 64})
+    a.state.in_flight = 3
+    assert policy.select((a, b, c), _request()) is b  # a tie: the less loaded
+    b.state.exclude(True)
+    assert policy.select((a, b, c), _request()) is a  # an unavailable holder is skipped
+
+
+def test_precise_mode_below_the_threshold_places_the_prompt_as_new() -> None:
+    a, b = make_worker("http://a:1"), make_worker("http://b:1")
+    policy = CacheAwarePolicy(scorer=Scorer({a.url, b.url}, {a.url: 16}))  # 16 of 100 tokens
+    chosen = {policy.select((a, b), _request(f"prompt {i} " * 10)) for i in range(4)}
+    assert chosen == {a, b}  # spread as new prefixes, not all to a
+
+
+def test_the_tree_speaks_only_for_workers_without_events() -> None:
+    a, b = make_worker("http://a:1"), make_worker("http://b:1")
+    policy = CacheAwarePolicy()
+    text = "a shared system prompt " * 10
+    first = policy.select((a, b), _request(text))
+    assert first is not None
+    other = b if first is a else a
+    # Now the first worker's engine says it holds nothing (evicted), the other all of it.
+    policy.scorer = Scorer({a.url, b.url}, {other.url: 100})
+    assert policy.select((a, b), _request(text)) is other
+    # A worker without events keeps its tree match.
+    policy.scorer = Scorer({other.url}, {})
+    assert policy.select((a, b), _request(text)) is first
