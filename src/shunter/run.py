@@ -4,7 +4,10 @@ On the signal, in three phases (smg's): ``/readiness`` answers 503 ("draining") 
 and new requests are still served for a settle window of min(grace / 2, 5 s), the time a
 load balancer or a Kubernetes Service takes to stop sending; then the gateway stops
 accepting connections and lets requests and streams in flight finish within what is left
-of ``--shutdown-grace-period-secs``; then it closes. So a rolling restart loses nothing.
+of ``--shutdown-grace-period-secs``; then it closes. From the signal on, every response says
+``Connection: close``: a balancer keeps a kept-alive connection where it is, so this is how
+keep-alive clients move to a ready gateway before the settle window ends. So a rolling
+restart loses nothing.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         gateway.draining = True
+        server.drain()  # keep-alive clients are told to reconnect (Connection: close)
         grace = config.shutdown_grace_secs
         settle = min(grace / 2, SETTLE_SECS)
         log.info("shutting down", extra={"settle_secs": settle, "grace_secs": grace})

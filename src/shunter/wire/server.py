@@ -10,7 +10,8 @@ What it does: keep-alive (idle connections closed after ``keep_alive_secs``), pi
 requests answered in order, request bodies streamed through ``receive()`` with read
 back-pressure, ``Expect: 100-continue``, responses with a Content-Length written in one
 ``write`` (head and body together), chunked streaming with write back-pressure, no body for
-HEAD, graceful shutdown that drains in-flight requests. When the client leaves before its
+HEAD, graceful shutdown that drains in-flight requests (``drain`` first, to send keep-alive
+clients away while still serving, then ``shutdown``). When the client leaves before its
 response is complete, the app's task is cancelled (aiohttp's "handler cancellation"): the
 app needs no watcher of its own to give up on a worker nobody is waiting for, and
 ``receive()`` answers ``http.disconnect`` for an app that asks.
@@ -311,8 +312,10 @@ class Cycle:
             lines.append(b"transfer-encoding: chunked\r\n")
         else:
             self.keep_alive = False  # HTTP/1.0: the body ends when the connection does
-        if self.expect_continue:
-            self.keep_alive = False  # no 100 Continue now: the body may never come
+        if self.expect_continue or self.conn.server.draining:
+            # No 100 Continue now: the body may never come. Draining: the client's next
+            # request must open a new connection, which a balancer sends elsewhere.
+            self.keep_alive = False
         if not self.keep_alive:
             if not app_closed:
                 lines.append(b"connection: close\r\n")
@@ -634,8 +637,7 @@ class HttpProtocol(asyncio.Protocol):
             "query_string": parsed.query or b"",
             "headers": headers,
         }
-        keep_alive = parser.should_keep_alive() and not self.server.stopping
-        cycle = Cycle(self, scope, keep_alive, method == b"HEAD")
+        cycle = Cycle(self, scope, parser.should_keep_alive(), method == b"HEAD")
         for name, value in headers:
             if name == b"expect" and value.lower() == b"100-continue":
                 cycle.expect_continue = True
@@ -746,7 +748,7 @@ class HttpServer:
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.stopping = False
+        self.draining = False  # every response ends its connection (drain(), shutdown())
         self.refused = 0  # connections refused at the cap, ever
         self._refused_at_last_warning = 0
         self._next_refusal_warning = 0.0
@@ -808,10 +810,23 @@ class HttpServer:
                 elif 0.0 < conn.body_wait_since < body_cutoff:
                     conn.fail(408, b"request body not received in time")
 
+    def drain(self) -> None:
+        """Send keep-alive clients away, still serving: from now on each response says
+        ``Connection: close`` and ends its connection, so the client's next request opens a
+        new one, which a balancer that has seen us turn unready sends to another server.
+
+        Idle kept-alive connections are left open until ``shutdown``: closing them now
+        would race a request the client may be sending on one (lost: POST is not retried),
+        and leaving them costs nothing while the server still serves. A client active on
+        one gets one more response, with the close; one idle for the whole settle window
+        is closed by ``shutdown``.
+        """
+        self.draining = True
+
     async def shutdown(self, drain_secs: float) -> None:
         """Stop accepting, let in-flight requests finish (up to ``drain_secs``), cancel the
         rest and wait for their cleanup, close. When this returns, no app code runs."""
-        self.stopping = True
+        self.draining = True
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
