@@ -182,9 +182,15 @@ def test_a_failing_prefill_is_retried_on_a_new_pair_with_new_rooms(sglang: PdFle
         failing.set_faults(error_rate=0.0, error_status=500)
     # Each leg's round robin moves on per selection, a retry's included: which requests
     # meet the failing prefill depends on where it stood, but at least one does.
-    retried = [legs for legs in map(sglang.legs, ids) if len(legs[0]) == 2]
+    retried = [i for i in ids if len(sglang.legs(i)[0]) == 2]
     assert retried, "a request met the failing prefill and was retried"
-    for prefills, decodes in retried:
+    for request_id in retried:
+
+        def one_decode_aborted(request_id: str = request_id) -> bool:  # noticed a bit later
+            return sum(r["aborted"] for r in sglang.legs(request_id)[1]) == 1
+
+        wait_for(one_decode_aborted, 5, "the failed pair's decode cancelled")
+        prefills, decodes = sglang.legs(request_id)
         first, second = sorted(decodes, key=lambda r: not r["aborted"])
         assert first["aborted"] and not second["aborted"]  # the failed pair's decode cancelled
         assert not set(first["rooms"]) & set(second["rooms"])  # the new pair got new rooms
