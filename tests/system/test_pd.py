@@ -187,7 +187,7 @@ def test_a_failing_prefill_is_retried_on_a_new_pair_with_new_rooms(sglang: PdFle
     for request_id in retried:
 
         def one_decode_aborted(request_id: str = request_id) -> bool:  # noticed a bit later
-            return sum(r["aborted"] for r in sglang.legs(request_id)[1]) == 1
+            return sum(bool(r["aborted"]) for r in sglang.legs(request_id)[1]) == 1
 
         wait_for(one_decode_aborted, 5, "the failed pair's decode cancelled")
         prefills, decodes = sglang.legs(request_id)

@@ -51,8 +51,11 @@ class Periodic:
             pause = self.interval_secs
             if callable(pause):
                 pause = max(0.0, pause())
+            # asyncio.timeout, not wait_for, which on 3.11 can lose a cancellation that lands
+            # as the wait ends (the loop would then outlive its stop).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=pause)
+                async with asyncio.timeout(pause):
+                    await self.wake.wait()
             self.wake.clear()
             await self._once()
 

@@ -133,9 +133,8 @@ class InfoApi:
         async def fetch(worker: Worker) -> str | None:
             async with gate:
                 try:
-                    return await asyncio.wait_for(
-                        worker.backend.metrics(worker), ENGINE_METRICS_SECS
-                    )
+                    async with asyncio.timeout(ENGINE_METRICS_SECS):
+                        return await worker.backend.metrics(worker)
                 except TimeoutError:
                     return None
                 except Exception as exc:  # this worker is left out; the others are merged

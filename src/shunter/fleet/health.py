@@ -97,7 +97,8 @@ class HealthChecker:
         the other workers)."""
         timeout = self._settings(worker).timeout_secs
         try:
-            problem = await asyncio.wait_for(worker.backend.probe(worker, timeout), timeout)
+            async with asyncio.timeout(timeout):
+                problem = await worker.backend.probe(worker, timeout)
         except TimeoutError:
             return False
         except Exception as exc:

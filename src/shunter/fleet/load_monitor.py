@@ -42,7 +42,8 @@ class LoadMonitor:
         """The worker's report now, bounded by the polling interval; unknown if it cannot be
         read, whatever the reason (one worker's failure stops nobody else's read)."""
         try:
-            return await asyncio.wait_for(worker.backend.load(worker), self.interval_secs)
+            async with asyncio.timeout(self.interval_secs):
+                return await worker.backend.load(worker)
         except TimeoutError:
             return Load()
         except Exception as exc:

@@ -92,7 +92,8 @@ class Admission:
         self.queue.append(waiter)
         self._schedule_refill()
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.config.queue_timeout_secs)
+            async with asyncio.timeout(self.config.queue_timeout_secs):  # wait_for: see wire/client
+                await asyncio.shield(waiter)
         except TimeoutError:
             if waiter.done() and not waiter.cancelled():
                 return  # admitted at the last moment

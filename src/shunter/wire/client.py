@@ -410,12 +410,13 @@ class H1StreamClient:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns the connection when a
+            # cancellation (a client that left) lands as the connect completes, and the
+            # request then went out for nobody (seen as a PD decode leg left waiting).
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
                     lambda: _Connection(self, loop), self.host, self.port, ssl=self.ssl_context
-                ),
-                self.connect_timeout,
-            )
+                )
         except TimeoutError:
             raise UpstreamError("timeout", "connecting to the worker timed out") from None
         except OSError as exc:

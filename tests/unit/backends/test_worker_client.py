@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import pytest
 
 from shunter.backends.http.client import worker_client
 from shunter.wire.reqwest import ClientSettings
@@ -29,6 +32,40 @@ async def test_a_cancelled_whole_request_closes_the_workers_connection() -> None
         call.cancel()
         await asyncio.wait_for(closed.wait(), 1)
     finally:
+        await client.close()
+        server.close()
+
+
+async def test_a_call_cancelled_as_its_connection_opens_is_cancelled() -> None:
+    """A cancellation that lands just as the connection to the worker completes must not
+    be lost (asyncio.wait_for on 3.11 returned the connection and the call went on, for a
+    client that had left: a PD decode leg then waited out its bootstrap timeout)."""
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    server = await asyncio.start_server(worker, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = worker_client(ClientSettings(), url)
+    loop = asyncio.get_running_loop()
+    real_connect = loop.create_connection
+    calls: list[asyncio.Future[Any]] = []
+
+    async def connect_then_cancel(*args: Any, **kwargs: Any) -> Any:
+        connection = await real_connect(*args, **kwargs)
+        calls[0].cancel()  # the client leaves as the connection completes
+        return connection
+
+    loop.create_connection = connect_then_cancel  # type: ignore[method-assign]
+    try:
+        calls.append(asyncio.ensure_future(client.request("POST", url + "/generate", [], b"{}")))
+        with pytest.raises(asyncio.CancelledError):
+            await calls[0]
+    finally:
+        del loop.create_connection
         await client.close()
         server.close()
 
