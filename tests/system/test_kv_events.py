@@ -83,3 +83,16 @@ def test_a_prompt_routes_to_the_sim_whose_engine_holds_it(procs: list[Proc]) -> 
     # A worker removed: its subscriber is closed and its blocks dropped.
     httpx.delete(f"{gateway.url}/workers/{b.url}", timeout=5)
     wait_for(lambda: set(_kv_events(gateway)) == {a.url}, 5, "b unsubscribed")
+
+
+def test_an_sglang_workers_events_endpoint_is_read_from_its_server_info(
+    procs: list[Proc],
+) -> None:
+    sim, _, _ = _sim("sim-c")  # advertises its endpoint in /server_info, as SGLang does
+    procs.append(sim)
+    gateway = Gateway("--policy", "cache_aware", workers=[sim.url])  # no endpoint given
+    procs.append(gateway)
+    gateway.wait_workers(1)
+    wait_for(lambda: sim.url in _kv_events(gateway), 5, "subscribed from the server info")
+    _generate(sim.url, _prompt("s"))
+    wait_for(lambda: _blocks(gateway, sim) == 4, 5, "the advertised events applied")

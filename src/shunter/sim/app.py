@@ -222,8 +222,26 @@ class SimApp:
                 "version": "shunter-sim",
                 "disaggregation_mode": self.config.disaggregation_mode,
                 "disaggregation_bootstrap_port": self.config.disaggregation_bootstrap_port,
+                **self._kv_events_info(),
             },
         )
+
+    def _kv_events_info(self) -> dict[str, Any]:
+        """Where the KV events are published, as SGLang advertises it (the SGLang format
+        only: a vLLM-format sim plays vLLM, which does not say)."""
+        endpoint = self.config.kv_events_endpoint
+        if not endpoint or self.config.kv_events_format != "sglang":
+            return {}
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        if not port.isdigit():
+            return {}
+        return {
+            "kv_events": {
+                "endpoint_host": host,
+                "endpoint_port_base": int(port),
+                "dp_size": self.config.dp_size,
+            }
+        }
 
     async def model_info(self, request: Request) -> None:
         name = self.config.served_model_name

@@ -9,6 +9,7 @@ generic OpenAI-compatible server. A runtime given at registration skips the gues
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from shunter.backends.base import Description, Runtime, Target
 from shunter.backends.http.calls import WorkerCalls
@@ -43,7 +44,30 @@ async def _sglang(calls: WorkerCalls, target: Target, info: dict[str, Any]) -> D
             labels["model_type"] = str(model_info["model_type"])
         if isinstance(model_info.get("architectures"), list):
             labels["architectures"] = ",".join(map(str, model_info["architectures"]))
+    endpoint = _kv_events_endpoint(info.get("kv_events"), target.base_url)
+    if endpoint is not None:
+        labels["kv_events_endpoint"] = endpoint
     dp_size = info.get("dp_size")
     return Description(
         Runtime.SGLANG, (str(name),), dp_size if isinstance(dp_size, int) else None, labels
     )
+
+
+def _kv_events_endpoint(advertised: Any, base_url: str) -> str | None:
+    """The KV-events endpoint SGLang advertises in its server info (``kv_events``:
+    ``endpoint_host``, ``endpoint_port_base``), as a ``tcp://`` address; a wildcard host
+    (it binds ``*``) is the worker's own host. None when it publishes none, or says it
+    oddly (a given ``kv_events_endpoint`` label takes precedence anyway)."""
+    if not isinstance(advertised, dict):
+        return None
+    port = advertised.get("endpoint_port_base")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        return None
+    host = advertised.get("endpoint_host")
+    if not isinstance(host, str) or host in ("", "*", "0.0.0.0", "::", "[::]"):
+        host = urlsplit(base_url).hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+    if not host or any(c in host for c in "/@ "):
+        return None
+    return f"tcp://{host}:{port}"
