@@ -54,6 +54,12 @@ DEFAULT_DURATION_BUCKETS = (
     240.0,
 )
 
+# ``shunter_routing_precision``: actual minus predicted cached tokens of one answer. Below
+# zero the policy expected more than the worker held (a stale view: an eviction it missed,
+# or a race with a prefill); above, less (another gateway's traffic, or a longer shared
+# prefix than it knew). Symmetric powers of four: a block (16) to a long system prompt.
+PRECISION_BUCKETS = (-4096.0, -1024.0, -256.0, -64.0, -16.0, 0.0, 16.0, 64.0, 256.0, 1024.0, 4096.0)
+
 
 class HistogramCell:
     """One label set's histogram: per-bucket counts (not cumulative), sum."""
@@ -109,6 +115,7 @@ class Metrics:
         self.discovery_deregistrations: dict[tuple[str], int] = {}  # reason
         self.discovery_discovered = 0
         self.discovery_sync: dict[tuple[()], HistogramCell] = {}
+        self.precision: dict[tuple[str, str], HistogramCell] = {}  # model, policy
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         self._server: Any = None
@@ -189,6 +196,16 @@ class Metrics:
             self.tokens[token_key] = self.tokens.get(token_key, 0) + count
         if completion > 1:
             self._observe(self.tpot, key, (end - stats.first) / (completion - 1))
+
+    def routing_precision(self, model: str, policy: str, error: int) -> None:
+        """One answer's actual minus predicted cached tokens (``PRECISION_BUCKETS``)."""
+        key = (model, policy)
+        cell = self.precision.get(key)
+        if cell is None:
+            cell = self.precision[key] = HistogramCell(len(PRECISION_BUCKETS))
+        cell.count += 1
+        cell.total += error
+        cell.buckets[bisect.bisect_left(PRECISION_BUCKETS, error)] += 1
 
     def routed_request(
         self, model: str, endpoint: str, seconds: float, status: int, error_code: str
@@ -387,6 +404,13 @@ class _Collector:
             ["attempt"],
             m.backoff.copy(),
             m.bounds,
+        )
+        yield _histogram(
+            "shunter_routing_precision",
+            "Cached prompt tokens the worker reported minus those the policy predicted",
+            ["model", "policy"],
+            m.precision.copy(),
+            PRECISION_BUCKETS,
         )
         tokens = {("http", "regular", *key): count for key, count in m.tokens.copy().items()}
         yield _counter(
