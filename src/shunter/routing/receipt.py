@@ -10,7 +10,7 @@ reported cached tokens as ``shunter.route.actual_cached``.
 
 After the answer, ``settle`` reads the worker's cached tokens off its bytes
 (``protocols/usage.py``), only when something consumes them: a policy that predicted
-(``shunter_routing_precision`` observes actual minus predicted) or one that learns from
+(``shunter_routing_precision`` observes how far apart they were) or one that learns from
 them (``on_cached``: cache_aware's self-correction).
 """
 
@@ -75,7 +75,7 @@ class Routed:
             span.set_attribute("shunter.route.actual_cached", cached)
         predicted = self.decision.predicted_cached
         if predicted is not None:
-            metrics.routing_precision(model, self.policy.name, cached - predicted)
+            metrics.routing_precision(model, self.policy.name, cached, predicted)
         if self.policy.learns_from_cache:
             elapsed = time.perf_counter() - self.decided_at
             try:
