@@ -7,12 +7,13 @@ import httpx
 
 from support.harness import Gateway, Proc, Sim
 
-SYSTEM = " ".join(f"rule{i} keep answers short and kind" for i in range(50))  # 300 words
+SHORT = "be brief " * 25  # a 50-word system prompt
+DOCUMENT = " ".join(f"clause{i} of the pasted document" for i in range(60))  # 300 words
 
 
-def chat(system: str, question: str, max_tokens: int = 1) -> dict[str, object]:
+def chat(user: str, system: str = SHORT, max_tokens: int = 1) -> dict[str, object]:
     return {
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
         "max_tokens": max_tokens,
     }
 
@@ -22,34 +23,31 @@ def receipt(response: httpx.Response) -> dict[str, str]:
     return dict(part.split("=", 1) for part in response.headers["x-shunter-route"].split("; "))
 
 
-def test_a_worker_that_evicted_a_prefix_stops_getting_it_on_trust(procs: list[Proc]) -> None:
-    # 512 tokens of cache: the 300-token system prompt, then evicted by two other prompts.
+def test_a_worker_that_evicted_a_document_no_longer_pulls_its_follow_up(
+    procs: list[Proc],
+) -> None:
+    # 512 tokens of cache: two 300-word prompts of other traffic evict the document.
     sims = [Sim(f"rc-{n}", "--cache-tokens", "512", "--block-size", "16") for n in "ab"]
     procs += sims
     gateway = Gateway("--route-receipt", workers=[s.url for s in sims])
     procs.append(gateway)
+    url = gateway.url + "/v1/chat/completions"
     with httpx.Client(timeout=30) as client:
-        url = gateway.url + "/v1/chat/completions"
-        first = receipt(client.post(url, json=chat(SYSTEM, "one")))
-        again = client.post(url, json=chat(SYSTEM, "two"))
-        second = receipt(again)
-        assert second["reason"] == "prefix_match" and second["worker"] == first["worker"]
-        assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 288
-        home = next(s for s in sims if s.url == first["worker"])
-        for n in range(2):  # other traffic on that engine evicts the system prompt
+        document = receipt(client.post(url, json=chat(DOCUMENT)))
+        home = document["worker"]
+        for n in range(2):  # other traffic on that engine evicts everything it held
             other = " ".join(f"other{n} topic{i} entirely" for i in range(100))
-            assert (
-                client.post(
-                    home.url + "/v1/chat/completions", json=chat(other, "x", 40)
-                ).status_code
-                == 200
-            )
-        stale = client.post(url, json=chat(SYSTEM, "three"))
-        trusted = receipt(stale)
-        assert trusted["reason"] == "prefix_match" and trusted["worker"] == home.url
-        assert int(trusted["predicted_cached"]) > 200  # what the tree still believed
-        assert stale.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-        after = receipt(client.post(url, json=chat(SYSTEM, "four")))
-        assert after["reason"] == "new_prefix"  # the tree forgot: no stale trust
-        metrics = httpx.get(gateway.metrics_url, timeout=5).text
-        assert 'shunter_routing_precision_count{direction="over",model=' in metrics
+            direct = client.post(home + "/v1/chat/completions", json=chat("x", other, 40))
+            assert direct.status_code == 200
+        answer = client.post(url, json=chat("hello there " * 10))  # mostly the system prompt
+        talk = receipt(answer)
+        assert talk["reason"] == "prefix_match" and talk["worker"] == home
+        assert int(talk["predicted_cached"]) > 40  # the system prompt, the tree believed
+        assert answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        follow_up = receipt(client.post(url, json=chat(DOCUMENT + " next question")))
+        # The tree forgot the document on that worker: the follow-up is placed afresh
+        # instead of being pulled there by a match the engine no longer holds.
+        assert follow_up["reason"] == "new_prefix", follow_up
+        assert int(follow_up["predicted_cached"]) < 100
+    metrics = httpx.get(gateway.metrics_url, timeout=5).text
+    assert 'shunter_routing_precision_count{direction="over",model=' in metrics

@@ -26,9 +26,13 @@ match for it at ``CHARS_PER_TOKEN``, or the engine's exact count for a worker wi
 
 Self-correction (``self_correct``): the answer's ``cached_tokens`` are compared with the
 tree's match for the chosen worker; when the worker evidently lost part of the prefix (its
-engine evicted it), the tree forgets that worker's part beyond what was cached, so the tree
-follows the engines' caches instead of sending a prefix, again and again, where it no longer
-is (``_correct`` says what "evidently" means).
+engine evicted it), the tree forgets everything that worker held beyond what was cached,
+this prefix's other extensions included (an engine evicts a prefix only after everything
+that extends it), and records this request's text again (answering it cached it anew).
+So the tree follows the engines' caches: its predictions stay near what the workers report,
+its per-worker sizes (which place new prefixes) near what they hold, and a request is no
+longer pulled to a worker by a long match the worker lost (``_correct`` says what
+"evidently" means).
 
 Unlike smg, the matched tenant is the most recently used *available* worker at the deepest
 node (smg takes the first in its map, and falls back to an arbitrary worker if that one is
@@ -295,10 +299,12 @@ class CacheAwarePolicy(Policy):
         if decision.decided_at - decision.since <= elapsed:
             return
         tree = self.trees.get(request.model)
-        if tree is None:
+        url = decision.worker.url
+        if tree is None or url not in tree.tenant_chars:  # the worker has left since
             return
-        dropped = tree.forget(text, decision.worker.url, cached_chars)
+        dropped = tree.forget(text, url, cached_chars)
         if dropped:
+            tree.insert(text, url, decision.decided_at)  # the answer cached it again
             self.corrections += 1
             log.debug(
                 "tree forgot an evicted prefix",

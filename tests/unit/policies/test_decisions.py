@@ -214,41 +214,54 @@ def test_tree_forget_prunes_nodes_no_one_holds() -> None:
 # --- the self-correction -----------------------------------------------------------------------
 
 
+ONE = SYSTEM + "one " * 50
+TWO = SYSTEM + "two " * 50
+
+
 def routed_twice(policy: CacheAwarePolicy, workers: tuple[Worker, ...]) -> CacheAwareDecision:
-    """Route the system prompt twice: the second decision follows the tree's match."""
-    policy.decide(workers, text(SYSTEM + "one"))
-    decision = policy.decide(workers, text(SYSTEM + "two"))
+    """Route two texts sharing the system prompt: the second follows the tree's match."""
+    policy.decide(workers, text(ONE))
+    decision = policy.decide(workers, text(TWO))
     assert isinstance(decision, CacheAwareDecision) and decision.reason == "prefix_match"
     return decision
 
 
 def answer(policy: CacheAwarePolicy, decision: Decision, cached: int, elapsed: float) -> None:
-    prompt = len(SYSTEM + "two") // CHARS_PER_TOKEN
-    policy.on_cached(text(SYSTEM + "two"), decision, cached, prompt, elapsed)
+    prompt = len(TWO) // CHARS_PER_TOKEN
+    policy.on_cached(text(TWO), decision, cached, prompt, elapsed)
 
 
-def test_an_evident_eviction_makes_the_tree_forget_the_worker() -> None:
+def test_an_evident_eviction_forgets_what_the_worker_lost_and_keeps_what_it_recached() -> None:
     workers = fleet(2)
     policy = CacheAwarePolicy()
     assert policy.learns_from_cache
     decision = routed_twice(policy, workers)
     assert decision.worker is not None
+    url, tree = decision.worker.url, policy.trees["m"]
+    assert tree.held(ONE, url)[0] == len(ONE)
     answer(policy, decision, cached=0, elapsed=-1.0)  # long after the prefix was routed
     assert policy.corrections == 1
-    assert policy.trees["m"].held(SYSTEM, decision.worker.url)[0] == 0
-    after = policy.decide(workers, text(SYSTEM + "three"))
-    assert after.reason == "new_prefix"  # no stale entry sends it back on trust
+    # The worker lost the system prompt and so the first text's tail with it; answering
+    # the second text cached that one anew.
+    assert tree.held(ONE, url)[0] == len(SYSTEM)
+    assert tree.held(TWO, url)[0] == len(TWO)
+    assert tree.tenant_chars[url] == len(TWO)
 
 
-def test_a_partial_eviction_keeps_what_the_worker_still_holds() -> None:
+def test_a_request_is_no_longer_pulled_by_a_long_match_the_worker_lost() -> None:
     workers = fleet(2)
     policy = CacheAwarePolicy()
-    decision = routed_twice(policy, workers)
-    assert decision.worker is not None and decision.predicted_cached is not None
-    answer(policy, decision, cached=100, elapsed=-1.0)  # 100 of ~290 tokens
-    held = policy.trees["m"].held(SYSTEM, decision.worker.url)[0]
-    assert 0 < held < decision.matched_chars
-    assert abs(held - 100 * CHARS_PER_TOKEN) <= CHARS_PER_TOKEN
+    short = "Be brief. " * 20  # 200 characters
+    document = short + "a long document the user pasted " * 40  # the system prompt: 13%
+    chat = short + "hello there " * 10  # the system prompt: 62%
+    home = policy.decide(workers, text(document)).worker
+    assert policy.decide(workers, text(chat)).worker is home
+    follow = policy.decide(workers, text(chat + "and more"))
+    assert follow.reason == "prefix_match" and follow.worker is home
+    policy.on_cached(text(chat + "and more"), follow, 0, len(chat) // 4, -1.0)  # evicted all
+    again = policy.decide(workers, text(document + "next question"))
+    assert again.reason == "new_prefix"  # the document's stale match no longer pulls it
+    assert again.predicted_cached is not None and again.predicted_cached < 20
 
 
 def test_a_shortfall_within_the_tolerance_is_not_an_eviction() -> None:

@@ -207,29 +207,40 @@ def policy_of(gw: object) -> CacheAwarePolicy:
     return policy
 
 
-async def test_an_answer_showing_an_eviction_makes_the_next_request_a_new_prefix() -> None:
+SHORT = "Be brief. " * 20  # 200 characters
+DOCUMENT = "a long document the user pasted " * 40
+
+
+def talk(user: str) -> bytes:
+    return orjson.dumps(
+        {"messages": [{"role": "system", "content": SHORT}, {"role": "user", "content": user}]}
+    )
+
+
+async def route_after_an_eviction(gw: object, engine: Engine) -> list[dict[str, str]]:
+    """A document, then a short chat on the same worker whose answer shows the worker
+    kept nothing, then the document's follow-up: the three receipts."""
+    app = gw.app  # type: ignore[attr-defined]
+    engine.delay = 0.2  # the document's request takes long: its prefix is not "just routed"
+    receipts = []
+    for user in (DOCUMENT, "hello there " * 10, DOCUMENT + "next question"):
+        answer = await call(app, "POST", "/v1/chat/completions", talk(user))
+        receipts.append(fields(answer.header(b"x-shunter-route") or b""))
+    return receipts
+
+
+async def test_an_answer_showing_an_eviction_unpins_what_the_worker_lost() -> None:
     engine = Engine(cached=0)  # the worker keeps nothing: every prefix is evicted at once
     gw = gateway(URLS, handler=engine, policy="cache_aware", route_receipt=True)
     await ready(gw, 2)
-    engine.delay = 0.2  # the first request takes long: the prefix is not "just routed" after
-    await call(gw.app, "POST", "/v1/chat/completions", chat("one"))
-    second = fields(
-        (await call(gw.app, "POST", "/v1/chat/completions", chat("two"))).header(b"x-shunter-route")
-        or b""
-    )
-    assert second["reason"] == "prefix_match" and int(second["predicted_cached"]) > 200
-    assert policy_of(gw).corrections == 1  # it answered 0 cached of ~290 predicted
-    third = fields(
-        (await call(gw.app, "POST", "/v1/chat/completions", chat("three"))).header(
-            b"x-shunter-route"
-        )
-        or b""
-    )
-    assert third["reason"] == "new_prefix" and third["predicted_cached"] == "0"
+    document, chat, follow_up = await route_after_an_eviction(gw, engine)
+    assert chat["reason"] == "prefix_match" and chat["worker"] == document["worker"]
+    assert policy_of(gw).corrections == 1  # it answered 0 cached of ~50 predicted
+    assert follow_up["reason"] == "new_prefix"  # not pulled back by the lost document
     await gw.close()
 
 
-async def test_without_the_correction_the_stale_entry_keeps_its_trust() -> None:
+async def test_without_the_correction_the_stale_entry_keeps_its_pull() -> None:
     from shunter.policies.cache_aware import CacheAwareConfig
     from shunter.policies.factory import PolicySettings
 
@@ -239,10 +250,7 @@ async def test_without_the_correction_the_stale_entry_keeps_its_trust() -> None:
         URLS, handler=engine, policy="cache_aware", route_receipt=True, policy_settings=settings
     )
     await ready(gw, 2)
-    engine.delay = 0.2
-    await call(gw.app, "POST", "/v1/chat/completions", chat("one"))
-    for question in ("two", "three"):
-        answer = await call(gw.app, "POST", "/v1/chat/completions", chat(question))
-        assert fields(answer.header(b"x-shunter-route") or b"")["reason"] == "prefix_match"
+    document, _, follow_up = await route_after_an_eviction(gw, engine)
+    assert follow_up["reason"] == "prefix_match" and follow_up["worker"] == document["worker"]
     assert policy_of(gw).corrections == 0
     await gw.close()
