@@ -3,12 +3,14 @@ and without the self-correction (the tree forgetting what answers show was evict
 
 Run: python bench/precision_bench.py
 
-Workload: 24 system prompts of ~400 tokens, 4 `shunter sim` workers whose prefix caches
-hold 1,600 tokens each (about 4 system prompts), so the working set (~9,600 tokens) exceeds
-the fleet's caches (6,400) and engines evict. Popularity shifts: every 150 requests a new
-third of the prompts is hot (80% of the traffic), so evicted prompts come back. 900 chat
-requests, 8 at a time, through a gateway with ``--route-receipt``; the same request
-sequence for each mode, the sims' caches flushed between modes. Prompts are made of
+Workload: 96 conversations of 6 turns over 8 system prompts of ~300 tokens, in random
+interleaving; each turn resends the conversation so far (a 60-word question, a 20-word
+reply per turn), so a conversation reaches ~800 tokens. 4 `shunter sim` workers whose
+prefix caches hold 2,000 tokens each: the working set (96 histories) far exceeds the
+fleet's caches (8,000 tokens), so engines evict, and a conversation's history held at a
+worker goes stale while the tree still believes it. 576 chat requests, 8 at a time, through
+a gateway with ``--route-receipt``; the same request sequence for each mode, the sims'
+caches flushed between modes. Prompts are made of
 three-letter words, so the sims' word tokens are ~4 characters, as the gateway's
 characters-per-token estimate assumes: the error measured is the tree's, not the estimate's.
 
@@ -31,27 +33,36 @@ import httpx
 from common import free_port, gateway_args, start, wait_http, wait_registered
 
 WORKERS = 4
-SYSTEMS = 24
-SYSTEM_WORDS = 400
-CACHE_TOKENS = 1600
-REQUESTS = 900
-PHASE = 150
+SYSTEMS = 8
+SYSTEM_WORDS = 300
+CONVERSATIONS = 96
+TURNS = 6
+USER_WORDS = 60
+REPLY_WORDS = 20
+CACHE_TOKENS = 2000
 CONCURRENCY = 8
 
 
 def workload() -> list[list[dict[str, str]]]:
+    """Conversations in random interleaving: each turn resends the conversation so far."""
     rng = random.Random(11)
     vocabulary = ["".join(rng.choices(string.ascii_lowercase, k=3)) for _ in range(3000)]
-    systems = [" ".join(rng.choices(vocabulary, k=SYSTEM_WORDS)) for _ in range(SYSTEMS)]
+
+    def words(count: int) -> str:
+        return " ".join(rng.choices(vocabulary, k=count))
+
+    systems = [words(SYSTEM_WORDS) for _ in range(SYSTEMS)]
+    conversations = [
+        [{"role": "system", "content": systems[c % SYSTEMS]}] for c in range(CONVERSATIONS)
+    ]
+    turns_left = [TURNS] * CONVERSATIONS
     requests = []
-    for n in range(REQUESTS):
-        phase = n // PHASE
-        hot = [(phase * 8 + i) % SYSTEMS for i in range(8)]
-        system = rng.choice(hot) if rng.random() < 0.8 else rng.randrange(SYSTEMS)
-        question = " ".join(rng.choices(vocabulary, k=12))
-        requests.append(
-            [{"role": "system", "content": systems[system]}, {"role": "user", "content": question}]
-        )
+    while any(turns_left):
+        c = rng.choice([i for i, left in enumerate(turns_left) if left])
+        turns_left[c] -= 1
+        conversations[c].append({"role": "user", "content": words(USER_WORDS)})
+        requests.append(list(conversations[c]))
+        conversations[c].append({"role": "assistant", "content": words(REPLY_WORDS)})
     return requests
 
 
@@ -154,8 +165,9 @@ def main() -> None:
             sim.terminate()
             sim.wait()
     print(
-        f"{SYSTEMS} system prompts of ~{SYSTEM_WORDS} tokens, {WORKERS} sims with "
-        f"{CACHE_TOKENS}-token caches, {REQUESTS} requests, {CONCURRENCY} at a time"
+        f"{CONVERSATIONS} conversations x {TURNS} turns over {SYSTEMS} system prompts of "
+        f"~{SYSTEM_WORDS} tokens, {WORKERS} sims with {CACHE_TOKENS}-token caches, "
+        f"{CONCURRENCY} requests at a time"
     )
     print(
         f"{'cache_aware':>20} | {'MAE tokens':>10} | {'mean predicted':>14} | "
