@@ -164,9 +164,9 @@ class CacheAwarePolicy(Policy):
         if len(workers) == 1:
             only = workers[0]
             chosen: Worker | None = only if only.state.available else None
-            reason, exact = "only_worker", None
+            reason, exact, known = "only_worker", None, None
         else:
-            chosen, reason, exact = self._choose(workers, text, request.model, config)
+            chosen, reason, exact, known = self._choose(workers, text, request.model, config)
         if chosen is None:
             return Decision(None, reason)
         now = time.monotonic()
@@ -176,7 +176,9 @@ class CacheAwarePolicy(Policy):
         if exact is not None:  # the engine's own count: the tree's view is not needed
             decision = CacheAwareDecision(chosen, reason, exact, decided_at=now, exact=True)
         else:
-            held, since = tree.held(text, chosen.url)
+            # What the tree holds for the chosen worker: known from the match when it
+            # followed it (one walk per request), else one more walk.
+            held, since = known if known is not None else tree.held(text, chosen.url)
             decision = CacheAwareDecision(
                 chosen,
                 reason,
@@ -199,37 +201,39 @@ class CacheAwarePolicy(Policy):
 
     def _choose(
         self, workers: Workers, text: str, tree_key: str, config: CacheAwareConfig
-    ) -> tuple[Worker | None, str, int | None]:
-        """The worker, the reason, and the engine's exact cached tokens for it when its
-        events said so (None: the tree's estimate applies)."""
+    ) -> tuple[Worker | None, str, int | None, tuple[int, float] | None]:
+        """The worker, the reason, the engine's exact cached tokens for it when its events
+        said so (None: the tree's estimate applies), and the tree's characters and stamp
+        for it when the match already told them (None: ask the tree)."""
         loads = [w.state.in_flight for w in workers]
         low, high = min(loads), max(loads)
         scorer = self.scorer
         precise = scorer is not None and scorer.active and bool(text)
         if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
             chosen = least_loaded(workers)
-            return chosen, "load_override", _exact(scorer, chosen, tree_key, text, precise)
+            return chosen, "load_override", _exact(scorer, chosen, tree_key, text, precise), None
         counts: Mapping[str, int] = {}
         if precise:
             assert scorer is not None
             holder, counts = _longest_cached(workers, scorer, tree_key, text, config)
             if holder is not None:
-                return holder, "cached_blocks", counts.get(holder.url, 0)
+                return holder, "cached_blocks", counts.get(holder.url, 0), None
         tree = self.trees.get(tree_key)
         if tree is None or not text:
-            return least_loaded(workers), "least_loaded" if not text else "new_prefix", None
+            reason = "least_loaded" if not text else "new_prefix"
+            return least_loaded(workers), reason, None, _NOTHING
         matched, tenants = tree.match(text)
         if tenants and matched / len(text) > config.cache_threshold:
             if precise:  # the tree speaks only for workers without events
                 assert scorer is not None
                 tenants = {u: t for u, t in tenants.items() if not scorer.tracks(u)}
             holder = self._most_recent_available(workers, tree_key, tenants)
-            if holder is not None:
-                return holder, "prefix_match", None
+            if holder is not None:  # it holds the whole match: it is at the deepest node
+                return holder, "prefix_match", None, (matched, tenants[holder.url])
         chosen = _place_new_prefix(workers, tree, low, config)
         if chosen is not None and precise and scorer is not None and scorer.tracks(chosen.url):
-            return chosen, "new_prefix", counts.get(chosen.url, 0)
-        return chosen, "new_prefix", None
+            return chosen, "new_prefix", counts.get(chosen.url, 0), None
+        return chosen, "new_prefix", None, _NOTHING if not matched else None
 
     def _most_recent_available(
         self, workers: Workers, tree_key: str, tenants: dict[str, float]
@@ -343,6 +347,7 @@ class CacheAwarePolicy(Policy):
 
 
 _rotation = itertools.count()
+_NOTHING = (0, -1.0)  # the tree holds none of the text for the worker
 
 
 def _exact(
