@@ -254,3 +254,12 @@ async def test_without_the_correction_the_stale_entry_keeps_its_pull() -> None:
     assert follow_up["reason"] == "prefix_match" and follow_up["worker"] == document["worker"]
     assert policy_of(gw).corrections == 0
     await gw.close()
+
+
+def test_the_receipt_is_opt_in_and_the_correction_opt_out_on_the_command_line() -> None:
+    from shunter.cli import serve_config
+
+    default = serve_config([])
+    assert not default.route_receipt and default.policy_settings.cache_aware.self_correct
+    chosen = serve_config(["--route-receipt", "--no-cache-self-correction"])
+    assert chosen.route_receipt and not chosen.policy_settings.cache_aware.self_correct
