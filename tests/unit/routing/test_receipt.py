@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import generate_latest
 
@@ -263,3 +264,30 @@ def test_the_receipt_is_opt_in_and_the_correction_opt_out_on_the_command_line() 
     assert not default.route_receipt and default.policy_settings.cache_aware.self_correct
     chosen = serve_config(["--route-receipt", "--no-cache-self-correction"])
     assert chosen.route_receipt and not chosen.policy_settings.cache_aware.self_correct
+
+
+async def test_a_policy_that_fails_to_learn_does_not_break_the_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from shunter.fleet.registry import Workers as Fleet
+    from shunter.fleet.worker import Worker
+    from shunter.policies.base import Policy, RouteRequest
+
+    class Clumsy(Policy):
+        name = "clumsy"
+        learns_from_cache = True
+
+        def select(self, workers: Fleet, request: RouteRequest) -> Worker | None:
+            return workers[0]
+
+        def on_cached(self, *args: object) -> None:
+            raise RuntimeError("oops")
+
+    gw = gateway(URLS, handler=Engine(cached=5))
+    await ready(gw, 2)
+    gw.router.policies.default = Clumsy()
+    gw.router.policies.by_model.clear()
+    answer = await call(gw.app, "POST", "/v1/chat/completions", chat("q"))
+    assert answer.status == 200 and answer.json()["usage"]["prompt_tokens"] == 300
+    assert "policy failed to learn from an answer" in caplog.text
+    await gw.close()
