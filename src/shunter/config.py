@@ -68,6 +68,8 @@ class GatewayConfig:
     ca_cert_paths: list[str] = field(default_factory=list)
     duration_buckets: tuple[float, ...] = DEFAULT_DURATION_BUCKETS
     enable_trace: bool = False
+    # x-shunter-route on each relayed answer (routing/receipt.py): opt-in, it names a worker.
+    route_receipt: bool = False
     otlp_traces_endpoint: str = "localhost:4317"
     # gRPC data plane: where tokenizers come from, and the output parsers.
     tokenizer_path: str | None = None

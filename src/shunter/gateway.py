@@ -192,7 +192,14 @@ class Gateway:
         """The regular router, or in PD mode the PD router with a policy per leg."""
         registry = self.fleet.registry
         if not config.pd_disaggregation:
-            return Router(registry, self.policies, self.metrics, config.retry, self.tracing)
+            return Router(
+                registry,
+                self.policies,
+                self.metrics,
+                config.retry,
+                self.tracing,
+                route_receipt=config.route_receipt,
+            )
         pairs = PairSelector(
             registry,
             self._policies(config.prefill_policy or config.policy, WorkerType.PREFILL),

@@ -24,7 +24,7 @@ class ConfigFlags(Generic[T]):
 
     def flag(self, name: str, field: str, *aliases: str, **options: Any) -> None:
         """``name`` (and ``aliases``) sets the dataclass's ``field``."""
-        if options.get("action") != "store_true":
+        if options.get("action") not in ("store_true", "store_false"):
             options.setdefault("type", type(getattr(self.defaults, field)))
         self.group.add_argument(
             name,

@@ -182,6 +182,13 @@ class ServeFlags:
             help="export OpenTelemetry spans over OTLP/gRPC",
         )
         g.flag(
+            "--route-receipt",
+            "route_receipt",
+            action="store_true",
+            help="tell clients which worker served them and why: an x-shunter-route header "
+            "(worker, policy, reason, predicted cached tokens) on every relayed answer",
+        )
+        g.flag(
             "--otlp-traces-endpoint",
             "otlp_traces_endpoint",
             help="where spans go (default %(default)s)",
@@ -259,6 +266,12 @@ class ServeFlags:
             "eviction_interval_secs",
             "--eviction-interval",
             help="cache_aware: seconds between tree trims",
+        )
+        c.flag(
+            "--no-cache-self-correction",
+            "self_correct",
+            action="store_false",
+            help="cache_aware: keep tree entries that workers' answers show evicted",
         )
         c.flag(
             "--max-tree-size",

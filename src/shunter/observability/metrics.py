@@ -54,6 +54,15 @@ DEFAULT_DURATION_BUCKETS = (
     240.0,
 )
 
+# ``shunter_routing_precision``: per answer, how far the policy's predicted cached tokens
+# were from those the worker reported, in tokens, by ``direction``: ``over`` (it predicted
+# more than the worker held: a stale view, an eviction it missed, or a race with a prefill),
+# ``under`` (the worker held more: another gateway's traffic, a longer shared prefix than it
+# knew), ``exact``. A size, not a signed value, so the histogram keeps its _sum and _count
+# (Prometheus drops both from a histogram with negative buckets): the mean absolute error is
+# the _sum over the _count of all directions. Powers of four from a block (16) up.
+PRECISION_BUCKETS = (0.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0)
+
 
 class HistogramCell:
     """One label set's histogram: per-bucket counts (not cumulative), sum."""
@@ -109,6 +118,7 @@ class Metrics:
         self.discovery_deregistrations: dict[tuple[str], int] = {}  # reason
         self.discovery_discovered = 0
         self.discovery_sync: dict[tuple[()], HistogramCell] = {}
+        self.precision: dict[tuple[str, str, str], HistogramCell] = {}  # model, policy, direction
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         self._server: Any = None
@@ -189,6 +199,19 @@ class Metrics:
             self.tokens[token_key] = self.tokens.get(token_key, 0) + count
         if completion > 1:
             self._observe(self.tpot, key, (end - stats.first) / (completion - 1))
+
+    def routing_precision(self, model: str, policy: str, actual: int, predicted: int) -> None:
+        """One answer's cached tokens against the prediction (``PRECISION_BUCKETS``)."""
+        error = actual - predicted
+        direction = "exact" if not error else "under" if error > 0 else "over"
+        size = abs(error)
+        key = (model, policy, direction)
+        cell = self.precision.get(key)
+        if cell is None:
+            cell = self.precision[key] = HistogramCell(len(PRECISION_BUCKETS))
+        cell.count += 1
+        cell.total += size
+        cell.buckets[bisect.bisect_left(PRECISION_BUCKETS, size)] += 1
 
     def routed_request(
         self, model: str, endpoint: str, seconds: float, status: int, error_code: str
@@ -387,6 +410,14 @@ class _Collector:
             ["attempt"],
             m.backoff.copy(),
             m.bounds,
+        )
+        yield _histogram(
+            "shunter_routing_precision",
+            "Distance in tokens between the cached tokens a worker reported and the policy's "
+            "prediction; direction over: predicted more, under: less",
+            ["model", "policy", "direction"],
+            m.precision.copy(),
+            PRECISION_BUCKETS,
         )
         tokens = {("http", "regular", *key): count for key, count in m.tokens.copy().items()}
         yield _counter(

@@ -4,7 +4,9 @@ Per routed request: a server span ``route`` (continuing the client's W3C ``trace
 when it sent one), a child ``select_worker`` span, and a client span ``upstream`` around the
 worker call, whose context goes to the worker as ``traceparent``/``tracestate``. For a
 streamed reply, ``route`` and ``upstream`` last until the stream ends, not until its head
-arrives. Without
+arrives. ``route`` carries the route receipt (``routing/receipt.py``) as attributes:
+``shunter.route.worker``, ``.policy``, ``.reason``, ``.predicted_cached`` (from a policy
+that predicts), and ``.actual_cached`` once the worker's answer reported it. Without
 ``--enable-trace`` none of this is imported or run: the router checks one attribute.
 """
 

@@ -15,7 +15,20 @@ from dataclasses import dataclass
 from shunter.fleet.registry import Workers
 from shunter.fleet.worker import Worker
 
-__all__ = ["Policy", "RouteRequest", "UrlIndex", "UrlIndexes", "Worker", "Workers"]
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "Decision",
+    "Policy",
+    "RouteRequest",
+    "UrlIndex",
+    "UrlIndexes",
+    "Worker",
+    "Workers",
+]
+
+# Characters per token where the gateway has not tokenized the text (HTTP workers): the
+# usual rule for English text with BPE tokenizers, as ``prefix_hash`` and the PD skip rule use.
+CHARS_PER_TOKEN = 4
 
 
 @dataclass(slots=True)
@@ -40,13 +53,50 @@ class RouteRequest:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's choice, explained: the route receipt's content.
+
+    ``reason`` is one short word saying which rule chose (``prefix_match``,
+    ``load_override``, ``round_robin``...); ``predicted_cached`` the leading prompt tokens
+    the policy expects the worker to hold in its prefix cache, or None for a policy that
+    keeps no record of the caches (it predicts nothing, so nothing is measured against it).
+    """
+
+    worker: Worker | None
+    reason: str
+    predicted_cached: int | None = None
+
+
 class Policy(ABC):
     name: str = ""
     needs_text: bool = False  # whether the router must extract the routing text
+    reason: str = "selected"  # the receipt's reason for the default ``decide``
+    # Whether ``on_cached`` wants each answer's cached tokens (the router reads them then).
+    learns_from_cache: bool = False
 
     @abstractmethod
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
         """Pick an available worker from ``workers`` (which may hold unavailable ones)."""
+
+    def decide(self, workers: Workers, request: RouteRequest) -> Decision:
+        """``select``, explained: what the router calls. A policy that can say more than
+        its constant ``reason`` (which rule chose, what it expects cached) overrides this
+        and makes ``select`` return ``decide(...).worker``; one written against ``select``
+        alone keeps working unchanged."""
+        return Decision(self.select(workers, request), self.reason)
+
+    def on_cached(  # noqa: B027 - optional hook
+        self,
+        request: RouteRequest,
+        decision: Decision,
+        cached_tokens: int,
+        prompt_tokens: int | None,
+        elapsed: float,
+    ) -> None:
+        """The chosen worker's answer to ``request`` reported ``cached_tokens`` of
+        ``prompt_tokens`` (None: not reported) in its prefix cache, ``elapsed`` seconds
+        after ``decision``. Called only for policies that set ``learns_from_cache``."""
 
     def cached_prefix(self, request: RouteRequest) -> tuple[int, frozenset[str]]:
         """What this policy has seen of ``request.text``: the longest prefix it routed before

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from shunter.aio.periodic import Periodic
 from shunter.fleet.registry import Workers
 from shunter.fleet.worker import Worker
-from shunter.policies.base import Policy, RouteRequest
+from shunter.policies.base import Decision, Policy, RouteRequest
 
 INITIAL_MAX_CHARS = 4096
 
@@ -61,25 +61,31 @@ class BucketPolicy(Policy):
         return state
 
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
+        return self.decide(workers, request).worker
+
+    def decide(self, workers: Workers, request: RouteRequest) -> Decision:
+        """Reasons: ``bucket`` (the length's range owner), ``load_override`` (characters
+        routed were imbalanced: the least burdened took it), ``fallback`` (the owner is
+        unavailable: the least burdened available worker took it)."""
         if not workers:
-            return None
+            return Decision(None, "bucket")
         state = self._buckets(request.model, workers)
         length = len(request.text or "")
         by_url = {w.url: w for w in workers if w.state.available}
         if not by_url:
-            return None
+            return Decision(None, "bucket")
         self._expire(state, time.monotonic())
         loads = [state.chars.get(url, 0) for url in by_url]
         low, high = min(loads), max(loads)
         if high - low > self.balance_abs_threshold and high > low * self.balance_rel_threshold:
-            url = min(by_url, key=lambda u: state.chars.get(u, 0))
+            url, reason = min(by_url, key=lambda u: state.chars.get(u, 0)), "load_override"
         else:
-            url = state.urls[bisect.bisect_right(state.upper, length)]
+            url, reason = state.urls[bisect.bisect_right(state.upper, length)], "bucket"
             if url not in by_url:
-                url = min(by_url, key=lambda u: state.chars.get(u, 0))
+                url, reason = min(by_url, key=lambda u: state.chars.get(u, 0)), "fallback"
         state.window.append((time.monotonic(), url, length))
         state.chars[url] = state.chars.get(url, 0) + length
-        return by_url[url]
+        return Decision(by_url[url], reason)
 
     def _expire(self, state: _Buckets, now: float) -> None:
         cutoff = now - self.adjust_interval_secs

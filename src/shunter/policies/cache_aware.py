@@ -18,6 +18,22 @@ the prompt; otherwise the tree is matched as above, among the workers *without* 
 only. The tree still records every decision, so a worker that stops publishing falls back
 to it.
 
+The decision is explained (``decide``): ``prefix_match`` (the tree's holder),
+``cached_blocks`` (precise: the engine's holder), ``load_override`` (imbalance broke the
+match), ``new_prefix`` (placed on the smallest cache), ``least_loaded`` (no text to match),
+``only_worker``; and the prompt tokens the chosen worker should find cached: the tree's
+match for it at ``CHARS_PER_TOKEN``, or the engine's exact count for a worker with events.
+
+Self-correction (``self_correct``): the answer's ``cached_tokens`` are compared with the
+tree's match for the chosen worker; when the worker evidently lost part of the prefix (its
+engine evicted it), the tree forgets everything that worker held beyond what was cached,
+this prefix's other extensions included (an engine evicts a prefix only after everything
+that extends it), and records this request's text again (answering it cached it anew).
+So the tree follows the engines' caches: its predictions stay near what the workers report,
+its per-worker sizes (which place new prefixes) near what they hold, and a request is no
+longer pulled to a worker by a long match the worker lost (``_correct`` says what
+"evidently" means).
+
 Unlike smg, the matched tenant is the most recently used *available* worker at the deepest
 node (smg takes the first in its map, and falls back to an arbitrary worker if that one is
 gone). Trees are per model and trimmed by a background task every
@@ -38,7 +54,14 @@ from typing import Protocol
 from shunter.aio.periodic import Periodic
 from shunter.fleet.registry import Workers
 from shunter.fleet.worker import Worker
-from shunter.policies.base import Policy, RouteRequest, UrlIndexes, least_loaded
+from shunter.policies.base import (
+    CHARS_PER_TOKEN,
+    Decision,
+    Policy,
+    RouteRequest,
+    UrlIndexes,
+    least_loaded,
+)
 from shunter.policies.tree import Tree
 
 log = logging.getLogger("shunter.policies.cache_aware")
@@ -51,6 +74,7 @@ class CacheAwareConfig:
     balance_rel_threshold: float = 1.5
     eviction_interval_secs: float = 120.0
     max_tree_size: int = 2**26
+    self_correct: bool = True  # forget what the workers' answers show they evicted
 
     def validate(self) -> CacheAwareConfig:
         if not 0.0 <= self.cache_threshold <= 1.0:
@@ -81,6 +105,28 @@ class PrefixScorer(Protocol):
         ...
 
 
+# What counts as an evident loss (``_correct``): the worker's cached characters fall short
+# of the tree's match by more than this many tokens' worth (engines cache whole blocks, 16
+# tokens in vLLM and the sim, and never the prompt's last token, so up to two blocks short
+# is normal) and by more than this share of the match (the characters-per-token conversion
+# and a chat template's tokens blur the comparison by a few percent).
+SLACK_TOKENS = 32
+SLACK_SHARE = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class CacheAwareDecision(Decision):
+    """A ``Decision`` with what the self-correction needs: the characters of the text the
+    tree says the worker holds, when the worker was last routed them (monotonic seconds;
+    -1.0: never), when this decision was taken, and whether the prediction came from the
+    engine's own events (then the tree is not the one to correct)."""
+
+    matched_chars: int = 0
+    since: float = -1.0
+    decided_at: float = 0.0
+    exact: bool = False
+
+
 class CacheAwarePolicy(Policy):
     name = "cache_aware"
     needs_text = True
@@ -98,6 +144,8 @@ class CacheAwarePolicy(Policy):
             "tree eviction", self.config.eviction_interval_secs, self.evict_all
         )
         self.longest_eviction_slice = 0.0
+        self.learns_from_cache = self.config.self_correct
+        self.corrections = 0  # times the tree forgot a prefix a worker had lost
 
     def tree_for(self, model: str) -> Tree:
         tree = self.trees.get(model)
@@ -106,20 +154,43 @@ class CacheAwarePolicy(Policy):
         return tree
 
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
+        return self.decide(workers, request).worker
+
+    def decide(self, workers: Workers, request: RouteRequest) -> Decision:
         config = self.config
         if not workers:
-            return None
+            return Decision(None, "only_worker")
+        text = request.text or ""
         if len(workers) == 1:
             only = workers[0]
             chosen: Worker | None = only if only.state.available else None
+            reason, exact, known = "only_worker", None, None
         else:
-            chosen = self._choose(workers, request.text or "", request.model, config)
-        if chosen is not None and request.text:
-            tree = self.tree_for(request.model)
-            tree.insert(request.text, chosen.url)
-            if tree.tenant_chars[chosen.url] > config.max_tree_size:
-                self._evictor.wake.set()  # trim now rather than at the next interval
-        return chosen
+            chosen, reason, exact, known = self._choose(workers, text, request.model, config)
+        if chosen is None:
+            return Decision(None, reason)
+        now = time.monotonic()
+        if not text:
+            return CacheAwareDecision(chosen, reason, 0, decided_at=now)
+        tree = self.tree_for(request.model)
+        if exact is not None:  # the engine's own count: the tree's view is not needed
+            decision = CacheAwareDecision(chosen, reason, exact, decided_at=now, exact=True)
+        else:
+            # What the tree holds for the chosen worker: known from the match when it
+            # followed it (one walk per request), else one more walk.
+            held, since = known if known is not None else tree.held(text, chosen.url)
+            decision = CacheAwareDecision(
+                chosen,
+                reason,
+                held // CHARS_PER_TOKEN,
+                matched_chars=held,
+                since=since,
+                decided_at=now,
+            )
+        tree.insert(text, chosen.url, now)
+        if tree.tenant_chars[chosen.url] > config.max_tree_size:
+            self._evictor.wake.set()  # trim now rather than at the next interval
+        return decision
 
     def cached_prefix(self, request: RouteRequest) -> tuple[int, frozenset[str]]:
         tree = self.trees.get(request.model)
@@ -130,30 +201,39 @@ class CacheAwarePolicy(Policy):
 
     def _choose(
         self, workers: Workers, text: str, tree_key: str, config: CacheAwareConfig
-    ) -> Worker | None:
+    ) -> tuple[Worker | None, str, int | None, tuple[int, float] | None]:
+        """The worker, the reason, the engine's exact cached tokens for it when its events
+        said so (None: the tree's estimate applies), and the tree's characters and stamp
+        for it when the match already told them (None: ask the tree)."""
         loads = [w.state.in_flight for w in workers]
         low, high = min(loads), max(loads)
-        if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
-            return least_loaded(workers)
         scorer = self.scorer
         precise = scorer is not None and scorer.active and bool(text)
+        if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
+            chosen = least_loaded(workers)
+            return chosen, "load_override", _exact(scorer, chosen, tree_key, text, precise), None
+        counts: Mapping[str, int] = {}
         if precise:
             assert scorer is not None
-            holder = _longest_cached(workers, scorer, tree_key, text, config)
+            holder, counts = _longest_cached(workers, scorer, tree_key, text, config)
             if holder is not None:
-                return holder
+                return holder, "cached_blocks", counts.get(holder.url, 0), None
         tree = self.trees.get(tree_key)
         if tree is None or not text:
-            return least_loaded(workers)
+            reason = "least_loaded" if not text else "new_prefix"
+            return least_loaded(workers), reason, None, _NOTHING
         matched, tenants = tree.match(text)
         if tenants and matched / len(text) > config.cache_threshold:
             if precise:  # the tree speaks only for workers without events
                 assert scorer is not None
                 tenants = {u: t for u, t in tenants.items() if not scorer.tracks(u)}
             holder = self._most_recent_available(workers, tree_key, tenants)
-            if holder is not None:
-                return holder
-        return _place_new_prefix(workers, tree, low, config)
+            if holder is not None:  # it holds the whole match: it is at the deepest node
+                return holder, "prefix_match", None, (matched, tenants[holder.url])
+        chosen = _place_new_prefix(workers, tree, low, config)
+        if chosen is not None and precise and scorer is not None and scorer.tracks(chosen.url):
+            return chosen, "new_prefix", counts.get(chosen.url, 0), None
+        return chosen, "new_prefix", None, _NOTHING if not matched else None
 
     def _most_recent_available(
         self, workers: Workers, tree_key: str, tenants: dict[str, float]
@@ -167,6 +247,77 @@ class CacheAwarePolicy(Policy):
                 if worker is not None and worker.state.available:
                     best, best_stamp = worker, stamp
         return best
+
+    # --- self-correction -----------------------------------------------------------------
+
+    def on_cached(
+        self,
+        request: RouteRequest,
+        decision: Decision,
+        cached_tokens: int,
+        prompt_tokens: int | None,
+        elapsed: float,
+    ) -> None:
+        """Forget what the chosen worker evidently lost: see ``_correct``."""
+        if (
+            isinstance(decision, CacheAwareDecision)
+            and decision.matched_chars
+            and not decision.exact
+            and request.text
+            and decision.worker is not None
+        ):
+            self._correct(request, decision, cached_tokens, prompt_tokens, elapsed)
+
+    def _correct(
+        self,
+        request: RouteRequest,
+        decision: CacheAwareDecision,
+        cached_tokens: int,
+        prompt_tokens: int | None,
+        elapsed: float,
+    ) -> None:
+        """The worker evidently lost the prefix beyond what it reported cached when both:
+
+        - it cached fewer characters than the tree matched for it, by more than
+          ``SLACK_TOKENS`` tokens' worth and more than ``SLACK_SHARE`` of the match. Its
+          cached tokens are turned into characters at this very prompt's ratio (its
+          characters over the ``prompt_tokens`` the worker counted), not at a fixed 4;
+        - the worker was last routed that prefix longer before this request than this
+          request took. Otherwise the miss may be a race, not an eviction: the request that
+          put the prefix there may still have been prefilling it (engines cache a prompt
+          once its prefill is done), and a burst sharing a new prefix would wipe it.
+        """
+        text = request.text
+        assert text is not None and decision.worker is not None
+        length = len(text)
+        if prompt_tokens:
+            cached_chars = min(length, cached_tokens * length // prompt_tokens)
+        else:
+            cached_chars = cached_tokens * CHARS_PER_TOKEN
+        chars_per_token = length / prompt_tokens if prompt_tokens else CHARS_PER_TOKEN
+        shortfall = decision.matched_chars - cached_chars
+        if shortfall <= SLACK_TOKENS * chars_per_token or shortfall <= (
+            SLACK_SHARE * decision.matched_chars
+        ):
+            return
+        if decision.decided_at - decision.since <= elapsed:
+            return
+        tree = self.trees.get(request.model)
+        url = decision.worker.url
+        if tree is None or url not in tree.tenant_chars:  # the worker has left since
+            return
+        dropped = tree.forget(text, url, cached_chars)
+        if dropped:
+            tree.insert(text, url, decision.decided_at)  # the answer cached it again
+            self.corrections += 1
+            log.debug(
+                "tree forgot an evicted prefix",
+                extra={
+                    "worker": decision.worker.url,
+                    "predicted_chars": decision.matched_chars,
+                    "cached_chars": cached_chars,
+                },
+            )
 
     def on_worker_removed(self, worker: Worker) -> None:
         for tree in self.trees.values():
@@ -196,16 +347,27 @@ class CacheAwarePolicy(Policy):
 
 
 _rotation = itertools.count()
+_NOTHING = (0, -1.0)  # the tree holds none of the text for the worker
+
+
+def _exact(
+    scorer: PrefixScorer | None, worker: Worker | None, model: str, text: str, precise: bool
+) -> int | None:
+    """The engine's cached tokens for ``worker`` if it publishes events, else None."""
+    if not precise or scorer is None or worker is None or not scorer.tracks(worker.url):
+        return None
+    return scorer.cached_tokens(model, text)[1].get(worker.url, 0)
 
 
 def _longest_cached(
     workers: Workers, scorer: PrefixScorer, model: str, text: str, config: CacheAwareConfig
-) -> Worker | None:
+) -> tuple[Worker | None, Mapping[str, int]]:
     """The available worker whose engine holds the longest cached run of the prompt, if
-    that run is more than ``cache_threshold`` of it; ties go to the less loaded."""
+    that run is more than ``cache_threshold`` of it (ties go to the less loaded); and the
+    engines' counts."""
     total, cached = scorer.cached_tokens(model, text)
     if not total or not cached:
-        return None
+        return None, cached
     best: Worker | None = None
     best_key = (0, 0)
     for worker in workers:
@@ -215,8 +377,8 @@ def _longest_cached(
             if best is None or key > best_key:
                 best, best_key = worker, key
     if best is None or best_key[0] / total <= config.cache_threshold:
-        return None
-    return best
+        return None, cached
+    return best, cached
 
 
 def _place_new_prefix(

@@ -13,7 +13,7 @@ import random as _random
 
 from shunter.fleet.registry import Workers
 from shunter.fleet.worker import Worker
-from shunter.policies.base import Policy, RouteRequest
+from shunter.policies.base import Decision, Policy, RouteRequest
 from shunter.policies.random import RandomPolicy
 from shunter.policies.ring import RingCache
 
@@ -30,19 +30,24 @@ class ConsistentHashingPolicy(Policy):
         self._fallback = RandomPolicy(rng)
 
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
+        return self.decide(workers, request).worker
+
+    def decide(self, workers: Workers, request: RouteRequest) -> Decision:
+        """Reasons: ``target_worker`` (the header named it), ``routing_key`` (the key's
+        place on the ring), ``random`` (no key)."""
         if not workers:
-            return None
+            return Decision(None, "routing_key")
         target = request.header(TARGET_HEADER)
         if target is not None:
-            return _target(workers, target.decode("latin-1").strip())
+            return Decision(_target(workers, target.decode("latin-1").strip()), "target_worker")
         key = request.header(KEY_HEADER)
         for name in IMPLICIT_KEY_HEADERS:
             if key is not None:
                 break
             key = request.header(name)
         if key is None:
-            return self._fallback.select(workers, request)
-        return self._rings.ring(request.model, workers).lookup(key)
+            return Decision(self._fallback.select(workers, request), "random")
+        return Decision(self._rings.ring(request.model, workers).lookup(key), "routing_key")
 
 
 def _target(workers: Workers, target: str) -> Worker | None:

@@ -15,7 +15,7 @@ import time
 from shunter.aio.periodic import Periodic
 from shunter.fleet.registry import Workers
 from shunter.fleet.worker import Worker
-from shunter.policies.base import Policy, RouteRequest, UrlIndexes
+from shunter.policies.base import Decision, Policy, RouteRequest, UrlIndexes
 from shunter.policies.consistent_hashing import KEY_HEADER
 
 MAX_CANDIDATES = 2
@@ -33,15 +33,20 @@ class ManualPolicy(Policy):
         self._sweeper = Periodic("routing-key sweep", SWEEP_INTERVAL_SECS, self.sweep)
 
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
+        return self.decide(workers, request).worker
+
+    def decide(self, workers: Workers, request: RouteRequest) -> Decision:
+        """Reasons: ``sticky`` (the key's remembered worker), ``new_key`` (a worker drawn
+        for a key seen for the first time, or whose workers are gone), ``random`` (no key)."""
         if not workers:
-            return None
+            return Decision(None, "sticky")
         raw = request.header(KEY_HEADER)
         key = raw.decode("latin-1") if raw is not None else request.routing_id
         candidates = [w for w in workers if w.state.available]
         if not candidates:
-            return None
+            return Decision(None, "sticky")
         if key is None:
-            return self._rng.choice(candidates)
+            return Decision(self._rng.choice(candidates), "random")
         by_url = self._indexes.of(request.model, workers)
         slot = (request.model, key)
         urls, _ = self.assignments.get(slot, ([], 0.0))
@@ -49,11 +54,11 @@ class ManualPolicy(Policy):
             worker = by_url.get(url)
             if worker is not None and worker.state.available:
                 self.assignments[slot] = (urls, time.monotonic())
-                return worker
+                return Decision(worker, "sticky")
         chosen = self._rng.choice(candidates)
         urls = [*urls, chosen.url][-MAX_CANDIDATES:]
         self.assignments[slot] = (urls, time.monotonic())
-        return chosen
+        return Decision(chosen, "new_key")
 
     def sweep(self, now: float | None = None) -> int:
         """Forget keys idle for longer than ``max_idle_secs``; returns how many went."""

@@ -18,6 +18,7 @@ from shunter.policies.base import Policy, RouteRequest, available
 
 class PowerOfTwoPolicy(Policy):
     name = "power_of_two"
+    reason = "less_loaded_of_two"
 
     def __init__(self, rng: _random.Random | None = None) -> None:
         self._rng = rng or _random.Random()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from shunter.fleet.registry import Workers
 from shunter.fleet.worker import Worker
-from shunter.policies.base import Policy, RouteRequest, least_loaded
+from shunter.policies.base import Decision, Policy, RouteRequest, least_loaded
 from shunter.policies.ring import RingCache
 
 CHARS_PER_TOKEN = 4
@@ -42,12 +42,17 @@ class PrefixHashPolicy(Policy):
         self._rings = RingCache()
 
     def select(self, workers: Workers, request: RouteRequest) -> Worker | None:
+        return self.decide(workers, request).worker
+
+    def decide(self, workers: Workers, request: RouteRequest) -> Decision:
+        """Reasons: ``prefix_hash`` (the ring's worker), ``load_override`` (it was over the
+        bound, the least loaded took it)."""
         if not workers:
-            return None
+            return Decision(None, "prefix_hash")
         key = (request.text or "")[: self._prefix_chars]
         chosen = self._rings.ring(request.model, workers).lookup(key)
         if chosen is None:
-            return None
+            return Decision(None, "prefix_hash")
         total = up = 0
         for worker in workers:
             if worker.state.available:
@@ -56,5 +61,5 @@ class PrefixHashPolicy(Policy):
         # Bounded load: the ring's pick may exceed the average by load_factor (plus one, so
         # an idle fleet does not bounce the first requests around).
         if chosen.state.in_flight > (total / up) * self.config.load_factor + 1:
-            return least_loaded(workers)
-        return chosen
+            return Decision(least_loaded(workers), "load_override")
+        return Decision(chosen, "prefix_hash")

@@ -11,6 +11,7 @@ from shunter.policies.base import Policy, RouteRequest, available
 
 class RandomPolicy(Policy):
     name = "random"
+    reason = "random"
 
     def __init__(self, rng: _random.Random | None = None) -> None:
         self._rng = rng or _random.Random()

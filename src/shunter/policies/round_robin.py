@@ -9,6 +9,7 @@ from shunter.policies.base import Policy, RouteRequest
 
 class RoundRobinPolicy(Policy):
     name = "round_robin"
+    reason = "round_robin"
 
     def __init__(self) -> None:
         self._counter = 0

@@ -65,6 +65,27 @@ class Tree:
             node = child
         return position, tenants
 
+    def held(self, text: str, tenant: str) -> tuple[int, float]:
+        """How much of ``text`` ``tenant`` was routed (characters), and when it last was
+        (its stamp at the deepest node it holds on the path; -1.0 when it holds none)."""
+        node, position = self.root, 0
+        held, stamp = 0, -1.0
+        length = len(text)
+        while position < length:
+            child = node.children.get(text[position])
+            if child is None:
+                break
+            common = _common_length(text, position, child.text)
+            position += common
+            seen = child.tenants.get(tenant)
+            if seen is None:
+                break  # a tenant on a node is on all its ancestors: none deeper either
+            held, stamp = position, seen
+            if common < len(child.text):
+                break
+            node = child
+        return held, stamp
+
     # --- writes ------------------------------------------------------------------------------
 
     def insert(self, text: str, tenant: str, now: float | None = None) -> None:
@@ -103,6 +124,42 @@ class Tree:
         if tenant not in node.tenants:
             self.tenant_chars[tenant] = self.tenant_chars.get(tenant, 0) + len(node.text)
         node.tenants[tenant] = stamp
+
+    def forget(self, text: str, tenant: str, keep: int) -> int:
+        """``tenant`` lost ``text`` beyond its first ``keep`` characters (its engine evicted
+        them): drop the tenant from the path past that point and from everything below it
+        (an engine's prefix cache holds no extension of a prefix it lost). Returns the
+        characters dropped from the tenant."""
+        node, position = self.root, 0
+        length = len(text)
+        while position < length:
+            child = node.children.get(text[position])
+            if child is None or tenant not in child.tenants:
+                return 0
+            common = _common_length(text, position, child.text)
+            if position + common > keep:
+                if position < keep:  # the edge straddles ``keep``: its upper part stays
+                    child = self._split(child, keep - position).children[text[keep]]
+                return self._drop_below(child, tenant)
+            if common < len(child.text):
+                return 0
+            position += common
+            node = child
+        return 0
+
+    def _drop_below(self, top: Node, tenant: str) -> int:
+        """Drop ``tenant`` from ``top`` and its whole subtree, deepest nodes first."""
+        before = self.tenant_chars.get(tenant, 0)
+        found: list[Node] = []
+        stack = [top]
+        while stack:
+            node = stack.pop()
+            if tenant in node.tenants:
+                found.append(node)
+                stack.extend(node.children.values())
+        for node in reversed(found):  # children after their parents in ``found``
+            self._drop(node, tenant)
+        return before - self.tenant_chars.get(tenant, 0)
 
     def remove_tenant(self, tenant: str) -> None:
         for node in list(self._nodes_of(tenant)):

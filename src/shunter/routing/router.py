@@ -11,6 +11,11 @@ tries again on a worker chosen afresh, avoiding those that failed this request, 
 nothing has been handed back yet. A stream that breaks after its reply was handed back ends
 with an SSE error event instead.
 
+Each attempt's decision is kept as a ``Routed`` (``receipt.py``): with ``route_receipt`` the
+answer tells the client which worker and why (``x-shunter-route``), the ``route`` span
+carries it when tracing, and the worker's reported cached tokens are held against the
+policy's prediction once the answer is whole (a stream: at its end).
+
 No ASGI here: whoever called ``route`` writes the reply, and a client that leaves reaches the
 router as a cancellation of ``route`` or a close of the stream's body.
 """
@@ -30,10 +35,11 @@ from shunter.fleet.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.observability.streams import StreamStats
 from shunter.observability.tracing import Tracing
-from shunter.policies.base import Policy, RouteRequest
+from shunter.policies.base import RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
 from shunter.protocols.reply import Reply, Stream, primed
+from shunter.routing.receipt import Routed
 from shunter.routing.request import InferenceRequest
 from shunter.routing.retry import RETRYABLE_STATUSES, RetryConfig
 from shunter.routing.verdict import Verdict
@@ -53,12 +59,15 @@ class Router:
         metrics: Metrics,
         retry: RetryConfig | None = None,
         tracing: Tracing | None = None,
+        route_receipt: bool = False,
     ) -> None:
         self.registry = registry
         self.policies = policies
         self.metrics = metrics
         self.retry = retry or RetryConfig()
         self.tracing = tracing
+        # Opt-in: the header names a worker, which the gateway's own errors never do.
+        self.route_receipt = route_receipt
 
     def _span(self, name: str, **options: Any) -> AbstractContextManager[Any]:
         return _NO_SPAN if self.tracing is None else self.tracing.span(name, **options)
@@ -100,7 +109,8 @@ class Router:
 
     def select(
         self, request: InferenceRequest, avoid: Sequence[Worker] = ()
-    ) -> tuple[Worker, Policy, str]:
+    ) -> tuple[Worker, str, Routed]:
+        """The worker, the registry's model id, and the decision explained."""
         model, workers = self.workers_for(request.fields.model)
         if request.path in SGLANG_ONLY_PATHS:
             workers = self._native_workers(model, request.path)
@@ -109,10 +119,11 @@ class Router:
         policy = self.policies.policy_for(model)
         text = request.routing_text if policy.needs_text else None
         route = RouteRequest(model, text, request.headers, request.fields.routing_id)
-        worker = policy.select(workers, route)
+        decision = policy.decide(workers, route)
+        worker = decision.worker
         if worker is None:
             raise ApiError(503, "no_available_workers", "no healthy worker is available")
-        return worker, policy, model
+        return worker, model, Routed(policy, route, decision, time.perf_counter())
 
     # --- routing ----------------------------------------------------------------------------
 
@@ -155,15 +166,18 @@ class Router:
                     await self._back_off(attempt)
                 try:
                     with self._span("select_worker", attempt=attempt):
-                        worker, policy, model = self.select(request, failed)
+                        worker, model, routed = self.select(request, failed)
                 except ApiError as exc:
                     retry_if_none_available(exc, last)
                     continue
                 request.model, request.worker = model, worker.url
                 if attempt:
                     self.metrics.retried(worker, request.path)
-                self.metrics.observe_route(worker, model, request.path, request.stream, policy.name)
-                reply = await self._attempt(worker, model, request, last, verdict)
+                policy_name = routed.policy.name
+                self.metrics.observe_route(worker, model, request.path, request.stream, policy_name)
+                if request.span is not None:
+                    routed.annotate(request.span, worker.url)
+                reply = await self._attempt(worker, model, request, last, verdict, routed=routed)
                 if reply is not None:
                     return reply
                 failed.append(worker)
@@ -186,9 +200,10 @@ class Router:
         last: bool,
         verdict: Verdict,
         body: bytes | None = None,
+        routed: Routed | None = None,
     ) -> Reply | None:
         """One try on ``worker`` (with ``body`` in place of the client's, when given): its
-        reply, or None to try again elsewhere."""
+        reply, or None to try again elsewhere. ``routed``: the decision that chose it."""
         backend = worker.backend
         if not backend.serves(request.path):
             raise ApiError(
@@ -213,7 +228,7 @@ class Router:
             raise
         if isinstance(reply.body, bytes):
             _end(span)  # a stream's ends with it (``_relay``)
-        return await self._answered(worker, model, request, reply, last, verdict, span)
+        return await self._answered(worker, model, request, reply, last, verdict, span, routed)
 
     async def _answered(
         self,
@@ -224,6 +239,7 @@ class Router:
         last: bool,
         verdict: Verdict,
         span: Any = None,
+        routed: Routed | None = None,
     ) -> Reply | None:
         """What becomes of ``worker``'s answer (the worker still counted in flight): the
         reply to hand back (a stream relayed, ending the held ``span`` with it), or None to
@@ -245,10 +261,14 @@ class Router:
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
         verdict.relayed(worker, status, request.request_id)
+        if routed is not None and self.route_receipt:
+            reply.headers.append(routed.header(worker.url))
         if isinstance(reply.body, bytes):
             state.finished()
+            if status == 200 and routed is not None and routed.measured:
+                routed.settle(reply.body, model, self.metrics, request.span)
         else:
-            relay = self._relay(reply.body, status, worker, model, request, span)
+            relay = self._relay(reply.body, status, worker, model, request, span, routed)
             reply.body = await primed(relay)
         return reply
 
@@ -290,6 +310,7 @@ class Router:
         model: str,
         request: InferenceRequest,
         span: Any,
+        routed: Routed | None = None,
     ) -> Stream:
         """The worker's chunks, watched: stream metrics, an in-band error if it breaks, and
         the worker's load and the request's spans (``upstream``, then ``route``) held until
@@ -304,6 +325,8 @@ class Router:
                     yield chunk
                 if status == 200:
                     self.metrics.observe_stream(model, request.path, stats)
+                    if routed is not None and routed.measured:
+                        routed.settle(stats.counted, model, self.metrics, request.span)
             except UpstreamError as exc:
                 # The status is sent, so tell the client in-band.
                 log.warning(
