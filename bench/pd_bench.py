@@ -310,6 +310,12 @@ async def closed_loop(send: Send, concurrency: int, seconds: float) -> tuple[lis
     return samples, time.perf_counter() - started
 
 
+def rotated(items: list[Any], by: int) -> list[Any]:
+    """``items`` from index ``by`` on, then the rest: who goes first changes each round."""
+    by %= max(1, len(items))
+    return items[by:] + items[:by]
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest rank: the smallest value with at least ``q`` of the values at or below it."""
     ordered = sorted(values)
@@ -390,11 +396,13 @@ async def overhead(
             for send in sends.values():
                 await closed_loop(send, 8, args.duration / 4)
         for concurrency in args.concurrency:
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
+                # direct first (the round's baseline), then the gateways in turns
+                order = [targets[0], *rotated(targets[1:], round_)]
                 for stream in (True, False):
                     mode = "stream" if stream else "whole"
                     baseline: dict[str, float] = {}
-                    for name, pid, sends in targets:
+                    for name, pid, sends in order:
                         row = await measure(sends[stream], concurrency, args.duration, pid)
                         baseline = baseline or row
                         row["added50"] = row["first50"] - baseline["first50"]
@@ -612,28 +620,21 @@ def skip_rule(
     for index, gateway in enumerate(gateways):  # warm-up, on texts of its own
         run_loop(replay(gateway, skip_workload(-1 - index, -1, 8, 64, 2048, 4), 8))
     for round_ in range(args.rounds):
-        for index, gateway in enumerate(gateways):
+        for index, gateway in rotated(list(enumerate(gateways)), round_):
             # Fresh texts for each run (the caches keep what earlier runs left), the same
             # shape and order for both gateways of a round.
             texts = round_ * len(gateways) + index
             jobs = skip_workload(texts, round_, args.skip_requests, 64, 2048, 4)
             prefills = sims_total(fleet.prefills, "requests_total")
-            computed = sims_total(fleet.sims, "prompt_tokens_total") - sims_total(
-                fleet.sims, "cached_tokens_total"
-            )
             before = cpu_seconds(gateway.process.pid)
             ttft, failed = run_loop(replay(gateway, jobs, args.skip_concurrency))
             cpu = cpu_seconds(gateway.process.pid) - before
-            computed_after = sims_total(fleet.sims, "prompt_tokens_total") - sims_total(
-                fleet.sims, "cached_tokens_total"
-            )
             runs[gateway.name].append(
                 {
                     "ttft": ttft,
                     "failed": failed,
                     "requests": len(jobs),
                     "prefill_legs": sims_total(fleet.prefills, "requests_total") - prefills,
-                    "computed": computed_after - computed,
                     "cpu_us": cpu / len(jobs) * 1e6,
                 }
             )
@@ -668,13 +669,11 @@ def report_skip(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace)
         print(f"{kind:>8} | " + " | ".join(cells))
     for name, rounds in runs.items():
         legs = statistics.median(r["prefill_legs"] for r in rounds)
-        computed = statistics.median(r["computed"] for r in rounds)
         cpu = statistics.median(r["cpu_us"] for r in rounds)
         failed = sum(r["failed"] for r in rounds)
         print(
-            f"{name}: {legs:.0f} of {rounds[0]['requests']} requests had a prefill leg, "
-            f"{computed:,.0f} prompt tokens computed by the sims, gateway CPU {cpu:.0f}us per "
-            f"request, {failed} failed"
+            f"{name}: {legs:.0f} of {rounds[0]['requests']} requests had a prefill leg; "
+            f"gateway CPU {cpu:.0f}us per request; {failed} failed"
         )
 
 
@@ -721,6 +720,18 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def machine() -> str:
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return f"{os.cpu_count()} CPUs, load average {load}"
+
+
+def version(smg: str | None) -> str:
+    if smg is None:
+        return "not found"
+    out = subprocess.run([smg, "--version"], capture_output=True, text=True, check=False)
+    return (out.stdout or out.stderr).strip() or "version unknown"
+
+
 def main() -> None:
     args = parse_args()
     parts = set(args.only or ("overhead", "errors", "skip"))
@@ -730,11 +741,12 @@ def main() -> None:
     try:
         with stopped_on_signals():
             started = time.monotonic()
+            print(f"{machine()}; smg: {version(args.smg)}\n")
             if parts & {"overhead", "errors"}:
                 sglang_parts(procs, parts, args)
             if "skip" in parts:
                 skip_part(procs, args)
-            print(f"(run took {time.monotonic() - started:.0f} s)")
+            print(f"(run took {time.monotonic() - started:.0f} s; {machine()})")
         failed = False
     finally:
         procs.cleanup(keep_logs=failed)
