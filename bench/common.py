@@ -34,6 +34,8 @@ def gateway_args(port: int, policy: str = "round_robin", *workers: str) -> list[
         "0",
         "--log-level",
         "warning",
+        "--shutdown-grace-period-secs",  # stopped at once at the end of a run
+        "0.5",
         "--policy",
         policy,
         "--worker-urls",

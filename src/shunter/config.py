@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass, field
 
 from shunter.backends.connect import grpc_available
+from shunter.discovery.config import DiscoveryConfig, DiscoveryConfigError, discovery_available
 from shunter.fleet.breaker import BreakerConfig
 from shunter.fleet.runtime import HealthConfig
+from shunter.fleet.spec import API_KEY_RULE, valid_api_key
 from shunter.fleet.urls import WorkerUrlError, validate_worker_url
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
@@ -50,7 +52,10 @@ class GatewayConfig:
     dp_aware: bool = False
     connect_timeout_secs: float = 10.0
     probe_timeout_secs: float = 5.0  # one registration probe (health, discovery)
-    shutdown_drain_secs: float = 30.0  # how long in-flight requests may finish on SIGTERM
+    # On SIGTERM: /readiness turns 503 at once, new requests are still served for a settle
+    # window (min(grace / 2, 5 s): the time a Service takes to stop sending), then requests
+    # in flight may finish for what is left of the grace period.
+    shutdown_grace_secs: float = 180.0
     retry: RetryConfig = field(default_factory=RetryConfig)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -79,6 +84,7 @@ class GatewayConfig:
     prefill_policy: str | None = None
     decode_policy: str | None = None
     pd_min_prefill_tokens: int = 0
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
@@ -99,7 +105,9 @@ class GatewayConfig:
         # A URL without a scheme is probed as HTTP and as gRPC when the worker is added.
         try:
             self.probe_both |= {validate_worker_url(u) for u in self.worker_urls if "://" not in u}
-            self.worker_urls = [validate_worker_url(url) for url in self.worker_urls]
+            # Each worker once, however often or however spelled it was given.
+            urls = dict.fromkeys(validate_worker_url(url) for url in self.worker_urls)
+            self.worker_urls = list(urls)
         except WorkerUrlError as exc:
             raise ConfigError(str(exc)) from None
         try:
@@ -114,20 +122,22 @@ class GatewayConfig:
                 part.validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.shutdown_drain_secs < 0:
-            raise ConfigError("--graceful-shutdown-timeout-secs must be >= 0")
+        if self.shutdown_grace_secs < 0:
+            raise ConfigError("--shutdown-grace-period-secs must be >= 0")
         self._validate_tls()
         self._validate_pd()
+        self._validate_discovery()
         self._validate_grpc()
         buckets = self.duration_buckets
         if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ConfigError(
                 "--prometheus-duration-buckets needs positive, increasing, distinct seconds"
             )
-        if self.api_key is not None and not self.api_key:
-            raise ConfigError("--api-key must not be empty")
-        if self.worker_api_key is not None and not self.worker_api_key:
-            raise ConfigError("--worker-api-key must not be empty")
+        for flag, key in (("--api-key", self.api_key), ("--worker-api-key", self.worker_api_key)):
+            if key is not None and not key:
+                raise ConfigError(f"{flag} must not be empty")
+            if key is not None and not valid_api_key(key):
+                raise ConfigError(f"{flag} must be {API_KEY_RULE}")
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]
@@ -173,6 +183,16 @@ class GatewayConfig:
             self.decode_urls = [validate_worker_url(url) for url in self.decode_urls]
         except WorkerUrlError as exc:
             raise ConfigError(str(exc)) from None
+
+    def _validate_discovery(self) -> None:
+        try:
+            self.discovery.validate(self.pd_disaggregation)
+        except DiscoveryConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.discovery.enabled and not discovery_available():
+            raise ConfigError(
+                "--service-discovery needs the kubernetes extra: pip install 'shunter[kubernetes]'"
+            )
 
     def _validate_grpc(self) -> None:
         urls = [*self.worker_urls, *(u for u, _ in self.prefill_urls), *self.decode_urls]

@@ -12,6 +12,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shunter.api.app import AppSettings, GatewayApp
 from shunter.api.dashboard import Dashboard
@@ -22,6 +23,7 @@ from shunter.api.workers import WorkersApi
 from shunter.backends.connect import Connector, GrpcSupport, grpc_available
 from shunter.backends.http.client import worker_client
 from shunter.config import GatewayConfig
+from shunter.discovery.reconciler import DiscoveryObserver
 from shunter.fleet.fleet import Fleet, FleetObserver, FleetSettings
 from shunter.fleet.spec import WorkerSpec
 from shunter.fleet.worker import WorkerType
@@ -35,6 +37,9 @@ from shunter.routing.pd.router import PdRouter
 from shunter.routing.router import Router
 from shunter.wire.base import UpstreamClient, WholeClient
 from shunter.wire.reqwest import ClientSettings, ReqwestClient
+
+if TYPE_CHECKING:
+    from shunter.discovery.service import Discovery
 
 log = logging.getLogger("shunter.gateway")
 
@@ -101,15 +106,17 @@ class Gateway:
         self.policies = self._policies(config.policy, WorkerType.REGULAR)
         self.tracing = Tracing(config.otlp_traces_endpoint) if config.enable_trace else None
         self.router = self._router(config)
+        self.discovery = self._discovery(config)
         admission = Admission(config.admission) if config.admission.enabled else None
         keys = KeyCheck(config.api_key)
         self.app = GatewayApp(
             AppSettings(
-                api_key=config.api_key,
                 cors_allowed_origins=tuple(config.cors_allowed_origins),
+                listen_host=config.host,
                 request_id_headers=tuple(config.request_id_headers),
                 max_payload_size=config.max_payload_size,
             ),
+            keys,
             self.metrics,
             InferenceApi(self.router, self.metrics, admission, keys.expected),
             InfoApi(
@@ -117,10 +124,38 @@ class Gateway:
                 self.fleet.loads,
                 lambda: self.draining,
                 config.pd_disaggregation,
+                self._discovery_problem,
             ),
             WorkersApi(self.fleet, _check_policy, config.pd_disaggregation),
             Dashboard(config.api_key, keys.carried_by, self._dashboard_data),
         )
+
+    def _discovery(self, config: GatewayConfig) -> Discovery | None:
+        """Kubernetes service discovery, when asked for (its client is imported only then)."""
+        if not config.discovery.enabled:
+            return None
+        from shunter.discovery.service import Discovery
+
+        metrics = self.metrics
+        observer = DiscoveryObserver(
+            registered=metrics.discovery_registered,
+            deregistered=metrics.discovery_deregistered,
+            discovered=metrics.discovery_count,
+            synced=metrics.discovery_synced,
+        )
+        return Discovery(
+            self.fleet,
+            config.discovery,
+            config.pd_disaggregation,
+            config.worker_api_key,
+            # smg's bound: a registration probes 20 health thresholds' worth, then the next
+            # reconcile pass starts another (an engine loading its model is never given up).
+            max(1, config.health.success_threshold * 20),
+            observer,
+        )
+
+    def _discovery_problem(self) -> str | None:
+        return None if self.discovery is None else self.discovery.problem
 
     def _policies(self, name: str, worker_type: WorkerType) -> PolicyRegistry:
         """The policy registry of one kind of worker, told of the fleet's changes."""
@@ -193,8 +228,12 @@ class Gateway:
         ]
         for spec in specs:
             self.fleet.submit_add(spec)
+        if self.discovery is not None:
+            self.discovery.start()
 
     async def close(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.fleet.close()
         for policies in self.policy_registries:
             await policies.stop()

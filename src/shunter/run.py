@@ -1,8 +1,10 @@
 """Run the gateway: our HTTP/1.1 server on uvloop, until SIGTERM or SIGINT, then drain.
 
-On the signal the gateway stops accepting connections, reports ``/readiness`` 503
-("draining") to whoever still asks, lets requests and streams in flight finish for up to
-``--graceful-shutdown-timeout-secs``, then closes.
+On the signal, in three phases (smg's): ``/readiness`` answers 503 ("draining") at once,
+and new requests are still served for a settle window of min(grace / 2, 5 s), the time a
+load balancer or a Kubernetes Service takes to stop sending; then the gateway stops
+accepting connections and lets requests and streams in flight finish within what is left
+of ``--shutdown-grace-period-secs``; then it closes. So a rolling restart loses nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from shunter.observability.logging import setup_logging
 from shunter.wire.server import HttpServer
 
 log = logging.getLogger("shunter.server")
+
+SETTLE_SECS = 5.0  # the longest settle window (smg's)
 
 
 async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
@@ -47,8 +51,11 @@ async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         gateway.draining = True
-        log.info("shutting down", extra={"drain_secs": config.shutdown_drain_secs})
-        await server.shutdown(config.shutdown_drain_secs)
+        grace = config.shutdown_grace_secs
+        settle = min(grace / 2, SETTLE_SECS)
+        log.info("shutting down", extra={"settle_secs": settle, "grace_secs": grace})
+        await asyncio.sleep(settle)  # still serving while the balancer stops sending
+        await server.shutdown(grace - settle)
         await gateway.close()
 
 

@@ -176,6 +176,12 @@ class Gateway(Proc):
             str(self.metrics_port),
             "--log-level",
             "debug",
+            # Tests stop many gateways: a short settle window (0.25 s) unless a test sets one.
+            *(
+                ()
+                if "--shutdown-grace-period-secs" in extra
+                else ("--shutdown-grace-period-secs", "0.5")
+            ),
             *extra,
         ]
         if workers:

@@ -47,11 +47,15 @@ def test_the_dashboard_shows_a_new_worker_within_seconds(procs: list[Proc]) -> N
         page.click('button[type="submit"]')
         expect(page.locator(f'tr[data-url="{first.url}"]')).to_be_visible(timeout=5000)
         assert page.url == gateway.url + "/dashboard"
-        added = httpx.post(gateway.url + "/workers", json={"url": second.url}, headers=auth)
+        pod = {"smg.ai/pod-name": "sim-b-0", "smg.ai/pod-namespace": "llm"}  # as discovered
+        added = httpx.post(
+            gateway.url + "/workers", json={"url": second.url, "labels": pod}, headers=auth
+        )
         assert added.status_code == 202
         row = page.locator(f'tr[data-url="{second.url}"]')
         expect(row).to_be_visible(timeout=5000)  # no reload: the page refreshes itself
         expect(row).to_contain_text("healthy")
+        expect(row.locator("td").nth(3)).to_have_text("llm/sim-b-0")  # the pod column
         for _ in range(20):  # some traffic, so the rates and hit rates have something to show
             httpx.post(
                 gateway.url + "/v1/completions",

@@ -111,7 +111,6 @@ def test_flags_are_read() -> None:
     [
         "--enable-igw",
         "--mini-lb",
-        "--service-discovery",
         "--tokenizer-cache-enable-l0",
         "--history-backend",
     ],

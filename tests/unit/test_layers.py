@@ -1,7 +1,8 @@
 """The layers point one way: each package imports only the packages below it.
 
 cli → gateway/run → api → routing → policies → fleet → backends → wire → aio, with
-protocols, tokenizer and parsers as leaves and observability beside the router. The
+protocols, tokenizer and parsers as leaves, observability beside the router and discovery
+(Kubernetes) beside the API, driving the fleet. The
 fleet knows nothing of the config, the policies, the router or the API; the backends nothing
 of the fleet; the wire nothing of inference. Every import counts: at module level, inside
 functions, and under ``TYPE_CHECKING``.
@@ -28,10 +29,11 @@ ALLOWED: dict[str, set[str]] = {
     "backends": {"aio", "wire", "protocols", "tokenizer", "parsers"},
     "fleet": {"aio", "backends", "wire", "protocols", "parsers"},
     "observability": {"fleet", "backends", "protocols"},
+    "discovery": {"fleet"},
     "policies": {"aio", "fleet"},
     "routing": {"aio", "wire", "protocols", "backends", "fleet", "policies", "observability"},
     "api": {"aio", "wire", "protocols", "backends", "fleet", "routing", "observability"},
-    "sim": {"wire"},
+    "sim": {"wire", "protocols"},
 }
 # The entry points, at the top, may import anything.
 ENTRY = {"cli"}
@@ -41,18 +43,46 @@ TOP = {"gateway", "run", "config", "demo", "llamacpp", "__main__", "__init__"}
 
 def _imports(path: Path) -> set[str]:
     """The first component under ``shunter.`` of every module ``path`` imports."""
+    return _imports_in(path.read_text(), path.relative_to(ROOT).with_suffix("").parts)
+
+
+def _imports_in(source: str, inner: tuple[str, ...]) -> set[str]:
+    """What ``_imports`` finds in ``source``, a module at ``shunter/<inner>.py``, however
+    each import is spelled: ``import shunter.x``, ``from shunter.x import y``, ``from
+    shunter import x``, and relative (``from .. import x``, ``from ..x import y``)."""
+    package = ["shunter", *inner[:-1]]  # what a relative import starts from
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module or ""
+            # ``from pkg import x`` may import the module pkg.x: count both spellings.
+            names = [module, *(f"{module}.{alias.name}" for alias in node.names)]
         for name in names:
             parts = name.split(".")
             if parts[0] == "shunter" and len(parts) > 1:
                 found.add(parts[1])
     return found
+
+
+def test_every_spelling_of_an_import_is_seen() -> None:
+    cases = {
+        "import shunter.api.app": {"api"},
+        "from shunter.fleet import registry": {"fleet"},
+        "from shunter import routing": {"routing"},
+        "from .. import policies": {"policies"},
+        "from ..gateway import Gateway": {"gateway"},
+        "from . import client": {"wire"},
+        "from .base import UpstreamError": {"wire"},
+    }
+    for source, expected in cases.items():
+        assert _imports_in(source, ("wire", "probe")) == expected, source
 
 
 def _modules() -> list[Path]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from shunter.aio.once import OnceCell
+import pytest
+
+from shunter.aio.once import CellClosed, OnceCell
 
 
 class FakeClient:
@@ -16,6 +18,7 @@ class FakeClient:
 class CountingFactory:
     def __init__(self, delay: float = 0.01, failures: int = 0) -> None:
         self.created = 0
+        self.made: list[FakeClient] = []
         self.delay = delay
         self.failures = failures
         self.gate: asyncio.Event | None = None
@@ -28,7 +31,8 @@ class CountingFactory:
             self.failures -= 1
             raise ConnectionError("cannot create")
         self.created += 1
-        return FakeClient(self.created)
+        self.made.append(FakeClient(self.created))
+        return self.made[-1]
 
 
 async def close(client: FakeClient) -> None:
@@ -93,3 +97,76 @@ async def test_replace_of_a_client_that_is_no_longer_current_does_nothing() -> N
     cell.replace(stale)
     await asyncio.sleep(0.01)
     assert factory.created == 1
+
+
+async def test_a_replaced_client_is_retired_not_closed() -> None:
+    factory = CountingFactory(delay=0)
+    retired: list[FakeClient] = []
+    quiet = asyncio.Event()  # the old client's calls have ended
+
+    async def retire(client: FakeClient) -> None:
+        await quiet.wait()
+        retired.append(client)
+
+    cell: OnceCell[FakeClient] = OnceCell(factory, close, retire)
+    old = await cell.get()
+    cell.replace(old)
+    while cell.value is old:
+        await asyncio.sleep(0)
+    assert not old.closed and not retired  # still serving what ran on it
+    quiet.set()
+    while not retired:
+        await asyncio.sleep(0)
+    assert retired == [old] and not old.closed
+
+
+async def test_close_closes_a_client_still_retiring_at_once() -> None:
+    factory = CountingFactory(delay=0)
+
+    async def never_quiet(client: FakeClient) -> None:
+        await asyncio.Event().wait()
+
+    cell: OnceCell[FakeClient] = OnceCell(factory, close, never_quiet)
+    old = await cell.get()
+    cell.replace(old)
+    while cell.value is old:
+        await asyncio.sleep(0)
+    fresh = cell.value
+    await cell.close()
+    assert old.closed and fresh is not None and fresh.closed
+
+
+async def background_work_done() -> None:
+    """Wait for every task the cell started (the test's own loop runs nothing else)."""
+    await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}))
+
+
+async def test_a_client_made_while_the_cell_closes_is_closed_too() -> None:
+    factory = CountingFactory(delay=0)
+    factory.gate = asyncio.Event()
+    cell: OnceCell[FakeClient] = OnceCell(factory, close)
+    first_use = asyncio.ensure_future(cell.get())
+    await asyncio.sleep(0)  # the creation has started and waits at the gate
+    closing = asyncio.ensure_future(cell.close())
+    await asyncio.sleep(0)
+    factory.gate.set()
+    await closing
+    with pytest.raises(CellClosed):
+        await first_use
+    assert factory.created == 1 and factory.made[0].closed
+    with pytest.raises(CellClosed):
+        await cell.get()  # nothing is made after close
+    assert factory.created == 1
+
+
+async def test_a_replacement_under_way_when_the_cell_closes_leaves_nothing_open() -> None:
+    factory = CountingFactory(delay=0)
+    cell: OnceCell[FakeClient] = OnceCell(factory, close)
+    old = await cell.get()
+    factory.gate = asyncio.Event()
+    cell.replace(old)
+    await asyncio.sleep(0)  # the replacement waits at the gate
+    await cell.close()
+    factory.gate.set()
+    await background_work_done()
+    assert factory.made and all(client.closed for client in factory.made)

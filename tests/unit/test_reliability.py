@@ -170,6 +170,28 @@ def test_health_transitions_follow_the_thresholds() -> None:
         assert worker.state.healthy is healthy
 
 
+async def test_a_probe_that_raises_fails_its_worker_and_the_round_goes_on() -> None:
+    def raises(request: MockRequest) -> MockResponse:
+        raise RuntimeError("a bug in a probe")
+
+    good, bad = make_worker("http://good"), make_worker("http://bad", handler=raises)
+    checked: dict[str, bool] = {}
+    both = asyncio.Event()
+
+    def on_check(worker: Worker, ok: bool) -> None:
+        checked[worker.url] = ok
+        if len(checked) == 2:
+            both.set()
+
+    config = HealthConfig(interval_secs=0.01, failure_threshold=1)
+    checker = HealthChecker(config, lambda: (good, bad), on_check=on_check)
+    checker.start()
+    await asyncio.wait_for(both.wait(), 5)
+    await checker.stop()
+    assert checked == {"http://good": True, "http://bad": False}
+    assert good.state.healthy and not bad.state.healthy
+
+
 # --- ejection time backs off ----------------------------------------------------------------
 
 

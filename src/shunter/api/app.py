@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from shunter.api.call import Call
-from shunter.api.cors import Cors
+from shunter.api.cors import Cors, own_hosts
 from shunter.api.dashboard import Dashboard
 from shunter.api.inference import INFERENCE_PATHS, InferenceApi
 from shunter.api.info import InfoApi
@@ -47,8 +47,8 @@ class Route:
 
 @dataclass(frozen=True)
 class AppSettings:
-    api_key: str | None = None
     cors_allowed_origins: tuple[str, ...] = ()
+    listen_host: str = "127.0.0.1"  # --host: a name the admin routes' own origin may carry
     request_id_headers: tuple[str, ...] = ("x-request-id",)
     max_payload_size: int = 64 * 1024 * 1024
 
@@ -63,6 +63,7 @@ class GatewayApp:
     def __init__(
         self,
         settings: AppSettings,
+        keys: KeyCheck,
         metrics: Metrics,
         inference: InferenceApi,
         info: InfoApi,
@@ -72,8 +73,10 @@ class GatewayApp:
         self.settings = settings
         self.metrics = metrics
         self._id_headers = tuple(h.encode() for h in settings.request_id_headers)
-        self.keys = KeyCheck(settings.api_key)
-        self.cors = Cors(list(settings.cors_allowed_origins))
+        self.keys = keys  # the gateway's one KeyCheck, which the dashboard uses too
+        # Without a key, only unmovable names count as the gateway's own (DNS rebinding).
+        hosts = own_hosts(settings.listen_host) if keys.expected is None else None
+        self.cors = Cors(list(settings.cors_allowed_origins), hosts)
         # Open: health and the model list. Guarded (with --api-key): inference, and every
         # route that changes state, costs worker work or reveals the fleet. Admin routes are
         # also closed to other sites' pages (api/cors.py).
@@ -134,12 +137,12 @@ class GatewayApp:
                 return
             send = self.cors.wrap(origin, send, admin)
         call = Call(scope, receive, request_id, self.settings.max_payload_size, started)
-        status, error_code, worker = 500, "internal_error", None
+        status, error_code = 500, "internal_error"
         metrics = self.metrics
         metrics.connections_active += 1
         try:
             reply = await self._reply(call, methods, route, seen)
-            status, worker = reply.status, reply.worker
+            status = reply.status
             error_code = _error_code(reply) if status >= 400 else ""
             await write_reply(send, reply, [(b"x-request-id", request_id.encode())])
         except ClientGone:
@@ -151,7 +154,7 @@ class GatewayApp:
             metrics.connections_active -= 1
             elapsed = time.perf_counter() - started
             metrics.observe_http(method, label, status, error_code, elapsed)
-            log_access(method, path, status, elapsed, worker, request_id, error_code)
+            log_access(method, path, status, elapsed, call.worker, request_id, error_code)
 
     async def _reply(
         self,

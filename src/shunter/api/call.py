@@ -15,7 +15,16 @@ from shunter.wire.asgi import Receive, Scope, content_length, read_body
 
 
 class Call:
-    __slots__ = ("body_limit", "method", "path", "receive", "request_id", "scope", "started")
+    __slots__ = (
+        "body_limit",
+        "method",
+        "path",
+        "receive",
+        "request_id",
+        "scope",
+        "started",
+        "worker",
+    )
 
     def __init__(
         self,
@@ -32,6 +41,9 @@ class Call:
         self.request_id = request_id
         self.body_limit = body_limit
         self.started = started  # perf_counter() when the request arrived
+        # The worker that answered, or the last one tried: the inference handler notes it,
+        # whether the call succeeds or fails, for the access log.
+        self.worker: str | None = None
 
     async def body(self) -> bytes:
         """The whole body; BodyTooLarge past ``body_limit``, ClientGone if the client left."""

@@ -12,17 +12,30 @@ answer, so a page an operator opens could still add a worker that then receives 
 prompt. So a request to an admin route that carries an ``Origin`` that is neither listed
 nor the gateway's own is refused (403) before its handler runs. Browsers always send
 ``Origin`` on cross-origin requests; tools such as curl send none and are not affected.
+
+"The gateway's own origin" is an origin naming the ``Host`` the request was sent to. Without
+``--api-key`` that alone is not enough: a page on ``attacker.example:30000`` whose name is
+then re-pointed at the gateway's address (DNS rebinding) sends ``Host`` and ``Origin`` that
+match each other. So without a key only names that cannot be re-pointed count: loopback
+(``localhost``, ``127.0.0.1``, ``[::1]``) and the ``--host`` the gateway listens on; any
+other origin must be listed. With a key, the key is what protects the admin routes, and a
+matching ``Host`` is enough.
 """
 
 from __future__ import annotations
+
+import ipaddress
 
 from shunter.wire.asgi import Message, Scope, Send, header_value
 
 
 class Cors:
-    def __init__(self, allowed_origins: list[str]) -> None:
+    def __init__(self, allowed_origins: list[str], own_hosts: frozenset[str] | None = None) -> None:
+        """``own_hosts``: the host names a request's own origin may carry (lower-case, IPv6
+        in brackets); None: any, as long as it is the ``Host`` (an API key is set)."""
         self.allowed = frozenset(o.rstrip("/") for o in allowed_origins)
         self.any_origin = not self.allowed
+        self.own_hosts = own_hosts
 
     def _allow_origin(self, origin: bytes, admin: bool) -> bytes | None:
         if self.any_origin and not admin:
@@ -34,7 +47,9 @@ class Cors:
         the gateway's own origin (the dashboard's page calling its data route)."""
         if origin.decode("latin-1") in self.allowed:
             return False
-        return host is None or origin.split(b"://", 1)[-1] != host
+        if host is None or origin.split(b"://", 1)[-1] != host:
+            return True
+        return self.own_hosts is not None and not _unmovable(host, self.own_hosts)
 
     def is_preflight(self, scope: Scope) -> bool:
         return header_value(scope, b"access-control-request-method") is not None
@@ -78,3 +93,25 @@ class Cors:
             await send(message)
 
         return send_with_cors
+
+
+def own_hosts(listen_host: str) -> frozenset[str]:
+    """The names that reach this gateway and that no other site can claim: loopback, and
+    the address it listens on."""
+    listen = listen_host.lower()
+    if ":" in listen:  # an IPv6 address, as a Host header spells it
+        listen = f"[{listen}]"
+    return frozenset({"localhost", "127.0.0.1", "[::1]", listen})
+
+
+def _unmovable(host: bytes, names: frozenset[str]) -> bool:
+    """Whether ``host`` (a Host header: name and maybe a port) is one of ``names`` or a
+    loopback address."""
+    text = host.decode("latin-1").lower()
+    name = text[: text.index("]") + 1] if text.startswith("[") else text.rsplit(":", 1)[0]
+    if name in names:
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -32,9 +32,8 @@ from urllib.parse import parse_qs
 import orjson
 
 from shunter.api.call import Call
-from shunter.api.reply import JSON_CONTENT
 from shunter.protocols.errors import ApiError
-from shunter.protocols.reply import Reply
+from shunter.protocols.reply import JSON_CONTENT, Reply
 from shunter.wire.asgi import Scope, header_value
 
 SESSION_COOKIE = "shunter_dashboard"
@@ -111,7 +110,10 @@ class DashboardSessions:
         if value is None or "." not in value:
             return False
         expires_text, mac = value.split(".", 1)
-        if not expires_text.isdigit() or int(expires_text) < self._clock():
+        # isdigit() alone accepts digits int() refuses ("²"): ASCII digits only.
+        if not (expires_text.isascii() and expires_text.isdigit()):
+            return False
+        if int(expires_text) < self._clock():
             return False
         return hmac.compare_digest(mac, self._mac(int(expires_text)))
 

@@ -85,7 +85,10 @@ class InferenceApi:
             call.request_id,
             call.started,
         )
-        return await self.router.route(request)
+        try:
+            return await self.router.route(request)
+        finally:
+            call.worker = request.worker
 
 
 async def _then(chunks: Stream, done: Callable[[], None]) -> Stream:
@@ -95,5 +98,7 @@ async def _then(chunks: Stream, done: Callable[[], None]) -> Stream:
         async for chunk in chunks:
             yield chunk
     finally:
-        await chunks.aclose()
-        done()
+        try:
+            await chunks.aclose()
+        finally:  # the slot goes back even if the close is cut short (a second cancel)
+            done()

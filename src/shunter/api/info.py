@@ -22,7 +22,7 @@ from shunter.fleet.load_monitor import LoadMonitor
 from shunter.fleet.registry import WorkerRegistry
 from shunter.fleet.worker import Worker, WorkerType
 from shunter.observability.engine_metrics import merge
-from shunter.protocols.errors import ApiError
+from shunter.protocols.errors import ApiError, upstream_failure
 from shunter.protocols.reply import Reply
 
 log = logging.getLogger("shunter.api.info")
@@ -39,11 +39,14 @@ class InfoApi:
         loads: LoadMonitor,
         draining: Callable[[], bool] = lambda: False,
         pd_mode: bool = False,
+        discovery_problem: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.registry = registry
         self.loads = loads
         self.draining = draining  # the gateway is shutting down: not ready for new requests
         self.pd_mode = pd_mode
+        # Why service discovery has no view of the pods yet (None: it has one, or is off).
+        self.discovery_problem = discovery_problem
 
     # --- health -----------------------------------------------------------------------------
 
@@ -56,7 +59,9 @@ class InfoApi:
         workers = self.registry.all()
         healthy = sum(1 for w in workers if w.state.healthy)
         counts: dict[str, int] = {"healthy_workers": healthy, "total_workers": len(workers)}
-        missing = "insufficient healthy workers" if not healthy else ""
+        missing = self.discovery_problem() or (
+            "insufficient healthy workers" if not healthy else ""
+        )
         if self.pd_mode:
             for kind in (WorkerType.PREFILL, WorkerType.DECODE):
                 count = sum(1 for w in self.registry.get_by_type(kind) if w.state.healthy)
@@ -88,9 +93,9 @@ class InfoApi:
         a decode worker), in its engine's way (SGLang's own endpoint; one token from
         /v1/completions elsewhere; gRPC's HealthCheck)."""
         if not self.pd_mode:
-            return Reply(200, [], await _generates(self.first_available()))
+            return Reply(200, [], await _generates(self.first_available(), call))
         pair = [self.first_available(WorkerType.PREFILL), self.first_available(WorkerType.DECODE)]
-        await asyncio.gather(*(_generates(worker) for worker in pair))
+        await asyncio.gather(*(_generates(worker, call) for worker in pair))
         return json_reply(
             200,
             {
@@ -114,7 +119,8 @@ class InfoApi:
         try:
             return await worker.backend.info(worker, kind, call.request_id)
         except EngineOpError as exc:
-            raise ApiError(502, "upstream_unavailable", f"worker {worker.url}: {exc}") from None
+            _log_failure(f"{kind} info request failed", worker, exc, call)
+            raise ApiError(502, "upstream_unavailable", upstream_failure(exc.kind)) from None
 
     async def engine_metrics(self, call: Call) -> Reply:
         """The workers' own metrics, fanned out and merged, each sample labelled with its
@@ -131,6 +137,12 @@ class InfoApi:
                         worker.backend.metrics(worker), ENGINE_METRICS_SECS
                     )
                 except TimeoutError:
+                    return None
+                except Exception as exc:  # this worker is left out; the others are merged
+                    log.warning(
+                        "reading a worker's metrics raised",
+                        extra={"url": worker.url, "error": repr(exc)},
+                    )
                     return None
 
         texts = await asyncio.gather(*(fetch(w) for w in workers.values()))
@@ -186,19 +198,30 @@ class InfoApi:
         )
 
 
-async def _generates(worker: Worker) -> bytes:
-    """The worker's answer to a generation check; a 503 ApiError if it fails."""
+async def _generates(worker: Worker, call: Call) -> bytes:
+    """The worker's answer to a generation check; a 503 ApiError naming only the kind of
+    failure if it fails (the worker and the details go to the log)."""
     try:
         return await worker.backend.health_generate(worker)
     except EngineOpError as exc:
-        raise ApiError(
-            503, "health_generate_failed", f"worker {worker.url} failed to generate: {exc}"
-        ) from None
+        _log_failure("generation check failed", worker, exc, call)
+        message = f"the generation check failed: {upstream_failure(exc.kind)}"
+        raise ApiError(503, "health_generate_failed", message) from None
+
+
+def _log_failure(what: str, worker: Worker, exc: EngineOpError, call: Call) -> None:
+    """The worker and the details go to the log; the client is told only the kind."""
+    facts = {"url": worker.url, "error": str(exc), "request_id": call.request_id}
+    log.warning(what, extra=facts)
 
 
 async def _flush(worker: Worker) -> tuple[str, str | None]:
     try:
         await worker.backend.flush(worker)
     except EngineOpError as exc:
-        return worker.base_url, str(exc)
+        log.warning("cache flush failed", extra={"url": worker.base_url, "error": str(exc)})
+        return worker.base_url, upstream_failure(exc.kind)
+    except Exception as exc:  # reported as this worker's failure, not the whole answer's
+        log.warning("cache flush raised", extra={"url": worker.base_url, "error": repr(exc)})
+        return worker.base_url, "the flush failed in the gateway"
     return worker.base_url, None

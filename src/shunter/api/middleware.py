@@ -14,7 +14,7 @@ import re
 from random import getrandbits
 
 from shunter.protocols.errors import ApiError
-from shunter.wire.asgi import Scope
+from shunter.wire.asgi import Scope, header_value
 
 # One line per request, at INFO: method, path, status, latency, worker, request id. Never
 # headers or bodies, so no API key or Authorization value can reach the log.
@@ -39,7 +39,8 @@ class RequestHeaders:
             elif name == b"origin":
                 origin = value
             elif name == b"authorization":
-                authorization = value
+                if authorization is None:  # the first one counts (see KeyCheck)
+                    authorization = value
             elif name == b"host":
                 host = value
         self.request_id: str | None = request_id
@@ -64,7 +65,11 @@ def fresh_request_id(path: str) -> str:
 
 
 class KeyCheck:
-    """The gateway's API key, compared in constant time; no key: everything passes."""
+    """The gateway's API key, compared in constant time; no key: everything passes.
+
+    One is built per gateway and every check uses it. A request with several
+    ``Authorization`` headers is judged by its first, wherever it is checked (the routes'
+    guard and the dashboard's sign-in agree)."""
 
     def __init__(self, api_key: str | None) -> None:
         self.expected = f"Bearer {api_key}".encode() if api_key is not None else None
@@ -80,11 +85,8 @@ class KeyCheck:
             raise ApiError(401, "unauthorized", "missing or invalid API key")
 
     def carried_by(self, scope: Scope) -> bool:
-        """Whether the request's own ``Authorization`` passes (for the dashboard)."""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                return self.passes(value)
-        return self.expected is None
+        """Whether the request's first ``Authorization`` passes (for the dashboard)."""
+        return self.passes(header_value(scope, b"authorization"))
 
 
 def log_access(

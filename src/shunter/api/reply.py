@@ -12,11 +12,8 @@ from typing import Any
 
 import orjson
 
-from shunter.protocols.reply import Headers, Reply
+from shunter.protocols.reply import JSON_CONTENT, TEXT_CONTENT, Headers, Reply
 from shunter.wire.asgi import Send
-
-JSON_CONTENT = (b"content-type", b"application/json")
-TEXT_CONTENT = (b"content-type", b"text/plain; charset=utf-8")
 
 
 async def write_reply(send: Send, reply: Reply, extra: Headers) -> None:

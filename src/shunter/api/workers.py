@@ -59,11 +59,18 @@ class WorkersApi:
             raise ApiError(400, "invalid_worker_spec", str(exc)) from None
         except ValueError as exc:
             raise ApiError(400, "invalid_worker_spec", f"labels.policy: {exc}") from None
-        if self.fleet.find(spec.url):
+        taken = self.fleet.taken(spec)
+        if taken is not None:
             raise ApiError(
                 409,
                 "WORKER_ALREADY_EXISTS",
-                f"Worker {spec.url} already exists; use PUT /workers/{{url}}",
+                f"Worker {taken} already exists; use PUT /workers/{{url}}",
+            )
+        if self.fleet.adding(spec.url):
+            raise ApiError(
+                409,
+                "WORKER_ADD_IN_PROGRESS",
+                f"Worker {spec.url} is already being added; GET /workers/{{url}} shows how far",
             )
         try:
             self.fleet.submit_add(spec)
@@ -86,7 +93,10 @@ class WorkersApi:
             changes = check_update(await call.json())
         except SpecError as exc:
             raise ApiError(400, "invalid_worker_update", str(exc)) from None
-        self.fleet.update(url, changes)
+        try:
+            self.fleet.update(url, changes)
+        except LookupError:  # removed while its body was on its way
+            raise ApiError(404, "WORKER_NOT_FOUND", f"Worker {url} not found") from None
         return _accepted(url, "Worker updated")
 
     def _get_worker(self, url: str) -> Reply:

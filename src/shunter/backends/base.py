@@ -115,7 +115,13 @@ class Description:
 
 
 class EngineOpError(Exception):
-    """An engine operation (flush, generation check, info) failed; the message says how."""
+    """An engine operation (flush, generation check, info) failed. The message says how, for
+    the log (it may name the worker and quote its client library); ``kind`` says which way,
+    for the client: an ``UpstreamError`` kind, or ``answer`` (the worker answered, wrongly)."""
+
+    def __init__(self, message: str, kind: str = "answer") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Backend(ABC):

@@ -103,7 +103,12 @@ class Connector:
             over_grpc = asyncio.ensure_future(
                 wait(lambda: grpc.probe(address, self.probe_timeout_secs), "gRPC worker")
             )
-            if await _first_to_answer(over_http, over_grpc) == 1:
+            try:
+                first = await _first_to_answer(over_http, over_grpc)
+            except BaseException:  # neither answered, or the addition was cancelled
+                await grpc.close()
+                raise
+            if first == 1:
                 return await self._described_grpc(grpc_url, grpc)
             await grpc.close()
         calls = self._calls(None)
@@ -131,7 +136,11 @@ class Connector:
         async def close(client: UpstreamClient) -> None:
             await client.close()
 
-        clients: OnceCell[UpstreamClient] = OnceCell(create, close)
+        async def retire(client: UpstreamClient) -> None:
+            # A request may take as long as the read timeout allows; no longer.
+            await client.retire(settings.read_timeout_secs)
+
+        clients: OnceCell[UpstreamClient] = OnceCell(create, close, retire)
         engine = ENGINES[description.runtime]
         return HttpBackend(engine, clients, self._calls(clients), self.health_endpoint)
 
@@ -170,7 +179,8 @@ class Connector:
 
 async def _first_to_answer(http: asyncio.Future[None], grpc: asyncio.Future[None]) -> int:
     """0 when the HTTP wait succeeds first, 1 for gRPC. If both fail, raise the HTTP one's
-    error (the usual case for a URL without a scheme); the other wait is cancelled."""
+    error (the usual case for a URL without a scheme); the other wait is cancelled, and has
+    stopped by the time this returns (so its backend can be closed)."""
     order = {http: 0, grpc: 1}
     errors: dict[int, BaseException] = {}
     try:
@@ -186,3 +196,4 @@ async def _first_to_answer(http: asyncio.Future[None], grpc: asyncio.Future[None
     finally:
         for task in order:
             task.cancel()
+        await asyncio.wait(order)

@@ -11,6 +11,7 @@ import argparse
 
 from shunter.cli.options import ConfigFlags, non_negative_int, positive_float
 from shunter.config import ConfigError, GatewayConfig
+from shunter.discovery.config import DiscoveryConfig, DiscoveryConfigError, parse_selector
 from shunter.fleet.breaker import BreakerConfig
 from shunter.fleet.runtime import HealthConfig
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
@@ -31,12 +32,6 @@ _SWITCH = "switch"
 _VALUE = "value"
 NOT_YET_SUPPORTED: dict[str, tuple[str, str]] = {
     "--enable-igw": (_SWITCH, "inference gateway (multi-router) mode"),
-    "--service-discovery": (_SWITCH, "Kubernetes service discovery"),
-    "--selector": (_VALUE, "Kubernetes service discovery"),
-    "--service-discovery-port": (_VALUE, "Kubernetes service discovery"),
-    "--service-discovery-namespace": (_VALUE, "Kubernetes service discovery"),
-    "--prefill-selector": (_VALUE, "Kubernetes service discovery"),
-    "--decode-selector": (_VALUE, "Kubernetes service discovery"),
     "--tokenizer-cache-enable-l0": (_SWITCH, "the gRPC data plane (tokenizer cache)"),
     "--tokenizer-cache-l0-max-entries": (_VALUE, "the gRPC data plane (tokenizer cache)"),
     "--tokenizer-cache-enable-l1": (_SWITCH, "the gRPC data plane (tokenizer cache)"),
@@ -85,6 +80,12 @@ class ServeFlags:
         self._limit_flags()
         self._grpc_flags(parser.add_argument_group("gRPC workers (the gateway tokenizes for them)"))
         self._pd_flags(parser.add_argument_group("prefill/decode disaggregation"))
+        self.discovery = ConfigFlags(
+            parser.add_argument_group("Kubernetes service discovery"),
+            DiscoveryConfig(),
+            "discovery",
+        )
+        self._discovery_flags()
         parser.add_argument(
             "--backend",
             "--runtime",
@@ -225,9 +226,12 @@ class ServeFlags:
             help="CA certificates to trust for https:// workers",
         )
         g.flag(
+            "--shutdown-grace-period-secs",
+            "shutdown_grace_secs",
             "--graceful-shutdown-timeout-secs",
-            "shutdown_drain_secs",
-            help="on SIGTERM, how long in-flight requests may finish",
+            help="on SIGTERM: /readiness turns 503 at once, new requests are served for "
+            "min(this / 2, 5 s), then requests in flight may finish within the rest "
+            "(default %(default)s)",
         )
 
     def _policy_flags(self) -> None:
@@ -450,6 +454,55 @@ class ServeFlags:
         )
         self.gateway.fields += g.fields
 
+    def _discovery_flags(self) -> None:
+        d = self.discovery
+        d.flag(
+            "--service-discovery",
+            "enabled",
+            action="store_true",
+            help="register the workers of the pods a selector matches, as they come and go",
+        )
+        for flag, field, what in (
+            ("--selector", "selector", "the worker pods' labels"),
+            ("--prefill-selector", "prefill_selector", "PD: the prefill pods' labels"),
+            ("--decode-selector", "decode_selector", "PD: the decode pods' labels"),
+        ):
+            d.flag(flag, field, type=str, nargs="*", metavar="KEY=VALUE", help=what)
+        d.flag(
+            "--service-discovery-port",
+            "port",
+            help="the workers' port in each pod, unless its smg.ai/worker-ports annotation "
+            "lists them (default %(default)s)",
+        )
+        d.flag(
+            "--service-discovery-namespace",
+            "namespace",
+            type=str,
+            help="watch pods in this namespace (default: every namespace, which needs a "
+            "ClusterRole)",
+        )
+        d.flag(
+            "--model-id-from",
+            "model_id_from",
+            type=str,
+            metavar="namespace|label:KEY|annotation:KEY",
+            help="the model id of a pod's workers (default: what the worker reports)",
+        )
+        d.flag(
+            "--kubeconfig",
+            "kubeconfig",
+            type=str,
+            help="a kubeconfig file (default: the in-cluster service account in a pod, "
+            "else $KUBECONFIG or ~/.kube/config)",
+        )
+        d.flag(
+            "--service-discovery-resync-secs",
+            "resync_secs",
+            type=positive_float,
+            help="a full list of the pods and a reconcile pass at least this often "
+            "(default %(default)s)",
+        )
+
     def _prefill_urls(self, given: list[list[str]]) -> list[tuple[str, int | None]]:
         """``--prefill URL [BOOTSTRAP_PORT|none]`` values, checked."""
         prefills: list[tuple[str, int | None]] = []
@@ -470,6 +523,20 @@ class ServeFlags:
                     "65535, or 'none'"
                 )
         return prefills
+
+    def _discovery_config(self, args: argparse.Namespace) -> DiscoveryConfig:
+        """The discovery settings, the selectors parsed; exits when one is malformed."""
+        selectors = {}
+        for flag, field in (
+            ("--selector", "selector"),
+            ("--prefill-selector", "prefill_selector"),
+            ("--decode-selector", "decode_selector"),
+        ):
+            try:
+                selectors[field] = parse_selector(flag, getattr(args, f"discovery.{field}"))
+            except DiscoveryConfigError as exc:
+                self.parser.error(str(exc))
+        return self.discovery.build(args, **selectors)
 
     def _policy_name(self, flag: str, name: str, settings: PolicySettings) -> str:
         """A policy name from ``flag``, canonical and known; exits when it is not."""
@@ -514,6 +581,7 @@ class ServeFlags:
             admission=self.admission.build(args),
             server_limits=self.limits.build(args),
             prefill_urls=self._prefill_urls(args.pd_prefill),
+            discovery=self._discovery_config(args),
             **leg_policies,
         )
         try:

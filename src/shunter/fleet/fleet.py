@@ -120,19 +120,38 @@ class Fleet:
 
     # --- what the API asks -------------------------------------------------------------------
 
-    def submit_add(self, spec: WorkerSpec) -> None:
-        """Queue an addition; raises QueueFull when the job queue is."""
+    def submit_add(
+        self, spec: WorkerSpec, done: Callable[[Exception | None], None] | None = None
+    ) -> None:
+        """Queue an addition; raises QueueFull when the job queue is. ``done`` hears how it
+        ended (None: registered)."""
 
         async def add() -> None:
-            await self.registrar.add(spec)
+            try:
+                await self.registrar.add(spec)
+            except Exception as exc:
+                if done is not None:
+                    done(exc)
+                raise
+            if done is not None:
+                done(None)
 
         self.jobs.submit("AddWorker", spec.url, add)
 
     def job_status(self, url: str) -> JobStatus | None:
         return self.jobs.status(url)
 
+    def adding(self, url: str) -> bool:
+        """Whether an addition of ``url`` is queued or under way."""
+        job = self.jobs.status(url)
+        return job is not None and job.job_type == "AddWorker" and job.status != "failed"
+
     def find(self, url: str) -> list[Worker]:
         return self.registrar.find(url)
+
+    def taken(self, spec: WorkerSpec) -> str | None:
+        """The registered URL ``spec`` would add again, if any (see ``Registrar.taken``)."""
+        return self.registrar.taken(spec)
 
     def update(self, url: str, changes: dict[str, Any]) -> list[Worker]:
         updated = self.registrar.update(url, changes)

@@ -86,10 +86,6 @@ class HealthChecker:
                 interval = self._settings(group[0]).interval_secs
                 self._due[group[0].base_url] = time.monotonic() + interval
 
-    async def check_all(self) -> None:
-        """Check every worker now (tests, and an operator's explicit request)."""
-        await self._check(list(_by_base_url(self.workers()).values()))
-
     async def _check(self, groups: list[list[Worker]]) -> None:
         results = await asyncio.gather(*(self._probe(group[0]) for group in groups))
         for group, ok in zip(groups, results, strict=True):
@@ -97,10 +93,15 @@ class HealthChecker:
                 self.apply(worker, ok)
 
     async def _probe(self, worker: Worker) -> bool:
+        """Whether ``worker`` passed; a probe that raised failed (and the round goes on for
+        the other workers)."""
         timeout = self._settings(worker).timeout_secs
         try:
             problem = await asyncio.wait_for(worker.backend.probe(worker, timeout), timeout)
         except TimeoutError:
+            return False
+        except Exception as exc:
+            log.warning("health probe raised", extra={"url": worker.url, "error": repr(exc)})
             return False
         return problem is None
 

@@ -39,8 +39,12 @@ class LoadMonitor:
             worker.state.reported(load.load, load.cache_hit_rate)
 
     async def read(self, worker: Worker) -> Load:
-        """The worker's report now, bounded by the polling interval."""
+        """The worker's report now, bounded by the polling interval; unknown if it cannot be
+        read, whatever the reason (one worker's failure stops nobody else's read)."""
         try:
             return await asyncio.wait_for(worker.backend.load(worker), self.interval_secs)
         except TimeoutError:
+            return Load()
+        except Exception as exc:
+            log.warning("load read raised", extra={"url": worker.url, "error": repr(exc)})
             return Load()

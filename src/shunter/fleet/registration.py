@@ -60,9 +60,18 @@ class Registrar:
 
     # --- add --------------------------------------------------------------------------------
 
+    def taken(self, spec: WorkerSpec) -> str | None:
+        """The registered URL ``spec`` would add again, if any: its own, or for a URL given
+        without a scheme (registered as ``http://`` or ``grpc://``, whichever answered),
+        the gRPC spelling too."""
+        urls = [spec.url]
+        if spec.probe_grpc:
+            urls.append("grpc://" + spec.url.split("://", 1)[1])
+        return next((url for url in urls if self.find(url)), None)
+
     async def add(self, spec: WorkerSpec) -> list[Worker]:
-        if self.registry.get_by_url(spec.url) or self.registry.get_by_url(spec.url + "@0"):
-            raise SpecError(f"worker {spec.url} already exists; use PUT to update it")
+        if (taken := self.taken(spec)) is not None:
+            raise SpecError(f"worker {taken} already exists; use PUT to update it")
 
         async def wait(probe: Probe, what: str) -> None:
             await self._wait_until(probe, what, spec.max_connection_attempts)
@@ -70,7 +79,15 @@ class Registrar:
         connected = await self.connector.connect(
             spec.url, spec.api_key, spec.runtime, wait, probe_both=spec.probe_grpc
         )
-        workers = self._build(spec, connected)
+        try:
+            # Checked again: connecting takes a while, and the same worker may have been
+            # added meanwhile (nothing awaits between this check and the registration).
+            if self.find(connected.url):
+                raise SpecError(f"worker {connected.url} already exists; use PUT to update it")
+            workers = self._build(spec, connected)
+        except BaseException:
+            await connected.backend.close()
+            raise
         for worker in workers:
             self.registry.register(worker)
         for worker in workers:
@@ -181,17 +198,19 @@ class Registrar:
 
     async def _close_when_drained(self, removed: Sequence[Worker]) -> None:
         deadline = time.monotonic() + self.drain_timeout_secs
-        while any(w.state.in_flight for w in removed) and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_SECS)
-        backends: dict[int, Backend] = {id(w.backend): w.backend for w in removed}
-        for backend in backends.values():
-            try:
-                await backend.close()
-            except Exception:
-                log.warning("closing a removed worker's connections failed", exc_info=True)
+        try:
+            while any(w.state.in_flight for w in removed) and time.monotonic() < deadline:
+                await asyncio.sleep(DRAIN_POLL_SECS)
+        finally:  # drained, out of time, or the gateway is shutting down: close now
+            backends: dict[int, Backend] = {id(w.backend): w.backend for w in removed}
+            for backend in backends.values():
+                try:
+                    await backend.close()
+                except Exception:
+                    log.warning("closing a removed worker's connections failed", exc_info=True)
 
     async def close(self) -> None:
-        """Stop waiting on removed workers' drains (shutdown closes every backend)."""
+        """Stop waiting on removed workers' drains: their connections close at once."""
         for task in list(self._draining):
             task.cancel()
         await asyncio.gather(*self._draining, return_exceptions=True)

@@ -9,6 +9,7 @@ registration probes it before giving up.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,14 @@ HEALTH_FIELDS = {
     "health_failure_threshold": "failure_threshold",
 }
 UPDATE_FIELDS = frozenset({"priority", "cost", "labels", "api_key", *HEALTH_FIELDS})
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
+API_KEY_RULE = "visible ASCII characters only (no space, control or non-ASCII character)"
+
+
+def valid_api_key(key: str) -> bool:
+    """Whether ``key`` can go in an ``Authorization: Bearer`` header as it is. Anything but
+    visible ASCII would break the header (CR, LF) or be sent as other bytes than given."""
+    return _VISIBLE_ASCII.fullmatch(key) is not None
 
 
 class SpecError(ValueError):
@@ -65,7 +74,7 @@ class WorkerSpec:
         _parser_labels(payload, labels)
         _number_labels(payload, labels)
         spec = cls(url=url, labels=labels, probe_grpc="://" not in payload["url"])
-        spec.api_key = _optional_str(payload, "api_key")
+        spec.api_key = _api_key(payload)
         spec.model_id = _optional_str(payload, "model_id")
         kind = _optional_str(payload, "worker_type") or "regular"
         try:
@@ -101,7 +110,7 @@ def check_update(changes: Any) -> dict[str, Any]:
             f"a worker's {', '.join(sorted(UPDATE_FIELDS))} can change"
         )
     _number_labels(changes, {})
-    _optional_str(changes, "api_key")
+    _api_key(changes)
     _string_map(changes.get("labels"), "labels")
     health_overrides(changes)
     return changes
@@ -147,6 +156,13 @@ def _parser_labels(payload: dict[str, Any], labels: dict[str, str]) -> None:
             if value not in known:
                 raise SpecError(f"'{key}' must be one of {', '.join(known)}")
             labels[key] = value
+
+
+def _api_key(payload: dict[str, Any]) -> str | None:
+    key = _optional_str(payload, "api_key")
+    if key is not None and not valid_api_key(key):
+        raise SpecError(f"'api_key' must be {API_KEY_RULE}")
+    return key
 
 
 def _optional_str(payload: dict[str, Any], key: str) -> str | None:

@@ -2,6 +2,11 @@
 
 Records carry their context as ``extra`` fields; the text format prints them as
 ``key=value`` after the message, the JSON format (``--log-json``) as object members.
+
+Much of what is logged comes from clients (a request's path, percent-decoded) or workers
+(an error's text). In the text format a line break in it would start a line of its own, a
+forged record; so the text format escapes control characters (and backslashes, so that an
+escape cannot be forged either) in the message and the fields. A traceback keeps its lines.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ import time
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _SECRET_KEYS = {"authorization", "api_key", "headers"}
+# C0 controls, DEL, C1 controls and the Unicode line and paragraph separators, as \xNN or
+# \uNNNN; and the backslash itself, doubled.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES |= {0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"}
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
@@ -31,12 +40,14 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
         self.converter = time.gmtime
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The record's one line: the message and its fields, escaped (see the module
+        docstring). ``format`` appends a traceback after it, unescaped."""
+        line = super().formatMessage(record)
         extras = _extras(record)
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
-        return line
+        return line.translate(_ESCAPES)
 
 
 class JsonFormatter(logging.Formatter):

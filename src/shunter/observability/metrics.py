@@ -103,6 +103,12 @@ class Metrics:
         self.pd_ttft: dict[tuple[str, str], HistogramCell] = {}  # model, endpoint
         self.pd_prefill: dict[tuple[str], HistogramCell] = {}  # model
         self.pd_failures: dict[tuple[str, str, str], int] = {}  # model, leg, reason
+        # Kubernetes service discovery (discovery/): registrations by result, removals by
+        # reason, the workers the pods say there should be, and each pass's duration.
+        self.discovery_registrations: dict[tuple[str, str], int] = {}  # source, result
+        self.discovery_deregistrations: dict[tuple[str], int] = {}  # reason
+        self.discovery_discovered = 0
+        self.discovery_sync: dict[tuple[()], HistogramCell] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         self._server: Any = None
@@ -209,6 +215,20 @@ class Metrics:
         key = (worker.worker_type.value, endpoint)
         self.exhausted[key] = self.exhausted.get(key, 0) + 1
 
+    def discovery_registered(self, success: bool) -> None:
+        key = ("kubernetes", "success" if success else "failure")
+        self.discovery_registrations[key] = self.discovery_registrations.get(key, 0) + 1
+
+    def discovery_deregistered(self, reason: str) -> None:
+        key = (reason,)
+        self.discovery_deregistrations[key] = self.discovery_deregistrations.get(key, 0) + 1
+
+    def discovery_count(self, workers: int) -> None:
+        self.discovery_discovered = workers
+
+    def discovery_synced(self, seconds: float) -> None:
+        self._observe(self.discovery_sync, (), seconds)
+
     def breaker_moved(self, url: str, old: str, new: str) -> None:
         key = (url, old, new)
         self.cb_transitions[key] = self.cb_transitions.get(key, 0) + 1
@@ -313,6 +333,7 @@ class _Collector:
             routed.add_metric(["http", backend, mode, model, endpoint, stream], count)
         yield routed
         yield from self._pd()
+        yield from self._discovery()
         selected = CounterMetricFamily(
             "smg_worker_selection",
             "Worker selections by policy",
@@ -423,6 +444,33 @@ class _Collector:
             "Pairs that failed before the client got an answer, by leg and reason",
             ["model", "leg", "reason"],
             m.pd_failures,
+        )
+
+    def _discovery(self) -> Iterator[Metric]:
+        m = self.m
+        yield _counter(
+            "smg_discovery_registrations",
+            "Registrations of discovered workers, by result",
+            ["source", "result"],
+            m.discovery_registrations,
+        )
+        yield _counter(
+            "smg_discovery_deregistrations",
+            "Discovered workers removed, by reason",
+            ["reason"],
+            m.discovery_deregistrations,
+        )
+        discovered = GaugeMetricFamily(
+            "smg_discovery_workers_discovered", "Workers the selected pods say there should be"
+        )
+        discovered.add_metric([], m.discovery_discovered)
+        yield discovered
+        yield _histogram(
+            "smg_discovery_sync_duration_seconds",
+            "Duration of a reconcile pass",
+            [],
+            m.discovery_sync.copy(),
+            m.bounds,
         )
 
     def _workers(self) -> Iterator[Metric]:

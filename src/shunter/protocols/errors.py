@@ -12,7 +12,7 @@ from http import HTTPStatus
 
 import orjson
 
-from shunter.protocols.reply import Reply
+from shunter.protocols.reply import JSON_CONTENT, Reply
 
 
 class ApiError(Exception):
@@ -36,7 +36,7 @@ class ApiError(Exception):
 def error_reply(error: ApiError) -> Reply:
     """The envelope as a reply, with its code in ``X-SMG-Error-Code`` too."""
     headers = [
-        (b"content-type", b"application/json"),
+        JSON_CONTENT,
         (b"x-smg-error-code", error.code.encode()),
         *error.headers,
     ]
@@ -57,6 +57,7 @@ _FAILURE_KINDS = {
     "timeout": "the worker did not answer in time",
     "io": "the connection to the worker broke",
     "oversize": "the worker's response is larger than the gateway accepts",
+    "answer": "the worker answered with an error",
 }
 
 

@@ -10,9 +10,6 @@ connection, cancels a call, or counts a request as done) starts with ``yield b""
 handed on ``primed``: an async generator closed before it ever ran skips its ``finally``,
 which would leave a connection open, or a request counted in flight for good, whenever a
 client leaves before the first chunk.
-
-``worker`` and ``model`` say who answered, for the access log and metrics; they are
-values, not out-parameters.
 """
 
 from __future__ import annotations
@@ -23,18 +20,17 @@ from dataclasses import dataclass, field
 Headers = list[tuple[bytes, bytes]]
 Stream = AsyncGenerator[bytes, None]
 
+# The content types replies carry (the gateway's own and the simulated worker's).
+JSON_CONTENT = (b"content-type", b"application/json")
+TEXT_CONTENT = (b"content-type", b"text/plain; charset=utf-8")
+SSE_CONTENT = (b"content-type", b"text/event-stream")
+
 
 @dataclass(slots=True)
 class Reply:
     status: int
     headers: Headers = field(default_factory=list)
     body: bytes | Stream = b""
-    worker: str | None = None  # the worker that answered, if one did
-    model: str | None = None  # the registry's model id the request was routed for
-
-    @property
-    def streamed(self) -> bool:
-        return not isinstance(self.body, bytes)
 
 
 async def primed(stream: Stream) -> Stream:

@@ -1,9 +1,13 @@
 """An inference request as the router sees it: what the API read off the wire, plus the
-fields routing needs, decoded once (``protocols/routing.py``) and reused by every retry."""
+fields routing needs, decoded once (``protocols/routing.py``) and reused by every retry.
+
+The router notes on it the model it was routed for and the last worker tried, so that a
+request that fails is still counted and logged with them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from shunter.protocols.reply import Headers
 from shunter.protocols.routing import RequestFields, decode_routing_fields
@@ -19,6 +23,9 @@ class InferenceRequest:
     request_id: str
     started: float = 0.0  # perf_counter() when the request arrived
     fields: RequestFields = field(init=False)
+    model: str = field(init=False, default="unknown")  # the registry's model id, once selected
+    worker: str | None = field(init=False, default=None)  # the last worker tried
+    span: Any = field(init=False, default=None)  # its tracing span (``route``), if tracing
     _text: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:

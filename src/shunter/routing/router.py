@@ -119,25 +119,30 @@ class Router:
     async def route(self, request: InferenceRequest) -> Reply:
         """Serve one inference request: the reply to send, or an ApiError to answer."""
         incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
-        model = "unknown"
         try:
             with self._span(
-                "route", context=incoming, path=request.path, request_id=request.request_id
-            ):
+                "route",
+                context=incoming,
+                held=True,  # a stream's relay ends it
+                path=request.path,
+                request_id=request.request_id,
+            ) as span:
+                request.span = span
                 reply = await self._route(request)
         except ApiError as exc:
-            self._routed(request, model, exc.status, exc.code)
+            self._routed(request, exc.status, exc.code)
             raise
         except asyncio.CancelledError:
-            self._routed(request, model, 499, "client_closed")
+            self._routed(request, 499, "client_closed")
             raise
         if isinstance(reply.body, bytes):
-            self._routed(request, reply.model or model, reply.status, "")
+            _end(span)
+            self._routed(request, reply.status, "")
         return reply
 
-    def _routed(self, request: InferenceRequest, model: str, status: int, code: str) -> None:
+    def _routed(self, request: InferenceRequest, status: int, code: str) -> None:
         elapsed = time.perf_counter() - request.started
-        self.metrics.routed_request(model, request.path, elapsed, status, code)
+        self.metrics.routed_request(request.model, request.path, elapsed, status, code)
 
     async def _route(self, request: InferenceRequest) -> Reply:
         attempts = self.retry.attempts
@@ -147,16 +152,14 @@ class Router:
             for attempt in range(attempts):
                 last = attempt + 1 == attempts
                 if attempt:
-                    delay = self.retry.backoff_secs(attempt - 1)
-                    self.metrics.retry_backoff(attempt, delay)
-                    await asyncio.sleep(delay)
+                    await self._back_off(attempt)
                 try:
                     with self._span("select_worker", attempt=attempt):
                         worker, policy, model = self.select(request, failed)
                 except ApiError as exc:
-                    if exc.status != 503 or last:
-                        raise
+                    retry_if_none_available(exc, last)
                     continue
+                request.model, request.worker = model, worker.url
                 if attempt:
                     self.metrics.retried(worker, request.path)
                 self.metrics.observe_route(worker, model, request.path, request.stream, policy.name)
@@ -168,6 +171,12 @@ class Router:
         finally:
             if not verdict.settled:  # a relayed answer settles it; errors end up here
                 verdict.settle(request.request_id)
+
+    async def _back_off(self, attempt: int) -> None:
+        """The pause before attempt number ``attempt`` (a retry), recorded."""
+        delay = self.retry.backoff_secs(attempt - 1)
+        self.metrics.retry_backoff(attempt, delay)
+        await asyncio.sleep(delay)
 
     async def _attempt(
         self,
@@ -191,7 +200,7 @@ class Router:
         state = worker.state
         state.started()
         try:
-            with self._span("upstream", client=True, worker=worker.url):
+            with self._span("upstream", client=True, held=True, worker=worker.url) as span:
                 if self.tracing is not None:  # the worker continues our trace
                     outbound.trace = self.tracing.outgoing()
                 reply = await backend.send(worker, outbound)
@@ -202,7 +211,9 @@ class Router:
         except BaseException:
             state.finished()
             raise
-        return await self._answered(worker, model, request, reply, last, verdict)
+        if isinstance(reply.body, bytes):
+            _end(span)  # a stream's ends with it (``_relay``)
+        return await self._answered(worker, model, request, reply, last, verdict, span)
 
     async def _answered(
         self,
@@ -212,9 +223,11 @@ class Router:
         reply: Reply,
         last: bool,
         verdict: Verdict,
+        span: Any = None,
     ) -> Reply | None:
         """What becomes of ``worker``'s answer (the worker still counted in flight): the
-        reply to hand back (a stream relayed), or None to try again elsewhere."""
+        reply to hand back (a stream relayed, ending the held ``span`` with it), or None to
+        try again elsewhere."""
         state = worker.state
         status = reply.status
         self.metrics.upstream_answer(status)
@@ -226,16 +239,17 @@ class Router:
                 verdict.answered(worker, status)
                 if not isinstance(reply.body, bytes):
                     await reply.body.aclose()
+                    _end(span)
                 state.finished()
                 return None
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
         verdict.relayed(worker, status, request.request_id)
-        reply.worker, reply.model = worker.url, model
         if isinstance(reply.body, bytes):
             state.finished()
         else:
-            reply.body = await primed(self._relay(reply.body, status, worker, model, request))
+            relay = self._relay(reply.body, status, worker, model, request, span)
+            reply.body = await primed(relay)
         return reply
 
     def _no_answer(
@@ -269,10 +283,17 @@ class Router:
         raise ApiError(status, code, upstream_failure(exc.kind))
 
     async def _relay(
-        self, chunks: Stream, status: int, worker: Worker, model: str, request: InferenceRequest
+        self,
+        chunks: Stream,
+        status: int,
+        worker: Worker,
+        model: str,
+        request: InferenceRequest,
+        span: Any,
     ) -> Stream:
         """The worker's chunks, watched: stream metrics, an in-band error if it breaks, and
-        the worker's load counted until the last chunk (or the client's leaving)."""
+        the worker's load and the request's spans (``upstream``, then ``route``) held until
+        the last chunk (or the client's leaving)."""
         stats = StreamStats(request.started)
         outcome, code = status, ""
         try:
@@ -302,9 +323,26 @@ class Router:
             outcome, code = 499, "client_closed"
             raise
         finally:
-            await chunks.aclose()
-            worker.state.finished()
-            self._routed(request, model, outcome, code)
+            try:
+                await chunks.aclose()
+            finally:  # counted as ended even if the close is cut short (a second cancel)
+                worker.state.finished()
+                self._routed(request, outcome, code)
+                _end(span)
+                _end(request.span)
+
+
+def _end(span: Any) -> None:
+    """End a held tracing span (None: tracing is off)."""
+    if span is not None:
+        span.end()
+
+
+def retry_if_none_available(exc: ApiError, last: bool) -> None:
+    """A selection that found no available worker (503) is tried again after the backoff,
+    as workers come back; any other refusal, or the last attempt's, is the answer."""
+    if exc.status != 503 or last:
+        raise exc
 
 
 def outbound_for(request: InferenceRequest, model: str, body: bytes | None = None) -> Outbound:

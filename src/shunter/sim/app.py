@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from shunter.protocols.reply import JSON_CONTENT, SSE_CONTENT
 from shunter.sim.config import SimConfig
 from shunter.sim.disconnect import DisconnectWatch
 from shunter.sim.engine import Engine, Generation, tokenize
@@ -32,18 +33,8 @@ from shunter.sim.request import (
     error_body,
     max_tokens_of,
 )
-from shunter.wire.asgi import (
-    JSON_CONTENT,
-    SSE_CONTENT,
-    Receive,
-    Scope,
-    Send,
-    end_stream,
-    header_value,
-    send_bytes,
-    send_chunk,
-    start_stream,
-)
+from shunter.sim.send import end_stream, send_bytes, send_chunk, start_stream
+from shunter.wire.asgi import Receive, Scope, Send, header_value
 
 log = logging.getLogger("shunter.sim")
 

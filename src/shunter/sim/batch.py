@@ -16,18 +16,12 @@ from typing import Any
 
 import orjson
 
+from shunter.protocols.reply import JSON_CONTENT, SSE_CONTENT
 from shunter.sim.disconnect import DisconnectWatch
 from shunter.sim.engine import Generation
 from shunter.sim.formats import SSE_DONE, Format, GenerateFormat, usage
 from shunter.sim.request import DroppedConnection, Request
-from shunter.wire.asgi import (
-    JSON_CONTENT,
-    SSE_CONTENT,
-    end_stream,
-    send_bytes,
-    send_chunk,
-    start_stream,
-)
+from shunter.sim.send import end_stream, send_bytes, send_chunk, start_stream
 
 
 class BatchItem:

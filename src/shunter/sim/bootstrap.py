@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 
 from shunter.sim.rooms import RoomRegistry
-from shunter.wire.asgi import Receive, Scope, Send, send_json
+from shunter.sim.send import send_json
+from shunter.wire.asgi import Receive, Scope, Send
 from shunter.wire.base import UpstreamError
 from shunter.wire.client import H1StreamClient
 from shunter.wire.server import HttpServer

@@ -6,7 +6,9 @@ from typing import Any
 
 import orjson
 
-from shunter.wire.asgi import TEXT_CONTENT, Receive, Scope, Send, send_bytes, send_json
+from shunter.protocols.reply import TEXT_CONTENT
+from shunter.sim.send import send_bytes, send_json
+from shunter.wire.asgi import Receive, Scope, Send
 
 
 class DroppedConnection(Exception):

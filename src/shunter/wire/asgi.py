@@ -1,4 +1,5 @@
-"""Small ASGI primitives shared by the gateway and the simulated worker.
+"""Small ASGI primitives shared by the gateway and the simulated worker: the types, reading a
+request body within a limit, reading a header.
 
 Both are plain ASGI callables (no framework: in this project's measurements, frameworks
 were the largest per-request cost after the upstream client). The gateway runs on our own
@@ -7,19 +8,13 @@ server (``wire/server.py``), the simulated worker on uvicorn.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-
-import orjson
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-JSON_CONTENT = (b"content-type", b"application/json")
-SSE_CONTENT = (b"content-type", b"text/event-stream")
-TEXT_CONTENT = (b"content-type", b"text/plain; charset=utf-8")
 
 
 class BodyTooLarge(Exception):
@@ -78,32 +73,3 @@ def content_length(scope: Scope) -> int | None:
         return int(raw)
     except ValueError:
         return None
-
-
-async def send_bytes(
-    send: Send, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
-) -> None:
-    """Send a complete response with a Content-Length."""
-    all_headers = [*headers, (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": all_headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_json(
-    send: Send, status: int, payload: Any, headers: Iterable[tuple[bytes, bytes]] = ()
-) -> None:
-    await send_bytes(send, status, orjson.dumps(payload), [JSON_CONTENT, *headers])
-
-
-async def start_stream(
-    send: Send, status: int, headers: Iterable[tuple[bytes, bytes]] = (SSE_CONTENT,)
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": list(headers)})
-
-
-async def send_chunk(send: Send, chunk: bytes) -> None:
-    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-
-async def end_stream(send: Send) -> None:
-    await send({"type": "http.response.body", "body": b"", "more_body": False})

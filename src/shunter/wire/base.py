@@ -81,3 +81,7 @@ class UpstreamClient(WholeClient, Protocol):
     async def stream(
         self, method: str, url: str, headers: HeaderPairs, body: bytes | None
     ) -> StreamingResponse: ...
+
+    async def retire(self, grace: float) -> None:
+        """Close once the exchanges running on it have ended, or after ``grace`` seconds:
+        it was replaced, and new exchanges go to its successor."""

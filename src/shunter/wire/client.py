@@ -405,6 +405,7 @@ class H1StreamClient:
         self.max_idle = max_idle
         self.ssl_context = (ssl_context or ssl.create_default_context()) if self.tls else None
         self.idle: deque[_Connection] = deque()  # oldest first
+        self.closed = False  # streams still running close their connections when they end
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -431,6 +432,9 @@ class H1StreamClient:
         return None
 
     def release(self, conn: _Connection) -> None:
+        if self.closed:  # nobody would take it from the pool, or close it there
+            conn.close()
+            return
         now = conn.loop.time()
         conn.reset(now)
         idle = self.idle
@@ -477,5 +481,7 @@ class H1StreamClient:
         return H1Stream(self, conn)
 
     async def close(self) -> None:
+        """Close the idle connections; those in use close when their streams end."""
+        self.closed = True
         while self.idle:
             self.idle.pop().close()

@@ -71,6 +71,7 @@ class MockClient:
         self.handler = handler
         self.requests: list[MockRequest] = []
         self.streams: list[MockStream] = []
+        self.retired = False  # replaced: closed with ``retire`` rather than ``close``
         self.closed = False
 
     async def _answer(self, request: MockRequest) -> MockResponse:
@@ -97,6 +98,10 @@ class MockClient:
         stream = MockStream(response)
         self.streams.append(stream)
         return stream
+
+    async def retire(self, grace: float) -> None:
+        self.retired = True
+        self.closed = True
 
     async def close(self) -> None:
         self.closed = True

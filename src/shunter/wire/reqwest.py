@@ -60,13 +60,23 @@ def _translate(exc: PyreqwestError) -> UpstreamError:
     return UpstreamError("io", f"worker connection failed: {exc}")
 
 
+class UnsendableHeaders(ValueError):
+    """A request header pyreqwest cannot send as it is (a value that is not UTF-8). Only
+    the control plane's own headers (a request id, a validated key) come here, so this is a
+    programming error; the data plane, which carries the client's header bytes, runs on
+    ``wire/client.py``."""
+
+
 def _byte_pairs(headers: Any) -> list[tuple[bytes, bytes]]:
-    """pyreqwest's header map as byte pairs (it speaks strings: the one conversion)."""
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    """pyreqwest's header map as byte pairs (it speaks strings: the one conversion). It
+    hands out only visible-ASCII values, and raises ValueError for any other."""
+    return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
 def _str_pairs(headers: HeaderPairs) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+    """Header values as the strings pyreqwest encodes back to the same bytes: it encodes
+    them as UTF-8, so a value that is not UTF-8 cannot be sent exactly (UnicodeDecodeError)."""
+    return [(k.decode("latin-1"), v.decode()) for k, v in headers]
 
 
 def declared_length(response: Response) -> int | None:
@@ -130,13 +140,19 @@ class ReqwestClient:
     async def request(
         self, method: str, url: str, headers: HeaderPairs, body: bytes | None
     ) -> FullResponse:
-        builder = self._client.request(method, url).headers(_str_pairs(headers))
+        try:
+            builder = self._client.request(method, url).headers(_str_pairs(headers))
+        except ValueError as exc:  # not UTF-8, or refused by pyreqwest
+            raise UnsendableHeaders(
+                f"a request header cannot go through pyreqwest: {exc}"
+            ) from None
         if body is not None:
             builder = builder.body_bytes(body)
         context = builder.build_streamed()
         try:
             response = await context.__aenter__()
             try:
+                headers_back = _byte_pairs(response.headers)
                 declared = declared_length(response)
                 if declared is not None and declared <= self._one_read_bytes:
                     payload = bytes(await response.bytes())  # the common, small answer
@@ -146,7 +162,9 @@ class ReqwestClient:
                 await context.__aexit__(None, None, None)
         except PyreqwestError as exc:
             raise _translate(exc) from None
-        return FullResponse(response.status, _byte_pairs(response.headers), payload)
+        except ValueError:  # a response header that is not visible ASCII
+            raise UpstreamError("io", "the worker sent a header that is not ASCII") from None
+        return FullResponse(response.status, headers_back, payload)
 
     async def close(self) -> None:
         await self._client.close()

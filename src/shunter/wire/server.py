@@ -50,6 +50,9 @@ HIGH_WATER = 256 * 1024  # pause reading when this much request body waits unrea
 # kernel send a reset, which can destroy the error response before the client reads it.
 LINGER_SECS = 2.0
 REFUSAL_LOG_INTERVAL_SECS = 10.0  # at most one warning this often while connections are refused
+# After the drain, the apps still running are cancelled and get this long to clean up (close
+# their workers' streams, send a gRPC Abort) before the caller closes what they use.
+CANCELLED_CLEANUP_SECS = 5.0
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _DISCONNECT: Message = {"type": "http.disconnect"}
 # A request line is method SP target SP "HTTP/1.1", and no method is shorter than "GET".
@@ -806,7 +809,8 @@ class HttpServer:
                     conn.fail(408, b"request body not received in time")
 
     async def shutdown(self, drain_secs: float) -> None:
-        """Stop accepting, let in-flight requests finish (up to ``drain_secs``), close."""
+        """Stop accepting, let in-flight requests finish (up to ``drain_secs``), cancel the
+        rest and wait for their cleanup, close. When this returns, no app code runs."""
         self.stopping = True
         for server in self._servers:
             server.close()
@@ -816,8 +820,11 @@ class HttpServer:
         deadline = self.loop.time() + drain_secs
         while self.tasks and self.loop.time() < deadline:
             await asyncio.wait(set(self.tasks), timeout=max(0.0, deadline - self.loop.time()))
-        for task in list(self.tasks):
+        cancelled = set(self.tasks)
+        for task in cancelled:
             task.cancel()
+        if cancelled:
+            await asyncio.wait(cancelled, timeout=CANCELLED_CLEANUP_SECS)
         for conn in list(self.connections):
             conn.transport.close()
         if self._sweeper is not None:

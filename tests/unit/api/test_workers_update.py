@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 from prometheus_client import generate_latest
 
+from shunter.wire.asgi import Message
 from shunter.wire.mock import MockRequest, MockResponse
 
 from support.fakes import Workers, call, gateway, ok, ready
@@ -94,4 +95,36 @@ async def test_a_workers_own_health_settings_are_applied() -> None:
     assert not worker.state.healthy
     answer = await call(gw.app, "POST", "/v1/completions", b"{}")
     assert answer.status == 503
+    await gw.close()
+
+
+async def test_an_update_whose_worker_is_removed_while_its_body_arrives_is_404() -> None:
+    gw = gateway()
+    await ready(gw)
+    body_asked, body_sent = asyncio.Event(), asyncio.Event()
+
+    async def receive() -> dict[str, object]:
+        body_asked.set()
+        await body_sent.wait()  # a slow client: the body comes after the head
+        return {"type": "http.request", "body": b'{"priority": 3}', "more_body": False}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "PUT",
+        "path": "/workers/" + URL,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "headers": [(b"content-length", b"15")],
+    }
+    update = asyncio.ensure_future(gw.app(scope, receive, send))
+    await body_asked.wait()  # the worker was there; the handler waits for the body
+    gw.fleet.remove(URL)
+    body_sent.set()
+    await update
+    assert sent[0]["status"] == 404
     await gw.close()

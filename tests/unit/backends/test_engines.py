@@ -48,6 +48,8 @@ ANSWERS: dict[str, tuple[int, bytes]] = {
 
 
 def scripted(request: MockRequest) -> MockResponse:
+    if request.url.startswith("http://raises/"):
+        raise RuntimeError("a bug in a load read")
     answer = ANSWERS.get(request.url)
     if answer is None:
         raise UpstreamError("connect", "refused")
@@ -62,10 +64,11 @@ async def test_unreadable_loads_are_unknown_not_zero() -> None:
         make_worker("http://dead", runtime=Runtime.SGLANG, handler=scripted),
         make_worker("http://broken", runtime=Runtime.SGLANG, handler=scripted),
         make_worker("http://o", runtime=Runtime.OPENAI, handler=scripted),
+        make_worker("http://raises", runtime=Runtime.SGLANG, handler=scripted),
     ]
     monitor = LoadMonitor(lambda: workers, 1.0)
     for worker in workers:
         worker.state.reported(999, 0.5)
     await monitor.poll_once()
-    assert [w.reported_load for w in workers] == [12, 5, 5, None, None, None]
-    assert [w.state.cache_hit_rate for w in workers] == [0.25, None, None, None, None, None]
+    assert [w.reported_load for w in workers] == [12, 5, 5, None, None, None, None]
+    assert [w.state.cache_hit_rate for w in workers] == [0.25, None, None, None, None, None, None]

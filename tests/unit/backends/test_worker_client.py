@@ -21,7 +21,7 @@ async def test_a_cancelled_whole_request_closes_the_workers_connection() -> None
             closed.set()
 
     server = await asyncio.start_server(worker, "127.0.0.1", 0)
-    url = "http://127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     client = worker_client(ClientSettings(), url)
     try:
         call = asyncio.ensure_future(client.request("POST", url + "/generate", [], b"{}"))
@@ -50,7 +50,7 @@ async def test_whole_answers_come_back_whole_and_the_connection_is_reused() -> N
             await writer.drain()
 
     server = await asyncio.start_server(worker, "127.0.0.1", 0)
-    url = "http://127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     client = worker_client(ClientSettings(), url)
     try:
         for _ in range(3):

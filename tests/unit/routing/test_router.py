@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 
 import orjson
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from shunter.gateway import Gateway
+from shunter.observability.tracing import Tracing
+from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
 from shunter.wire.asgi import Message
-from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
+from shunter.wire.base import HeaderPairs
+from shunter.wire.mock import (
+    Handler,
+    MockClient,
+    MockRequest,
+    MockResponse,
+    MockStream,
+    UpstreamError,
+)
 
 from support.fakes import Workers, call, gateway, ok, ready
 
@@ -52,6 +67,23 @@ async def test_a_connection_failure_is_502_and_the_client_is_replaced() -> None:
     failing["on"] = False
     assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 200
     assert len(network.clients["http://w:1"][1].requests) == 1  # the fresh client served it
+    await gw.close()
+
+
+async def test_a_failed_request_is_counted_and_logged_with_its_model_and_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def handler(request: MockRequest) -> MockResponse:
+        raise UpstreamError("connect", "refused")
+
+    gw = gateway(handler=handler, retry=NO_RETRIES)
+    await ready(gw)
+    with caplog.at_level(logging.INFO, logger="shunter.access"):
+        answer = await call(gw.app, "POST", "/v1/completions", b'{"model": "m"}')
+    assert answer.status == 502
+    assert gw.metrics.router_errors == {("m", "/v1/completions", "upstream_unavailable"): 1}
+    [line] = [r for r in caplog.records if r.name == "shunter.access"]
+    assert getattr(line, "worker", None) == "http://w:1"
     await gw.close()
 
 
@@ -123,13 +155,13 @@ async def test_dp_rank_is_injected_into_the_body_sent_to_the_base_url() -> None:
     network = Workers(dp_size=2)
     gw = gateway(network=network, dp_aware=True)
     await ready(gw, 2)
+    body = b'{"text": "x", "extra": [1], "huge": 1e400, "big": 123456789012345678901234567890}'
     for _ in range(2):
-        await call(gw.app, "POST", "/generate", b'{"text": "x", "extra": [1]}')
+        assert (await call(gw.app, "POST", "/generate", body)).status == 200
     sent = network.requests("http://w:1")
     assert [r.url for r in sent] == ["http://w:1/generate"] * 2
-    bodies = [orjson.loads(r.body or b"") for r in sent]
-    assert sorted(b["data_parallel_rank"] for b in bodies) == [0, 1]
-    assert all(b["extra"] == [1] for b in bodies)
+    bodies = sorted(r.body or b"" for r in sent)
+    assert bodies == [body[:-1] + b',"data_parallel_rank":%d}' % rank for rank in (0, 1)]
     await gw.close()
 
 
@@ -138,6 +170,29 @@ async def test_dp_rank_is_injected_into_the_body_sent_to_the_base_url() -> None:
 
 def streaming(*chunks: bytes | UpstreamError, status: int = 200) -> MockResponse:
     return MockResponse(status, [(b"content-type", b"text/event-stream")], list(chunks))
+
+
+def stream_scope() -> dict[str, object]:
+    """A ``POST /v1/completions`` as our server hands it to the app."""
+    return {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "headers": [],
+    }
+
+
+def one_body(body: bytes) -> Callable[[], Awaitable[dict[str, object]]]:
+    """A ``receive`` that hands over ``body`` whole (again if asked again)."""
+    message = {"type": "http.request", "body": body, "more_body": False}
+
+    async def receive() -> dict[str, object]:
+        return message
+
+    return receive
 
 
 async def test_a_stream_is_relayed_chunk_by_chunk_and_its_load_ends_with_it() -> None:
@@ -197,21 +252,7 @@ async def test_a_client_that_leaves_a_stream_releases_the_worker_at_once() -> No
             started.set()
             await release.wait()  # the client stalls, then leaves
 
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "method": "POST",
-        "path": "/v1/completions",
-        "raw_path": b"/v1/completions",
-        "query_string": b"",
-        "headers": [],
-    }
-    body = {"type": "http.request", "body": b'{"stream": true}', "more_body": False}
-
-    async def receive() -> dict[str, object]:
-        return body
-
-    task = asyncio.ensure_future(gw.app(scope, receive, send))
+    task = asyncio.ensure_future(gw.app(stream_scope(), one_body(b'{"stream": true}'), send))
     await started.wait()
     worker = gw.fleet.registry.all()[0]
     assert worker.state.in_flight == 1
@@ -219,4 +260,112 @@ async def test_a_client_that_leaves_a_stream_releases_the_worker_at_once() -> No
     await asyncio.gather(task, return_exceptions=True)
     assert worker.state.in_flight == 0
     assert all(s.closed for c in network.clients["http://w:1"] for s in c.streams)
+    await gw.close()
+
+
+async def test_a_streamed_requests_spans_end_when_its_stream_does() -> None:
+    exporter = InMemorySpanExporter()
+    gw = gateway(handler=lambda r: streaming(b"data: 1\n\n", b"data: 2\n\n"))
+    gw.router.tracing = Tracing("unused", exporter=exporter)
+    await ready(gw)
+    ended_at_first_chunk: set[str] = set()
+
+    async def send(message: Message) -> None:
+        if message.get("body") == b"data: 1\n\n":
+            ended_at_first_chunk.update(s.name for s in exporter.get_finished_spans())
+
+    await gw.app(stream_scope(), one_body(b'{"stream": true}'), send)
+    assert ended_at_first_chunk == {"select_worker"}  # route and upstream still running
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"route", "select_worker", "upstream"}
+    route, upstream = spans["route"], spans["upstream"]
+    assert upstream.parent is not None and upstream.parent.span_id == route.context.span_id
+    assert (upstream.end_time or 0) <= (route.end_time or 0)
+    await gw.close()
+    gw.router.tracing.shutdown()
+
+
+# --- a client that leaves -------------------------------------------------------------------
+
+
+class SlowToClose(MockStream):
+    """A stream whose close takes its time (a gRPC worker's Abort, say): ``aclose`` waits
+    until it is cancelled."""
+
+    def __init__(self, response: MockResponse, closing: asyncio.Event) -> None:
+        super().__init__(response)
+        self.closing = closing
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        await asyncio.Event().wait()
+
+
+class StallingClose(Workers):
+    """Workers whose streams are slow to close; ``closing`` is set once one starts to."""
+
+    def __init__(self, handler: Handler) -> None:
+        super().__init__(handler)
+        self.closing = asyncio.Event()
+
+    def client(self, base_url: str) -> MockClient:
+        closing = self.closing
+
+        class Client(MockClient):
+            async def stream(
+                self, method: str, url: str, headers: HeaderPairs, body: bytes | None
+            ) -> MockStream:
+                request = MockRequest(method, url, list(headers), body, True)
+                return SlowToClose(await self._answer(request), closing)
+
+        return Client(self.handler)
+
+
+async def leave(gw: Gateway, when: Callable[[Message], bool]) -> asyncio.Task[None]:
+    """Start a streamed request whose client stalls at the first message ``when`` picks,
+    then leaves (the task is cancelled, as our server does); the task, once it got there."""
+    there = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        if when(message):
+            there.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.ensure_future(gw.app(stream_scope(), one_body(b'{"stream": true}'), send))
+    await there.wait()
+    assert gw.fleet.registry.all()[0].state.in_flight == 1
+    task.cancel()
+    return task
+
+
+ONE_AT_A_TIME = AdmissionConfig(max_concurrent=1, queue_size=0)
+
+
+async def assert_released(gw: Gateway) -> None:
+    """The worker counts no request in flight, and the one admission slot is free."""
+    assert gw.fleet.registry.all()[0].state.in_flight == 0
+    assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 200
+
+
+async def test_a_client_that_leaves_before_the_first_chunk_releases_everything() -> None:
+    network = Workers(lambda r: streaming(b"data: 1\n\n"))
+    gw = gateway(network=network, admission=ONE_AT_A_TIME)
+    await ready(gw)
+    task = await leave(gw, lambda m: m["type"] == "http.response.start")
+    await asyncio.gather(task, return_exceptions=True)
+    await assert_released(gw)
+    assert all(s.closed for c in network.clients["http://w:1"] for s in c.streams)
+    assert gw.metrics.router_errors == {("m", "/v1/completions", "client_closed"): 1}
+    await gw.close()
+
+
+async def test_a_close_cut_short_by_a_second_cancel_still_releases_everything() -> None:
+    network = StallingClose(lambda r: streaming(b"data: 1\n\n", b"data: 2\n\n"))
+    gw = gateway(network=network, admission=ONE_AT_A_TIME)
+    await ready(gw)
+    task = await leave(gw, lambda m: m.get("body") == b"data: 1\n\n")
+    await network.closing.wait()  # the stream is closing, slowly...
+    task.cancel()  # ...and is cancelled again (a shutdown, say)
+    await asyncio.gather(task, return_exceptions=True)
+    await assert_released(gw)
     await gw.close()

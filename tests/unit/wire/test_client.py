@@ -186,3 +186,25 @@ async def test_reading_pauses_while_the_consumer_lags(serve) -> None:  # type: i
     await asyncio.sleep(0.2)  # let chunks pile up unread
     chunks = await drain(stream)
     assert len(b"".join(chunks)) == 500
+
+
+async def test_a_stream_that_ends_after_its_client_closed_closes_its_connection(serve) -> None:  # type: ignore[no-untyped-def]
+    finish = asyncio.Event()
+    eof = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nlast\r\n")
+        await finish.wait()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        if await reader.read(1) == b"":
+            eof.set()
+
+    client = await serve(handler)
+    stream = await client.stream("POST", "http://x/v1/completions", [], b"{}")
+    await client.close()  # a replaced client: its streams run on
+    finish.set()
+    assert await drain(stream) == [b"last"]  # the stream ended whole...
+    assert not client.idle  # ...and its connection did not go back to a pool nobody reads
+    await asyncio.wait_for(eof.wait(), 2)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import h11
 import pytest
 
-from shunter.wire.asgi import ClientGone, Message, Receive, Scope, Send, read_body, send_bytes
+from shunter.sim.send import send_bytes
+from shunter.wire.asgi import ClientGone, Message, Receive, Scope, Send, read_body
 from shunter.wire.limits import ServerLimits
 from shunter.wire.server import HttpServer
 

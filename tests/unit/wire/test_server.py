@@ -11,7 +11,8 @@ import pytest
 
 from shunter.cli import serve_config
 from shunter.config import GatewayConfig
-from shunter.wire.asgi import Receive, Scope, Send, read_body, send_bytes
+from shunter.sim.send import send_bytes
+from shunter.wire.asgi import Receive, Scope, Send, read_body
 from shunter.wire.limits import RESERVED_FILES, ServerLimits, default_max_connections
 from shunter.wire.server import HttpServer
 
@@ -205,3 +206,25 @@ def test_serve_flags_set_the_server_limits(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         config_for("--max-request-head-bytes", "1000", "--max-request-line-bytes", "2000")
     assert "--max-request-head-bytes must be >= --max-request-line-bytes" in capsys.readouterr().err
+
+
+async def test_shutdown_returns_once_the_cancelled_apps_have_cleaned_up() -> None:
+    started = asyncio.Event()
+    cleaned: list[str] = []
+
+    async def slow_to_clean(scope: Scope, receive: Receive, send: Send) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:  # closing a worker's stream, say: it takes a moment
+            await asyncio.sleep(0.05)
+            cleaned.append(scope["path"])
+
+    http = HttpServer(slow_to_clean)
+    port = await http.listen("127.0.0.1", 0)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /busy HTTP/1.1\r\nhost: x\r\n\r\n")
+    await started.wait()
+    await http.shutdown(0)
+    assert cleaned == ["/busy"]  # what the app used can be closed now
+    writer.close()

@@ -31,9 +31,9 @@ from shunter.backends.base import (
     Runtime,
     Target,
 )
-from shunter.backends.grpc.pipeline import GRPC_PATHS, JSON_HEADERS, GrpcPipeline
+from shunter.backends.grpc.pipeline import GRPC_PATHS, GrpcPipeline
 from shunter.backends.grpc.scheduler import SchedulerClient, SchedulerError
-from shunter.protocols.reply import Reply
+from shunter.protocols.reply import JSON_CONTENT, Reply
 from shunter.wire.base import UpstreamError
 
 # The scheduler's HealthCheck generates a token; it may take longer than a probe.
@@ -52,11 +52,14 @@ class GrpcBackend(Backend):
         async def create() -> SchedulerClient:
             return SchedulerClient(url)
 
+        async def close(client: SchedulerClient) -> None:
+            await client.close()
+
         async def retire(client: SchedulerClient) -> None:
             await client.retire(retire_grace_secs)
 
         # The worker's channel: read as ``channel.value or await channel.get()``.
-        self.channel: OnceCell[SchedulerClient] = OnceCell(create, retire)
+        self.channel: OnceCell[SchedulerClient] = OnceCell(create, close, retire)
 
     async def _client(self) -> SchedulerClient:
         cell = self.channel
@@ -138,7 +141,7 @@ class GrpcBackend(Backend):
         try:
             ok, message = await call(await self._client())
         except SchedulerError as exc:
-            raise EngineOpError(str(exc)) from None
+            raise EngineOpError(str(exc), exc.kind) from None
         if not ok:
             raise EngineOpError(f"{what}: {message}")
 
@@ -151,12 +154,11 @@ class GrpcBackend(Backend):
                 else client.model_info(CONTROL_SECS)
             )
         except SchedulerError as exc:
-            raise EngineOpError(str(exc)) from None
+            raise EngineOpError(str(exc), exc.kind) from None
         body = str(MessageToJson(message, preserving_proto_field_name=True)).encode()
-        return Reply(200, list(JSON_HEADERS), body)
+        return Reply(200, [JSON_CONTENT], body)
 
     async def close(self) -> None:
-        """Close now: calls still running are cancelled (at shutdown, after the drain)."""
-        client = self.channel.value
-        if client is not None:
-            await client.close()
+        """Close now, retiring channels included: calls still running are cancelled (at
+        shutdown, after the drain)."""
+        await self.channel.close()

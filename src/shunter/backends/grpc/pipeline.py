@@ -38,7 +38,7 @@ from shunter.protocols.generation import (
     GenerationRequest,
     parse_generation_request,
 )
-from shunter.protocols.reply import Reply, Stream, primed
+from shunter.protocols.reply import JSON_CONTENT, SSE_CONTENT, Reply, Stream, primed
 from shunter.tokenizer.tokenizer import ModelTokenizer, TokenizerError
 from shunter.wire.base import UpstreamError
 
@@ -46,8 +46,7 @@ log = logging.getLogger("shunter.backends.grpc")
 
 # What a gRPC worker serves: the gateway tokenizes and formats these for it.
 GRPC_PATHS = frozenset({"/generate", "/v1/chat/completions", "/v1/completions"})
-JSON_HEADERS = [(b"content-type", b"application/json")]
-SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+SSE_HEADERS = [SSE_CONTENT, (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
 _ERROR_CODES = {400: "invalid_request", 429: "rate_limit_exceeded"}
 
@@ -88,7 +87,7 @@ class GrpcPipeline:
             if generation.stream:
                 first = await output.first_message()
                 return Reply(200, list(SSE_HEADERS), await primed(output.stream(first)))
-            return Reply(200, list(JSON_HEADERS), await output.whole())
+            return Reply(200, [JSON_CONTENT], await output.whole())
         except SchedulerError as exc:
             output.stop("the request failed")
             return _answer(exc)

@@ -6,15 +6,13 @@ Headers are filtered on the way in and out (``forwarded_headers``,
 ``relayed_headers``); a stream's chunks are handed on as they arrive.
 
 The data-plane client is created on first use by one task and read as an attribute after
-(``aio/once.py``); a connection failure starts building a fresh one in the background while
+(``aio/once.py``); a refused connection starts building a fresh one in the background while
 requests keep using the old one, so a worker that restarted is reached again without being
 re-added. What differs between engines (load, flush, generation check, ``/generate``) is
 the ``Engine``'s business (``engines/``).
 """
 
 from __future__ import annotations
-
-import orjson
 
 from shunter.aio.once import OnceCell
 from shunter.backends.base import (
@@ -32,12 +30,17 @@ from shunter.backends.http.engines.base import Engine
 from shunter.protocols.reply import Headers, Reply, Stream, primed
 from shunter.wire.base import HOP_BY_HOP, StreamingResponse, UpstreamClient, UpstreamError
 
-# Never forwarded: hop-by-hop headers, the request id (the gateway's own goes instead) and
-# Expect (the gateway answered any 100-continue itself; the worker gets the whole body).
-_NOT_FORWARDED = HOP_BY_HOP | {b"x-request-id", b"expect"}
+# Never forwarded: hop-by-hop headers, the request id (the gateway's own goes instead),
+# Expect (the gateway answered any 100-continue itself; the worker gets the whole body) and
+# Origin (CORS is the gateway's to answer: a worker that sees one answers it too).
+_NOT_FORWARDED = HOP_BY_HOP | {b"x-request-id", b"expect", b"origin"}
 _TRACE = frozenset({b"traceparent", b"tracestate"})
 _NOT_RELAYED = HOP_BY_HOP | {b"x-request-id"}
+# Never relayed either: a worker's own CORS answer (SGLang and vLLM echo any origin, with
+# credentials) would override the gateway's, which ``api/cors.py`` adds.
+_CORS_PREFIX = b"access-control-"
 _INFO_PATHS = {"server": "/get_server_info", "model": "/get_model_info"}
+_JSON_SPACE = b" \t\r\n"
 
 
 class HttpBackend(Backend):
@@ -80,9 +83,11 @@ class HttpBackend(Backend):
                 return Reply(upstream.status, relayed_headers(upstream.headers), chunks)
             response = await client.request(request.method, url, headers, body)
         except UpstreamError as exc:
-            if exc.kind in ("connect", "io"):
-                # The pool may hold connections to a worker that restarted: build a fresh
-                # one in the background; requests keep using this one until it is ready.
+            if exc.kind == "connect":
+                # The worker may have restarted: build a fresh pool in the background;
+                # requests keep using this one until it is ready, and those running on it
+                # finish there (it is retired, not closed). A broken exchange ("io") says
+                # nothing about the pool's other connections.
                 cell.replace(client)
             raise
         return Reply(response.status, relayed_headers(response.headers), response.body)
@@ -110,7 +115,7 @@ class HttpBackend(Backend):
         try:
             response = await self._calls.request(target, "GET", _INFO_PATHS[kind], None, id_header)
         except UpstreamError as exc:
-            raise EngineOpError(str(exc)) from None
+            raise EngineOpError(str(exc), exc.kind) from None
         return Reply(response.status, relayed_headers(response.headers), response.body)
 
     async def metrics(self, target: Target) -> str | None:
@@ -151,15 +156,24 @@ def forwarded_headers(request: Outbound, api_key: str | None) -> Headers:
 
 
 def relayed_headers(headers: Headers) -> Headers:
-    """The worker's response headers the client receives (the API adds the request id)."""
-    return [(k, v) for k, v in headers if k not in _NOT_RELAYED]
+    """The worker's response headers the client receives (the API adds the request id and
+    its own CORS headers)."""
+    return [(k, v) for k, v in headers if k not in _NOT_RELAYED and not k.startswith(_CORS_PREFIX)]
 
 
 def with_rank(body: bytes, rank: int) -> bytes:
-    """The body with ``data_parallel_rank`` set: the one case where the gateway rewrites it."""
-    payload = orjson.loads(body)
-    payload["data_parallel_rank"] = rank
-    return orjson.dumps(payload)
+    """The body with ``data_parallel_rank`` set: the one case where the gateway rewrites it.
+
+    The field is spliced in before the closing brace, leaving every other byte as the
+    client sent it: decoding and encoding again changed numbers (``1e400`` failed, integers
+    past 64 bits came back as floats). The router routes only JSON objects, so the body
+    ends with ``}``. A body that has the field already has it twice after this: JSON
+    parsers (Python's, orjson, pydantic's) keep the last, the gateway's."""
+    end = body.rstrip(_JSON_SPACE)
+    assert end.endswith(b"}"), "the router routes JSON objects only"
+    inner = end[:-1].rstrip(_JSON_SPACE)
+    separator = b"" if inner.endswith(b"{") else b","  # only an empty object ends so
+    return b'%s%s"data_parallel_rank":%d}' % (inner, separator, rank)
 
 
 async def _chunks(upstream: StreamingResponse) -> Stream:

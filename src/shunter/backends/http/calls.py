@@ -14,9 +14,8 @@ from typing import Any
 import orjson
 
 from shunter.backends.base import EngineOpError, Target
+from shunter.protocols.reply import JSON_CONTENT
 from shunter.wire.base import FullResponse, HeaderPairs, UpstreamError, WholeClient
-
-JSON_CONTENT = (b"content-type", b"application/json")
 
 
 def bearer(api_key: str | None) -> list[tuple[bytes, bytes]]:
@@ -71,7 +70,7 @@ class WorkerCalls:
         try:
             response = await self.request(target, method, path, body, long=long)
         except UpstreamError as exc:
-            raise EngineOpError(str(exc)) from None
+            raise EngineOpError(str(exc), exc.kind) from None
         if not 200 <= response.status < 300:
             snippet = response.body[:200].decode("utf-8", "replace")
             raise EngineOpError(f"{method} {path}: status {response.status}: {snippet}")

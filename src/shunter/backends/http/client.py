@@ -39,6 +39,12 @@ class WorkerClient:
     ) -> H1Stream:
         return await self._streams.stream(method, url, headers, body)
 
+    async def retire(self, grace: float) -> None:
+        """Close without failing what runs on this client: closing the pool closes its idle
+        connections at once, and a call still running keeps its connection until it ends
+        (``grace`` is not needed: nothing here fails running calls)."""
+        await self._streams.close()
+
     async def close(self) -> None:
         await self._streams.close()
 

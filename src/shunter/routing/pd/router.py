@@ -26,7 +26,6 @@ PD mode can also front ordinary workers (for embeddings, say, or another model).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from functools import partial
@@ -61,7 +60,7 @@ from shunter.routing.pd.legs import DecodeAnswer, Legs, PrefillAnswer, prefill_l
 from shunter.routing.pd.pairs import Pair, PairSelector
 from shunter.routing.request import InferenceRequest
 from shunter.routing.retry import RETRYABLE_STATUSES, RetryConfig
-from shunter.routing.router import Router, outbound_for
+from shunter.routing.router import Router, outbound_for, retry_if_none_available
 from shunter.routing.verdict import Verdict
 
 log = logging.getLogger("shunter.router.pd")
@@ -111,17 +110,15 @@ class PdRouter(Router):
             for attempt in range(attempts):
                 last = attempt + 1 == attempts
                 if attempt:
-                    delay = self.retry.backoff_secs(attempt - 1)
-                    self.metrics.retry_backoff(attempt, delay)
-                    await asyncio.sleep(delay)
+                    await self._back_off(attempt)
                 try:
                     with self._span("select_pair", attempt=attempt):
                         pair = self.pairs.select(request, model, avoid_prefill, avoid_decode)
                 except ApiError as exc:
-                    if exc.status != 503 or last:
-                        raise
+                    retry_if_none_available(exc, last)
                     continue
                 decode = pair.decode
+                request.model, request.worker = model, decode.url
                 if attempt:
                     self.metrics.retried(decode, request.path)
                 self.metrics.observe_route(
