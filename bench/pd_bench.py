@@ -80,10 +80,12 @@ class Processes:
     def __init__(self) -> None:
         self.logs = Path(tempfile.mkdtemp(prefix="pd_bench-"))
         self.running: list[subprocess.Popen[bytes]] = []
+        self.started = 0
 
     def start(self, cpu: int, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         slug = "".join(c if c.isalnum() else "-" for c in name)
-        with (self.logs / f"{slug}.log").open("wb") as log:
+        self.started += 1  # in the log's name: two processes may share a name
+        with (self.logs / f"{self.started:02d}-{slug}.log").open("wb") as log:
             process = subprocess.Popen(
                 ["taskset", "-c", str(cpu), *argv], stdout=log, stderr=subprocess.STDOUT
             )
@@ -128,17 +130,22 @@ class Fleet:
         return self.prefills + self.decodes
 
 
+def start_sim(procs: Processes, name: str, runtime: str, argv: list[str]) -> Sim:
+    port = free_port()
+    command = [sys.executable, "-m", "shunter", "sim", "--host", LOOPBACK, "--port", str(port)]
+    command += ["--runtime", runtime, "--log-level", "warning", "--worker-id", name, *argv]
+    return Sim(f"http://{LOOPBACK}:{port}", procs.start(LOAD_CPU, f"{runtime}-{name}", command))
+
+
 def start_fleet(procs: Processes, count: int, sim_args: list[str], runtime: str) -> Fleet:
     def sim(role: str, index: int) -> Sim:
-        port = free_port()
+        extra = ["--disaggregation-mode", role, *sim_args]
         bootstrap = free_port() if role == "prefill" else None
-        argv = [sys.executable, "-m", "shunter", "sim", "--host", LOOPBACK, "--port", str(port)]
-        argv += ["--runtime", runtime, "--disaggregation-mode", role, "--log-level", "warning"]
-        argv += ["--worker-id", f"{role}-{index}", *sim_args]
         if bootstrap is not None:
-            argv += ["--disaggregation-bootstrap-port", str(bootstrap)]
-        process = procs.start(LOAD_CPU, f"{runtime}-{role}-{index}", argv)
-        return Sim(f"http://{LOOPBACK}:{port}", process, bootstrap)
+            extra += ["--disaggregation-bootstrap-port", str(bootstrap)]
+        started = start_sim(procs, f"{role}-{index}", runtime, extra)
+        started.bootstrap_port = bootstrap
+        return started
 
     fleet = Fleet(
         [sim("prefill", i) for i in range(count)], [sim("decode", i) for i in range(count)]
@@ -146,6 +153,14 @@ def start_fleet(procs: Processes, count: int, sim_args: list[str], runtime: str)
     for s in fleet.sims:
         wait_http(s.url + "/health")
     return fleet
+
+
+def start_regular(procs: Processes, count: int, sim_args: list[str]) -> list[Sim]:
+    """``count`` ordinary SGLang sims (no PD): the regular router's reference."""
+    sims = [start_sim(procs, f"regular-{i}", "sglang", sim_args) for i in range(count)]
+    for s in sims:
+        wait_http(s.url + "/health")
+    return sims
 
 
 @dataclass
@@ -159,29 +174,35 @@ class Gateway:
         return f"http://{LOOPBACK}:{self.port}"
 
 
-def start_shunter(procs: Processes, name: str, fleet: Fleet, sglang: bool, *extra: str) -> Gateway:
-    port = free_port()
-    argv = [sys.executable, "-m", "shunter", "serve", "--host", LOOPBACK, "--port", str(port)]
-    argv += ["--prometheus-port", "0", "--log-level", "warning", "--policy", "round_robin"]
-    argv += ["--pd-disaggregation", *extra]
+def pd_workers(fleet: Fleet, sglang: bool) -> list[str]:
+    """PD mode and its workers, in the flags Shunter and smg share."""
+    argv = ["--pd-disaggregation"]
     for s in fleet.prefills:
         argv += ["--prefill", s.url, str(s.bootstrap_port) if sglang else "none"]
     for s in fleet.decodes:
         argv += ["--decode", s.url]
+    return argv
+
+
+def regular_workers(sims: list[Sim]) -> list[str]:
+    return ["--worker-urls", *(s.url for s in sims)]
+
+
+def start_shunter(procs: Processes, name: str, workers: list[str], *extra: str) -> Gateway:
+    port = free_port()
+    argv = [sys.executable, "-m", "shunter", "serve", "--host", LOOPBACK, "--port", str(port)]
+    argv += ["--prometheus-port", "0", "--log-level", "warning", "--policy", "round_robin"]
+    argv += ["--shutdown-grace-period-secs", "0.5", *workers, *extra]
     return Gateway(name, procs.start(GATEWAY_CPU, name, argv), port)
 
 
-def start_smg(procs: Processes, smg: str, fleet: Fleet) -> Gateway:
+def start_smg(procs: Processes, smg: str, name: str, workers: list[str]) -> Gateway:
     port = free_port()
-    argv = [smg, "launch", "--pd-disaggregation", "--host", LOOPBACK, "--port", str(port)]
+    argv = [smg, "launch", "--host", LOOPBACK, "--port", str(port)]
     argv += ["--prometheus-host", LOOPBACK, "--prometheus-port", str(free_port())]
     argv += ["--policy", "round_robin", "--log-level", "warn"]
-    argv += ["--shutdown-grace-period-secs", "1"]
-    for s in fleet.prefills:
-        argv += ["--prefill", s.url, str(s.bootstrap_port)]
-    for s in fleet.decodes:
-        argv += ["--decode", s.url]
-    return Gateway("smg", procs.start(GATEWAY_CPU, "smg", argv), port)
+    argv += ["--shutdown-grace-period-secs", "1", *workers]
+    return Gateway(name, procs.start(GATEWAY_CPU, name, argv), port)
 
 
 def post_json(url: str, body: Any, timeout: float = 5) -> Any:
@@ -296,6 +317,17 @@ def direct(clients: Clients, fleet: Fleet, base: dict[str, Any], stream: bool) -
     return send
 
 
+def direct_regular(clients: Clients, sims: list[Sim], body: bytes, stream: bool) -> Send:
+    """The load generator straight to the regular sims, in turn."""
+    targets = itertools.cycle([(clients[s.url], s.url + CHAT) for s in sims])
+
+    async def send() -> Sample:
+        client, url = next(targets)
+        return await call(client, url, body, stream)
+
+    return send
+
+
 async def closed_loop(send: Send, concurrency: int, seconds: float) -> tuple[list[Sample], float]:
     """``concurrency`` clients sending back to back for ``seconds``; (samples, elapsed)."""
     samples: list[Sample] = []
@@ -378,74 +410,154 @@ async def measure(
     }
 
 
+@dataclass
+class Target:
+    """Where the load goes: a gateway (its PID for CPU time) or direct (None)."""
+
+    name: str
+    pid: int | None
+    sends: dict[bool, Send]  # stream -> one request
+
+
+@dataclass
+class Group:
+    """Targets in front of the same sims, compared with the first (direct) of them."""
+
+    label: str
+    targets: list[Target]
+
+
 async def overhead(
-    fleet: Fleet, gateways: list[Gateway], args: argparse.Namespace
-) -> dict[tuple[str, int, str], Measured]:
+    fleet: Fleet,
+    gateways: list[Gateway],
+    regular: tuple[list[Sim], list[Gateway]] | None,
+    args: argparse.Namespace,
+) -> dict[tuple[str, str, int, str], Measured]:
+    """Rows keyed (group, target, concurrency, mode). In each round and mode, each group's
+    direct baseline runs first and then its gateways, taking turns at going first."""
     clients = Clients()
     base = chat_body()
     bodies = {stream: orjson.dumps(base | {"stream": stream}) for stream in (True, False)}
-    targets: list[tuple[str, int | None, dict[bool, Send]]] = [
-        ("direct", None, {s: direct(clients, fleet, base, s) for s in (True, False)})
-    ]
-    for g in gateways:
-        sends = {s: through(clients, g, bodies[s], s) for s in (True, False)}
-        targets.append((g.name, g.process.pid, sends))
-    results: dict[tuple[str, int, str], Measured] = collections.defaultdict(Measured)
+
+    def through_all(gateways: list[Gateway]) -> list[Target]:
+        return [
+            Target(g.name, g.process.pid, {s: through(clients, g, bodies[s], s) for s in bodies})
+            for g in gateways
+        ]
+
+    direct_pd = {s: direct(clients, fleet, base, s) for s in bodies}
+    groups = [Group("PD", [Target("direct", None, direct_pd), *through_all(gateways)])]
+    if regular is not None:
+        sims, regular_gateways = regular
+        direct_sims = {s: direct_regular(clients, sims, bodies[s], s) for s in bodies}
+        targets = [Target("direct", None, direct_sims), *through_all(regular_gateways)]
+        groups.append(Group("regular", targets))
+    results: dict[tuple[str, str, int, str], Measured] = collections.defaultdict(Measured)
     try:
-        for _name, _pid, sends in targets:  # warm-up: connections, the gateways' caches
-            for send in sends.values():
-                await closed_loop(send, 8, args.duration / 4)
+        for group in groups:  # warm-up: connections, the gateways' caches
+            for target in group.targets:
+                for send in target.sends.values():
+                    await closed_loop(send, 8, args.duration / 4)
         for concurrency in args.concurrency:
             for round_ in range(args.rounds):
-                # direct first (the round's baseline), then the gateways in turns
-                order = [targets[0], *rotated(targets[1:], round_)]
                 for stream in (True, False):
                     mode = "stream" if stream else "whole"
-                    baseline: dict[str, float] = {}
-                    for name, pid, sends in order:
-                        row = await measure(sends[stream], concurrency, args.duration, pid)
-                        baseline = baseline or row
-                        row["added50"] = row["first50"] - baseline["first50"]
-                        row["added99"] = row["first99"] - baseline["first99"]
-                        results[(name, concurrency, mode)].rounds.append(row)
+                    for group in groups:
+                        direct_target, *rest = group.targets
+                        baseline: dict[str, float] = {}
+                        for target in [direct_target, *rotated(rest, round_)]:
+                            send = target.sends[stream]
+                            row = await measure(send, concurrency, args.duration, target.pid)
+                            baseline = baseline or row
+                            row["added50"] = row["first50"] - baseline["first50"]
+                            row["added99"] = row["first99"] - baseline["first99"]
+                            key = (group.label, target.name, concurrency, mode)
+                            results[key].rounds.append(row)
     finally:
         await clients.close()
     return results
 
 
 def report_overhead(
-    results: dict[tuple[str, int, str], Measured], names: list[str], args: argparse.Namespace
+    results: dict[tuple[str, str, int, str], Measured], names: list[str], args: argparse.Namespace
 ) -> None:
+    groups = list(dict.fromkeys(key[0] for key in results))
     print(
         f"PD overhead: {args.pairs} prefill + {args.pairs} decode SGLang sims (ttft 5 ms, itl "
         f"2 ms, {OUTPUT_TOKENS} tokens, no prefill cost), 1 KB chat body, round_robin legs; "
         f"{args.duration:g} s x {args.rounds} rounds per row (medians); gateways on CPU "
         f"{GATEWAY_CPU}, sims and load on CPU {LOAD_CPU}; direct = the client sends both "
         "legs itself"
+        + (
+            f"; regular = the same gateways in regular mode over {args.pairs} ordinary sims "
+            "of the same timing (direct: the client to a sim)"
+            if "regular" in groups
+            else ""
+        )
     )
     for mode, first in (("stream", "TTFT"), ("whole", "latency")):
         print(f"{'streamed' if mode == 'stream' else 'whole'} /v1/chat/completions")
         print(
-            f"{'gateway':>8} {'conc':>4} | {'req/s':>6} {'CPU/req':>9} | {first + ' p50':>11} "
+            f"{'gateway':>16} {'conc':>4} | {'req/s':>6} {'CPU/req':>9} | {first + ' p50':>11} "
             f"{first + ' p99':>11} | {'added p50':>9} {'added p99':>9} | "
             f"{'e2e p99' if mode == 'stream' else '':>8} | errors"
         )
-        for concurrency in args.concurrency:
-            for name in ["direct", *names]:
-                m = results[(name, concurrency, mode)]
-                cpu = "-" if name == "direct" else f"{m.median('cpu_us'):.0f}us"
-                added = (
-                    ("-", "-")
-                    if name == "direct"
-                    else (f"{m.median('added50'):+.2f}ms", f"{m.median('added99'):+.2f}ms")
-                )
-                e2e = f"{m.median('total99'):.2f}ms" if mode == "stream" else ""
-                errors = sum(int(r["errors"]) for r in m.rounds)
-                print(
-                    f"{name:>8} {concurrency:>4} | {m.median('rps'):>6.0f} {cpu:>9} | "
-                    f"{m.median('first50'):>9.2f}ms {m.median('first99'):>9.2f}ms | "
-                    f"{added[0]:>9} {added[1]:>9} | {e2e:>8} | {errors:>6}"
-                )
+        for group in groups:
+            for concurrency in args.concurrency:
+                for name in ["direct", *names]:
+                    m = results[(group, name, concurrency, mode)]
+                    label = name if group == "PD" else f"{name} regular"
+                    cpu = "-" if name == "direct" else f"{m.median('cpu_us'):.0f}us"
+                    added = (
+                        ("-", "-")
+                        if name == "direct"
+                        else (f"{m.median('added50'):+.2f}ms", f"{m.median('added99'):+.2f}ms")
+                    )
+                    e2e = f"{m.median('total99'):.2f}ms" if mode == "stream" else ""
+                    errors = sum(int(r["errors"]) for r in m.rounds)
+                    print(
+                        f"{label:>16} {concurrency:>4} | {m.median('rps'):>6.0f} {cpu:>9} | "
+                        f"{m.median('first50'):>9.2f}ms {m.median('first99'):>9.2f}ms | "
+                        f"{added[0]:>9} {added[1]:>9} | {e2e:>8} | {errors:>6}"
+                    )
+    report_cpu_ratios(results, names, groups, args)
+
+
+def cpu_ratio(
+    results: dict[tuple[str, str, int, str], Measured],
+    a: tuple[str, str],
+    b: tuple[str, str],
+    concurrency: int,
+    mode: str,
+) -> float:
+    """Median over rounds of ``a``'s CPU per request over ``b``'s, rounds paired."""
+    rounds_a = results[(*a, concurrency, mode)].rounds
+    rounds_b = results[(*b, concurrency, mode)].rounds
+    return statistics.median(
+        x["cpu_us"] / y["cpu_us"] for x, y in zip(rounds_a, rounds_b, strict=True)
+    )
+
+
+def report_cpu_ratios(
+    results: dict[tuple[str, str, int, str], Measured],
+    names: list[str],
+    groups: list[str],
+    args: argparse.Namespace,
+) -> None:
+    """CPU per request as ratios within a round: Shunter over smg, and PD over regular."""
+    pairs: list[tuple[str, tuple[str, str], tuple[str, str]]] = []
+    if "smg" in names:
+        pairs += [(f"shunter/smg {g}", (g, "shunter"), (g, "smg")) for g in groups]
+    if "regular" in groups:
+        pairs += [(f"{n} PD/regular", ("PD", n), ("regular", n)) for n in names]
+    if not pairs:
+        return
+    columns = [(c, m) for m in ("stream", "whole") for c in args.concurrency]
+    print("CPU per request, ratios (median over rounds of the ratio within each round)")
+    print(f"{'':>22} | " + " ".join(f"{m + ' ' + str(c):>10}" for c, m in columns))
+    for label, a, b in pairs:
+        cells = " ".join(f"{cpu_ratio(results, a, b, c, m):>9.2f}x" for c, m in columns)
+        print(f"{label:>22} | {cells}")
 
 
 # --- 2. time to error -------------------------------------------------------------------
@@ -703,6 +815,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--pairs", type=int, default=2, help="prefill sims (and decode sims)")
+    parser.add_argument(
+        "--no-regular",
+        dest="regular",
+        action="store_false",
+        help="skip the regular-mode reference rows (half the overhead part's time)",
+    )
     parser.add_argument("--smg", default=shutil.which("smg"), help="smg executable")
     parser.add_argument("--bootstrap-timeout", type=float, default=10, help="the sims', seconds")
     parser.add_argument("--error-requests", type=int, default=16, help="per mode and gateway")
@@ -754,23 +872,34 @@ def main() -> None:
 
 def sglang_parts(procs: Processes, parts: set[str], args: argparse.Namespace) -> None:
     sim_args = [*FAST_SIM, "--max-running", RUNNING_SLOTS, "--max-tokens", str(OUTPUT_TOKENS)]
-    sim_args += ["--disaggregation-bootstrap-timeout", f"{args.bootstrap_timeout:g}"]
-    fleet = start_fleet(procs, args.pairs, sim_args, "sglang")
-    gateways = [start_shunter(procs, "shunter", fleet, True)]
+    pd_args = [*sim_args, "--disaggregation-bootstrap-timeout", f"{args.bootstrap_timeout:g}"]
+    fleet = start_fleet(procs, args.pairs, pd_args, "sglang")
+    workers = pd_workers(fleet, sglang=True)
+    gateways = [start_shunter(procs, "shunter", workers)]
     if args.smg:
-        gateways.append(start_smg(procs, args.smg, fleet))
+        gateways.append(start_smg(procs, args.smg, "smg", workers))
     else:
         print("smg not found (pip install smg): Shunter only", file=sys.stderr)
+    regular: tuple[list[Sim], list[Gateway]] | None = None
+    if "overhead" in parts and args.regular:
+        sims = start_regular(procs, args.pairs, sim_args)
+        plain = regular_workers(sims)
+        regular_gateways = [start_shunter(procs, "shunter", plain)]
+        if args.smg:
+            regular_gateways.append(start_smg(procs, args.smg, "smg", plain))
+        regular = (sims, regular_gateways)
     for gateway in gateways:
         wait_ready(gateway, 2 * args.pairs)
+    for gateway in regular[1] if regular else []:
+        wait_ready(gateway, args.pairs)
     names = [g.name for g in gateways]
     if "overhead" in parts:
-        report_overhead(run_loop(overhead(fleet, gateways, args)), names, args)
+        report_overhead(run_loop(overhead(fleet, gateways, regular, args)), names, args)
         print()
     if "errors" in parts:
         report_errors(time_to_error(fleet, gateways, args), args)
         print()
-    procs.stop([g.process for g in gateways] + [s.process for s in fleet.sims])
+    procs.stop(list(procs.running))
 
 
 def skip_part(procs: Processes, args: argparse.Namespace) -> None:
@@ -780,16 +909,15 @@ def skip_part(procs: Processes, args: argparse.Namespace) -> None:
     fleet = start_fleet(procs, args.pairs, sim_args, "vllm")
     policies = ("--prefill-policy", "cache_aware", "--decode-policy", "cache_aware")
     rule = ("--pd-min-prefill-tokens", str(args.min_prefill_tokens))
+    workers = pd_workers(fleet, sglang=False)
     gateways = [
-        start_shunter(procs, "shunter, rule off", fleet, False, *policies),
-        start_shunter(
-            procs, f"shunter, N={args.min_prefill_tokens}", fleet, False, *policies, *rule
-        ),
+        start_shunter(procs, "shunter, rule off", workers, *policies),
+        start_shunter(procs, f"shunter, N={args.min_prefill_tokens}", workers, *policies, *rule),
     ]
     for gateway in gateways:
         wait_ready(gateway, 2 * args.pairs)
     report_skip(skip_rule(fleet, gateways, args), args)
-    procs.stop([g.process for g in gateways] + [s.process for s in fleet.sims])
+    procs.stop(list(procs.running))
 
 
 if __name__ == "__main__":
