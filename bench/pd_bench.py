@@ -565,9 +565,14 @@ def report_cpu_ratios(
 
 @dataclass
 class ErrorRun:
-    waits: dict[str, list[float]]  # mode -> seconds the client waited
-    statuses: collections.Counter[int]
-    decode_legs: list[dict[str, Any]]  # the decode sims' records of this run's requests
+    """One gateway's error requests over every round."""
+
+    waits: dict[str, list[float]] = field(default_factory=lambda: {"whole": [], "stream": []})
+    statuses: collections.Counter[int] = field(default_factory=collections.Counter)
+    # mode -> the decode sims' records of this gateway's requests
+    decode_legs: dict[str, list[dict[str, Any]]] = field(
+        default_factory=lambda: {"whole": [], "stream": []}
+    )
 
 
 def set_faults(fleet: Fleet, faults: dict[str, Any]) -> None:
@@ -582,52 +587,56 @@ def decode_records(fleet: Fleet, tag: str) -> list[dict[str, Any]]:
     return records
 
 
-async def errors_through(gateway: Gateway, count: int, read_timeout: float) -> ErrorRun:
-    clients = Clients(read_timeout)
+async def errors_through(gateway: Gateway, tag: str, count: int, run: ErrorRun) -> None:
+    """``count`` whole and ``count`` streamed requests, 4 at a time, their texts tagged."""
+    clients = Clients(read_timeout=3600)  # a gateway that waits is measured, not cut short
     client = clients[gateway.url]
-    jobs = [(stream, i) for i in range(count) for stream in (False, True)]
-    waits: dict[str, list[float]] = {"whole": [], "stream": []}
-    statuses: collections.Counter[int] = collections.Counter()
+    jobs = [(mode, i) for i in range(count) for mode in ("whole", "stream")]
 
     async def worker() -> None:
         while jobs:
-            stream, i = jobs.pop(0)
-            text = f"pd-bench-error {gateway.name} {i} {stream}"
+            mode, i = jobs.pop(0)
+            stream = mode == "stream"
+            text = f"{tag}{mode} {i}"
             body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
             body |= {"max_tokens": OUTPUT_TOKENS, "stream": stream}
             sample = await call(client, gateway.url + CHAT, orjson.dumps(body), stream)
-            waits["stream" if stream else "whole"].append(sample.total)
-            statuses[sample.status] += 1
+            run.waits[mode].append(sample.total)
+            run.statuses[sample.status] += 1
 
     try:
         await asyncio.gather(*(worker() for _ in range(4)))
     finally:
         await clients.close()
-    return ErrorRun(waits, statuses, [])
+
+
+def settled_legs(fleet: Fleet, tag: str, timeout: float) -> list[dict[str, Any]]:
+    """The decode records tagged ``tag`` once none is still waiting for its room (a leg
+    left polling ends by the sims' bootstrap timeout), or after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        legs = decode_records(fleet, tag)
+        if all("bootstrap_wait_ms" in r for r in legs) or time.monotonic() > deadline:
+            return legs
+        time.sleep(0.2)
 
 
 def time_to_error(
     fleet: Fleet, gateways: list[Gateway], args: argparse.Namespace
 ) -> dict[str, ErrorRun]:
-    runs: dict[str, ErrorRun] = {}
+    """Rounds of error requests, the gateways taking turns at going first."""
+    runs = {g.name: ErrorRun() for g in gateways}
     set_faults(fleet, {"error_rate": 1.0, "error_status": 400})
     try:
-        for gateway in gateways:
-            run = run_loop(
-                errors_through(gateway, args.error_requests, args.bootstrap_timeout + 30)
-            )
-            # Decode legs still polling for a room end by the bootstrap timeout at the latest.
-            tag = f"pd-bench-error {gateway.name} "
-            deadline = time.monotonic() + args.bootstrap_timeout + 5
-            time.sleep(0.2)
-            while True:
-                legs = decode_records(fleet, tag)
-                pending = [r for r in legs if "bootstrap_wait_ms" not in r]
-                if not pending or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            run.decode_legs = legs
-            runs[gateway.name] = run
+        for round_ in range(args.rounds):
+            for gateway in rotated(gateways, round_):
+                run = runs[gateway.name]
+                tag = f"pd-bench-error {gateway.name} r{round_} "
+                run_loop(errors_through(gateway, tag, args.error_requests, run))
+                time.sleep(0.2)  # a cancelled leg's record is written as its task unwinds
+                legs = settled_legs(fleet, tag, args.bootstrap_timeout + 5)
+                for mode, found in run.decode_legs.items():
+                    found += [r for r in legs if f"{tag}{mode} " in r["body"]]
     finally:
         set_faults(fleet, {"error_rate": 0.0, "error_status": 500})
     return runs
@@ -635,30 +644,31 @@ def time_to_error(
 
 def report_errors(runs: dict[str, ErrorRun], args: argparse.Namespace) -> None:
     print(
-        f"time to error: both prefill sims answer 400; {args.error_requests} whole + "
-        f"{args.error_requests} streamed requests per gateway, 4 at a time; decode sims' "
-        f"bootstrap timeout {args.bootstrap_timeout:g} s"
+        f"time to error: both prefill sims answer 400; {args.rounds} rounds x "
+        f"{args.error_requests} whole + {args.error_requests} streamed requests per gateway, 4 "
+        f"at a time; decode sims' bootstrap timeout {args.bootstrap_timeout:g} s (SGLang's "
+        "default is 300 s)"
     )
     print(
-        f"{'gateway':>8} {'mode':>6} | {'answers':>9} | {'wait p50':>9} {'wait max':>9} | "
-        "decode legs: sent, cancelled, held p50 / max"
+        f"{'gateway':>8} {'mode':>6} | {'answers':>13} | {'wait p50':>9} {'p99':>9} {'max':>9} "
+        f"{'>100ms':>6} | decode legs: sent, cancelled, held p50 / max"
     )
     for name, run in runs.items():
-        legs = run.decode_legs
-        held = [float(r.get("bootstrap_wait_ms", "nan")) for r in legs]
-        cancelled = sum(1 for r in legs if r.get("aborted"))
         for mode in ("whole", "stream"):
-            waits = run.waits[mode]
-            answers = ", ".join(f"{n}x{code}" for code, n in sorted(run.statuses.items()))
+            waits = [w * 1e3 for w in run.waits[mode]]
+            legs = run.decode_legs[mode]
+            held = [float(r.get("bootstrap_wait_ms", "nan")) for r in legs]
+            cancelled = sum(1 for r in legs if r.get("aborted"))
             legs_text = (
                 f"{len(legs)}, {cancelled}, {statistics.median(held):.1f} / {max(held):.1f} ms"
                 if legs
                 else "none sent"
             )
+            answers = ", ".join(f"{n}x{code}" for code, n in sorted(run.statuses.items()))
             print(
-                f"{name:>8} {mode:>6} | {answers if mode == 'whole' else '':>9} | "
-                f"{statistics.median(waits) * 1e3:>7.1f}ms {max(waits) * 1e3:>7.1f}ms | "
-                f"{legs_text if mode == 'whole' else ''}"
+                f"{name:>8} {mode:>6} | {answers if mode == 'whole' else '':>13} | "
+                f"{percentile(waits, 50):>7.1f}ms {percentile(waits, 99):>7.1f}ms "
+                f"{max(waits):>7.1f}ms {sum(1 for w in waits if w >= 100):>6} | {legs_text}"
             )
 
 
