@@ -2,7 +2,8 @@
 
 Run: python bench/pd_bench.py [--quick] [--duration 5] [--rounds 3]   (smg from `pip install smg`)
 
-Three parts, one run (~6 minutes; ``--quick`` ~40 s, a smoke test):
+Three parts, one run (~10 minutes, ~6 with ``--no-regular``; ``--quick`` ~30 s, a smoke
+test):
 
 1. Overhead. 2 prefill + 2 decode SGLang sims (``shunter sim --disaggregation-mode ...``)
    behind Shunter PD and smg PD, started once and shared; round_robin on both legs. A
@@ -12,19 +13,28 @@ Three parts, one run (~6 minutes; ``--quick`` ~40 s, a smoke test):
    body with the same bootstrap fields to a prefill and a decode sim at once and reads the
    decode's answer, so "added" is what the gateway adds in that round. The sims answer in
    ttft 5 ms + 2 ms per token with no prefill cost, so the gateway's own cost is visible.
-2. Time to error. Both prefill sims answer 400 (``POST /sim/faults``); N whole and N
-   streamed requests go through each gateway, 4 at a time. The client's wait is reported,
-   and what became of each decode leg (from the decode sims' ``/sim/requests``): cancelled
-   by the gateway, or left polling for its room until the bootstrap timeout.
+   The "regular" rows are the reference: the same two gateways in regular mode over 2
+   ordinary sims of the same timing (and "direct regular", the client to a sim), so PD's
+   CPU per request can be read against the regular router's in the same rounds. In each
+   round a group's direct baseline runs first, then its gateways, who take turns at going
+   first (A/B, B/A), so a noisy neighbour hits both.
+2. Time to error. Both prefill sims answer 400 (``POST /sim/faults``); per round, N whole
+   and N streamed requests go through each gateway, 4 at a time, the gateways taking turns
+   at going first. The client's wait is reported, and what became of each decode leg (from
+   the decode sims' ``/sim/requests``): cancelled by the gateway, or left polling for its
+   room until the sims' bootstrap timeout. That timeout is short here (10 s,
+   ``--bootstrap-timeout``; SGLang's default is 300 s) so that a leg left behind ends, and
+   the run with it, soon; a wait near it means the gateway waited for the decode.
 3. The skip rule (``--pd-min-prefill-tokens``), Shunter only (smg has no such rule):
    vLLM-runtime sims (NIXL's two phases) with a prefill cost per uncached prompt token,
    cache_aware on both legs, a mixed streamed workload (short prompts, long prompts, and
-   long shared prefixes with a short new tail), with the rule off and on.
+   long shared prefixes with a short new tail), with the rule off and on, in turns.
 
 Every process runs pinned with taskset: the gateways on CPU 1, the sims and this load
 generator on CPU 0. Gateway CPU per request is the gateway process's user+system time
-(/proc, all threads) over the requests completed. Every process started here is stopped by
-its PID on the way out, Ctrl-C and errors included.
+(/proc, all threads) over the requests completed; the ratios (Shunter/smg, PD/regular) are
+taken within each round, then their median reported. Every process started here is stopped
+by its PID on the way out, Ctrl-C and errors included.
 """
 
 from __future__ import annotations
