@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far, all its threads included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def gateway_args(port: int, policy: str = "round_robin", *workers: str) -> list[str]:
@@ -93,7 +103,7 @@ def make_worker(url: str, models: tuple[str, ...] = ("m",)) -> Any:
     async def data() -> MockClient:
         return client
 
-    backend = HttpBackend(ENGINES[Runtime.SGLANG], OnceCell(create), WorkerCalls(client, data))  # type: ignore[arg-type]
+    backend = HttpBackend(ENGINES[Runtime.SGLANG], OnceCell(create), WorkerCalls(client, data))
     state = WorkerRuntime()
     state.ready()
     return Worker(url, backend, state, models=models)
