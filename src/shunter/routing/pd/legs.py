@@ -6,8 +6,7 @@ decides:
 
 - the prefill answers an error status, or gives no answer: the decode leg is cancelled at
   once and the attempt has failed on the prefill. No one waits for the decode worker's
-  bootstrap timeout (300 s in SGLang), which is what every router did (sglang #9726,
-  #24159; smg awaits the decode's head before it looks at the prefill's status);
+  bootstrap timeout (300 s in SGLang), as sglang-router did (sglang #9726, #24159);
 - the decode answers an error status, or gives no answer: the prefill leg is cancelled;
 - the decode's answer is there (a whole body, or a stream's first chunk): the attempt has
   succeeded, and a prefill still running finishes in the background (the decode worker
