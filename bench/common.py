@@ -34,7 +34,9 @@ def gateway_args(port: int, policy: str = "round_robin", *workers: str) -> list[
         "0",
         "--log-level",
         "warning",
-        "--shutdown-grace-period-secs",  # stopped at once at the end of a run
+        # Stopped at once at the end of a run. The old name (an alias now): a --baseline
+        # revision from before --shutdown-grace-period-secs takes it too.
+        "--graceful-shutdown-timeout-secs",
         "0.5",
         "--policy",
         policy,
