@@ -166,11 +166,22 @@ class GatewayConfig:
     def _validate_workers(self) -> None:
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-        if self.workers > 1 and self.port == 0:
-            raise ConfigError(
-                "--workers N > 1 needs a fixed --port: with --port 0 each process would "
-                "listen on a port of its own"
-            )
+        if self.workers == 1:
+            return
+        # The one policy whose routing is a memory of its own: each process would stick a
+        # key to a worker of its choosing, so one key would go to up to N workers.
+        for flag, policy in (
+            ("--policy", self.policy),
+            ("--prefill-policy", self.prefill_policy),
+            ("--decode-policy", self.decode_policy),
+        ):
+            if policy == "manual":
+                raise ConfigError(
+                    f"{flag} manual remembers each routing key's worker in one process: with "
+                    f"--workers {self.workers} a key would stick to up to {self.workers} "
+                    "different workers. Use consistent_hashing (the same key goes to the same "
+                    "worker in every process), or --workers 1"
+                )
 
     def _validate_pd(self) -> None:
         given = [
