@@ -44,14 +44,14 @@ class FakeChild:
 
 
 class Spawner:
-    def __init__(self, make: type[FakeChild] = FakeChild, **child: int | None) -> None:
+    def __init__(self, **child: int | None) -> None:
         self.children: dict[int, list[FakeChild]] = {}
         self.times: dict[int, list[float]] = {}
         self.child = child
         self.spawned = asyncio.Event()
 
     async def __call__(self, index: int) -> FakeChild:
-        child = FakeChild(**self.child)  # type: ignore[arg-type]
+        child = FakeChild(**self.child)
         self.children.setdefault(index, []).append(child)
         self.times.setdefault(index, []).append(time.monotonic())
         self.spawned.set()
