@@ -109,3 +109,22 @@ def test_bad_workers_flags_are_refused(
 def test_one_process_keeps_every_policy() -> None:
     assert serve_config(["--workers", "1", "--policy", "manual"]).policy == "manual"
     assert serve_config(["--workers", "2", "--policy", "consistent_hashing"]).workers == 2
+
+
+def test_one_worker_runs_the_gateway_in_this_process_and_more_start_a_supervisor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shunter.run
+    import shunter.supervise
+
+    ran: list[tuple[str, object]] = []
+    monkeypatch.setattr(shunter.run, "run_gateway", lambda config: ran.append(("gateway", config)))
+    monkeypatch.setattr(
+        shunter.supervise,
+        "run_supervisor",
+        lambda config, argv, peers: ran.append(("supervisor", list(argv))),
+    )
+    main(["serve", "--port", "30999"])
+    assert [kind for kind, _ in ran] == ["gateway"]  # no supervisor process at all
+    main(["launch", "--workers", "2", "--port", "30999"])
+    assert ran[1] == ("supervisor", ["launch", "--workers", "2", "--port", "30999"])

@@ -96,7 +96,7 @@ async def test_a_crashed_child_is_restarted_after_a_growing_backoff_and_logged(
     assert restarted == [0, 0, 0, 0]
     assert supervisor.restarts == 4
     supervisor.stop(signal.SIGTERM)
-    assert await running == 0  # the live children drained cleanly
+    assert await asyncio.wait_for(running, 5) == 0  # the live children drained cleanly
 
 
 async def test_a_signal_is_forwarded_to_every_child_and_all_drained_exit_zero() -> None:
