@@ -61,8 +61,9 @@ def metrics_socket(pid: int) -> str | None:
     return None
 
 
-def connections(pid: int, port: int) -> int:
-    """Established TCP sockets of ``pid`` whose local port is ``port`` (its clients)."""
+def connections(pid: int, port: int, state: str = "01") -> int:
+    """TCP sockets of ``pid`` on local port ``port`` in ``state`` (01: established, its
+    clients; 0A: listening)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -76,7 +77,7 @@ def connections(pid: int, port: int) -> int:
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01" and fields[9] in inodes:
+            if local_port == port and fields[3] == state and fields[9] in inodes:
                 count += 1
     return count
 
@@ -137,16 +138,34 @@ def gateway(workers: int, sims: list[str]) -> tuple[subprocess.Popen[bytes], int
     return process, port
 
 
-def wait_serving(port: int, workers: int, pid: int) -> None:
+def wait_serving(port: int, workers: int, pid: int, sims: int) -> None:
     """Until every process routes (each registers the sims on its own)."""
     wait_http(f"http://127.0.0.1:{port}/health")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         pids = children(pid) if workers > 1 else [pid]
-        if len(pids) == workers and all(_routes(port) for _ in range(4 * workers)):
+        if (
+            len(pids) == workers
+            and all(_registered(p, sims) and connections(p, port, "0A") for p in pids)
+            and _routes(port)
+        ):
             return
         time.sleep(0.2)
     raise TimeoutError("gateway not routing")
+
+
+def _registered(pid: int, sims: int) -> bool:
+    """Whether process ``pid`` has every sim registered (N = 1: not read, routing shows it)."""
+    path = metrics_socket(pid)
+    if path is None:
+        return True
+    try:
+        text = fetch_exposition(path)
+    except OSError:
+        return False
+    return (
+        sum(float(v) for v in re.findall(r"^smg_worker_pool_size\{.*\} (\S+)", text, re.M)) == sims
+    )
 
 
 def _routes(port: int) -> bool:
@@ -167,7 +186,7 @@ def _routes(port: int) -> bool:
 def measure(workers: int, sims: list[str], args: argparse.Namespace, script: str) -> dict[str, Any]:
     process, port = gateway(workers, sims)
     try:
-        wait_serving(port, workers, process.pid)
+        wait_serving(port, workers, process.pid, len(sims))
         pids = [process.pid, *children(process.pid)]
         serving = pids[1:] if workers > 1 else pids
         sockets = [metrics_socket(pid) for pid in serving]
