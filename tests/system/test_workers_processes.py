@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -183,3 +184,21 @@ def test_a_killed_process_is_restarted_and_no_request_to_the_survivor_fails(
     for group in clients.values():
         for client in group:
             client.close()
+
+
+def test_a_port_another_program_holds_is_a_clear_error_at_start() -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = Proc(["serve", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)])
+        try:
+            assert proc.popen.wait(30) == 1
+            assert re.search(
+                rf"cannot listen on the gateway's port host=127.0.0.1 port={port} "
+                "error=Address already in use",
+                proc.output(),
+            )
+            assert "gateway process started" not in proc.output()  # no child was tried
+        finally:
+            proc.stop()
