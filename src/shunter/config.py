@@ -92,10 +92,24 @@ class GatewayConfig:
     # How precise cache_aware turns a request's text into the engines' token ids: "words"
     # (shunter sim's) or a tokenizer directory / tokenizer.json.
     kv_events_tokenizer: str = "words"
+    # --workers N: N gateway processes share the port under a supervisor (supervise.py).
+    # In each child the supervisor sets the three below (hidden flags): the child's slot,
+    # the supervisor's pid (the child exits when it dies), and the Unix socket the
+    # supervisor reads the child's metrics from.
+    workers: int = 1
+    worker_index: int | None = None
+    supervisor_pid: int | None = None
+    metrics_socket: str | None = None
+
+    @property
+    def supervised(self) -> bool:
+        """Whether this process is one of a supervisor's ``--workers`` children."""
+        return self.worker_index is not None
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
         _check_port("--prometheus-port", self.prometheus_port, allow_zero=True)
+        self._validate_workers()
         if self.max_payload_size <= 0:
             raise ConfigError(f"--max-payload-size must be > 0 bytes, got {self.max_payload_size}")
         if self.max_response_bytes <= 0:
@@ -150,6 +164,26 @@ class GatewayConfig:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]
         return self
+
+    def _validate_workers(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
+        if self.workers == 1:
+            return
+        # The one policy whose routing is a memory of its own: each process would stick a
+        # key to a worker of its choosing, so one key would go to up to N workers.
+        for flag, policy in (
+            ("--policy", self.policy),
+            ("--prefill-policy", self.prefill_policy),
+            ("--decode-policy", self.decode_policy),
+        ):
+            if policy == "manual":
+                raise ConfigError(
+                    f"{flag} manual remembers each routing key's worker in one process: with "
+                    f"--workers {self.workers} a key would stick to up to {self.workers} "
+                    "different workers. Use consistent_hashing (the same key goes to the same "
+                    "worker in every process), or --workers 1"
+                )
 
     def _validate_pd(self) -> None:
         given = [

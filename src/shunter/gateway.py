@@ -230,7 +230,9 @@ class Gateway:
     def start(self) -> None:
         """Start background work and queue the ``--worker-urls`` workers (needs the loop)."""
         config = self.config
-        if config.prometheus_port:
+        if config.metrics_socket:  # a --workers child: the supervisor serves /metrics
+            self.metrics.serve_unix(config.metrics_socket)
+        elif config.prometheus_port:
             self.metrics.serve(config.prometheus_host, config.prometheus_port)
         for policies in self.policy_registries:
             policies.start()

@@ -25,6 +25,7 @@ import uvloop
 from shunter.config import GatewayConfig
 from shunter.gateway import Gateway
 from shunter.observability.logging import setup_logging
+from shunter.supervisor.child import become_child
 from shunter.wire.server import HttpServer
 
 log = logging.getLogger("shunter.server")
@@ -39,7 +40,9 @@ async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
     _warn_if_open(config)
     _tune_gc()
     server = HttpServer(gateway.app, limits=config.server_limits)
-    port = await server.listen(config.host, config.port, ssl=_server_tls(config))
+    port = await server.listen(
+        config.host, config.port, ssl=_server_tls(config), reuse_port=config.supervised
+    )
     log.info(
         "gateway listening",
         extra={
@@ -124,6 +127,12 @@ def _raise_open_file_limit() -> None:
 
 
 def run_gateway(config: GatewayConfig) -> None:
-    setup_logging(config.log_level, config.log_dir, config.log_json)
+    if config.worker_index is None:
+        setup_logging(config.log_level, config.log_dir, config.log_json)
+    else:  # one of --workers N: a log file of its own, its lines tagged with its slot
+        setup_logging(
+            config.log_level, config.log_dir, config.log_json, name=f"shunter.{config.worker_index}"
+        )
+        become_child(config.worker_index, config.supervisor_pid)
     _raise_open_file_limit()
     uvloop.run(_main(config))

@@ -36,11 +36,13 @@ ALLOWED: dict[str, set[str]] = {
     "sim": {"wire", "protocols", "tokenizer"},
     # KV-cache events: a leaf the composition root wires; policies get a read-only scorer.
     "kv_events": {"aio", "tokenizer"},
+    # --workers N: the supervisor, the children's command lines, the child's side.
+    "supervisor": set(),
 }
 # The entry points, at the top, may import anything.
 ENTRY = {"cli"}
 # Top-level modules: the composition root and the entry points may import anything.
-TOP = {"gateway", "run", "config", "demo", "llamacpp", "__main__", "__init__"}
+TOP = {"gateway", "run", "supervise", "config", "demo", "llamacpp", "__main__", "__init__"}
 
 
 def _imports(path: Path) -> set[str]:

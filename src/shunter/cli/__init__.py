@@ -6,6 +6,7 @@ The gateway (``serve``, alias ``launch``) takes sglang-router's flags and defaul
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,9 +16,17 @@ from shunter.config import GatewayConfig
 
 
 def _run_serve(flags: serve.ServeFlags, args: argparse.Namespace) -> None:
+    config = flags.config(args)
+    if config.workers > 1 and not config.supervised:
+        from shunter.supervise import run_supervisor
+
+        # The children run this same command line, each with its slot's hidden flags.
+        peers = "--peer-port" in flags.parser._option_string_actions
+        run_supervisor(config, args.argv, peers)
+        return
     from shunter.run import run_gateway
 
-    run_gateway(flags.config(args))
+    run_gateway(config)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[Any, Callable[..., None]]]]:
@@ -58,5 +67,6 @@ def serve_config(argv: Sequence[str]) -> GatewayConfig:
 def main(argv: Sequence[str] | None = None) -> None:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     flags, run = commands[args.command]
     run(flags, args)

@@ -123,6 +123,21 @@ class ServeFlags:
         g.flag("--host", "host", help="address to listen on (default %(default)s)")
         g.flag("--port", "port", help="port (default %(default)s)")
         g.flag(
+            "--workers",
+            "workers",
+            help="gateway processes sharing --port (SO_REUSEPORT), kept by a supervisor that "
+            "restarts one that crashes, forwards SIGTERM/SIGINT so that all drain, and serves "
+            "their merged /metrics on --prometheus-port; 1: one process, no supervisor "
+            "(default %(default)s)",
+        )
+        # Set by the supervisor on each of its --workers children, never by hand.
+        for flag, field in (
+            ("--worker-index", "worker_index"),
+            ("--supervisor-pid", "supervisor_pid"),
+        ):
+            g.flag(flag, field, type=int, help=argparse.SUPPRESS)
+        g.flag("--metrics-socket", "metrics_socket", type=str, help=argparse.SUPPRESS)
+        g.flag(
             "--worker-urls",
             "worker_urls",
             type=str,

@@ -755,9 +755,17 @@ class HttpServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def listen(self, host: str, port: int, ssl: Any = None) -> int:
+    async def listen(self, host: str, port: int, ssl: Any = None, reuse_port: bool = False) -> int:
+        """Listen on host:port; ``reuse_port``: alongside other processes listening there
+        with it too (SO_REUSEPORT: the kernel spreads new connections over them)."""
         server = await self.loop.create_server(
-            lambda: HttpProtocol(self), host, port, backlog=4096, ssl=ssl, reuse_address=True
+            lambda: HttpProtocol(self),
+            host,
+            port,
+            backlog=4096,
+            ssl=ssl,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         self._servers.append(server)
         if self._sweeper is None:

@@ -1,0 +1,289 @@
+"""``--workers N``: requests per second and gateway CPU per request for N = 1 and N = 2,
+and how evenly SO_REUSEPORT spreads connections and requests over the processes.
+
+Run: python bench/workers_bench.py [--duration 8] [--rounds 2] [--conns 32] [--sims 2]
+(needs `wrk`)
+
+Everything shares the machine (no CPU pinning: N = 2 is there to use both cores), with
+``shunter sim`` workers answering at once (``--ttft-ms 0 --itl-ms 0``), so req/s is what
+the whole machine makes of it, and on a 2-core machine the sims and wrk take their share
+of the cores the gateway would use. Gateway CPU per request is the user+system time of
+the supervisor and all its children over the requests wrk completed. The spread: the
+connections each process holds halfway through the run (its sockets on the gateway's
+port, from /proc), and the requests each process counted (read from its own metrics
+socket). N = 1 and N = 2 alternate, ``--rounds`` times each; each row is one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import free_port, wait_http
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from shunter.observability.merged import fetch_exposition  # noqa: E402
+
+BODY = HERE / "chat_1k.json"
+TICKS = os.sysconf("SC_CLK_TCK")
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = io.open("{body}", "rb"):read("*a")
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def metrics_socket(pid: int) -> str | None:
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    if b"--metrics-socket" in args:
+        return args[args.index(b"--metrics-socket") + 1].decode()
+    return None
+
+
+def connections(pid: int, port: int, state: str = "01") -> int:
+    """TCP sockets of ``pid`` on local port ``port`` in ``state`` (01: established, its
+    clients; 0A: listening)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == state and fields[9] in inodes:
+                count += 1
+    return count
+
+
+def requests_counted(socket_path: str) -> float:
+    text = fetch_exposition(socket_path)
+    match = re.search(
+        r'^smg_http_requests_total\{method="POST",path="/v1/chat/completions",'
+        r'status="2xx"\} (\S+)',
+        text,
+        re.M,
+    )
+    return float(match.group(1)) if match else 0.0
+
+
+def run_wrk(url: str, conns: int, seconds: int, script: str) -> tuple[int, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", script, url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{errors.group(1)} failed responses")
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return total, rps
+
+
+def gateway(workers: int, sims: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "shunter",
+        "serve",
+        "--workers",
+        str(workers),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(free_port()),
+        "--log-level",
+        "warning",
+        "--shutdown-grace-period-secs",
+        "0.5",
+        "--policy",
+        "round_robin",
+        "--worker-urls",
+        *sims,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, port
+
+
+def wait_serving(port: int, workers: int, pid: int, sims: int) -> None:
+    """Until every process routes (each registers the sims on its own)."""
+    wait_http(f"http://127.0.0.1:{port}/health")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pids = children(pid) if workers > 1 else [pid]
+        if (
+            len(pids) == workers
+            and all(_registered(p, sims) and connections(p, port, "0A") for p in pids)
+            and _routes(port)
+        ):
+            return
+        time.sleep(0.2)
+    raise TimeoutError("gateway not routing")
+
+
+def _registered(pid: int, sims: int) -> bool:
+    """Whether process ``pid`` has every sim registered (N = 1: not read, routing shows it)."""
+    path = metrics_socket(pid)
+    if path is None:
+        return True
+    try:
+        text = fetch_exposition(path)
+    except OSError:
+        return False
+    return (
+        sum(float(v) for v in re.findall(r"^smg_worker_pool_size\{.*\} (\S+)", text, re.M)) == sims
+    )
+
+
+def _routes(port: int) -> bool:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=BODY.read_bytes(),
+        headers={"content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def measure(workers: int, sims: list[str], args: argparse.Namespace, script: str) -> dict[str, Any]:
+    process, port = gateway(workers, sims)
+    try:
+        wait_serving(port, workers, process.pid, len(sims))
+        pids = [process.pid, *children(process.pid)]
+        serving = pids[1:] if workers > 1 else pids
+        sockets = [metrics_socket(pid) for pid in serving]
+        counted_before = [requests_counted(s) if s else 0.0 for s in sockets]
+        before = sum(cpu_seconds(pid) for pid in pids)
+        held: list[int] = []
+        timer = threading.Timer(
+            args.duration / 2, lambda: held.extend(connections(p, port) for p in serving)
+        )
+        timer.start()
+        total, rps = run_wrk(
+            f"http://127.0.0.1:{port}/v1/chat/completions", args.conns, args.duration, script
+        )
+        cpu = sum(cpu_seconds(pid) for pid in pids) - before
+        counted = [
+            (requests_counted(s) if s else 0.0) - b
+            for s, b in zip(sockets, counted_before, strict=True)
+        ]
+        return {
+            "workers": workers,
+            "rps": rps,
+            "cpu_us": cpu / total * 1e6,
+            "connections": held,
+            "requests": [int(c) for c in counted] if workers > 1 else [total],
+        }
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--conns", type=int, default=32)
+    parser.add_argument("--sims", type=int, default=2)
+    args = parser.parse_args()
+    sim_ports = [free_port() for _ in range(args.sims)]
+    sims = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shunter",
+                "sim",
+                "--port",
+                str(p),
+                "--ttft-ms",
+                "0",
+                "--itl-ms",
+                "0",
+                "--worker-id",
+                f"sim-{i}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, p in enumerate(sim_ports)
+    ]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(LUA.format(body=BODY))
+    rows = []
+    try:
+        for port in sim_ports:
+            wait_http(f"http://127.0.0.1:{port}/health")
+        urls = [f"http://127.0.0.1:{p}" for p in sim_ports]
+        for _ in range(args.rounds):
+            for workers in (1, 2):
+                rows.append(measure(workers, urls, args, script.name))
+                print(rows[-1], flush=True)
+    finally:
+        for sim in sims:
+            sim.terminate()
+            sim.wait(10)
+        os.unlink(script.name)
+    print(
+        f"\n{os.cpu_count()} CPUs, {args.sims} sims, {args.conns} connections, "
+        f"{args.duration} s per run\n"
+    )
+    print(
+        "| --workers | req/s | gateway CPU per request | connections per process "
+        "| requests per process |"
+    )
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['workers']} | {row['rps']:.0f} | {row['cpu_us']:.0f} µs | "
+            f"{' / '.join(map(str, row['connections']))} | "
+            f"{' / '.join(map(str, row['requests']))} |"
+        )
+    for workers in (1, 2):
+        mine = [r for r in rows if r["workers"] == workers]
+        print(
+            f"median N={workers}: {statistics.median(r['rps'] for r in mine):.0f} req/s, "
+            f"{statistics.median(r['cpu_us'] for r in mine):.0f} µs/request"
+        )
+
+
+if __name__ == "__main__":
+    main()

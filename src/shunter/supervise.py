@@ -1,0 +1,87 @@
+"""``shunter serve --workers N``: the supervisor process and what it owns.
+
+It holds the API port (children listen on it with SO_REUSEPORT), keeps N children
+running (supervisor/), serves the merged ``/metrics`` of all of them on
+``--prometheus-port`` (observability/merged.py), and on SIGTERM or SIGINT has every child
+drain, exiting 0 when all drained cleanly. It serves no request itself: a crash in
+request code takes one child down, never the supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from shunter.config import GatewayConfig
+from shunter.observability.logging import setup_logging
+from shunter.observability.merged import ChildrenCollector, fetch_exposition
+from shunter.supervisor.children import ChildCommand, free_loopback_ports, reserve_port
+from shunter.supervisor.supervisor import Supervisor
+
+log = logging.getLogger("shunter.supervisor")
+
+
+def run_supervisor(config: GatewayConfig, argv: Sequence[str], peers: bool = False) -> None:
+    """Run the children of ``shunter <argv>`` (``argv``: a ``serve`` command line with
+    ``--workers N``) until a signal; exit with 0 if all of them drained cleanly.
+    ``peers``: ``shunter serve`` has the peer-exchange flags, given to each child."""
+    setup_logging(config.log_level, config.log_dir, config.log_json)
+    try:
+        held = reserve_port(config.host, config.port)
+    except OSError as exc:
+        log.error(
+            "cannot listen on the gateway's port",
+            extra={"host": config.host, "port": config.port, "error": exc.strerror},
+        )
+        sys.exit(1)
+    sockets = tempfile.mkdtemp(prefix="shunter-metrics-")  # private: mode 0700
+    try:
+        code = asyncio.run(_supervise(config, argv, sockets, peers))
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
+        for sock in held:
+            sock.close()
+    sys.exit(code)
+
+
+async def _supervise(
+    config: GatewayConfig, argv: Sequence[str], socket_dir: str, peers: bool
+) -> int:
+    count = config.workers
+    paths = [os.path.join(socket_dir, f"{index}.sock") for index in range(count)]
+    command = ChildCommand(
+        argv,
+        os.getpid(),
+        metrics_sockets=paths if config.prometheus_port else None,
+        peer_ports=free_loopback_ports(count) if peers else None,
+    )
+    collector = ChildrenCollector(count, lambda index: fetch_exposition(paths[index]))
+    supervisor = Supervisor(count, command.spawn, restarted=collector.retire)
+    server = None
+    if config.prometheus_port:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        server, _thread = start_http_server(
+            config.prometheus_port, addr=config.prometheus_host, registry=registry
+        )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.stop, sig)
+    log.info(
+        "supervising gateway processes",
+        extra={"workers": count, "host": config.host, "port": config.port},
+    )
+    try:
+        return await supervisor.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()

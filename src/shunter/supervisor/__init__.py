@@ -1,0 +1,1 @@
+"""``--workers N``: N gateway processes on one host, one port, one parent that keeps them."""

@@ -1,0 +1,204 @@
+"""``shunter serve --workers 2``: two gateway processes on one port, under a supervisor.
+
+Which process served a request is read from the access log: each child's lines carry
+``gateway_process=<slot>``, and the clients send their own ``x-request-id``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import threading
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+from support.harness import Gateway, Proc, Sim, wait_for
+
+REQUESTS = 40
+
+
+def served_by(gateway: Gateway, request_id: str) -> int | None:
+    """The slot whose access log has ``request_id``, once it is logged."""
+    found = re.search(
+        rf"request_id={re.escape(request_id)} .*gateway_process=(\d+)", gateway.output()
+    )
+    return None if found is None else int(found.group(1))
+
+
+def wait_served_by(gateway: Gateway, request_id: str) -> int:
+    wait_for(lambda: served_by(gateway, request_id) is not None, what=f"{request_id} logged")
+    slot = served_by(gateway, request_id)
+    assert slot is not None
+    return slot
+
+
+def child_pids(gateway: Gateway) -> dict[int, list[int]]:
+    """Each slot's children, in the order the supervisor started them."""
+    pids: dict[int, list[int]] = {}
+    for index, pid in re.findall(
+        r"gateway process started index=(\d+) pid=(\d+)", gateway.output()
+    ):
+        pids.setdefault(int(index), []).append(int(pid))
+    return pids
+
+
+def logged(gateway: Gateway, pattern: str) -> int:
+    """How many lines of the gateway's log (supervisor and children) match ``pattern``."""
+    return len(re.findall(pattern, gateway.output(), re.M))
+
+
+def serving(gateway: Gateway, sims: list[Sim], slot: int, incarnation: int = 1) -> bool:
+    """Whether the ``incarnation``-th process of ``slot`` listens with every sim registered."""
+    tag = rf"gateway_process={slot}$"
+    return logged(gateway, rf"gateway listening .*{tag}") >= incarnation and all(
+        logged(gateway, rf"worker registered url={re.escape(s.url)} .*{tag}") >= incarnation
+        for s in sims
+    )
+
+
+def start(procs: list[Proc]) -> tuple[Gateway, list[Sim]]:
+    sims = [Sim(f"mp-{name}", "--itl-ms", "1") for name in "ab"]
+    procs += sims
+    gateway = Gateway("--workers", "2", "--policy", "round_robin", workers=[s.url for s in sims])
+    procs.append(gateway)
+    wait_for(lambda: serving(gateway, sims, 0) and serving(gateway, sims, 1), what="both serving")
+    return gateway, sims
+
+
+def complete(client: httpx.Client, request_id: str) -> httpx.Response:
+    return client.post(
+        "/v1/completions",
+        json={"prompt": "hello", "max_tokens": 2},
+        headers={"x-request-id": request_id},
+    )
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie left for its new parent to reap counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_two_processes_share_the_port_merge_their_metrics_and_drain_on_sigterm(
+    procs: list[Proc],
+) -> None:
+    gateway, _sims = start(procs)
+    for n in range(REQUESTS):  # a new connection each: the kernel picks a process for each
+        with gateway.client() as client:
+            assert complete(client, f"spread-{n}").status_code == 200
+    slots = Counter(wait_served_by(gateway, f"spread-{n}") for n in range(REQUESTS))
+    assert set(slots) == {0, 1}, slots
+
+    def completions() -> float:
+        for line in httpx.get(gateway.metrics_url, timeout=5).text.splitlines():
+            if line.startswith('smg_http_requests_total{method="POST",path="/v1/completions"'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    wait_for(lambda: completions() == REQUESTS, what="the merged count")  # both processes'
+    metrics = httpx.get(gateway.metrics_url, timeout=5).text
+    assert re.search(r'smg_worker_cb_state\{process="0",worker=', metrics)  # per process
+    assert re.search(r'smg_worker_cb_state\{process="1",worker=', metrics)
+
+    children = [pids[0] for pids in child_pids(gateway).values()]
+    gateway.popen.send_signal(signal.SIGTERM)
+    assert gateway.popen.wait(15) == 0
+    out = gateway.output()
+    for index in range(2):
+        assert re.search(rf"shutting down .*gateway_process={index}$", out, re.M)  # drained
+        assert f"gateway process exited index={index} pid={children[index]} exit_code=0" in out
+    assert all(gone(pid) for pid in children)
+
+
+def test_a_killed_process_is_restarted_and_no_request_to_the_survivor_fails(
+    procs: list[Proc],
+) -> None:
+    gateway, sims = start(procs)
+    # Kept-alive clients, each on one connection, so on one process: until both have some.
+    clients: dict[int, list[httpx.Client]] = {0: [], 1: []}
+    for n in range(40):
+        if min(len(c) for c in clients.values()) >= 2:
+            break
+        client = httpx.Client(base_url=gateway.url, timeout=15)
+        assert complete(client, f"first-{n}").status_code == 200
+        clients[wait_served_by(gateway, f"first-{n}")].append(client)
+    assert min(len(c) for c in clients.values()) >= 2
+    victim, survivor = 0, 1
+    old_pid = child_pids(gateway)[victim][0]
+    stop = threading.Event()
+    outcomes: dict[int, Counter[str]] = {victim: Counter(), survivor: Counter()}
+    lock = threading.Lock()
+
+    def load(slot: int, client: httpx.Client, name: str) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                ok = complete(client, f"{name}-{n}").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            with lock:
+                outcomes[slot]["ok" if ok else "failed"] += 1
+
+    threads = [
+        threading.Thread(target=load, args=(slot, client, f"load{slot}.{i}"))
+        for slot, group in clients.items()
+        for i, client in enumerate(group)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: outcomes[survivor]["ok"] >= 20, what="load on the survivor")
+        os.kill(old_pid, signal.SIGKILL)  # a crash
+        wait_for(lambda: len(child_pids(gateway)[victim]) == 2, what="the restart")
+        new_pid = child_pids(gateway)[victim][1]
+        wait_for(lambda: serving(gateway, sims, victim, 2), what="the restarted one serving")
+        at_restart = outcomes[survivor]["ok"]
+        wait_for(lambda: outcomes[survivor]["ok"] >= at_restart + 20, what="more load")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert outcomes[survivor]["failed"] == 0, outcomes
+    assert re.search(
+        rf"gateway process exited unexpectedly; restarting it index={victim} pid={old_pid} "
+        r"exit_code=-9 .*backoff_secs=0.5",
+        gateway.output(),
+    )
+    # New connections reach both processes again, the restarted one included.
+    slots: Counter[int] = Counter()
+    for n in range(REQUESTS):
+        with gateway.client() as client:
+            assert complete(client, f"after-{n}").status_code == 200
+    slots = Counter(wait_served_by(gateway, f"after-{n}") for n in range(REQUESTS))
+    assert set(slots) == {0, 1}, slots
+    # The supervisor dies: its children follow (they drain on the SIGTERM the kernel sends).
+    gateway.kill()
+    wait_for(lambda: gone(new_pid) and gone(child_pids(gateway)[survivor][0]), what="orphans exit")
+    for group in clients.values():
+        for client in group:
+            client.close()
+
+
+def test_a_port_another_program_holds_is_a_clear_error_at_start() -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = Proc(["serve", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)])
+        try:
+            assert proc.popen.wait(30) == 1
+            assert re.search(
+                rf"cannot listen on the gateway's port host=127.0.0.1 port={port} "
+                "error=Address already in use",
+                proc.output(),
+            )
+            assert "gateway process started" not in proc.output()  # no child was tried
+        finally:
+            proc.stop()

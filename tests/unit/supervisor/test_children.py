@@ -1,0 +1,130 @@
+"""The children's command lines, the peer-exchange hook, the held port, the flags."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from shunter.cli import main, serve_config
+from shunter.supervisor.children import (
+    ChildCommand,
+    free_loopback_ports,
+    reserve_port,
+    sibling_peer_args,
+)
+
+LOOPBACK = "127.0.0.1"
+
+
+def test_each_child_runs_the_same_command_line_with_its_slot_flags() -> None:
+    argv = ["serve", "--workers", "2", "--port", "30111", "--policy", "round_robin"]
+    command = ChildCommand(argv, 4242, metrics_sockets=["/s/0.sock", "/s/1.sock"])
+    config = serve_config(command.args(1)[1:])  # what the child runs with
+    assert (config.worker_index, config.supervisor_pid) == (1, 4242)
+    assert config.metrics_socket == "/s/1.sock"
+    assert config.supervised and config.workers == 2
+    assert (config.port, config.policy) == (30111, "round_robin")
+    assert not serve_config(argv[1:]).supervised  # the supervisor itself is not a child
+
+
+def test_without_metrics_a_child_gets_no_socket() -> None:
+    command = ChildCommand(["serve", "--workers", "2"], 1)
+    assert "--metrics-socket" not in command.args(0)
+
+
+def test_the_peer_hook_names_the_childs_port_and_every_siblings() -> None:
+    ports = [7001, 7002, 7003]
+    assert sibling_peer_args(0, ports) == [
+        "--peer-port",
+        "7001",
+        "--peer-urls",
+        "127.0.0.1:7002",
+        "127.0.0.1:7003",
+    ]
+    assert sibling_peer_args(2, ports)[:2] == ["--peer-port", "7003"]
+    assert sibling_peer_args(2, ports)[3:] == ["127.0.0.1:7001", "127.0.0.1:7002"]
+    command = ChildCommand(["serve"], 1, peer_ports=ports)
+    assert command.args(1)[-5:] == sibling_peer_args(1, ports)
+
+
+def test_free_loopback_ports_are_distinct() -> None:
+    ports = free_loopback_ports(4)
+    assert len(set(ports)) == 4
+
+
+def _listener(port: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((LOOPBACK, port))
+    sock.listen()
+    return sock
+
+
+def test_the_held_port_lets_the_children_listen_and_keeps_everyone_else_out() -> None:
+    held = reserve_port(LOOPBACK, 0)
+    port = held[0].getsockname()[1]
+    children = [_listener(port, reuse_port=True) for _ in range(2)]
+    try:
+        with pytest.raises(OSError):
+            _listener(port, reuse_port=False)  # another program
+        with socket.create_connection((LOOPBACK, port), timeout=5):
+            pass  # a child's socket takes it (the held one does not listen)
+    finally:
+        for sock in [*children, *held]:
+            sock.close()
+
+
+def test_a_port_taken_by_another_program_is_refused_at_start() -> None:
+    other = _listener(0, reuse_port=False)
+    try:
+        with pytest.raises(OSError):
+            reserve_port(LOOPBACK, other.getsockname()[1])
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--workers", "0"], "--workers must be >= 1"),
+        (["--workers", "2", "--policy", "manual"], "--policy manual remembers each"),
+        (
+            ["--workers", "3", "--pd-disaggregation", "--decode-policy", "manual"],
+            "up to 3 different workers",
+        ),
+    ],
+)
+def test_bad_workers_flags_are_refused(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", *argv])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_one_process_keeps_every_policy() -> None:
+    assert serve_config(["--workers", "1", "--policy", "manual"]).policy == "manual"
+    assert serve_config(["--workers", "2", "--policy", "consistent_hashing"]).workers == 2
+
+
+def test_one_worker_runs_the_gateway_in_this_process_and_more_start_a_supervisor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shunter.run
+    import shunter.supervise
+
+    ran: list[tuple[str, object]] = []
+    monkeypatch.setattr(shunter.run, "run_gateway", lambda config: ran.append(("gateway", config)))
+    monkeypatch.setattr(
+        shunter.supervise,
+        "run_supervisor",
+        lambda config, argv, peers: ran.append(("supervisor", list(argv))),
+    )
+    main(["serve", "--port", "30999"])
+    assert [kind for kind, _ in ran] == ["gateway"]  # no supervisor process at all
+    main(["launch", "--workers", "2", "--port", "30999"])
+    assert ran[1] == ("supervisor", ["launch", "--workers", "2", "--port", "30999"])
