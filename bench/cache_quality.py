@@ -21,7 +21,7 @@ import time
 
 import httpx
 
-from common import free_port, gateway_args, start, wait_http, wait_registered
+from common import free_port, gateway_args, start, start_sims, wait_registered
 from shunter.sim.cache import PrefixCache
 from shunter.sim.engine import tokenize
 
@@ -119,35 +119,13 @@ def main() -> None:
     parser.add_argument("--smg", default=shutil.which("smg"))
     args = parser.parse_args()
     requests = workload()
-    sim_ports = [free_port() for _ in range(WORKERS)]
-    sims = [
-        start(
-            [
-                sys.executable,
-                "-m",
-                "shunter",
-                "sim",
-                "--port",
-                str(p),
-                "--worker-id",
-                f"sim-{i}",
-                "--cache-tokens",
-                str(CACHE_TOKENS),
-                "--ttft-ms",
-                "1",
-                "--prefill-us-per-token",
-                "5",
-                "--max-running",
-                "16",
-            ]
-        )
-        for i, p in enumerate(sim_ports)
-    ]
-    urls = [f"http://127.0.0.1:{p}" for p in sim_ports]
+    sims, urls = start_sims(
+        WORKERS,
+        *("--cache-tokens", str(CACHE_TOKENS), "--ttft-ms", "1"),
+        *("--prefill-us-per-token", "5", "--max-running", "16"),
+    )
     rows: dict[str, dict[str, float]] = {}
     try:
-        for url in urls:
-            wait_http(url + "/health")
         for policy in ("cache_aware", "round_robin", "prefix_hash"):
             port = free_port()
             rows[f"shunter {policy}"] = measure(

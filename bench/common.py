@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -68,6 +69,31 @@ def wait_http(url: str, timeout: float = 30) -> None:
 def start(command: list[str]) -> subprocess.Popen[bytes]:
     """A process whose output nobody reads."""
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_sims(count: int, *extra: str) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """``count`` quiet ``shunter sim`` workers named sim-0, sim-1... with ``extra`` flags,
+    answering (their /health) when this returns: the processes and their URLs."""
+    ports = [free_port() for _ in range(count)]
+    sims = [
+        start(
+            [
+                sys.executable,
+                *("-m", "shunter", "sim", "--port", str(port), "--worker-id", f"sim-{i}"),
+                *extra,
+            ]
+        )
+        for i, port in enumerate(ports)
+    ]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        for url in urls:
+            wait_http(url + "/health")
+    except BaseException:
+        for sim in sims:
+            sim.terminate()
+        raise
+    return sims, urls
 
 
 def wait_registered(base: str, count: int, timeout: float = 60) -> None:

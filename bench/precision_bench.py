@@ -30,7 +30,7 @@ import time
 
 import httpx
 
-from common import free_port, gateway_args, start, wait_http, wait_registered
+from common import free_port, gateway_args, start, start_sims, wait_registered
 
 WORKERS = 4
 SYSTEMS = 8
@@ -129,35 +129,13 @@ def measure(
 
 def main() -> None:
     requests = workload()
-    ports = [free_port() for _ in range(WORKERS)]
-    sims = [
-        start(
-            [
-                sys.executable,
-                "-m",
-                "shunter",
-                "sim",
-                "--port",
-                str(p),
-                "--worker-id",
-                f"sim-{i}",
-                "--cache-tokens",
-                str(CACHE_TOKENS),
-                "--ttft-ms",
-                "1",
-                "--prefill-us-per-token",
-                "5",
-                "--max-running",
-                "16",
-            ]
-        )
-        for i, p in enumerate(ports)
-    ]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    sims, urls = start_sims(
+        WORKERS,
+        *("--cache-tokens", str(CACHE_TOKENS), "--ttft-ms", "1"),
+        *("--prefill-us-per-token", "5", "--max-running", "16"),
+    )
     rows: dict[str, dict[str, float]] = {}
     try:
-        for url in urls:
-            wait_http(url + "/health")
         rows["self-correction on"] = measure(True, urls, requests)
         rows["self-correction off"] = measure(False, urls, requests)
     finally:

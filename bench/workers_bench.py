@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import free_port, wait_http
+from common import free_port, start_sims, wait_http
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -224,35 +224,11 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=32)
     parser.add_argument("--sims", type=int, default=2)
     args = parser.parse_args()
-    sim_ports = [free_port() for _ in range(args.sims)]
-    sims = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "shunter",
-                "sim",
-                "--port",
-                str(p),
-                "--ttft-ms",
-                "0",
-                "--itl-ms",
-                "0",
-                "--worker-id",
-                f"sim-{i}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for i, p in enumerate(sim_ports)
-    ]
+    sims, urls = start_sims(args.sims, "--ttft-ms", "0", "--itl-ms", "0")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=BODY))
     rows = []
     try:
-        for port in sim_ports:
-            wait_http(f"http://127.0.0.1:{port}/health")
-        urls = [f"http://127.0.0.1:{p}" for p in sim_ports]
         for _ in range(args.rounds):
             for workers in (1, 2):
                 rows.append(measure(workers, urls, args, script.name))
