@@ -36,6 +36,8 @@ ALLOWED: dict[str, set[str]] = {
     "sim": {"wire", "protocols", "tokenizer"},
     # KV-cache events: a leaf the composition root wires; policies get a read-only scorer.
     "kv_events": {"aio", "tokenizer"},
+    # Replicas: the composition root wires it; it feeds the fleet and the policies' trees.
+    "peers": {"aio", "fleet", "policies"},
 }
 # The entry points, at the top, may import anything.
 ENTRY = {"cli"}

@@ -83,6 +83,13 @@ class ServeFlags:
         self._kv_events_flags(
             parser.add_argument_group("KV-cache events (precise cache_aware routing)")
         )
+        self._peer_flags(
+            ConfigFlags(
+                parser.add_argument_group("replicas (gateways sharing routing state)"),
+                GatewayConfig(),
+                "gateway",
+            )
+        )
         self.discovery = ConfigFlags(
             parser.add_argument_group("Kubernetes service discovery"),
             DiscoveryConfig(),
@@ -407,6 +414,24 @@ class ServeFlags:
         )
         g.flag("--reasoning-parser", "reasoning_parser", type=str, help="deepseek_r1 or qwen3")
         g.flag("--tool-call-parser", "tool_call_parser", type=str, help="json, qwen or hermes")
+        self.gateway.fields += g.fields
+
+    def _peer_flags(self, g: ConfigFlags[GatewayConfig]) -> None:
+        g.flag(
+            "--peer-port",
+            "peer_port",
+            type=int,
+            help="share routing state with other gateways: they subscribe to this port "
+            "(hand-registered workers, cache-aware decisions, in-flight reservations)",
+        )
+        g.flag(
+            "--peer-urls",
+            "peer_urls",
+            type=str,
+            nargs="*",
+            metavar="HOST:PORT",
+            help="the other gateways' --peer-port (this gateway's own is ignored if listed)",
+        )
         self.gateway.fields += g.fields
 
     def _kv_events_flags(self, group: argparse._ArgumentGroup) -> None:
