@@ -68,7 +68,8 @@ def test_two_peered_gateways_share_workers_and_placements(procs: list[Proc]) -> 
     for i, system in enumerate(SYSTEMS):
         assert worker_of(b, system, "while A is down") == homes[i]
 
-    # B's hand-registered worker list reaches A again once it is back (the snapshot).
+    # Back, A learns the hand-registered worker from B's snapshot (it was started with the
+    # three flag workers only), and hears B's decisions again.
     restarted = Gateway(
         "--policy",
         "cache_aware",
@@ -80,6 +81,8 @@ def test_two_peered_gateways_share_workers_and_placements(procs: list[Proc]) -> 
     )
     procs.append(restarted)
     restarted.wait_workers(4)
-    applied = peer_stats(restarted)["decisions_applied"]
-    worker_of(b, SYSTEMS[0], "after the restart")
-    wait_for(lambda: peer_stats(restarted)["decisions_applied"] > applied, what="catch-up")
+    wait_for(lambda: bool(peer_stats(restarted)["peers"]), what="B heard")
+    fresh = "You are a new assistant. " + "Answer briefly. " * 80
+    home = worker_of(b, fresh, "after the restart")
+    wait_for(lambda: peer_stats(restarted)["decisions_applied"] >= 1, what="catch-up")
+    assert worker_of(restarted, fresh, "on A") == home

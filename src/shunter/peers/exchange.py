@@ -17,7 +17,6 @@ it speaks another protocol version, or serves models none of which this gateway 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shunter.aio.periodic import Periodic
 from shunter.fleet.fleet import Fleet
 from shunter.peers.manual import ManualWorkers
 from shunter.peers.messages import (
@@ -99,10 +99,11 @@ class Exchange:
         self.decoder = PrefixDecoder()
         self._queue: deque[tuple[str, str, str]] = deque()
         self._workers: list[ManualWorker] = []
-        self._wake = asyncio.Event()
+        self._flush_pending = False
+        self._next_snapshot = 0.0
+        self._ticker = Periodic("peer exchange", reservation_ttl_secs / 4, self._tick)
         self._refused: set[str] = set()  # nodes refused, logged once until they change
         self._sockets: PeerSockets | None = None
-        self._tasks: list[asyncio.Task[None]] = []
 
     # --- the request path: an append, nothing else -------------------------------------------
 
@@ -112,34 +113,36 @@ class Exchange:
         if len(queue) >= self.queue_limit:
             self.counters.queue_full += 1
             return
-        if not queue:
-            self._wake.set()
         queue.append((model, text, url))
+        if not self._flush_pending:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        self._flush_pending = True
+        asyncio.get_running_loop().call_later(self.flush_secs, self._flush_due)
 
     # --- the API: workers registered by hand ------------------------------------------------
 
     def worker_added(self, url: str, body: dict[str, object]) -> None:
         self._workers.append(self.manual.added(url, body))
-        self._wake.set()
+        if not self._flush_pending:
+            self._schedule_flush()
 
     def worker_removed(self, url: str) -> None:
         self._workers.append(self.manual.removed(url))
-        self._wake.set()
+        if not self._flush_pending:
+            self._schedule_flush()
 
     # --- life cycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         self._sockets = self.connect()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._send_loop()), loop.create_task(self._receive_loop())]
+        self._sockets.listen(self._received)
+        self._ticker.start()
+        self._tick()  # the first snapshot: peers hear of us at once
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self._ticker.stop()
         self.reservations.release_all()
         if self._sockets is not None:
             self._sockets.close()
@@ -147,24 +150,22 @@ class Exchange:
 
     # --- sending -----------------------------------------------------------------------------
 
-    async def _send_loop(self) -> None:
-        next_snapshot = 0.0
-        while True:
-            now = time.monotonic()
-            timeout = min(next_snapshot - now, self.reservations.ttl_secs / 4)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, timeout))
-            if self._wake.is_set():
-                await asyncio.sleep(self.flush_secs)  # let the batch fill
-                self._wake.clear()
-            now = time.monotonic()
-            self.reservations.expire(now)
-            snapshot = now >= next_snapshot
-            if snapshot:
-                next_snapshot = now + self.snapshot_secs
+    def _flush_due(self) -> None:
+        self._flush_pending = False
+        try:
+            self.flush(time.monotonic())
+        except Exception:  # never let one bad round stop the exchange
+            log.exception("sending to peers failed")
+
+    def _tick(self) -> None:
+        """Every ``tick_secs``: release expired reservations; now and then, a snapshot."""
+        now = time.monotonic()
+        self.reservations.expire(now)
+        if now >= self._next_snapshot:
+            self._next_snapshot = now + self.snapshot_secs
             try:
-                self.flush(now, snapshot)
-            except Exception:  # never let one bad round stop the exchange
+                self.flush(now, snapshot=True)
+            except Exception:
                 log.exception("sending to peers failed")
 
     def flush(self, now: float, snapshot: bool = False) -> None:
@@ -176,8 +177,8 @@ class Exchange:
             model, text, url = queue.popleft()
             base, blocks = encoder.encode(model, text, now)
             decisions.append(Decision(model, url, base, blocks))
-        if queue:
-            self._wake.set()  # more than a batch's worth: go again at once
+        if queue and not self._flush_pending:
+            self._schedule_flush()  # more than a batch's worth: go again soon
         workers = self.manual.snapshot() if snapshot else self._workers
         self._workers = []
         if not decisions and not workers and not snapshot:
@@ -195,15 +196,11 @@ class Exchange:
 
     # --- receiving ---------------------------------------------------------------------------
 
-    async def _receive_loop(self) -> None:
-        sockets = self._sockets
-        assert sockets is not None
-        while True:
-            frames = await sockets.receive()
-            try:
-                self.receive(frames, time.monotonic())
-            except Exception:  # a bug on one batch must not stop the receiver
-                log.exception("applying a peer's batch failed")
+    def _received(self, frames: list[bytes]) -> None:
+        try:
+            self.receive(frames, time.monotonic())
+        except Exception:  # a bug on one batch must not stop the receiver
+            log.exception("applying a peer's batch failed")
 
     def receive(self, frames: list[bytes], now: float) -> None:
         counters = self.counters

@@ -29,8 +29,17 @@ SENT_CAPACITY = 65_536  # chain digests a sender remembers (8 B key + a float ea
 STORE_CAPACITY = 131_072  # blocks a receiver keeps: at most 32 MiB of text
 
 
+_roots: dict[str, int] = {}
+
+
 def root(model: str) -> int:
-    return _digest(0, model)
+    """The chain's start for ``model``: its prompts never share digests with another's."""
+    digest = _roots.get(model)
+    if digest is None:
+        if len(_roots) > 4096:  # model names come from peers: bound what they can make us keep
+            _roots.clear()
+        digest = _roots[model] = _digest(0, model)
+    return digest
 
 
 def _digest(parent: int, text: str) -> int:
