@@ -94,6 +94,8 @@ class GatewayConfig:
     # the other gateways' peer ports, HOST:PORT.
     peer_port: int | None = None
     peer_urls: list[str] = field(default_factory=list)
+    # How long a peer's routing decision counts in its worker's in-flight here (0: not at all).
+    peer_reservation_ttl_secs: float = 1.0
 
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
@@ -230,6 +232,8 @@ class GatewayConfig:
                 raise ConfigError("--peer-urls needs --peer-port (where the peers reach us)")
             return
         _check_port("--peer-port", self.peer_port)
+        if not 0 <= self.peer_reservation_ttl_secs <= 60:
+            raise ConfigError("--peer-reservation-ttl-secs must be between 0 and 60")
         for peer in self.peer_urls:
             host, _, port = peer.rpartition(":")
             if not host or "/" in peer or not port.isdigit() or not 0 < int(port) < 65536:

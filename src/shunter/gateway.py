@@ -149,6 +149,7 @@ class Gateway:
             self.fleet,
             lambda model: self.policies.policy_for(model),
             lambda: PeerSockets(host, port, peers),
+            reservation_ttl_secs=config.peer_reservation_ttl_secs,
         )
 
     def _discovery(self, config: GatewayConfig) -> Discovery | None:

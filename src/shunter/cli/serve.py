@@ -432,6 +432,14 @@ class ServeFlags:
             metavar="HOST:PORT",
             help="the other gateways' --peer-port (this gateway's own is ignored if listed)",
         )
+        g.flag(
+            "--peer-reservation-ttl-secs",
+            "peer_reservation_ttl_secs",
+            type=float,
+            help="how long a peer's routing decision counts as a request in flight on its "
+            "worker here, so bursts over several gateways do not herd; 0 turns it off "
+            "(default %(default)s)",
+        )
         self.gateway.fields += g.fields
 
     def _kv_events_flags(self, group: argparse._ArgumentGroup) -> None:

@@ -50,6 +50,7 @@ FLUSH_SECS = 0.005
 SNAPSHOT_SECS = 2.0
 QUEUE_LIMIT = 10_000  # decisions waiting for a flush (~10 s of a 1,000 req/s burst)
 MAX_DECISIONS_PER_BATCH = 512
+TICK_SECS = 0.25  # the longest pause between reservation sweeps and snapshot checks
 
 
 @dataclass
@@ -101,7 +102,9 @@ class Exchange:
         self._workers: list[ManualWorker] = []
         self._flush_pending = False
         self._next_snapshot = 0.0
-        self._ticker = Periodic("peer exchange", reservation_ttl_secs / 4, self._tick)
+        # Reservations are released within a quarter of their TTL of expiring.
+        tick = min(reservation_ttl_secs / 4, TICK_SECS) if reservation_ttl_secs else TICK_SECS
+        self._ticker = Periodic("peer exchange", tick, self._tick)
         self._refused: set[str] = set()  # nodes refused, logged once until they change
         self._sockets: PeerSockets | None = None
 
@@ -240,7 +243,8 @@ class Exchange:
         if worker is None or decision.model not in worker.model_ids:
             counters.unknown_worker += 1
             return
-        self.reservations.reserve(worker.state, now)
+        if self.reservations.ttl_secs:
+            self.reservations.reserve(worker.state, now)
         prefix = self.decoder.decode(decision.model, decision.base, decision.blocks)
         if prefix is None:
             counters.unresolved_prefix += 1

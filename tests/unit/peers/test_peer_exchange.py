@@ -99,6 +99,15 @@ async def test_a_peers_decision_is_inserted_into_the_tree_and_reserves_its_worke
     await gw.close()
 
 
+async def test_reservations_can_be_turned_off() -> None:
+    gw = await sample_gateway()
+    exchange = exchange_on(gw, reservation_ttl_secs=0.0)
+    exchange.receive(_peer_batch(PrefixEncoder(), SYSTEM, "http://w:3"), now=10.0)
+    assert exchange.counters.decisions_applied == 1
+    assert all(w.state.in_flight == 0 for w in gw.fleet.registry.all())
+    await gw.close()
+
+
 async def test_a_remote_decision_makes_the_next_request_follow_it() -> None:
     """The tree insert is what routing reads: a prefix a peer placed on w:3 goes there
     here too, though w:3 is the busiest worker (placement of a new prefix avoids it)."""
