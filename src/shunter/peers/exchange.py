@@ -1,13 +1,19 @@
 """The exchange: what this gateway tells its peers, and what it does with what they say.
 
-The request path only appends to a bounded queue (``decided``: a length check and an
-append; a full queue drops the decision and counts it). Everything else runs in background
-tasks: a flush every ``flush_secs`` (5 ms) turns the queued decisions into one batch, a
-snapshot every ``snapshot_secs`` resends every hand-registered worker (how a peer that was
-down catches up), and a receiver applies the peers' batches: their decisions go into this
-gateway's cache-aware trees and count as short-lived reservations on the chosen worker,
+The request path only appends to a bounded queue (``decided``: a length check, an append,
+and for the first decision of a batch a timer; a full queue drops the decision and counts
+it). Everything else runs off the request path on the event loop: ``flush_secs`` (5 ms)
+after the first queued decision, the queue goes out as one batch; a snapshot every
+``snapshot_secs`` resends every hand-registered worker (how a peer that was down catches
+up); and the peers' batches, read as they arrive, put their decisions into this gateway's
+cache-aware trees (and count them as short-lived reservations on the chosen worker) and
 their workers into the fleet. Nothing on the request path waits for a peer: a slow, down or
 partitioned peer only means this gateway routes on the view it has.
+
+Measured (``bench/replicas_bench.py``, 8 sims, 2-core machine): 4 and 8 peered gateways keep
+the single gateway's hit rate (0.91, against 0.37 and 0.24 independent), publishing ~1-1.7
+KB per routed request; CPU per request rises from ~1.0 to ~1.5 ms (4 gateways) and ~2.8 ms
+(8), since every gateway applies every peer's decisions (~0.1-0.2 ms each).
 
 A peer is refused (its batches counted and dropped, with a log line when that starts) when
 it speaks another protocol version, or serves models none of which this gateway serves
