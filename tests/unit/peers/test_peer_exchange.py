@@ -176,9 +176,10 @@ async def test_the_api_shares_hand_changes_and_not_flag_workers() -> None:
     path = b"/workers/http%3A%2F%2Fw%3A1"
     assert (await call(gw.app, "DELETE", path.decode(), raw_path=path)).status == 202
     heard: dict[str, bool] = {}  # url -> registered (False: removed)
-    while len(heard) < 2:
-        batch = decode(await asyncio.wait_for(listener.recv_multipart(), 5))
-        heard |= {w.url: w.spec is not None for w in batch.workers}
+    async with asyncio.timeout(5):
+        while len(heard) < 2:
+            batch = decode(await listener.recv_multipart())
+            heard |= {w.url: w.spec is not None for w in batch.workers}
     assert heard == {"http://w:2": True, "http://w:1": False}
     listener.close(linger=0)
     context.term()
