@@ -92,6 +92,15 @@ class GatewayConfig:
     # How precise cache_aware turns a request's text into the engines' token ids: "words"
     # (shunter sim's) or a tokenizer directory / tokenizer.json.
     kv_events_tokenizer: str = "words"
+    # Replicas (peers/): the port this gateway's peers subscribe to (None: no peers), and
+    # the other gateways' peer ports, HOST:PORT.
+    peer_port: int | None = None
+    peer_urls: list[str] = field(default_factory=list)
+    # Where the peer port is bound (None: --host). The supervisor of --workers N binds its
+    # children's own peer ports on loopback when the operator named no --peer-port.
+    peer_host: str | None = None
+    # How long a peer's routing decision counts in its worker's in-flight here (0: not at all).
+    peer_reservation_ttl_secs: float = 1.0
     # --workers N: N gateway processes share the port under a supervisor (supervise.py).
     # In each child the supervisor sets the three below (hidden flags): the child's slot,
     # the supervisor's pid (the child exits when it dies), and the Unix socket the
@@ -150,6 +159,7 @@ class GatewayConfig:
         self._validate_discovery()
         self._validate_grpc()
         self._validate_kv_events()
+        self._validate_peers()
         buckets = self.duration_buckets
         if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ConfigError(
@@ -254,6 +264,19 @@ class GatewayConfig:
                 f"--tokenizer-path/--model-path {self.tokenizer_path}: no tokenizer.json there "
                 "(a local directory is needed; the gateway does not download from a hub)"
             )
+
+    def _validate_peers(self) -> None:
+        if self.peer_port is None:
+            if self.peer_urls:
+                raise ConfigError("--peer-urls needs --peer-port (where the peers reach us)")
+            return
+        _check_port("--peer-port", self.peer_port)
+        if not 0 <= self.peer_reservation_ttl_secs <= 60:
+            raise ConfigError("--peer-reservation-ttl-secs must be between 0 and 60")
+        for peer in self.peer_urls:
+            host, _, port = peer.rpartition(":")
+            if not host or "/" in peer or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"--peer-urls {peer}: give HOST:PORT (a peer's --peer-port)")
 
     def _validate_kv_events(self) -> None:
         try:

@@ -31,6 +31,8 @@ from shunter.fleet.worker import Worker, WorkerType
 from shunter.kv_events.hub import KvEvents, tokenizer_from
 from shunter.observability.metrics import Metrics
 from shunter.observability.tracing import Tracing
+from shunter.peers.exchange import Exchange
+from shunter.peers.transport import PeerSockets
 from shunter.policies.factory import PolicyError, create_policy
 from shunter.policies.registry import PolicyRegistry
 from shunter.routing.limiter import Admission
@@ -108,6 +110,8 @@ class Gateway:
         self.kv_events = KvEvents(tokenizer_from(config.kv_events_tokenizer))
         self.fleet.subscribe(self._kv_events_changed)
         self.metrics.workers = self.fleet.registry.all
+        # Replicas: the regular policies' decisions go to the peers, theirs come back.
+        self.peers = self._peers(config)
         self.policies = self._policies(config.policy, WorkerType.REGULAR)
         self.tracing = Tracing(config.otlp_traces_endpoint) if config.enable_trace else None
         self.router = self._router(config)
@@ -131,8 +135,21 @@ class Gateway:
                 config.pd_disaggregation,
                 self._discovery_problem,
             ),
-            WorkersApi(self.fleet, _check_policy, config.pd_disaggregation),
+            WorkersApi(self.fleet, _check_policy, config.pd_disaggregation, self.peers),
             Dashboard(config.api_key, keys.carried_by, self._dashboard_data),
+        )
+
+    def _peers(self, config: GatewayConfig) -> Exchange | None:
+        """The exchange with the other gateways, when ``--peer-port`` is given."""
+        port = config.peer_port
+        if port is None:
+            return None
+        host, peers = config.peer_host or config.host, list(config.peer_urls)
+        return Exchange(
+            self.fleet,
+            lambda model: self.policies.policy_for(model),
+            lambda: PeerSockets(host, port, peers),
+            reservation_ttl_secs=config.peer_reservation_ttl_secs,
         )
 
     def _discovery(self, config: GatewayConfig) -> Discovery | None:
@@ -165,6 +182,8 @@ class Gateway:
     def _policies(self, name: str, worker_type: WorkerType) -> PolicyRegistry:
         """The policy registry of one kind of worker, told of the fleet's changes."""
         settings = dataclasses.replace(self.config.policy_settings, prefix_scorer=self.kv_events)
+        if self.peers is not None and worker_type is WorkerType.REGULAR:
+            settings = dataclasses.replace(settings, decisions=self.peers.decided)
         registry = PolicyRegistry(create_policy(name, settings), settings, worker_type)
         self.fleet.subscribe(registry.fleet_changed)
         self.policy_registries.append(registry)
@@ -216,6 +235,7 @@ class Gateway:
             "models": list(registry.models()),
             "policy": self._policy_names(),
             "kv_events": self.kv_events.counters(),
+            "peers": None if self.peers is None else self.peers.stats(),
         }
 
     def _policy_names(self) -> str:
@@ -237,6 +257,8 @@ class Gateway:
         for policies in self.policy_registries:
             policies.start()
         self.fleet.start()
+        if self.peers is not None:
+            self.peers.start()
         # Their key is --worker-api-key (both legs' in PD): smg gave them the gateway's own
         # key, so whoever ran a worker could administer the gateway.
         key, probe_both = config.worker_api_key, config.probe_both
@@ -273,6 +295,8 @@ class Gateway:
     async def close(self) -> None:
         if self.discovery is not None:
             await self.discovery.stop()
+        if self.peers is not None:
+            await self.peers.close()
         await self.fleet.close()
         await self.kv_events.close()
         for policies in self.policy_registries:

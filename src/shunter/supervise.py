@@ -23,16 +23,15 @@ from prometheus_client import CollectorRegistry, start_http_server
 from shunter.config import GatewayConfig
 from shunter.observability.logging import setup_logging
 from shunter.observability.merged import ChildrenCollector, fetch_exposition
-from shunter.supervisor.children import ChildCommand, free_loopback_ports, reserve_port
+from shunter.supervisor.children import ChildCommand, children_peers, reserve_port
 from shunter.supervisor.supervisor import Supervisor
 
 log = logging.getLogger("shunter.supervisor")
 
 
-def run_supervisor(config: GatewayConfig, argv: Sequence[str], peers: bool = False) -> None:
+def run_supervisor(config: GatewayConfig, argv: Sequence[str]) -> None:
     """Run the children of ``shunter <argv>`` (``argv``: a ``serve`` command line with
-    ``--workers N``) until a signal; exit with 0 if all of them drained cleanly.
-    ``peers``: ``shunter serve`` has the peer-exchange flags, given to each child."""
+    ``--workers N``) until a signal; exit with 0 if all of them drained cleanly."""
     setup_logging(config.log_level, config.log_dir, config.log_json)
     try:
         held = reserve_port(config.host, config.port)
@@ -44,7 +43,7 @@ def run_supervisor(config: GatewayConfig, argv: Sequence[str], peers: bool = Fal
         sys.exit(1)
     sockets = tempfile.mkdtemp(prefix="shunter-metrics-")  # private: mode 0700
     try:
-        code = asyncio.run(_supervise(config, argv, sockets, peers))
+        code = asyncio.run(_supervise(config, argv, sockets))
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
         for sock in held:
@@ -52,16 +51,14 @@ def run_supervisor(config: GatewayConfig, argv: Sequence[str], peers: bool = Fal
     sys.exit(code)
 
 
-async def _supervise(
-    config: GatewayConfig, argv: Sequence[str], socket_dir: str, peers: bool
-) -> int:
+async def _supervise(config: GatewayConfig, argv: Sequence[str], socket_dir: str) -> int:
     count = config.workers
     paths = [os.path.join(socket_dir, f"{index}.sock") for index in range(count)]
     command = ChildCommand(
         argv,
         os.getpid(),
         metrics_sockets=paths if config.prometheus_port else None,
-        peer_ports=free_loopback_ports(count) if peers else None,
+        peers=children_peers(count, config.peer_port, config.peer_urls),
     )
     collector = ChildrenCollector(count, lambda index: fetch_exposition(paths[index]))
     supervisor = Supervisor(count, command.spawn, restarted=collector.retire)

@@ -6,6 +6,7 @@ Which process served a request is read from the access log: each child's lines c
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -202,3 +203,31 @@ def test_a_port_another_program_holds_is_a_clear_error_at_start() -> None:
             assert "gateway process started" not in proc.output()  # no child was tried
         finally:
             proc.stop()
+
+
+def test_a_worker_added_through_one_process_is_known_to_every_process(
+    procs: list[Proc],
+) -> None:
+    gateway, _ = start(procs)
+    extra = Sim("mp-extra", "--itl-ms", "1")
+    procs.append(extra)
+    added = httpx.post(gateway.url + "/workers", json={"url": extra.url}, timeout=10)
+    assert added.status_code == 202, added.text
+
+    asked = itertools.count()
+
+    def slots_listing_it() -> set[int]:
+        """The slots that answered a GET /workers listing the new worker, over fresh
+        connections (the kernel spreads them over both processes)."""
+        slots = set()
+        for _ in range(16):
+            request_id = f"list-{next(asked)}"  # each once: the log is searched for it
+            with httpx.Client(base_url=gateway.url, timeout=5) as client:
+                listing = client.get("/workers", headers={"x-request-id": request_id})
+            urls = {w["url"] for w in listing.json()["workers"]}
+            if extra.url in urls:
+                slots.add(wait_served_by(gateway, request_id))
+        return slots
+
+    # The peer exchange between the children carries the hand-added worker to both.
+    wait_for(lambda: slots_listing_it() == {0, 1}, 20, "both processes listing the worker")

@@ -38,6 +38,8 @@ ALLOWED: dict[str, set[str]] = {
     "kv_events": {"aio", "tokenizer"},
     # --workers N: the supervisor, the children's command lines, the child's side.
     "supervisor": set(),
+    # Replicas: the composition root wires it; it feeds the fleet and the policies' trees.
+    "peers": {"aio", "fleet", "policies"},
 }
 # The entry points, at the top, may import anything.
 ENTRY = {"cli"}

@@ -12,6 +12,7 @@ server's decoded ``path`` would decode it a second time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 from urllib.parse import unquote
 
 from shunter.api.call import Call
@@ -25,13 +26,26 @@ from shunter.protocols.errors import ApiError
 from shunter.protocols.reply import Reply
 
 
+class HandChanges(Protocol):
+    """Who hears of the workers added and removed by hand through this API."""
+
+    def worker_added(self, url: str, body: dict[str, object]) -> None: ...
+
+    def worker_removed(self, url: str) -> None: ...
+
+
 class WorkersApi:
     def __init__(
-        self, fleet: Fleet, check_policy: Callable[[str], None], pd_mode: bool = False
+        self,
+        fleet: Fleet,
+        check_policy: Callable[[str], None],
+        pd_mode: bool = False,
+        shared: HandChanges | None = None,
     ) -> None:
         self.fleet = fleet
         self.check_policy = check_policy  # raises ValueError for a policy name it refuses
         self.pd_mode = pd_mode  # prefill and decode workers are routed to only in PD mode
+        self.shared = shared  # told of additions and removals made here (peer gateways)
 
     async def list_workers(self, call: Call) -> Reply:
         registry = self.fleet.registry
@@ -76,6 +90,8 @@ class WorkersApi:
             self.fleet.submit_add(spec)
         except QueueFull as exc:
             raise ApiError(500, "INTERNAL_SERVER_ERROR", str(exc)) from None
+        if self.shared is not None:
+            self.shared.worker_added(spec.url, payload)
         return _accepted(spec.url, "Worker addition queued for background processing")
 
     async def worker(self, call: Call) -> Reply:
@@ -88,6 +104,8 @@ class WorkersApi:
             raise ApiError(404, "WORKER_NOT_FOUND", f"Worker {url} not found")
         if call.method == "DELETE":
             self.fleet.remove(url)
+            if self.shared is not None:
+                self.shared.worker_removed(url)
             return _accepted(url, "Worker removed; requests it is serving finish first")
         try:
             changes = check_update(await call.json())

@@ -21,8 +21,7 @@ def _run_serve(flags: serve.ServeFlags, args: argparse.Namespace) -> None:
         from shunter.supervise import run_supervisor
 
         # The children run this same command line, each with its slot's hidden flags.
-        peers = "--peer-port" in flags.parser._option_string_actions
-        run_supervisor(config, args.argv, peers)
+        run_supervisor(config, args.argv)
         return
     from shunter.run import run_gateway
 

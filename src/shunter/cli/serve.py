@@ -83,6 +83,13 @@ class ServeFlags:
         self._kv_events_flags(
             parser.add_argument_group("KV-cache events (precise cache_aware routing)")
         )
+        self._peer_flags(
+            ConfigFlags(
+                parser.add_argument_group("replicas (gateways sharing routing state)"),
+                GatewayConfig(),
+                "gateway",
+            )
+        )
         self.discovery = ConfigFlags(
             parser.add_argument_group("Kubernetes service discovery"),
             DiscoveryConfig(),
@@ -137,6 +144,7 @@ class ServeFlags:
         ):
             g.flag(flag, field, type=int, help=argparse.SUPPRESS)
         g.flag("--metrics-socket", "metrics_socket", type=str, help=argparse.SUPPRESS)
+        g.flag("--peer-host", "peer_host", type=str, help=argparse.SUPPRESS)
         g.flag(
             "--worker-urls",
             "worker_urls",
@@ -435,6 +443,32 @@ class ServeFlags:
         )
         g.flag("--reasoning-parser", "reasoning_parser", type=str, help="deepseek_r1 or qwen3")
         g.flag("--tool-call-parser", "tool_call_parser", type=str, help="json, qwen or hermes")
+        self.gateway.fields += g.fields
+
+    def _peer_flags(self, g: ConfigFlags[GatewayConfig]) -> None:
+        g.flag(
+            "--peer-port",
+            "peer_port",
+            type=int,
+            help="share routing state with other gateways: they subscribe to this port "
+            "(hand-registered workers, cache-aware decisions, in-flight reservations)",
+        )
+        g.flag(
+            "--peer-urls",
+            "peer_urls",
+            type=str,
+            nargs="*",
+            metavar="HOST:PORT",
+            help="the other gateways' --peer-port (this gateway's own is ignored if listed)",
+        )
+        g.flag(
+            "--peer-reservation-ttl-secs",
+            "peer_reservation_ttl_secs",
+            type=float,
+            help="how long a peer's routing decision counts as a request in flight on its "
+            "worker here, so bursts over several gateways do not herd; 0 turns it off "
+            "(default %(default)s)",
+        )
         self.gateway.fields += g.fields
 
     def _kv_events_flags(self, group: argparse._ArgumentGroup) -> None:

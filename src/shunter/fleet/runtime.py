@@ -58,6 +58,7 @@ class WorkerRuntime:
         "in_flight",
         "processed",
         "reported_load",
+        "reserved",
     )
 
     def __init__(self, breaker: CircuitBreaker | None = None) -> None:
@@ -72,6 +73,7 @@ class WorkerRuntime:
         self.available = False  # healthy and not excluded: what policies read
         self.reported_load: int | None = None  # the worker's own report; None: unknown
         self.cache_hit_rate: float | None = None  # its prefix-cache hit rate, if it reports one
+        self.reserved = 0  # of in_flight: other gateways' requests just sent here (peers/)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -81,6 +83,17 @@ class WorkerRuntime:
     def finished(self) -> None:
         self.in_flight -= 1
         self.processed += 1
+
+    def reserve(self) -> None:
+        """Another gateway just sent this worker a request: count it in ``in_flight`` (which
+        every load-aware policy reads) until ``unreserve``, so a burst spread over gateways
+        does not herd onto the worker each of them sees as idle."""
+        self.in_flight += 1
+        self.reserved += 1
+
+    def unreserve(self) -> None:
+        self.in_flight -= 1
+        self.reserved -= 1
 
     def failed(self) -> None:
         """A 5xx answer or a failed connection (the dashboard's error rate)."""

@@ -47,7 +47,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +65,9 @@ from shunter.policies.base import (
 from shunter.policies.tree import Tree
 
 log = logging.getLogger("shunter.policies.cache_aware")
+
+# Hears every decision (model, routing text, worker URL): the peers' exchange, when on.
+DecisionListener = Callable[[str, str, str], None]
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class CacheAwareDecision(Decision):
 class CacheAwarePolicy(Policy):
     name = "cache_aware"
     needs_text = True
+    decisions: DecisionListener | None = None  # set by the gateway when it has peers
 
     def __init__(
         self, config: CacheAwareConfig | None = None, scorer: PrefixScorer | None = None
@@ -190,7 +194,17 @@ class CacheAwarePolicy(Policy):
         tree.insert(text, chosen.url, now)
         if tree.tenant_chars[chosen.url] > config.max_tree_size:
             self._evictor.wake.set()  # trim now rather than at the next interval
+        if self.decisions is not None:  # replicas hear of it (peers/)
+            self.decisions(request.model, text, chosen.url)
         return decision
+
+    def insert_remote(self, model: str, text: str, url: str) -> None:
+        """Record another gateway's decision: ``url`` was routed ``text`` (a prefix of the
+        prompt). As a local decision's insert, so this gateway's next match finds it."""
+        tree = self.tree_for(model)
+        tree.insert(text, url)
+        if tree.tenant_chars[url] > self.config.max_tree_size:
+            self._evictor.wake.set()
 
     def cached_prefix(self, request: RouteRequest) -> tuple[int, frozenset[str]]:
         tree = self.trees.get(request.model)

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 
 from shunter.policies.base import Policy
 from shunter.policies.bucket import BucketPolicy
-from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy, PrefixScorer
+from shunter.policies.cache_aware import (
+    CacheAwareConfig,
+    CacheAwarePolicy,
+    DecisionListener,
+    PrefixScorer,
+)
 from shunter.policies.consistent_hashing import ConsistentHashingPolicy
 from shunter.policies.manual import ManualPolicy
 from shunter.policies.power_of_two import PowerOfTwoPolicy
@@ -29,6 +34,8 @@ class PolicySettings:
     manual_max_idle_secs: float = 4 * 3600.0
     # Precise cache_aware: the engines' KV events (set by the gateway, not a flag).
     prefix_scorer: PrefixScorer | None = field(default=None, compare=False)
+    # Replicas: who hears cache_aware's decisions (set by the gateway, not a flag).
+    decisions: DecisionListener | None = field(default=None, compare=False)
 
     def validate(self) -> PolicySettings:
         self.cache_aware.validate()
@@ -40,11 +47,17 @@ class PolicySettings:
         return self
 
 
+def _cache_aware(settings: PolicySettings) -> CacheAwarePolicy:
+    policy = CacheAwarePolicy(settings.cache_aware, settings.prefix_scorer)
+    policy.decisions = settings.decisions
+    return policy
+
+
 BUILT: dict[str, Callable[[PolicySettings], Policy]] = {
     "random": lambda s: RandomPolicy(),
     "round_robin": lambda s: RoundRobinPolicy(),
     "power_of_two": lambda s: PowerOfTwoPolicy(),
-    "cache_aware": lambda s: CacheAwarePolicy(s.cache_aware, s.prefix_scorer),
+    "cache_aware": lambda s: _cache_aware(s),
     "bucket": lambda s: BucketPolicy(
         s.bucket_adjust_interval_secs,
         s.cache_aware.balance_abs_threshold,
@@ -54,6 +67,8 @@ BUILT: dict[str, Callable[[PolicySettings], Policy]] = {
     "prefix_hash": lambda s: PrefixHashPolicy(s.prefix_hash),
     "manual": lambda s: ManualPolicy(s.manual_max_idle_secs),
 }
+
+
 ALIASES = {"roundrobin": "round_robin", "poweroftwo": "power_of_two", "cacheaware": "cache_aware"}
 
 

@@ -31,7 +31,7 @@ class ChildCommand:
     argv: Sequence[str]  # the supervisor's own, after the program name ("serve", ...)
     supervisor_pid: int
     metrics_sockets: Sequence[str] | None = None  # per slot; None: metrics off
-    peer_ports: Sequence[int] | None = None  # per slot; None: no peer exchange
+    peers: ChildPeers | None = None  # None: no peer exchange
 
     def args(self, index: int) -> list[str]:
         args = [
@@ -43,8 +43,8 @@ class ChildCommand:
         ]
         if self.metrics_sockets is not None:
             args += ["--metrics-socket", self.metrics_sockets[index]]
-        if self.peer_ports is not None:
-            args += sibling_peer_args(index, self.peer_ports)
+        if self.peers is not None:
+            args += self.peers.args(index)
         return args
 
     async def spawn(self, index: int) -> Child:
@@ -53,16 +53,38 @@ class ChildCommand:
         )
 
 
-def sibling_peer_args(index: int, peer_ports: Sequence[int]) -> list[str]:
-    """PEER EXCHANGE HOOK: the flags that make child ``index`` a peer of its siblings.
+@dataclass(frozen=True)
+class ChildPeers:
+    """The peer exchange among the children, and with other gateways.
 
-    Each child listens for its peers on a loopback port of its own and names every
-    sibling's, so that a ``POST /workers`` to any process reaches all of them (the peer
-    exchange: ``--peer-port`` / ``--peer-urls``). Used only when ``shunter serve`` has
-    those flags; a slot keeps its port across restarts, so the siblings' lists stay true.
+    Each child binds a peer port of its own and names every sibling's, so that a ``POST
+    /workers`` to any process reaches all of them and every process learns the others'
+    cache-aware decisions. With the operator's ``--peer-port P`` child ``i`` binds ``P + i``
+    on ``--host`` (a replica elsewhere lists ``P`` .. ``P + N - 1`` of this host) and also
+    names the operator's ``--peer-urls``; without it, ports free on loopback, bound there.
+    A slot keeps its port across restarts, so the siblings' lists stay true.
     """
-    siblings = [f"{LOOPBACK}:{port}" for slot, port in enumerate(peer_ports) if slot != index]
-    return ["--peer-port", str(peer_ports[index]), "--peer-urls", *siblings]
+
+    ports: Sequence[int]  # per slot
+    remote: Sequence[str] = ()  # the operator's --peer-urls
+    host: str | None = None  # the bind address; None: --host
+
+    def args(self, index: int) -> list[str]:
+        siblings = [f"{LOOPBACK}:{port}" for slot, port in enumerate(self.ports) if slot != index]
+        # Given after the operator's flags, these win (argparse keeps the last).
+        args = ["--peer-port", str(self.ports[index]), "--peer-urls", *siblings, *self.remote]
+        if self.host is not None:
+            args += ["--peer-host", self.host]
+        return args
+
+
+def children_peers(count: int, peer_port: int | None, peer_urls: Sequence[str]) -> ChildPeers:
+    """The peer exchange of ``count`` children, given the operator's ``--peer-port`` and
+    ``--peer-urls`` (see ``ChildPeers``)."""
+    if peer_port is not None:
+        ports = [peer_port + index for index in range(count)]
+        return ChildPeers(ports, tuple(peer_urls))
+    return ChildPeers(free_loopback_ports(count), host=LOOPBACK)
 
 
 def free_loopback_ports(count: int) -> list[int]:

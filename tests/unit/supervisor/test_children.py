@@ -9,9 +9,9 @@ import pytest
 from shunter.cli import main, serve_config
 from shunter.supervisor.children import (
     ChildCommand,
+    children_peers,
     free_loopback_ports,
     reserve_port,
-    sibling_peer_args,
 )
 
 LOOPBACK = "127.0.0.1"
@@ -33,19 +33,31 @@ def test_without_metrics_a_child_gets_no_socket() -> None:
     assert "--metrics-socket" not in command.args(0)
 
 
-def test_the_peer_hook_names_the_childs_port_and_every_siblings() -> None:
-    ports = [7001, 7002, 7003]
-    assert sibling_peer_args(0, ports) == [
-        "--peer-port",
-        "7001",
-        "--peer-urls",
-        "127.0.0.1:7002",
-        "127.0.0.1:7003",
-    ]
-    assert sibling_peer_args(2, ports)[:2] == ["--peer-port", "7003"]
-    assert sibling_peer_args(2, ports)[3:] == ["127.0.0.1:7001", "127.0.0.1:7002"]
-    command = ChildCommand(["serve"], 1, peer_ports=ports)
-    assert command.args(1)[-5:] == sibling_peer_args(1, ports)
+def test_each_child_is_a_peer_of_its_siblings_on_loopback() -> None:
+    argv = ["serve", "--workers", "3", "--port", "30111"]
+    config = serve_config(argv[1:])
+    peers = children_peers(config.workers, config.peer_port, config.peer_urls)
+    assert peers.host == LOOPBACK and len(set(peers.ports)) == 3
+    command = ChildCommand(argv, 1, peers=peers)
+    for index in range(3):
+        config = serve_config(command.args(index)[1:])  # what child ``index`` runs with
+        siblings = {f"{LOOPBACK}:{p}" for i, p in enumerate(peers.ports) if i != index}
+        assert config.peer_port == peers.ports[index]
+        assert set(config.peer_urls) == siblings
+        assert config.peer_host == LOOPBACK  # no one asked for peers beyond this host
+
+
+def test_the_operators_peers_are_kept_and_its_port_counts_up_per_child() -> None:
+    argv = ["serve", "--workers", "2", "--port", "30111", "--peer-port", "7100"]
+    argv += ["--peer-urls", "10.0.0.2:7100", "10.0.0.2:7101"]
+    config = serve_config(argv[1:])
+    peers = children_peers(config.workers, config.peer_port, config.peer_urls)
+    command = ChildCommand(argv, 1, peers=peers)
+    first, second = (serve_config(command.args(i)[1:]) for i in range(2))
+    assert (first.peer_port, second.peer_port) == (7100, 7101)
+    assert set(first.peer_urls) == {"127.0.0.1:7101", "10.0.0.2:7100", "10.0.0.2:7101"}
+    assert set(second.peer_urls) == {"127.0.0.1:7100", "10.0.0.2:7100", "10.0.0.2:7101"}
+    assert first.peer_host is None  # bound on --host, for the remote replicas
 
 
 def test_free_loopback_ports_are_distinct() -> None:
@@ -122,7 +134,7 @@ def test_one_worker_runs_the_gateway_in_this_process_and_more_start_a_supervisor
     monkeypatch.setattr(
         shunter.supervise,
         "run_supervisor",
-        lambda config, argv, peers: ran.append(("supervisor", list(argv))),
+        lambda config, argv: ran.append(("supervisor", list(argv))),
     )
     main(["serve", "--port", "30999"])
     assert [kind for kind, _ in ran] == ["gateway"]  # no supervisor process at all

@@ -1,0 +1,1 @@
+"""Gateway replicas that share what routing needs, peer to peer (``--peer-port``)."""

@@ -1,0 +1,83 @@
+"""What gateway peers send each other: one versioned batch per flush, msgpack-encoded.
+
+A message is two frames: the protocol version (2 bytes, big-endian) and the batch. The
+version is read before anything else, so a peer speaking another version is refused (and
+counted) without its batch being decoded against a schema it does not follow. Every batch
+starts with the sender's hello (its node id and the models it serves): with PUB/SUB there
+is no handshake, and carrying the hello in each batch (a few dozen bytes) means a peer that
+joins or restarts needs no state machine to be recognised.
+
+Structs are ``array_like`` (fields by position, no names on the wire): a decision costs its
+model, worker URL, an 8-byte prefix reference and whatever prefix text is new.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+_VERSION_BYTES = 2
+
+
+class Hello(msgspec.Struct, array_like=True, frozen=True):
+    node: str  # random per process start: tells peers apart, and a gateway its own echo
+    models: list[str]  # the models this gateway serves (refused when disjoint from ours)
+
+
+class Decision(msgspec.Struct, array_like=True, frozen=True):
+    """A cache-aware routing decision: the prompt's leading blocks went to ``worker``.
+
+    The prefix is ``base`` (a chain digest naming blocks sent before, 0 for none) followed
+    by ``blocks`` (new text, whole blocks of ``prefixes.BLOCK_CHARS`` characters).
+    """
+
+    model: str
+    worker: str
+    base: int
+    blocks: list[str]
+
+
+class ManualWorker(msgspec.Struct, array_like=True, frozen=True):
+    """A worker registered (``spec``: the ``POST /workers`` body) or removed (``None``) by
+    hand; the change with the later ``(stamp, origin)`` wins."""
+
+    url: str
+    stamp: int  # wall-clock nanoseconds of the change, strictly increasing per origin
+    origin: str  # the node where the change was made
+    spec: bytes | None
+
+
+class Batch(msgspec.Struct, array_like=True, frozen=True):
+    hello: Hello
+    decisions: list[Decision] = []
+    workers: list[ManualWorker] = []
+
+
+class MessageError(ValueError):
+    """Not a batch of ours: malformed, or another protocol version (``version`` says)."""
+
+    def __init__(self, message: str, version: int | None = None) -> None:
+        super().__init__(message)
+        self.version = version
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Batch)
+_VERSION = PROTOCOL_VERSION.to_bytes(_VERSION_BYTES, "big")
+
+
+def encode(batch: Batch) -> list[bytes]:
+    return [_VERSION, _encoder.encode(batch)]
+
+
+def decode(frames: list[bytes]) -> Batch:
+    """The batch in ``frames``; ``MessageError`` for anything else (never another error)."""
+    if len(frames) != 2 or len(frames[0]) != _VERSION_BYTES:
+        raise MessageError(f"expected 2 frames with a {_VERSION_BYTES}-byte version")
+    version = int.from_bytes(frames[0], "big")
+    if version != PROTOCOL_VERSION:
+        raise MessageError(f"protocol version {version}, ours is {PROTOCOL_VERSION}", version)
+    try:
+        return _decoder.decode(frames[1])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise MessageError(f"not a batch: {exc}") from None
