@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import zmq
+from peer_support import sample_gateway
 
+from shunter.peers.exchange import Exchange
 from shunter.peers.transport import PeerSockets
 
 from support.harness import free_port
@@ -69,3 +71,18 @@ async def heard_again(listener: PeerSockets, speaker: PeerSockets) -> list[bytes
     assert listener._loop is not None
     listener._loop.remove_reader(listener._fd)
     return await heard(listener, speaker, b"from-c")
+
+
+async def test_peers_found_before_the_exchange_starts_are_connected_at_start() -> None:
+    gw = await sample_gateway()
+    port = free_port()
+    exchange = Exchange(gw.fleet, gw.policies.policy_for, lambda: PeerSockets(HOST, port, []))
+    try:
+        exchange.peers_found(frozenset({f"{HOST}:1234"}))  # the watcher may list first
+        exchange.start()
+        assert exchange.stats()["found"] == [f"{HOST}:1234"]
+        exchange.peers_found(frozenset({f"{HOST}:1235"}))
+        assert exchange.stats()["found"] == [f"{HOST}:1235"]
+    finally:
+        await exchange.close()
+        await gw.close()
