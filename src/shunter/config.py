@@ -269,7 +269,16 @@ class GatewayConfig:
         if self.peer_port is None:
             if self.peer_urls:
                 raise ConfigError("--peer-urls needs --peer-port (where the peers reach us)")
+            if self.discovery.router_selector:
+                raise ConfigError(
+                    "--router-selector needs --peer-port (the port every gateway listens to "
+                    "its peers on)"
+                )
             return
+        if self.discovery.router_selector and not discovery_available():
+            raise ConfigError(
+                "--router-selector needs the kubernetes extra: pip install 'shunter[kubernetes]'"
+            )
         _check_port("--peer-port", self.peer_port)
         if not 0 <= self.peer_reservation_ttl_secs <= 60:
             raise ConfigError("--peer-reservation-ttl-secs must be between 0 and 60")

@@ -43,6 +43,7 @@ from shunter.wire.base import UpstreamClient, WholeClient
 from shunter.wire.reqwest import ClientSettings, ReqwestClient
 
 if TYPE_CHECKING:
+    from shunter.discovery.gateways import GatewayPods
     from shunter.discovery.service import Discovery
 
 log = logging.getLogger("shunter.gateway")
@@ -116,6 +117,7 @@ class Gateway:
         self.tracing = Tracing(config.otlp_traces_endpoint) if config.enable_trace else None
         self.router = self._router(config)
         self.discovery = self._discovery(config)
+        self.gateway_pods = self._gateway_pods(config)
         admission = Admission(config.admission) if config.admission.enabled else None
         keys = KeyCheck(config.api_key)
         self.app = GatewayApp(
@@ -150,6 +152,20 @@ class Gateway:
             lambda model: self.policies.policy_for(model),
             lambda: PeerSockets(host, port, peers),
             reservation_ttl_secs=config.peer_reservation_ttl_secs,
+        )
+
+    def _gateway_pods(self, config: GatewayConfig) -> GatewayPods | None:
+        """The other gateways' pods as peers, with ``--router-selector`` (and ``--peer-port``)."""
+        if self.peers is None or not config.discovery.router_selector:
+            return None
+        from shunter.discovery.gateways import GatewayPods
+
+        assert config.peer_port is not None
+        # A --workers child binds --peer-port + its index: every pod's ports start at the
+        # operator's --peer-port.
+        first = config.peer_port - (config.worker_index or 0)
+        return GatewayPods(
+            config.discovery, first, self.peers.peers_found, processes=config.workers
         )
 
     def _discovery(self, config: GatewayConfig) -> Discovery | None:
@@ -291,8 +307,12 @@ class Gateway:
             self.fleet.submit_add(spec)
         if self.discovery is not None:
             self.discovery.start()
+        if self.gateway_pods is not None:
+            self.gateway_pods.start()
 
     async def close(self) -> None:
+        if self.gateway_pods is not None:
+            await self.gateway_pods.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         if self.peers is not None:

@@ -566,6 +566,12 @@ class ServeFlags:
             ("--selector", "selector", "the worker pods' labels"),
             ("--prefill-selector", "prefill_selector", "PD: the prefill pods' labels"),
             ("--decode-selector", "decode_selector", "PD: the decode pods' labels"),
+            (
+                "--router-selector",
+                "router_selector",
+                "the gateway pods' labels: their podIP:--peer-port are this gateway's "
+                "peers, as they come and go (needs --peer-port; not --service-discovery)",
+            ),
         ):
             d.flag(flag, field, type=str, nargs="*", metavar="KEY=VALUE", help=what)
         d.flag(
@@ -631,6 +637,7 @@ class ServeFlags:
             ("--selector", "selector"),
             ("--prefill-selector", "prefill_selector"),
             ("--decode-selector", "decode_selector"),
+            ("--router-selector", "router_selector"),
         ):
             try:
                 selectors[field] = parse_selector(flag, getattr(args, f"discovery.{field}"))

@@ -51,6 +51,9 @@ class DiscoveryConfig:
     model_id_from: str | None = None  # namespace | label:<key> | annotation:<key>
     kubeconfig: str | None = None  # None: in-cluster, else $KUBECONFIG, else ~/.kube/config
     resync_secs: float = 60.0  # a full re-LIST and reconcile at least this often
+    # The other gateways' pods (replicas peer with them); empty: peers by --peer-urls only.
+    # Shares the namespace, kubeconfig and resync settings, with or without --service-discovery.
+    router_selector: Selector = field(default_factory=dict)
 
     def validate(self, pd_mode: bool) -> DiscoveryConfig:
         given = [
@@ -66,22 +69,21 @@ class DiscoveryConfig:
             if value
         ]
         if not self.enabled:
+            # The API server's settings serve --router-selector too.
+            shared = ("--service-discovery-namespace", "--kubeconfig")
+            given = [f for f in given if not (self.router_selector and f in shared)]
             if given:
                 raise DiscoveryConfigError(
                     f"{', '.join(given)}: service discovery settings need --service-discovery"
                 )
+            if self.router_selector:
+                self._validate_api_settings()
             return self
         if not 0 < self.port < 65536:
             raise DiscoveryConfigError(
                 f"--service-discovery-port must be between 1 and 65535, got {self.port}"
             )
-        if self.namespace is not None and not _NAMESPACE.match(self.namespace):
-            raise DiscoveryConfigError(
-                f"--service-discovery-namespace {self.namespace!r} is not a namespace name "
-                "(lower-case letters, digits and '-', at most 63)"
-            )
-        if self.resync_secs <= 0:
-            raise DiscoveryConfigError("--service-discovery-resync-secs must be > 0")
+        self._validate_api_settings()
         source = self.model_id_from
         if source is not None and not (
             source == "namespace"
@@ -106,6 +108,15 @@ class DiscoveryConfig:
                 "--prefill-selector and --decode-selector need --pd-disaggregation"
             )
         return self
+
+    def _validate_api_settings(self) -> None:
+        if self.namespace is not None and not _NAMESPACE.match(self.namespace):
+            raise DiscoveryConfigError(
+                f"--service-discovery-namespace {self.namespace!r} is not a namespace name "
+                "(lower-case letters, digits and '-', at most 63)"
+            )
+        if self.resync_secs <= 0:
+            raise DiscoveryConfigError("--service-discovery-resync-secs must be > 0")
 
     def server_selector(self) -> Selector:
         """What the API server filters on: the selector, or in PD mode the labels both

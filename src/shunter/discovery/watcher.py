@@ -59,7 +59,7 @@ import httpx2
 from lightkube import ALL_NS, ApiError, AsyncClient, KubeConfig
 from lightkube.resources.core_v1 import Pod
 
-from shunter.discovery.config import DiscoveryConfig
+from shunter.discovery.config import DiscoveryConfig, Selector
 from shunter.discovery.pods import PodView
 
 log = logging.getLogger("shunter.discovery")
@@ -111,8 +111,12 @@ class PodWatcher:
         pods: dict[str, PodView],
         changed: Callable[[], None],
         client: Callable[[], AsyncClient] | None = None,
+        selector: Selector | None = None,
     ) -> None:
         self.config = config
+        # What the API server filters on: the workers' selector, unless another is given
+        # (the gateways' own pods, for --router-selector).
+        self.selector = config.server_selector() if selector is None else dict(selector)
         self.pods = pods  # by uid, shared with the reconciler
         self.changed = changed
         self._client_factory = client or (lambda: kube_client(config.kubeconfig))
@@ -228,7 +232,7 @@ class PodWatcher:
         return self.config.namespace or ALL_NS
 
     def _labels(self) -> dict[str, Any]:  # lightkube takes operators too
-        return dict(self.config.server_selector())
+        return dict(self.selector)
 
 
 def _failure(step: Step, exc: Exception, namespace: str | None) -> Failure:

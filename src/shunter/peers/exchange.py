@@ -113,6 +113,7 @@ class Exchange:
         self._ticker = Periodic("peer exchange", tick, self._tick)
         self._refused: set[str] = set()  # nodes refused, logged once until they change
         self._sockets: PeerSockets | None = None
+        self._found: frozenset[str] = frozenset()  # peers found by --router-selector
 
     # --- the request path: an append, nothing else -------------------------------------------
 
@@ -142,10 +143,27 @@ class Exchange:
         if not self._flush_pending:
             self._schedule_flush()
 
+    # --- peers found at run time (pods) -------------------------------------------------------
+
+    def peers_found(self, endpoints: frozenset[str]) -> None:
+        """The other gateways' peer endpoints as found now (``--router-selector``): new ones
+        are subscribed to, gone ones dropped. Before ``start`` they are kept for it."""
+        self._found = endpoints
+        if self._sockets is not None:
+            self._connect_found(self._sockets)
+
+    def _connect_found(self, sockets: PeerSockets) -> None:
+        added, gone = sockets.set_found(self._found)
+        for endpoint in sorted(added):
+            log.info("peer found", extra={"peer": endpoint})
+        for endpoint in sorted(gone):
+            log.info("peer gone", extra={"peer": endpoint})
+
     # --- life cycle ------------------------------------------------------------------------
 
     def start(self) -> None:
         self._sockets = self.connect()
+        self._connect_found(self._sockets)
         self._sockets.listen(self._received)
         self._ticker.start()
         self._tick()  # the first snapshot: peers hear of us at once
@@ -268,4 +286,9 @@ class Exchange:
 
     def stats(self) -> dict[str, object]:
         """The counters, and the reservations held now (for the dashboard)."""
-        return {**self.counters.__dict__, "reservations": len(self.reservations)}
+        found = [] if self._sockets is None else sorted(self._sockets.found)
+        return {
+            **self.counters.__dict__,
+            "reservations": len(self.reservations),
+            "found": found,
+        }

@@ -8,6 +8,12 @@ never waits), so no peer can slow the sender. ZeroMQ reconnects a SUB by itself 
 peer comes back (with backoff from ``RECONNECT_IVL_MS`` to ``RECONNECT_IVL_MAX_MS``), and
 what the peer missed is recovered by the exchange's periodic snapshot, not by replay.
 
+The peers named at start (``--peer-urls``) stay for the life of the sockets; peers found
+later (pods selected by ``--router-selector``) come and go with ``set_found``: a SUB
+connects to a new endpoint and disconnects from one that went away, so that ZeroMQ stops
+retrying a pod that no longer exists. An endpoint named at start is never disconnected,
+nor connected twice (a SUB connected twice to one PUB receives every message twice).
+
 Plain (not ``zmq.asyncio``) sockets: the SUB's file descriptor is watched by the event loop
 and every message waiting is read in one callback. With ``zmq.asyncio``, an await per
 message cost 8 peered gateways ~2 ms of CPU per routed request (each receives every
@@ -41,7 +47,9 @@ class PeerSockets:
         self.sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         self.sub.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        for peer in peers:
+        self.static = frozenset(peers)
+        self.found: frozenset[str] = frozenset()  # connected by set_found
+        for peer in self.static:
             self.sub.connect(f"tcp://{peer}")
         self._fd: int = self.sub.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -54,6 +62,18 @@ class PeerSockets:
         except zmq.Again:
             return False
         return True
+
+    def set_found(self, peers: frozenset[str]) -> tuple[set[str], set[str]]:
+        """Connect to the ``peers`` found now, and disconnect from those found before that
+        are gone; returns (connected, disconnected)."""
+        wanted = peers - self.static
+        added, gone = set(wanted - self.found), set(self.found - wanted)
+        for peer in gone:
+            self.sub.disconnect(f"tcp://{peer}")
+        for peer in added:
+            self.sub.connect(f"tcp://{peer}")
+        self.found = wanted
+        return added, gone
 
     def listen(self, handler: Callable[[list[bytes]], None]) -> None:
         """Call ``handler`` with every message that arrives (on the running loop)."""
