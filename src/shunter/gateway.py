@@ -111,6 +111,7 @@ class Gateway:
         source = config.kv_events_tokenizer
         self.kv_events = KvEvents(tokenizer_from(source), chat=chat_ids_from(source))
         self.fleet.subscribe(self._kv_events_changed)
+        self.metrics.kv_events = self.kv_events.counters
         self.metrics.workers = self.fleet.registry.all
         # Replicas: the regular policies' decisions go to the peers, theirs come back.
         self.peers = self._peers(config)

@@ -107,10 +107,13 @@ class KvEvents:
             self._context.destroy(linger=0)
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """Each worker's subscriber counters (``/kv_events``, tests)."""
+        """Each worker's subscriber counters, blocks indexed and whether it is connected
+        (the dashboard, ``/metrics``). Safe from the metrics exporter's thread: it reads
+        a copy of the table and plain ints."""
         return {
-            url: vars(s.counters) | {"blocks": s.index.blocks_of(url)}
-            for url, s in self.subscribers.items()
+            url: vars(s.counters)
+            | {"blocks": s.index.blocks_of(url), "connected": int(s.connected)}
+            for url, s in self.subscribers.copy().items()
         }
 
 
