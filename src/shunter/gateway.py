@@ -28,6 +28,7 @@ from shunter.discovery.reconciler import DiscoveryObserver
 from shunter.fleet.fleet import Fleet, FleetObserver, FleetSettings
 from shunter.fleet.spec import WorkerSpec
 from shunter.fleet.worker import Worker, WorkerType
+from shunter.kv_events.chat import chat_ids_from
 from shunter.kv_events.hub import KvEvents, tokenizer_from
 from shunter.observability.metrics import Metrics
 from shunter.observability.tracing import Tracing
@@ -108,8 +109,10 @@ class Gateway:
         self.fleet = Fleet(settings, connector, observer)
         self.policy_registries: list[PolicyRegistry] = []
         # Precise cache_aware: the engines' KV events (subscribers start with their workers).
-        self.kv_events = KvEvents(tokenizer_from(config.kv_events_tokenizer))
+        source = config.kv_events_tokenizer
+        self.kv_events = KvEvents(tokenizer_from(source), chat=chat_ids_from(source))
         self.fleet.subscribe(self._kv_events_changed)
+        self.metrics.kv_events = self.kv_events.counters
         self.metrics.workers = self.fleet.registry.all
         # Replicas: the regular policies' decisions go to the peers, theirs come back.
         self.peers = self._peers(config)

@@ -96,3 +96,52 @@ def test_an_sglang_workers_events_endpoint_is_read_from_its_server_info(
     wait_for(lambda: sim.url in _kv_events(gateway), 5, "subscribed from the server info")
     _generate(sim.url, _prompt("s"))
     wait_for(lambda: _blocks(gateway, sim) == 4, 5, "the advertised events applied")
+
+
+def _chat(url: str, messages: list[dict[str, str]]) -> None:
+    body = {"model": "sim", "messages": messages, "max_tokens": 1}
+    httpx.post(url + "/v1/chat/completions", json=body, timeout=10).raise_for_status()
+
+
+def test_a_chat_routes_to_the_sim_that_cached_its_templated_prompt(procs: list[Proc]) -> None:
+    """The sims cache a chat as their template renders it (``<|system|> ... <|assistant|>``):
+    the gateway scores the same rendering, not the contents joined, so it finds the blocks."""
+    (a, a_events, _), (b, b_events, _) = _sim("sim-a"), _sim("sim-b")
+    procs += [a, b]
+    gateway = Gateway(
+        "--policy",
+        "cache_aware",
+        "--kv-events-endpoint",
+        f"{a.url}={a_events}",
+        "--kv-events-endpoint",
+        f"{b.url}={b_events}",
+        workers=[a.url, b.url],
+    )
+    procs.append(gateway)
+    gateway.wait_workers(2)
+    wait_for(lambda: set(_kv_events(gateway)) == {a.url, b.url}, 5, "both subscribed")
+
+    def conversation(topic: str) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": _prompt(topic)},
+            {"role": "user", "content": f"a first question about {topic}"},
+        ]
+
+    warm = {"p": a, "r": a, "q": b}
+    for topic, sim in warm.items():
+        _chat(sim.url, conversation(topic))
+    wait_for(lambda: _blocks(gateway, a) == 8 and _blocks(gateway, b) == 4, 5, "events applied")
+
+    # The next turn of each conversation, routed in an order that a policy blind to the
+    # engines' caches cannot follow (new prefixes alternate between the sims).
+    for topic in ("p", "r", "q"):
+        before = {s.name: s.stats()["requests_total"] for s in (a, b)}
+        turn = [
+            *conversation(topic),
+            {"role": "assistant", "content": "an answer"},
+            {"role": "user", "content": "and a second question"},
+        ]
+        _chat(gateway.url, turn)
+        after = {s.name: s.stats()["requests_total"] for s in (a, b)}
+        chosen = [name for name in after if after[name] > before[name]]
+        assert chosen == [warm[topic].name], topic

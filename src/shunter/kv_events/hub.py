@@ -4,7 +4,8 @@ read-only view the precise ``cache_aware`` reads (``tracks``, ``cached_tokens``)
 Workers come and go through ``add`` and ``remove`` (the composition root calls them on fleet
 changes); a removed worker's subscriber is closed and its blocks dropped. A request is
 scored by tokenizing its routing text with the tokenizer the engines use (``tokenize``):
-the events carry token ids, so the ids must be the very ones the engine saw.
+the events carry token ids, so the ids must be the very ones the engine saw. A chat request
+is rendered first as its engine renders it (``chat``, ``kv_events/chat.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from shunter.kv_events.chat import ChatIds
 from shunter.kv_events.index import KvIndex
 from shunter.kv_events.subscriber import Subscriber
 
@@ -26,11 +28,14 @@ Tokenize = Callable[[str], Sequence[Any]]
 
 
 class KvEvents:
-    def __init__(self, tokenize: Tokenize, *, replay_timeout: float = 2.0) -> None:
+    def __init__(
+        self, tokenize: Tokenize, *, chat: ChatIds | None = None, replay_timeout: float = 2.0
+    ) -> None:
         self.index = KvIndex()
         self.subscribers: dict[str, Subscriber] = {}
         self.active = False  # whether any worker publishes: the policy's one check
         self._tokenize = tokenize
+        self._chat = chat
         self._replay_timeout = replay_timeout
         self._context: zmq.asyncio.Context | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -40,10 +45,15 @@ class KvEvents:
     def tracks(self, url: str) -> bool:
         return url in self.subscribers
 
-    def cached_tokens(self, model: str, text: str) -> tuple[int, Mapping[str, int]]:
+    def cached_tokens(
+        self, model: str, text: str, chat: bytes | None = None
+    ) -> tuple[int, Mapping[str, int]]:
         """The prompt's length in tokens and, per worker with events, how many of its
-        leading tokens that worker holds in whole cached blocks."""
-        ids = self._tokenize(text)
+        leading tokens that worker holds in whole cached blocks. ``chat`` is a chat
+        request's body: its rendered prompt is scored rather than ``text`` when it renders."""
+        ids = None if chat is None or self._chat is None else self._chat(chat)
+        if ids is None:
+            ids = self._tokenize(text)
         return len(ids), self.index.longest_prefix(model, ids)
 
     # --- membership ----------------------------------------------------------------------
@@ -97,10 +107,13 @@ class KvEvents:
             self._context.destroy(linger=0)
 
     def counters(self) -> dict[str, dict[str, int]]:
-        """Each worker's subscriber counters (``/kv_events``, tests)."""
+        """Each worker's subscriber counters, blocks indexed and whether it is connected
+        (the dashboard, ``/metrics``). Safe from the metrics exporter's thread: it reads
+        a copy of the table and plain ints."""
         return {
-            url: vars(s.counters) | {"blocks": s.index.blocks_of(url)}
-            for url, s in self.subscribers.items()
+            url: vars(s.counters)
+            | {"blocks": s.index.blocks_of(url), "connected": int(s.connected)}
+            for url, s in self.subscribers.copy().items()
         }
 
 

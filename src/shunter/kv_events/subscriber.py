@@ -23,7 +23,9 @@ The state machine is llm-d's (the most careful of the consumers), per endpoint:
   (a replay would return the same bytes).
 
 ZeroMQ reconnects the SUB by itself when the worker goes away and comes back; the interval
-starts at ``reconnect_ivl`` and doubles up to ``reconnect_ivl_max`` (the backoff).
+starts at ``reconnect_ivl`` and doubles up to ``reconnect_ivl_max`` (the backoff). Whether
+the SUB is connected now (``connected``) comes from the socket's monitor, so an operator
+sees an unreachable publisher (``shunter_kv_events_connected``) rather than a silence.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from shunter.kv_events.index import BlockIndex
 from shunter.kv_events.wire import (
@@ -88,7 +91,9 @@ class Subscriber:
         self._context = context
         self._replay_timeout = replay_timeout
         self._ivl = (int(reconnect_ivl * 1000), int(reconnect_ivl_max * 1000))
+        self.connected = False  # the SUB's TCP (or IPC) connection is up
         self._task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._socket: zmq.asyncio.Socket | None = None
 
     def start(self) -> None:
@@ -105,17 +110,32 @@ class Subscriber:
             sub.close(linger=0)
             raise
         self._socket = sub
+        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._watcher = asyncio.create_task(self._watch(sub, monitor))
         self._task = asyncio.create_task(self._read(sub), name=f"kv events {self.worker}")
 
     async def close(self) -> None:
         """Stop reading and forget the worker's blocks."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.connected = False
         if self._socket is not None:
             self._socket.close(linger=0)
         self.index.drop(self.worker)
+
+    async def _watch(self, sub: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        """Follow the SUB's connection from its monitor's events."""
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                self.connected = event == zmq.EVENT_CONNECTED
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                sub.disable_monitor()
+            monitor.close(linger=0)
 
     async def _read(self, sub: zmq.asyncio.Socket) -> None:
         while True:

@@ -17,7 +17,7 @@ import os
 import socketserver
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
@@ -65,6 +65,24 @@ DEFAULT_DURATION_BUCKETS = (
 # (Prometheus drops both from a histogram with negative buckets): the mean absolute error is
 # the _sum over the _count of all directions. Powers of four from a block (16) up.
 PRECISION_BUCKETS = (0.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0)
+
+
+# The KV-event subscribers' figures (kv_events/subscriber.py): metric, field, help.
+KV_EVENT_COUNTERS = (
+    ("shunter_kv_events_applied", "events", "KV-cache events applied to the block index"),
+    ("shunter_kv_events_batches", "batches", "Event batches applied (live and replayed)"),
+    ("shunter_kv_events_gaps", "gaps", "Gaps in the batch sequence numbers"),
+    ("shunter_kv_events_replays", "replays", "Replays asked of the worker to fill a gap"),
+    ("shunter_kv_events_replay_failures", "replay_failures", "Replays that failed"),
+    ("shunter_kv_events_resyncs", "resyncs", "Times the worker's blocks were dropped"),
+    ("shunter_kv_events_malformed", "malformed", "Messages that were no event batch"),
+    ("shunter_kv_events_skipped", "skipped_events", "Malformed events inside good batches"),
+    ("shunter_kv_events_publisher_restarts", "restarts", "Publisher restarts seen"),
+)
+KV_EVENT_GAUGES = (
+    ("shunter_kv_events_blocks", "blocks", "Blocks the index holds for the worker"),
+    ("shunter_kv_events_connected", "connected", "1 while connected to the worker's events"),
+)
 
 
 class HistogramCell:
@@ -122,6 +140,9 @@ class Metrics:
         self.discovery_discovered = 0
         self.discovery_sync: dict[tuple[()], HistogramCell] = {}
         self.precision: dict[tuple[str, str, str], HistogramCell] = {}  # model, policy, direction
+        # KV-cache event subscribers (kv_events/): per worker URL, its counters, "blocks"
+        # and "connected", read at scrape time from the hub (set by the composition root).
+        self.kv_events: Callable[[], Mapping[str, Mapping[str, int]]] = dict
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
         self._server: Any = None
@@ -319,6 +340,7 @@ class _Collector:
         yield from self._http()
         yield from self._router()
         yield from self._workers()
+        yield from self._kv_events()
 
     def _http(self) -> Iterator[Metric]:
         m = self.m
@@ -557,6 +579,20 @@ class _Collector:
         yield pool
         yield connections
         yield from self._breakers(workers)
+
+    def _kv_events(self) -> Iterator[Metric]:
+        """One series per worker whose KV events the gateway follows."""
+        subscribers = self.m.kv_events()
+        for name, field, documentation in KV_EVENT_COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=["worker"])
+            for url, counts in subscribers.items():
+                family.add_metric([url], counts.get(field, 0))
+            yield family
+        for name, field, documentation in KV_EVENT_GAUGES:
+            gauge = GaugeMetricFamily(name, documentation, labels=["worker"])
+            for url, counts in subscribers.items():
+                gauge.add_metric([url], counts.get(field, 0))
+            yield gauge
 
     def _breakers(self, workers: Sequence[Worker]) -> Iterator[Metric]:
         state = GaugeMetricFamily(

@@ -38,13 +38,16 @@ class RouteRequest:
     ``model`` is the registry's model id the workers belong to (not whatever name the
     client sent), ``text`` the routing text (only extracted for policies that set
     ``needs_text``), ``headers`` the raw request headers, ``routing_id`` the body's
-    ``routing_id`` field if it has one.
+    ``routing_id`` field if it has one, ``chat`` the body of a chat request when ``text``
+    is extracted (a precise scorer renders its messages as the engine does; the text
+    joins only their contents).
     """
 
     model: str = "default"
     text: str | None = None
     headers: list[tuple[bytes, bytes]] | None = None
     routing_id: str | None = None
+    chat: bytes | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for key, value in self.headers or ():

@@ -102,9 +102,12 @@ class PrefixScorer(Protocol):
         """Whether ``url``'s engine publishes events (its cache is known exactly)."""
         ...
 
-    def cached_tokens(self, model: str, text: str) -> tuple[int, Mapping[str, int]]:
+    def cached_tokens(
+        self, model: str, text: str, chat: bytes | None = None
+    ) -> tuple[int, Mapping[str, int]]:
         """The prompt's length in tokens, and per tracked worker the leading tokens it holds
-        in whole cached blocks (workers holding none may be left out)."""
+        in whole cached blocks (workers holding none may be left out). ``chat``: a chat
+        request's body, to be rendered as the engine renders it (``RouteRequest.chat``)."""
         ...
 
 
@@ -170,7 +173,9 @@ class CacheAwarePolicy(Policy):
             chosen: Worker | None = only if only.state.available else None
             reason, exact, known = "only_worker", None, None
         else:
-            chosen, reason, exact, known = self._choose(workers, text, request.model, config)
+            chosen, reason, exact, known = self._choose(
+                workers, text, request.model, config, request.chat
+            )
         if chosen is None:
             return Decision(None, reason)
         now = time.monotonic()
@@ -214,7 +219,12 @@ class CacheAwarePolicy(Policy):
         return matched, frozenset(tenants)
 
     def _choose(
-        self, workers: Workers, text: str, tree_key: str, config: CacheAwareConfig
+        self,
+        workers: Workers,
+        text: str,
+        tree_key: str,
+        config: CacheAwareConfig,
+        chat: bytes | None = None,
     ) -> tuple[Worker | None, str, int | None, tuple[int, float] | None]:
         """The worker, the reason, the engine's exact cached tokens for it when its events
         said so (None: the tree's estimate applies), and the tree's characters and stamp
@@ -225,11 +235,12 @@ class CacheAwarePolicy(Policy):
         precise = scorer is not None and scorer.active and bool(text)
         if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
             chosen = least_loaded(workers)
-            return chosen, "load_override", _exact(scorer, chosen, tree_key, text, precise), None
+            exact = _exact(scorer, chosen, tree_key, text, chat, precise)
+            return chosen, "load_override", exact, None
         counts: Mapping[str, int] = {}
         if precise:
             assert scorer is not None
-            holder, counts = _longest_cached(workers, scorer, tree_key, text, config)
+            holder, counts = _longest_cached(workers, scorer, tree_key, text, chat, config)
             if holder is not None:
                 return holder, "cached_blocks", counts.get(holder.url, 0), None
         tree = self.trees.get(tree_key)
@@ -365,21 +376,31 @@ _NOTHING = (0, -1.0)  # the tree holds none of the text for the worker
 
 
 def _exact(
-    scorer: PrefixScorer | None, worker: Worker | None, model: str, text: str, precise: bool
+    scorer: PrefixScorer | None,
+    worker: Worker | None,
+    model: str,
+    text: str,
+    chat: bytes | None,
+    precise: bool,
 ) -> int | None:
     """The engine's cached tokens for ``worker`` if it publishes events, else None."""
     if not precise or scorer is None or worker is None or not scorer.tracks(worker.url):
         return None
-    return scorer.cached_tokens(model, text)[1].get(worker.url, 0)
+    return scorer.cached_tokens(model, text, chat)[1].get(worker.url, 0)
 
 
 def _longest_cached(
-    workers: Workers, scorer: PrefixScorer, model: str, text: str, config: CacheAwareConfig
+    workers: Workers,
+    scorer: PrefixScorer,
+    model: str,
+    text: str,
+    chat: bytes | None,
+    config: CacheAwareConfig,
 ) -> tuple[Worker | None, Mapping[str, int]]:
     """The available worker whose engine holds the longest cached run of the prompt, if
     that run is more than ``cache_threshold`` of it (ties go to the less loaded); and the
     engines' counts."""
-    total, cached = scorer.cached_tokens(model, text)
+    total, cached = scorer.cached_tokens(model, text, chat)
     if not total or not cached:
         return None, cached
     best: Worker | None = None

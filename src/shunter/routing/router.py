@@ -117,8 +117,12 @@ class Router:
         if avoid:  # a retry: prefer workers this request has not failed on yet
             workers = tuple(w for w in workers if w not in avoid) or workers
         policy = self.policies.policy_for(model)
-        text = request.routing_text if policy.needs_text else None
-        route = RouteRequest(model, text, request.headers, request.fields.routing_id)
+        text, chat = None, None
+        if policy.needs_text:
+            text = request.routing_text
+            if request.fields.messages is not None:
+                chat = request.body
+        route = RouteRequest(model, text, request.headers, request.fields.routing_id, chat)
         decision = policy.decide(workers, route)
         worker = decision.worker
         if worker is None:

@@ -8,6 +8,7 @@ import orjson
 
 from shunter.protocols.reply import TEXT_CONTENT
 from shunter.sim.send import send_bytes, send_json
+from shunter.tokenizer.words import chat_text
 from shunter.wire.asgi import Receive, Scope, Send
 
 
@@ -59,15 +60,9 @@ def error_body(message: str, status: int) -> dict[str, Any]:
 def chat_prompt(messages: Any) -> str:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list")
-    parts = []
-    for message in messages:
-        if not isinstance(message, dict):
-            raise BadRequest("each message must be an object")
-        content = message.get("content") or ""
-        if isinstance(content, list):
-            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-        parts.append(f"<|{message.get('role', 'user')}|> {content}")
-    return " ".join(parts) + " <|assistant|>"
+    if not all(isinstance(message, dict) for message in messages):
+        raise BadRequest("each message must be an object")
+    return chat_text(messages)
 
 
 def max_tokens_of(value: Any, default: int) -> int:

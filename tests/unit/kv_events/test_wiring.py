@@ -113,7 +113,9 @@ class Scorer:
     def tracks(self, url: str) -> bool:
         return url in self.tracked
 
-    def cached_tokens(self, model: str, text: str) -> tuple[int, Mapping[str, int]]:
+    def cached_tokens(
+        self, model: str, text: str, chat: bytes | None = None
+    ) -> tuple[int, Mapping[str, int]]:
         return self.total, self.cached
 
 

@@ -163,7 +163,9 @@ class Engines:
     def tracks(self, url: str) -> bool:
         return url in self.counts
 
-    def cached_tokens(self, model: str, text: str) -> tuple[int, dict[str, int]]:
+    def cached_tokens(
+        self, model: str, text: str, chat: bytes | None = None
+    ) -> tuple[int, dict[str, int]]:
         return 300, self.counts
 
 

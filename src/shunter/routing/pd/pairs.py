@@ -79,7 +79,8 @@ class PairSelector:
         decode_policy = self.decode.policy_for(model)
         needs_text = prefill_policy.needs_text or decode_policy.needs_text
         text = request.routing_text if needs_text or self.min_prefill_tokens else None
-        route = RouteRequest(model, text, request.headers, request.fields.routing_id)
+        chat = request.body if text is not None and request.fields.messages is not None else None
+        route = RouteRequest(model, text, request.headers, request.fields.routing_id, chat)
         held = decode_policy.cached_prefix(route) if self.min_prefill_tokens else None
         decode = _chosen(decode_policy, decodes, route, WorkerType.DECODE)
         if (
