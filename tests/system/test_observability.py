@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 
 from shunter.observability.engine_metrics import merge
 from shunter.observability.streams import StreamStats
 
-from support.harness import Fleet, Gateway, Proc, Sim
+from support.harness import Fleet, Gateway, Proc, Sim, wait_for
 
 
 def test_merge_labels_every_sample_with_its_worker_and_lists_families_once() -> None:
@@ -68,10 +69,16 @@ def test_one_access_line_per_request_in_json_and_never_a_key(procs: list[Proc]) 
         ).status_code
         == 401
     )
+
+    def access_lines() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in gateway.output().splitlines() if line[:1] == "{"]
+        return [r for r in lines if r["logger"] == "shunter.access"]
+
+    # The access line is written once the answer is sent: the client may read it first.
+    wait_for(lambda: len(access_lines()) >= 2, 5, "both access lines")
     output = gateway.output()
     assert "top-secret-key" not in output and "wrong-key" not in output
-    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    access = [r for r in lines if r["logger"] == "shunter.access"]
+    access = access_lines()
     served = next(r for r in access if r["request_id"] == "trace-me-1")
     assert served["message"] == "POST /v1/completions 200"
     assert served["worker"] == sim.url and served["latency_ms"] > 0
