@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 TICKS = os.sysconf("SC_CLK_TCK")
+# wrk's script for POSTing one JSON body read from the file ``{body}``.
+WRK_POST_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = io.open("{body}", "rb"):read("*a")
+"""
 
 
 def cpu_seconds(pid: int) -> float:

@@ -27,21 +27,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from common import free_port, gateway_args, wait_http
+from common import WRK_POST_LUA, cpu_seconds, free_port, gateway_args, wait_http
 
 HERE = Path(__file__).resolve().parent
 BODY = (HERE / "chat_1k.json").read_bytes()
-TICKS = os.sysconf("SC_CLK_TCK")
-LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = io.open("{body}", "rb"):read("*a")
-"""
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+LUA = WRK_POST_LUA
 
 
 def spawn(cpu: int, *args: str, source: Path | None = None) -> subprocess.Popen[bytes]:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import free_port, start_sims, wait_http
+from common import WRK_POST_LUA, cpu_seconds, free_port, start_sims, wait_http
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -36,17 +36,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from shunter.observability.merged import fetch_exposition  # noqa: E402
 
 BODY = HERE / "chat_1k.json"
-TICKS = os.sysconf("SC_CLK_TCK")
-LUA = """
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = io.open("{body}", "rb"):read("*a")
-"""
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+LUA = WRK_POST_LUA
 
 
 def children(pid: int) -> list[int]:
