@@ -76,6 +76,11 @@ class Proc:
             self.popen.kill()
             self.popen.wait(10)
 
+    def terminate(self) -> None:
+        """Send SIGTERM without waiting (``stop`` then waits): see ``stop_all``."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
@@ -86,6 +91,19 @@ class Proc:
                 self.popen.wait(10)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+
+
+def stop_all(procs: Sequence[Proc]) -> None:
+    """Stop ``procs`` together: SIGTERM to each, then wait for each (last started first).
+
+    One by one, a test's teardown waited for each exit in turn (a gateway's settle window,
+    then every sim's); signalled together they exit in parallel, which took a fleet of a
+    gateway and two sims from ~0.9 s to ~0.5 s.
+    """
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in reversed(procs):
+        proc.stop()
 
 
 class Sim(Proc):
@@ -176,11 +194,13 @@ class Gateway(Proc):
             str(self.metrics_port),
             "--log-level",
             "debug",
-            # Tests stop many gateways: a short settle window (0.25 s) unless a test sets one.
+            # Tests stop many gateways: a short settle window (0.1 s) unless a test sets one.
+            # (Grace 0.5 s, settle 0.25 s, cost ~0.15 s more per gateway stopped; the tests
+            # that drain requests in flight set their own grace.)
             *(
                 ()
                 if "--shutdown-grace-period-secs" in extra
-                else ("--shutdown-grace-period-secs", "0.5")
+                else ("--shutdown-grace-period-secs", "0.2")
             ),
             *extra,
         ]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from support.harness import Fleet, Gateway, Proc, Sim
+from support.harness import Fleet, Gateway, Proc, Sim, stop_all
 
 
 @pytest.fixture
@@ -14,8 +14,7 @@ def procs() -> Iterator[list[Proc]]:
     """Processes a test starts; all are stopped at its end, by PID."""
     started: list[Proc] = []
     yield started
-    for proc in reversed(started):
-        proc.stop()
+    stop_all(started)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +26,4 @@ def fleet() -> Iterator[Fleet]:
     sims = [Sim("sim-a", "--itl-ms", "5"), Sim("sim-b", "--itl-ms", "5")]
     gateway = Gateway("--policy", "round_robin", workers=[s.url for s in sims])
     yield Fleet(sims, gateway)
-    gateway.stop()
-    for sim in sims:
-        sim.stop()
+    stop_all([*sims, gateway])

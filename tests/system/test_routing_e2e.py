@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -60,11 +61,13 @@ def test_power_of_two_avoids_the_worker_that_reports_load(procs: list[Proc]) -> 
     procs.append(gateway)
 
     def load_busy() -> None:  # straight to the worker: the gateway cannot count these
-        httpx.post(
-            busy.url + "/generate",
-            timeout=30,
-            json={"text": "x " * 500, "sampling_params": {"max_new_tokens": 60}},
-        )
+        # Cut short by the kill below once the routing is seen: only the load matters here.
+        with contextlib.suppress(httpx.TransportError):
+            httpx.post(
+                busy.url + "/generate",
+                timeout=30,
+                json={"text": "x " * 500, "sampling_params": {"max_new_tokens": 60}},
+            )
 
     threads = [threading.Thread(target=load_busy) for _ in range(4)]
     for thread in threads:
@@ -77,6 +80,9 @@ def test_power_of_two_avoids_the_worker_that_reports_load(procs: list[Proc]) -> 
     wait_for(loads_seen, 10, "the busy worker's load")
     time.sleep(0.5)  # a poll of the monitor after the load appeared
     seen = Counter(worker_of(gateway, chat("s", f"q{i}")) for i in range(10))
+    # The load has done its part: waiting out its 60 tokens x 50 ms, twice (two queued
+    # behind two running), cost ~6 s; killing the busy sim ends the four calls at once.
+    busy.kill()
     for thread in threads:
         thread.join()
     assert seen == {"idle": 10}
