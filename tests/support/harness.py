@@ -50,9 +50,14 @@ class Proc:
         )
 
     def started(self, wait: Callable[[], None]) -> None:
-        """Run a readiness wait; if it fails, stop the process before raising (no orphans)."""
+        """Run a readiness wait; if it fails, stop the process before raising (no orphans),
+        with what the process printed in the error (it is never in ``procs`` to be shown)."""
         try:
             wait()
+        except Exception as exc:
+            printed = self.output()
+            self.stop()
+            raise RuntimeError(f"{exc}; the process printed:\n{printed[-6000:]}") from exc
         except BaseException:
             self.stop()
             raise
@@ -209,7 +214,8 @@ class Gateway(Proc):
         super().__init__(args)
         self.started(lambda: wait_for(self.alive, what="gateway"))
         if ready and workers:
-            self.started(lambda: self.wait_workers(len(workers)))
+            # Generous: registration probes back off (up to 5 s apart) on a loaded machine.
+            self.started(lambda: self.wait_workers(len(workers), timeout=30.0))
 
     def alive(self) -> bool:
         return self.answers(self.url + "/health", (200,), "gateway")
