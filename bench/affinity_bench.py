@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import httpx
 import orjson
 
-from common import free_port, gateway_args, start, wait_http, wait_registered
+from common import free_port, gateway_args, smg_args, start, wait_http, wait_registered
 
 MODEL = "smollm2"
 SYSTEMS, USERS, TURNS = 8, 24, 2
@@ -386,22 +386,7 @@ def main() -> None:
             rows.append(through_gateway(f"shunter {policy}", command, port, workers, work))
         if args.smg:
             port = free_port()
-            command = [
-                args.smg,
-                "launch",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--prometheus-port",
-                str(free_port()),
-                "--log-level",
-                "warn",
-                "--policy",
-                "cache_aware",
-                "--worker-urls",
-                *workers,
-            ]
+            command = smg_args(args.smg, port, "cache_aware", workers)
             rows.append(through_gateway("smg cache_aware", command, port, workers, work))
     finally:
         for proc in procs:

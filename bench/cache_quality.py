@@ -21,7 +21,16 @@ import time
 
 import httpx
 
-from common import free_port, gateway_args, start, start_sims, wait_registered
+from common import (
+    cache_outcome,
+    free_port,
+    gateway_args,
+    sim_stats,
+    smg_args,
+    start,
+    start_sims,
+    wait_registered,
+)
 from shunter.sim.cache import PrefixCache
 from shunter.sim.engine import tokenize
 
@@ -93,7 +102,7 @@ def measure(
 ) -> dict[str, float]:
     for sim in sims:
         httpx.post(sim + "/flush_cache").raise_for_status()
-    before = [httpx.get(sim + "/sim/stats").json() for sim in sims]
+    before = sim_stats(sims)
     gateway = start(command)
     try:
         wait_registered(f"http://127.0.0.1:{port}", WORKERS)
@@ -101,13 +110,9 @@ def measure(
     finally:
         gateway.terminate()
         gateway.wait()
-    after = [httpx.get(sim + "/sim/stats").json() for sim in sims]
-    pairs = list(zip(after, before, strict=True))
-    cached = sum(a["cached_tokens_total"] - b["cached_tokens_total"] for a, b in pairs)
-    prompt = sum(a["prompt_tokens_total"] - b["prompt_tokens_total"] for a, b in pairs)
-    served = [a["requests_total"] - b["requests_total"] for a, b in pairs]
+    hit, served = cache_outcome(before, sim_stats(sims))
     return {
-        "hit": cached / prompt,
+        "hit": hit,
         "busiest": max(served) / max(1, min(served)),
         "served": served,
         "seconds": seconds,
@@ -139,22 +144,7 @@ def main() -> None:
             port = free_port()
             rows["smg cache_aware"] = measure(
                 "smg",
-                [
-                    args.smg,
-                    "launch",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--prometheus-port",
-                    str(free_port()),
-                    "--log-level",
-                    "warn",
-                    "--policy",
-                    "cache_aware",
-                    "--worker-urls",
-                    *urls,
-                ],
+                smg_args(args.smg, port, "cache_aware", urls),
                 port,
                 urls,
                 requests,

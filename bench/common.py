@@ -102,6 +102,37 @@ def start_sims(count: int, *extra: str) -> tuple[list[subprocess.Popen[bytes]], 
     return sims, urls
 
 
+def smg_args(smg: str, port: int, policy: str, workers: list[str]) -> list[str]:
+    """``smg launch`` on 127.0.0.1:``port`` with ``policy`` over ``workers``, quiet, its
+    Prometheus listener on a free port (it has no way to turn it off)."""
+    return [
+        *(smg, "launch", "--host", "127.0.0.1", "--port", str(port)),
+        *("--prometheus-port", str(free_port()), "--log-level", "warn"),
+        *("--policy", policy, "--worker-urls", *workers),
+    ]
+
+
+def sim_stats(urls: list[str]) -> list[dict[str, Any]]:
+    """Each sim's ``/sim/stats`` (its counters so far)."""
+    stats = []
+    for url in urls:
+        with urllib.request.urlopen(url + "/sim/stats", timeout=10) as response:
+            stats.append(json.loads(response.read()))
+    return stats
+
+
+def cache_outcome(
+    before: list[dict[str, Any]], after: list[dict[str, Any]]
+) -> tuple[float, list[int]]:
+    """Between two ``sim_stats`` readings: the prefix-cache hit rate the sims report
+    (cached prompt tokens over prompt tokens) and the requests each sim served."""
+    pairs = list(zip(after, before, strict=True))
+    cached = sum(a["cached_tokens_total"] - b["cached_tokens_total"] for a, b in pairs)
+    prompt = sum(a["prompt_tokens_total"] - b["prompt_tokens_total"] for a, b in pairs)
+    served = [a["requests_total"] - b["requests_total"] for a, b in pairs]
+    return cached / max(1, prompt), served
+
+
 def wait_registered(base: str, count: int, timeout: float = 60) -> None:
     """Wait until the gateway at ``base`` (Shunter or smg) lists ``count`` healthy workers."""
     deadline = time.monotonic() + timeout

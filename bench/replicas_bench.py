@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import time
@@ -29,7 +28,16 @@ import urllib.request
 
 import httpx
 
-from common import free_port, gateway_args, start, wait_http, wait_registered
+from common import (
+    cache_outcome,
+    cpu_seconds,
+    free_port,
+    gateway_args,
+    sim_stats,
+    start,
+    start_sims,
+    wait_registered,
+)
 
 WORKERS = 8
 SYSTEMS = 32
@@ -37,7 +45,6 @@ USERS = 16
 WORDS = 500
 CACHE_TOKENS = 2800
 CONCURRENCY = 16
-TICKS = os.sysconf("SC_CLK_TCK")
 
 Request = list[dict[str, str]]
 
@@ -60,12 +67,6 @@ def workload(seed: int = 11) -> list[Request]:
 
 def burst_workload(count: int = 512) -> list[Request]:
     return [[{"role": "user", "content": f"burst {i} " + "x" * 400}] for i in range(count)]
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def peer_stats(base: str) -> dict[str, object]:
@@ -102,7 +103,7 @@ def run(
 ) -> dict[str, object]:
     for sim in sims:
         httpx.post(sim + "/flush_cache").raise_for_status()
-    before = [httpx.get(sim + "/sim/stats").json() for sim in sims]
+    before = sim_stats(sims)
     ports = [free_port() for _ in range(count)]
     peer_ports = [free_port() for _ in range(count)]
     procs = []
@@ -132,50 +133,15 @@ def run(
             proc.terminate()
         for proc in procs:
             proc.wait()
-    after = [httpx.get(sim + "/sim/stats").json() for sim in sims]
-    pairs = list(zip(after, before, strict=True))
-    cached = sum(a["cached_tokens_total"] - b["cached_tokens_total"] for a, b in pairs)
-    prompt = sum(a["prompt_tokens_total"] - b["prompt_tokens_total"] for a, b in pairs)
-    served = [a["requests_total"] - b["requests_total"] for a, b in pairs]
+    hit, served = cache_outcome(before, sim_stats(sims))
     return {
-        "hit": cached / prompt,
+        "hit": hit,
         "max_min": max(served) / max(1, min(served)),
         "served": served,
         "seconds": seconds,
         "cpu_ms": 1000 * cpu / len(requests),
         "bytes": sent / len(requests),
     }
-
-
-def start_sims() -> tuple[list[str], list[object]]:
-    ports = [free_port() for _ in range(WORKERS)]
-    procs = [
-        start(
-            [
-                sys.executable,
-                "-m",
-                "shunter",
-                "sim",
-                "--port",
-                str(port),
-                "--worker-id",
-                f"sim-{i}",
-                "--cache-tokens",
-                str(CACHE_TOKENS),
-                "--ttft-ms",
-                "1",
-                "--prefill-us-per-token",
-                "5",
-                "--max-running",
-                "64",
-            ]
-        )
-        for i, port in enumerate(ports)
-    ]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
-    for url in urls:
-        wait_http(url + "/health")
-    return urls, procs
 
 
 def row(name: str, result: dict[str, object], single: float) -> str:
@@ -192,7 +158,11 @@ def main() -> None:
     parser.add_argument("--gateways", type=int, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--burst", action="store_true")
     args = parser.parse_args()
-    sims, procs = start_sims()
+    procs, sims = start_sims(
+        WORKERS,
+        *("--cache-tokens", str(CACHE_TOKENS), "--ttft-ms", "1"),
+        *("--prefill-us-per-token", "5", "--max-running", "64"),
+    )
     try:
         requests = workload()
         print(
@@ -226,8 +196,8 @@ def main() -> None:
                 print(f"| {name} | {result['max_min']:.2f} | {served} |", flush=True)
     finally:
         for proc in procs:
-            proc.terminate()  # type: ignore[attr-defined]
-            proc.wait()  # type: ignore[attr-defined]
+            proc.terminate()
+            proc.wait()
 
 
 if __name__ == "__main__":
