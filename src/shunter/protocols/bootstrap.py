@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import orjson
 
 # HTTP rooms are 63-bit (what SGLang's own load balancer draws); gRPC's proto field is an
@@ -111,7 +112,8 @@ def sequences(path: str, fields: Any) -> tuple[int, bool]:
             prompts = len(fields.text)
         elif fields.input_ids and isinstance(fields.input_ids[0], list):
             prompts = len(fields.input_ids)
-        sampling = fields.sampling_params
+        raw = fields.sampling_params
+        sampling = msgspec.json.decode(raw) if raw else None
         if isinstance(sampling, list):  # one per prompt; SGLang needs the same n in each
             sampling = sampling[0] if sampling else None
         samples = _count(sampling.get("n") if isinstance(sampling, dict) else None)

@@ -40,7 +40,9 @@ class RequestFields(msgspec.Struct):
     query: str | None = None  # rerank
     # What a prefill/decode pair needs to know (protocols/bootstrap.py, logprobs.py):
     n: Any = None  # parallel samples (chat, completions)
-    sampling_params: Any = None  # /generate's, where its n is
+    # /generate's, where its n is: kept as raw JSON (not decoded) until a PD pair asks
+    # (protocols/bootstrap.py ``sequences``), so an ordinary request pays nothing for it.
+    sampling_params: msgspec.Raw = msgspec.Raw()  # empty: not given
     return_logprob: Any = None
 
     def routing_text(self) -> str:
@@ -69,7 +71,7 @@ class _RoutingOnly(msgspec.Struct):
     stream: bool | None = None
     routing_id: str | None = None
     n: Any = None
-    sampling_params: Any = None
+    sampling_params: msgspec.Raw = msgspec.Raw()  # empty: not given
     return_logprob: Any = None
 
 
