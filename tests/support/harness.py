@@ -57,7 +57,9 @@ class Proc:
         except Exception as exc:
             printed = self.output()
             self.stop()
-            raise RuntimeError(f"{exc}; the process printed:\n{printed[-6000:]}") from exc
+            if len(printed) > 8000:  # its start and its end: the middle is mostly polling
+                printed = printed[:5000] + "\n[...]\n" + printed[-3000:]
+            raise RuntimeError(f"{exc}; the process printed:\n{printed}") from exc
         except BaseException:
             self.stop()
             raise
