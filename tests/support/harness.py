@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,10 +19,42 @@ import httpx
 LOOPBACK = "127.0.0.1"
 
 
+# Ports handed to test servers come from below the kernel's ephemeral range (32768-60999 on
+# Linux): a port the kernel picked with bind(0) is free only until the process binds it, and in
+# between the kernel may give that same port to an outgoing connection (a health probe, a client),
+# so the server then fails to start or, worse, a test talks to the wrong peer. CI saw a worker
+# that never became healthy twice in five runs. Each pytest-xdist worker owns its own slice of
+# the range; each process starts at a random place in it and walks forward, so two processes of
+# one xdist worker (a test and a helper it spawned) rarely meet, and a port is checked free
+# before it is handed out.
+_PORT_BASE = 20000
+_PORT_SLICE = 2000
+_PORT_SLICES = 6
+
+
+def _port_cursor() -> list[int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) % _PORT_SLICES if worker.isdigit() else 0
+    start = _PORT_BASE + index * _PORT_SLICE
+    return [start, start + random.randrange(_PORT_SLICE)]
+
+
+_cursor = _port_cursor()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on and the kernel will not hand out itself."""
+    start, _ = _cursor
+    for _ in range(_PORT_SLICE):
+        port = _cursor[1]
+        _cursor[1] = start + (port + 1 - start) % _PORT_SLICE
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + _PORT_SLICE - 1}")
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
