@@ -102,13 +102,14 @@ class GatewayConfig:
     # How long a peer's routing decision counts in its worker's in-flight here (0: not at all).
     peer_reservation_ttl_secs: float = 1.0
     # --workers N: N gateway processes share the port under a supervisor (supervise.py).
-    # In each child the supervisor sets the three below (hidden flags): the child's slot,
-    # the supervisor's pid (the child exits when it dies), and the Unix socket the
-    # supervisor reads the child's metrics from.
+    # In each child the supervisor sets the four below (hidden flags): the child's slot,
+    # the supervisor's pid (the child exits when it dies), the Unix socket the child
+    # answers its supervisor (metrics) and its siblings (workers) on, and its siblings'.
     workers: int = 1
     worker_index: int | None = None
     supervisor_pid: int | None = None
-    metrics_socket: str | None = None
+    control_socket: str | None = None
+    sibling_sockets: list[str] = field(default_factory=list)
 
     @property
     def supervised(self) -> bool:

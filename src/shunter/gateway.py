@@ -13,7 +13,9 @@ import logging
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from shunter.api.app import AppSettings, GatewayApp
 from shunter.api.dashboard import Dashboard
@@ -40,6 +42,8 @@ from shunter.routing.limiter import Admission
 from shunter.routing.pd.pairs import PairSelector
 from shunter.routing.pd.router import PdRouter
 from shunter.routing.router import Router
+from shunter.supervisor.control import METRICS, WORKERS, ControlSocket
+from shunter.supervisor.siblings import Siblings
 from shunter.wire.base import UpstreamClient, WholeClient
 from shunter.wire.reqwest import ClientSettings, ReqwestClient
 
@@ -93,6 +97,11 @@ class Gateway:
             network.worker,
         )
         self.metrics = Metrics(duration_buckets=config.duration_buckets)
+        # A --workers child answers its supervisor and siblings on a socket of its own, and
+        # merges its siblings' view of the workers into its /workers (supervisor/).
+        self.control_socket = self._control_socket(config)
+        siblings = Siblings(config.sibling_sockets) if config.sibling_sockets else None
+        self.merge_siblings = siblings.merged if siblings is not None else None
         observer = FleetObserver(
             health_checked=self.metrics.health_checked,
             breaker_moved=self.metrics.breaker_moved,
@@ -140,9 +149,29 @@ class Gateway:
                 config.pd_disaggregation,
                 self._discovery_problem,
             ),
-            WorkersApi(self.fleet, _check_policy, config.pd_disaggregation, self.peers),
+            WorkersApi(
+                self.fleet,
+                _check_policy,
+                config.pd_disaggregation,
+                self.peers,
+                self.merge_siblings,
+            ),
             Dashboard(config.api_key, keys.carried_by, self._dashboard_data),
         )
+
+    def _control_socket(self, config: GatewayConfig) -> ControlSocket | None:
+        if config.control_socket is None:
+            return None
+        rows = self.fleet_rows
+        questions = {
+            METRICS: (self.metrics.exposition, True),
+            WORKERS: (lambda: orjson.dumps(rows()), False),
+        }
+        return ControlSocket(config.control_socket, questions)
+
+    def fleet_rows(self) -> list[dict[str, Any]]:
+        """This process's view of every worker, as ``GET /workers`` lists it."""
+        return [w.to_info() for w in self.fleet.registry.all()]
 
     def _peers(self, config: GatewayConfig) -> Exchange | None:
         """The exchange with the other gateways, when ``--peer-port`` is given."""
@@ -246,11 +275,14 @@ class Gateway:
         )
         return PdRouter(registry, self.policies, pairs, self.metrics, config.retry, self.tracing)
 
-    def _dashboard_data(self) -> dict[str, object]:
+    async def _dashboard_data(self) -> dict[str, object]:
         """What the dashboard shows: every worker, the models, the default policy."""
         registry = self.fleet.registry
+        workers = self.fleet_rows()
+        if self.merge_siblings is not None:
+            workers = await self.merge_siblings(workers)
         return {
-            "workers": [w.to_info() for w in registry.all()],
+            "workers": workers,
             "models": list(registry.models()),
             "policy": self._policy_names(),
             "kv_events": self.kv_events.counters(),
@@ -269,8 +301,8 @@ class Gateway:
     def start(self) -> None:
         """Start background work and queue the ``--worker-urls`` workers (needs the loop)."""
         config = self.config
-        if config.metrics_socket:  # a --workers child: the supervisor serves /metrics
-            self.metrics.serve_unix(config.metrics_socket)
+        if self.control_socket is not None:  # a --workers child: the supervisor serves /metrics
+            self.control_socket.start()
         elif config.prometheus_port:
             self.metrics.serve(config.prometheus_host, config.prometheus_port)
         for policies in self.policy_registries:
@@ -328,6 +360,8 @@ class Gateway:
         if self.tracing is not None:
             self.tracing.shutdown()  # flushes the spans not yet exported
         self.metrics.shutdown()
+        if self.control_socket is not None:
+            await self.control_socket.close()
 
 
 def _kv_events_labels(endpoints: tuple[str, str | None] | None) -> dict[str, str]:

@@ -41,7 +41,7 @@ def run_supervisor(config: GatewayConfig, argv: Sequence[str]) -> None:
             extra={"host": config.host, "port": config.port, "error": exc.strerror},
         )
         sys.exit(1)
-    sockets = tempfile.mkdtemp(prefix="shunter-metrics-")  # private: mode 0700
+    sockets = tempfile.mkdtemp(prefix="shunter-control-")  # private: mode 0700
     try:
         code = asyncio.run(_supervise(config, argv, sockets))
     finally:
@@ -57,7 +57,7 @@ async def _supervise(config: GatewayConfig, argv: Sequence[str], socket_dir: str
     command = ChildCommand(
         argv,
         os.getpid(),
-        metrics_sockets=paths if config.prometheus_port else None,
+        control_sockets=paths,
         peers=children_peers(count, config.peer_port, config.peer_urls),
     )
     collector = ChildrenCollector(count, lambda index: fetch_exposition(paths[index]))

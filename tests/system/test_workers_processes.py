@@ -107,6 +107,19 @@ def test_two_processes_share_the_port_merge_their_metrics_and_drain_on_sigterm(
     assert re.search(r'smg_worker_cb_state\{process="0",worker=', metrics)  # per process
     assert re.search(r'smg_worker_cb_state\{process="1",worker=', metrics)
 
+    # /workers counts the whole gateway's requests whichever process answers it.
+    answered: dict[int, int] = {}
+    for n in range(40):
+        request_id = f"listing-{n}"
+        with gateway.client() as client:
+            listing = client.get("/workers", headers={"x-request-id": request_id}).json()
+        answered[wait_served_by(gateway, request_id)] = sum(
+            w["processed"] for w in listing["workers"]
+        )
+        if len(answered) == 2:
+            break
+    assert answered == {0: REQUESTS, 1: REQUESTS}
+
     children = [pids[0] for pids in child_pids(gateway).values()]
     gateway.popen.send_signal(signal.SIGTERM)
     assert gateway.popen.wait(15) == 0

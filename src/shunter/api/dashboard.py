@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from importlib.resources import files
 from typing import Any
@@ -143,7 +143,7 @@ class Dashboard:
         self,
         api_key: str | None,
         authorized: Callable[[Scope], bool],
-        data: Callable[[], dict[str, Any]],
+        data: Callable[[], Awaitable[dict[str, Any]]],
     ) -> None:
         self.sessions = DashboardSessions(api_key) if api_key is not None else None
         self._authorized = authorized
@@ -168,7 +168,7 @@ class Dashboard:
     async def data(self, call: Call) -> Reply:
         if not self._signed_in(call):
             raise ApiError(401, "unauthorized", "missing or invalid API key")
-        return Reply(200, [JSON_CONTENT], orjson.dumps(self._data()))
+        return Reply(200, [JSON_CONTENT], orjson.dumps(await self._data()))
 
     async def login(self, call: Call) -> Reply:
         sessions = self.sessions

@@ -11,8 +11,8 @@ server's decoded ``path`` would decode it a second time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from shunter.api.call import Call
@@ -34,6 +34,9 @@ class HandChanges(Protocol):
     def worker_removed(self, url: str) -> None: ...
 
 
+Rows = list[dict[str, Any]]
+
+
 class WorkersApi:
     def __init__(
         self,
@@ -41,21 +44,21 @@ class WorkersApi:
         check_policy: Callable[[str], None],
         pd_mode: bool = False,
         shared: HandChanges | None = None,
+        merge_siblings: Callable[[Rows], Awaitable[Rows]] | None = None,
     ) -> None:
         self.fleet = fleet
         self.check_policy = check_policy  # raises ValueError for a policy name it refuses
         self.pd_mode = pd_mode  # prefill and decode workers are routed to only in PD mode
         self.shared = shared  # told of additions and removals made here (peer gateways)
+        # --workers N: this process's rows merged with its siblings' (supervisor/siblings.py)
+        self.merge_siblings = merge_siblings
 
     async def list_workers(self, call: Call) -> Reply:
-        registry = self.fleet.registry
-        workers = [w.to_info() for w in registry.all()]
-        stats = registry.stats()
-        counts = {
-            "prefill_count": stats["prefill_workers"],
-            "decode_count": stats["decode_workers"],
-            "regular_count": stats["regular_workers"],
-        }
+        workers = [w.to_info() for w in self.fleet.registry.all()]
+        if self.merge_siblings is not None:
+            workers = await self.merge_siblings(workers)
+        kinds = [w.get("worker_type") for w in workers]
+        counts = {f"{kind}_count": kinds.count(kind) for kind in ("prefill", "decode", "regular")}
         return json_reply(200, {"workers": workers, "total": len(workers), "stats": counts})
 
     async def add_worker(self, call: Call) -> Reply:
@@ -99,7 +102,7 @@ class WorkersApi:
         raw_path: bytes = call.scope.get("raw_path") or call.path.encode("latin-1")
         url = normalize_worker_url(unquote(raw_path.decode("latin-1")[len("/workers/") :]))
         if call.method in ("GET", "HEAD"):
-            return self._get_worker(url)
+            return await self._get_worker(url)
         if not self.fleet.find(url):
             raise ApiError(404, "WORKER_NOT_FOUND", f"Worker {url} not found")
         if call.method == "DELETE":
@@ -117,11 +120,13 @@ class WorkersApi:
             raise ApiError(404, "WORKER_NOT_FOUND", f"Worker {url} not found") from None
         return _accepted(url, "Worker updated")
 
-    def _get_worker(self, url: str) -> Reply:
+    async def _get_worker(self, url: str) -> Reply:
         workers = self.fleet.find(url)
         job = self.fleet.job_status(url)
         if workers:
             info = workers[0].to_info()
+            if self.merge_siblings is not None and len(workers) == 1:
+                info = (await self.merge_siblings([info]))[0]
             if len(workers) > 1:
                 info |= {"id": url, "url": url, "dp_ranks": len(workers)}
         elif job is not None:

@@ -143,7 +143,8 @@ class ServeFlags:
             ("--supervisor-pid", "supervisor_pid"),
         ):
             g.flag(flag, field, type=int, help=argparse.SUPPRESS)
-        g.flag("--metrics-socket", "metrics_socket", type=str, help=argparse.SUPPRESS)
+        g.flag("--control-socket", "control_socket", type=str, help=argparse.SUPPRESS)
+        g.flag("--sibling-sockets", "sibling_sockets", type=str, nargs="*", help=argparse.SUPPRESS)
         g.flag("--peer-host", "peer_host", type=str, help=argparse.SUPPRESS)
         g.flag(
             "--worker-urls",

@@ -1,8 +1,8 @@
 """One ``/metrics`` for ``--workers N``: the children's expositions, fetched and merged.
 
-Each gateway process serves its own exposition on a private Unix socket (``Metrics.
-serve_unix``); the supervisor serves ``--prometheus-port`` and, at each scrape, reads
-every child's and merges them:
+Each gateway process hands its own exposition out on a private Unix socket
+(supervisor/control.py); the supervisor serves ``--prometheus-port`` and, at each scrape,
+reads every child's and merges them:
 
 - counters and histograms are summed, sample by sample (a histogram bucket by bucket:
   a sum of cumulative counts is the cumulative count of the sum), so a rate over the
@@ -95,11 +95,13 @@ def merge_expositions(parts: Sequence[tuple[str, Sequence[Metric]]]) -> list[Met
 
 
 def fetch_exposition(path: str, timeout: float = FETCH_TIMEOUT_SECS) -> str:
-    """Read a child's exposition from its Unix socket (it writes it whole and closes)."""
+    """Read a child's exposition from its control socket (asked ``metrics``, it writes the
+    exposition whole and closes)."""
     chunks = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
+        sock.sendall(b"metrics\n")
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks).decode()

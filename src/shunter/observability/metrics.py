@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
-import socketserver
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -302,23 +299,10 @@ class Metrics:
         log.info("metrics listening", extra={"host": host, "port": bound})
         return bound
 
-    def serve_unix(self, path: str) -> None:
-        """Write the exposition to whoever connects to the Unix socket ``path``, then close:
-        how a ``--workers`` child hands its figures to the supervisor, which serves the
-        merged ``/metrics`` (observability/merged.py). A socket file, not a port: nothing to
-        race for, nothing reachable from the network."""
-        registry = self.registry
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                self.request.sendall(generate_latest(registry))
-
-        if os.path.exists(path):
-            os.unlink(path)  # left by this slot's previous process
-        self._server = socketserver.ThreadingUnixStreamServer(path, Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        log.info("metrics socket listening", extra={"path": path})
+    def exposition(self) -> bytes:
+        """The text exposition, as a scrape gets it (a ``--workers`` child hands it to its
+        supervisor, which serves the merged ``/metrics``: observability/merged.py)."""
+        return generate_latest(self.registry)
 
     def shutdown(self) -> None:
         if self._server is not None:

@@ -30,7 +30,7 @@ class ChildCommand:
 
     argv: Sequence[str]  # the supervisor's own, after the program name ("serve", ...)
     supervisor_pid: int
-    metrics_sockets: Sequence[str] | None = None  # per slot; None: metrics off
+    control_sockets: Sequence[str] = ()  # per slot (supervisor/control.py)
     peers: ChildPeers | None = None  # None: no peer exchange
 
     def args(self, index: int) -> list[str]:
@@ -41,8 +41,10 @@ class ChildCommand:
             "--supervisor-pid",
             str(self.supervisor_pid),
         ]
-        if self.metrics_sockets is not None:
-            args += ["--metrics-socket", self.metrics_sockets[index]]
+        if self.control_sockets:
+            own = self.control_sockets[index]
+            siblings = [path for path in self.control_sockets if path != own]
+            args += ["--control-socket", own, "--sibling-sockets", *siblings]
         if self.peers is not None:
             args += self.peers.args(index)
         return args

@@ -19,18 +19,21 @@ LOOPBACK = "127.0.0.1"
 
 def test_each_child_runs_the_same_command_line_with_its_slot_flags() -> None:
     argv = ["serve", "--workers", "2", "--port", "30111", "--policy", "round_robin"]
-    command = ChildCommand(argv, 4242, metrics_sockets=["/s/0.sock", "/s/1.sock"])
+    sockets = ["/s/0.sock", "/s/1.sock", "/s/2.sock"]
+    command = ChildCommand(argv, 4242, control_sockets=sockets)
     config = serve_config(command.args(1)[1:])  # what the child runs with
     assert (config.worker_index, config.supervisor_pid) == (1, 4242)
-    assert config.metrics_socket == "/s/1.sock"
+    assert config.control_socket == "/s/1.sock"
+    assert config.sibling_sockets == ["/s/0.sock", "/s/2.sock"]
     assert config.supervised and config.workers == 2
     assert (config.port, config.policy) == (30111, "round_robin")
     assert not serve_config(argv[1:]).supervised  # the supervisor itself is not a child
 
 
-def test_without_metrics_a_child_gets_no_socket() -> None:
+def test_without_sockets_a_child_gets_no_socket_flags() -> None:
     command = ChildCommand(["serve", "--workers", "2"], 1)
-    assert "--metrics-socket" not in command.args(0)
+    assert "--control-socket" not in command.args(0)
+    assert "--sibling-sockets" not in command.args(0)
 
 
 def test_each_child_is_a_peer_of_its_siblings_on_loopback() -> None:

@@ -3,6 +3,7 @@ read over real Unix sockets from real ``Metrics`` objects."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from shunter.observability.merged import (
     parse_exposition,
 )
 from shunter.observability.metrics import Metrics
+from shunter.supervisor.control import METRICS, ControlSocket
 
 BOUNDS = (0.01, 0.1, 1.0)
 
@@ -47,6 +49,7 @@ def scrape(collector: ChildrenCollector) -> dict[tuple[str, tuple[tuple[str, str
 
 
 ROUTE = (("method", "POST"), ("path", "/v1/completions"))
+COUNT = ("smg_http_request_duration_seconds_count", ROUTE)
 
 
 def test_counters_and_histograms_are_summed_bucket_by_bucket_in_flight_gauges_too() -> None:
@@ -78,16 +81,27 @@ def test_the_merged_exposition_is_read_from_each_child_over_its_unix_socket(
 ) -> None:
     children = [child([0.005]), child([0.05, 0.05])]
     paths = [str(tmp_path / f"{i}.sock") for i in range(2)]
-    for metrics, path in zip(children, paths, strict=True):
-        metrics.serve_unix(path)
-    try:
+    sockets = [
+        ControlSocket(path, {METRICS: (metrics.exposition, True)})
+        for metrics, path in zip(children, paths, strict=True)
+    ]
+
+    async def scrapes() -> list[float]:
+        for control in sockets:
+            control.start()
         collector = ChildrenCollector(2, lambda i: fetch_exposition(paths[i]))
-        assert scrape(collector)[("smg_http_request_duration_seconds_count", ROUTE)] == 3
-        children[0].observe_http("POST", "/v1/completions", 200, "", 0.2)
-        assert scrape(collector)[("smg_http_request_duration_seconds_count", ROUTE)] == 4
-    finally:
-        for metrics in children:
-            metrics.shutdown()
+        counts = []
+        try:
+            # The supervisor scrapes in its exporter's thread, as here.
+            counts.append((await asyncio.to_thread(scrape, collector))[COUNT])
+            children[0].observe_http("POST", "/v1/completions", 200, "", 0.2)
+            counts.append((await asyncio.to_thread(scrape, collector))[COUNT])
+        finally:
+            for control in sockets:
+                await control.close()
+        return counts
+
+    assert asyncio.run(scrapes()) == [3, 4]
 
 
 def test_a_malformed_exposition_is_skipped_with_a_log_line_and_the_rest_served(
