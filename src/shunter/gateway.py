@@ -273,7 +273,15 @@ class Gateway:
             self._policies(config.decode_policy or config.policy, WorkerType.DECODE),
             config.pd_min_prefill_tokens,
         )
-        return PdRouter(registry, self.policies, pairs, self.metrics, config.retry, self.tracing)
+        return PdRouter(
+            registry,
+            self.policies,
+            pairs,
+            self.metrics,
+            config.retry,
+            self.tracing,
+            route_receipt=config.route_receipt,
+        )
 
     async def _dashboard_data(self) -> dict[str, object]:
         """What the dashboard shows: every worker, the models, the default policy."""

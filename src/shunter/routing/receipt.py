@@ -34,35 +34,59 @@ HEADER = b"x-shunter-route"
 
 @dataclass(slots=True)
 class Routed:
-    """One attempt's decision, and what settling it needs."""
+    """One attempt's decision, and what settling it needs.
+
+    A prefill/decode pair is one ``Routed`` for the decode leg (the worker that answers)
+    carrying the prefill leg's as ``prefill``; neither learns from the answer
+    (``learns=False``: see routing/pd/pairs.py).
+    """
 
     policy: Policy
     route: RouteRequest
     decision: Decision
     decided_at: float  # perf_counter()
+    learns: bool = True  # whether the answer's cached tokens are held against the decision
+    prefill: Routed | None = None  # PD: the prefill leg's decision
+    prefill_url: str = ""
 
     @property
     def measured(self) -> bool:
         """Whether the answer's cached tokens are wanted (read them only then)."""
-        return self.decision.predicted_cached is not None or self.policy.learns_from_cache
+        return self.learns and (
+            self.decision.predicted_cached is not None or self.policy.learns_from_cache
+        )
 
     def header(self, worker_url: str) -> tuple[bytes, bytes]:
+        """``x-shunter-route``; a pair's adds ``prefill=URL; prefill_policy=NAME;
+        prefill_reason=WORD`` (and ``prefill_predicted_cached=N``) after the decode's."""
+        value = self._fields(worker_url, "")
+        if self.prefill is not None:
+            value += "; " + self.prefill._fields(self.prefill_url, "prefill_")
+        return HEADER, value.encode("latin-1")
+
+    def _fields(self, worker_url: str, prefix: str) -> str:
         decision = self.decision
+        name = "prefill" if prefix else "worker"
         value = (
-            f"worker={worker_url}; policy={_token(self.policy.name)}; "
-            f"reason={_token(decision.reason)}"
+            f"{name}={worker_url}; {prefix}policy={_token(self.policy.name)}; "
+            f"{prefix}reason={_token(decision.reason)}"
         )
         if decision.predicted_cached is not None:
-            value += f"; predicted_cached={decision.predicted_cached}"
-        return HEADER, value.encode("latin-1")
+            value += f"; {prefix}predicted_cached={decision.predicted_cached}"
+        return value
 
     def annotate(self, span: Any, worker_url: str) -> None:
         """The decision as attributes of the ``route`` span (tracing on)."""
-        span.set_attribute("shunter.route.worker", worker_url)
-        span.set_attribute("shunter.route.policy", self.policy.name)
-        span.set_attribute("shunter.route.reason", self.decision.reason)
+        self._annotate(span, worker_url, "shunter.route.")
+        if self.prefill is not None:
+            self.prefill._annotate(span, self.prefill_url, "shunter.route.prefill.")
+
+    def _annotate(self, span: Any, worker_url: str, prefix: str) -> None:
+        span.set_attribute(prefix + "worker", worker_url)
+        span.set_attribute(prefix + "policy", self.policy.name)
+        span.set_attribute(prefix + "reason", self.decision.reason)
         if self.decision.predicted_cached is not None:
-            span.set_attribute("shunter.route.predicted_cached", self.decision.predicted_cached)
+            span.set_attribute(prefix + "predicted_cached", self.decision.predicted_cached)
 
     def settle(self, data: bytes | None, model: str, metrics: Metrics, span: Any) -> None:
         """The worker answered (``data``: its whole body, or the stream's last chunk that

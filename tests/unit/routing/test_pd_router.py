@@ -482,3 +482,51 @@ async def test_sglang_decode_workers_are_never_sent_a_request_alone() -> None:
     assert (await generate(gw, {"text": "short"})).json()["text"] == "hello"
     assert len(fleet.bodies("http://p1:1")) == 1
     await gw.close()
+
+
+def receipt(answer: Answer) -> dict[str, str]:
+    value = answer.header(b"x-shunter-route")
+    assert value is not None
+    return dict(part.split("=", 1) for part in value.decode("latin-1").split("; "))
+
+
+async def test_a_pairs_receipt_names_both_legs_and_a_lone_decode_names_one() -> None:
+    fleet = AloneFleet()
+    gw = await pd(fleet, pd_min_prefill_tokens=10, policy="cache_aware", route_receipt=True)
+    pair = await generate(gw, {"prompt": "b" * 400}, "/v1/completions")
+    prefill_url = next(url for url, _ in fleet.sent if url in PREFILLS)
+    assert receipt(pair) == {
+        "worker": fleet.sent[-1][0],
+        "policy": "cache_aware",
+        "reason": "new_prefix",
+        "predicted_cached": "0",
+        "prefill": prefill_url,
+        "prefill_policy": "cache_aware",
+        "prefill_reason": "new_prefix",
+        "prefill_predicted_cached": "0",
+    }
+    alone = await generate(gw, {"prompt": "a" * 36}, "/v1/completions")
+    assert alone.json() == {"text": "alone"}
+    assert set(receipt(alone)) == {"worker", "policy", "reason", "predicted_cached"}
+    await settled(gw)
+    await gw.close()
+
+
+async def test_an_sglang_pair_has_a_receipt_only_when_asked_for() -> None:
+    fleet = PdFleet()
+    gw = await pd(fleet, route_receipt=True)
+    answer = await generate(gw, {"text": "hi"})
+    assert receipt(answer) == {
+        "worker": "http://d1:1",
+        "policy": "round_robin",
+        "reason": "round_robin",
+        "prefill": "http://p1:1",
+        "prefill_policy": "round_robin",
+        "prefill_reason": "round_robin",
+    }
+    await settled(gw)
+    await gw.close()
+    quiet = await pd(PdFleet())
+    assert (await generate(quiet, {"text": "hi"})).header(b"x-shunter-route") is None
+    await settled(quiet)
+    await quiet.close()

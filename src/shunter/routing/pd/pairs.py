@@ -17,6 +17,7 @@ workers wait for a bootstrap room).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from shunter.fleet.worker import Worker, WorkerType
 from shunter.policies.base import Policy, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError
+from shunter.routing.receipt import Routed
 from shunter.routing.request import InferenceRequest
 
 # The engines whose decode workers serve a request alone (see the module docstring).
@@ -37,12 +39,14 @@ CHARS_PER_TOKEN = 4
 
 @dataclass(frozen=True, slots=True)
 class Pair:
-    """One attempt's workers. ``prefill`` None: the decode worker runs the request alone."""
+    """One attempt's workers. ``prefill`` None: the decode worker runs the request alone.
+    ``routed``: the decode leg's decision, carrying the prefill leg's (the route receipt)."""
 
     prefill: Worker | None
     decode: Worker
     prefill_policy: str = ""
     decode_policy: str = ""
+    routed: Routed | None = None
 
 
 class PairSelector:
@@ -82,15 +86,16 @@ class PairSelector:
         chat = request.body if text is not None and request.fields.messages is not None else None
         route = RouteRequest(model, text, request.headers, request.fields.routing_id, chat)
         held = decode_policy.cached_prefix(route) if self.min_prefill_tokens else None
-        decode = _chosen(decode_policy, decodes, route, WorkerType.DECODE)
+        decode, routed = _chosen(decode_policy, decodes, route, WorkerType.DECODE)
         if (
             held is not None
             and decode.runtime in RUNS_ALONE
             and self._decode_alone(request, held, decode)
         ):
-            return Pair(None, decode, "", decode_policy.name)
-        prefill = _chosen(prefill_policy, prefills, route, WorkerType.PREFILL)
-        return Pair(prefill, decode, prefill_policy.name, decode_policy.name)
+            return Pair(None, decode, "", decode_policy.name, routed)
+        prefill, routed.prefill = _chosen(prefill_policy, prefills, route, WorkerType.PREFILL)
+        routed.prefill_url = prefill.url
+        return Pair(prefill, decode, prefill_policy.name, decode_policy.name, routed)
 
     def _pool(self, kind: WorkerType, model: str, path: str, avoid: Sequence[Worker]) -> Workers:
         workers = self.registry.get_pool(kind, model)
@@ -142,12 +147,18 @@ def prompt_tokens(request: InferenceRequest) -> int:
     return -(-len(request.routing_text) // CHARS_PER_TOKEN)
 
 
-def _chosen(policy: Policy, workers: Workers, route: RouteRequest, kind: WorkerType) -> Worker:
-    worker = policy.select(workers, route)
+def _chosen(
+    policy: Policy, workers: Workers, route: RouteRequest, kind: WorkerType
+) -> tuple[Worker, Routed]:
+    """The leg's worker, and the decision that chose it. Neither leg learns from the
+    answer's cached tokens: the decode worker's answer does not say what the prefill
+    worker held, and the decode worker holds what the prefill handed over."""
+    decision = policy.decide(workers, route)
+    worker = decision.worker
     if worker is None:
         raise ApiError(
             503,
             "no_available_workers",
             f"no healthy {kind.value} worker is available (all unhealthy or their circuits open)",
         )
-    return worker
+    return worker, Routed(policy, route, decision, time.perf_counter(), learns=False)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from functools import partial
 
 import orjson
@@ -87,8 +88,9 @@ class PdRouter(Router):
         metrics: Metrics,
         retry: RetryConfig | None = None,
         tracing: Tracing | None = None,
+        route_receipt: bool = False,
     ) -> None:
-        super().__init__(registry, policies, metrics, retry, tracing)
+        super().__init__(registry, policies, metrics, retry, tracing, route_receipt=route_receipt)
         self.pairs = pairs
 
     async def _route(self, request: InferenceRequest) -> Reply:
@@ -124,8 +126,12 @@ class PdRouter(Router):
                 self.metrics.observe_route(
                     decode, model, request.path, request.stream, pair.decode_policy, "pd"
                 )
+                if request.span is not None and pair.routed is not None:
+                    pair.routed.annotate(request.span, decode.url)
                 if pair.prefill is None:
-                    reply = await self._attempt(decode, model, request, last, decode_verdict)
+                    reply = await self._attempt(
+                        decode, model, request, last, decode_verdict, routed=pair.routed
+                    )
                     if reply is not None:
                         return reply
                     avoid_decode.append(decode)
@@ -195,8 +201,9 @@ class PdRouter(Router):
         else:
             self.metrics.pd_failed(model, "decode", f"status_{decoded.reply.status}")
         lists = prefill_logprobs(answer.body) if logprobs and answer is not None else {}
+        assembled = await _assembled(decoded, lists)
         reply = await self._answered(
-            decode, model, request, await _assembled(decoded, lists), last, verdicts[1]
+            decode, model, request, assembled, last, verdicts[1], routed=pair.routed
         )
         return decode if reply is None else reply
 
@@ -213,7 +220,8 @@ class PdRouter(Router):
         prefill, decode = pair.prefill, pair.decode
         assert prefill is not None
         if sequences(request.path, request.fields)[0] > 1:  # one cache per sequence
-            reply = await self._attempt(decode, model, request, last, verdicts[1])
+            alone = None if pair.routed is None else replace(pair.routed, prefill=None)
+            reply = await self._attempt(decode, model, request, last, verdicts[1], routed=alone)
             return decode if reply is None else reply
         self.metrics.pd_dispatched(model, request.path)
         started = time.perf_counter()
@@ -238,7 +246,9 @@ class PdRouter(Router):
             )
         self._prefill_done(prefill, model, answer, verdicts[0])
         body = kv_transfer.decode_body(request.body, params)
-        reply = await self._attempt(decode, model, request, last, verdicts[1], body)
+        reply = await self._attempt(
+            decode, model, request, last, verdicts[1], body, routed=pair.routed
+        )
         if reply is None:
             return decode
         self.metrics.pd_first_token(model, request.path, time.perf_counter() - started)
