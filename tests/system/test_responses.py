@@ -68,8 +68,8 @@ def test_a_response_is_retrieved_listed_and_deleted_on_the_worker_that_made_it(
         assert raw.headers["x-worker-id"] == maker
         got = raw.parse()
         assert (got.id, got.output_text) == (made.id, made.output_text)
-    items = sdk.responses.input_items.list(made.id)
-    assert [item.content[0].text for item in items.data] == ["remember this for me"]  # type: ignore[union-attr]
+    items = sdk.responses.input_items.list(made.id).model_dump()["data"]
+    assert [item["content"][0]["text"] for item in items] == ["remember this for me"]
     sdk.responses.delete(made.id)
     with pytest.raises(openai.NotFoundError, match=made.id):  # the worker's own 404 now
         sdk.responses.retrieve(made.id)
