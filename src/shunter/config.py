@@ -101,6 +101,10 @@ class GatewayConfig:
     peer_host: str | None = None
     # How long a peer's routing decision counts in its worker's in-flight here (0: not at all).
     peer_reservation_ttl_secs: float = 1.0
+    # The Responses API (routing/affinity.py): how many response ids the gateway remembers
+    # the creating worker of, and for how long.
+    response_affinity_max_entries: int = 100_000
+    response_affinity_ttl_secs: float = 3600.0
     # --workers N: N gateway processes share the port under a supervisor (supervise.py).
     # In each child the supervisor sets the four below (hidden flags): the child's slot,
     # the supervisor's pid (the child exits when it dies), the Unix socket the child
@@ -161,6 +165,10 @@ class GatewayConfig:
         self._validate_grpc()
         self._validate_kv_events()
         self._validate_peers()
+        if self.response_affinity_max_entries < 0 or self.response_affinity_ttl_secs <= 0:
+            raise ConfigError(
+                "--response-affinity-max-entries must be >= 0 and --response-affinity-ttl-secs > 0"
+            )
         buckets = self.duration_buckets
         if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ConfigError(

@@ -22,6 +22,7 @@ from shunter.api.dashboard import Dashboard
 from shunter.api.inference import InferenceApi
 from shunter.api.info import InfoApi
 from shunter.api.middleware import KeyCheck
+from shunter.api.responses import ResponsesApi
 from shunter.api.workers import WorkersApi
 from shunter.backends.connect import Connector, GrpcSupport, grpc_available
 from shunter.backends.http.client import worker_client
@@ -38,9 +39,11 @@ from shunter.peers.exchange import Exchange
 from shunter.peers.transport import PeerSockets
 from shunter.policies.factory import PolicyError, create_policy
 from shunter.policies.registry import PolicyRegistry
+from shunter.routing.affinity import ResponseAffinity
 from shunter.routing.limiter import Admission
 from shunter.routing.pd.pairs import PairSelector
 from shunter.routing.pd.router import PdRouter
+from shunter.routing.responses import ResponseRouter
 from shunter.routing.router import Router
 from shunter.supervisor.control import METRICS, WORKERS, ControlSocket
 from shunter.supervisor.siblings import Siblings
@@ -123,6 +126,10 @@ class Gateway:
         self.fleet.subscribe(self._kv_events_changed)
         self.metrics.kv_events = self.kv_events.counters
         self.metrics.workers = self.fleet.registry.all
+        # The Responses API: which worker stored each response (shared with the peers).
+        self.response_affinity = ResponseAffinity(
+            config.response_affinity_max_entries, config.response_affinity_ttl_secs
+        )
         # Replicas: the regular policies' decisions go to the peers, theirs come back.
         self.peers = self._peers(config)
         self.policies = self._policies(config.policy, WorkerType.REGULAR)
@@ -132,6 +139,11 @@ class Gateway:
         self.gateway_pods = self._gateway_pods(config)
         admission = Admission(config.admission) if config.admission.enabled else None
         keys = KeyCheck(config.api_key)
+        responses = ResponseRouter(
+            self.router,
+            self.response_affinity,
+            None if self.peers is None else self.peers.response_created,
+        )
         self.app = GatewayApp(
             AppSettings(
                 cors_allowed_origins=tuple(config.cors_allowed_origins),
@@ -157,6 +169,11 @@ class Gateway:
                 self.merge_siblings,
             ),
             Dashboard(config.api_key, keys.carried_by, self._dashboard_data),
+            ResponsesApi(
+                InferenceApi(responses, self.metrics, admission, keys.expected),
+                responses,
+                keys.expected,
+            ),
         )
 
     def _control_socket(self, config: GatewayConfig) -> ControlSocket | None:
@@ -184,6 +201,7 @@ class Gateway:
             lambda model: self.policies.policy_for(model),
             lambda: PeerSockets(host, port, peers),
             reservation_ttl_secs=config.peer_reservation_ttl_secs,
+            stored_response=self.response_affinity.remember,
         )
 
     def _gateway_pods(self, config: GatewayConfig) -> GatewayPods | None:

@@ -23,10 +23,12 @@ from shunter.api.inference import INFERENCE_PATHS, InferenceApi
 from shunter.api.info import InfoApi
 from shunter.api.middleware import KeyCheck, RequestHeaders, fresh_request_id, log_access
 from shunter.api.reply import write_reply
+from shunter.api.responses import STORED_METHODS, STORED_PREFIX, ResponsesApi, stored_route
 from shunter.api.workers import WorkersApi
 from shunter.observability.metrics import Metrics
 from shunter.protocols.errors import ApiError, error_reply
 from shunter.protocols.reply import Reply
+from shunter.routing.responses import RESPONSES_PATH
 from shunter.wire.asgi import BodyTooLarge, ClientGone, Receive, Scope, Send
 
 log = logging.getLogger("shunter.api")
@@ -69,6 +71,7 @@ class GatewayApp:
         info: InfoApi,
         workers: WorkersApi,
         dashboard: Dashboard,
+        responses: ResponsesApi | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -102,6 +105,14 @@ class GatewayApp:
             "/dashboard/data": {"GET": signed_in(dashboard.data)},
             "/dashboard/login": {"POST": signed_in(dashboard.login)},
         }
+        # The Responses API: creation, and the stored responses' routes (by their suffix).
+        self.stored_routes: dict[str, dict[str, Route]] = {}
+        if responses is not None:
+            table[RESPONSES_PATH] = {"POST": guarded(responses.create)}
+            self.stored_routes = {
+                suffix: {method: guarded(responses.stored) for method in methods}
+                for suffix, methods in STORED_METHODS.items()
+            }
         self.routes = {path: _with_head(methods) for path, methods in table.items()}
         worker_route = admin(workers.worker)
         self.worker_routes = _with_head(
@@ -118,6 +129,10 @@ class GatewayApp:
         label = path
         if methods is None and path.startswith("/workers/"):
             methods, label = self.worker_routes, "/workers/{id}"
+        if methods is None and path.startswith(STORED_PREFIX) and self.stored_routes:
+            found = stored_route(path)
+            if found is not None:
+                methods, label = self.stored_routes[found[1]], STORED_PREFIX + "{id}" + found[1]
         if methods is None:
             return None, None, "other"
         return methods, methods.get(method), label

@@ -12,6 +12,7 @@ worker ever receives that (the worker gets its own key, or the client's other cr
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from shunter.api.call import Call
 from shunter.observability.metrics import Metrics
@@ -19,7 +20,6 @@ from shunter.protocols.errors import ApiError
 from shunter.protocols.reply import Reply, Stream, primed
 from shunter.routing.limiter import Admission, QueueFull, QueueTimeout
 from shunter.routing.request import InferenceRequest
-from shunter.routing.router import Router
 
 INFERENCE_PATHS = (
     "/generate",
@@ -30,10 +30,17 @@ INFERENCE_PATHS = (
 )
 
 
+class Routes(Protocol):
+    """What routes an inference request: the ``Router``, or one for an endpoint's own rules
+    (``routing/responses.py``)."""
+
+    async def route(self, request: InferenceRequest) -> Reply: ...
+
+
 class InferenceApi:
     def __init__(
         self,
-        router: Router,
+        router: Routes,
         metrics: Metrics,
         admission: Admission | None = None,
         gateway_auth: bytes | None = None,

@@ -90,6 +90,13 @@ class ServeFlags:
                 "gateway",
             )
         )
+        self._responses_flags(
+            ConfigFlags(
+                parser.add_argument_group("the Responses API (which worker stored a response)"),
+                GatewayConfig(),
+                "gateway",
+            )
+        )
         self.discovery = ConfigFlags(
             parser.add_argument_group("Kubernetes service discovery"),
             DiscoveryConfig(),
@@ -469,6 +476,25 @@ class ServeFlags:
             help="how long a peer's routing decision counts as a request in flight on its "
             "worker here, so bursts over several gateways do not herd; 0 turns it off "
             "(default %(default)s)",
+        )
+        self.gateway.fields += g.fields
+
+    def _responses_flags(self, g: ConfigFlags[GatewayConfig]) -> None:
+        g.flag(
+            "--response-affinity-max-entries",
+            "response_affinity_max_entries",
+            type=non_negative_int,
+            metavar="N",
+            help="how many /v1/responses ids the gateway remembers the worker of (for GET, "
+            "DELETE and previous_response_id), the oldest forgotten first; 0 remembers "
+            "none (default %(default)s)",
+        )
+        g.flag(
+            "--response-affinity-ttl-secs",
+            "response_affinity_ttl_secs",
+            type=positive_float,
+            metavar="SECONDS",
+            help="how long a response's worker is remembered (default %(default)s)",
         )
         self.gateway.fields += g.fields
 

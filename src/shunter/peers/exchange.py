@@ -7,8 +7,10 @@ after the first queued decision, the queue goes out as one batch; a snapshot eve
 ``snapshot_secs`` resends every hand-registered worker (how a peer that was down catches
 up); and the peers' batches, read as they arrive, put their decisions into this gateway's
 cache-aware trees (and count them as short-lived reservations on the chosen worker) and
-their workers into the fleet. Nothing on the request path waits for a peer: a slow, down or
-partitioned peer only means this gateway routes on the view it has.
+their workers into the fleet. Each Responses API response a gateway relays the creation of
+goes out too (its id and its worker, ``response_created``), so that any peer sends its
+``GET`` or its continuation to that worker. Nothing on the request path waits for a peer: a
+slow, down or partitioned peer only means this gateway routes on the view it has.
 
 Measured (``bench/replicas_bench.py``, 8 sims, 2-core machine): 4 and 8 peered gateways keep
 the single gateway's hit rate (0.91, against 0.37 and 0.24 independent), publishing ~1-1.7
@@ -39,6 +41,7 @@ from shunter.peers.messages import (
     Hello,
     ManualWorker,
     MessageError,
+    StoredResponse,
     decode,
     encode,
 )
@@ -56,6 +59,7 @@ FLUSH_SECS = 0.005
 SNAPSHOT_SECS = 2.0
 QUEUE_LIMIT = 10_000  # decisions waiting for a flush (~10 s of a 1,000 req/s burst)
 MAX_DECISIONS_PER_BATCH = 512
+MAX_RESPONSES_PER_BATCH = 1024  # ~80 KB
 TICK_SECS = 0.25  # the longest pause between reservation sweeps and snapshot checks
 
 
@@ -75,6 +79,8 @@ class PeerCounters:
     unresolved_prefix: int = 0  # a decision naming blocks this side never got (or evicted)
     unknown_worker: int = 0  # a decision for a worker this gateway does not have
     workers_merged: int = 0
+    responses_sent: int = 0
+    responses_learnt: int = 0
     peers: dict[str, list[str]] = field(default_factory=dict)  # node -> its models
 
 
@@ -91,6 +97,7 @@ class Exchange:
         queue_limit: int = QUEUE_LIMIT,
         reservation_ttl_secs: float = DEFAULT_TTL_SECS,
         encoder: PrefixEncoder | None = None,
+        stored_response: Callable[[str, str], None] | None = None,
     ) -> None:
         self.node = node or os.urandom(6).hex()
         self.fleet = fleet
@@ -106,6 +113,8 @@ class Exchange:
         self.decoder = PrefixDecoder()
         self._queue: deque[tuple[str, str, str]] = deque()
         self._workers: list[ManualWorker] = []
+        self._responses: deque[StoredResponse] = deque()
+        self.stored_response = stored_response  # a peer's (response id, worker URL)
         self._flush_pending = False
         self._next_snapshot = 0.0
         # Reservations are released within a quarter of their TTL of expiring.
@@ -124,6 +133,16 @@ class Exchange:
             self.counters.queue_full += 1
             return
         queue.append((model, text, url))
+        if not self._flush_pending:
+            self._schedule_flush()
+
+    def response_created(self, response_id: str, url: str) -> None:
+        """A Responses API response ``url`` created, learnt by this gateway."""
+        responses = self._responses
+        if len(responses) >= self.queue_limit:
+            self.counters.queue_full += 1
+            return
+        responses.append(StoredResponse(response_id, url))
         if not self._flush_pending:
             self._schedule_flush()
 
@@ -204,14 +223,16 @@ class Exchange:
             model, text, url = queue.popleft()
             base, blocks = encoder.encode(model, text, now)
             decisions.append(Decision(model, url, base, blocks))
-        if queue and not self._flush_pending:
+        pending = self._responses
+        responses = [pending.popleft() for _ in range(min(len(pending), MAX_RESPONSES_PER_BATCH))]
+        if (queue or pending) and not self._flush_pending:
             self._schedule_flush()  # more than a batch's worth: go again soon
         workers = self.manual.snapshot() if snapshot else self._workers
         self._workers = []
-        if not decisions and not workers and not snapshot:
+        if not decisions and not workers and not responses and not snapshot:
             return
         hello = Hello(self.node, list(self.fleet.registry.models()))
-        frames = encode(Batch(hello, decisions, workers))
+        frames = encode(Batch(hello, decisions, workers, responses))
         sockets = self._sockets
         if sockets is None or not sockets.send(frames):
             self.counters.send_refused += 1
@@ -220,6 +241,7 @@ class Exchange:
         counters.batches_sent += 1
         counters.bytes_sent += sum(len(f) for f in frames)
         counters.decisions_sent += len(decisions)
+        counters.responses_sent += len(responses)
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -260,6 +282,10 @@ class Exchange:
                 counters.workers_merged += 1
         for decision in batch.decisions:
             self._apply(decision, now)
+        if self.stored_response is not None:
+            for stored in batch.responses:
+                self.stored_response(stored.id, stored.worker)
+            counters.responses_learnt += len(batch.responses)
 
     def _apply(self, decision: Decision, now: float) -> None:
         counters = self.counters

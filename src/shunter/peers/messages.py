@@ -47,10 +47,21 @@ class ManualWorker(msgspec.Struct, array_like=True, frozen=True):
     spec: bytes | None
 
 
+class StoredResponse(msgspec.Struct, array_like=True, frozen=True):
+    """A Responses API response ``worker`` created and stores (``id``): the gateways send
+    its ``GET``/``DELETE`` and its continuations there. ~80 bytes each."""
+
+    id: str
+    worker: str
+
+
 class Batch(msgspec.Struct, array_like=True, frozen=True):
     hello: Hello
     decisions: list[Decision] = []
     workers: list[ManualWorker] = []
+    # Last, so a peer that predates it ignores it (msgspec skips trailing array items) and
+    # one that has it reads an older peer's batch as carrying none: no version change.
+    responses: list[StoredResponse] = []
 
 
 class MessageError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from shunter.fleet.worker import Worker
 from shunter.protocols.reply import Headers
 from shunter.protocols.routing import RequestFields, decode_routing_fields
 
@@ -26,6 +27,10 @@ class InferenceRequest:
     model: str = field(init=False, default="unknown")  # the registry's model id, once selected
     worker: str | None = field(init=False, default=None)  # the last worker tried
     span: Any = field(init=False, default=None)  # its tracing span (``route``), if tracing
+    # A Responses API request (``responses.py``): served by HTTP workers only, and first by
+    # the worker that holds the conversation it continues, while that one is available.
+    http_only: bool = field(init=False, default=False)
+    held_by: Worker | None = field(init=False, default=None)
     _text: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ from shunter.fleet.worker import Worker
 from shunter.observability.metrics import Metrics
 from shunter.observability.streams import StreamStats
 from shunter.observability.tracing import Tracing
-from shunter.policies.base import RouteRequest
+from shunter.policies.base import Decision, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
 from shunter.protocols.reply import Reply, Stream, primed
@@ -107,6 +107,24 @@ class Router:
             )
         return workers
 
+    def _http_workers(self, model: str, path: str, workers: Workers) -> Workers:
+        """The model's workers reached over HTTP (the ones serving ``path``); a 501 if none."""
+        serving = tuple(w for w in workers if w.backend.serves(path))
+        if not serving:
+            raise ApiError(
+                501,
+                "endpoint_not_supported",
+                f"{path} is served by HTTP workers only, and the workers serving `{model}` "
+                "are all gRPC workers",
+            )
+        return serving
+
+    @staticmethod
+    def _holds(worker: Worker, model: str, avoid: Sequence[Worker]) -> bool:
+        """Whether ``worker``, holding the request's conversation, may serve it: available,
+        of the model, and not failed by this request already."""
+        return worker.state.available and model in worker.model_ids and worker not in avoid
+
     def select(
         self, request: InferenceRequest, avoid: Sequence[Worker] = ()
     ) -> tuple[Worker, str, Routed]:
@@ -114,9 +132,16 @@ class Router:
         model, workers = self.workers_for(request.fields.model)
         if request.path in SGLANG_ONLY_PATHS:
             workers = self._native_workers(model, request.path)
+        if request.http_only:
+            workers = self._http_workers(model, request.path, workers)
         if avoid:  # a retry: prefer workers this request has not failed on yet
             workers = tuple(w for w in workers if w not in avoid) or workers
         policy = self.policies.policy_for(model)
+        held = request.held_by
+        if held is not None and self._holds(held, model, avoid):
+            route = RouteRequest(model, None, request.headers, request.fields.routing_id)
+            decision = Decision(held, "previous_response")
+            return held, model, Routed(policy, route, decision, time.perf_counter())
         text, chat = None, None
         if policy.needs_text:
             text = request.routing_text
@@ -190,6 +215,28 @@ class Router:
             if not verdict.settled:  # a relayed answer settles it; errors end up here
                 verdict.settle(request.request_id)
 
+    async def forward(self, worker: Worker, request: InferenceRequest, path: str) -> Reply:
+        """``request`` sent to ``worker`` alone, at ``path`` (``request.path`` names the
+        endpoint in metrics): one attempt, no policy, no retry, recorded as any. For what
+        only one worker can answer: a response it stored (``responses.py``)."""
+        request.model, request.worker = worker.model_id, worker.url
+        verdict = Verdict()
+        try:
+            reply = await self._attempt(worker, worker.model_id, request, True, verdict, path=path)
+        except ApiError as exc:
+            self._routed(request, exc.status, exc.code)
+            raise
+        except asyncio.CancelledError:
+            self._routed(request, 499, "client_closed")
+            raise
+        finally:
+            if not verdict.settled:
+                verdict.settle(request.request_id)
+        assert reply is not None, "the last attempt never asks for a retry"
+        if isinstance(reply.body, bytes):
+            self._routed(request, reply.status, "")
+        return reply
+
     async def _back_off(self, attempt: int) -> None:
         """The pause before attempt number ``attempt`` (a retry), recorded."""
         delay = self.retry.backoff_secs(attempt - 1)
@@ -205,9 +252,11 @@ class Router:
         verdict: Verdict,
         body: bytes | None = None,
         routed: Routed | None = None,
+        path: str | None = None,
     ) -> Reply | None:
-        """One try on ``worker`` (with ``body`` in place of the client's, when given): its
-        reply, or None to try again elsewhere. ``routed``: the decision that chose it."""
+        """One try on ``worker`` (with ``body`` in place of the client's, and at ``path``
+        in place of ``request.path``, when given): its reply, or None to try again
+        elsewhere. ``routed``: the decision that chose it."""
         backend = worker.backend
         if not backend.serves(request.path):
             raise ApiError(
@@ -215,7 +264,7 @@ class Router:
                 "not_implemented",
                 f"{request.path} is not served by {backend.mode.value} workers",
             )
-        outbound = outbound_for(request, model, body)
+        outbound = outbound_for(request, model, body, path)
         state = worker.state
         state.started()
         try:
@@ -372,11 +421,14 @@ def retry_if_none_available(exc: ApiError, last: bool) -> None:
         raise exc
 
 
-def outbound_for(request: InferenceRequest, model: str, body: bytes | None = None) -> Outbound:
-    """The attempt a backend is handed: the client's request, or ``body`` in its place."""
+def outbound_for(
+    request: InferenceRequest, model: str, body: bytes | None = None, path: str | None = None
+) -> Outbound:
+    """The attempt a backend is handed: the client's request, or ``body`` (``path``) in
+    its place."""
     return Outbound(
         request.method,
-        request.path,
+        request.path if path is None else path,
         request.query,
         request.headers,
         request.body if body is None else body,

@@ -33,6 +33,8 @@ from shunter.sim.request import (
     error_body,
     max_tokens_of,
 )
+from shunter.sim.responses import PREFIX as RESPONSES_PREFIX
+from shunter.sim.responses import SimResponses
 from shunter.sim.send import end_stream, send_bytes, send_chunk, start_stream
 from shunter.wire.asgi import Receive, Scope, Send, header_value
 
@@ -77,6 +79,8 @@ class SimApp:
         self.recent: deque[dict[str, Any]] = deque(maxlen=64)
         own = {"sglang": sglang, "llamacpp": llamacpp, "vllm": vllm}.get(config.runtime, {})
         self.routes = {**common, **own}
+        self.responses = SimResponses(self)  # the Responses API, stored responses included
+        self.routes |= self.responses.routes()
         # A PD leg (--disaggregation-mode prefill|decode) answers inference as one.
         self.pd: Disaggregation | None = None
         if config.disaggregation_mode != "null":
@@ -88,6 +92,7 @@ class SimApp:
             "/v1/completions",
             "/v1/embeddings",
             "/v1/rerank",
+            *self.responses.routes(),
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,6 +104,8 @@ class SimApp:
         handler = self.routes.get(scope["path"])
         if handler is None and "/slots" in self.routes and scope["path"].startswith("/slots/"):
             handler = self.slot_action
+        if handler is None and scope["path"].startswith(RESPONSES_PREFIX):
+            handler = self.responses.stored_route
         body = b""
         while True:
             message = await receive()

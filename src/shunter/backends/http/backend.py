@@ -74,7 +74,7 @@ class HttpBackend(Backend):
         body = request.body
         if request.bootstrap is not None:
             body = request.bootstrap.into(body)
-        if target.dp_rank is not None:
+        if target.dp_rank is not None and body:  # bodiless: a stored response's GET
             body = with_rank(body, target.dp_rank)
         try:
             if request.stream:
