@@ -19,6 +19,7 @@ from shunter.policies.cache_aware import (
     PrefixScorer,
 )
 from shunter.policies.consistent_hashing import ConsistentHashingPolicy
+from shunter.policies.least_load import LeastLoadPolicy
 from shunter.policies.manual import ManualPolicy
 from shunter.policies.power_of_two import PowerOfTwoPolicy
 from shunter.policies.prefix_hash import PrefixHashConfig, PrefixHashPolicy
@@ -57,6 +58,7 @@ BUILT: dict[str, Callable[[PolicySettings], Policy]] = {
     "random": lambda s: RandomPolicy(),
     "round_robin": lambda s: RoundRobinPolicy(),
     "power_of_two": lambda s: PowerOfTwoPolicy(),
+    "least_load": lambda s: LeastLoadPolicy(),
     "cache_aware": lambda s: _cache_aware(s),
     "bucket": lambda s: BucketPolicy(
         s.bucket_adjust_interval_secs,
@@ -69,7 +71,12 @@ BUILT: dict[str, Callable[[PolicySettings], Policy]] = {
 }
 
 
-ALIASES = {"roundrobin": "round_robin", "poweroftwo": "power_of_two", "cacheaware": "cache_aware"}
+ALIASES = {
+    "roundrobin": "round_robin",
+    "poweroftwo": "power_of_two",
+    "cacheaware": "cache_aware",
+    "leastload": "least_load",
+}
 
 
 class PolicyError(ValueError):
