@@ -40,6 +40,7 @@ from shunter.routing.limiter import Admission
 from shunter.routing.pd.pairs import PairSelector
 from shunter.routing.pd.router import PdRouter
 from shunter.routing.router import Router
+from shunter.routing.sticky import StickySessions
 from shunter.wire.base import UpstreamClient, WholeClient
 from shunter.wire.reqwest import ClientSettings, ReqwestClient
 
@@ -52,6 +53,7 @@ log = logging.getLogger("shunter.gateway")
 # Fetching a tokenizer from a worker (GetTokenizer streams a zip of a few MB) may take
 # longer than a probe.
 TOKENIZER_FETCH_TIMEOUT_SECS = 30.0
+PD_LEGS = (WorkerType.PREFILL, WorkerType.DECODE)
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class Gateway:
         )
         self.fleet = Fleet(settings, connector, observer)
         self.policy_registries: list[PolicyRegistry] = []
+        self.sticky_sessions: list[StickySessions] = []  # --routing-key-override's memories
         # Precise cache_aware: the engines' KV events (subscribers start with their workers).
         source = config.kv_events_tokenizer
         self.kv_events = KvEvents(tokenizer_from(source), chat=chat_ids_from(source))
@@ -230,7 +233,7 @@ class Gateway:
         """The regular router, or in PD mode the PD router with a policy per leg."""
         registry = self.fleet.registry
         if not config.pd_disaggregation:
-            return Router(
+            router = Router(
                 registry,
                 self.policies,
                 self.metrics,
@@ -238,13 +241,31 @@ class Gateway:
                 self.tracing,
                 route_receipt=config.route_receipt,
             )
+            if config.routing_key_override:
+                router.sticky = self._sticky(config)
+            return router
         pairs = PairSelector(
             registry,
             self._policies(config.prefill_policy or config.policy, WorkerType.PREFILL),
             self._policies(config.decode_policy or config.policy, WorkerType.DECODE),
             config.pd_min_prefill_tokens,
         )
+        if config.routing_key_override:  # a memory per leg: a key keeps a worker on each
+            pairs.sticky = {kind: self._sticky(config) for kind in PD_LEGS}
         return PdRouter(registry, self.policies, pairs, self.metrics, config.retry, self.tracing)
+
+    def _sticky(self, config: GatewayConfig) -> StickySessions:
+        """A memory of routing keys for ``--routing-key-override``, started and stopped with
+        the gateway."""
+        settings = config.policy_settings
+        sticky = StickySessions(
+            self.fleet.registry,
+            config.routing_key_headers,
+            settings.manual_max_idle_secs,
+            settings.max_routing_keys,
+        )
+        self.sticky_sessions.append(sticky)
+        return sticky
 
     def _dashboard_data(self) -> dict[str, object]:
         """What the dashboard shows: every worker, the models, the default policy."""
@@ -275,6 +296,8 @@ class Gateway:
             self.metrics.serve(config.prometheus_host, config.prometheus_port)
         for policies in self.policy_registries:
             policies.start()
+        for sticky in self.sticky_sessions:
+            sticky.start()
         self.fleet.start()
         if self.peers is not None:
             self.peers.start()
@@ -324,6 +347,8 @@ class Gateway:
         await self.kv_events.close()
         for policies in self.policy_registries:
             await policies.stop()
+        for sticky in self.sticky_sessions:
+            await sticky.stop()
         await self.control.close()
         if self.tracing is not None:
             self.tracing.shutdown()  # flushes the spans not yet exported

@@ -212,6 +212,25 @@ class ServeFlags:
             "(worker, policy, reason, predicted cached tokens) on every relayed answer",
         )
         g.flag(
+            "--routing-key-override",
+            "routing_key_override",
+            "--sticky-sessions",
+            action="store_true",
+            help="sticky sessions on any policy: a request with a routing key "
+            "(X-SMG-Routing-Key, or --routing-key-headers) goes to the worker its key was "
+            "first routed to while that worker is available; the key moves when the worker "
+            "is removed",
+        )
+        g.flag(
+            "--routing-key-headers",
+            "routing_key_headers",
+            type=str,
+            nargs="*",
+            metavar="HEADER",
+            help="more headers a routing key is read from, after X-SMG-Routing-Key (the "
+            "first present wins)",
+        )
+        g.flag(
             "--otlp-traces-endpoint",
             "otlp_traces_endpoint",
             help="where spans go (default %(default)s)",
@@ -319,7 +338,14 @@ class ServeFlags:
         p.flag(
             "--max-idle-secs",
             "manual_max_idle_secs",
-            help="manual: seconds before an unused routing key is forgotten",
+            help="manual and --routing-key-override: seconds before an unused routing key is "
+            "forgotten",
+        )
+        p.flag(
+            "--max-routing-keys",
+            "max_routing_keys",
+            help="manual and --routing-key-override: routing keys remembered at most; the "
+            "least recently used goes first (default %(default)s)",
         )
 
     def _reliability_flags(self) -> None:

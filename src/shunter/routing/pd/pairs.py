@@ -27,6 +27,8 @@ from shunter.policies.base import Policy, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError
 from shunter.routing.request import InferenceRequest
+from shunter.routing.sticky import StickySessions
+from shunter.routing.target import find_worker, target_of, targeted
 
 # The engines whose decode workers serve a request alone (see the module docstring).
 RUNS_ALONE = frozenset({Runtime.VLLM})
@@ -57,6 +59,8 @@ class PairSelector:
         self.prefill = prefill
         self.decode = decode
         self.min_prefill_tokens = min_prefill_tokens  # 0: always disaggregate
+        # --routing-key-override: each leg's key memory (routing/sticky.py); None: off.
+        self.sticky: dict[WorkerType, StickySessions] | None = None
 
     def has_pools(self, model: str) -> bool:
         """Whether ``model`` is served by prefill/decode pairs (it has a worker of either)."""
@@ -81,16 +85,54 @@ class PairSelector:
         text = request.routing_text if needs_text or self.min_prefill_tokens else None
         chat = request.body if text is not None and request.fields.messages is not None else None
         route = RouteRequest(model, text, request.headers, request.fields.routing_id, chat)
+        named: dict[WorkerType, Worker] = {}
+        target = target_of(request.headers)
+        if target is not None:
+            named = self._named(target, model)
         held = decode_policy.cached_prefix(route) if self.min_prefill_tokens else None
-        decode = _chosen(decode_policy, decodes, route, WorkerType.DECODE)
+        decode = named.get(WorkerType.DECODE) or self._chosen(
+            decode_policy, decodes, route, WorkerType.DECODE
+        )
         if (
             held is not None
             and decode.runtime in RUNS_ALONE
             and self._decode_alone(request, held, decode)
         ):
             return Pair(None, decode, "", decode_policy.name)
-        prefill = _chosen(prefill_policy, prefills, route, WorkerType.PREFILL)
+        prefill = named.get(WorkerType.PREFILL) or self._chosen(
+            prefill_policy, prefills, route, WorkerType.PREFILL
+        )
         return Pair(prefill, decode, prefill_policy.name, decode_policy.name)
+
+    def _named(self, target: bytes, model: str) -> dict[WorkerType, Worker]:
+        """The worker ``X-SMG-Target-Worker`` names, by leg (``routing/target.py``): it pins
+        the leg whose pool holds it, the other leg goes by its policy."""
+        name = target.decode("latin-1").strip()
+        named = {}
+        for kind in (WorkerType.PREFILL, WorkerType.DECODE):
+            pool = self.registry.get_pool(kind, model)
+            if find_worker(name, pool) is not None:
+                named[kind] = targeted(target, model, pool)
+        if not named:
+            targeted(target, model, ())  # raises: not a worker of the model
+        return named
+
+    def _chosen(
+        self, policy: Policy, workers: Workers, route: RouteRequest, kind: WorkerType
+    ) -> Worker:
+        sticky = self.sticky
+        if sticky is None:
+            worker = policy.select(workers, route)
+        else:
+            worker = sticky[kind].decide(policy, workers, route).worker
+        if worker is None:
+            raise ApiError(
+                503,
+                "no_available_workers",
+                f"no healthy {kind.value} worker is available (all unhealthy or their circuits "
+                "open)",
+            )
+        return worker
 
     def _pool(self, kind: WorkerType, model: str, path: str, avoid: Sequence[Worker]) -> Workers:
         workers = self.registry.get_pool(kind, model)
@@ -140,14 +182,3 @@ def prompt_tokens(request: InferenceRequest) -> int:
                 return sum(len(item) for item in ids if isinstance(item, list))
             return len(ids)
     return -(-len(request.routing_text) // CHARS_PER_TOKEN)
-
-
-def _chosen(policy: Policy, workers: Workers, route: RouteRequest, kind: WorkerType) -> Worker:
-    worker = policy.select(workers, route)
-    if worker is None:
-        raise ApiError(
-            503,
-            "no_available_workers",
-            f"no healthy {kind.value} worker is available (all unhealthy or their circuits open)",
-        )
-    return worker
