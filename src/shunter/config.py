@@ -14,6 +14,7 @@ from shunter.fleet.spec import API_KEY_RULE, check_kv_events_endpoint, valid_api
 from shunter.fleet.urls import WorkerUrlError, validate_worker_url
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
+from shunter.routing.aliases import AliasError, parse_aliases
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
 from shunter.wire.limits import ServerLimits
@@ -76,6 +77,8 @@ class GatewayConfig:
     # key from X-SMG-Routing-Key, else the first of these headers present.
     routing_key_override: bool = False
     routing_key_headers: list[str] = field(default_factory=list)
+    # --model-alias: alias -> the served model a request for it is routed as.
+    model_aliases: dict[str, str] = field(default_factory=dict)
     otlp_traces_endpoint: str = "localhost:4317"
     # gRPC data plane: where tokenizers come from, and the output parsers.
     tokenizer_path: str | None = None
@@ -177,6 +180,10 @@ class GatewayConfig:
             if key is not None and not valid_api_key(key):
                 raise ConfigError(f"{flag} must be {API_KEY_RULE}")
         self._validate_sticky()
+        try:
+            self.model_aliases = parse_aliases(f"{a}={c}" for a, c in self.model_aliases.items())
+        except AliasError as exc:
+            raise ConfigError(str(exc)) from None
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]

@@ -36,6 +36,7 @@ from shunter.peers.exchange import Exchange
 from shunter.peers.transport import PeerSockets
 from shunter.policies.factory import PolicyError, create_policy
 from shunter.policies.registry import PolicyRegistry
+from shunter.routing.aliases import ModelAliases
 from shunter.routing.limiter import Admission
 from shunter.routing.pd.pairs import PairSelector
 from shunter.routing.pd.router import PdRouter
@@ -121,6 +122,9 @@ class Gateway:
         self.peers = self._peers(config)
         self.policies = self._policies(config.policy, WorkerType.REGULAR)
         self.tracing = Tracing(config.otlp_traces_endpoint) if config.enable_trace else None
+        self.aliases = ModelAliases(config.model_aliases) if config.model_aliases else None
+        if self.aliases is not None:
+            self.fleet.subscribe(self.aliases.fleet_changed)
         self.router = self._router(config)
         self.discovery = self._discovery(config)
         self.gateway_pods = self._gateway_pods(config)
@@ -142,6 +146,7 @@ class Gateway:
                 lambda: self.draining,
                 config.pd_disaggregation,
                 self._discovery_problem,
+                self.aliases,
             ),
             WorkersApi(self.fleet, _check_policy, config.pd_disaggregation, self.peers),
             Dashboard(config.api_key, keys.carried_by, self._dashboard_data),
@@ -243,6 +248,7 @@ class Gateway:
             )
             if config.routing_key_override:
                 router.sticky = self._sticky(config)
+            router.aliases = self.aliases
             return router
         pairs = PairSelector(
             registry,
@@ -252,7 +258,9 @@ class Gateway:
         )
         if config.routing_key_override:  # a memory per leg: a key keeps a worker on each
             pairs.sticky = {kind: self._sticky(config) for kind in PD_LEGS}
-        return PdRouter(registry, self.policies, pairs, self.metrics, config.retry, self.tracing)
+        router = PdRouter(registry, self.policies, pairs, self.metrics, config.retry, self.tracing)
+        router.aliases = self.aliases
+        return router
 
     def _sticky(self, config: GatewayConfig) -> StickySessions:
         """A memory of routing keys for ``--routing-key-override``, started and stopped with

@@ -24,6 +24,7 @@ from shunter.policies.factory import (
     create_policy,
 )
 from shunter.policies.prefix_hash import PrefixHashConfig
+from shunter.routing.aliases import AliasError, parse_aliases
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
 from shunter.wire.limits import RESERVED_FILES, ServerLimits
@@ -229,6 +230,15 @@ class ServeFlags:
             metavar="HEADER",
             help="more headers a routing key is read from, after X-SMG-Routing-Key (the "
             "first present wins)",
+        )
+        g.group.add_argument(
+            "--model-alias",
+            dest="model_alias",
+            action="append",
+            default=[],
+            metavar="ALIAS=MODEL",
+            help="serve requests for ALIAS as the served model MODEL (the worker is sent "
+            "MODEL; /v1/models lists ALIAS too); repeat for each",
         )
         g.flag(
             "--otlp-traces-endpoint",
@@ -532,6 +542,14 @@ class ServeFlags:
             endpoints[url] = (endpoint, replay or None)
         return endpoints
 
+    def _model_aliases(self, given: list[str]) -> dict[str, str]:
+        """``--model-alias ALIAS=MODEL`` values; exits when one is malformed."""
+        try:
+            return parse_aliases(given)
+        except AliasError as exc:
+            self.parser.error(str(exc))
+        raise AssertionError("unreachable")
+
     def _pd_flags(self, group: argparse._ArgumentGroup) -> None:
         g = ConfigFlags(group, GatewayConfig(), "gateway")
         g.flag(
@@ -716,6 +734,7 @@ class ServeFlags:
             prefill_urls=self._prefill_urls(args.pd_prefill),
             discovery=self._discovery_config(args),
             kv_events_endpoints=self._kv_events_endpoints(args.kv_events_endpoint),
+            model_aliases=self._model_aliases(args.model_alias),
             **leg_policies,
         )
         try:

@@ -39,6 +39,7 @@ from shunter.policies.base import Decision, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
 from shunter.protocols.reply import Reply, Stream, primed
+from shunter.routing.aliases import ModelAliases
 from shunter.routing.receipt import Routed
 from shunter.routing.request import InferenceRequest
 from shunter.routing.retry import RETRYABLE_STATUSES, RetryConfig
@@ -72,6 +73,8 @@ class Router:
         self.route_receipt = route_receipt
         # --routing-key-override: a key keeps its worker (sticky.py); None: off, one check.
         self.sticky: StickySessions | None = None
+        # --model-alias: a request for an alias is served as its model (aliases.py).
+        self.aliases: ModelAliases | None = None
 
     def _span(self, name: str, **options: Any) -> AbstractContextManager[Any]:
         return _NO_SPAN if self.tracing is None else self.tracing.span(name, **options)
@@ -147,6 +150,8 @@ class Router:
 
     async def route(self, request: InferenceRequest) -> Reply:
         """Serve one inference request: the reply to send, or an ApiError to answer."""
+        if self.aliases is not None:
+            self.aliases.resolve(request)
         incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
         try:
             with self._span(
