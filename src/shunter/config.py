@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from shunter.backends.connect import grpc_available
@@ -13,12 +14,14 @@ from shunter.fleet.spec import API_KEY_RULE, check_kv_events_endpoint, valid_api
 from shunter.fleet.urls import WorkerUrlError, validate_worker_url
 from shunter.observability.metrics import DEFAULT_DURATION_BUCKETS
 from shunter.policies.factory import PolicySettings
+from shunter.routing.aliases import AliasError, parse_aliases
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
 from shunter.wire.limits import ServerLimits
 
 DEFAULT_REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id", "x-trace-id", "request-id")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+").fullmatch  # an HTTP token
 
 
 class ConfigError(ValueError):
@@ -70,6 +73,12 @@ class GatewayConfig:
     enable_trace: bool = False
     # x-shunter-route on each relayed answer (routing/receipt.py): opt-in, it names a worker.
     route_receipt: bool = False
+    # Sticky sessions on any policy (routing/sticky.py): a routing key keeps its worker; the
+    # key from X-SMG-Routing-Key, else the first of these headers present.
+    routing_key_override: bool = False
+    routing_key_headers: list[str] = field(default_factory=list)
+    # --model-alias: alias -> the served model a request for it is routed as.
+    model_aliases: dict[str, str] = field(default_factory=dict)
     otlp_traces_endpoint: str = "localhost:4317"
     # gRPC data plane: where tokenizers come from, and the output parsers.
     tokenizer_path: str | None = None
@@ -179,6 +188,11 @@ class GatewayConfig:
                 raise ConfigError(f"{flag} must not be empty")
             if key is not None and not valid_api_key(key):
                 raise ConfigError(f"{flag} must be {API_KEY_RULE}")
+        self._validate_sticky()
+        try:
+            self.model_aliases = parse_aliases(f"{a}={c}" for a, c in self.model_aliases.items())
+        except AliasError as exc:
+            raise ConfigError(str(exc)) from None
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]
@@ -203,6 +217,25 @@ class GatewayConfig:
                     "different workers. Use consistent_hashing (the same key goes to the same "
                     "worker in every process), or --workers 1"
                 )
+
+    def _validate_sticky(self) -> None:
+        headers = self.routing_key_headers
+        if headers and not self.routing_key_override:
+            raise ConfigError(
+                "--routing-key-headers names where sticky sessions find their key: it needs "
+                "--routing-key-override (alias --sticky-sessions)"
+            )
+        for name in headers:
+            if not _HEADER_NAME(name):
+                raise ConfigError(f"--routing-key-headers: {name!r} is not a header name")
+        self.routing_key_headers = [h.lower() for h in headers]
+        if self.routing_key_override and self.workers > 1:
+            raise ConfigError(
+                "--routing-key-override remembers each routing key's worker in one process: "
+                f"with --workers {self.workers} a key would stick to up to {self.workers} "
+                "different workers. Use --policy consistent_hashing (the same key goes to the "
+                "same worker in every process), or --workers 1"
+            )
 
     def _validate_pd(self) -> None:
         given = [

@@ -40,11 +40,13 @@ from shunter.peers.transport import PeerSockets
 from shunter.policies.factory import PolicyError, create_policy
 from shunter.policies.registry import PolicyRegistry
 from shunter.routing.affinity import ResponseAffinity
+from shunter.routing.aliases import ModelAliases
 from shunter.routing.limiter import Admission
 from shunter.routing.pd.pairs import PairSelector
 from shunter.routing.pd.router import PdRouter
 from shunter.routing.responses import ResponseRouter
 from shunter.routing.router import Router
+from shunter.routing.sticky import StickySessions
 from shunter.supervisor.control import METRICS, WORKERS, ControlSocket
 from shunter.supervisor.siblings import Siblings
 from shunter.wire.base import UpstreamClient, WholeClient
@@ -59,6 +61,7 @@ log = logging.getLogger("shunter.gateway")
 # Fetching a tokenizer from a worker (GetTokenizer streams a zip of a few MB) may take
 # longer than a probe.
 TOKENIZER_FETCH_TIMEOUT_SECS = 30.0
+PD_LEGS = (WorkerType.PREFILL, WorkerType.DECODE)
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class Gateway:
         )
         self.fleet = Fleet(settings, connector, observer)
         self.policy_registries: list[PolicyRegistry] = []
+        self.sticky_sessions: list[StickySessions] = []  # --routing-key-override's memories
         # Precise cache_aware: the engines' KV events (subscribers start with their workers).
         source = config.kv_events_tokenizer
         self.kv_events = KvEvents(tokenizer_from(source), chat=chat_ids_from(source))
@@ -134,6 +138,9 @@ class Gateway:
         self.peers = self._peers(config)
         self.policies = self._policies(config.policy, WorkerType.REGULAR)
         self.tracing = Tracing(config.otlp_traces_endpoint) if config.enable_trace else None
+        self.aliases = ModelAliases(config.model_aliases) if config.model_aliases else None
+        if self.aliases is not None:
+            self.fleet.subscribe(self.aliases.fleet_changed)
         self.router = self._router(config)
         self.discovery = self._discovery(config)
         self.gateway_pods = self._gateway_pods(config)
@@ -160,6 +167,7 @@ class Gateway:
                 lambda: self.draining,
                 config.pd_disaggregation,
                 self._discovery_problem,
+                self.aliases,
             ),
             WorkersApi(
                 self.fleet,
@@ -277,7 +285,7 @@ class Gateway:
         """The regular router, or in PD mode the PD router with a policy per leg."""
         registry = self.fleet.registry
         if not config.pd_disaggregation:
-            return Router(
+            router = Router(
                 registry,
                 self.policies,
                 self.metrics,
@@ -285,13 +293,19 @@ class Gateway:
                 self.tracing,
                 route_receipt=config.route_receipt,
             )
+            if config.routing_key_override:
+                router.sticky = self._sticky(config)
+            router.aliases = self.aliases
+            return router
         pairs = PairSelector(
             registry,
             self._policies(config.prefill_policy or config.policy, WorkerType.PREFILL),
             self._policies(config.decode_policy or config.policy, WorkerType.DECODE),
             config.pd_min_prefill_tokens,
         )
-        return PdRouter(
+        if config.routing_key_override:  # a memory per leg: a key keeps a worker on each
+            pairs.sticky = {kind: self._sticky(config) for kind in PD_LEGS}
+        router = PdRouter(
             registry,
             self.policies,
             pairs,
@@ -300,6 +314,21 @@ class Gateway:
             self.tracing,
             route_receipt=config.route_receipt,
         )
+        router.aliases = self.aliases
+        return router
+
+    def _sticky(self, config: GatewayConfig) -> StickySessions:
+        """A memory of routing keys for ``--routing-key-override``, started and stopped with
+        the gateway."""
+        settings = config.policy_settings
+        sticky = StickySessions(
+            self.fleet.registry,
+            config.routing_key_headers,
+            settings.manual_max_idle_secs,
+            settings.max_routing_keys,
+        )
+        self.sticky_sessions.append(sticky)
+        return sticky
 
     async def _dashboard_data(self) -> dict[str, object]:
         """What the dashboard shows: every worker, the models, the default policy."""
@@ -333,6 +362,8 @@ class Gateway:
             self.metrics.serve(config.prometheus_host, config.prometheus_port)
         for policies in self.policy_registries:
             policies.start()
+        for sticky in self.sticky_sessions:
+            sticky.start()
         self.fleet.start()
         if self.peers is not None:
             self.peers.start()
@@ -382,6 +413,8 @@ class Gateway:
         await self.kv_events.close()
         for policies in self.policy_registries:
             await policies.stop()
+        for sticky in self.sticky_sessions:
+            await sticky.stop()
         await self.control.close()
         if self.tracing is not None:
             self.tracing.shutdown()  # flushes the spans not yet exported

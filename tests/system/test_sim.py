@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from shunter.backends.http.engines.sglang import sglang_load
 from shunter.sim.cache import PrefixCache
 from shunter.sim.config import Faults
 
@@ -80,6 +81,14 @@ def test_load_reflects_running_and_queued_requests(sim: Sim) -> None:
     time.sleep(0.2)
     load = httpx.get(sim.url + "/get_load").json()[0]
     assert load["num_reqs"] == 3 and load["num_waiting_reqs"] == 2 and load["num_tokens"] > 0
+    # SGLang's current endpoint, in its shape: what the gateway's load monitor reads first.
+    current = httpx.get(sim.url + "/v1/loads", params={"include": "core"}).json()
+    assert set(current) == {"timestamp", "version", "accelerator", "num_accelerators", "loads"}
+    (rank,) = current["loads"]  # a moment later: the requests may have moved on since
+    assert rank["dp_rank"] == 0 and rank["num_running_reqs"] + rank["num_waiting_reqs"] <= 3
+    assert sglang_load(current, None) == rank["num_total_tokens"] == rank["num_used_tokens"]
+    bad = httpx.get(sim.url + "/v1/loads", params={"include": "core,gpus"})
+    assert bad.status_code == 400 and "gpus" in bad.text
     metrics = httpx.get(sim.url + "/metrics").text
     assert 'sglang:num_queue_reqs{model_name="sim-model"} 2' in metrics
     for t in threads:

@@ -24,6 +24,7 @@ from shunter.fleet.worker import Worker, WorkerType
 from shunter.observability.engine_metrics import merge
 from shunter.protocols.errors import ApiError, upstream_failure
 from shunter.protocols.reply import Reply
+from shunter.routing.aliases import ModelAliases
 
 log = logging.getLogger("shunter.api.info")
 
@@ -40,6 +41,7 @@ class InfoApi:
         draining: Callable[[], bool] = lambda: False,
         pd_mode: bool = False,
         discovery_problem: Callable[[], str | None] = lambda: None,
+        aliases: ModelAliases | None = None,
     ) -> None:
         self.registry = registry
         self.loads = loads
@@ -47,6 +49,7 @@ class InfoApi:
         self.pd_mode = pd_mode
         # Why service discovery has no view of the pods yet (None: it has one, or is off).
         self.discovery_problem = discovery_problem
+        self.aliases = aliases  # --model-alias: listed beside their models
 
     # --- health -----------------------------------------------------------------------------
 
@@ -77,6 +80,8 @@ class InfoApi:
         if not models:
             raise ApiError(503, "no_models", "No models available")
         data = [{"id": m, "object": "model", "owned_by": "local"} for m in models]
+        if self.aliases is not None:
+            data += self.aliases.listed(models)
         return json_reply(200, {"object": "list", "data": data})
 
     def first_available(self, kind: WorkerType | None = None) -> Worker:

@@ -24,6 +24,7 @@ from shunter.policies.factory import (
     create_policy,
 )
 from shunter.policies.prefix_hash import PrefixHashConfig
+from shunter.routing.aliases import AliasError, parse_aliases
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
 from shunter.wire.limits import RESERVED_FILES, ServerLimits
@@ -220,6 +221,34 @@ class ServeFlags:
             "(worker, policy, reason, predicted cached tokens) on every relayed answer",
         )
         g.flag(
+            "--routing-key-override",
+            "routing_key_override",
+            "--sticky-sessions",
+            action="store_true",
+            help="sticky sessions on any policy: a request with a routing key "
+            "(X-SMG-Routing-Key, or --routing-key-headers) goes to the worker its key was "
+            "first routed to while that worker is available; the key moves when the worker "
+            "is removed",
+        )
+        g.flag(
+            "--routing-key-headers",
+            "routing_key_headers",
+            type=str,
+            nargs="*",
+            metavar="HEADER",
+            help="more headers a routing key is read from, after X-SMG-Routing-Key (the "
+            "first present wins)",
+        )
+        g.group.add_argument(
+            "--model-alias",
+            dest="model_alias",
+            action="append",
+            default=[],
+            metavar="ALIAS=MODEL",
+            help="serve requests for ALIAS as the served model MODEL (the worker is sent "
+            "MODEL; /v1/models lists ALIAS too); repeat for each",
+        )
+        g.flag(
             "--otlp-traces-endpoint",
             "otlp_traces_endpoint",
             help="where spans go (default %(default)s)",
@@ -327,7 +356,14 @@ class ServeFlags:
         p.flag(
             "--max-idle-secs",
             "manual_max_idle_secs",
-            help="manual: seconds before an unused routing key is forgotten",
+            help="manual and --routing-key-override: seconds before an unused routing key is "
+            "forgotten",
+        )
+        p.flag(
+            "--max-routing-keys",
+            "max_routing_keys",
+            help="manual and --routing-key-override: routing keys remembered at most; the "
+            "least recently used goes first (default %(default)s)",
         )
 
     def _reliability_flags(self) -> None:
@@ -533,6 +569,14 @@ class ServeFlags:
             endpoints[url] = (endpoint, replay or None)
         return endpoints
 
+    def _model_aliases(self, given: list[str]) -> dict[str, str]:
+        """``--model-alias ALIAS=MODEL`` values; exits when one is malformed."""
+        try:
+            return parse_aliases(given)
+        except AliasError as exc:
+            self.parser.error(str(exc))
+        raise AssertionError("unreachable")
+
     def _pd_flags(self, group: argparse._ArgumentGroup) -> None:
         g = ConfigFlags(group, GatewayConfig(), "gateway")
         g.flag(
@@ -717,6 +761,7 @@ class ServeFlags:
             prefill_urls=self._prefill_urls(args.pd_prefill),
             discovery=self._discovery_config(args),
             kv_events_endpoints=self._kv_events_endpoints(args.kv_events_endpoint),
+            model_aliases=self._model_aliases(args.model_alias),
             **leg_policies,
         )
         try:

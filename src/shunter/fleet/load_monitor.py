@@ -1,10 +1,10 @@
 """Polls every worker's own load report, for the policies that compare loads.
 
 Every ``interval`` seconds (smg uses ``--worker-startup-check-interval``) each worker is asked
-concurrently, in the way its engine answers (``backends/``: SGLang's ``/get_load``, vLLM's
-and llama.cpp's ``/metrics``, gRPC's ``GetLoads``). A load that cannot be read is stored as
-None (unknown), never as a number, so a failing worker never looks idle. The result lands
-in the worker's run-time state, which the policies read without I/O.
+concurrently, in the way its engine answers (``backends/``: SGLang's ``/v1/loads`` or
+``/get_load``, vLLM's and llama.cpp's ``/metrics``, gRPC's ``GetLoads``). A load that cannot
+be read is stored as None (unknown), never as a number, so a failing worker never looks
+idle. The result lands in the worker's run-time state, which the policies read without I/O.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from shunter.policies.cache_aware import (
     PrefixScorer,
 )
 from shunter.policies.consistent_hashing import ConsistentHashingPolicy
+from shunter.policies.keys import DEFAULT_MAX_KEYS
+from shunter.policies.least_load import LeastLoadPolicy
 from shunter.policies.manual import ManualPolicy
 from shunter.policies.power_of_two import PowerOfTwoPolicy
 from shunter.policies.prefix_hash import PrefixHashConfig, PrefixHashPolicy
@@ -32,6 +34,8 @@ class PolicySettings:
     prefix_hash: PrefixHashConfig = field(default_factory=PrefixHashConfig)
     bucket_adjust_interval_secs: float = 5.0
     manual_max_idle_secs: float = 4 * 3600.0
+    # Routing keys remembered at most (manual, and --routing-key-override on any policy).
+    max_routing_keys: int = DEFAULT_MAX_KEYS
     # Precise cache_aware: the engines' KV events (set by the gateway, not a flag).
     prefix_scorer: PrefixScorer | None = field(default=None, compare=False)
     # Replicas: who hears cache_aware's decisions (set by the gateway, not a flag).
@@ -44,6 +48,8 @@ class PolicySettings:
             raise ValueError("--bucket-adjust-interval-secs must be > 0")
         if self.manual_max_idle_secs <= 0:
             raise ValueError("--max-idle-secs must be > 0")
+        if self.max_routing_keys < 1:
+            raise ValueError("--max-routing-keys must be >= 1")
         return self
 
 
@@ -57,6 +63,7 @@ BUILT: dict[str, Callable[[PolicySettings], Policy]] = {
     "random": lambda s: RandomPolicy(),
     "round_robin": lambda s: RoundRobinPolicy(),
     "power_of_two": lambda s: PowerOfTwoPolicy(),
+    "least_load": lambda s: LeastLoadPolicy(),
     "cache_aware": lambda s: _cache_aware(s),
     "bucket": lambda s: BucketPolicy(
         s.bucket_adjust_interval_secs,
@@ -65,11 +72,16 @@ BUILT: dict[str, Callable[[PolicySettings], Policy]] = {
     ),
     "consistent_hashing": lambda s: ConsistentHashingPolicy(),
     "prefix_hash": lambda s: PrefixHashPolicy(s.prefix_hash),
-    "manual": lambda s: ManualPolicy(s.manual_max_idle_secs),
+    "manual": lambda s: ManualPolicy(s.manual_max_idle_secs, max_keys=s.max_routing_keys),
 }
 
 
-ALIASES = {"roundrobin": "round_robin", "poweroftwo": "power_of_two", "cacheaware": "cache_aware"}
+ALIASES = {
+    "roundrobin": "round_robin",
+    "poweroftwo": "power_of_two",
+    "cacheaware": "cache_aware",
+    "leastload": "least_load",
+}
 
 
 class PolicyError(ValueError):

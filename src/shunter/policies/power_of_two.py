@@ -1,7 +1,7 @@
 """``power_of_two``: two distinct random workers, the less loaded wins.
 
 Loads come from the load monitor (``fleet/load_monitor.py``): each worker's own report
-(SGLang ``/get_load``, vLLM and llama.cpp ``/metrics``). When both candidates have a report
+(SGLang ``/v1/loads``, vLLM and llama.cpp ``/metrics``). When both candidates have a report
 they are compared on it, the gateway's in-flight count breaking ties; when either report is
 missing they are compared on the gateway's in-flight counts. An unreadable load is unknown,
 never "zero" (smg passed its -1 through, so a failing worker looked least loaded).

@@ -39,9 +39,12 @@ from shunter.policies.base import Decision, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
 from shunter.protocols.reply import Reply, Stream, primed
+from shunter.routing.aliases import ModelAliases
 from shunter.routing.receipt import Routed
 from shunter.routing.request import InferenceRequest
 from shunter.routing.retry import RETRYABLE_STATUSES, RetryConfig
+from shunter.routing.sticky import StickySessions
+from shunter.routing.target import TARGET_REASON, target_of, targeted
 from shunter.routing.verdict import Verdict
 from shunter.wire.base import UpstreamError
 
@@ -68,6 +71,10 @@ class Router:
         self.tracing = tracing
         # Opt-in: the header names a worker, which the gateway's own errors never do.
         self.route_receipt = route_receipt
+        # --routing-key-override: a key keeps its worker (sticky.py); None: off, one check.
+        self.sticky: StickySessions | None = None
+        # --model-alias: a request for an alias is served as its model (aliases.py).
+        self.aliases: ModelAliases | None = None
 
     def _span(self, name: str, **options: Any) -> AbstractContextManager[Any]:
         return _NO_SPAN if self.tracing is None else self.tracing.span(name, **options)
@@ -134,9 +141,15 @@ class Router:
             workers = self._native_workers(model, request.path)
         if request.http_only:
             workers = self._http_workers(model, request.path, workers)
+        policy = self.policies.policy_for(model)
+        target = target_of(request.headers)
+        if target is not None:  # the client named its worker (target.py)
+            named = targeted(target, model, workers)
+            route = RouteRequest(model, None, request.headers, request.fields.routing_id)
+            decision = Decision(named, TARGET_REASON)
+            return named, model, Routed(policy, route, decision, time.perf_counter())
         if avoid:  # a retry: prefer workers this request has not failed on yet
             workers = tuple(w for w in workers if w not in avoid) or workers
-        policy = self.policies.policy_for(model)
         held = request.held_by
         if held is not None and self._holds(held, model, avoid):
             route = RouteRequest(model, None, request.headers, request.fields.routing_id)
@@ -148,7 +161,11 @@ class Router:
             if request.fields.messages is not None:
                 chat = request.body
         route = RouteRequest(model, text, request.headers, request.fields.routing_id, chat)
-        decision = policy.decide(workers, route)
+        sticky = self.sticky
+        if sticky is None:
+            decision = policy.decide(workers, route)
+        else:
+            decision = sticky.decide(policy, workers, route)
         worker = decision.worker
         if worker is None:
             raise ApiError(503, "no_available_workers", "no healthy worker is available")
@@ -158,6 +175,8 @@ class Router:
 
     async def route(self, request: InferenceRequest) -> Reply:
         """Serve one inference request: the reply to send, or an ApiError to answer."""
+        if self.aliases is not None:
+            self.aliases.resolve(request)
         incoming = None if self.tracing is None else self.tracing.incoming(request.headers)
         try:
             with self._span(

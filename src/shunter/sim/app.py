@@ -14,7 +14,9 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -37,6 +39,9 @@ from shunter.sim.responses import PREFIX as RESPONSES_PREFIX
 from shunter.sim.responses import SimResponses
 from shunter.sim.send import end_stream, send_bytes, send_chunk, start_stream
 from shunter.wire.asgi import Receive, Scope, Send, header_value
+
+# SGLang's /v1/loads ``include`` sections.
+V1_LOADS_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
 
 log = logging.getLogger("shunter.sim")
 
@@ -296,18 +301,39 @@ class SimApp:
         )
 
     async def v1_loads(self, request: Request) -> None:
-        engine = self.engine
+        """SGLang's current load endpoint, as it answers it: one entry per DP rank (the sim
+        has one) of the scheduler's scalars (``include=core``; the other sections are
+        SGLang's memory, speculative, LoRA, disaggregation and queue details, which the sim
+        does not model), an unknown section a 400."""
+        query = parse_qs(request.scope["query_string"].decode("latin-1"))
+        include = {part.strip() for value in query.get("include", ()) for part in value.split(",")}
+        unknown = include - V1_LOADS_SECTIONS
+        if unknown:
+            raise BadRequest(
+                f"Invalid include sections: {sorted(unknown)}. "
+                f"Valid options: {sorted(V1_LOADS_SECTIONS)}"
+            )
+        engine, config = self.engine, self.config
+        used = engine.tokens_in_flight
         await request.reply(
             200,
             {
-                "timestamp": time.time(),
-                "dp_rank_count": 1,
+                "timestamp": datetime.now(UTC).isoformat(),
+                "version": "shunter-sim",
+                "accelerator": None,
+                "num_accelerators": 1,
                 "loads": [
                     {
                         "dp_rank": 0,
                         "num_running_reqs": engine.running,
                         "num_waiting_reqs": engine.waiting,
-                        "num_total_tokens": engine.tokens_in_flight,
+                        "num_used_tokens": used,
+                        "num_total_tokens": used,
+                        "max_total_num_tokens": config.cache_tokens,
+                        "max_running_requests": config.max_running,
+                        "token_usage": round(used / config.cache_tokens, 6)
+                        if config.cache_tokens
+                        else 0.0,
                         "cache_hit_rate": engine.cache.hit_rate,
                     }
                 ],

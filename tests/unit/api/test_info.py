@@ -9,7 +9,7 @@ from shunter.wire.mock import MockRequest, MockResponse
 
 from support.fakes import Workers, call, gateway, ready
 
-FAN_OUT_CALLS = ("/get_load", "/v1/loads", "/metrics", "/flush_cache")
+FAN_OUT_CALLS = ("/get_load", "/v1/loads?include=core", "/metrics", "/flush_cache")
 
 
 class OneRaises(Workers):

@@ -27,6 +27,9 @@ class WorkerCalls:
     def __init__(self, control: WholeClient, data: Callable[[], Awaitable[WholeClient]]) -> None:
         self._control = control
         self._data = data  # the worker's own client, for calls as long as a request
+        # What an engine found out about this worker's endpoints (which of two answers, say),
+        # kept as long as the worker, so that it is not probed for them on every call.
+        self.found: dict[str, str] = {}
 
     async def request(
         self,

@@ -24,11 +24,13 @@ from dataclasses import dataclass
 from shunter.backends.base import SGLANG_ONLY_PATHS, Runtime
 from shunter.fleet.registry import WorkerRegistry, Workers
 from shunter.fleet.worker import Worker, WorkerType
-from shunter.policies.base import Policy, RouteRequest
+from shunter.policies.base import Decision, Policy, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.errors import ApiError
 from shunter.routing.receipt import Routed
 from shunter.routing.request import InferenceRequest
+from shunter.routing.sticky import StickySessions
+from shunter.routing.target import TARGET_REASON, find_worker, target_of, targeted
 
 # The engines whose decode workers serve a request alone (see the module docstring).
 RUNS_ALONE = frozenset({Runtime.VLLM})
@@ -61,6 +63,8 @@ class PairSelector:
         self.prefill = prefill
         self.decode = decode
         self.min_prefill_tokens = min_prefill_tokens  # 0: always disaggregate
+        # --routing-key-override: each leg's key memory (routing/sticky.py); None: off.
+        self.sticky: dict[WorkerType, StickySessions] | None = None
 
     def has_pools(self, model: str) -> bool:
         """Whether ``model`` is served by prefill/decode pairs (it has a worker of either)."""
@@ -85,17 +89,66 @@ class PairSelector:
         text = request.routing_text if needs_text or self.min_prefill_tokens else None
         chat = request.body if text is not None and request.fields.messages is not None else None
         route = RouteRequest(model, text, request.headers, request.fields.routing_id, chat)
+        named: dict[WorkerType, Worker] = {}
+        target = target_of(request.headers)
+        if target is not None:
+            named = self._named(target, model)
         held = decode_policy.cached_prefix(route) if self.min_prefill_tokens else None
-        decode, routed = _chosen(decode_policy, decodes, route, WorkerType.DECODE)
+        decode, routed = self._chosen(decode_policy, decodes, route, WorkerType.DECODE, named)
         if (
             held is not None
             and decode.runtime in RUNS_ALONE
             and self._decode_alone(request, held, decode)
         ):
             return Pair(None, decode, "", decode_policy.name, routed)
-        prefill, routed.prefill = _chosen(prefill_policy, prefills, route, WorkerType.PREFILL)
+        prefill, routed.prefill = self._chosen(
+            prefill_policy, prefills, route, WorkerType.PREFILL, named
+        )
         routed.prefill_url = prefill.url
         return Pair(prefill, decode, prefill_policy.name, decode_policy.name, routed)
+
+    def _named(self, target: bytes, model: str) -> dict[WorkerType, Worker]:
+        """The worker ``X-SMG-Target-Worker`` names, by leg (``routing/target.py``): it pins
+        the leg whose pool holds it, the other leg goes by its policy."""
+        name = target.decode("latin-1").strip()
+        named = {}
+        for kind in (WorkerType.PREFILL, WorkerType.DECODE):
+            pool = self.registry.get_pool(kind, model)
+            if find_worker(name, pool) is not None:
+                named[kind] = targeted(target, model, pool)
+        if not named:
+            targeted(target, model, ())  # raises: not a worker of the model
+        return named
+
+    def _chosen(
+        self,
+        policy: Policy,
+        workers: Workers,
+        route: RouteRequest,
+        kind: WorkerType,
+        named: dict[WorkerType, Worker],
+    ) -> tuple[Worker, Routed]:
+        """The leg's worker, and the decision that chose it: the one the client named, its
+        routing key's (sticky sessions), or the policy's. Neither leg learns from the
+        answer's cached tokens: the decode worker's answer does not say what the prefill
+        worker held, and the decode worker holds what the prefill handed over."""
+        worker = named.get(kind)
+        sticky = self.sticky
+        if worker is not None:
+            decision = Decision(worker, TARGET_REASON)
+        elif sticky is None:
+            decision = policy.decide(workers, route)
+        else:
+            decision = sticky[kind].decide(policy, workers, route)
+        if decision.worker is None:
+            raise ApiError(
+                503,
+                "no_available_workers",
+                f"no healthy {kind.value} worker is available (all unhealthy or their circuits "
+                "open)",
+            )
+        routed = Routed(policy, route, decision, time.perf_counter(), learns=False)
+        return decision.worker, routed
 
     def _pool(self, kind: WorkerType, model: str, path: str, avoid: Sequence[Worker]) -> Workers:
         workers = self.registry.get_pool(kind, model)
@@ -145,20 +198,3 @@ def prompt_tokens(request: InferenceRequest) -> int:
                 return sum(len(item) for item in ids if isinstance(item, list))
             return len(ids)
     return -(-len(request.routing_text) // CHARS_PER_TOKEN)
-
-
-def _chosen(
-    policy: Policy, workers: Workers, route: RouteRequest, kind: WorkerType
-) -> tuple[Worker, Routed]:
-    """The leg's worker, and the decision that chose it. Neither leg learns from the
-    answer's cached tokens: the decode worker's answer does not say what the prefill
-    worker held, and the decode worker holds what the prefill handed over."""
-    decision = policy.decide(workers, route)
-    worker = decision.worker
-    if worker is None:
-        raise ApiError(
-            503,
-            "no_available_workers",
-            f"no healthy {kind.value} worker is available (all unhealthy or their circuits open)",
-        )
-    return worker, Routed(policy, route, decision, time.perf_counter(), learns=False)
