@@ -104,13 +104,18 @@ class Subscriber:
         sub.setsockopt(zmq.RECONNECT_IVL, self._ivl[0])
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, self._ivl[1])
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        # The monitor first: the connection is made in ZeroMQ's I/O thread, and a CONNECTED
+        # event sent before the monitor exists is lost (the SUB then showed disconnected
+        # until its next reconnect, which on a steady publisher never comes).
+        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         try:
             sub.connect(self.endpoint)
         except zmq.ZMQError:
+            sub.disable_monitor()
+            monitor.close(linger=0)
             sub.close(linger=0)
             raise
         self._socket = sub
-        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._watcher = asyncio.create_task(self._watch(sub, monitor))
         self._task = asyncio.create_task(self._read(sub), name=f"kv events {self.worker}")
 
