@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 
 from shunter.backends.connect import grpc_available
+from shunter.backends.http.forwarding import ForwardRule
 from shunter.discovery.config import DiscoveryConfig, DiscoveryConfigError, discovery_available
 from shunter.fleet.breaker import BreakerConfig
 from shunter.fleet.runtime import HealthConfig
@@ -47,6 +48,9 @@ class GatewayConfig:
     prometheus_port: int = 29000
     cors_allowed_origins: list[str] = field(default_factory=list)
     request_id_headers: list[str] = field(default_factory=lambda: list(DEFAULT_REQUEST_ID_HEADERS))
+    # Client headers HTTP workers receive beyond the default allow-list
+    # (backends/http/forwarding.py), lowercased by validate().
+    forward_headers: list[str] = field(default_factory=list)
     worker_startup_timeout_secs: float = 1800
     worker_startup_check_interval: float = 30
     dp_aware: bool = False
@@ -173,6 +177,11 @@ class GatewayConfig:
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]
+        try:
+            ForwardRule(self.forward_headers)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.forward_headers = [h.strip().lower() for h in self.forward_headers]
         return self
 
     def _validate_workers(self) -> None:

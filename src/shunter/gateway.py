@@ -23,6 +23,7 @@ from shunter.api.middleware import KeyCheck
 from shunter.api.workers import WorkersApi
 from shunter.backends.connect import Connector, GrpcSupport, grpc_available
 from shunter.backends.http.client import worker_client
+from shunter.backends.http.forwarding import ForwardRule
 from shunter.config import GatewayConfig
 from shunter.discovery.reconciler import DiscoveryObserver
 from shunter.fleet.fleet import Fleet, FleetObserver, FleetSettings
@@ -91,6 +92,7 @@ class Gateway:
             config.health.endpoint,
             _grpc_support(config),
             network.worker,
+            ForwardRule(config.forward_headers),
         )
         self.metrics = Metrics(duration_buckets=config.duration_buckets)
         observer = FleetObserver(

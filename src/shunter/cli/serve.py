@@ -228,6 +228,17 @@ class ServeFlags:
             "--cors-allowed-origins", "cors_allowed_origins", type=str, nargs="*", metavar="ORIGIN"
         )
         g.flag("--request-id-headers", "request_id_headers", type=str, nargs="*", metavar="HEADER")
+        g.flag(
+            "--forward-headers",
+            "forward_headers",
+            type=str,
+            nargs="*",
+            metavar="HEADER",
+            help="client headers HTTP workers also receive, beyond authorization, "
+            "x-request-id, x-correlation-id, x-request-id-*, traceparent, tracestate, "
+            "x-smg-routing-key, content-type and accept (any other stays at the gateway; "
+            "cookie and hop-by-hop headers are never forwarded)",
+        )
         g.flag("--worker-startup-timeout-secs", "worker_startup_timeout_secs", type=positive_float)
         g.flag(
             "--worker-startup-check-interval",
