@@ -199,6 +199,13 @@ class ServeFlags:
             help="Prometheus /metrics port; 0 turns the listener off",
         )
         g.flag(
+            "--health-check-port",
+            "health_check_port",
+            type=int,
+            help="also serve /health, /liveness and /readiness on this port (on --host), "
+            "a listener of their own: a saturated --port never fails a probe",
+        )
+        g.flag(
             "--enable-trace",
             "enable_trace",
             action="store_true",
