@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from shunter.backends.connect import grpc_available
+from shunter.backends.http.forwarding import ForwardRule
 from shunter.discovery.config import DiscoveryConfig, DiscoveryConfigError, discovery_available
 from shunter.fleet.breaker import BreakerConfig
 from shunter.fleet.runtime import HealthConfig
@@ -48,8 +49,14 @@ class GatewayConfig:
     log_json: bool = False
     prometheus_host: str = "0.0.0.0"
     prometheus_port: int = 29000
+    # The probes (/health, /liveness, /readiness) also on a listener of their own, on --host
+    # (api/probes.py); None: only on --port.
+    health_check_port: int | None = None
     cors_allowed_origins: list[str] = field(default_factory=list)
     request_id_headers: list[str] = field(default_factory=lambda: list(DEFAULT_REQUEST_ID_HEADERS))
+    # Client headers HTTP workers receive beyond the default allow-list
+    # (backends/http/forwarding.py), lowercased by validate().
+    forward_headers: list[str] = field(default_factory=list)
     worker_startup_timeout_secs: float = 1800
     worker_startup_check_interval: float = 30
     dp_aware: bool = False
@@ -132,6 +139,7 @@ class GatewayConfig:
     def validate(self) -> GatewayConfig:
         _check_port("--port", self.port)
         _check_port("--prometheus-port", self.prometheus_port, allow_zero=True)
+        self._validate_health_check_port()
         self._validate_workers()
         if self.max_payload_size <= 0:
             raise ConfigError(f"--max-payload-size must be > 0 bytes, got {self.max_payload_size}")
@@ -196,7 +204,28 @@ class GatewayConfig:
         if not self.request_id_headers:
             raise ConfigError("--request-id-headers needs at least one header name")
         self.request_id_headers = [h.lower() for h in self.request_id_headers]
+        try:
+            ForwardRule(self.forward_headers)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.forward_headers = [h.strip().lower() for h in self.forward_headers]
         return self
+
+    def _validate_health_check_port(self) -> None:
+        port = self.health_check_port
+        if port is None:
+            return
+        _check_port("--health-check-port", port)
+        for flag, taken in (
+            ("--port", self.port),
+            ("--prometheus-port", self.prometheus_port),
+            ("--peer-port", self.peer_port),
+        ):
+            if port == taken:
+                raise ConfigError(
+                    f"--health-check-port {port} is also {flag}: the probes need a port of "
+                    "their own (or leave --health-check-port out to serve them on --port only)"
+                )
 
     def _validate_workers(self) -> None:
         if self.workers < 1:

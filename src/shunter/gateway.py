@@ -26,6 +26,7 @@ from shunter.api.responses import ResponsesApi
 from shunter.api.workers import WorkersApi
 from shunter.backends.connect import Connector, GrpcSupport, grpc_available
 from shunter.backends.http.client import worker_client
+from shunter.backends.http.forwarding import ForwardRule
 from shunter.config import GatewayConfig
 from shunter.discovery.reconciler import DiscoveryObserver
 from shunter.fleet.fleet import Fleet, FleetObserver, FleetSettings
@@ -101,6 +102,7 @@ class Gateway:
             config.health.endpoint,
             _grpc_support(config),
             network.worker,
+            ForwardRule(config.forward_headers),
         )
         self.metrics = Metrics(duration_buckets=config.duration_buckets)
         # A --workers child answers its supervisor and siblings on a socket of its own, and

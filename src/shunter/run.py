@@ -8,6 +8,10 @@ of ``--shutdown-grace-period-secs``; then it closes. From the signal on, every r
 ``Connection: close``: a balancer keeps a kept-alive connection where it is, so this is how
 keep-alive clients move to a ready gateway before the settle window ends. So a rolling
 restart loses nothing.
+
+With ``--health-check-port``, the probes have a listener of their own (``api/probes.py``),
+which keeps answering through the settle window and the drain (``/readiness`` 503, the
+others 200) and closes after the data port, just before the gateway's teardown.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ssl
 
 import uvloop
 
+from shunter.api.probes import ProbeApp
 from shunter.config import GatewayConfig
 from shunter.gateway import Gateway
 from shunter.observability.logging import setup_logging
@@ -40,6 +45,7 @@ async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
     _warn_if_open(config)
     _tune_gc()
     server = HttpServer(gateway.app, limits=config.server_limits)
+    probes = await _probe_listener(gateway)
     port = await server.listen(
         config.host, config.port, ssl=_server_tls(config), reuse_port=config.supervised
     )
@@ -63,7 +69,34 @@ async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
         log.info("shutting down", extra={"settle_secs": settle, "grace_secs": grace})
         await asyncio.sleep(settle)  # still serving while the balancer stops sending
         await server.shutdown(grace - settle)
+        if probes is not None:  # answered "draining" until now; nothing is left to probe
+            await probes.shutdown(0)
         await gateway.close()
+
+
+async def _probe_listener(gateway: Gateway) -> HttpServer | None:
+    """The probes' own listener on ``--health-check-port`` (None: not asked for).
+
+    Plain HTTP, as ``/metrics`` on ``--prometheus-port``, even with ``--tls-cert-path``: a
+    probe carries no credential and reveals nothing secret, and a TLS handshake per probe
+    is CPU taken from the very process a saturated data port already keeps busy. Under
+    ``--workers N`` every child listens there with SO_REUSEPORT, as on the data port: a
+    probe is answered by a process that serves requests, with that process's readiness."""
+    config = gateway.config
+    if config.health_check_port is None:
+        return None
+    probes = HttpServer(ProbeApp(gateway.app), limits=config.server_limits)
+    port = config.health_check_port
+    try:
+        await probes.listen(config.host, port, reuse_port=config.supervised)
+    except OSError as exc:
+        log.error(
+            "cannot listen on the probes' port (--health-check-port)",
+            extra={"host": config.host, "port": port, "error": exc.strerror},
+        )
+        raise SystemExit(1) from None
+    log.info("probes listening", extra={"host": config.host, "port": port})
+    return probes
 
 
 def _warn_if_open(config: GatewayConfig) -> None:

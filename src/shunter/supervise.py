@@ -1,6 +1,7 @@
 """``shunter serve --workers N``: the supervisor process and what it owns.
 
-It holds the API port (children listen on it with SO_REUSEPORT), keeps N children
+It holds the API port and ``--health-check-port`` (children listen on them with
+SO_REUSEPORT: each answers probes with its own readiness), keeps N children
 running (supervisor/), serves the merged ``/metrics`` of all of them on
 ``--prometheus-port`` (observability/merged.py), and on SIGTERM or SIGINT has every child
 drain, exiting 0 when all drained cleanly. It serves no request itself: a crash in
@@ -33,14 +34,19 @@ def run_supervisor(config: GatewayConfig, argv: Sequence[str]) -> None:
     """Run the children of ``shunter <argv>`` (``argv``: a ``serve`` command line with
     ``--workers N``) until a signal; exit with 0 if all of them drained cleanly."""
     setup_logging(config.log_level, config.log_dir, config.log_json)
-    try:
-        held = reserve_port(config.host, config.port)
-    except OSError as exc:
-        log.error(
-            "cannot listen on the gateway's port",
-            extra={"host": config.host, "port": config.port, "error": exc.strerror},
-        )
-        sys.exit(1)
+    held = []
+    ports = [("the gateway's port", config.port)]
+    if config.health_check_port is not None:  # the children listen there too
+        ports.append(("the probes' port", config.health_check_port))
+    for what, port in ports:
+        try:
+            held += reserve_port(config.host, port)
+        except OSError as exc:
+            log.error(
+                f"cannot listen on {what}",
+                extra={"host": config.host, "port": port, "error": exc.strerror},
+            )
+            sys.exit(1)
     sockets = tempfile.mkdtemp(prefix="shunter-control-")  # private: mode 0700
     try:
         code = asyncio.run(_supervise(config, argv, sockets))

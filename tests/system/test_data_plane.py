@@ -114,7 +114,7 @@ def test_body_bytes_are_forwarded_unchanged_with_unknown_fields(fleet: Fleet) ->
             content=raw,
             headers={
                 "content-type": "application/json",
-                "x-custom-header": "kept",
+                "x-request-id-custom": "kept",  # on the allow-list (x-request-id-*)
                 "x-request-id": "my-id-1",
             },
         )
@@ -122,7 +122,7 @@ def test_body_bytes_are_forwarded_unchanged_with_unknown_fields(fleet: Fleet) ->
     sim = next(s for s in fleet.sims if s.name == response.headers["x-worker-id"])
     seen = next(r for r in reversed(sim.requests()) if "keep me" in r["body"])
     assert seen["body"].encode() == raw
-    assert seen["headers"]["x-custom-header"] == ["kept"]
+    assert seen["headers"]["x-request-id-custom"] == ["kept"]
     assert seen["headers"]["x-request-id"] == ["my-id-1"]
     assert "connection" not in seen["headers"] or seen["headers"]["connection"] != ["close"]
 

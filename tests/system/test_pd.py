@@ -310,3 +310,19 @@ def test_vllm_pairs_hand_over_kv_transfer_params_and_short_prompts_skip_the_pref
     assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 2
     prefills, (alone,) = fleet.legs()
     assert prefills == [] and alone["rooms"] == []  # the decode ran it alone
+
+
+def test_both_legs_receive_only_the_allowed_headers(sglang: PdFleet) -> None:
+    sglang.request_id = f"pd-test-{next(_ids)}"
+    headers = {
+        "x-request-id": sglang.request_id,
+        "cookie": "session=secret",
+        "x-api-key": "sk-other-service",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    }
+    body = {"text": "hello there", "sampling_params": {"max_new_tokens": 4}}
+    answer = httpx.post(sglang.gateway.url + "/generate", json=body, headers=headers, timeout=15)
+    assert answer.status_code == 200, answer.text
+    for leg in sglang.pair():
+        assert "traceparent" in leg["headers"]
+        assert not {"cookie", "x-api-key"} & leg["headers"].keys()

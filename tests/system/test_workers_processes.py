@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from support.harness import Gateway, Proc, Sim, wait_for
+from support.harness import LOOPBACK, Gateway, Proc, Sim, free_port, wait_for
 
 REQUESTS = 40
 
@@ -61,10 +61,12 @@ def serving(gateway: Gateway, sims: list[Sim], slot: int, incarnation: int = 1) 
     )
 
 
-def start(procs: list[Proc]) -> tuple[Gateway, list[Sim]]:
+def start(procs: list[Proc], *extra: str) -> tuple[Gateway, list[Sim]]:
     sims = [Sim(f"mp-{name}", "--itl-ms", "1") for name in "ab"]
     procs += sims
-    gateway = Gateway("--workers", "2", "--policy", "round_robin", workers=[s.url for s in sims])
+    gateway = Gateway(
+        "--workers", "2", "--policy", "round_robin", *extra, workers=[s.url for s in sims]
+    )
     procs.append(gateway)
     wait_for(lambda: serving(gateway, sims, 0) and serving(gateway, sims, 1), what="both serving")
     return gateway, sims
@@ -89,11 +91,19 @@ def gone(pid: int) -> bool:
 def test_two_processes_share_the_port_merge_their_metrics_and_drain_on_sigterm(
     procs: list[Proc],
 ) -> None:
-    gateway, _sims = start(procs)
+    probe_port = free_port()
+    gateway, _sims = start(procs, "--health-check-port", str(probe_port))
     for n in range(REQUESTS):  # a new connection each: the kernel picks a process for each
         with gateway.client() as client:
             assert complete(client, f"spread-{n}").status_code == 200
     slots = Counter(wait_served_by(gateway, f"spread-{n}") for n in range(REQUESTS))
+    assert set(slots) == {0, 1}, slots
+    # The probes' port too: every process listens there, each answering for itself.
+    probes = f"http://{LOOPBACK}:{probe_port}/readiness"
+    for n in range(REQUESTS):
+        ready = httpx.get(probes, headers={"x-request-id": f"probe-{n}"}, timeout=5)
+        assert ready.status_code == 200, ready.text
+    slots = Counter(wait_served_by(gateway, f"probe-{n}") for n in range(REQUESTS))
     assert set(slots) == {0, 1}, slots
 
     def completions() -> float:
@@ -244,3 +254,33 @@ def test_a_worker_added_through_one_process_is_known_to_every_process(
 
     # The peer exchange between the children carries the hand-added worker to both.
     wait_for(lambda: slots_listing_it() == {0, 1}, 20, "both processes listing the worker")
+
+
+def test_a_probe_port_another_program_holds_is_a_clear_error_at_start() -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        held = other.getsockname()[1]
+        proc = Proc(
+            [
+                "serve",
+                "--workers",
+                "2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--health-check-port",
+                str(held),
+            ]
+        )
+        try:
+            assert proc.popen.wait(30) == 1
+            assert re.search(
+                rf"cannot listen on the probes' port host=127.0.0.1 port={held} "
+                "error=Address already in use",
+                proc.output(),
+            )
+            assert "gateway process started" not in proc.output()  # no child was tried
+        finally:
+            proc.stop()

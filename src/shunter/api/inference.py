@@ -6,7 +6,8 @@ last chunk is out or its client leaves. A full queue is 429, a request that wait
 408.
 
 The request the router sees carries the client's headers minus the gateway's own key: no
-worker ever receives that (the worker gets its own key, or the client's other credentials).
+worker ever receives that (the worker gets its own key, or the client's own Authorization:
+which other headers it receives is ``backends/http/forwarding.py``'s allow-list).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from shunter.backends.http.calls import WorkerCalls
 from shunter.backends.http.client import worker_client
 from shunter.backends.http.discovery import describe
 from shunter.backends.http.engines import ENGINES
+from shunter.backends.http.forwarding import DEFAULT_RULE, ForwardRule
 from shunter.wire.base import UpstreamClient, WholeClient
 from shunter.wire.reqwest import ClientSettings
 
@@ -72,6 +73,7 @@ class Connector:
         health_endpoint: str = "/health",
         grpc: GrpcSupport | None = None,
         data_client: Callable[[ClientSettings, str], UpstreamClient] = worker_client,
+        forward: ForwardRule = DEFAULT_RULE,
     ) -> None:
         self.control = control
         self.worker_settings = worker_settings
@@ -79,6 +81,7 @@ class Connector:
         self.health_endpoint = health_endpoint
         self.grpc = grpc  # None: the grpc extra is not installed
         self.data_client = data_client  # tests swap the network here
+        self.forward = forward  # the client headers HTTP workers receive
 
     async def connect(
         self,
@@ -142,7 +145,9 @@ class Connector:
 
         clients: OnceCell[UpstreamClient] = OnceCell(create, close, retire)
         engine = ENGINES[description.runtime]
-        return HttpBackend(engine, clients, self._calls(clients), self.health_endpoint)
+        return HttpBackend(
+            engine, clients, self._calls(clients), self.health_endpoint, self.forward
+        )
 
     # --- gRPC --------------------------------------------------------------------------------
 

@@ -208,6 +208,13 @@ class ServeFlags:
             help="Prometheus /metrics port; 0 turns the listener off",
         )
         g.flag(
+            "--health-check-port",
+            "health_check_port",
+            type=int,
+            help="also serve /health, /liveness and /readiness on this port (on --host), "
+            "a listener of their own: a saturated --port never fails a probe",
+        )
+        g.flag(
             "--enable-trace",
             "enable_trace",
             action="store_true",
@@ -265,6 +272,17 @@ class ServeFlags:
             "--cors-allowed-origins", "cors_allowed_origins", type=str, nargs="*", metavar="ORIGIN"
         )
         g.flag("--request-id-headers", "request_id_headers", type=str, nargs="*", metavar="HEADER")
+        g.flag(
+            "--forward-headers",
+            "forward_headers",
+            type=str,
+            nargs="*",
+            metavar="HEADER",
+            help="client headers HTTP workers also receive, beyond authorization, "
+            "x-request-id, x-correlation-id, x-request-id-*, traceparent, tracestate, "
+            "x-smg-routing-key, content-type and accept (any other stays at the gateway; "
+            "cookie and hop-by-hop headers are never forwarded)",
+        )
         g.flag("--worker-startup-timeout-secs", "worker_startup_timeout_secs", type=positive_float)
         g.flag(
             "--worker-startup-check-interval",

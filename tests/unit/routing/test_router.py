@@ -136,14 +136,14 @@ async def test_headers_forwarded_and_relayed_as_bytes() -> None:
             (b"host", b"gw"),
             (b"connection", b"keep-alive"),
             (b"authorization", b"Bearer client"),
-            (b"x-trace", b"t1"),
+            (b"traceparent", b"00-t1-01"),
             (b"transfer-encoding", b"chunked"),
         ],
     )
     sent = network.requests("http://w:1")[0]
     names = [k for k, _ in sent.headers]
     assert (b"authorization", b"Bearer client") in sent.headers  # the worker has no key
-    assert (b"x-trace", b"t1") in sent.headers
+    assert (b"traceparent", b"00-t1-01") in sent.headers
     assert not {b"host", b"connection", b"transfer-encoding", b"content-length"} & set(names)
     assert names.count(b"x-request-id") == 1
     assert answer.header(b"connection") is None and answer.header(b"x-worker") == b"w"
