@@ -23,6 +23,7 @@ from shunter.sim.config import SimConfig
 from shunter.sim.disconnect import DisconnectWatch
 from shunter.sim.engine import Engine, Generation, tokenize
 from shunter.sim.formats import ChatFormat, CompletionFormat, Format, GenerateFormat
+from shunter.sim.messages import MessagesEndpoints
 from shunter.sim.pd import Disaggregation
 from shunter.sim.pd_http import PdEndpoints
 from shunter.sim.request import (
@@ -77,6 +78,7 @@ class SimApp:
         self.recent: deque[dict[str, Any]] = deque(maxlen=64)
         own = {"sglang": sglang, "llamacpp": llamacpp, "vllm": vllm}.get(config.runtime, {})
         self.routes = {**common, **own}
+        self.routes |= MessagesEndpoints(self).routes(config.runtime)  # Anthropic, tokenize
         # A PD leg (--disaggregation-mode prefill|decode) answers inference as one.
         self.pd: Disaggregation | None = None
         if config.disaggregation_mode != "null":
@@ -88,6 +90,7 @@ class SimApp:
             "/v1/completions",
             "/v1/embeddings",
             "/v1/rerank",
+            "/v1/messages",
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
