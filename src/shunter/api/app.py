@@ -26,6 +26,8 @@ from shunter.api.reply import write_reply
 from shunter.api.responses import STORED_METHODS, STORED_PREFIX, ResponsesApi, stored_route
 from shunter.api.workers import WorkersApi
 from shunter.observability.metrics import Metrics
+from shunter.protocols import tokenize
+from shunter.protocols.anthropic import MESSAGES_PATH, anthropic_error_reply
 from shunter.protocols.errors import ApiError, error_reply
 from shunter.protocols.reply import Reply
 from shunter.routing.responses import RESPONSES_PATH
@@ -45,6 +47,7 @@ class Route:
     handler: Handler
     protected: bool = False  # needs the API key when one is set
     admin: bool = False  # no CORS unless configured; cross-origin browser requests refused
+    errors: Callable[[ApiError], Reply] = error_reply  # the error envelope of its answers
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,10 @@ class GatewayApp:
         table: dict[str, dict[str, Route]] = {
             path: {"POST": guarded(inference.handle)} for path in INFERENCE_PATHS
         }
+        # Anthropic's Messages API answers its errors in Anthropic's envelope.
+        table[MESSAGES_PATH] = {"POST": guarded(inference.handle, errors=anthropic_error_reply)}
+        checked = partial(inference.handle, check=tokenize.check)  # a 400 before routing
+        table |= {path: {"POST": guarded(checked)} for path in tokenize.TOKEN_PATHS}
         table |= {
             "/health": {"GET": Route(info.liveness)},
             "/liveness": {"GET": Route(info.liveness)},
@@ -205,7 +212,7 @@ class GatewayApp:
                         "error": exc.message,
                     },
                 )
-            return error_reply(exc)
+            return (route or _NO_ROUTE).errors(exc)
         except BodyTooLarge:
             limit = self.settings.max_payload_size
             too_large = ApiError(
@@ -214,7 +221,7 @@ class GatewayApp:
                 f"request body exceeds {limit} bytes",
                 [(b"connection", b"close")],
             )
-            return error_reply(too_large)
+            return (route or _NO_ROUTE).errors(too_large)
         except (ClientGone, asyncio.CancelledError):
             raise
         except Exception:
@@ -222,6 +229,13 @@ class GatewayApp:
                 "unhandled error", extra={"request_id": call.request_id, "path": call.path}
             )
             return error_reply(ApiError(500, "internal_error", "internal gateway error"))
+
+
+async def _no_handler(call: Call) -> Reply:
+    raise ApiError(404, "not_found", f"no route for {call.path}")
+
+
+_NO_ROUTE = Route(_no_handler)  # for the errors of a request that has no route
 
 
 def _error_code(reply: Reply) -> str:

@@ -13,7 +13,7 @@ which other headers it receives is ``backends/http/forwarding.py``'s allow-list)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from shunter.api.call import Call
 from shunter.observability.metrics import Metrics
@@ -21,6 +21,8 @@ from shunter.protocols.errors import ApiError
 from shunter.protocols.reply import Reply, Stream, primed
 from shunter.routing.limiter import Admission, QueueFull, QueueTimeout
 from shunter.routing.request import InferenceRequest
+
+BodyCheck = Callable[[str, bytes], Any]
 
 INFERENCE_PATHS = (
     "/generate",
@@ -51,10 +53,12 @@ class InferenceApi:
         self.admission = admission
         self.gateway_auth = gateway_auth  # "Bearer <--api-key>", never forwarded
 
-    async def handle(self, call: Call) -> Reply:
+    async def handle(self, call: Call, check: BodyCheck | None = None) -> Reply:
+        """Admit, route, answer. ``check(path, body)``: a check of the body before routing
+        (it raises the 400), for endpoints whose bad input must not reach a worker."""
         admission = self.admission
         if admission is None:
-            return await self._route(call)
+            return await self._route(call, check)
         try:
             await admission.acquire()
         except QueueFull:
@@ -69,7 +73,7 @@ class InferenceApi:
             ) from None
         self.metrics.admission("allowed")
         try:
-            reply = await self._route(call)
+            reply = await self._route(call, check)
         except BaseException:
             admission.release()
             raise
@@ -79,17 +83,20 @@ class InferenceApi:
             reply.body = await primed(_then(reply.body, admission.release))
         return reply
 
-    async def _route(self, call: Call) -> Reply:
+    async def _route(self, call: Call, check: BodyCheck | None) -> Reply:
         scope = call.scope
         headers = scope["headers"]
         if self.gateway_auth is not None:
             headers = [h for h in headers if h != (b"authorization", self.gateway_auth)]
+        body = await call.body()
+        if check is not None:
+            check(call.path, body)
         request = InferenceRequest(
             call.method,
             call.path,
             scope["query_string"],
             headers,
-            await call.body(),
+            body,
             call.request_id,
             call.started,
         )

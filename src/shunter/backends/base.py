@@ -38,6 +38,10 @@ class Runtime(enum.Enum):
 
 # Endpoints only SGLang's own server has; OpenAI-compatible servers answer them 404.
 SGLANG_ONLY_PATHS = frozenset({"/generate"})
+# Runtimes known to serve Anthropic's /v1/messages (over gRPC the gateway serves it). Other
+# HTTP servers are tried only when a model has no such worker (llama.cpp's newer servers
+# have it too); one that answers 404 does not (``backends/http/backend.py``).
+MESSAGES_RUNTIMES = frozenset({Runtime.SGLANG, Runtime.VLLM})
 InfoKind = Literal["server", "model"]
 
 

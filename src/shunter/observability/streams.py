@@ -2,7 +2,8 @@
 
 The relay hands every chunk to ``on_chunk``: one timestamp for the first, and one substring
 test per chunk to remember the last chunk that carries token counts (OpenAI's ``usage``,
-SGLang's ``meta_info``). Only that chunk is parsed, once, when the stream ends.
+SGLang's ``meta_info``, Anthropic's ``message_delta``). Only that chunk is parsed, once,
+when the stream ends.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class StreamStats:
             counts = event.get("usage") or event.get("meta_info")
             if isinstance(counts, dict):
                 prompt, completion = counts.get("prompt_tokens"), counts.get("completion_tokens")
+                if prompt is None:  # Anthropic's message_delta
+                    prompt, completion = counts.get("input_tokens"), counts.get("output_tokens")
                 if isinstance(prompt, int) and isinstance(completion, int):
                     return prompt, completion
         return None

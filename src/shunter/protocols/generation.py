@@ -15,6 +15,7 @@ import orjson
 from shunter.protocols.errors import ApiError
 
 CHAT, COMPLETION, GENERATE = "chat", "completion", "generate"
+MESSAGES = "messages"  # Anthropic's /v1/messages: a chat (protocols/anthropic.py)
 KIND_OF_PATH = {
     "/v1/chat/completions": CHAT,
     "/v1/completions": COMPLETION,
@@ -60,7 +61,7 @@ class Sampling:
 
 @dataclass
 class GenerationRequest:
-    kind: str  # CHAT, COMPLETION or GENERATE
+    kind: str  # CHAT, COMPLETION, GENERATE or MESSAGES
     model: str | None
     stream: bool
     sampling: Sampling

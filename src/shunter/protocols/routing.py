@@ -1,11 +1,12 @@
 """The request fields routing needs, decoded in one pass without building the request.
 
 One msgspec Struct declares only what routing reads: ``model``, ``stream``, ``routing_id``
-and the text a prefix-aware policy routes on (chat contents, prompt, text, input ids,
-embedding input, rerank query); everything else in the body is skipped and the body's
-bytes are forwarded unchanged. Measured on a 1 KB chat body: this one pass 2.1 µs, where
-the routing fields alone (1.5 µs) plus a second pass for the text (2.0 µs) took 3.5; on a
-32 KB body one pass costs no more than skipping the text did (13.9 against 18.8 µs).
+and the text a prefix-aware policy routes on (chat contents, an Anthropic Messages request's
+``system`` first; prompt, text, input ids, embedding input, rerank query); everything else
+in the body is skipped and the body's bytes are forwarded unchanged. Measured on a 1 KB
+chat body: this one pass 2.1 µs, where the routing fields alone (1.5 µs) plus a second pass
+for the text (2.0 µs) took 3.5; on a 32 KB body one pass costs no more than skipping the
+text did (13.9 against 18.8 µs).
 
 The text is joined from its parts only when a policy asks (``RequestFields.routing_text``),
 once per request whatever the number of retries.
@@ -32,7 +33,8 @@ class RequestFields(msgspec.Struct):
     model: str | None = None
     stream: bool | None = None
     routing_id: str | None = None
-    messages: list[_Message] | None = None  # chat
+    messages: list[_Message] | None = None  # chat, Anthropic messages
+    system: str | list[_Part] | None = None  # Anthropic messages: the prompt's start
     prompt: str | list[Any] | None = None  # completions
     text: str | list[Any] | None = None  # /generate
     input_ids: list[Any] | None = None  # /generate with token ids
@@ -49,6 +51,11 @@ class RequestFields(msgspec.Struct):
         """The text a prefix-aware policy routes on; empty for shapes it does not know."""
         if self.messages is not None:
             parts: list[str] = []
+            system = self.system
+            if isinstance(system, str):
+                parts.append(system)
+            elif system:
+                parts.append("".join(p.text or "" for p in system))
             for message in self.messages:
                 content = message.content
                 if isinstance(content, str):

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from shunter.backends.base import SGLANG_ONLY_PATHS, Outbound
+from shunter.backends.base import MESSAGES_RUNTIMES, SGLANG_ONLY_PATHS, Outbound
 from shunter.fleet.registry import WorkerRegistry, Workers
 from shunter.fleet.worker import Worker
 from shunter.observability.metrics import Metrics
@@ -37,8 +37,10 @@ from shunter.observability.streams import StreamStats
 from shunter.observability.tracing import Tracing
 from shunter.policies.base import Decision, RouteRequest
 from shunter.policies.registry import PolicyRegistry
+from shunter.protocols.anthropic import MESSAGES_PATH, anthropic_stream_error
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
 from shunter.protocols.reply import Reply, Stream, primed
+from shunter.protocols.tokenize import TOKEN_PATHS
 from shunter.routing.aliases import ModelAliases
 from shunter.routing.receipt import Routed
 from shunter.routing.request import InferenceRequest
@@ -52,6 +54,8 @@ log = logging.getLogger("shunter.router")
 
 _UPSTREAM_STATUS = {"connect": 502, "io": 502, "timeout": 504, "oversize": 502}
 _NO_SPAN = nullcontext()  # reusable: tracing off costs one method call per span
+# Endpoints that not every worker serves: selection keeps those that do (``_serving``).
+_SOME_WORKERS_PATHS = SGLANG_ONLY_PATHS | TOKEN_PATHS | {MESSAGES_PATH}
 
 
 class Router:
@@ -132,13 +136,34 @@ class Router:
         of the model, and not failed by this request already."""
         return worker.state.available and model in worker.model_ids and worker not in avoid
 
+    def _serving(self, model: str, path: str, workers: Workers) -> Workers:
+        """The model's workers for an endpoint not every worker serves."""
+        if path in SGLANG_ONLY_PATHS:
+            return self._native_workers(model, path)
+        if path == MESSAGES_PATH:
+            # Workers known to serve it, else the others are tried (their 404 says no).
+            known = tuple(w for w in workers if w.backend.runtime in MESSAGES_RUNTIMES)
+            return known or workers
+        serving = tuple(w for w in workers if w.backend.serves(path))
+        if not serving:
+            raise ApiError(
+                501,
+                "endpoint_not_supported",
+                f"{path} needs the model's tokenizer: the gateway has none for `{model}` "
+                "and its workers do not serve it (SGLang and vLLM servers do)",
+            )
+        return serving
+
     def select(
         self, request: InferenceRequest, avoid: Sequence[Worker] = ()
     ) -> tuple[Worker, str, Routed]:
         """The worker, the registry's model id, and the decision explained."""
         model, workers = self.workers_for(request.fields.model)
-        if request.path in SGLANG_ONLY_PATHS:
-            workers = self._native_workers(model, request.path)
+        # Tokenizing fills no worker's cache: its text is not for a prefix-aware policy.
+        cacheless = False
+        if request.path in _SOME_WORKERS_PATHS:
+            workers = self._serving(model, request.path, workers)
+            cacheless = request.path in TOKEN_PATHS
         if request.http_only:
             workers = self._http_workers(model, request.path, workers)
         policy = self.policies.policy_for(model)
@@ -156,7 +181,9 @@ class Router:
             decision = Decision(held, "previous_response")
             return held, model, Routed(policy, route, decision, time.perf_counter())
         text, chat = None, None
-        if policy.needs_text:
+        if cacheless:
+            text = ""
+        elif policy.needs_text:
             text = request.routing_text
             if request.fields.messages is not None:
                 chat = request.body
@@ -413,7 +440,11 @@ class Router:
                 self.metrics.worker_error(worker, "stream_" + exc.kind)
                 Verdict.stream_broke(worker)
                 code = "upstream_stream_broken"
-                yield stream_broken_event(exc.kind)
+                if request.path == MESSAGES_PATH:
+                    broken = f"the worker stream broke: {upstream_failure(exc.kind)}"
+                    yield anthropic_stream_error(broken)
+                else:
+                    yield stream_broken_event(exc.kind)
         except (GeneratorExit, asyncio.CancelledError):  # the client left
             outcome, code = 499, "client_closed"
             raise

@@ -25,6 +25,7 @@ from shunter.sim.config import SimConfig
 from shunter.sim.disconnect import DisconnectWatch
 from shunter.sim.engine import Engine, Generation, tokenize
 from shunter.sim.formats import ChatFormat, CompletionFormat, Format, GenerateFormat
+from shunter.sim.messages import MessagesEndpoints
 from shunter.sim.pd import Disaggregation
 from shunter.sim.pd_http import PdEndpoints
 from shunter.sim.request import (
@@ -86,6 +87,7 @@ class SimApp:
         self.routes = {**common, **own}
         self.responses = SimResponses(self)  # the Responses API, stored responses included
         self.routes |= self.responses.routes()
+        self.routes |= MessagesEndpoints(self).routes(config.runtime)  # Anthropic, tokenize
         # A PD leg (--disaggregation-mode prefill|decode) answers inference as one.
         self.pd: Disaggregation | None = None
         if config.disaggregation_mode != "null":
@@ -98,6 +100,7 @@ class SimApp:
             "/v1/embeddings",
             "/v1/rerank",
             *self.responses.routes(),
+            "/v1/messages",
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

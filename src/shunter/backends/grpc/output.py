@@ -136,6 +136,8 @@ class Usage:
 class OutputFormat:
     """The response shapes of one endpoint (chat, completion or /generate)."""
 
+    done: bytes | None = b"data: [DONE]\n\n"  # what ends a stream
+
     def __init__(self, request: GenerationRequest, request_id: str, model: str) -> None:
         self.kind = request.kind
         self.request_id = request_id

@@ -27,27 +27,45 @@ import grpc
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
 from shunter.backends.base import Outbound, Target
+from shunter.backends.grpc.messages import MessagesFormat
 from shunter.backends.grpc.output import OutputFormat, OutputSequence, Usage
 from shunter.backends.grpc.scheduler import SchedulerClient, SchedulerError, scheduler_error
 from shunter.backends.grpc.tokenizers import Tokenizers
+from shunter.protocols.anthropic import (
+    MESSAGES_PATH,
+    anthropic_error_reply,
+    parse_messages_request,
+)
 from shunter.protocols.bootstrap import SGLANG_DEFAULT_BOOTSTRAP_PORT, Bootstrap
 from shunter.protocols.errors import ApiError, error_reply, upstream_failure
 from shunter.protocols.generation import (
     CHAT,
     GENERATE,
+    MESSAGES,
     GenerationRequest,
     parse_generation_request,
 )
 from shunter.protocols.reply import JSON_CONTENT, SSE_CONTENT, Reply, Stream, primed
+from shunter.protocols.tokenize import (
+    TOKEN_PATHS,
+    TOKENIZE_PATH,
+    detokenize_answer,
+    parse_detokenize,
+    parse_tokenize,
+    tokenize_answer,
+)
 from shunter.tokenizer.tokenizer import ModelTokenizer, TokenizerError
 from shunter.wire.base import UpstreamError
 
 log = logging.getLogger("shunter.backends.grpc")
 
-# What a gRPC worker serves: the gateway tokenizes and formats these for it.
-GRPC_PATHS = frozenset({"/generate", "/v1/chat/completions", "/v1/completions"})
+# What a gRPC worker serves: the gateway tokenizes and formats these for it (and answers
+# tokenize and detokenize itself, with the tokenizer it loaded from the worker).
+GRPC_PATHS = (
+    frozenset({"/generate", "/v1/chat/completions", "/v1/completions", MESSAGES_PATH}) | TOKEN_PATHS
+)
+MODEL_INFO_SECS = 5.0
 SSE_HEADERS = [SSE_CONTENT, (b"cache-control", b"no-cache")]
-_DONE = b"data: [DONE]\n\n"
 _ERROR_CODES = {400: "invalid_request", 429: "rate_limit_exceeded"}
 
 
@@ -66,22 +84,23 @@ class GrpcPipeline:
         self.reasoning_parser = reasoning_parser
         self.tool_call_parser = tool_call_parser
         self._aborts: set[asyncio.Task[None]] = set()
+        self._context_lengths: dict[str, int] = {}  # per model, from GetModelInfo
 
     async def send(self, client: SchedulerClient, target: Target, request: Outbound) -> Reply:
-        generation = parse_generation_request(request.path, request.body)
+        if request.path in TOKEN_PATHS:
+            return await self._tokens(client, request)
+        if request.path == MESSAGES_PATH:
+            generation = parse_messages_request(request.body)
+        else:
+            generation = parse_generation_request(request.path, request.body)
         try:
             tokenizer = await self.tokenizers.get(request.model, client)
             generate = self._generate_request(generation, tokenizer, target, request)
             call: Any = client.generate(generate, self.request_timeout)
         except SchedulerError as exc:
-            return _answer(exc)
+            return _answer(exc, request.path)
         except TokenizerError as exc:
-            log.warning("tokenizer unavailable", extra={"model": request.model, "error": str(exc)})
-            raise ApiError(
-                500,
-                "tokenizer_unavailable",
-                f"the tokenizer of model {request.model} is not available",
-            ) from None
+            raise _no_tokenizer(request.model, exc) from None
         output = _Output(self, target, generation, tokenizer, request, client, call)
         try:
             if generation.stream:
@@ -90,10 +109,28 @@ class GrpcPipeline:
             return Reply(200, [JSON_CONTENT], await output.whole())
         except SchedulerError as exc:
             output.stop("the request failed")
-            return _answer(exc)
+            return _answer(exc, request.path)
         except BaseException:
             output.stop("client disconnected")
             raise
+
+    async def _tokens(self, client: SchedulerClient, request: Outbound) -> Reply:
+        """/v1/tokenize or /v1/detokenize, answered with the gateway's tokenizer."""
+        try:
+            tokenizer = await self.tokenizers.get(request.model, client)
+            if request.path != TOKENIZE_PATH:
+                answer = detokenize_answer(parse_detokenize(request.body), tokenizer.decode)
+                return Reply(200, [JSON_CONTENT], answer)
+            limit = self._context_lengths.get(request.model)
+            if limit is None:
+                info = await client.model_info(MODEL_INFO_SECS)
+                limit = self._context_lengths[request.model] = int(info.max_context_length)
+        except SchedulerError as exc:
+            return _answer(exc, request.path)
+        except TokenizerError as exc:
+            raise _no_tokenizer(request.model, exc) from None
+        answer = tokenize_answer(parse_tokenize(request.body), tokenizer.encode, limit)
+        return Reply(200, [JSON_CONTENT], answer)
 
     def _generate_request(
         self,
@@ -103,7 +140,7 @@ class GrpcPipeline:
         outbound: Outbound,
     ) -> Any:
         try:
-            if request.kind == CHAT:
+            if request.kind in (CHAT, MESSAGES):
                 assert request.messages is not None
                 text = tokenizer.apply_chat_template(
                     request.messages, request.tools, request.template_kwargs
@@ -149,6 +186,12 @@ class GrpcPipeline:
         task.add_done_callback(self._aborts.discard)
 
 
+def _no_tokenizer(model: str, exc: TokenizerError) -> ApiError:
+    log.warning("tokenizer unavailable", extra={"model": model, "error": str(exc)})
+    message = f"the tokenizer of model {model} is not available"
+    return ApiError(500, "tokenizer_unavailable", message)
+
+
 def _disaggregated(bootstrap: Bootstrap) -> Any:
     """The proto's bootstrap fields: one room (a gRPC request is one prompt), the port
     SGLang's engines default to when the prefill worker's is not known."""
@@ -159,16 +202,16 @@ def _disaggregated(bootstrap: Bootstrap) -> Any:
     )
 
 
-def _answer(exc: SchedulerError) -> Reply:
-    """A failed call: no answer at all raises; a gRPC status is the worker's answer."""
+def _answer(exc: SchedulerError, path: str) -> Reply:
+    """A failed call: no answer at all raises; a gRPC status is the worker's answer, in the
+    endpoint's error envelope."""
     if exc.kind in ("connect", "timeout"):
         raise UpstreamError(exc.kind, str(exc)) from None
     # A 4xx is the worker's verdict on this request, worth passing on as an HTTP worker's
     # body is; a 5xx describes the worker, which the client is not told about.
     message = str(exc) if exc.status < 500 else upstream_failure(exc.kind)
-    return error_reply(
-        ApiError(exc.status, _ERROR_CODES.get(exc.status, "upstream_error"), message)
-    )
+    error = ApiError(exc.status, _ERROR_CODES.get(exc.status, "upstream_error"), message)
+    return anthropic_error_reply(error) if path == MESSAGES_PATH else error_reply(error)
 
 
 class _Output:
@@ -200,8 +243,11 @@ class _Output:
             for i in range(sampling.n)
         ]
         self.usage = Usage()
-        self.format = OutputFormat(
-            generation, request.request_id, generation.model or request.model
+        model = generation.model or request.model
+        self.format: OutputFormat | MessagesFormat = (
+            MessagesFormat(generation, request.request_id, model, self.usage)
+            if generation.kind == MESSAGES
+            else OutputFormat(generation, request.request_id, model)
         )
         self._messages: AsyncIterator[Any] = call.__aiter__()
         self.ended = False  # the worker finished every sequence, or the gateway stopped it
@@ -270,7 +316,8 @@ class _Output:
             self._finished()
             if self.generation.include_usage and self.generation.kind != GENERATE:
                 yield self.format.usage_chunk(self.usage)
-            yield _DONE
+            if self.format.done is not None:
+                yield self.format.done
         finally:
             self.stop("the response ended early")  # only if not ended: the client left
 

@@ -33,7 +33,10 @@ from shunter.backends.http.forwarding import (
     REQUEST_ID_PREFIX,
     ForwardRule,
 )
+from shunter.backends.http.messages import check_not_found, whole_body
+from shunter.protocols.anthropic import MESSAGES_PATH
 from shunter.protocols.reply import Headers, Reply, Stream, primed
+from shunter.protocols.tokenize import TOKEN_PATHS
 from shunter.wire.base import HOP_BY_HOP, StreamingResponse, UpstreamClient, UpstreamError
 
 _NOT_RELAYED = HOP_BY_HOP | {b"x-request-id"}
@@ -42,6 +45,8 @@ _NOT_RELAYED = HOP_BY_HOP | {b"x-request-id"}
 _CORS_PREFIX = b"access-control-"
 _INFO_PATHS = {"server": "/get_server_info", "model": "/get_model_info"}
 _JSON_SPACE = b" \t\r\n"
+# Served by SGLang's own server only (vLLM's tokenize API has other paths and shapes).
+_NATIVE_ONLY = SGLANG_ONLY_PATHS | TOKEN_PATHS
 
 
 class HttpBackend(Backend):
@@ -63,7 +68,7 @@ class HttpBackend(Backend):
         self._forward = forward  # which client headers the worker receives
 
     def serves(self, path: str) -> bool:
-        return path not in SGLANG_ONLY_PATHS or self.engine.native_generate
+        return path not in _NATIVE_ONLY or self.engine.native_generate
 
     # --- the data plane ------------------------------------------------------------------
 
@@ -82,6 +87,10 @@ class HttpBackend(Backend):
         try:
             if request.stream:
                 upstream = await client.stream(request.method, url, headers, body)
+                if upstream.status == 404 and request.path == MESSAGES_PATH:
+                    answer = await whole_body(upstream)
+                    check_not_found(self.runtime, target, request, answer)
+                    return Reply(404, relayed_headers(upstream.headers), answer)
                 chunks = await primed(_chunks(upstream))
                 return Reply(upstream.status, relayed_headers(upstream.headers), chunks)
             response = await client.request(request.method, url, headers, body)
@@ -93,6 +102,8 @@ class HttpBackend(Backend):
                 # nothing about the pool's other connections.
                 cell.replace(client)
             raise
+        if response.status == 404 and request.path == MESSAGES_PATH:
+            check_not_found(self.runtime, target, request, response.body)
         return Reply(response.status, relayed_headers(response.headers), response.body)
 
     # --- the control plane -----------------------------------------------------------------
