@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from shunter.protocols.errors import ApiError
+from shunter.protocols.errors import ApiError, invalid_request, json_object
 from shunter.protocols.generation import MESSAGES, GenerationRequest, sampling_from
 from shunter.protocols.reply import JSON_CONTENT, Reply
 
@@ -64,28 +64,24 @@ def anthropic_stream_error(message: str) -> bytes:
 # --- a Messages request as a chat --------------------------------------------------------
 
 
-def _bad(message: str) -> ApiError:
-    return ApiError(400, "invalid_request", message)
-
-
 def _text_of(content: Any, where: str) -> str:
     """The text of a string or a list of text blocks; any other block is refused."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise _bad(f"'{where}' must be a string or a list of content blocks")
+        raise invalid_request(f"'{where}' must be a string or a list of content blocks")
     texts = []
     for block in content:
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise _bad(f"each block of '{where}' must be an object with a 'type'")
+            raise invalid_request(f"each block of '{where}' must be an object with a 'type'")
         if block["type"] != "text":
-            raise _bad(
+            raise invalid_request(
                 f"'{where}' has a '{block['type']}' block: only text blocks are supported "
                 "for this model's workers (the gateway renders their prompt)"
             )
         text = block.get("text")
         if not isinstance(text, str):
-            raise _bad(f"a text block of '{where}' needs a string 'text'")
+            raise invalid_request(f"a text block of '{where}' needs a string 'text'")
         texts.append(text)
     return "".join(texts)
 
@@ -98,10 +94,12 @@ def chat_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
         chat.append({"role": "system", "content": _text_of(system, "system")})
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list")
+        raise invalid_request("'messages' must be a non-empty list")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise _bad(f"messages[{i}] must be an object whose 'role' is user or assistant")
+            raise invalid_request(
+                f"messages[{i}] must be an object whose 'role' is user or assistant"
+            )
         content = _text_of(message.get("content"), f"messages[{i}].content")
         chat.append({"role": message["role"], "content": content})
     return chat
@@ -109,21 +107,16 @@ def chat_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def parse_messages_request(body: bytes) -> GenerationRequest:
     """A Messages body as the chat request the gRPC pipeline runs; a 400 if malformed."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise _bad(f"invalid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise _bad("the body must be a JSON object")
+    data = json_object(body)
     model = data.get("model") if isinstance(data.get("model"), str) else None
     stream = data.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
-        raise _bad("'stream' must be true or false")
+        raise invalid_request("'stream' must be true or false")
     max_tokens = data.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise _bad("'max_tokens' is required: an integer >= 1")
+        raise invalid_request("'max_tokens' is required: an integer >= 1")
     if data.get("tools"):
-        raise _bad(
+        raise invalid_request(
             "'tools' are not supported on /v1/messages for this model's workers "
             "(gRPC: the gateway renders their output)"
         )
@@ -138,9 +131,38 @@ def parse_messages_request(body: bytes) -> GenerationRequest:
     try:
         sampling = sampling_from(params, "max_tokens")
     except ApiError as exc:  # name the Messages field, not the chat one
-        raise _bad(exc.message.replace("'stop'", "'stop_sequences'")) from None
+        raise invalid_request(exc.message.replace("'stop'", "'stop_sequences'")) from None
     messages = chat_messages(data)
     # Reasoning stays in the text: a Messages reply made here has text blocks only.
     return GenerationRequest(
         MESSAGES, model, bool(stream), sampling, messages=messages, separate_reasoning=False
     )
+
+
+# --- the answer's wire format (the gRPC backend's renderer and the sim write it alike) -----
+
+
+def sse_event(name: str, payload: dict[str, Any]) -> bytes:
+    """One Messages stream event: ``event: <name>`` and its ``data:`` line."""
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+
+def message_object(
+    message_id: str,
+    model: str | None,
+    content: list[Any],
+    stop: tuple[str | None, str | None],
+    usage: dict[str, Any],
+) -> dict[str, Any]:
+    """A whole Messages answer (also ``message_start``'s ``message``, with no content and
+    no stop yet); ``stop`` is ``(stop_reason, stop_sequence)``."""
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop[0],
+        "stop_sequence": stop[1],
+        "usage": usage,
+    }

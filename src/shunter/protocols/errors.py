@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from http import HTTPStatus
+from typing import Any
 
 import orjson
 
@@ -31,6 +32,23 @@ class ApiError(Exception):
         return orjson.dumps(
             {"error": {"message": self.message, "type": _reason(self.status), "code": self.code}}
         )
+
+
+def invalid_request(message: str) -> ApiError:
+    """A 400 for a body the gateway reads itself and finds wrong; ``message`` names the field."""
+    return ApiError(400, "invalid_request", message)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """``body`` parsed as a JSON object, for the routes whose bodies the gateway reads whole
+    (gRPC generation, Messages, tokenize); a 400 saying what is wrong otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "json_parse_error", f"malformed JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise invalid_request("the body must be a JSON object")
+    return data
 
 
 def error_reply(error: ApiError) -> Reply:

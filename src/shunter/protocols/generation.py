@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from shunter.protocols.errors import ApiError
+from shunter.protocols.errors import invalid_request, json_object
 
 CHAT, COMPLETION, GENERATE = "chat", "completion", "generate"
 MESSAGES = "messages"  # Anthropic's /v1/messages: a chat (protocols/anthropic.py)
@@ -21,10 +21,6 @@ KIND_OF_PATH = {
     "/v1/completions": COMPLETION,
     "/generate": GENERATE,
 }
-
-
-def _bad(message: str) -> ApiError:
-    return ApiError(400, "invalid_request", message)
 
 
 @dataclass
@@ -82,7 +78,7 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise _bad(f"'{key}' must be a number between {low} and {high}")
+        raise invalid_request(f"'{key}' must be a number between {low} and {high}")
     return float(value)
 
 
@@ -91,7 +87,7 @@ def _integer(body: dict[str, Any], key: str, default: int | None, low: int) -> i
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _bad(f"'{key}' must be an integer >= {low}")
+        raise invalid_request(f"'{key}' must be an integer >= {low}")
     return value
 
 
@@ -100,7 +96,7 @@ def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise _bad(f"'{key}' must be true or false")
+        raise invalid_request(f"'{key}' must be true or false")
     return value
 
 
@@ -111,7 +107,7 @@ def _stops(value: Any) -> list[str]:
         return [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
         return list(value)
-    raise _bad("'stop' must be a string or a list of strings")
+    raise invalid_request("'stop' must be a string or a list of strings")
 
 
 def _token_ids(value: Any, key: str) -> list[int]:
@@ -121,7 +117,7 @@ def _token_ids(value: Any, key: str) -> list[int]:
         isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
     ):
         return list(value)
-    raise _bad(f"'{key}' must be a list of token ids")
+    raise invalid_request(f"'{key}' must be a list of token ids")
 
 
 def sampling_from(params: dict[str, Any], max_tokens_key: str) -> Sampling:
@@ -148,12 +144,12 @@ def sampling_from(params: dict[str, Any], max_tokens_key: str) -> Sampling:
         n=_integer(params, "n", 1, 1) or 1,
     )
     if sampling.n > 128:
-        raise _bad("'n' must be at most 128")
+        raise invalid_request("'n' must be at most 128")
     for key in ("regex", "json_schema", "ebnf"):
         value = params.get(key)
         if value is not None:
             if not isinstance(value, str):
-                raise _bad(f"'{key}' must be a string")
+                raise invalid_request(f"'{key}' must be a string")
             setattr(sampling, key, value)
     return sampling
 
@@ -163,11 +159,11 @@ def _response_format(body: dict[str, Any], sampling: Sampling) -> None:
     if fmt is None:
         return
     if not isinstance(fmt, dict):
-        raise _bad("'response_format' must be an object")
+        raise invalid_request("'response_format' must be an object")
     if fmt.get("type") == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
-            raise _bad("'response_format.json_schema.schema' must be an object")
+            raise invalid_request("'response_format.json_schema.schema' must be an object")
         sampling.json_schema = orjson.dumps(schema).decode()
     elif fmt.get("type") == "json_object":
         sampling.json_schema = '{"type": "object"}'
@@ -175,11 +171,11 @@ def _response_format(body: dict[str, Any], sampling: Sampling) -> None:
 
 def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
-        raise _bad("'messages' must be a non-empty list")
+        raise invalid_request("'messages' must be a non-empty list")
     messages = []
     for message in value:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _bad("each message must be an object with a 'role'")
+            raise invalid_request("each message must be an object with a 'role'")
         content = message.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
             texts = [
@@ -189,19 +185,14 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             ]
             message = {**message, "content": "".join(texts)}
         elif content is not None and not isinstance(content, str):
-            raise _bad("a message's 'content' must be a string or a list of parts")
+            raise invalid_request("a message's 'content' must be a string or a list of parts")
         messages.append(message)
     return messages
 
 
 def parse_generation_request(path: str, body: bytes) -> GenerationRequest:
     """The request behind ``body`` for ``path``; a 400 ApiError if it is malformed."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise _bad(f"invalid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise _bad("the body must be a JSON object")
+    data = json_object(body)
     kind = KIND_OF_PATH[path]
     model = data.get("model") if isinstance(data.get("model"), str) else None
     stream = _flag(data, "stream", False)
@@ -217,10 +208,10 @@ def parse_generation_request(path: str, body: bytes) -> GenerationRequest:
     if kind == CHAT:
         tools = data.get("tools")
         if tools is not None and not isinstance(tools, list):
-            raise _bad("'tools' must be a list")
+            raise invalid_request("'tools' must be a list")
         kwargs = data.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
-            raise _bad("'chat_template_kwargs' must be an object")
+            raise invalid_request("'chat_template_kwargs' must be an object")
         return GenerationRequest(
             CHAT,
             model,
@@ -240,7 +231,7 @@ def parse_generation_request(path: str, body: bytes) -> GenerationRequest:
             COMPLETION, model, stream, sampling, input_ids=prompt, include_usage=include_usage
         )
     if not isinstance(prompt, str):
-        raise _bad("'prompt' must be a string, a one-string list or a list of token ids")
+        raise invalid_request("'prompt' must be a string, a one-string list or a list of token ids")
     return GenerationRequest(
         COMPLETION, model, stream, sampling, text=prompt, include_usage=include_usage
     )
@@ -249,14 +240,16 @@ def parse_generation_request(path: str, body: bytes) -> GenerationRequest:
 def _generate_request(data: dict[str, Any], model: str | None, stream: bool) -> GenerationRequest:
     params = data.get("sampling_params") or {}
     if not isinstance(params, dict):
-        raise _bad("'sampling_params' must be an object")
+        raise invalid_request("'sampling_params' must be an object")
     sampling = sampling_from(params, "max_new_tokens")
     if isinstance(data.get("input_ids"), list):
         ids = _token_ids(data["input_ids"], "input_ids")
         if not ids:
-            raise _bad("'input_ids' is empty")
+            raise invalid_request("'input_ids' is empty")
         return GenerationRequest(GENERATE, model, stream, sampling, input_ids=ids)
     text = data.get("text")
     if not isinstance(text, str):
-        raise _bad("give 'text' (a string) or 'input_ids'; batches are not supported over gRPC")
+        raise invalid_request(
+            "give 'text' (a string) or 'input_ids'; batches are not supported over gRPC"
+        )
     return GenerationRequest(GENERATE, model, stream, sampling, text=text)

@@ -19,15 +19,11 @@ from typing import Any
 
 import orjson
 
-from shunter.protocols.errors import ApiError
+from shunter.protocols.errors import invalid_request, json_object
 
 TOKENIZE_PATH = "/v1/tokenize"
 DETOKENIZE_PATH = "/v1/detokenize"
 TOKEN_PATHS = frozenset({TOKENIZE_PATH, DETOKENIZE_PATH})
-
-
-def _bad(message: str) -> ApiError:
-    return ApiError(400, "invalid_request", message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,29 +40,19 @@ class DetokenizeRequest:
     skip_special_tokens: bool = True
 
 
-def _object(body: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "json_parse_error", f"malformed JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise _bad("the body must be a JSON object")
-    return data
-
-
 def parse_tokenize(body: bytes) -> TokenizeRequest:
-    data = _object(body)
+    data = json_object(body)
     prompt = data.get("prompt")
     if prompt is None:
-        raise _bad("'prompt' is required: a string or a list of strings")
+        raise invalid_request("'prompt' is required: a string or a list of strings")
     add_special = data.get("add_special_tokens", True)
     if not isinstance(add_special, bool):
-        raise _bad("'add_special_tokens' must be true or false")
+        raise invalid_request("'add_special_tokens' must be true or false")
     if isinstance(prompt, str):
         return TokenizeRequest([prompt], False, add_special)
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return TokenizeRequest(list(prompt), True, add_special)
-    raise _bad("'prompt' must be a string or a non-empty list of strings")
+    raise invalid_request("'prompt' must be a string or a non-empty list of strings")
 
 
 def _ids(value: Any) -> bool:
@@ -76,18 +62,20 @@ def _ids(value: Any) -> bool:
 
 
 def parse_detokenize(body: bytes) -> DetokenizeRequest:
-    data = _object(body)
+    data = json_object(body)
     tokens = data.get("tokens")
     if tokens is None:
-        raise _bad("'tokens' is required: a list of token ids (or a list of such lists)")
+        raise invalid_request("'tokens' is required: a list of token ids (or a list of such lists)")
     skip = data.get("skip_special_tokens", True)
     if not isinstance(skip, bool):
-        raise _bad("'skip_special_tokens' must be true or false")
+        raise invalid_request("'skip_special_tokens' must be true or false")
     if _ids(tokens):
         return DetokenizeRequest([list(tokens)], False, skip)
     if isinstance(tokens, list) and tokens and all(_ids(t) for t in tokens):
         return DetokenizeRequest([list(t) for t in tokens], True, skip)
-    raise _bad("'tokens' must be a list of non-negative integer token ids, or a list of such lists")
+    raise invalid_request(
+        "'tokens' must be a list of non-negative integer token ids, or a list of such lists"
+    )
 
 
 def check(path: str, body: bytes) -> None:

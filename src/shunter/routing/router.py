@@ -58,6 +58,14 @@ _NO_SPAN = nullcontext()  # reusable: tracing off costs one method call per span
 _SOME_WORKERS_PATHS = SGLANG_ONLY_PATHS | TOKEN_PATHS | {MESSAGES_PATH}
 
 
+def _serving_or_501(path: str, workers: Workers, why: str) -> Workers:
+    """Those of ``workers`` that serve ``path``; a 501 saying ``why`` when none does."""
+    serving = tuple(w for w in workers if w.backend.serves(path))
+    if not serving:
+        raise ApiError(501, "endpoint_not_supported", why)
+    return serving
+
+
 class Router:
     def __init__(
         self,
@@ -120,15 +128,12 @@ class Router:
 
     def _http_workers(self, model: str, path: str, workers: Workers) -> Workers:
         """The model's workers reached over HTTP (the ones serving ``path``); a 501 if none."""
-        serving = tuple(w for w in workers if w.backend.serves(path))
-        if not serving:
-            raise ApiError(
-                501,
-                "endpoint_not_supported",
-                f"{path} is served by HTTP workers only, and the workers serving `{model}` "
-                "are all gRPC workers",
-            )
-        return serving
+        return _serving_or_501(
+            path,
+            workers,
+            f"{path} is served by HTTP workers only, and the workers serving `{model}` "
+            "are all gRPC workers",
+        )
 
     @staticmethod
     def _holds(worker: Worker, model: str, avoid: Sequence[Worker]) -> bool:
@@ -144,15 +149,12 @@ class Router:
             # Workers known to serve it, else the others are tried (their 404 says no).
             known = tuple(w for w in workers if w.backend.runtime in MESSAGES_RUNTIMES)
             return known or workers
-        serving = tuple(w for w in workers if w.backend.serves(path))
-        if not serving:
-            raise ApiError(
-                501,
-                "endpoint_not_supported",
-                f"{path} needs the model's tokenizer: the gateway has none for `{model}` "
-                "and its workers do not serve it (SGLang and vLLM servers do)",
-            )
-        return serving
+        return _serving_or_501(
+            path,
+            workers,
+            f"{path} needs the model's tokenizer: the gateway has none for `{model}` "
+            "and its workers do not serve it (SGLang and vLLM servers do)",
+        )
 
     def select(
         self, request: InferenceRequest, avoid: Sequence[Worker] = ()

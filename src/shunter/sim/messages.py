@@ -18,8 +18,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
+from shunter.protocols.anthropic import message_object, sse_event
 from shunter.protocols.errors import ApiError
 from shunter.protocols.reply import JSON_CONTENT
 from shunter.protocols.tokenize import (
@@ -38,10 +37,6 @@ if TYPE_CHECKING:
     from shunter.sim.app import SimApp
 
 MAX_MODEL_LEN = 32768  # what the sim's model info and gRPC sim report
-
-
-def _event(name: str, payload: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 def _text(content: Any) -> str:
@@ -84,16 +79,7 @@ class MessagesFormat(Format):
         }
 
     def _message(self, content: list[Any], generation: Generation, stop: str | None) -> Any:
-        return {
-            "id": self.id,
-            "type": "message",
-            "role": "assistant",
-            "model": self.model,
-            "content": content,
-            "stop_reason": stop,
-            "stop_sequence": None,
-            "usage": self._usage(generation),
-        }
+        return message_object(self.id, self.model, content, (stop, None), self._usage(generation))
 
     def chunk(self, token: str, text_so_far: str, generation: Generation) -> bytes:
         start = b""
@@ -101,11 +87,11 @@ class MessagesFormat(Format):
             message = self._message([], generation, None)
             message["usage"]["output_tokens"] = 0
             block = {"type": "content_block_start", "index": 0, "content_block": _EMPTY}
-            start = _event("message_start", {"type": "message_start", "message": message})
-            start += _event("content_block_start", block)
+            start = sse_event("message_start", {"type": "message_start", "message": message})
+            start += sse_event("content_block_start", block)
         piece = token if generation.completion_tokens == 1 else " " + token
         delta = {"type": "text_delta", "text": piece}
-        return start + _event(
+        return start + sse_event(
             "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
         )
 
@@ -116,9 +102,9 @@ class MessagesFormat(Format):
             "usage": self._usage(generation),
         }
         return [
-            _event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            _event("message_delta", end),
-            _event("message_stop", {"type": "message_stop"}),
+            sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            sse_event("message_delta", end),
+            sse_event("message_stop", {"type": "message_stop"}),
         ]
 
     def whole(self, text: str, generation: Generation) -> dict[str, Any]:

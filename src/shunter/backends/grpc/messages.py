@@ -18,11 +18,8 @@ from typing import Any
 import orjson
 
 from shunter.backends.grpc.output import Delta, OutputSequence, Usage
+from shunter.protocols.anthropic import message_object, sse_event
 from shunter.protocols.generation import GenerationRequest
-
-
-def _event(name: str, payload: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
 class MessagesFormat:
@@ -57,16 +54,7 @@ class MessagesFormat:
     def _message(
         self, content: list[dict[str, Any]], stop: tuple[str | None, str | None]
     ) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "message",
-            "role": "assistant",
-            "model": self.model,
-            "content": content,
-            "stop_reason": stop[0],
-            "stop_sequence": stop[1],
-            "usage": self._usage(),
-        }
+        return message_object(self.id, self.model, content, stop, self._usage())
 
     # --- whole --------------------------------------------------------------------------
 
@@ -87,7 +75,7 @@ class MessagesFormat:
         start = self._message([], (None, None))
         start["usage"]["output_tokens"] = 0
         block = {"type": "text", "text": ""}
-        return _event("message_start", {"type": "message_start", "message": start}) + _event(
+        return sse_event("message_start", {"type": "message_start", "message": start}) + sse_event(
             "content_block_start",
             {"type": "content_block_start", "index": 0, "content_block": block},
         )
@@ -96,7 +84,7 @@ class MessagesFormat:
         if not delta.content:
             return None
         text = {"type": "text_delta", "text": delta.content}
-        return self._start() + _event(
+        return self._start() + sse_event(
             "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": text}
         )
 
@@ -109,9 +97,9 @@ class MessagesFormat:
         }
         return (
             self._start()
-            + _event("content_block_stop", {"type": "content_block_stop", "index": 0})
-            + _event("message_delta", message_delta)
-            + _event("message_stop", {"type": "message_stop"})
+            + sse_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            + sse_event("message_delta", message_delta)
+            + sse_event("message_stop", {"type": "message_stop"})
         )
 
     def usage_chunk(self, usage: Usage) -> bytes:
