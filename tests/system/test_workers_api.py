@@ -64,7 +64,7 @@ def test_worker_info_update_and_not_found(procs: list[Proc]) -> None:
     with gateway.client() as http:
         info = http.get(path).json()
         assert info["url"] == sim.url and info["model_id"] == "sim-model"
-        assert info["is_healthy"] is True and info["connection_mode"] == "HTTP"
+        assert info["is_healthy"] is True and info["connection_mode"] == "http"
         assert info["worker_type"] == "regular" and info["priority"] == 50
         updated = http.put(path, json={"priority": 80, "labels": {"zone": "a"}})
         assert updated.status_code == 202

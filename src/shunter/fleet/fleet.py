@@ -201,7 +201,8 @@ class Fleet:
     def update(self, url: str, changes: dict[str, Any]) -> list[Worker]:
         updated = self.registrar.update(url, changes)
         self.ejection.changed(updated)
-        self.health.wake.set()  # its check interval may have changed
+        if updated:
+            self.health.reschedule(updated[0].base_url)  # its check interval may have changed
         return updated
 
     def remove(self, url: str) -> list[Worker]:

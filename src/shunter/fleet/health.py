@@ -49,6 +49,16 @@ class HealthChecker:
         """set(): reconsider the schedule now (a worker's settings changed)."""
         return self._loop.wake
 
+    def next_check(self, base_url: str) -> float | None:
+        """When the worker at ``base_url`` is checked next (``time.monotonic()``), if known."""
+        return self._due.get(base_url)
+
+    def reschedule(self, base_url: str) -> None:
+        """The worker's settings changed: its next check is due one *new* interval from now,
+        not at the time its old interval set (up to a minute away)."""
+        self._due.pop(base_url, None)
+        self.wake.set()
+
     def start(self) -> None:
         self._loop.start()
 

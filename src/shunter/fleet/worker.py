@@ -148,7 +148,9 @@ class Worker:
             "labels": dict(self.labels),
             "load": state.in_flight,
             "processed": state.processed,
-            "connection_mode": self.connection_mode.value,
+            # smg's WorkerInfo spells them "http" and "grpc" (its metric labels, and ours,
+            # keep "HTTP" and "gRPC").
+            "connection_mode": self.connection_mode.value.lower(),
             "runtime_type": self.runtime.value,
             "circuit_state": breaker.state.label if breaker is not None else "closed",
             "errors": state.errors,
