@@ -6,8 +6,9 @@ each bounded by its ``timeout_secs``, so a slow worker delays nobody else's. A c
 worker backend's probe (HTTP: ``GET {base_url}{endpoint}`` answering 2xx; gRPC: the
 scheduler's ``HealthCheck``). ``failure_threshold`` consecutive failures mark a worker
 unhealthy, ``success_threshold`` consecutive successes mark it healthy again; the counters
-restart after each flip. Workers are never removed for failing checks. DP ranks share
-their base URL's check.
+restart after each flip. A worker is removed for failing checks only with
+``--remove-unhealthy-workers`` (``Fleet._health_flipped``). DP ranks share their base URL's
+check.
 
 Health is separate from the circuit breaker, with one link: a passing check turns an open
 breaker half-open at once, so a worker that came back is tried again within one interval
