@@ -60,6 +60,7 @@ class GatewayConfig:
     worker_startup_timeout_secs: float = 1800
     worker_startup_check_interval: float = 30
     dp_aware: bool = False
+    remove_unhealthy_workers: bool = False  # fleet/fleet.py Fleet._health_flipped
     connect_timeout_secs: float = 10.0
     probe_timeout_secs: float = 5.0  # one registration probe (health, discovery)
     # On SIGTERM: /readiness turns 503 at once, new requests are still served for a settle

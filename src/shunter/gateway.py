@@ -122,6 +122,7 @@ class Gateway:
             check_interval_secs=config.worker_startup_check_interval,
             drain_timeout_secs=config.request_timeout_secs,
             dp_aware=config.dp_aware,
+            remove_unhealthy=config.remove_unhealthy_workers,
         )
         self.fleet = Fleet(settings, connector, observer)
         self.policy_registries: list[PolicyRegistry] = []

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry, start_http_server
 
 from shunter.config import GatewayConfig
+from shunter.fleet import ids as worker_ids
 from shunter.observability.logging import setup_logging
 from shunter.observability.merged import ChildrenCollector, fetch_exposition
 from shunter.supervisor.children import ChildCommand, children_peers, reserve_port
@@ -59,6 +60,7 @@ def run_supervisor(config: GatewayConfig, argv: Sequence[str]) -> None:
 
 async def _supervise(config: GatewayConfig, argv: Sequence[str], socket_dir: str) -> int:
     count = config.workers
+    worker_ids.share_key()  # the children derive the same ids for the same workers
     paths = [os.path.join(socket_dir, f"{index}.sock") for index in range(count)]
     command = ChildCommand(
         argv,

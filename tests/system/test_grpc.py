@@ -48,7 +48,7 @@ def sdk(grpc_fleet: tuple[list[GrpcSim], Gateway]) -> openai.OpenAI:
 
 def test_grpc_workers_register_with_their_model(grpc_fleet: tuple[list[GrpcSim], Gateway]) -> None:
     infos = grpc_fleet[1].workers()
-    assert {w["connection_mode"] for w in infos} == {"gRPC"}
+    assert {w["connection_mode"] for w in infos} == {"grpc"}
     assert {w["model_id"] for w in infos} == {"sim-model"}
 
 
@@ -261,8 +261,8 @@ def test_bare_url_is_probed_as_grpc_and_http(procs: list[Proc]) -> None:
     procs.append(gateway)
     modes = {w["url"]: w["connection_mode"] for w in gateway.workers()}
     assert modes == {
-        f"grpc://127.0.0.1:{grpc_sim.port}": "gRPC",
-        f"http://127.0.0.1:{http_sim.port}": "HTTP",
+        f"grpc://127.0.0.1:{grpc_sim.port}": "grpc",
+        f"http://127.0.0.1:{http_sim.port}": "http",
     }
 
 
@@ -362,7 +362,7 @@ def test_post_workers_takes_grpc_urls_and_parser_fields(procs: list[Proc]) -> No
         sim.set_faults(scripted_reply="pondering</think>Done.")
         reply = http.post("/v1/chat/completions", json={"messages": CHAT}).json()
     info = gateway.workers()[0]
-    assert info["connection_mode"] == "gRPC" and info["model_id"] == "thinker"
+    assert info["connection_mode"] == "grpc" and info["model_id"] == "thinker"
     message = reply["choices"][0]["message"]
     assert (message["reasoning_content"], message["content"]) == ("pondering", "Done.")
 

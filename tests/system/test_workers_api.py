@@ -40,17 +40,32 @@ def test_adding_and_removing_workers_moves_traffic(procs: list[Proc]) -> None:
     with gateway.client() as http:
         added = http.post("/workers", json={"url": b.url})
     assert added.status_code == 202
+    b_id = added.json()["worker_id"]
     assert added.json() == {
         "status": "accepted",
-        "worker_id": b.url,
+        "worker_id": b_id,
+        "url": b.url,
+        "location": f"/workers/{b_id}",
         "message": "Worker addition queued for background processing",
     }
+    assert added.headers["location"] == f"/workers/{b_id}"
     gateway.wait_workers(2)
     assert workers_seen(gateway, 4) == {"sim-a": 2, "sim-b": 2}
 
     with gateway.client() as http:
-        removed = http.delete("/workers/" + quote(a.url, safe=""))
+        a_id = http.get("/workers/" + quote(a.url, safe="")).json()["id"]
+        # The old form (the URL) and the new (the id) side by side, for the same workers.
+        assert http.get(f"/workers/{b_id}").json()["url"] == b.url
+        assert http.patch(f"/workers/{b_id}", json={"priority": 60}).status_code == 200
+        assert http.put("/workers/" + quote(b.url, safe=""), json={"cost": 2}).status_code == 202
+        info = http.get("/workers/" + quote(b.url, safe="")).json()
+        assert (info["id"], info["priority"], info["cost"]) == (b_id, 60, 2)
+        served = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        named = {a_id: "sim-a", b_id: "sim-b"}[served.headers["x-smg-routed-worker-id"]]
+        assert named == served.headers["x-worker-id"]  # the sim that answered says who it is
+        removed = http.delete(f"/workers/{a_id}")
     assert removed.status_code == 202 and removed.json()["status"] == "accepted"
+    assert removed.json()["worker_id"] == a_id and removed.json()["queued"] is False
     assert [w["url"] for w in gateway.workers()] == [b.url]
     assert workers_seen(gateway, 4) == {"sim-b": 4}
 
@@ -64,7 +79,7 @@ def test_worker_info_update_and_not_found(procs: list[Proc]) -> None:
     with gateway.client() as http:
         info = http.get(path).json()
         assert info["url"] == sim.url and info["model_id"] == "sim-model"
-        assert info["is_healthy"] is True and info["connection_mode"] == "HTTP"
+        assert info["is_healthy"] is True and info["connection_mode"] == "http"
         assert info["worker_type"] == "regular" and info["priority"] == 50
         updated = http.put(path, json={"priority": 80, "labels": {"zone": "a"}})
         assert updated.status_code == 202

@@ -237,18 +237,20 @@ def test_a_worker_added_through_one_process_is_known_to_every_process(
     added = httpx.post(gateway.url + "/workers", json={"url": extra.url}, timeout=10)
     assert added.status_code == 202, added.text
 
+    worker_id = added.json()["worker_id"]
     asked = itertools.count()
 
     def slots_listing_it() -> set[int]:
-        """The slots that answered a GET /workers listing the new worker, over fresh
-        connections (the kernel spreads them over both processes)."""
+        """The slots that answered a GET /workers/{id} with the new worker ready, over fresh
+        connections (the kernel spreads them over both processes): each process registered
+        it under the id the first one gave it."""
         slots = set()
         for _ in range(16):
             request_id = f"list-{next(asked)}"  # each once: the log is searched for it
             with httpx.Client(base_url=gateway.url, timeout=5) as client:
-                listing = client.get("/workers", headers={"x-request-id": request_id})
-            urls = {w["url"] for w in listing.json()["workers"]}
-            if extra.url in urls:
+                found = client.get(f"/workers/{worker_id}", headers={"x-request-id": request_id})
+            if found.status_code == 200 and found.json()["status"] == "ready":
+                assert found.json()["url"] == extra.url
                 slots.add(wait_served_by(gateway, request_id))
         return slots
 

@@ -123,7 +123,7 @@ class GatewayApp:
         self.routes = {path: _with_head(methods) for path, methods in table.items()}
         worker_route = admin(workers.worker)
         self.worker_routes = _with_head(
-            {"GET": worker_route, "PUT": worker_route, "DELETE": worker_route}
+            {method: worker_route for method in ("GET", "PUT", "PATCH", "DELETE")}
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

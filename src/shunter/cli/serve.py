@@ -296,6 +296,15 @@ class ServeFlags:
             help="route to each data-parallel rank of a worker separately",
         )
         g.flag(
+            "--remove-unhealthy-workers",
+            "remove_unhealthy_workers",
+            "--worker-auto-recovery",
+            action="store_true",
+            help="remove a worker that fails its health checks (--health-failure-threshold "
+            "in a row) instead of only routing around it; discovery adds it back once its "
+            "pod answers again, a --worker-urls or POSTed one must be POSTed again",
+        )
+        g.flag(
             "--tls-cert-path", "tls_cert_path", type=str, help="serve HTTPS with this certificate"
         )
         g.flag("--tls-key-path", "tls_key_path", type=str, help="and this private key")

@@ -51,6 +51,8 @@ class FleetSettings:
     check_interval_secs: float  # registration probes' longest pause; load polling interval
     drain_timeout_secs: float = 1800.0  # how long a removed worker's requests may finish
     dp_aware: bool = False
+    # --remove-unhealthy-workers: a worker that turns unhealthy is removed, not just skipped.
+    remove_unhealthy: bool = False
 
 
 class Fleet:
@@ -83,7 +85,7 @@ class Fleet:
             settings.health,
             self.registry.all,
             on_check=self.observer.health_checked,
-            on_flip=lambda worker: self.ejection.changed((worker,)),
+            on_flip=self._health_flipped,
         )
         self.loads = LoadMonitor(self.registry.all, settings.check_interval_secs)
 
@@ -100,6 +102,22 @@ class Fleet:
         for listener in self._listeners:
             listener(added, removed)
         self.ejection.changed((*added, *removed))
+
+    def _health_flipped(self, worker: Worker) -> None:
+        """A worker turned healthy or unhealthy. With ``remove_unhealthy``, an unhealthy one
+        (and its DP ranks, which share its check) leaves the registry as a removal through
+        the API would: its requests in flight finish. Every registered worker was healthy
+        once (registration adds only a worker that answered), so this never removes one
+        that is still starting."""
+        if self.settings.remove_unhealthy and not worker.state.healthy:
+            if self.registrar.find(worker.base_url):  # the first of its ranks takes them all
+                log.warning(
+                    "removing a worker that failed its health checks",
+                    extra={"url": worker.base_url, "id": worker.id},
+                )
+                self.registrar.remove(worker.base_url)
+            return
+        self.ejection.changed((worker,))
 
     def _new_runtime(self, url: str) -> WorkerRuntime:
         runtime = WorkerRuntime()
@@ -136,10 +154,37 @@ class Fleet:
             if done is not None:
                 done(None)
 
-        self.jobs.submit("AddWorker", spec.url, add)
+        self.jobs.submit("AddWorker", spec.url, add, spec.worker_id)
+
+    def submit_replace(self, url: str, spec: WorkerSpec) -> None:
+        """Queue the replacement of the worker at ``url`` by ``spec`` (same id); raises
+        QueueFull when the job queue is."""
+
+        async def replace() -> None:
+            await self.registrar.replace(url, spec)
+
+        self.jobs.submit("ReplaceWorker", url, replace, spec.worker_id)
 
     def job_status(self, url: str) -> JobStatus | None:
         return self.jobs.status(url)
+
+    def job_of(self, worker_id: str) -> JobStatus | None:
+        """The job of the worker with this id (an addition still under way, or failed)."""
+        return next((j for j in self.jobs.statuses() if j.worker_id == worker_id), None)
+
+    def pending(self) -> list[JobStatus]:
+        """Additions queued or under way: workers with an id, not yet registered."""
+        return [
+            job
+            for job in self.jobs.statuses()
+            if job.job_type == "AddWorker" and job.status in ("pending", "processing")
+        ]
+
+    def find_id(self, worker_id: str) -> list[Worker]:
+        return self.registrar.find_id(worker_id)
+
+    def draining(self) -> list[Worker]:
+        return self.registrar.draining()
 
     def adding(self, url: str) -> bool:
         """Whether an addition of ``url`` is queued or under way."""
@@ -156,7 +201,8 @@ class Fleet:
     def update(self, url: str, changes: dict[str, Any]) -> list[Worker]:
         updated = self.registrar.update(url, changes)
         self.ejection.changed(updated)
-        self.health.wake.set()  # its check interval may have changed
+        if updated:
+            self.health.reschedule(updated[0].base_url)  # its check interval may have changed
         return updated
 
     def remove(self, url: str) -> list[Worker]:

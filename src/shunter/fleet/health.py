@@ -6,8 +6,9 @@ each bounded by its ``timeout_secs``, so a slow worker delays nobody else's. A c
 worker backend's probe (HTTP: ``GET {base_url}{endpoint}`` answering 2xx; gRPC: the
 scheduler's ``HealthCheck``). ``failure_threshold`` consecutive failures mark a worker
 unhealthy, ``success_threshold`` consecutive successes mark it healthy again; the counters
-restart after each flip. Workers are never removed for failing checks. DP ranks share
-their base URL's check.
+restart after each flip. A worker is removed for failing checks only with
+``--remove-unhealthy-workers`` (``Fleet._health_flipped``). DP ranks share their base URL's
+check.
 
 Health is separate from the circuit breaker, with one link: a passing check turns an open
 breaker half-open at once, so a worker that came back is tried again within one interval
@@ -48,6 +49,16 @@ class HealthChecker:
     def wake(self) -> asyncio.Event:
         """set(): reconsider the schedule now (a worker's settings changed)."""
         return self._loop.wake
+
+    def next_check(self, base_url: str) -> float | None:
+        """When the worker at ``base_url`` is checked next (``time.monotonic()``), if known."""
+        return self._due.get(base_url)
+
+    def reschedule(self, base_url: str) -> None:
+        """The worker's settings changed: its next check is due one *new* interval from now,
+        not at the time its old interval set (up to a minute away)."""
+        self._due.pop(base_url, None)
+        self.wake.set()
 
     def start(self) -> None:
         self._loop.start()

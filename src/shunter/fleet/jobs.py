@@ -27,10 +27,12 @@ class JobStatus:
     status: str  # pending | processing | failed
     message: str | None = None
     timestamp: int = 0
+    worker_id: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "job_type": self.job_type,
+            "worker_id": self.worker_id,
             "worker_url": self.worker_url,
             "status": self.status,
             "message": self.message,
@@ -49,10 +51,12 @@ class JobQueue:
         self._statuses: dict[str, JobStatus] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def submit(self, job_type: str, url: str, work: Callable[[], Awaitable[None]]) -> None:
+    def submit(
+        self, job_type: str, url: str, work: Callable[[], Awaitable[None]], worker_id: str = ""
+    ) -> None:
         if len(self._tasks) >= self.capacity:
             raise QueueFull(f"the job queue is full ({self.capacity} jobs)")
-        self._statuses[url] = JobStatus(job_type, url, "pending", None, int(time.time()))
+        self._statuses[url] = JobStatus(job_type, url, "pending", None, int(time.time()), worker_id)
         task = asyncio.get_running_loop().create_task(self._run(job_type, url, work))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -68,7 +72,10 @@ class JobQueue:
                 raise
             except Exception as exc:
                 log.warning("job failed", extra={"job": job_type, "url": url, "error": str(exc)})
-                self._statuses[url] = JobStatus(job_type, url, "failed", str(exc), int(time.time()))
+                worker_id = status.worker_id if status is not None else ""
+                self._statuses[url] = JobStatus(
+                    job_type, url, "failed", str(exc), int(time.time()), worker_id
+                )
                 return
             current = self._statuses.get(url)
             if current is not None and current.job_type == job_type:
@@ -77,6 +84,11 @@ class JobQueue:
     def status(self, url: str) -> JobStatus | None:
         self._expire()
         return self._statuses.get(url)
+
+    def statuses(self) -> list[JobStatus]:
+        """Every job known now: queued, running, or failed not long ago."""
+        self._expire()
+        return list(self._statuses.values())
 
     def _expire(self) -> None:
         cutoff = time.time() - FAILED_TTL_SECS

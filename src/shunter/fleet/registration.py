@@ -6,8 +6,10 @@ The backend (``backends/connect.py``) does the talking; this module decides when
 up and what the registry holds. It runs in background jobs, never on the request path.
 
 An update builds new identities around the same backend and run-time state (so requests in
-flight keep being counted where new ones are); a removal takes the worker out of the
-registry at once, lets its requests in flight finish, then closes its connections.
+flight keep being counted where new ones are); a replacement registers a new spec as an
+addition does (the old one serving until the new one is reached) and swaps it in under the
+same id; a removal takes the worker out of the registry at once, lets its requests in
+flight finish, then closes its connections.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class Registrar:
         self.drain_timeout_secs = drain_timeout_secs
         self.dp_aware = dp_aware
         self.on_change = on_change
-        self._draining: set[asyncio.Task[None]] = set()
+        # Removed workers whose requests may still be finishing, by the task closing them.
+        self._draining: dict[asyncio.Task[None], Sequence[Worker]] = {}
 
     # --- add --------------------------------------------------------------------------------
 
@@ -140,6 +143,7 @@ class Registrar:
                 dp_size=found.dp_size if rank is not None else None,
                 base_url=connected.url,
                 health=health,
+                id=spec.worker_id,
             )
 
         if not self.dp_aware:
@@ -156,6 +160,56 @@ class Registrar:
         if exact is not None:
             return [exact]
         return [w for w in self.registry.all() if w.base_url == url and w.dp_rank is not None]
+
+    def find_id(self, worker_id: str) -> list[Worker]:
+        """The workers registered under ``worker_id``: one, or a DP worker's ranks."""
+        return [w for w in self.registry.all() if w.id == worker_id]
+
+    def draining(self) -> list[Worker]:
+        """Removed workers with requests still in flight."""
+        return [w for group in self._draining.values() for w in group if w.state.in_flight]
+
+    async def replace(self, url: str, spec: WorkerSpec) -> list[Worker]:
+        """Register ``spec`` in place of the worker at ``url``, under its id. The new spec is
+        reached and probed first, so the old one keeps serving until the swap; the old
+        one's requests in flight then finish on its connections."""
+        spec.worker_id = self._id_at(url)
+
+        async def wait(probe: Probe, what: str) -> None:
+            await self._wait_until(probe, what, spec.max_connection_attempts)
+
+        connected = await self.connector.connect(
+            spec.url, spec.api_key, spec.runtime, wait, probe_both=spec.probe_grpc
+        )
+        try:
+            old = self.find(url)
+            if not old:  # removed while the new spec was being reached
+                raise LookupError(f"worker {url} was removed before its replacement was ready")
+            if connected.url != url and self.find(connected.url):
+                raise SpecError(f"worker {connected.url} already exists")
+            workers = self._build(spec, connected)
+        except BaseException:
+            await connected.backend.close()
+            raise
+        kept = {w.url for w in workers}
+        for worker in workers:
+            self.registry.register(worker)  # an upsert: a URL kept keeps its place
+        for worker in old:
+            if worker.url not in kept:
+                self.registry.remove(worker.url)
+            worker.state.retired()
+        for worker in workers:
+            worker.state.ready()
+        log.info("worker replaced", extra={"url": url, "id": spec.worker_id})
+        self._changed(workers, old)
+        self._drain(old, listed=False)
+        return workers
+
+    def _id_at(self, url: str) -> str:
+        current = self.find(url)
+        if not current:
+            raise LookupError(f"worker {url} not found")
+        return current[0].id
 
     def update(self, url: str, changes: dict[str, Any]) -> list[Worker]:
         """Apply label, priority, cost, key and health changes (already checked by
@@ -191,10 +245,19 @@ class Registrar:
             worker.state.retired()
         log.info("worker removed", extra={"url": url, "ranks": len(removed)})
         self._changed((), removed)
-        task = asyncio.get_running_loop().create_task(self._close_when_drained(removed))
-        self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
+        self._drain(removed, listed=True)
         return removed
+
+    def _drain(self, workers: Sequence[Worker], listed: bool) -> None:
+        """Close ``workers``' connections once their requests have finished; ``listed``:
+        show them as draining meanwhile (a removal; a replacement's old self is not shown
+        beside its new one)."""
+        task = asyncio.get_running_loop().create_task(self._close_when_drained(workers))
+        self._draining[task] = workers if listed else ()
+        task.add_done_callback(self._forget_drained)
+
+    def _forget_drained(self, task: asyncio.Task[None]) -> None:
+        self._draining.pop(task, None)
 
     async def _close_when_drained(self, removed: Sequence[Worker]) -> None:
         deadline = time.monotonic() + self.drain_timeout_secs

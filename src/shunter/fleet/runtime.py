@@ -57,6 +57,7 @@ class WorkerRuntime:
         "healthy",
         "in_flight",
         "processed",
+        "removed",
         "reported_load",
         "reserved",
     )
@@ -66,6 +67,7 @@ class WorkerRuntime:
         self.processed = 0
         self.errors = 0  # 5xx answers and failed connections
         self.healthy = False  # until registration finds the worker ready
+        self.removed = False  # out of the registry: its requests in flight are finishing
         self.health_failures = 0  # consecutive failed checks
         self.health_successes = 0  # consecutive passed checks
         self.breaker = breaker
@@ -107,6 +109,7 @@ class WorkerRuntime:
 
     def retired(self) -> None:
         """Removed from the registry: requests still holding it must not pick it again."""
+        self.removed = True
         self._set_healthy(False)
 
     def checked(self, ok: bool, settings: HealthConfig) -> bool:

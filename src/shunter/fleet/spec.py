@@ -15,6 +15,7 @@ from typing import Any
 
 from shunter.backends.base import Runtime
 from shunter.backends.connect import grpc_available
+from shunter.fleet.ids import derived_worker_id
 from shunter.fleet.runtime import HealthConfig
 from shunter.fleet.urls import WorkerUrlError, validate_worker_url
 from shunter.fleet.worker import WorkerType
@@ -56,6 +57,12 @@ class WorkerSpec:
     probe_grpc: bool = False  # given without a scheme: probe HTTP and gRPC at once
     health: dict[str, float] = field(default_factory=dict)  # HealthConfig fields to override
     max_connection_attempts: int | None = None  # None: until the start-up timeout
+    # Its id (fleet/ids.py): "" derives one from the URL; the API sets a fresh one.
+    worker_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.worker_id:
+            self.worker_id = derived_worker_id(self.url)
 
     @classmethod
     def from_json(cls, payload: Any) -> WorkerSpec:

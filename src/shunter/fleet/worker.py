@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shunter.backends.base import Backend, ConnectionMode, Runtime
+from shunter.fleet.ids import ROUTED_WORKER_HEADER, derived_worker_id
 from shunter.fleet.runtime import HealthConfig, WorkerRuntime
 
 
@@ -36,7 +37,11 @@ DEFAULT_COST = 1.0
 @dataclass(frozen=True, slots=True, eq=False)
 class Worker:
     """A routing target. ``url`` is the registry key: for a DP-aware rank it is
-    ``base_url@rank``, while requests go to ``base_url`` with the rank in the body."""
+    ``base_url@rank``, while requests go to ``base_url`` with the rank in the body.
+
+    ``id`` (``fleet/ids.py``) names the registration: a DP-aware worker's ranks share their
+    URL's one id, as they share its backend. ``routed_header`` is the response header
+    naming it, built once here so that each answer costs one list append."""
 
     url: str
     backend: Backend
@@ -50,11 +55,16 @@ class Worker:
     dp_size: int | None = None
     base_url: str = ""
     health: HealthConfig | None = None  # its own health-check settings; None: the flags'
+    id: str = ""  # "": derived from its base URL (a worker built outside registration)
+    routed_header: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.base_url:
             base = self.url.split("@", 1)[0] if self.dp_rank is not None else self.url
             object.__setattr__(self, "base_url", base)
+        if not self.id:
+            object.__setattr__(self, "id", derived_worker_id(self.base_url))
+        object.__setattr__(self, "routed_header", (ROUTED_WORKER_HEADER, self.id.encode()))
 
     @property
     def model_id(self) -> str:
@@ -112,12 +122,21 @@ class Worker:
     def healthy(self) -> bool:
         return self.state.healthy
 
+    @property
+    def status(self) -> str:
+        """smg's ``WorkerStatus`` of a registered worker: ``ready`` (healthy), ``not_ready``
+        (failing its health checks) or ``draining`` (removed, its requests finishing)."""
+        state = self.state
+        if state.removed:
+            return "draining"
+        return "ready" if state.healthy else "not_ready"
+
     def to_info(self) -> dict[str, Any]:
         """The worker's JSON as smg's ``WorkerInfo``."""
         state = self.state
         breaker = state.breaker
         info: dict[str, Any] = {
-            "id": self.url,
+            "id": self.id,
             "url": self.url,
             "model_id": self.model_id,
             "models": list(self.models),
@@ -125,9 +144,13 @@ class Worker:
             "cost": self.cost,
             "worker_type": self.worker_type.value,
             "is_healthy": state.healthy,
+            "status": self.status,
+            "labels": dict(self.labels),
             "load": state.in_flight,
             "processed": state.processed,
-            "connection_mode": self.connection_mode.value,
+            # smg's WorkerInfo spells them "http" and "grpc" (its metric labels, and ours,
+            # keep "HTTP" and "gRPC").
+            "connection_mode": self.connection_mode.value.lower(),
             "runtime_type": self.runtime.value,
             "circuit_state": breaker.state.label if breaker is not None else "closed",
             "errors": state.errors,
@@ -139,5 +162,5 @@ class Worker:
             info["dp_rank"] = self.dp_rank
             info["dp_size"] = self.dp_size
         if self.labels:
-            info["metadata"] = dict(self.labels)
+            info["metadata"] = dict(self.labels)  # the name before "labels", kept for scripts
         return info

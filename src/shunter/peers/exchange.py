@@ -152,8 +152,8 @@ class Exchange:
 
     # --- the API: workers registered by hand ------------------------------------------------
 
-    def worker_added(self, url: str, body: dict[str, object]) -> None:
-        self._workers.append(self.manual.added(url, body))
+    def worker_added(self, url: str, body: dict[str, object], worker_id: str) -> None:
+        self._workers.append(self.manual.added(url, body, worker_id))
         if not self._flush_pending:
             self._schedule_flush()
 

@@ -1,9 +1,11 @@
 """Workers registered by hand, shared: a last-writer-wins map of ``POST``/``DELETE /workers``.
 
 Each entry is the latest change to one URL, wherever it was made: the ``POST /workers``
-body, or ``None`` for a removal (a tombstone, kept ``TOMBSTONE_SECS`` so a late or replayed
-addition cannot bring the worker back). The later ``(stamp, origin)`` wins, so every
-gateway settles on the same answer whatever order the changes arrive in.
+body and the id the API gave the worker (every gateway registers it under that id, so
+``/workers/{id}`` means the same worker on each), or ``None`` for a removal (a tombstone,
+kept ``TOMBSTONE_SECS`` so a late or replayed addition cannot bring the worker back). The
+later ``(stamp, origin)`` wins, so every gateway settles on the same answer whatever order
+the changes arrive in.
 
 Loops are impossible by construction: a change learnt from a peer is applied to the fleet
 directly (never through the API that records local changes), and merging a change already
@@ -19,6 +21,7 @@ import logging
 import time
 
 from shunter.fleet.fleet import Fleet
+from shunter.fleet.ids import parse_worker_id
 from shunter.fleet.jobs import QueueFull
 from shunter.fleet.spec import SpecError, WorkerSpec
 from shunter.peers.messages import ManualWorker
@@ -42,8 +45,8 @@ class ManualWorkers:
 
     # --- local changes (the API) -------------------------------------------------------------
 
-    def added(self, url: str, body: dict[str, object]) -> ManualWorker:
-        entry = ManualWorker(url, self._stamp(), self.node, json.dumps(body).encode())
+    def added(self, url: str, body: dict[str, object], worker_id: str) -> ManualWorker:
+        entry = ManualWorker(url, self._stamp(), self.node, json.dumps(body).encode(), worker_id)
         self.entries[url] = entry
         return entry
 
@@ -70,6 +73,9 @@ class ManualWorkers:
     def _add(self, entry: ManualWorker) -> None:
         try:
             spec = WorkerSpec.from_json(json.loads(entry.spec or b""))
+            worker_id = parse_worker_id(entry.worker_id)
+            if worker_id is not None:  # else (an older peer's) one derived from the URL
+                spec.worker_id = worker_id
         except (ValueError, SpecError) as exc:  # json's errors are ValueErrors
             self.rejected += 1
             log.warning(

@@ -45,6 +45,9 @@ class ManualWorker(msgspec.Struct, array_like=True, frozen=True):
     stamp: int  # wall-clock nanoseconds of the change, strictly increasing per origin
     origin: str  # the node where the change was made
     spec: bytes | None
+    # The id the API gave it, so that every gateway answers for the same one. Last, with a
+    # default: a peer that predates ids sends none, and ignores it when it comes.
+    worker_id: str = ""
 
 
 class StoredResponse(msgspec.Struct, array_like=True, frozen=True):

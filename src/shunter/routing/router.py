@@ -362,6 +362,7 @@ class Router:
             if self.retry.attempts > 1:
                 self.metrics.retries_exhausted(worker, request.path)
         verdict.relayed(worker, status, request.request_id)
+        reply.headers.append(worker.routed_header)  # X-SMG-Routed-Worker-Id, built once
         if routed is not None and self.route_receipt:
             reply.headers.append(routed.header(worker.url))
         if isinstance(reply.body, bytes):

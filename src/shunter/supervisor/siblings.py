@@ -11,7 +11,8 @@ control.py) and merges:
   figures are the sum of its processes';
 - what the worker reports of itself (``cache_hit_rate``) and what the operator set is the
   same in every process: the answering process's own is kept;
-- ``is_healthy`` holds only if every process that knows the worker finds it healthy, and
+- ``is_healthy`` holds only if every process that knows the worker finds it healthy (its
+  ``status`` then ``not_ready``, not ``ready``), and
   ``circuit_state`` is the worst of the processes' (open, then half_open, then closed),
   since a worker one process will not route to is not fully in service;
 - a worker only a sibling knows yet (added through it a moment ago) is listed too.
@@ -103,6 +104,8 @@ def merge_rows(own: list[Row], others: list[list[Row]]) -> list[Row]:
             for name in _SUMMED:
                 into[name] = (into.get(name) or 0) + (row.get(name) or 0)
             into["is_healthy"] = bool(into.get("is_healthy")) and bool(row.get("is_healthy"))
+            if not into["is_healthy"] and into.get("status") == "ready":
+                into["status"] = "not_ready"  # as the process that finds it unhealthy says
             theirs = str(row.get("circuit_state", "closed"))
             ours = str(into.get("circuit_state", "closed"))
             if _CIRCUIT_ORDER.get(theirs, 0) > _CIRCUIT_ORDER.get(ours, 0):

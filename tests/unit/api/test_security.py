@@ -97,7 +97,9 @@ async def test_a_worker_url_in_the_path_is_percent_decoded_once() -> None:
     assert found.status == 200 and found.json()["url"] == "http://w:1"
     twice = quote(once, safe="")  # the server decodes this to /workers/<once>
     raw = f"/workers/{twice}".encode()
-    assert (await call(gw.app, "GET", f"/workers/{once}", raw_path=raw)).status == 404
+    refused = await call(gw.app, "GET", f"/workers/{once}", raw_path=raw)
+    # Decoded once, it is still percent-encoded: neither a worker id nor a URL.
+    assert refused.status == 400 and repr(once) in refused.json()["error"]["message"]
     await gw.close()
 
 

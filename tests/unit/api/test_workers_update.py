@@ -61,8 +61,10 @@ async def test_an_update_under_load_keeps_counting_the_requests_then_shows_none(
 async def test_an_update_refuses_fields_it_cannot_apply_and_applies_health_settings() -> None:
     gw = gateway()
     await ready(gw)
-    refused = await call(gw.app, "PUT", PATH, b'{"url": "http://elsewhere:1"}')
+    refused = await call(gw.app, "PATCH", PATH, b'{"url": "http://elsewhere:1"}')
     assert refused.status == 400 and "unknown fields: url" in refused.json()["error"]["message"]
+    moved = await call(gw.app, "PUT", PATH, b'{"url": "http://elsewhere:1"}')  # a replacement
+    assert moved.status == 400 and "POST the new URL" in moved.json()["error"]["message"]
     mistyped = await call(gw.app, "PUT", PATH, b'{"health_failure_threshold": 1.5}')
     assert mistyped.status == 400
     applied = await call(

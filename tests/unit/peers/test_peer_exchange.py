@@ -147,8 +147,10 @@ async def test_hand_registered_workers_merge_by_last_writer() -> None:
     def batch(*entries: ManualWorker) -> list[bytes]:
         return encode(Batch(Hello("peer", ["m"]), [], list(entries)))
 
-    exchange.receive(batch(ManualWorker("http://w:9", 100, "peer", body)), 0.0)
+    worker_id = "0b9e3f4c-52a1-4a8e-9d5e-3c1f0e6a7b21"  # the one the peer's API gave it
+    exchange.receive(batch(ManualWorker("http://w:9", 100, "peer", body, worker_id)), 0.0)
     await _until(lambda: gw.fleet.registry.get_by_url("http://w:9") is not None)
+    assert [w.id for w in gw.fleet.find_id(worker_id)] == [worker_id]
     exchange.receive(batch(ManualWorker("http://w:9", 50, "peer", None)), 0.0)  # older
     assert gw.fleet.registry.get_by_url("http://w:9") is not None
     exchange.receive(batch(ManualWorker("http://w:9", 200, "peer", None)), 0.0)
@@ -176,11 +178,14 @@ async def test_the_api_shares_hand_changes_and_not_flag_workers() -> None:
     path = b"/workers/http%3A%2F%2Fw%3A1"
     assert (await call(gw.app, "DELETE", path.decode(), raw_path=path)).status == 202
     heard: dict[str, bool] = {}  # url -> registered (False: removed)
+    ids: dict[str, str] = {}
     async with asyncio.timeout(5):
         while len(heard) < 2:
             batch = decode(await listener.recv_multipart())
             heard |= {w.url: w.spec is not None for w in batch.workers}
+            ids |= {w.url: w.worker_id for w in batch.workers if w.spec is not None}
     assert heard == {"http://w:2": True, "http://w:1": False}
+    assert ids == {"http://w:2": answer.json()["worker_id"]}  # peers register it under it
     listener.close(linger=0)
     context.term()
     await gw.close()

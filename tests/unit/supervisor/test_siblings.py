@@ -36,6 +36,14 @@ def test_counts_are_summed_and_health_and_breakers_are_the_worst_of_the_processe
     assert own[0]["processed"] == 10  # the process's own rows are not changed
 
 
+def test_a_worker_one_process_finds_unhealthy_is_not_ready_for_the_gateway() -> None:
+    own = [row(A, status="ready"), row(B, status="draining")]
+    sibling = [row(A, status="not_ready", is_healthy=False), row(B, is_healthy=False)]
+    merged = {r["url"]: r for r in merge_rows(own, [sibling])}
+    assert (merged[A]["is_healthy"], merged[A]["status"]) == (False, "not_ready")
+    assert merged[B]["status"] == "draining"  # leaving, whatever its health
+
+
 def test_a_worker_only_a_sibling_knows_yet_is_listed_after_the_own_ones() -> None:
     merged = merge_rows([row(A)], [[row(C, load=1), row(A)]])
     assert [r["url"] for r in merged] == [A, C]
