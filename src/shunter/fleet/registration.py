@@ -25,7 +25,13 @@ from shunter.backends.base import Backend
 from shunter.backends.connect import Connected, Connector, Probe
 from shunter.fleet.registry import WorkerRegistry
 from shunter.fleet.runtime import HealthConfig, WorkerRuntime
-from shunter.fleet.spec import SpecError, WorkerSpec, apply_health, health_overrides
+from shunter.fleet.spec import (
+    SpecError,
+    WorkerSpec,
+    apply_health,
+    breaker_overrides,
+    health_overrides,
+)
 from shunter.fleet.worker import Worker
 
 log = logging.getLogger("shunter.registration")
@@ -130,10 +136,12 @@ class Registrar:
         health = apply_health(self.health, spec.health)
 
         def make(url: str, rank: int | None = None) -> Worker:
+            state = self.new_runtime(url)
+            _apply_breaker(state, spec.breaker)
             return Worker(
                 url=url,
                 backend=connected.backend,  # DP ranks share one backend: one pool
-                state=self.new_runtime(url),
+                state=state,
                 models=(spec.model_id,) if spec.model_id else found.models,
                 worker_type=spec.worker_type,
                 bootstrap_port=spec.bootstrap_port,
@@ -222,8 +230,10 @@ class Registrar:
             if changes.get(key) is not None:
                 labels[key] = str(changes[key])
         health = health_overrides(changes)
+        breaker = breaker_overrides(changes)
         updated = []
         for old in current:
+            _apply_breaker(old.state, breaker)  # the runtime (and its breaker) carries over
             new = dataclasses.replace(old, labels={**old.labels, **labels})
             if "api_key" in changes:
                 new = dataclasses.replace(new, api_key=changes["api_key"])
@@ -281,3 +291,11 @@ class Registrar:
     def _changed(self, added: Sequence[Worker], removed: Sequence[Worker]) -> None:
         if self.on_change is not None:
             self.on_change(added, removed)
+
+
+def _apply_breaker(state: WorkerRuntime, overrides: dict[str, float]) -> None:
+    """The worker's breaker takes its own settings over the flags' (or its current ones):
+    the breaker reads its config on every outcome, so the change applies from the next."""
+    breaker = state.breaker
+    if overrides and breaker is not None:
+        breaker.config = dataclasses.replace(breaker.config, **overrides)  # type: ignore[arg-type]

@@ -30,7 +30,17 @@ HEALTH_FIELDS = {
     "health_success_threshold": "success_threshold",
     "health_failure_threshold": "failure_threshold",
 }
-UPDATE_FIELDS = frozenset({"priority", "cost", "labels", "api_key", *HEALTH_FIELDS})
+# The per-worker circuit-breaker settings (named as the --cb-* flags), and the BreakerConfig
+# field each sets.
+BREAKER_FIELDS = {
+    "cb_failure_threshold": "failure_threshold",
+    "cb_success_threshold": "success_threshold",
+    "cb_timeout_duration_secs": "timeout_secs",
+    "cb_window_duration_secs": "window_secs",
+}
+UPDATE_FIELDS = frozenset(
+    {"priority", "cost", "labels", "api_key", *HEALTH_FIELDS, *BREAKER_FIELDS}
+)
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
 API_KEY_RULE = "visible ASCII characters only (no space, control or non-ASCII character)"
 
@@ -56,6 +66,7 @@ class WorkerSpec:
     labels: dict[str, str] = field(default_factory=dict)
     probe_grpc: bool = False  # given without a scheme: probe HTTP and gRPC at once
     health: dict[str, float] = field(default_factory=dict)  # HealthConfig fields to override
+    breaker: dict[str, float] = field(default_factory=dict)  # BreakerConfig fields to override
     max_connection_attempts: int | None = None  # None: until the start-up timeout
     # Its id (fleet/ids.py): "" derives one from the URL; the API sets a fresh one.
     worker_id: str = ""
@@ -99,6 +110,7 @@ class WorkerSpec:
             raise SpecError("'bootstrap_port' must be a port number")
         spec.bootstrap_port = port
         spec.health = health_overrides(payload)
+        spec.breaker = breaker_overrides(payload)
         attempts = payload.get("max_connection_attempts")
         if attempts is not None:
             if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
@@ -121,13 +133,25 @@ def check_update(changes: Any) -> dict[str, Any]:
     _api_key(changes)
     _string_map(changes.get("labels"), "labels")
     health_overrides(changes)
+    breaker_overrides(changes)
     return changes
 
 
 def health_overrides(payload: dict[str, Any]) -> dict[str, float]:
     """The health settings a payload gives, by HealthConfig field, checked."""
+    return _overrides(payload, HEALTH_FIELDS)
+
+
+def breaker_overrides(payload: dict[str, Any]) -> dict[str, float]:
+    """The circuit-breaker settings a payload gives, by BreakerConfig field, checked."""
+    return _overrides(payload, BREAKER_FIELDS)
+
+
+def _overrides(payload: dict[str, Any], fields: dict[str, str]) -> dict[str, float]:
+    """The settings among ``fields`` a payload gives (thresholds whole numbers, durations
+    any number; all > 0), by the config field each sets."""
     given: dict[str, float] = {}
-    for name, field_name in HEALTH_FIELDS.items():
+    for name, field_name in fields.items():
         value = payload.get(name)
         if value is None:
             continue

@@ -12,6 +12,7 @@ import orjson
 
 from shunter.fleet.runtime import HealthConfig
 from shunter.gateway import Gateway
+from shunter.routing.retry import RetryConfig
 from shunter.wire.mock import MockRequest, MockResponse
 
 from support.fakes import Answer, Engines, Workers, call, gateway, ok, ready
@@ -165,6 +166,41 @@ async def test_a_patched_health_setting_takes_effect_on_the_running_worker() -> 
     info = (await get(gw, f"/workers/{worker_id}")).json()
     assert info["status"] == "not_ready" and info["is_healthy"] is False
     assert (await call(gw.app, "POST", "/v1/completions", b"{}")).status == 503
+    await gw.close()
+
+
+async def test_breaker_settings_posted_or_patched_apply_to_the_running_worker() -> None:
+    """The flags' breaker opens after 10 failures; a worker POSTed with 2, or PATCHed to 1,
+    opens after that many. Retries are off so each request is one outcome."""
+
+    def failing(request: MockRequest) -> MockResponse:
+        return MockResponse(503 if "w:2" in request.url else 200, body=b"{}")
+
+    gw = gateway(handler=failing, retry=RetryConfig(disabled=True))
+    await ready(gw)
+    posted = await send(gw, "POST", "/workers", {"url": "http://w:2", "cb_failure_threshold": 2})
+    assert posted.status == 202
+    await until(lambda: bool(gw.fleet.find("http://w:2")))
+    second = gw.fleet.find("http://w:2")[0]
+    target = [(b"x-smg-target-worker", b"http://w:2")]
+
+    async def fail_once() -> None:
+        answer = await call(gw.app, "POST", "/v1/completions", b"{}", headers=target)
+        assert answer.status in (503, 502)
+
+    for _ in range(2):
+        await fail_once()
+    assert second.state.breaker is not None and second.state.breaker.state.label == "open"
+
+    first = gw.fleet.find(URL)[0]
+    assert first.state.breaker is not None
+    assert first.state.breaker.config.failure_threshold == 10
+    patched = await send(gw, "PATCH", URL_PATH, {"cb_failure_threshold": 1})
+    assert patched.status == 200
+    assert gw.fleet.find(URL)[0].state.breaker.config.failure_threshold == 1  # type: ignore[union-attr]
+    for body in ({"cb_failure_threshold": 0}, {"cb_timeout_duration_secs": "1"}):
+        refused = await send(gw, "PATCH", URL_PATH, body)
+        assert refused.status == 400 and next(iter(body)) in refused.json()["error"]["message"]
     await gw.close()
 
 
