@@ -102,6 +102,8 @@ class WorkersApi:
             workers += [_job_info(job) for job in fleet.pending() if not fleet.find(job.worker_url)]
         if self.merge_siblings is not None:
             workers = await self.merge_siblings(workers)
+            if model is not None:  # the siblings list all theirs
+                workers = [w for w in workers if _serves(w, model)]
         kinds = [w.get("worker_type") for w in workers]
         counts = {f"{kind}_count": kinds.count(kind) for kind in ("prefill", "decode", "regular")}
         return json_reply(200, {"workers": workers, "total": len(workers), "stats": counts})
@@ -271,6 +273,11 @@ def _info(target: Target, given: str) -> dict[str, Any]:
     if target.job is not None:
         info["job_status"] = target.job.as_dict()
     return info
+
+
+def _serves(row: dict[str, Any], model: str) -> bool:
+    """Whether a worker's row (``to_info``) lists ``model``, as ``Worker.model_ids`` would."""
+    return model in (row.get("models") or (row.get("model_id"),))
 
 
 def _job_info(job: JobStatus) -> dict[str, Any]:

@@ -16,9 +16,12 @@ Any client the gateway admits may use it, as in smg: it lets a client pin its re
 one worker, which routing keys (``consistent_hashing``, ``manual``, sticky sessions) let it
 do already; the breaker and the health checks still take an overwhelmed worker out.
 
-The header names a worker by its URL (a trailing slash aside) or, as smg's
-``consistent_hashing`` took it, by its index among the model's workers. ``find_worker`` is
-the one place a client's name for a worker is looked up.
+The header names a worker by its id (the UUID ``GET /workers`` lists), its URL (a trailing
+slash aside) or, as smg's ``consistent_hashing`` took it, by its index among the model's
+workers (at most 6 digits: a longer number is no index, and Python refuses to convert one of
+more than 4,300 digits). ``find_worker`` is the one place a client's name for a worker is
+looked up. The errors name the worker as the client gave it, or by its id: never its
+address, which a client that named it by index or id may not know.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from shunter.protocols.reply import Headers
 
 TARGET_HEADER = b"x-smg-target-worker"
 TARGET_REASON = "target_worker"  # the route receipt's reason
+_MAX_INDEX_DIGITS = 6
+_MAX_ECHOED = 128  # of the header's value, in an error
 
 
 def target_of(headers: Headers) -> bytes | None:
@@ -41,13 +46,16 @@ def target_of(headers: Headers) -> bytes | None:
 
 
 def find_worker(name: str, workers: Workers) -> Worker | None:
-    """The worker of ``workers`` that ``name`` names: its URL, or its index."""
+    """The worker of ``workers`` that ``name`` names: its id, its URL, or its index."""
     if name.isascii() and name.isdigit():
+        if len(name) > _MAX_INDEX_DIGITS:
+            return None
         index = int(name)
         return workers[index] if index < len(workers) else None
     url = name.rstrip("/")
+    worker_id = name.lower()
     for worker in workers:
-        if worker.url == url:
+        if worker.url == url or worker.id == worker_id:
             return worker
     return None
 
@@ -60,14 +68,14 @@ def targeted(value: bytes, model: str, workers: Workers) -> Worker:
         raise ApiError(
             400,
             "target_worker_not_found",
-            f"x-smg-target-worker: {name!r} is not a worker of model `{model}` (give a "
-            "worker URL as GET /workers lists it)",
+            f"x-smg-target-worker: {name[:_MAX_ECHOED]!r} is not a worker of model `{model}` "
+            "that serves this endpoint (give a worker id or URL as GET /workers lists it)",
         )
     if not worker.state.available:
         raise ApiError(
             503,
             "target_worker_unavailable",
-            f"x-smg-target-worker: the worker {worker.url} is not available (unhealthy or "
+            f"x-smg-target-worker: the worker {worker.id} is not available (unhealthy or "
             "its circuit open)",
         )
     return worker

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 import orjson
 
+from shunter.api.call import Call
+from shunter.api.workers import WorkersApi
 from shunter.fleet.runtime import HealthConfig
 from shunter.gateway import Gateway
 from shunter.routing.retry import RetryConfig
+from shunter.supervisor.siblings import merge_rows
 from shunter.wire.mock import MockRequest, MockResponse
 
 from support.fakes import Answer, Engines, Workers, call, gateway, ok, ready
@@ -225,6 +229,36 @@ async def test_put_with_a_whole_spec_replaces_the_worker_under_the_same_id() -> 
     moved = await send(gw, "PUT", URL_PATH, {"url": "http://w:9"})
     assert moved.status == 400 and "POST the new URL" in moved.json()["error"]["message"]
     await gw.close()
+
+
+async def test_the_model_filter_holds_for_rows_merged_from_sibling_processes() -> None:
+    """Under --workers N the siblings send all their rows: the filter applies to them too."""
+    gw = gateway()
+    await ready(gw)
+
+    async def siblings(own: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        other = {"url": "http://w:7", "model_id": "other", "models": ["other"], "load": 1}
+        return merge_rows(own, [[*own, other]])
+
+    api = WorkersApi(gw.fleet, lambda _name: None, merge_siblings=siblings)
+    scope = {"query_string": b"model=other", "type": "http", "method": "GET", "path": "/workers"}
+    answer = await _listed(api, scope)
+    assert [w["url"] for w in answer["workers"]] == ["http://w:7"] and answer["total"] == 1
+    scope["query_string"] = b"model=m"
+    answer = await _listed(api, scope)
+    assert [w["url"] for w in answer["workers"]] == [URL]
+    assert answer["workers"][0]["load"] == 0  # merged with the sibling's copy of itself
+    await gw.close()
+
+
+async def _listed(api: WorkersApi, scope: dict[str, Any]) -> Any:
+    reply = await api.list_workers(Call(scope, _no_body, "r", 0))
+    assert isinstance(reply.body, bytes)
+    return orjson.loads(reply.body)
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 async def test_the_list_filters_by_model_and_shows_a_removed_worker_draining() -> None:

@@ -181,7 +181,8 @@ async def test_every_policy_honours_the_target_worker(policy: str) -> None:
     network = Recorder()
     gw = gateway(URLS, network=network, policy=policy, route_receipt=True)
     await ready(gw)
-    for name in ("http://w:2", "http://w:2/", "1"):  # by URL, or smg's index
+    by_id = worker(gw, "http://w:2").id
+    for name in ("http://w:2", "http://w:2/", "1", by_id, by_id.upper()):  # URL, index, id
         assert await send(gw, network, target(name), key("k")) == "http://w:2"
     answer = await call(gw.app, "POST", "/v1/completions", b"{}", [target("http://w:3")])
     assert b"reason=target_worker" in (answer.header(b"x-shunter-route") or b"")
@@ -199,7 +200,11 @@ async def test_an_unknown_or_unavailable_target_is_an_error_naming_it() -> None:
     worker(gw, "http://w:2").state.exclude(True)
     down = await call(gw.app, "POST", "/v1/completions", b"{}", [target("http://w:2")])
     assert down.status == 503 and down.json()["error"]["code"] == "target_worker_unavailable"
-    assert "http://w:2" in down.json()["error"]["message"]
+    message = down.json()["error"]["message"]
+    assert worker(gw, "http://w:2").id in message and "http://w:2" not in message  # no address
+    # A number too long to be an index (int() refuses over 4,300 digits) is no worker: a 400.
+    huge = await call(gw.app, "POST", "/v1/completions", b"{}", [target("7" * 5000)])
+    assert huge.status == 400 and len(huge.json()["error"]["message"]) < 400
     assert network.last == ""  # no worker was asked: no fallback to the policy
     await gw.close()
 
