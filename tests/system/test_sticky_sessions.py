@@ -1,4 +1,5 @@
-"""Sticky sessions end to end: a gateway with --sticky-sessions before two sims."""
+"""Sticky sessions end to end: a gateway with --sticky-sessions before three sims (so that
+once the key's worker is removed, staying on its new one is not the only choice left)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def served_by(gateway: Gateway, key: str) -> str:
 def test_a_key_survives_its_workers_brief_unavailability_and_moves_when_it_is_removed(
     procs: list[Proc],
 ) -> None:
-    sims = {name: Sim(name) for name in ("s1", "s2")}
+    sims = {name: Sim(name) for name in ("s1", "s2", "s3")}
     procs += sims.values()
     gateway = Gateway(
         "--policy",
@@ -59,4 +60,5 @@ def test_a_key_survives_its_workers_brief_unavailability_and_moves_when_it_is_re
     wait_for(lambda: all(w["url"] != sim.url for w in gateway.workers()), 10, f"{home} removed")
     moved = served_by(gateway, "agent-7")
     assert moved != home
+    # Round robin alone would alternate over the two left: the key sticks to its new worker.
     assert {served_by(gateway, "agent-7") for _ in range(4)} == {moved}

@@ -11,6 +11,12 @@ tries again on a worker chosen afresh, avoiding those that failed this request, 
 nothing has been handed back yet. A stream that breaks after its reply was handed back ends
 with an SSE error event instead.
 
+``select`` decides in this order, the first rule that applies winning: the workers that
+serve the endpoint (SGLang-only paths, Messages, tokenize, HTTP-only Responses); a worker
+the client named (``X-SMG-Target-Worker``, ``target.py``); on a retry, the workers this
+request has not failed on; the worker holding a ``previous_response_id``'s conversation
+(``responses.py``); the routing key's worker (sticky sessions, ``sticky.py``); the policy.
+
 Each attempt's decision is kept as a ``Routed`` (``receipt.py``): with ``route_receipt`` the
 answer tells the client which worker and why (``x-shunter-route``), the ``route`` span
 carries it when tracing, and the worker's reported cached tokens are held against the
