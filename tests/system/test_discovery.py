@@ -332,8 +332,8 @@ def test_a_pod_replaced_on_its_address_registers_again_with_its_new_uid(
     assert new != old
 
     def new_uid() -> bool:
-        worker = workers(gateway).get(url(target))
-        return worker is not None and worker["metadata"][POD_UID] == new
+        worker = workers(gateway).get(url(target))  # a pending addition has no metadata yet
+        return worker is not None and worker.get("metadata", {}).get(POD_UID) == new
 
     until(new_uid, "the worker of the new pod")
 
