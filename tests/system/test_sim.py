@@ -80,7 +80,9 @@ def test_load_reflects_running_and_queued_requests(sim: Sim) -> None:
 
     time.sleep(0.2)
     load = httpx.get(sim.url + "/get_load").json()[0]
+    metrics = httpx.get(sim.url + "/metrics").text  # at once: the queue moves on
     assert load["num_reqs"] == 3 and load["num_waiting_reqs"] == 2 and load["num_tokens"] > 0
+    assert 'sglang:num_queue_reqs{model_name="sim-model"} 2' in metrics
     # SGLang's current endpoint, in its shape: what the gateway's load monitor reads first.
     current = httpx.get(sim.url + "/v1/loads", params={"include": "core"}).json()
     assert set(current) == {"timestamp", "version", "accelerator", "num_accelerators", "loads"}
@@ -89,8 +91,6 @@ def test_load_reflects_running_and_queued_requests(sim: Sim) -> None:
     assert sglang_load(current, None) == rank["num_total_tokens"] == rank["num_used_tokens"]
     bad = httpx.get(sim.url + "/v1/loads", params={"include": "core,gpus"})
     assert bad.status_code == 400 and "gpus" in bad.text
-    metrics = httpx.get(sim.url + "/metrics").text
-    assert 'sglang:num_queue_reqs{model_name="sim-model"} 2' in metrics
     for t in threads:
         t.join()
 
