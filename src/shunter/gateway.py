@@ -198,7 +198,8 @@ class Gateway:
         return ControlSocket(config.control_socket, questions)
 
     def fleet_rows(self) -> list[dict[str, Any]]:
-        """This process's view of every worker, as ``GET /workers`` lists it."""
+        """This process's view of every registered worker, each as ``GET /workers`` lists
+        it (what its siblings merge, and the dashboard's rows)."""
         return [w.to_info() for w in self.fleet.registry.all()]
 
     def _peers(self, config: GatewayConfig) -> Exchange | None:

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any
 from shunter import __version__
 
 if TYPE_CHECKING:
-    from shunter.cli.serve import ServeFlags
     from shunter.config import GatewayConfig
 
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its module under ``shunter.cli`` (``Flags``-building class and
-    ``run``), and its help line."""
+    """A subcommand: its module under ``shunter.cli`` (its flags class, named here, and
+    its ``run(flags, args)``), and its help line."""
 
     module: str
     flags: str
@@ -39,19 +38,6 @@ COMMANDS = {
     ),
 }
 _NAMES = {alias: name for name, c in COMMANDS.items() for alias in (name, *c.aliases)}
-
-
-def _run_serve(flags: ServeFlags, args: argparse.Namespace) -> None:
-    config = flags.config(args)
-    if config.workers > 1 and not config.supervised:
-        from shunter.supervise import run_supervisor
-
-        # The children run this same command line, each with its slot's hidden flags.
-        run_supervisor(config, args.argv)
-        return
-    from shunter.run import run_gateway
-
-    run_gateway(config)
 
 
 def build_parser(
@@ -73,7 +59,7 @@ def build_parser(
             continue
         module = importlib.import_module(f"shunter.cli.{command.module}")
         flags = getattr(module, command.flags)(sub)
-        run = _run_serve if name == "serve" else module.run
+        run = module.run
         for alias in (name, *command.aliases):
             commands[alias] = (flags, run)
     return parser, commands

@@ -796,3 +796,17 @@ class ServeFlags:
         except ConfigError as exc:
             parser.error(str(exc))
         raise AssertionError("unreachable")
+
+
+def run(flags: ServeFlags, args: argparse.Namespace) -> None:
+    """Run the gateway: one process, or with ``--workers N`` a supervisor of N."""
+    config = flags.config(args)
+    if config.workers > 1 and not config.supervised:
+        from shunter.supervise import run_supervisor
+
+        # The children run this same command line, each with its slot's hidden flags.
+        run_supervisor(config, args.argv)
+        return
+    from shunter.run import run_gateway
+
+    run_gateway(config)

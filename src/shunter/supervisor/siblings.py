@@ -66,9 +66,7 @@ class Siblings:
 
     async def worker_rows(self) -> list[list[Row]]:
         """Each sibling's rows that could be had in time (a list of JSON objects each)."""
-        answers = await asyncio.gather(
-            *(self._rows(path) for path in self.sockets), return_exceptions=False
-        )
+        answers = await asyncio.gather(*(self._rows(path) for path in self.sockets))
         return [rows for rows in answers if rows is not None]
 
     async def _rows(self, path: str) -> list[Row] | None:
