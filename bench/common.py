@@ -77,9 +77,13 @@ def start(command: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_sims(count: int, *extra: str) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+def start_sims(
+    count: int, *extra: str, kv_events: bool = False
+) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     """``count`` quiet ``shunter sim`` workers named sim-0, sim-1... with ``extra`` flags,
-    answering (their /health) when this returns: the processes and their URLs."""
+    answering (their /health) when this returns: the processes and their URLs. With
+    ``kv_events``, each publishes its KV-cache events on a port of its own (advertised in
+    its server info, where a gateway finds it)."""
     ports = [free_port() for _ in range(count)]
     sims = [
         start(
@@ -87,6 +91,7 @@ def start_sims(count: int, *extra: str) -> tuple[list[subprocess.Popen[bytes]], 
                 sys.executable,
                 *("-m", "shunter", "sim", "--port", str(port), "--worker-id", f"sim-{i}"),
                 *extra,
+                *(("--kv-events-endpoint", f"tcp://127.0.0.1:{free_port()}") if kv_events else ()),
             ]
         )
         for i, port in enumerate(ports)

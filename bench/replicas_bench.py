@@ -12,6 +12,10 @@ share of the single gateway's; max/min is requests per worker; bytes per request
 the gateways published to their peers (each peer receives it once); CPU per request is
 the gateways' user+system time over the run.
 
+Precise rows (on unless ``--no-precise``): N gateways that do not talk to each other, over a
+second fleet of the same sims publishing their KV-cache events; every gateway subscribes to
+every sim (found in the sims' server info) and scores workers by their cached blocks.
+
 ``--burst``: 512 simultaneous requests with distinct new prefixes over 4 gateways, with
 reservations shared (the default) and without (``--peer-reservation-ttl-secs 0``).
 """
@@ -46,6 +50,11 @@ WORDS = 500
 CACHE_TOKENS = 2800
 CONCURRENCY = 16
 
+SIM_FLAGS = (
+    *("--cache-tokens", str(CACHE_TOKENS), "--ttft-ms", "1"),
+    *("--prefill-us-per-token", "5", "--max-running", "64"),
+)
+
 Request = list[dict[str, str]]
 
 
@@ -71,7 +80,21 @@ def burst_workload(count: int = 512) -> list[Request]:
 
 def peer_stats(base: str) -> dict[str, object]:
     with urllib.request.urlopen(base + "/dashboard/data", timeout=5) as response:
-        return json.loads(response.read())["peers"] or {}  # type: ignore[no-any-return]
+        peers: dict[str, object] = json.loads(response.read())["peers"] or {}
+        return peers
+
+
+def heard(base: str) -> int:
+    """How many peers the gateway at ``base`` hears."""
+    peers = peer_stats(base).get("peers")
+    return len(peers) if isinstance(peers, dict) else 0
+
+
+def events_connected(base: str, sims: list[str]) -> bool:
+    """Whether the gateway at ``base`` is subscribed to every sim's KV events."""
+    with urllib.request.urlopen(base + "/dashboard/data", timeout=5) as response:
+        subscribers = json.loads(response.read()).get("kv_events") or {}
+    return all(int(subscribers.get(sim, {}).get("connected", 0)) for sim in sims)
 
 
 async def drive(gateways: list[str], requests: list[Request], concurrency: int) -> float:
@@ -100,6 +123,7 @@ def run(
     requests: list[Request],
     concurrency: int,
     extra: tuple[str, ...] = (),
+    precise: bool = False,
 ) -> dict[str, object]:
     for sim in sims:
         httpx.post(sim + "/flush_cache").raise_for_status()
@@ -117,9 +141,15 @@ def run(
     try:
         for base in bases:
             wait_registered(base, len(sims))
+        if precise:  # every gateway hears every engine before the run starts
+            deadline = time.monotonic() + 30
+            while not all(events_connected(b, sims) for b in bases):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the gateways never subscribed to the sims' events")
+                time.sleep(0.1)
         if shared:  # every gateway hears every other before the run starts
             deadline = time.monotonic() + 30
-            while any(len(peer_stats(b).get("peers") or {}) < count - 1 for b in bases):
+            while any(heard(b) < count - 1 for b in bases):
                 if time.monotonic() > deadline:
                     raise TimeoutError("the gateways never heard each other")
                 time.sleep(0.1)
@@ -153,16 +183,32 @@ def row(name: str, result: dict[str, object], single: float) -> str:
     )
 
 
+def precise_rows(counts: list[int], requests: list[Request], single: float) -> None:
+    """Rows for N gateways that do not talk to each other but all subscribe to the same
+    engines' KV events (precise mode), on a fleet of its own whose sims publish them."""
+    procs, sims = start_sims(WORKERS, *SIM_FLAGS, kv_events=True)
+    try:
+        for count in sorted({1, *counts}):
+            result = run(sims, count, False, requests, CONCURRENCY, precise=True)
+            print(row(f"{count} precise (events)", result, single), flush=True)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gateways", type=int, nargs="*", default=[1, 2, 4, 8])
     parser.add_argument("--burst", action="store_true")
-    args = parser.parse_args()
-    procs, sims = start_sims(
-        WORKERS,
-        *("--cache-tokens", str(CACHE_TOKENS), "--ttft-ms", "1"),
-        *("--prefill-us-per-token", "5", "--max-running", "64"),
+    parser.add_argument(
+        "--precise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add rows for independent gateways scoring by the sims' KV events",
     )
+    args = parser.parse_args()
+    procs, sims = start_sims(WORKERS, *SIM_FLAGS)
     try:
         requests = workload()
         print(
@@ -183,6 +229,8 @@ def main() -> None:
                 result = run(sims, count, shared, requests, CONCURRENCY)
                 name = f"{count} {'peered' if shared else 'independent'}"
                 print(row(name, result, float(single["hit"])), flush=True)  # type: ignore[arg-type]
+        if args.precise:
+            precise_rows(args.gateways, requests, float(single["hit"]))  # type: ignore[arg-type]
         if args.burst:
             burst = burst_workload()
             print("\nburst: 512 simultaneous distinct prefixes over 4 gateways, 8 workers")
