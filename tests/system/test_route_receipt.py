@@ -42,7 +42,9 @@ def test_a_worker_that_evicted_a_document_no_longer_pulls_its_follow_up(
         answer = client.post(url, json=chat("hello there " * 10))  # mostly the system prompt
         talk = receipt(answer)
         assert talk["reason"] == "prefix_match" and talk["worker"] == home
-        assert int(talk["predicted_cached"]) > 40  # the system prompt, the tree believed
+        # The 50-word system prompt, the tree believed (in tokens at the ratio the first
+        # answer showed: the sim's tokens are words).
+        assert int(talk["predicted_cached"]) > 25
         assert answer.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         follow_up = receipt(client.post(url, json=chat(DOCUMENT + " next question")))
         # The tree forgot the document on that worker: the follow-up is placed afresh

@@ -116,6 +116,7 @@ class Exchange:
         self._responses: deque[StoredResponse] = deque()
         self.stored_response = stored_response  # a peer's (response id, worker URL)
         self._flush_pending = False
+        self._urgent_pending = False  # a flush on the loop's next turn (``decided``)
         self._next_snapshot = 0.0
         # Reservations are released within a quarter of their TTL of expiring.
         tick = min(reservation_ttl_secs / 4, TICK_SECS) if reservation_ttl_secs else TICK_SECS
@@ -126,14 +127,22 @@ class Exchange:
 
     # --- the request path: an append, nothing else -------------------------------------------
 
-    def decided(self, model: str, text: str, url: str) -> None:
-        """A cache-aware decision of this gateway (called from ``select``)."""
+    def decided(self, model: str, text: str, url: str, placed: bool = False) -> None:
+        """A cache-aware decision of this gateway (called from ``select``). A ``placed`` one
+        (a new prefix put on a worker) goes out on the loop's next turn, not in ``flush_secs``:
+        gateways placing different new prompts before they hear of each other pile them onto
+        the same small cache (8 peered gateways: up to 5 prompts on one worker and 3 on
+        another, requests max/min 1.54-1.60); placements are a few per prompt's life, so
+        sending them at once costs little."""
         queue = self._queue
         if len(queue) >= self.queue_limit:
             self.counters.queue_full += 1
             return
         queue.append((model, text, url))
-        if not self._flush_pending:
+        if placed and not self._urgent_pending:
+            self._urgent_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_urgent)
+        elif not self._flush_pending:
             self._schedule_flush()
 
     def response_created(self, response_id: str, url: str) -> None:
@@ -201,6 +210,13 @@ class Exchange:
         try:
             self.flush(time.monotonic())
         except Exception:  # never let one bad round stop the exchange
+            log.exception("sending to peers failed")
+
+    def _flush_urgent(self) -> None:
+        self._urgent_pending = False
+        try:
+            self.flush(time.monotonic())
+        except Exception:
             log.exception("sending to peers failed")
 
     def _tick(self) -> None:

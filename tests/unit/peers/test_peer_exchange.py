@@ -39,6 +39,22 @@ async def test_decisions_queued_between_flushes_go_in_one_batch() -> None:
     await gw.close()
 
 
+async def test_a_placement_goes_out_on_the_next_turn_a_match_waits_for_the_batch() -> None:
+    gw = await sample_gateway()
+    sockets = RecordingSockets()
+    exchange = exchange_on(gw, sockets, flush_secs=60.0)
+    exchange.decided("m", SYSTEM + "user 1", "http://w:1")  # a match: batched
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert sockets.sent == []
+    exchange.decided("m", SYSTEM + "user 2", "http://w:1", placed=True)  # a new prefix
+    exchange.decided("m", SYSTEM + "user 3", "http://w:1")  # decided in the same turn
+    await asyncio.sleep(0)
+    [batch] = sockets.batches()  # all three at once, without waiting the 60 s
+    assert len(batch.decisions) == 3
+    await gw.close()
+
+
 async def test_a_full_queue_drops_decisions_and_counts_them() -> None:
     gw = await sample_gateway()
     exchange = exchange_on(gw, queue_limit=5)

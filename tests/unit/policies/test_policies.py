@@ -188,6 +188,53 @@ def test_cache_aware_keeps_a_prefix_on_one_worker_and_spreads_new_ones() -> None
     assert len({next(iter(u)) for u in homes.values()}) == 4  # each prompt its own worker
 
 
+def test_cache_aware_gives_each_worker_an_equal_share_of_new_prompts() -> None:
+    workers = fleet(8)
+    policy = CacheAwarePolicy()
+    counts: Counter[str] = Counter()
+    for s in range(32):  # prompts of different lengths: no two caches are ever equal
+        chosen = policy.select(workers, text_request(f"system {s} " + "words " * (300 + 7 * s)))
+        assert chosen is not None
+        counts[chosen.url] += 1
+    assert sorted(counts.values()) == [4] * 8
+
+
+def test_gateways_with_the_same_view_spread_the_new_prompts_they_place_at_once() -> None:
+    """Peered gateways hold the same trees; placing different new prompts before they hear
+    of each other, they must not all pick the one smallest worker."""
+    workers = fleet(8)
+    history = [f"old prompt {s} " + "words " * (300 + 11 * s) for s in range(8)]
+    gateways = [CacheAwarePolicy() for _ in range(8)]
+    first = gateways[0]
+    for text in history:
+        chosen = first.select(workers, text_request(text))
+        assert chosen is not None
+        for other in gateways[1:]:
+            other.insert_remote("m", text, chosen.url)
+    placed = [
+        gateway.select(workers, text_request(f"new prompt {g} " + "words " * 320))
+        for g, gateway in enumerate(gateways)
+    ]
+    assert len({w.url for w in placed if w is not None}) >= 5, [w and w.url for w in placed]
+    # The same new prompt arriving at two of them at once still goes to one worker.
+    same = "one more new prompt " + "words " * 320
+    assert gateways[1].select(workers, text_request(same)) is gateways[2].select(
+        workers, text_request(same)
+    )
+
+
+def test_cache_aware_tells_its_listener_which_decisions_placed_a_new_prefix() -> None:
+    workers = fleet(2)
+    policy = CacheAwarePolicy()
+    heard: list[tuple[str, str, str, bool]] = []
+    policy.decisions = lambda *decision: heard.append(decision)
+    text = "a shared system prompt " * 20
+    first = policy.select(workers, text_request(text + "one"))
+    policy.select(workers, text_request(text + "two"))
+    assert first is not None
+    assert heard == [("m", text + "one", first.url, True), ("m", text + "two", first.url, False)]
+
+
 def test_cache_aware_goes_to_the_least_loaded_when_imbalanced() -> None:
     workers = fleet(2)
     policy = CacheAwarePolicy(CacheAwareConfig(balance_abs_threshold=4, balance_rel_threshold=1.5))

@@ -12,7 +12,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import generate_latest
 
 from shunter.observability.tracing import Tracing
-from shunter.policies.base import CHARS_PER_TOKEN
 from shunter.policies.cache_aware import CacheAwarePolicy
 from shunter.routing.retry import RetryConfig
 from shunter.wire.mock import MockRequest, MockResponse, UpstreamError
@@ -105,7 +104,11 @@ async def test_cache_aware_receipts_predict_what_the_matched_worker_holds() -> N
     )
     assert (first["reason"], first["predicted_cached"]) == ("new_prefix", "0")
     assert second["reason"] == "prefix_match" and second["worker"] == first["worker"]
-    assert int(second["predicted_cached"]) == (len(SYSTEM) + 1) // CHARS_PER_TOKEN
+    # The first answer counted 300 prompt tokens for its text (the system prompt, a
+    # separator and "one"): the prediction turns the matched characters into tokens so.
+    ratio = (len(SYSTEM) + 1 + len("one")) / 300
+    assert policy_of(gw).chars_per_token["m"] == ratio
+    assert int(second["predicted_cached"]) == int((len(SYSTEM) + 1) / ratio)
     await gw.close()
 
 
@@ -146,7 +149,8 @@ async def test_precision_is_the_distance_from_the_prediction_for_whole_answers_a
     await call(gw.app, "POST", "/v1/chat/completions", chat("one"))  # predicted 0
     engine.cached = 250
     await call(gw.app, "POST", "/v1/chat/completions", chat("two", stream=True))
-    predicted = (len(SYSTEM) + 1) // CHARS_PER_TOKEN  # the second follows the first's match
+    # The second follows the first's match, at the first answer's characters per token.
+    predicted = int((len(SYSTEM) + 1) / ((len(SYSTEM) + 1 + len("one")) / 300))
     under = gw.metrics.precision[("m", "cache_aware", "under")]  # 40 over a prediction of 0
     over = gw.metrics.precision[("m", "cache_aware", "over")]  # 250 under ~290
     assert (under.count, under.total) == (1, 40)
@@ -236,7 +240,9 @@ async def test_an_answer_showing_an_eviction_unpins_what_the_worker_lost() -> No
     await ready(gw, 2)
     document, chat, follow_up = await route_after_an_eviction(gw, engine)
     assert chat["reason"] == "prefix_match" and chat["worker"] == document["worker"]
-    assert policy_of(gw).corrections == 1  # it answered 0 cached of ~50 predicted
+    # It answered 0 cached of ~50 predicted (and the follow-up may correct once more, if
+    # placed where the short prompt is still recorded).
+    assert policy_of(gw).corrections >= 1
     assert follow_up["reason"] == "new_prefix"  # not pulled back by the lost document
     await gw.close()
 
