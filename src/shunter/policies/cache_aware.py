@@ -16,8 +16,9 @@ worker that publishes events is judged by what its engine says it holds, not by 
 step 2 first takes the available worker with the longest run of cached blocks from the start
 of the prompt (ties: the less loaded), if that run covers more than ``cache_threshold`` of
 the prompt; otherwise the tree is matched as above, among the workers *without* events
-only. The tree still records every decision, so a worker that stops publishing falls back
-to it.
+and those routed the match in the last ``EVENTS_LAG_SECS`` (their events may not have
+arrived yet). The tree still records every decision, so a worker that stops publishing
+falls back to it.
 
 The decision is explained (``decide``): ``prefix_match`` (the tree's holder),
 ``cached_blocks`` (precise: the engine's holder), ``load_override`` (imbalance broke the
@@ -120,6 +121,12 @@ class PrefixScorer(Protocol):
 # is normal) and by more than this share of the match (the characters-per-token conversion
 # and a chat template's tokens blur the comparison by a few percent).
 SLACK_TOKENS = 32
+# Precise mode: an engine publishes a prompt's blocks once it has prefilled them, so a
+# prompt routed to it in the last few seconds may not be in its events yet; the tree's
+# record of that route is trusted meanwhile. Without it, the second request of a new prompt,
+# arriving while the first is prefilling, is placed as new on another worker: one gateway
+# over 8 sims split 3 of 32 prompts over two workers that way (requests max/min 1.63).
+EVENTS_LAG_SECS = 5.0
 MAX_RATIO_MODELS = 1024  # models whose token ratio is kept: a bound, whatever reaches here
 SLACK_SHARE = 0.25
 
@@ -218,6 +225,25 @@ class CacheAwarePolicy(Policy):
         if tree.tenant_chars[url] > self.config.max_tree_size:
             self._evictor.wake.set()
 
+    def replace(self, workers: Workers, model: str, text: str, url: str) -> Worker | None:
+        """Place ``text`` (a prompt this gateway placed on ``url``) again, now that a peer's
+        placement on the same worker is known (``peers/conflicts.py``): if ``url`` has left
+        the smallest level, the prompt's later requests go to a worker of that level (the
+        tree records it there, newer, and the peers hear of it). Returns that worker, or
+        None when the prompt stays."""
+        tree = self.trees.get(model)
+        if tree is None or len(workers) < 2:
+            return None
+        low = min(w.state.in_flight for w in workers)
+        level = _smallest_level(workers, tree, text, low, self.config)
+        if not level or any(w.url == url for w in level):
+            return None
+        chosen = _spread(level, text)
+        tree.insert(text, chosen.url, time.monotonic())
+        if self.decisions is not None:
+            self.decisions(model, text, chosen.url, True)
+        return chosen
+
     def cached_prefix(self, request: RouteRequest) -> tuple[int, frozenset[str]]:
         tree = self.trees.get(request.model)
         if tree is None or not request.text:
@@ -250,15 +276,17 @@ class CacheAwarePolicy(Policy):
             holder, counts = _longest_cached(workers, scorer, tree_key, text, chat, config)
             if holder is not None:
                 return holder, "cached_blocks", counts.get(holder.url, 0), None
-        tree = self.trees.get(tree_key)
-        if tree is None or not text:
-            reason = "least_loaded" if not text else "new_prefix"
-            return least_loaded(workers), reason, None, _NOTHING
+        if not text:
+            return least_loaded(workers), "least_loaded", None, _NOTHING
+        # A model's first prompt is placed as any new one (by its hash), not by load: the
+        # gateways of one fleet would all put their first prompts on the same worker.
+        tree = self.tree_for(tree_key)
         matched, tenants = tree.match(text)
         if tenants and matched / len(text) > config.cache_threshold:
-            if precise:  # the tree speaks only for workers without events
+            if precise:  # the tree speaks for workers without events, and for recent routes
                 assert scorer is not None
-                tenants = {u: t for u, t in tenants.items() if not scorer.tracks(u)}
+                lately = time.monotonic() - EVENTS_LAG_SECS
+                tenants = {u: t for u, t in tenants.items() if t >= lately or not scorer.tracks(u)}
             holder = self._most_recent_available(workers, tree_key, tenants)
             if holder is not None:  # it holds the whole match: it is at the deepest node
                 return holder, "prefix_match", None, (matched, tenants[holder.url])
@@ -463,6 +491,15 @@ def _place_new_prefix(
     and a lone gateway is as even as before, since each placement lifts its worker out of
     the level.
     """
+    level = _smallest_level(workers, tree, text, low, config)
+    return _spread(level, text) if level else least_loaded(workers)
+
+
+def _smallest_level(
+    workers: Workers, tree: Tree, text: str, low: int, config: CacheAwareConfig
+) -> list[Worker]:
+    """The available, not overloaded workers holding less than half of ``text`` more than
+    the smallest cache among them (``_place_new_prefix``)."""
     chars = tree.tenant_chars
     candidates: list[Worker] = []
     smallest = -1
@@ -476,11 +513,8 @@ def _place_new_prefix(
         candidates.append(worker)
         if smallest < 0 or held < smallest:
             smallest = held
-    if not candidates:
-        return least_loaded(workers)
     ceiling = smallest + len(text) // 2
-    level = [w for w in candidates if chars.get(w.url, 0) <= ceiling]
-    return _spread(level, text)
+    return [w for w in candidates if chars.get(w.url, 0) <= ceiling]
 
 
 def _spread(workers: list[Worker], text: str) -> Worker:

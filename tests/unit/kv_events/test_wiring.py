@@ -12,6 +12,7 @@ from shunter.cli import main, serve_config
 from shunter.fleet.spec import SpecError, WorkerSpec
 from shunter.gateway import _rank_endpoint
 from shunter.kv_events.hub import tokenizer_from
+from shunter.policies import cache_aware
 from shunter.policies.base import RouteRequest
 from shunter.policies.cache_aware import CacheAwarePolicy
 from shunter.sim.tokenizer import sim_tokenizer, tokenizer_config
@@ -141,7 +142,21 @@ def test_precise_mode_below_the_threshold_places_the_prompt_as_new() -> None:
     assert chosen == {a, b}  # spread as new prefixes, not all to a
 
 
-def test_the_tree_speaks_only_for_workers_without_events() -> None:
+def test_a_route_not_yet_in_the_engines_events_is_taken_from_the_tree() -> None:
+    """The engine publishes a prompt once prefilled: a second request arriving meanwhile
+    follows the first, rather than being placed as new on another worker."""
+    a, b = make_worker("http://a:1"), make_worker("http://b:1")
+    policy = CacheAwarePolicy(scorer=Scorer({a.url, b.url}, {}))  # nothing published yet
+    text = "a shared system prompt " * 10
+    first = policy.decide((a, b), _request(text + "user 1"))
+    second = policy.decide((a, b), _request(text + "user 2"))
+    assert first.reason == "new_prefix" and second.reason == "prefix_match"
+    assert second.worker is first.worker
+
+
+def test_the_tree_speaks_only_for_workers_without_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every route here is older than the events' lag: the engines have had time to speak.
+    monkeypatch.setattr(cache_aware, "EVENTS_LAG_SECS", 0.0)
     a, b = make_worker("http://a:1"), make_worker("http://b:1")
     policy = CacheAwarePolicy()
     text = "a shared system prompt " * 10
