@@ -56,6 +56,10 @@ class KvEvents:
             ids = self._tokenize(text)
         return len(ids), self.index.longest_prefix(model, ids)
 
+    def held_tokens(self, model: str, url: str) -> int:
+        """The tokens ``url``'s engine holds for ``model`` in cached blocks."""
+        return self.index.held_tokens(model, url)
+
     # --- membership ----------------------------------------------------------------------
 
     def add(self, url: str, model: str, endpoint: str, replay_endpoint: str | None) -> None:

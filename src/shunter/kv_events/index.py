@@ -130,6 +130,11 @@ class BlockIndex:
         blocks = self._workers.get(worker)
         return 0 if blocks is None else len(blocks.copies)
 
+    def tokens_of(self, worker: str) -> int:
+        """The tokens ``worker`` holds in cached blocks."""
+        blocks = self._workers.get(worker)
+        return 0 if blocks is None else len(blocks.copies) * blocks.block_size
+
     def longest_prefix(self, token_ids: Any) -> dict[str, int]:
         """Per worker, the tokens of the longest run of cached blocks from the start of
         ``token_ids`` (a block after a miss is worth nothing, as in the engine)."""
@@ -186,6 +191,10 @@ class KvIndex:
     def longest_prefix(self, model: str, token_ids: Any) -> dict[str, int]:
         index = self.models.get(model)
         return {} if index is None else index.longest_prefix(token_ids)
+
+    def held_tokens(self, model: str, worker: str) -> int:
+        index = self.models.get(model)
+        return 0 if index is None else index.tokens_of(worker)
 
     def drop_worker(self, worker: str) -> None:
         for index in self.models.values():

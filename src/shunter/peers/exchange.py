@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 from shunter.aio.periodic import Periodic
 from shunter.fleet.fleet import Fleet
-from shunter.peers.conflicts import Placements
 from shunter.peers.manual import ManualWorkers
 from shunter.peers.messages import (
     Batch,
@@ -74,7 +73,6 @@ class PeerCounters:
     batches_received: int = 0
     bytes_received: int = 0
     decisions_applied: int = 0
-    placements_moved: int = 0  # own prompts moved off a worker a peer placed another on
     malformed: int = 0
     wrong_version: int = 0
     refused_models: int = 0
@@ -113,8 +111,7 @@ class Exchange:
         self.reservations = Reservations(reservation_ttl_secs)
         self.encoder = encoder or PrefixEncoder()
         self.decoder = PrefixDecoder()
-        self._queue: deque[tuple[str, str, str, bool]] = deque()
-        self.placements = Placements(self.node)  # ours, lately: to repair conflicts
+        self._queue: deque[tuple[str, str, str]] = deque()
         self._workers: list[ManualWorker] = []
         self._responses: deque[StoredResponse] = deque()
         self.stored_response = stored_response  # a peer's (response id, worker URL)
@@ -141,12 +138,10 @@ class Exchange:
         if len(queue) >= self.queue_limit:
             self.counters.queue_full += 1
             return
-        queue.append((model, text, url, placed))
-        if placed:
-            self.placements.placed(model, text, url, time.monotonic())
-            if not self._urgent_pending:
-                self._urgent_pending = True
-                asyncio.get_running_loop().call_soon(self._flush_urgent)
+        queue.append((model, text, url))
+        if placed and not self._urgent_pending:
+            self._urgent_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_urgent)
         elif not self._flush_pending:
             self._schedule_flush()
 
@@ -241,9 +236,9 @@ class Exchange:
         decisions: list[Decision] = []
         encoder = self.encoder
         while queue and len(decisions) < MAX_DECISIONS_PER_BATCH:
-            model, text, url, placed = queue.popleft()
+            model, text, url = queue.popleft()
             base, blocks = encoder.encode(model, text, now)
-            decisions.append(Decision(model, url, base, blocks, placed))
+            decisions.append(Decision(model, url, base, blocks))
         pending = self._responses
         responses = [pending.popleft() for _ in range(min(len(pending), MAX_RESPONSES_PER_BATCH))]
         if (queue or pending) and not self._flush_pending:
@@ -302,13 +297,13 @@ class Exchange:
             if self.manual.merge(entry):
                 counters.workers_merged += 1
         for decision in batch.decisions:
-            self._apply(decision, hello.node, now)
+            self._apply(decision, now)
         if self.stored_response is not None:
             for stored in batch.responses:
                 self.stored_response(stored.id, stored.worker)
             counters.responses_learnt += len(batch.responses)
 
-    def _apply(self, decision: Decision, node: str, now: float) -> None:
+    def _apply(self, decision: Decision, now: float) -> None:
         counters = self.counters
         worker = self.fleet.registry.get_by_url(decision.worker)
         if worker is None or decision.model not in worker.model_ids:
@@ -325,21 +320,6 @@ class Exchange:
             policy = self.policy_for(decision.model)
             if isinstance(policy, CacheAwarePolicy):
                 policy.insert_remote(decision.model, prefix, decision.worker)
-                if decision.placed:
-                    self._repair(policy, node, decision.model, prefix, decision.worker, now)
-
-    def _repair(
-        self, policy: CacheAwarePolicy, node: str, model: str, prefix: str, url: str, now: float
-    ) -> None:
-        """A peer placed ``prefix`` on ``url``: move the prompts this gateway placed there
-        meanwhile, if it is the one to (``conflicts.py``)."""
-        moving = self.placements.yielding_to(node, model, prefix, url, now)
-        if not moving:
-            return
-        workers = self.fleet.registry.get_by_model(model)
-        for placement in moving:
-            if policy.replace(workers, model, placement.text, url) is not None:
-                self.counters.placements_moved += 1
 
     def _refuse(self, node: str, reason: str) -> None:
         if node not in self._refused:

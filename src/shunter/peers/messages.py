@@ -35,9 +35,6 @@ class Decision(msgspec.Struct, array_like=True, frozen=True):
     worker: str
     base: int
     blocks: list[str]
-    # Whether it placed a new prompt (peers/conflicts.py). Last, with a default: a peer
-    # that predates it sends none and ignores it when it comes.
-    placed: bool = False
 
 
 class ManualWorker(msgspec.Struct, array_like=True, frozen=True):

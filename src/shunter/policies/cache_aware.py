@@ -114,6 +114,10 @@ class PrefixScorer(Protocol):
         request's body, to be rendered as the engine renders it (``RouteRequest.chat``)."""
         ...
 
+    def held_tokens(self, model: str, url: str) -> int:
+        """The tokens ``url``'s engine holds for ``model`` in cached blocks."""
+        ...
+
 
 # What counts as an evident loss (``_correct``): the worker's cached characters fall short
 # of the tree's match by more than this many tokens' worth (engines cache whole blocks, 16
@@ -225,25 +229,6 @@ class CacheAwarePolicy(Policy):
         if tree.tenant_chars[url] > self.config.max_tree_size:
             self._evictor.wake.set()
 
-    def replace(self, workers: Workers, model: str, text: str, url: str) -> Worker | None:
-        """Place ``text`` (a prompt this gateway placed on ``url``) again, now that a peer's
-        placement on the same worker is known (``peers/conflicts.py``): if ``url`` has left
-        the smallest level, the prompt's later requests go to a worker of that level (the
-        tree records it there, newer, and the peers hear of it). Returns that worker, or
-        None when the prompt stays."""
-        tree = self.trees.get(model)
-        if tree is None or len(workers) < 2:
-            return None
-        low = min(w.state.in_flight for w in workers)
-        level = _smallest_level(workers, tree, text, low, self.config)
-        if not level or any(w.url == url for w in level):
-            return None
-        chosen = _spread(level, text)
-        tree.insert(text, chosen.url, time.monotonic())
-        if self.decisions is not None:
-            self.decisions(model, text, chosen.url, True)
-        return chosen
-
     def cached_prefix(self, request: RouteRequest) -> tuple[int, frozenset[str]]:
         tree = self.trees.get(request.model)
         if tree is None or not request.text:
@@ -271,9 +256,10 @@ class CacheAwarePolicy(Policy):
             exact = _exact(scorer, chosen, tree_key, text, chat, precise)
             return chosen, "load_override", exact, None
         counts: Mapping[str, int] = {}
+        tokens = 0  # the prompt's, when the engines' tokenizer counted them
         if precise:
             assert scorer is not None
-            holder, counts = _longest_cached(workers, scorer, tree_key, text, chat, config)
+            holder, counts, tokens = _longest_cached(workers, scorer, tree_key, text, chat, config)
             if holder is not None:
                 return holder, "cached_blocks", counts.get(holder.url, 0), None
         if not text:
@@ -290,7 +276,14 @@ class CacheAwarePolicy(Policy):
             holder = self._most_recent_available(workers, tree_key, tenants)
             if holder is not None:  # it holds the whole match: it is at the deepest node
                 return holder, "prefix_match", None, (matched, tenants[holder.url])
-        chosen = _place_new_prefix(workers, tree, text, low, config)
+        if scorer is not None and tokens and all(scorer.tracks(w.url) for w in workers):
+            # What each engine holds, as every gateway subscribed to it sees it alike.
+            sizes = {w.url: scorer.held_tokens(tree_key, w.url) for w in workers}
+            chosen = _place_new_prefix(workers, sizes, tokens // 2, text, low, config)
+        else:
+            chosen = _place_new_prefix(
+                workers, tree.tenant_chars, len(text) // 2, text, low, config
+            )
         if chosen is not None and precise and scorer is not None and scorer.tracks(chosen.url):
             return chosen, "new_prefix", counts.get(chosen.url, 0), None
         return chosen, "new_prefix", None, _NOTHING if not matched else None
@@ -449,13 +442,13 @@ def _longest_cached(
     text: str,
     chat: bytes | None,
     config: CacheAwareConfig,
-) -> tuple[Worker | None, Mapping[str, int]]:
+) -> tuple[Worker | None, Mapping[str, int], int]:
     """The available worker whose engine holds the longest cached run of the prompt, if
-    that run is more than ``cache_threshold`` of it (ties go to the less loaded); and the
-    engines' counts."""
+    that run is more than ``cache_threshold`` of it (ties go to the less loaded); the
+    engines' counts; and the prompt's tokens."""
     total, cached = scorer.cached_tokens(model, text, chat)
     if not total or not cached:
-        return None, cached
+        return None, cached, total
     best: Worker | None = None
     best_key = (0, 0)
     for worker in workers:
@@ -465,15 +458,23 @@ def _longest_cached(
             if best is None or key > best_key:
                 best, best_key = worker, key
     if best is None or best_key[0] / total <= config.cache_threshold:
-        return None, cached
-    return best, cached
+        return None, cached, total
+    return best, cached, total
 
 
 def _place_new_prefix(
-    workers: Workers, tree: Tree, text: str, low: int, config: CacheAwareConfig
+    workers: Workers,
+    sizes: Mapping[str, int],
+    half: int,
+    text: str,
+    low: int,
+    config: CacheAwareConfig,
 ) -> Worker | None:
     """Where a prefix no worker holds should go: a worker with the smallest cache among
-    those that are not overloaded (by the same thresholds that define imbalance).
+    those that are not overloaded (by the same thresholds that define imbalance). A cache's
+    size (``sizes``) is the characters the tree holds for the worker, or in precise mode,
+    when every worker publishes events, the tokens its engine holds (independent gateways
+    then agree on it); ``half``: half the prompt, in the same unit.
 
     smg sends misses to the least-loaded worker; in-flight counts are noisy at the moment a
     prefix first appears, so prefixes land unevenly and the worker holding the most thrashes
@@ -482,7 +483,8 @@ def _place_new_prefix(
     with smallest-tree placement).
 
     "The smallest" is a level, not one worker: every worker holding less than half this
-    prompt more than the smallest cache. Among them the prompt's own hash picks (``_spread``).
+    prompt (``half``) more than the smallest cache. Among them the prompt's own hash picks
+    (``_spread``).
     Gateways that share their decisions (peers/, ``--workers N``) hold nearly the same trees,
     so each would pick the same unique smallest worker for the different prefixes they place
     within the few milliseconds before they hear of each other: 8 peered gateways split 32
@@ -491,16 +493,7 @@ def _place_new_prefix(
     and a lone gateway is as even as before, since each placement lifts its worker out of
     the level.
     """
-    level = _smallest_level(workers, tree, text, low, config)
-    return _spread(level, text) if level else least_loaded(workers)
-
-
-def _smallest_level(
-    workers: Workers, tree: Tree, text: str, low: int, config: CacheAwareConfig
-) -> list[Worker]:
-    """The available, not overloaded workers holding less than half of ``text`` more than
-    the smallest cache among them (``_place_new_prefix``)."""
-    chars = tree.tenant_chars
+    chars = sizes
     candidates: list[Worker] = []
     smallest = -1
     for worker in workers:
@@ -513,8 +506,10 @@ def _smallest_level(
         candidates.append(worker)
         if smallest < 0 or held < smallest:
             smallest = held
-    ceiling = smallest + len(text) // 2
-    return [w for w in candidates if chars.get(w.url, 0) <= ceiling]
+    if not candidates:
+        return least_loaded(workers)
+    ceiling = smallest + half
+    return _spread([w for w in candidates if chars.get(w.url, 0) <= ceiling], text)
 
 
 def _spread(workers: list[Worker], text: str) -> Worker:

@@ -105,11 +105,21 @@ def test_a_tokenizer_directory_encodes_as_the_engine(tmp_path: Path) -> None:
 class Scorer:
     """What the events say, set by the test."""
 
-    def __init__(self, tracked: set[str], cached: dict[str, int], total: int = 100) -> None:
+    def __init__(
+        self,
+        tracked: set[str],
+        cached: dict[str, int],
+        total: int = 100,
+        held: dict[str, int] | None = None,
+    ) -> None:
         self.active = bool(tracked)
         self.tracked = tracked
         self.cached = cached
         self.total = total
+        self.held = held or {}
+
+    def held_tokens(self, model: str, url: str) -> int:
+        return self.held.get(url, 0)
 
     def tracks(self, url: str) -> bool:
         return url in self.tracked
@@ -140,6 +150,16 @@ def test_precise_mode_below_the_threshold_places_the_prompt_as_new() -> None:
     policy = CacheAwarePolicy(scorer=Scorer({a.url, b.url}, {a.url: 16}))  # 16 of 100 tokens
     chosen = {policy.select((a, b), _request(f"prompt {i} " * 10)) for i in range(4)}
     assert chosen == {a, b}  # spread as new prefixes, not all to a
+
+
+def test_precise_mode_places_a_new_prompt_by_what_the_engines_hold() -> None:
+    """Independent gateways subscribed to the same engines agree on their sizes, though
+    each tree holds only its own routes."""
+    a, b = make_worker("http://a:1"), make_worker("http://b:1")
+    engines = Scorer({a.url, b.url}, {}, held={a.url: 1000})  # a holds 1,000 tokens, b none
+    for n in range(20):  # fresh gateways: their trees are empty
+        chosen = CacheAwarePolicy(scorer=engines).select((a, b), _request(f"prompt {n} " * 10))
+        assert chosen is b
 
 
 def test_a_route_not_yet_in_the_engines_events_is_taken_from_the_tree() -> None:

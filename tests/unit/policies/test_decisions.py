@@ -168,6 +168,9 @@ class Engines:
     ) -> tuple[int, dict[str, int]]:
         return 300, self.counts
 
+    def held_tokens(self, model: str, url: str) -> int:
+        return self.counts.get(url, 0)
+
 
 def test_precise_cache_aware_predicts_the_engines_exact_count() -> None:
     workers = fleet(2)
