@@ -50,6 +50,7 @@ import asyncio
 import logging
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -171,6 +172,8 @@ class CacheAwarePolicy(Policy):
         # Per model, the routing text's characters per prompt token, as the workers count
         # them (``_learn_ratio``); CHARS_PER_TOKEN until an answer says.
         self.chars_per_token: dict[str, float] = {}
+        # Precise placements of the last EVENTS_LAG_SECS: (when, worker URL, model, tokens).
+        self._placed: deque[tuple[float, str, str, int]] = deque(maxlen=4096)
 
     def tree_for(self, model: str) -> Tree:
         tree = self.trees.get(model)
@@ -277,9 +280,7 @@ class CacheAwarePolicy(Policy):
             if holder is not None:  # it holds the whole match: it is at the deepest node
                 return holder, "prefix_match", None, (matched, tenants[holder.url])
         if scorer is not None and tokens and all(scorer.tracks(w.url) for w in workers):
-            # What each engine holds, as every gateway subscribed to it sees it alike.
-            sizes = {w.url: scorer.held_tokens(tree_key, w.url) for w in workers}
-            chosen = _place_new_prefix(workers, sizes, tokens // 2, text, low, config)
+            chosen = self._place_by_engines(workers, scorer, tree_key, tokens, text, low)
         else:
             chosen = _place_new_prefix(
                 workers, tree.tenant_chars, len(text) // 2, text, low, config
@@ -287,6 +288,34 @@ class CacheAwarePolicy(Policy):
         if chosen is not None and precise and scorer is not None and scorer.tracks(chosen.url):
             return chosen, "new_prefix", counts.get(chosen.url, 0), None
         return chosen, "new_prefix", None, _NOTHING if not matched else None
+
+    def _place_by_engines(
+        self,
+        workers: Workers,
+        scorer: PrefixScorer,
+        model: str,
+        tokens: int,
+        text: str,
+        low: int,
+    ) -> Worker | None:
+        """Precise placement: each cache's size is what its engine holds (every gateway
+        subscribed to it sees the same, where each tree knows only its own routes), plus
+        the prompts this gateway placed on it in the last ``EVENTS_LAG_SECS``, not yet in
+        its events. Without those, a gateway placing prompts faster than the engines
+        publish them took the same smallest engine for several (one gateway over 8 sims:
+        5 prompts on one, 3 on another; requests max/min 1.67)."""
+        sizes = {w.url: scorer.held_tokens(model, w.url) for w in workers}
+        now = time.monotonic()
+        placed = self._placed
+        while placed and placed[0][0] < now - EVENTS_LAG_SECS:
+            placed.popleft()
+        for _, where, what, count in placed:
+            if what == model and where in sizes:
+                sizes[where] += count
+        chosen = _place_new_prefix(workers, sizes, tokens // 2, text, low, self.config)
+        if chosen is not None:
+            placed.append((now, chosen.url, model, tokens))
+        return chosen
 
     def _most_recent_available(
         self, workers: Workers, tree_key: str, tenants: dict[str, float]

@@ -3,6 +3,7 @@ the tokenizer choice, and cache_aware reading a scorer."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -160,6 +161,14 @@ def test_precise_mode_places_a_new_prompt_by_what_the_engines_hold() -> None:
     for n in range(20):  # fresh gateways: their trees are empty
         chosen = CacheAwarePolicy(scorer=engines).select((a, b), _request(f"prompt {n} " * 10))
         assert chosen is b
+
+
+def test_precise_placement_counts_what_it_placed_before_the_engines_published_it() -> None:
+    workers = tuple(make_worker(f"http://w{i}:1") for i in range(4))
+    engines = Scorer({w.url for w in workers}, {})  # nothing published yet
+    policy = CacheAwarePolicy(scorer=engines)
+    placed = [policy.select(workers, _request(f"prompt {n} " * 10)) for n in range(8)]
+    assert sorted(Counter(w.url for w in placed if w is not None).values()) == [2, 2, 2, 2]
 
 
 def test_a_route_not_yet_in_the_engines_events_is_taken_from_the_tree() -> None:
