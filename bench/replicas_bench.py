@@ -185,12 +185,16 @@ def row(name: str, result: dict[str, object], single: float) -> str:
 
 def precise_rows(counts: list[int], requests: list[Request], single: float) -> None:
     """Rows for N gateways that do not talk to each other but all subscribe to the same
-    engines' KV events (precise mode), on a fleet of its own whose sims publish them."""
+    engines' KV events (precise mode), on a fleet of its own whose sims publish them; and
+    for N gateways doing both."""
     procs, sims = start_sims(WORKERS, *SIM_FLAGS, kv_events=True)
     try:
         for count in sorted({1, *counts}):
             result = run(sims, count, False, requests, CONCURRENCY, precise=True)
             print(row(f"{count} precise (events)", result, single), flush=True)
+            if count > 1:
+                result = run(sims, count, True, requests, CONCURRENCY, precise=True)
+                print(row(f"{count} precise, peered", result, single), flush=True)
     finally:
         for proc in procs:
             proc.terminate()

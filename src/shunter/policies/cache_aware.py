@@ -126,14 +126,15 @@ class PrefixScorer(Protocol):
 # is normal) and by more than this share of the match (the characters-per-token conversion
 # and a chat template's tokens blur the comparison by a few percent).
 SLACK_TOKENS = 32
+SLACK_SHARE = 0.25
+
 # Precise mode: an engine publishes a prompt's blocks once it has prefilled them, so a
 # prompt routed to it in the last few seconds may not be in its events yet; the tree's
 # record of that route is trusted meanwhile. Without it, the second request of a new prompt,
 # arriving while the first is prefilling, is placed as new on another worker: one gateway
 # over 8 sims split 3 of 32 prompts over two workers that way (requests max/min 1.63).
 EVENTS_LAG_SECS = 5.0
-MAX_RATIO_MODELS = 1024  # models whose token ratio is kept: a bound, whatever reaches here
-SLACK_SHARE = 0.25
+MAX_RATIO_MODELS = 1024  # models whose token ratio is kept (a bound on the dictionary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +364,7 @@ class CacheAwarePolicy(Policy):
         observed = min(max(observed, 1.0), 32.0)
         ratio = self.chars_per_token.get(model)
         if ratio is None:
-            if len(self.chars_per_token) >= MAX_RATIO_MODELS:  # models named by clients
+            if len(self.chars_per_token) >= MAX_RATIO_MODELS:
                 return
             self.chars_per_token[model] = observed
         else:
