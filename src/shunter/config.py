@@ -113,9 +113,9 @@ class GatewayConfig:
     # the other gateways' peer ports, HOST:PORT.
     peer_port: int | None = None
     peer_urls: list[str] = field(default_factory=list)
-    # Where the peer port is bound (None: --host). The supervisor of --workers N binds its
-    # children's own peer ports on loopback when the operator named no --peer-port.
-    peer_host: str | None = None
+    # A ZeroMQ endpoint bound instead of --host:--peer-port: the supervisor of --workers N
+    # gives its children IPC endpoints ("ipc://PATH") when the operator named no --peer-port.
+    peer_endpoint: str | None = None
     # How long a peer's routing decision counts in its worker's in-flight here (0: not at all).
     peer_reservation_ttl_secs: float = 1.0
     # The Responses API (routing/affinity.py): how many response ids the gateway remembers
@@ -338,7 +338,7 @@ class GatewayConfig:
             )
 
     def _validate_peers(self) -> None:
-        if self.peer_port is None:
+        if self.peer_port is None and self.peer_endpoint is None:
             if self.peer_urls:
                 raise ConfigError("--peer-urls needs --peer-port (where the peers reach us)")
             if self.discovery.router_selector:
@@ -351,10 +351,15 @@ class GatewayConfig:
             raise ConfigError(
                 "--router-selector needs the kubernetes extra: pip install 'shunter[kubernetes]'"
             )
-        _check_port("--peer-port", self.peer_port)
+        if self.peer_port is not None:
+            _check_port("--peer-port", self.peer_port)
+        elif self.discovery.router_selector:
+            raise ConfigError("--router-selector needs --peer-port")
         if not 0 <= self.peer_reservation_ttl_secs <= 60:
             raise ConfigError("--peer-reservation-ttl-secs must be between 0 and 60")
         for peer in self.peer_urls:
+            if peer.startswith("ipc://") and len(peer) > len("ipc://"):
+                continue  # a sibling process's endpoint (--workers N)
             host, _, port = peer.rpartition(":")
             if not host or "/" in peer or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError(f"--peer-urls {peer}: give HOST:PORT (a peer's --peer-port)")

@@ -203,15 +203,18 @@ class Gateway:
         return [w.to_info() for w in self.fleet.registry.all()]
 
     def _peers(self, config: GatewayConfig) -> Exchange | None:
-        """The exchange with the other gateways, when ``--peer-port`` is given."""
-        port = config.peer_port
-        if port is None:
-            return None
-        host, peers = config.peer_host or config.host, list(config.peer_urls)
+        """The exchange with the other gateways, when ``--peer-port`` is given (or, for a
+        ``--workers`` child, an endpoint of its supervisor's choosing)."""
+        bind = config.peer_endpoint
+        if bind is None:
+            if config.peer_port is None:
+                return None
+            bind = f"{config.host}:{config.peer_port}"
+        peers = list(config.peer_urls)
         return Exchange(
             self.fleet,
             lambda model: self.policies.policy_for(model),
-            lambda: PeerSockets(host, port, peers),
+            lambda: PeerSockets(bind, peers),
             reservation_ttl_secs=config.peer_reservation_ttl_secs,
             stored_response=self.response_affinity.remember,
         )

@@ -66,7 +66,7 @@ async def _supervise(config: GatewayConfig, argv: Sequence[str], socket_dir: str
         argv,
         os.getpid(),
         control_sockets=paths,
-        peers=children_peers(count, config.peer_port, config.peer_urls),
+        peers=children_peers(count, config.peer_port, config.peer_urls, socket_dir),
     )
     collector = ChildrenCollector(count, lambda index: fetch_exposition(paths[index]))
     supervisor = Supervisor(count, command.spawn, restarted=collector.retire)

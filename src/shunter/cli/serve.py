@@ -153,7 +153,7 @@ class ServeFlags:
             g.flag(flag, field, type=int, help=argparse.SUPPRESS)
         g.flag("--control-socket", "control_socket", type=str, help=argparse.SUPPRESS)
         g.flag("--sibling-sockets", "sibling_sockets", type=str, nargs="*", help=argparse.SUPPRESS)
-        g.flag("--peer-host", "peer_host", type=str, help=argparse.SUPPRESS)
+        g.flag("--peer-endpoint", "peer_endpoint", type=str, help=argparse.SUPPRESS)
         g.flag(
             "--worker-urls",
             "worker_urls",

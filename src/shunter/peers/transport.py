@@ -34,13 +34,21 @@ RECONNECT_IVL_MAX_MS = 5_000
 MAX_DRAIN = 256  # messages read per callback before the loop gets a turn
 
 
+def endpoint(peer: str) -> str:
+    """A peer as ZeroMQ names it: ``HOST:PORT`` over TCP, or an ``ipc://PATH`` as given."""
+    return peer if peer.startswith("ipc://") else f"tcp://{peer}"
+
+
 class PeerSockets:
-    def __init__(self, host: str, port: int, peers: list[str]) -> None:
+    """This gateway's PUB, bound at ``bind`` (``HOST:PORT`` or ``ipc://PATH``), and a SUB
+    connected to every one of ``peers`` (the same forms)."""
+
+    def __init__(self, bind: str, peers: list[str]) -> None:
         self.context = zmq.Context()
         self.pub = self.context.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, SNDHWM)
         self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(f"tcp://{host}:{port}")
+        self.pub.bind(endpoint(bind))
         self.sub = self.context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, RCVHWM)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -50,7 +58,7 @@ class PeerSockets:
         self.static = frozenset(peers)
         self.found: frozenset[str] = frozenset()  # connected by set_found
         for peer in self.static:
-            self.sub.connect(f"tcp://{peer}")
+            self.sub.connect(endpoint(peer))
         self._fd: int = self.sub.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handler: Callable[[list[bytes]], None] | None = None
@@ -69,9 +77,9 @@ class PeerSockets:
         wanted = peers - self.static
         added, gone = set(wanted - self.found), set(self.found - wanted)
         for peer in gone:
-            self.sub.disconnect(f"tcp://{peer}")
+            self.sub.disconnect(endpoint(peer))
         for peer in added:
-            self.sub.connect(f"tcp://{peer}")
+            self.sub.connect(endpoint(peer))
         self.found = wanted
         return added, gone
 

@@ -519,9 +519,9 @@ def _place_new_prefix(
     prefixes they place in the few milliseconds before they hear of each other: 4 and 8
     peered gateways over 8 workers put 5 of 32 prompts on one worker and 3 on another that
     way (requests max/min 1.48-1.67 in 7 of 8 runs). Hashed, they mostly spread (1.00 in 6
-    of 10 runs, at most 1.5 in 8, 1.67 at worst); the same new prompt arriving at two gateways at once goes to
-    one worker; and a lone gateway is as even as before, since each placement lifts its
-    worker out of the level.
+    of 10 runs, at most 1.5 in 8, 1.67 at worst); the same new prompt arriving at two
+    gateways at once goes to one worker; and a lone gateway is as even as before, since
+    each placement lifts its worker out of the level.
     """
     chars = sizes
     candidates: list[Worker] = []

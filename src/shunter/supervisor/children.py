@@ -14,6 +14,7 @@ gone takes no new connection (bench/workers_bench.py measures the spread).
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -59,46 +60,44 @@ class ChildCommand:
 class ChildPeers:
     """The peer exchange among the children, and with other gateways.
 
-    Each child binds a peer port of its own and names every sibling's, so that a ``POST
+    Each child binds a peer endpoint of its own and names every sibling's, so that a ``POST
     /workers`` to any process reaches all of them and every process learns the others'
     cache-aware decisions. With the operator's ``--peer-port P`` child ``i`` binds ``P + i``
     on ``--host`` (a replica elsewhere lists ``P`` .. ``P + N - 1`` of this host) and also
-    names the operator's ``--peer-urls``; without it, ports free on loopback, bound there.
-    A slot keeps its port across restarts, so the siblings' lists stay true.
+    names the operator's ``--peer-urls``. Without it the children talk over ZeroMQ IPC
+    sockets in the supervisor's private directory: no port to pick, so none another program
+    can take between the supervisor's choice and the child's bind (loopback ports found
+    free with bind(0) come from the range every outgoing connection also draws from). A
+    slot keeps its endpoint across restarts, so the siblings' lists stay true.
     """
 
-    ports: Sequence[int]  # per slot
+    # Per slot, where its siblings reach it: "127.0.0.1:PORT" (the child binds PORT on
+    # --host) or "ipc://PATH" (the child binds that).
+    endpoints: Sequence[str]
     remote: Sequence[str] = ()  # the operator's --peer-urls
-    host: str | None = None  # the bind address; None: --host
 
     def args(self, index: int) -> list[str]:
-        siblings = [f"{LOOPBACK}:{port}" for slot, port in enumerate(self.ports) if slot != index]
+        own = self.endpoints[index]
+        siblings = [e for slot, e in enumerate(self.endpoints) if slot != index]
+        if own.startswith("ipc://"):
+            bind = ["--peer-endpoint", own]
+        else:
+            bind = ["--peer-port", own.rpartition(":")[2]]
         # Given after the operator's flags, these win (argparse keeps the last).
-        args = ["--peer-port", str(self.ports[index]), "--peer-urls", *siblings, *self.remote]
-        if self.host is not None:
-            args += ["--peer-host", self.host]
-        return args
+        return [*bind, "--peer-urls", *siblings, *self.remote]
 
 
-def children_peers(count: int, peer_port: int | None, peer_urls: Sequence[str]) -> ChildPeers:
+def children_peers(
+    count: int, peer_port: int | None, peer_urls: Sequence[str], socket_dir: str
+) -> ChildPeers:
     """The peer exchange of ``count`` children, given the operator's ``--peer-port`` and
-    ``--peer-urls`` (see ``ChildPeers``)."""
+    ``--peer-urls`` and the supervisor's private ``socket_dir`` (see ``ChildPeers``)."""
     if peer_port is not None:
         ports = [peer_port + index for index in range(count)]
-        return ChildPeers(ports, tuple(peer_urls))
-    return ChildPeers(free_loopback_ports(count), host=LOOPBACK)
-
-
-def free_loopback_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports free now (held together so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((LOOPBACK, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        return ChildPeers([f"{LOOPBACK}:{port}" for port in ports], tuple(peer_urls))
+    return ChildPeers(
+        [f"ipc://{os.path.join(socket_dir, f'peer-{index}')}" for index in range(count)]
+    )
 
 
 def reserve_port(host: str, port: int) -> list[socket.socket]:

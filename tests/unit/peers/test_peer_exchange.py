@@ -70,7 +70,7 @@ async def test_a_dead_or_stalled_peer_never_blocks_the_sender() -> None:
     context = zmq.Context()
     gw = await sample_gateway(host="127.0.0.1")
     port = free_port()
-    sockets = PeerSockets("127.0.0.1", port, [f"127.0.0.1:{free_port()}"])
+    sockets = PeerSockets(f"127.0.0.1:{port}", [f"127.0.0.1:{free_port()}"])
     stalled = context.socket(zmq.SUB)
     stalled.setsockopt(zmq.RCVHWM, 1)
     stalled.setsockopt(zmq.SUBSCRIBE, b"")

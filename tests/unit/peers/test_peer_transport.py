@@ -40,9 +40,9 @@ async def heard(listener: PeerSockets, speaker: PeerSockets, marker: bytes) -> l
 
 async def test_a_found_peer_is_heard_and_a_gone_one_disconnected() -> None:
     a_port, b_port, c_port = free_port(), free_port(), free_port()
-    c = PeerSockets(HOST, c_port, [])
-    b = PeerSockets(HOST, b_port, [])
-    a = PeerSockets(HOST, a_port, [f"{HOST}:{c_port}"])  # C named at start
+    c = PeerSockets(f"{HOST}:{c_port}", [])
+    b = PeerSockets(f"{HOST}:{b_port}", [])
+    a = PeerSockets(f"{HOST}:{a_port}", [f"{HOST}:{c_port}"])  # C named at start
     monitor = b.pub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     try:
         assert a.set_found(frozenset({f"{HOST}:{b_port}", f"{HOST}:{c_port}"})) == (
@@ -76,7 +76,7 @@ async def heard_again(listener: PeerSockets, speaker: PeerSockets) -> list[bytes
 async def test_peers_found_before_the_exchange_starts_are_connected_at_start() -> None:
     gw = await sample_gateway()
     port = free_port()
-    exchange = Exchange(gw.fleet, gw.policies.policy_for, lambda: PeerSockets(HOST, port, []))
+    exchange = Exchange(gw.fleet, gw.policies.policy_for, lambda: PeerSockets(f"{HOST}:{port}", []))
     try:
         exchange.peers_found(frozenset({f"{HOST}:1234"}))  # the watcher may list first
         exchange.start()

@@ -10,7 +10,6 @@ from shunter.cli import main, serve_config
 from shunter.supervisor.children import (
     ChildCommand,
     children_peers,
-    free_loopback_ports,
     reserve_port,
 )
 
@@ -36,36 +35,31 @@ def test_without_sockets_a_child_gets_no_socket_flags() -> None:
     assert "--sibling-sockets" not in command.args(0)
 
 
-def test_each_child_is_a_peer_of_its_siblings_on_loopback() -> None:
+def test_each_child_is_a_peer_of_its_siblings_over_ipc_in_the_private_directory() -> None:
     argv = ["serve", "--workers", "3", "--port", "30111"]
     config = serve_config(argv[1:])
-    peers = children_peers(config.workers, config.peer_port, config.peer_urls)
-    assert peers.host == LOOPBACK and len(set(peers.ports)) == 3
+    peers = children_peers(config.workers, config.peer_port, config.peer_urls, "/run/x")
+    assert peers.endpoints == [f"ipc:///run/x/peer-{i}" for i in range(3)]
     command = ChildCommand(argv, 1, peers=peers)
     for index in range(3):
         config = serve_config(command.args(index)[1:])  # what child ``index`` runs with
-        siblings = {f"{LOOPBACK}:{p}" for i, p in enumerate(peers.ports) if i != index}
-        assert config.peer_port == peers.ports[index]
+        siblings = {e for i, e in enumerate(peers.endpoints) if i != index}
+        assert config.peer_endpoint == peers.endpoints[index]
+        assert config.peer_port is None  # no port: none to pick, none to lose to another
         assert set(config.peer_urls) == siblings
-        assert config.peer_host == LOOPBACK  # no one asked for peers beyond this host
 
 
 def test_the_operators_peers_are_kept_and_its_port_counts_up_per_child() -> None:
     argv = ["serve", "--workers", "2", "--port", "30111", "--peer-port", "7100"]
     argv += ["--peer-urls", "10.0.0.2:7100", "10.0.0.2:7101"]
     config = serve_config(argv[1:])
-    peers = children_peers(config.workers, config.peer_port, config.peer_urls)
+    peers = children_peers(config.workers, config.peer_port, config.peer_urls, "/run/x")
     command = ChildCommand(argv, 1, peers=peers)
     first, second = (serve_config(command.args(i)[1:]) for i in range(2))
     assert (first.peer_port, second.peer_port) == (7100, 7101)
     assert set(first.peer_urls) == {"127.0.0.1:7101", "10.0.0.2:7100", "10.0.0.2:7101"}
     assert set(second.peer_urls) == {"127.0.0.1:7100", "10.0.0.2:7100", "10.0.0.2:7101"}
-    assert first.peer_host is None  # bound on --host, for the remote replicas
-
-
-def test_free_loopback_ports_are_distinct() -> None:
-    ports = free_loopback_ports(4)
-    assert len(set(ports)) == 4
+    assert first.peer_endpoint is None  # bound on --host, for the remote replicas
 
 
 def _listener(port: int, reuse_port: bool) -> socket.socket:
