@@ -36,8 +36,8 @@ from pathlib import Path
 
 import httpx
 
-from common import free_port, gateway_args, smg_args, wait_http
-from proxy_bench import HERE, LUA, checkout, cpu_seconds, run_wrk, spawn, wait_routing
+from common import cpu_seconds, free_port, gateway_args, smg_args, wait_http
+from proxy_bench import HERE, LUA, checkout, run_wrk, spawn, wait_routing
 
 CHAT = {
     "model": "sim-model",
