@@ -145,7 +145,7 @@ class GrpcPipeline:
                 text = tokenizer.apply_chat_template(
                     request.messages, request.tools, request.template_kwargs
                 )
-                ids = tokenizer.encode(text, add_special_tokens=False)
+                ids = tokenizer.encode_prompt(text)
             elif request.input_ids is not None:
                 text, ids = "", request.input_ids
             else:
