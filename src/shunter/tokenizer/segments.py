@@ -4,9 +4,10 @@ A chat prompt is the chat template's output: the messages' texts between the tem
 added tokens (``<|im_start|>``, ``<|im_end|>``...). Requests repeat most of those texts: the
 system prompt, and in a conversation every earlier turn. Hugging Face ``tokenizers`` splits
 its input at added tokens first and encodes each piece on its own, so encoding the pieces
-separately gives the same ids, and a piece seen before costs a dictionary lookup. With the
-benchmark's chat (a 700-character prompt), encoding took 550-700 us of the gateway's 2 ms
-per chat; by segments, from the cache, about 10 us.
+separately gives the same ids, and a piece seen before costs a dictionary lookup. The
+benchmark's chat (a 700-character prompt, bench/grpc_bench.py) took 550-700 us to encode
+whole, about 45 by segments from the cache; the gateway's CPU per chat went from 2.29 to
+1.67 ms in one run.
 
 This holds only where the tokenizer really treats each piece on its own. ``for_tokenizer``
 checks that from tokenizer.json and declines otherwise (the caller encodes whole):
