@@ -10,8 +10,10 @@ started at once, each measured alone): Shunter with the worker as grpc://, smg w
 grpc:// worker (it takes the sim's tokenizer through ``GetTokenizer``), Shunter at
 ``--baseline REV`` (an older revision, from a temporary worktree through PYTHONPATH: a
 before/after ratio that survives a noisy machine), and Shunter with the worker as http://
-for reference. The sim, wrk and the stream client share CPU 0. Gateway CPU is the process's
-user+system time over the requests completed (or the tokens streamed).
+for reference. The sim, wrk and the stream client share CPU 0. Each gateway runs with its
+defaults (metrics, retries, breakers, admission; logging at its default level, so
+Shunter's access log is on). Gateway CPU is the process's user+system time over the
+requests completed (or the tokens streamed).
 
 - Whole chat: wrk, 16 connections, `max_tokens` 16.
 - Streams: 16 concurrent streamed chats of 64 tokens, repeated; CPU per token, the tokens
@@ -50,14 +52,23 @@ CHAT = {
 STREAM = {**CHAT, "max_tokens": 64, "stream": True, "stream_options": {"include_usage": True}}
 
 
+def default_log_level(args: list[str]) -> list[str]:
+    """``args`` less their ``--log-level``: every gateway logs at its own default (Shunter's
+    access log on, a line per request; smg's two), as issue 17's method asks."""
+    at = args.index("--log-level")
+    return args[:at] + args[at + 2 :]
+
+
 def start_shunter(worker: str, source: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    return spawn(1, *gateway_args(port, "round_robin", worker), source=source), port
+    args = default_log_level(gateway_args(port, "round_robin", worker))
+    return spawn(1, *args, source=source), port
 
 
 def start_smg(smg: str, worker: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    command = [*smg_args(smg, port, "round_robin", [worker]), "--prometheus-host", "127.0.0.1"]
+    command = default_log_level(smg_args(smg, port, "round_robin", [worker]))
+    command += ["--prometheus-host", "127.0.0.1"]
     process = subprocess.Popen(
         ["taskset", "-c", "1", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
