@@ -1,15 +1,24 @@
-"""The gRPC data plane's cost: gateway CPU per chat request and per streamed token, gRPC
-against HTTP to the same simulated worker, and the per-request channel fetch on its own.
+"""The gRPC data plane's cost: gateway CPU per chat request and per streamed token, Shunter
+beside smg's gRPC path on the same simulated worker, in the same run.
 
-Run: python bench/grpc_bench.py [--duration 6]     (needs `wrk` and the grpc extra)
+Run: python bench/grpc_bench.py [--duration 6] [--rounds 3] [--baseline REV] [--smg PATH]
+     (needs `wrk` and the grpc extra; smg from `pip install smg`)
 
 One `shunter sim --grpc --http-port` process serves both protocols from one engine (no
-latency: --ttft-ms 0 --itl-ms 0). Two gateways run side by side on CPU 1, one with the
-worker as grpc://, one as http://; the sim, wrk and the stream client share CPU 0. Gateway
-CPU is the process's user+system time over the requests completed.
+latency: --ttft-ms 0 --itl-ms 0). The gateways run one after the other on CPU 1 (all
+started at once, each measured alone): Shunter with the worker as grpc://, smg with the same
+grpc:// worker (it takes the sim's tokenizer through ``GetTokenizer``), Shunter at
+``--baseline REV`` (an older revision, from a temporary worktree through PYTHONPATH: a
+before/after ratio that survives a noisy machine), and Shunter with the worker as http://
+for reference. The sim, wrk and the stream client share CPU 0. Each gateway runs with its
+defaults (metrics, retries, breakers, admission; logging at its default level, so
+Shunter's access log is on). Gateway CPU is the process's user+system time over the
+requests completed (or the tokens streamed).
 
 - Whole chat: wrk, 16 connections, `max_tokens` 16.
-- Streams: 16 concurrent streamed chats of 64 tokens, repeated; CPU per token.
+- Streams: 16 concurrent streamed chats of 64 tokens, repeated; CPU per token, the tokens
+  counted from each stream's usage chunk (``stream_options.include_usage``), so a gateway
+  that sends several tokens per chunk is not charged more per token.
 - Channel fetch: ``cell.value or await cell.get()`` timed in process, from 1 to 1,000
   concurrent tasks (target: under 1 µs, flat).
 """
@@ -19,15 +28,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
-from common import free_port, gateway_args, wait_http
-from proxy_bench import LUA, cpu_seconds, run_wrk, spawn, wait_routing
+from common import cpu_seconds, free_port, gateway_args, smg_args, wait_http
+from proxy_bench import HERE, LUA, checkout, run_wrk, spawn, wait_routing
 
 CHAT = {
     "model": "sim-model",
@@ -37,25 +49,47 @@ CHAT = {
         {"role": "user", "content": "Tell me about the old stone bridge."},
     ],
 }
+STREAM = {**CHAT, "max_tokens": 64, "stream": True, "stream_options": {"include_usage": True}}
 
 
-def start_gateway(worker: str) -> tuple[subprocess.Popen[bytes], int]:
+def default_log_level(args: list[str]) -> list[str]:
+    """``args`` less their ``--log-level``: every gateway logs at its own default (Shunter's
+    access log on, a line per request; smg's two), as issue 17's method asks."""
+    at = args.index("--log-level")
+    return args[:at] + args[at + 2 :]
+
+
+def start_shunter(worker: str, source: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    return spawn(1, *gateway_args(port, "round_robin", worker)), port
+    args = default_log_level(gateway_args(port, "round_robin", worker))
+    return spawn(1, *args, source=source), port
+
+
+def start_smg(smg: str, worker: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    command = default_log_level(smg_args(smg, port, "round_robin", [worker]))
+    command += ["--prometheus-host", "127.0.0.1"]
+    process = subprocess.Popen(
+        ["taskset", "-c", "1", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return process, port
 
 
 async def streams(port: int, concurrent: int, rounds: int) -> int:
-    """Run ``rounds`` x ``concurrent`` streamed chats of 64 tokens; the tokens received."""
-    body = {**CHAT, "max_tokens": 64, "stream": True}
+    """Run ``rounds`` x ``concurrent`` streamed chats of 64 tokens; the tokens streamed
+    (the completion tokens of each stream's usage chunk)."""
     tokens = 0
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
 
         async def one() -> int:
             count = 0
-            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async with client.stream("POST", "/v1/chat/completions", json=STREAM) as response:
                 async for line in response.aiter_lines():
-                    if line.startswith("data: {") and '"content":"' in line:
-                        count += 1
+                    if line.startswith("data: {") and '"usage":{' in line:
+                        usage = json.loads(line[6:]).get("usage") or {}
+                        count = max(count, int(usage.get("completion_tokens") or 0))
+            if not count:
+                raise RuntimeError(f"a stream through port {port} had no usage chunk")
             return count
 
         for _ in range(rounds):
@@ -66,7 +100,6 @@ async def streams(port: int, concurrent: int, rounds: int) -> int:
 async def ttft_under_load(port: int, concurrent: int = 64) -> float:
     """Median ms to the first content chunk with ``concurrent`` streams opened at once
     (DESIGN §6 saw grpc.aio on uvloop starve new streams: 6 ms became 61 ms at 64)."""
-    body = {**CHAT, "max_tokens": 64, "stream": True}
     limits = httpx.Limits(max_connections=concurrent)
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
@@ -74,7 +107,7 @@ async def ttft_under_load(port: int, concurrent: int = 64) -> float:
         async def one() -> float:
             began = time.perf_counter()
             first: float | None = None
-            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async with client.stream("POST", "/v1/chat/completions", json=STREAM) as response:
                 async for line in response.aiter_lines():
                     if first is None and '"content":"' in line and '"content":""' not in line:
                         first = time.perf_counter() - began
@@ -111,41 +144,49 @@ async def fetch_cost(concurrency: int, fetches: int = 20_000) -> float:
     return statistics.median(costs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def start_sim() -> tuple[subprocess.Popen[bytes], int, int]:
     grpc_port, http_port = free_port(), free_port()
     sim = spawn(
         0,
-        "-m",
-        "shunter",
-        "sim",
-        "--grpc",
-        "--port",
-        str(grpc_port),
-        "--http-port",
-        str(http_port),
-        "--ttft-ms",
-        "0",
-        "--itl-ms",
-        "0",
-        "--prefill-us-per-token",
-        "0",
-        "--max-running",
-        "256",
+        *("-m", "shunter", "sim", "--grpc", "--port", str(grpc_port)),
+        *("--http-port", str(http_port), "--ttft-ms", "0", "--itl-ms", "0"),
+        *("--prefill-us-per-token", "0", "--max-running", "256"),
     )
+    return sim, grpc_port, http_port
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs per row; the median of each figure is reported"
+    )
+    parser.add_argument(
+        "--baseline", default=None, help="git revision of Shunter to measure beside this one"
+    )
+    parser.add_argument(
+        "--smg",
+        default=shutil.which("smg"),
+        help="smg executable to measure in the same run (pip install smg; '' to leave it out)",
+    )
+    args = parser.parse_args()
+    sim, grpc_port, http_port = start_sim()
+    grpc_url = f"grpc://127.0.0.1:{grpc_port}"
+    baseline = checkout(args.baseline) if args.baseline else None
     gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
     rows: dict[str, dict[str, list[float]]] = {}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as body_file:
+        json.dump(CHAT, body_file)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(LUA.format(body=body_file.name))
     try:
         wait_http(f"http://127.0.0.1:{http_port}/health")
-        gateways["gRPC"] = start_gateway(f"grpc://127.0.0.1:{grpc_port}")
-        gateways["HTTP"] = start_gateway(f"http://127.0.0.1:{http_port}")
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as body_file:
-            json.dump(CHAT, body_file)
-        with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-            script.write(LUA.format(body=body_file.name))
+        gateways["shunter"] = start_shunter(grpc_url)
+        if baseline is not None:
+            gateways["baseline"] = start_shunter(grpc_url, baseline / "src")
+        if args.smg:
+            gateways["smg"] = start_smg(args.smg, grpc_url)
+        gateways["HTTP"] = start_shunter(f"http://127.0.0.1:{http_port}")
         for _, port in gateways.values():
             wait_routing(port, body=json.dumps(CHAT).encode())
         for _ in range(args.rounds):
@@ -171,21 +212,47 @@ def main() -> None:
             process.wait()
         sim.terminate()
         sim.wait()
+        os.unlink(script.name)
+        os.unlink(body_file.name)
+        if baseline is not None:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(baseline)], cwd=HERE.parent, check=True
+            )
+    report(rows, args)
+
+
+def ratio(rows: dict[str, dict[str, list[float]]], other: str, key: str) -> float:
+    """Shunter's figure over ``other``'s, per round, then the median: both figures of a
+    ratio come from the same minute of a noisy machine."""
+    pairs = zip(rows["shunter"][key], rows[other][key], strict=True)
+    return statistics.median(mine / theirs for mine, theirs in pairs)
+
+
+def report(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
+    def med(name: str, key: str) -> float:
+        return statistics.median(rows[name][key])
+
     print(
         f"gateway CPU, same sim, medians of {args.rounds} rounds ({args.duration} s wrk, "
-        "16 connections; streams: 16 x 64 tokens x 4)"
+        "16 connections; streams: 16 x 64 tokens x 4); load average "
+        + " ".join(f"{x:.2f}" for x in os.getloadavg())
     )
     print(
-        f"{'worker':>6} | {'CPU/chat':>9} | {'req/s':>7} | {'p50':>8} | "
+        f"{'gateway':>8} | {'CPU/chat':>9} | {'req/s':>7} | {'p50':>8} | "
         f"{'CPU/streamed token':>18} | {'TTFT, 64 streams':>16}"
     )
-    for name, row in rows.items():
+    for name in rows:
         print(
-            f"{name:>6} | {statistics.median(row['cpu_us']):>7.0f}us | "
-            f"{statistics.median(row['rps']):>7.0f} | {statistics.median(row['p50']):>6.0f}us | "
-            f"{statistics.median(row['tok_us']):>16.1f}us | "
-            f"{statistics.median(row['ttft']):>14.1f}ms"
+            f"{name:>8} | {med(name, 'cpu_us'):>7.0f}us | {med(name, 'rps'):>7.0f} | "
+            f"{med(name, 'p50'):>6.0f}us | {med(name, 'tok_us'):>16.1f}us | "
+            f"{med(name, 'ttft'):>14.1f}ms"
         )
+    for other in ("smg", "baseline"):
+        if other in rows:
+            print(
+                f"shunter/{other}: CPU per chat {ratio(rows, other, 'cpu_us'):.2f}, "
+                f"CPU per streamed token {ratio(rows, other, 'tok_us'):.2f}"
+            )
     print("channel fetch (cell.value or await cell.get()), ns per fetch:")
     costs = {n: asyncio.run(fetch_cost(n)) for n in (1, 10, 100, 1000)}
     print("  " + "  ".join(f"{n} tasks: {ns:.0f}" for n, ns in costs.items()))

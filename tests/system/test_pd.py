@@ -284,10 +284,12 @@ def test_grpc_pairs_share_a_room_through_disaggregated_params(procs: list[Proc])
     assert streamed.status_code == 200 and sse_events(streamed.text)
     p, d = fleet.pair()
     assert p["rooms"] == d["rooms"] and 0 <= p["rooms"][0] < 2**31
-    prefill.set_faults(error_rate=1.0, error_status=400)
+    # The prefill refuses after 300 ms: by then the decode is at its worker, waiting for the
+    # room (a refusal at once can cancel the decode call before it is sent at all).
+    prefill.set_faults(error_rate=1.0, error_status=400, extra_latency_ms=300)
     started = time.perf_counter()
     refused = fleet.post("/v1/chat/completions", chat)
-    assert refused.status_code == 400 and time.perf_counter() - started < 1.0
+    assert refused.status_code == 400 and time.perf_counter() - started < 1.3
     wait_for(lambda: fleet.pair()[1]["aborted"], 5, "the gRPC decode aborted")
 
 

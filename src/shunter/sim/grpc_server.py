@@ -83,6 +83,20 @@ def _input_logprobs(input_ids: list[int], logprob_start_len: int) -> Any:
     )
 
 
+def _stream_interval(params: Any) -> int:
+    """Tokens per streamed chunk: the request's ``stream_interval``, else SGLang's default
+    (``--stream-interval 1``)."""
+    if params.HasField("stream_interval") and params.stream_interval > 1:
+        return int(params.stream_interval)
+    return 1
+
+
+def _chunk_due(generated: int, interval: int) -> bool:
+    """Whether SGLang's scheduler streams after its ``generated``-th token: the first at
+    once, then every ``interval`` (and the last, which the caller knows)."""
+    return interval == 1 or generated % interval == 1
+
+
 async def _unless_aborted(work: Coroutine[Any, Any, Any], aborted: asyncio.Event) -> bool:
     """Run ``work`` unless the request is aborted first (False: it was, and ``work`` stops)."""
     task = asyncio.ensure_future(work)
@@ -329,7 +343,10 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
         if not params.ignore_eos:
             stops.update(eos_token_ids())
         sequence = _Sequence(self.engine, generation, self.config.faults.scripted_reply)
+        interval = _stream_interval(params)
         output: list[int] = []
+        unsent: list[int] = []  # generated since the last chunk
+        last_chunk: list[int] = []
         finish, matched = "length", None
         async for _ in self.engine.run(generation):
             if aborted.is_set():
@@ -337,15 +354,21 @@ class SchedulerServicer(sglang_scheduler_pb2_grpc.SglangSchedulerServicer):  # t
                 break
             token = sequence.next_id()
             output.append(token)
-            if request.stream:
-                yield self._chunk(request, generation, output, [token], index)
+            unsent.append(token)
+            ends = token in stops or len(output) >= generation.max_tokens
+            if request.stream and (ends or _chunk_due(len(output), interval)):
+                yield self._chunk(request, generation, output, unsent, index)
+                last_chunk, unsent = unsent, []
             if token in stops:
                 finish, matched = "stop", token
                 break
+        # Streamed, SGLang's servicer sends the finishing step twice: as a chunk, then as
+        # the complete, whose output_ids are that step's ids again; whole, the complete
+        # carries every id.
         yield pb.GenerateResponse(
             request_id=request.request_id,
             complete=pb.GenerateComplete(
-                output_ids=[] if request.stream else output,
+                output_ids=last_chunk if request.stream else output,
                 finish_reason=finish,
                 prompt_tokens=len(generation.prompt_tokens),
                 completion_tokens=len(output),

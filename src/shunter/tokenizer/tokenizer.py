@@ -18,6 +18,8 @@ from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HfTokenizer
 
+from shunter.tokenizer.segments import SegmentEncoder
+
 
 class TokenizerError(Exception):
     """The tokenizer files are missing or unreadable, or a chat template failed."""
@@ -43,6 +45,8 @@ class ModelTokenizer:
     special_tokens: dict[str, str]  # bos_token, eos_token... for the template
     eos_ids: tuple[int, ...]
     _template: Template | None = field(default=None, repr=False)
+    # Prompts encoded by segments, where the tokenizer allows it (segments.py).
+    _segments: SegmentEncoder | None = field(default=None, repr=False)
 
     @classmethod
     def from_files(
@@ -51,8 +55,10 @@ class ModelTokenizer:
         if "tokenizer.json" not in files:
             raise TokenizerError("no tokenizer.json among the tokenizer files")
         try:
-            hf = HfTokenizer.from_str(files["tokenizer.json"].decode())
+            source = files["tokenizer.json"].decode()
+            hf = HfTokenizer.from_str(source)
             config = json.loads(files.get("tokenizer_config.json", b"{}"))
+            model = json.loads(source)
         except Exception as exc:  # tokenizers raises plain Exception for a bad file
             raise TokenizerError(f"unreadable tokenizer files: {exc}") from None
         if not isinstance(config, dict):
@@ -65,7 +71,13 @@ class ModelTokenizer:
         }
         eos = specials.get("eos_token")
         eos_id = hf.token_to_id(eos) if eos else None
-        return cls(hf, template, specials, (eos_id,) if eos_id is not None else ())
+
+        def piece(text: str) -> list[int]:
+            return list(hf.encode(text, add_special_tokens=False).ids)
+
+        segments = SegmentEncoder.for_tokenizer(model, piece) if isinstance(model, dict) else None
+        eos_ids = (eos_id,) if eos_id is not None else ()
+        return cls(hf, template, specials, eos_ids, _segments=segments)
 
     @classmethod
     def from_directory(cls, path: str, chat_template: str | None = None) -> ModelTokenizer:
@@ -80,6 +92,13 @@ class ModelTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A rendered prompt's ids, no special tokens added: by segments, each encoded once,
+        where the tokenizer allows it (``segments.py``)."""
+        if self._segments is not None:
+            return self._segments.encode(text)
+        return self.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens))

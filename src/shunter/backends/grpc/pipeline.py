@@ -145,7 +145,7 @@ class GrpcPipeline:
                 text = tokenizer.apply_chat_template(
                     request.messages, request.tools, request.template_kwargs
                 )
-                ids = tokenizer.encode(text, add_special_tokens=False)
+                ids = tokenizer.encode_prompt(text)
             elif request.input_ids is not None:
                 text, ids = "", request.input_ids
             else:
@@ -339,8 +339,9 @@ class _Output:
             part = message.complete
             sequence = self._sequence(part.index)
             self._count(sequence, part)
-            if part.output_ids:  # ids a non-streaming worker sends here
-                added = sequence.add(list(part.output_ids))
+            unseen = _unseen_ids(part, sequence)
+            if unseen:
+                added = sequence.add(unseen)
                 if chunks is not None:
                     self._deltas(chunks, sequence, added)
             matched = part.WhichOneof("matched_stop")
@@ -377,6 +378,20 @@ class _Output:
         self.usage.prompt_tokens = part.prompt_tokens or self.usage.prompt_tokens
         self.usage.cached_tokens = part.cached_tokens or self.usage.cached_tokens
         self.usage.completion_tokens = sum(s.completion_tokens for s in self.sequences)
+
+
+def _unseen_ids(complete: Any, sequence: OutputSequence) -> list[int]:
+    """The ids of a ``complete`` that its chunks did not bring. Whole, it carries them all;
+    streamed, SGLang's servicer repeats there the ids of the last chunk (it sends the
+    finishing step both ways), where an older one sent the last step's ids only there. The
+    count of completion tokens tells which: the ids past those received are new."""
+    ids = complete.output_ids
+    if not ids:
+        return []
+    if not complete.completion_tokens:
+        return list(ids)
+    unseen = complete.completion_tokens - len(sequence.output_ids)
+    return list(ids[-unseen:]) if unseen > 0 else []
 
 
 def _call_failure(exc: BaseException) -> SchedulerError:

@@ -21,6 +21,7 @@ import grpc
 from smg_grpc_proto.generated import common_pb2, sglang_scheduler_pb2, sglang_scheduler_pb2_grpc
 
 pb = sglang_scheduler_pb2
+_GENERATE = "/sglang.grpc.scheduler.SglangScheduler/Generate"
 
 # Keep the connection warm and notice a dead peer within seconds, not at the next request.
 _CHANNEL_OPTIONS = [
@@ -70,12 +71,21 @@ def scheduler_error(exc: grpc.RpcError) -> SchedulerError:
 class SchedulerClient:
     """Calls on one worker's scheduler over one shared channel."""
 
-    __slots__ = ("channel", "stub", "target")
+    __slots__ = ("channel", "generate_one", "stub", "target")
 
     def __init__(self, url: str) -> None:
         self.target = grpc_target(url)
         self.channel = grpc.aio.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self.stub = sglang_scheduler_pb2_grpc.SglangSchedulerStub(self.channel)
+        # Generate again, called as a unary RPC: the wire is the same (one request, then
+        # the responses), and when exactly one response comes grpc.aio completes the call
+        # in one batch of operations instead of one per step. 560-610 against 760-780 us
+        # of client CPU per call on the same sim, 16 at once.
+        self.generate_one = self.channel.unary_unary(
+            _GENERATE,
+            request_serializer=pb.GenerateRequest.SerializeToString,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
 
     async def _unary(self, method: Any, request: Any, timeout: float) -> Any:
         try:
@@ -132,8 +142,13 @@ class SchedulerClient:
             raise SchedulerError("the tokenizer archive is not a zip file") from None
 
     def generate(self, request: Any, timeout: float | None) -> AsyncIterator[Any]:
-        """Start ``Generate``; iterate the call for its responses, ``cancel()`` it to stop."""
+        """Start ``Generate``; iterate the call for its responses, ``cancel()`` it to stop.
+
+        A request the worker answers with one message (not streamed, one sequence: SGLang
+        sends its ``complete`` alone) takes the unary call, read as a stream of one."""
         try:
+            if not request.stream and request.sampling_params.n <= 1:
+                return _OneResponse(self.generate_one(request, timeout=timeout))
             call: AsyncIterator[Any] = self.stub.Generate(request, timeout=timeout)
         except grpc.aio.UsageError:
             raise SchedulerError("the channel to the worker is closed", "connect") from None
@@ -149,3 +164,25 @@ class SchedulerClient:
         get ``grace`` seconds to finish."""
         await asyncio.sleep(1.0)
         await self.channel.close(grace=grace)
+
+
+class _OneResponse:
+    """A unary ``Generate`` call read as the stream of its one response."""
+
+    __slots__ = ("_call", "_read")
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._read = False
+
+    def __aiter__(self) -> _OneResponse:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._read:
+            raise StopAsyncIteration
+        self._read = True
+        return await self._call
+
+    def cancel(self) -> bool:
+        return bool(self._call.cancel())
