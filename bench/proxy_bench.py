@@ -13,7 +13,7 @@ Gateway CPU per request is the gateway process's user+system time over the reque
 completed, the figure that survives a noisy machine. One more row puts the mock worker
 and wrk on CPU 1 beside the gateways (one connection): the latency a gateway adds when it
 has to share its core, where waking up costs what it costs. Streams: 64 chunks 10 ms apart;
-time to first byte at 1 stream (median of 30, the client leaving after the first event),
+time to first byte at 1 stream (median of 30 one-chunk streams),
 CPU per stream at 32 concurrent streams.
 """
 
@@ -117,13 +117,11 @@ def run_wrk(
     return {"total": total, "rps": rps, "p50": p50, "p99": p99}
 
 
-async def one_stream(port: int, whole: bool = True) -> tuple[float, float]:
-    """(seconds to the first body byte, seconds to [DONE]) for one streamed request; with
-    ``whole`` false the client leaves after the first event (the second figure is then the
-    first's)."""
+async def one_stream(port: int, body: bytes = BODY) -> tuple[float, float]:
+    """(seconds to the first body byte, seconds to [DONE]) for one streamed request."""
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    body = BODY.replace(b'"stream": false', b'"stream": true')
+    body = body.replace(b'"stream": false', b'"stream": true')
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\n"
         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
@@ -136,7 +134,7 @@ async def one_stream(port: int, whole: bool = True) -> tuple[float, float]:
     while b"data:" not in rest:
         rest += await reader.read(65536)
     first = time.perf_counter() - started
-    while whole and b"[DONE]" not in rest:
+    while b"[DONE]" not in rest:
         chunk = await reader.read(65536)
         if not chunk:
             break
@@ -145,14 +143,13 @@ async def one_stream(port: int, whole: bool = True) -> tuple[float, float]:
     return first, time.perf_counter() - started
 
 
+# A one-chunk stream (the mock worker sends ``max_tokens`` chunks at most): a first byte
+# measured without waiting out a whole stream, the worker's connection back in the pool.
+TTFB_BODY = BODY.replace(b'"max_tokens": 64', b'"max_tokens": 1')
+
+
 async def stream_ttfb(port: int, runs: int = 30) -> float:
-    """Median microseconds to a stream's first event, one stream at a time. The client
-    leaves after it (a whole stream is 640 ms of waiting) and pauses 20 ms, so the gateway
-    has finished with the stream it left before the next one starts."""
-    firsts = []
-    for _ in range(runs):
-        firsts.append((await one_stream(port, whole=False))[0])
-        await asyncio.sleep(0.02)
+    firsts = [(await one_stream(port, TTFB_BODY))[0] for _ in range(runs)]
     return statistics.median(firsts) * 1e6
 
 
