@@ -133,6 +133,68 @@ async def test_timeouts_and_refused_connections(serve) -> None:  # type: ignore[
     assert no_one.value.kind == "connect"
 
 
+async def test_a_stream_arms_one_read_timer_not_one_per_chunk(serve) -> None:  # type: ignore[no-untyped-def]
+    """Each wait for a chunk is bounded by the read timeout, but through one timer per
+    stream: arming and cancelling one per chunk was a measured share of a chunk's relay."""
+    asked: asyncio.Queue[None] = asyncio.Queue()
+
+    async def lockstep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for i in range(20):
+            await asked.get()  # the client waits for this chunk
+            writer.write(b"1\r\n%d\r\n" % (i % 10))
+            await writer.drain()
+        await asked.get()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    client = await serve(lockstep)
+    stream = await client.stream("POST", "http://x/", [], b"")
+    loop = asyncio.get_running_loop()
+    armed = 0
+    call_later = loop.call_later
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal armed
+        armed += 1
+        return call_later(*args, **kwargs)
+
+    loop.call_later = counting  # type: ignore[method-assign]
+    try:
+        chunks = []
+        while True:
+            asked.put_nowait(None)
+            chunk = await stream.next_chunk()
+            if chunk is None:
+                break
+            chunks.append(chunk)
+    finally:
+        del loop.call_later
+    await stream.aclose()
+    assert b"".join(chunks) == b"01234567890123456789"
+    assert armed == 1
+
+
+async def test_chunks_within_the_read_timeout_may_outlast_it_together(serve) -> None:  # type: ignore[no-untyped-def]
+    """The read timeout bounds each wait, not the stream: the one timer, firing during a
+    wait that began late, sleeps again for the rest of that wait."""
+
+    async def paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for part in (b"a", b"b", b"c", b"d"):
+            await asyncio.sleep(0.12)
+            writer.write(b"1\r\n%s\r\n" % part)
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    client = await serve(paced)
+    short = H1StreamClient(client.origin, 2.0, 0.2)  # 4 x 0.12 s: twice the read timeout
+    assert await drain(await short.stream("POST", "http://x/", [], b"")) == [b"a", b"b", b"c", b"d"]
+
+
 async def test_closing_a_stream_early_closes_its_connection(serve) -> None:  # type: ignore[no-untyped-def]
     closed = asyncio.Event()
 
