@@ -8,6 +8,9 @@ ratio that survives a noisy machine. The Rust routers (smg, vllm-router, sglang-
 measured in the same run when installed; every figure is printed with its ratio to
 vllm-router's.
 
+Every gateway runs at its own default log level, as it ships: Shunter writes its access log
+(a line per request), smg and sglang-router two lines per request, vllm-router none.
+
 The gateway runs alone on CPU 1; the mock worker, wrk and the stream client share CPU 0.
 Gateway CPU per request is the gateway process's user+system time over the requests wrk
 completed, the figure that survives a noisy machine. One more row puts the mock worker
@@ -34,7 +37,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from common import WRK_POST_LUA, cpu_seconds, free_port, gateway_args, smg_args, wait_http
+from common import WRK_POST_LUA, cpu_seconds, free_port, gateway_args, wait_http
 
 HERE = Path(__file__).resolve().parent
 BODY = (HERE / "chat_1k.json").read_bytes()
@@ -161,26 +164,31 @@ async def stream_batch(port: int, concurrent: int, rounds: int) -> int:
 
 def shunter(up_url: str, source: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    return spawn(GATEWAY_CPU, *gateway_args(port, "round_robin", up_url), source=source), port
+    args = gateway_args(port, "round_robin", up_url, quiet=False)
+    return spawn(GATEWAY_CPU, *args, source=source), port
 
 
 def smg_command(smg: str, port: int, up_url: str) -> list[str]:
-    return smg_args(smg, port, "round_robin", [up_url])
+    return [
+        *(smg, "launch", "--host", "127.0.0.1", "--port", str(port)),
+        *("--prometheus-port", str(free_port()), "--policy", "round_robin"),
+        *("--worker-urls", up_url),
+    ]
 
 
 def vllm_router_command(router: str, port: int, up_url: str) -> list[str]:
-    """vllm-router's own CLI: no subcommand, ``warning`` where smg says ``warn``."""
+    """vllm-router's own CLI: no subcommand."""
     return [
         *(router, "--host", "127.0.0.1", "--port", str(port)),
-        *("--prometheus-port", str(free_port()), "--log-level", "warning"),
-        *("--policy", "round_robin", "--worker-urls", up_url),
+        *("--prometheus-port", str(free_port()), "--policy", "round_robin"),
+        *("--worker-urls", up_url),
     ]
 
 
 def sglang_router_command(module: str, port: int, up_url: str) -> list[str]:
     """sglang-router is launched as its module (its package also installs a ``smg`` script,
     which would shadow smg's own); the arguments are smg's, from which it forked."""
-    _program, _launch, *arguments = smg_args("", port, "round_robin", [up_url])
+    _program, _launch, *arguments = smg_command("", port, up_url)
     return [sys.executable, "-m", module, *arguments]
 
 
