@@ -366,7 +366,9 @@ def main() -> None:
 
 
 def ratio(value: float, reference: float | None) -> str:
-    return f"{value / reference:>5.2f}" if reference else f"{'-':>5}"
+    """``value / reference``, or '-' where there is no reference or it is not positive (an
+    added latency can come out negative, within the noise)."""
+    return f"{value / reference:>5.2f}" if reference and reference > 0 else f"{'-':>5}"
 
 
 def report(
