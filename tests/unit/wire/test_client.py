@@ -182,6 +182,29 @@ async def test_a_connection_arms_one_read_timer_not_one_per_wait(serve) -> None:
     await patient.close()
 
 
+async def test_a_kept_alive_connection_keeps_its_parser(serve) -> None:  # type: ignore[no-untyped-def]
+    """After a complete response llhttp expects the next one: a connection back from the
+    pool parses with the parser it had (a fresh one per request was a measured cost), and
+    a length-delimited answer followed by a chunked one both parse whole."""
+
+    async def two(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 201 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nsecond\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+
+    client = await serve(two)
+    first = await client.stream("POST", "http://x/", [], b"")
+    parser = first._conn.parser
+    assert await drain(first) == [b"first"]
+    second = await client.stream("POST", "http://x/", [], b"")
+    assert second._conn.parser is parser
+    assert (second.status, await drain(second)) == (201, [b"second"])
+
+
 async def test_chunks_within_the_read_timeout_may_outlast_it_together(serve) -> None:  # type: ignore[no-untyped-def]
     """The read timeout bounds each wait, not the stream: the one timer, firing during a
     wait that began late, sleeps again for the rest of that wait."""
