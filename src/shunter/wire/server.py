@@ -686,9 +686,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         cycle = self.queue.popleft()
         self.running = cycle
-        task = cycle.task = self.loop.create_task(self._run(cycle))
-        self.server.tasks.add(task)
-        task.add_done_callback(self.server.tasks.discard)
+        cycle.task = self.loop.create_task(self._run(cycle))
+        self.server.tasks.add(cycle.task)  # ``_run`` takes it out: no done callback to schedule
 
     async def _run(self, cycle: Cycle) -> None:
         try:
@@ -709,6 +708,8 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self.transport.close()
             return
+        finally:
+            self.server.tasks.discard(cycle.task)
         if not cycle.response_complete and not cycle.disconnected:
             log.error("ASGI app returned without completing the response")
             self.transport.close()
