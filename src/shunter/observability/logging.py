@@ -15,7 +15,6 @@ import json
 import logging
 import logging.handlers
 import os
-import re
 import sys
 import time
 
@@ -26,9 +25,6 @@ _SECRET_KEYS = {"authorization", "api_key", "headers"}
 # \uNNNN; and the backslash itself, doubled.
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _ESCAPES |= {0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"}
-# Whether a line holds any of them: one regex scan, where ``translate`` looks up every
-# character in a dict (~4 µs for an access line, most of which need no escape).
-_NEEDS_ESCAPE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\\\\]").search
 
 
 def _extras(record: logging.LogRecord) -> dict[str, object]:
@@ -62,7 +58,12 @@ class TextFormatter(logging.Formatter):
         extras = _extras(record)
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
-        return line.translate(_ESCAPES) if _NEEDS_ESCAPE(line) else line
+        if line.isprintable() and "\\" not in line:
+            # Nothing to escape: every escaped character is unprintable but the backslash.
+            # Two scans in C, where ``translate`` looks up every character in a dict (an
+            # access line: ~1 µs against ~6 µs, and a regex search ~2 µs).
+            return line
+        return line.translate(_ESCAPES)
 
 
 class JsonFormatter(logging.Formatter):

@@ -39,9 +39,9 @@ def test_an_access_line_has_its_fields_and_the_time_of_its_second() -> None:
 
 
 def test_only_a_line_that_needs_it_is_escaped() -> None:
-    plain, forged = logged(("/a", "http://w:1"), ("/b\n\u2028\\", "http://w:1"))
+    plain, forged = logged(("/a", "http://w:1"), ("/b\n\u2028\\\x85\t\u2029", "http://w:1"))
     assert "POST /a 200" in plain
-    assert "POST /b\\x0a\\u2028\\\\ 200" in forged
+    assert "POST /b\\x0a\\u2028\\\\\\x85\\x09\\u2029 200" in forged
 
 
 def test_an_access_record_is_made_without_walking_the_stack() -> None:
