@@ -27,8 +27,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def gateway_args(port: int, policy: str = "round_robin", *workers: str) -> list[str]:
-    """``-m shunter serve`` on 127.0.0.1:``port``, quiet, no metrics listener."""
+def gateway_args(
+    port: int, policy: str = "round_robin", *workers: str, quiet: bool = True
+) -> list[str]:
+    """``-m shunter serve`` on 127.0.0.1:``port``, no metrics listener; ``quiet``: warnings
+    only (no access log), else at its default log level."""
     return [
         "-m",
         "shunter",
@@ -39,8 +42,7 @@ def gateway_args(port: int, policy: str = "round_robin", *workers: str) -> list[
         str(port),
         "--prometheus-port",
         "0",
-        "--log-level",
-        "warning",
+        *(("--log-level", "warning") if quiet else ()),
         # Stopped at once at the end of a run. The old name (an alias now): a --baseline
         # revision from before --shutdown-grace-period-secs takes it too.
         "--graceful-shutdown-timeout-secs",

@@ -1,7 +1,9 @@
 """A fast mock worker for the proxy benchmark: a fixed chat answer, or a paced SSE stream.
 
 POST with ``"stream": true`` in the body → 64 SSE chunks, 10 ms apart (``CHUNKS``/``GAP_MS``
-env vars change that); anything else → a fixed ~300-byte chat completion.
+env vars change that; a smaller ``"max_tokens"`` in the body caps the count, so a
+time-to-first-byte probe need not wait for a whole stream); anything else → a fixed
+~300-byte chat completion.
 Run: python bench/mock_upstream.py PORT
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from typing import Any
 
@@ -27,6 +30,7 @@ CHUNK = (
 )
 CHUNKS = int(os.environ.get("CHUNKS", "64"))
 GAP = float(os.environ.get("GAP_MS", "10")) / 1000
+MAX_TOKENS = re.compile(rb'"max_tokens":\s*(\d+)')
 SERVER_INFO = b'{"model_path":"bench","served_model_name":"bench"}'
 MODELS = b'{"object":"list","data":[{"id":"bench","object":"model","owned_by":"sglang"}]}'
 INFO = {"/health": b"", "/server_info": SERVER_INFO, "/v1/models": MODELS}
@@ -67,7 +71,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 "headers": [(b"content-type", b"text/event-stream")],
             }
         )
-        for i in range(CHUNKS):
+        asked = MAX_TOKENS.search(body)
+        chunks = min(CHUNKS, int(asked.group(1))) if asked else CHUNKS
+        for i in range(chunks):
             if i:
                 await asyncio.sleep(GAP)
             await send({"type": "http.response.body", "body": CHUNK, "more_body": True})

@@ -4,18 +4,27 @@ Run: python bench/proxy_bench.py [--duration 8] [--baseline REV]   (needs `wrk`)
 
 ``--baseline REV`` runs Shunter as it was at git revision REV beside the working copy, in
 the same run (a temporary worktree, imported first through PYTHONPATH): a before/after
-ratio that survives a noisy machine.
+ratio that survives a noisy machine. The Rust routers (smg, vllm-router, sglang-router) are
+measured in the same run when installed; every figure is printed with its ratio to
+vllm-router's.
+
+Every gateway runs at its own default log level, as it ships: Shunter writes its access log
+(a line per request), smg and sglang-router two lines per request, vllm-router none.
 
 The gateway runs alone on CPU 1; the mock worker, wrk and the stream client share CPU 0.
 Gateway CPU per request is the gateway process's user+system time over the requests wrk
-completed, the figure that survives a noisy machine. Streams: 64 chunks 10 ms apart;
-time to first byte at 1 stream (median of 30), CPU per stream at 64 concurrent streams.
+completed, the figure that survives a noisy machine. One more row puts the mock worker
+and wrk on CPU 1 beside the gateways (one connection): the latency a gateway adds when it
+has to share its core, where waking up costs what it costs. Streams: 64 chunks 10 ms apart;
+time to first byte at 1 stream (median of 30 one-chunk streams),
+CPU per stream at 32 concurrent streams.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import re
 import shutil
@@ -25,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from common import WRK_POST_LUA, cpu_seconds, free_port, gateway_args, wait_http
@@ -32,6 +42,11 @@ from common import WRK_POST_LUA, cpu_seconds, free_port, gateway_args, wait_http
 HERE = Path(__file__).resolve().parent
 BODY = (HERE / "chat_1k.json").read_bytes()
 LUA = WRK_POST_LUA
+GATEWAY_CPU = 1
+LOAD_CPU = 0
+# The reference every figure is divided by, when it ran.
+REFERENCE = "vllm-router"
+STREAM_CHUNKS = 64
 
 
 def spawn(cpu: int, *args: str, source: Path | None = None) -> subprocess.Popen[bytes]:
@@ -44,6 +59,13 @@ def spawn(cpu: int, *args: str, source: Path | None = None) -> subprocess.Popen[
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
+    )
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Move every thread of process ``pid`` to ``cpu``."""
+    subprocess.run(
+        ["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True, capture_output=True
     )
 
 
@@ -67,12 +89,14 @@ def to_us(text: str) -> float:
     return float(value) * {"us": 1, "ms": 1e3, "s": 1e6, "m": 6e7}[unit]
 
 
-def run_wrk(url: str, conns: int, seconds: int, script: str) -> dict[str, float]:
+def run_wrk(
+    url: str, conns: int, seconds: int, script: str, cpu: int = LOAD_CPU
+) -> dict[str, float]:
     out = subprocess.run(
         [
             "taskset",
             "-c",
-            "0",
+            str(cpu),
             "wrk",
             "-t1",
             f"-c{conns}",
@@ -96,11 +120,11 @@ def run_wrk(url: str, conns: int, seconds: int, script: str) -> dict[str, float]
     return {"total": total, "rps": rps, "p50": p50, "p99": p99}
 
 
-async def one_stream(port: int) -> tuple[float, float]:
+async def one_stream(port: int, body: bytes = BODY) -> tuple[float, float]:
     """(seconds to the first body byte, seconds to [DONE]) for one streamed request."""
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    body = BODY.replace(b'"stream": false', b'"stream": true')
+    body = body.replace(b'"stream": false', b'"stream": true')
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\n"
         b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
@@ -122,8 +146,13 @@ async def one_stream(port: int) -> tuple[float, float]:
     return first, time.perf_counter() - started
 
 
+# A one-chunk stream (the mock worker sends ``max_tokens`` chunks at most): a first byte
+# measured without waiting out a whole stream, the worker's connection back in the pool.
+TTFB_BODY = BODY.replace(b'"max_tokens": 64', b'"max_tokens": 1')
+
+
 async def stream_ttfb(port: int, runs: int = 30) -> float:
-    firsts = [(await one_stream(port))[0] for _ in range(runs)]
+    firsts = [(await one_stream(port, TTFB_BODY))[0] for _ in range(runs)]
     return statistics.median(firsts) * 1e6
 
 
@@ -135,41 +164,61 @@ async def stream_batch(port: int, concurrent: int, rounds: int) -> int:
 
 def shunter(up_url: str, source: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    return spawn(1, *gateway_args(port, "round_robin", up_url), source=source), port
+    args = gateway_args(port, "round_robin", up_url, quiet=False)
+    return spawn(GATEWAY_CPU, *args, source=source), port
+
+
+def smg_command(smg: str, port: int, up_url: str) -> list[str]:
+    return [
+        *(smg, "launch", "--host", "127.0.0.1", "--port", str(port)),
+        *("--prometheus-port", str(free_port()), "--policy", "round_robin"),
+        *("--worker-urls", up_url),
+    ]
+
+
+def vllm_router_command(router: str, port: int, up_url: str) -> list[str]:
+    """vllm-router's own CLI: no subcommand."""
+    return [
+        *(router, "--host", "127.0.0.1", "--port", str(port)),
+        *("--prometheus-port", str(free_port()), "--policy", "round_robin"),
+        *("--worker-urls", up_url),
+    ]
+
+
+def sglang_router_command(module: str, port: int, up_url: str) -> list[str]:
+    """sglang-router is launched as its module (its package also installs a ``smg`` script,
+    which would shadow smg's own); the arguments are smg's, from which it forked."""
+    _program, _launch, *arguments = smg_command("", port, up_url)
+    return [sys.executable, "-m", module, *arguments]
+
+
+# The Rust routers measured beside Shunter: name -> command for (program, port, worker URL).
+ROUTERS: dict[str, Callable[[str, int, str], list[str]]] = {
+    "smg": smg_command,
+    "vllm-router": vllm_router_command,
+    "sglang-router": sglang_router_command,
+}
 
 
 def start_gateways(
-    up_url: str, smg: str | None, baseline: Path | None = None
+    up_url: str, routers: dict[str, str], baseline: Path | None = None
 ) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
+    """Shunter, its baseline and every router named in ``routers`` (name -> program, ''
+    to skip), each on the gateway CPU: name -> (process, port)."""
     gateways = {"shunter": shunter(up_url)}
     if baseline is not None:
         gateways["baseline"] = shunter(up_url, baseline / "src")
-    if smg:
+    for name, program in routers.items():
+        if not program:
+            continue
         port = free_port()
+        command = ROUTERS[name](program, port, up_url)
         process = subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "1",
-                smg,
-                "launch",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--worker-urls",
-                up_url,
-                "--policy",
-                "round_robin",
-                "--prometheus-port",
-                str(free_port()),
-                "--log-level",
-                "warn",
-            ],
+            ["taskset", "-c", str(GATEWAY_CPU), *command],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        gateways["smg"] = (process, port)
+        gateways[name] = (process, port)
     return gateways
 
 
@@ -192,6 +241,37 @@ def wait_routing(port: int, timeout: float = 60, body: bytes = BODY) -> None:
     raise TimeoutError(f"gateway on {port} never routed a request")
 
 
+def installed_module(name: str) -> str:
+    return name if importlib.util.find_spec(name.split(".")[0]) is not None else ""
+
+
+Results = dict[tuple[str, str], list[dict[str, float]]]
+
+
+def measure_wrk(
+    results: Results,
+    label: str,
+    gateways: dict[str, tuple[subprocess.Popen[bytes], int]],
+    direct_url: str,
+    conns: int,
+    args: argparse.Namespace,
+    script: str,
+    cpu: int = LOAD_CPU,
+) -> None:
+    """One round of row ``label``: direct, then each gateway, wrk on ``cpu``."""
+    direct = run_wrk(direct_url, conns, args.duration, script, cpu)
+    results.setdefault(("direct", label), []).append(direct)
+    for name, (process, port) in gateways.items():
+        before = cpu_seconds(process.pid)
+        row = run_wrk(
+            f"http://127.0.0.1:{port}/v1/chat/completions", conns, args.duration, script, cpu
+        )
+        row["cpu_us"] = (cpu_seconds(process.pid) - before) / row["total"] * 1e6
+        row["added_p50"] = row["p50"] - direct["p50"]
+        row["added_p99"] = row["p99"] - direct["p99"]
+        results.setdefault((name, label), []).append(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
@@ -199,53 +279,78 @@ def main() -> None:
         "--rounds", type=int, default=3, help="runs per row; the median of each figure is reported"
     )
     parser.add_argument(
+        "--conns",
+        default="1,32,256",
+        help="comma-separated connection counts for the gateway-on-its-own-core rows",
+    )
+    parser.add_argument(
+        "--streams", type=int, default=32, help="concurrent streams for CPU per stream"
+    )
+    parser.add_argument(
         "--baseline", default=None, help="git revision of Shunter to measure beside this one"
     )
     parser.add_argument(
         "--smg",
-        default=shutil.which("smg"),
-        help="smg executable to measure in the same run (pip install smg)",
+        default=shutil.which("smg") or "",
+        help="smg executable to measure in the same run (pip install smg); '' to skip",
+    )
+    parser.add_argument(
+        "--vllm-router",
+        default=shutil.which("vllm-router") or "",
+        help="vllm-router executable (pip install vllm-router); '' to skip",
+    )
+    parser.add_argument(
+        "--sglang-router",
+        default=installed_module("sglang_router.launch_router"),
+        help="sglang-router's launch module (pip install sglang-router); '' to skip",
     )
     args = parser.parse_args()
+    conn_counts = [int(c) for c in args.conns.split(",") if c]
+    routers = {
+        "smg": args.smg,
+        "vllm-router": args.vllm_router,
+        "sglang-router": args.sglang_router,
+    }
     up_port = free_port()
-    upstream = spawn(0, str(HERE / "mock_upstream.py"), str(up_port))
+    upstream = spawn(LOAD_CPU, str(HERE / "mock_upstream.py"), str(up_port))
     wait_http(f"http://127.0.0.1:{up_port}/health")
     baseline = checkout(args.baseline) if args.baseline else None
-    gateways = start_gateways(f"http://127.0.0.1:{up_port}", args.smg, baseline)
+    gateways = start_gateways(f"http://127.0.0.1:{up_port}", routers, baseline)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=HERE / "chat_1k.json"))
-    results: dict[tuple[str, int], list[dict[str, float]]] = {}
-    streams: dict[str, dict[str, float]] = {}
+    results: Results = {}
+    streams: dict[str, list[dict[str, float]]] = {}
     try:
         for _process, port in gateways.values():
             wait_routing(port)
         direct_url = f"http://127.0.0.1:{up_port}/v1/chat/completions"
-        for conns in (1, 32, 256):
+        for conns in conn_counts:
             for _ in range(args.rounds):
-                direct = run_wrk(direct_url, conns, args.duration, script.name)
-                results.setdefault(("direct", conns), []).append(direct)
-                for name, (process, port) in gateways.items():
-                    before = cpu_seconds(process.pid)
-                    row = run_wrk(
-                        f"http://127.0.0.1:{port}/v1/chat/completions",
-                        conns,
-                        args.duration,
-                        script.name,
-                    )
-                    row["cpu_us"] = (cpu_seconds(process.pid) - before) / row["total"] * 1e6
-                    row["added_p50"] = row["p50"] - direct["p50"]
-                    row["added_p99"] = row["p99"] - direct["p99"]
-                    results.setdefault((name, conns), []).append(row)
-        direct_ttfb = asyncio.run(stream_ttfb(up_port))
-        for name, (process, port) in gateways.items():
-            ttfb = asyncio.run(stream_ttfb(port))
-            before = cpu_seconds(process.pid)
-            count = asyncio.run(stream_batch(port, 64, 4))
-            streams[name] = {
-                "ttfb": ttfb,
-                "added": ttfb - direct_ttfb,
-                "cpu": (cpu_seconds(process.pid) - before) / count * 1e6,
-            }
+                measure_wrk(results, str(conns), gateways, direct_url, conns, args, script.name)
+        pin(upstream.pid, GATEWAY_CPU)
+        try:
+            for _ in range(args.rounds):
+                measure_wrk(
+                    results, "1, one core", gateways, direct_url, 1, args, script.name, GATEWAY_CPU
+                )
+        finally:
+            pin(upstream.pid, LOAD_CPU)
+        for _ in range(args.rounds):
+            direct_ttfb = asyncio.run(stream_ttfb(up_port))
+            for name, (process, port) in gateways.items():
+                ttfb = asyncio.run(stream_ttfb(port))
+                before = cpu_seconds(process.pid)
+                count = asyncio.run(stream_batch(port, args.streams, 4))
+                cpu = (cpu_seconds(process.pid) - before) / count * 1e6
+                streams.setdefault(name, []).append(
+                    {
+                        "ttfb": ttfb,
+                        "added": ttfb - direct_ttfb,
+                        "cpu": cpu,
+                        "cpu_chunk": cpu / (STREAM_CHUNKS + 1),
+                    }
+                )
+            streams.setdefault("direct", []).append({"ttfb": direct_ttfb})
     finally:
         for process, _port in gateways.values():
             process.terminate()
@@ -257,43 +362,65 @@ def main() -> None:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(baseline)], cwd=HERE.parent, check=True
             )
-    report(results, streams, direct_ttfb, args)
+    report(results, streams, list(gateways), args)
+
+
+def ratio(value: float, reference: float | None) -> str:
+    """``value / reference``, or '-' where there is no reference or it is not positive (an
+    added latency can come out negative, within the noise)."""
+    return f"{value / reference:>5.2f}" if reference and reference > 0 else f"{'-':>5}"
 
 
 def report(
-    results: dict[tuple[str, int], list[dict[str, float]]],
-    streams: dict[str, dict[str, float]],
-    direct_ttfb: float,
+    results: Results,
+    streams: dict[str, list[dict[str, float]]],
+    names: list[str],
     args: argparse.Namespace,
 ) -> None:
-    def med(name: str, conns: int, key: str) -> float:
-        return statistics.median(r[key] for r in results[(name, conns)])
+    def med(name: str, label: str, key: str) -> float:
+        return statistics.median(r[key] for r in results[(name, label)])
+
+    def ref(label: str, key: str) -> float | None:
+        return med(REFERENCE, label, key) if (REFERENCE, label) in results else None
 
     print(
         f"1 KB chat body, wrk -t1, {args.duration}s x {args.rounds} rounds per row (medians); "
-        "gateways pinned to CPU 1, mock worker and wrk on CPU 0"
+        f"gateways pinned to CPU {GATEWAY_CPU}, mock worker and wrk on CPU {LOAD_CPU} "
+        f'("one core": all on CPU {GATEWAY_CPU}); x = ratio to {REFERENCE}; '
+        f"load average at the end {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'gateway':>8} {'conns':>5} | {'req/s':>7} {'direct req/s':>12} | {'added p50':>10} "
-        f"{'added p99':>10} | {'CPU/req':>9}"
+        f"{'gateway':>13} {'conns':>11} | {'req/s':>7} {'direct':>7} | {'added p50':>9} {'x':>5} "
+        f"{'added p99':>9} | {'CPU/req':>9} {'x':>5}"
     )
-    names = sorted({name for name, _ in results if name != "direct"})
-    for conns in (1, 32, 256):
+    labels = list(dict.fromkeys(label for _name, label in results))
+    for label in labels:
+        p50_ref, cpu_ref = ref(label, "added_p50"), ref(label, "cpu_us")
         for name in names:
+            p50, cpu = med(name, label, "added_p50"), med(name, label, "cpu_us")
             print(
-                f"{name:>8} {conns:>5} | {med(name, conns, 'rps'):>7.0f} "
-                f"{med('direct', conns, 'rps'):>12.0f} | "
-                f"{med(name, conns, 'added_p50'):>8.0f}us {med(name, conns, 'added_p99'):>8.0f}us"
-                f" | {med(name, conns, 'cpu_us'):>7.1f}us"
+                f"{name:>13} {label:>11} | {med(name, label, 'rps'):>7.0f} "
+                f"{med('direct', label, 'rps'):>7.0f} | {p50:>7.0f}us {ratio(p50, p50_ref)} "
+                f"{med(name, label, 'added_p99'):>7.0f}us | {cpu:>7.1f}us {ratio(cpu, cpu_ref)}"
             )
+
+    def smed(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in streams[name])
+
+    def sref(key: str) -> float | None:
+        return smed(REFERENCE, key) if REFERENCE in streams else None
+
     print(
-        f"streams: 64 chunks 10 ms apart; TTFB median of 30 (direct {direct_ttfb:.0f}us); "
-        "CPU per stream at 64 concurrent x 4"
+        f"streams: {STREAM_CHUNKS} chunks 10 ms apart; TTFB median of 30 "
+        f"(direct {smed('direct', 'ttfb'):.0f}us); CPU per stream at {args.streams} concurrent "
+        f"x 4, per chunk = per stream / {STREAM_CHUNKS + 1}"
     )
-    for name, row in streams.items():
+    for name in names:
+        added, cpu = smed(name, "added"), smed(name, "cpu")
         print(
-            f"{name:>8} | TTFB {row['ttfb']:>6.0f}us  added {row['added']:>6.0f}us | "
-            f"CPU/stream {row['cpu']:>7.0f}us"
+            f"{name:>13} | TTFB {smed(name, 'ttfb'):>6.0f}us added {added:>6.0f}us "
+            f"{ratio(added, sref('added'))} | CPU/stream {cpu:>6.0f}us {ratio(cpu, sref('cpu'))}"
+            f" | CPU/chunk {smed(name, 'cpu_chunk'):>5.1f}us"
         )
 
 

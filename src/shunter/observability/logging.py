@@ -39,6 +39,17 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
         self.converter = time.gmtime
+        self._second = -1
+        self._asctime = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The record's second, formatted once per second (the access log writes a line per
+        request, and ``strftime`` was a tenth of one)."""
+        second = int(record.created)
+        if second != self._second:
+            self._asctime = super().formatTime(record, datefmt)
+            self._second = second
+        return self._asctime
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The record's one line: the message and its fields, escaped (see the module
@@ -47,6 +58,11 @@ class TextFormatter(logging.Formatter):
         extras = _extras(record)
         if extras:
             line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        if line.isprintable() and "\\" not in line:
+            # Nothing to escape: every escaped character is unprintable but the backslash.
+            # Two scans in C, where ``translate`` looks up every character in a dict (an
+            # access line: ~1 µs against ~6 µs, and a regex search ~2 µs).
+            return line
         return line.translate(_ESCAPES)
 
 
@@ -82,6 +98,10 @@ def setup_logging(
     for handler in handlers:
         handler.setFormatter(formatter)
         root.addHandler(handler)
+    # Records skip the thread's, the process's and the multiprocessing names, which no
+    # format here prints: a quarter of making a record, and the access log makes one per
+    # request. (The logging module's documented switches for this.)
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     level_name = {"warn": "warning"}.get(level.lower(), level.lower())
     logging.getLogger("shunter").setLevel(level_name.upper())
     root.setLevel(logging.WARNING)

@@ -133,6 +133,97 @@ async def test_timeouts_and_refused_connections(serve) -> None:  # type: ignore[
     assert no_one.value.kind == "connect"
 
 
+async def test_a_connection_arms_one_read_timer_not_one_per_wait(serve) -> None:  # type: ignore[no-untyped-def]
+    """Each wait for a head or a chunk is bounded by the read timeout, but through one timer
+    per connection: arming and cancelling one per wait was a measured share of a request's
+    and of a relayed chunk's cost. Two streamed exchanges of 20 chunks on one kept-alive
+    connection arm it once."""
+    asked: asyncio.Queue[None] = asyncio.Queue()
+
+    async def lockstep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(2):
+            await read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for i in range(20):
+                await asked.get()  # the client waits for this chunk
+                writer.write(b"1\r\n%d\r\n" % (i % 10))
+                await writer.drain()
+            await asked.get()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    client = await serve(lockstep)
+    patient = H1StreamClient(client.origin, 2.0, 30.0)  # no deadline comes due in the test
+    loop = asyncio.get_running_loop()
+    armed = 0
+    call_later = loop.call_later
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal armed
+        armed += 1
+        return call_later(*args, **kwargs)
+
+    loop.call_later = counting  # type: ignore[method-assign, assignment]
+    try:
+        for _ in range(2):
+            stream = await patient.stream("POST", "http://x/", [], b"")
+            chunks = []
+            while True:
+                asked.put_nowait(None)
+                chunk = await stream.next_chunk()
+                if chunk is None:
+                    break
+                chunks.append(chunk)
+            await stream.aclose()
+            assert b"".join(chunks) == b"01234567890123456789"
+    finally:
+        del loop.call_later
+    assert armed == 1
+    await patient.close()
+
+
+async def test_a_kept_alive_connection_keeps_its_parser(serve) -> None:  # type: ignore[no-untyped-def]
+    """After a complete response llhttp expects the next one: a connection back from the
+    pool parses with the parser it had (a fresh one per request was a measured cost), and
+    a length-delimited answer followed by a chunked one both parse whole."""
+
+    async def two(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 201 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nsecond\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+
+    client = await serve(two)
+    first = await client.stream("POST", "http://x/", [], b"")
+    parser = first._conn.parser
+    assert await drain(first) == [b"first"]
+    second = await client.stream("POST", "http://x/", [], b"")
+    assert second._conn.parser is parser
+    assert (second.status, await drain(second)) == (201, [b"second"])
+
+
+async def test_chunks_within_the_read_timeout_may_outlast_it_together(serve) -> None:  # type: ignore[no-untyped-def]
+    """The read timeout bounds each wait, not the stream: the one timer, firing during a
+    wait that began late, sleeps again for the rest of that wait."""
+
+    async def paced(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for part in (b"a", b"b", b"c", b"d"):
+            await asyncio.sleep(0.12)
+            writer.write(b"1\r\n%s\r\n" % part)
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    client = await serve(paced)
+    short = H1StreamClient(client.origin, 2.0, 0.2)  # 4 x 0.12 s: twice the read timeout
+    assert await drain(await short.stream("POST", "http://x/", [], b"")) == [b"a", b"b", b"c", b"d"]
+
+
 async def test_closing_a_stream_early_closes_its_connection(serve) -> None:  # type: ignore[no-untyped-def]
     closed = asyncio.Event()
 

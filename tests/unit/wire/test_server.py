@@ -228,3 +228,30 @@ async def test_shutdown_returns_once_the_cancelled_apps_have_cleaned_up() -> Non
     await http.shutdown(0)
     assert cleaned == ["/busy"]  # what the app used can be closed now
     writer.close()
+
+
+async def test_a_request_that_arrives_whole_never_makes_a_wait_event() -> None:
+    """receive() makes its Event only when it has to wait: a request whose body came with
+    its head (most of them) costs none; one whose body comes later still gets it."""
+    events: list[object] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        body = await read_body(receive, 1 << 20, None)
+        events.append(receive.__self__.event)  # type: ignore[attr-defined]
+        await send_bytes(send, 200, body, [])
+
+    http = HttpServer(app, keep_alive_secs=60)
+    port = await http.listen("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi")
+    await reader.readuntil(b"hi")
+    writer.write(b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nla")
+    await writer.drain()
+    async with asyncio.timeout(5):  # the app waits for the rest of the body
+        while not any(conn.body_wait_since for conn in http.connections):
+            await asyncio.sleep(0.005)
+    writer.write(b"ter")
+    await reader.readuntil(b"later")
+    writer.close()
+    await http.shutdown(1)
+    assert events[0] is None and isinstance(events[1], asyncio.Event)
