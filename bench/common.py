@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -179,3 +181,23 @@ def make_worker(url: str, models: tuple[str, ...] = ("m",)) -> Any:
     state = WorkerRuntime()
     state.ready()
     return Worker(url, backend, state, models=models)
+
+
+def comparison_parser(doc: str | None, duration: int) -> argparse.ArgumentParser:
+    """The flags every gateway-against-gateway bench takes: --duration (seconds per wrk
+    run), --rounds (the median of each figure is reported), --baseline REV (Shunter as it
+    was at REV, measured beside the working copy) and --smg (its executable; '' skips it)."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--duration", type=int, default=duration, help="seconds per wrk run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs per row; the median of each figure is reported"
+    )
+    parser.add_argument(
+        "--baseline", default=None, help="git revision of Shunter to measure beside this one"
+    )
+    parser.add_argument(
+        "--smg",
+        default=shutil.which("smg") or "",
+        help="smg executable to measure in the same run (pip install smg); '' to skip",
+    )
+    return parser

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import httpx
 
-from common import cpu_seconds, free_port, gateway_args, smg_args, wait_http
+from common import comparison_parser, cpu_seconds, free_port, gateway_args, smg_args, wait_http
 from proxy_bench import HERE, LUA, checkout, run_wrk, spawn, wait_routing
 
 CHAT = {
@@ -156,20 +155,7 @@ def start_sim() -> tuple[subprocess.Popen[bytes], int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=int, default=6, help="seconds per wrk run")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="runs per row; the median of each figure is reported"
-    )
-    parser.add_argument(
-        "--baseline", default=None, help="git revision of Shunter to measure beside this one"
-    )
-    parser.add_argument(
-        "--smg",
-        default=shutil.which("smg"),
-        help="smg executable to measure in the same run (pip install smg; '' to leave it out)",
-    )
-    args = parser.parse_args()
+    args = comparison_parser(__doc__, duration=6).parse_args()
     sim, grpc_port, http_port = start_sim()
     grpc_url = f"grpc://127.0.0.1:{grpc_port}"
     baseline = checkout(args.baseline) if args.baseline else None

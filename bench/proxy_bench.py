@@ -37,7 +37,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from common import WRK_POST_LUA, cpu_seconds, free_port, gateway_args, wait_http
+from common import (
+    WRK_POST_LUA,
+    comparison_parser,
+    cpu_seconds,
+    free_port,
+    gateway_args,
+    wait_http,
+)
 
 HERE = Path(__file__).resolve().parent
 BODY = (HERE / "chat_1k.json").read_bytes()
@@ -273,11 +280,7 @@ def measure_wrk(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="runs per row; the median of each figure is reported"
-    )
+    parser = comparison_parser(__doc__, duration=8)
     parser.add_argument(
         "--conns",
         default="1,32,256",
@@ -285,14 +288,6 @@ def main() -> None:
     )
     parser.add_argument(
         "--streams", type=int, default=32, help="concurrent streams for CPU per stream"
-    )
-    parser.add_argument(
-        "--baseline", default=None, help="git revision of Shunter to measure beside this one"
-    )
-    parser.add_argument(
-        "--smg",
-        default=shutil.which("smg") or "",
-        help="smg executable to measure in the same run (pip install smg); '' to skip",
     )
     parser.add_argument(
         "--vllm-router",
