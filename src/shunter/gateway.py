@@ -37,7 +37,6 @@ from shunter.kv_events.hub import KvEvents, tokenizer_from
 from shunter.observability.metrics import Metrics
 from shunter.observability.tracing import Tracing
 from shunter.peers.exchange import Exchange
-from shunter.peers.transport import PeerSockets
 from shunter.policies.factory import PolicyError, create_policy
 from shunter.policies.registry import PolicyRegistry
 from shunter.routing.affinity import ResponseAffinity
@@ -211,6 +210,8 @@ class Gateway:
                 return None
             bind = f"{config.host}:{config.peer_port}"
         peers = list(config.peer_urls)
+        from shunter.peers.transport import PeerSockets  # ZeroMQ: only when peering
+
         return Exchange(
             self.fleet,
             lambda model: self.policies.policy_for(model),

@@ -250,7 +250,8 @@ class Gateway(Proc):
         self.started(lambda: wait_for(self.alive, what="gateway"))
         if ready and workers:
             # Generous: registration probes back off (up to 5 s apart) on a loaded machine.
-            self.started(lambda: self.wait_workers(len(workers), timeout=30.0))
+            # At least: a peer (--peer-urls) may hand it more workers before its own are.
+            self.started(lambda: self.wait_workers(len(workers), timeout=30.0, at_least=True))
 
     def alive(self) -> bool:
         return self.answers(self.url + "/health", (200,), "gateway")
@@ -259,11 +260,12 @@ class Gateway(Proc):
         response = httpx.get(self.url + "/workers", timeout=5, verify=False, headers=self.auth)
         return response.json()["workers"]  # type: ignore[no-any-return]
 
-    def wait_workers(self, count: int, timeout: float = 15.0) -> None:
+    def wait_workers(self, count: int, timeout: float = 15.0, at_least: bool = False) -> None:
         def enough() -> bool:
-            return sum(1 for w in self.workers() if w["is_healthy"]) == count
+            healthy = sum(1 for w in self.workers() if w["is_healthy"])
+            return healthy >= count if at_least else healthy == count
 
-        wait_for(enough, timeout, f"{count} healthy workers")
+        wait_for(enough, timeout, f"{'at least ' if at_least else ''}{count} healthy workers")
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 15), **kwargs)

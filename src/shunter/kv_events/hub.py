@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
-
-import zmq
-import zmq.asyncio
+from typing import TYPE_CHECKING, Any
 
 from shunter.kv_events.chat import ChatIds
 from shunter.kv_events.index import KvIndex
-from shunter.kv_events.subscriber import Subscriber
+
+if TYPE_CHECKING:  # ZeroMQ is imported by the first subscription (~2.5 MiB otherwise idle)
+    import zmq.asyncio
+
+    from shunter.kv_events.subscriber import Subscriber
 
 log = logging.getLogger("shunter.kv_events")
 
@@ -66,6 +67,11 @@ class KvEvents:
         """Subscribe to a worker's events (on the running loop); a bad endpoint is logged."""
         if url in self.subscribers:
             return
+        import zmq
+        import zmq.asyncio
+
+        from shunter.kv_events.subscriber import Subscriber
+
         if self._context is None:
             self._context = zmq.asyncio.Context()
         subscriber = Subscriber(

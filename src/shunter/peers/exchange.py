@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from shunter.aio.periodic import Periodic
 from shunter.fleet.fleet import Fleet
@@ -47,9 +48,11 @@ from shunter.peers.messages import (
 )
 from shunter.peers.prefixes import PrefixDecoder, PrefixEncoder
 from shunter.peers.reservations import DEFAULT_TTL_SECS, Reservations
-from shunter.peers.transport import PeerSockets
 from shunter.policies.base import Policy
 from shunter.policies.cache_aware import CacheAwarePolicy
+
+if TYPE_CHECKING:  # the sockets (and ZeroMQ) come from ``connect``, when peering is on
+    from shunter.peers.transport import PeerSockets
 
 log = logging.getLogger("shunter.peers")
 
