@@ -45,9 +45,10 @@ def children(pid: int) -> list[int]:
 
 
 def metrics_socket(pid: int) -> str | None:
+    """The child's control socket (supervisor/control.py), which answers its metrics."""
     args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    if b"--metrics-socket" in args:
-        return args[args.index(b"--metrics-socket") + 1].decode()
+    if b"--control-socket" in args:
+        return args[args.index(b"--control-socket") + 1].decode()
     return None
 
 
