@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from shunter.protocols.errors import ApiError, invalid_request, json_object
+from shunter.protocols.errors import ApiError, flag, invalid_request, json_object
 from shunter.protocols.generation import MESSAGES, GenerationRequest, sampling_from
 from shunter.protocols.reply import JSON_CONTENT, Reply
 
@@ -109,9 +109,7 @@ def parse_messages_request(body: bytes) -> GenerationRequest:
     """A Messages body as the chat request the gRPC pipeline runs; a 400 if malformed."""
     data = json_object(body)
     model = data.get("model") if isinstance(data.get("model"), str) else None
-    stream = data.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise invalid_request("'stream' must be true or false")
+    stream = flag(data, "stream", False)
     max_tokens = data.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise invalid_request("'max_tokens' is required: an integer >= 1")

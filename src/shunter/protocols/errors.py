@@ -51,6 +51,16 @@ def json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
+def flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    """``body[key]`` as a boolean (absent or null: ``default``); a 400 for anything else."""
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid_request(f"'{key}' must be true or false")
+    return value
+
+
 def error_reply(error: ApiError) -> Reply:
     """The envelope as a reply, with its code in ``X-SMG-Error-Code`` too."""
     headers = [

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from shunter.protocols.errors import invalid_request, json_object
+from shunter.protocols.errors import flag, invalid_request, json_object
 
 CHAT, COMPLETION, GENERATE = "chat", "completion", "generate"
 MESSAGES = "messages"  # Anthropic's /v1/messages: a chat (protocols/anthropic.py)
@@ -91,15 +91,6 @@ def _integer(body: dict[str, Any], key: str, default: int | None, low: int) -> i
     return value
 
 
-def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid_request(f"'{key}' must be true or false")
-    return value
-
-
 def _stops(value: Any) -> list[str]:
     if value is None:
         return []
@@ -137,10 +128,10 @@ def sampling_from(params: dict[str, Any], max_tokens_key: str) -> Sampling:
         or 0,
         stop=_stops(params.get("stop")),
         stop_token_ids=_token_ids(params.get("stop_token_ids"), "stop_token_ids"),
-        ignore_eos=_flag(params, "ignore_eos", False),
-        no_stop_trim=_flag(params, "no_stop_trim", False),
-        skip_special_tokens=_flag(params, "skip_special_tokens", True),
-        spaces_between_special_tokens=_flag(params, "spaces_between_special_tokens", True),
+        ignore_eos=flag(params, "ignore_eos", False),
+        no_stop_trim=flag(params, "no_stop_trim", False),
+        skip_special_tokens=flag(params, "skip_special_tokens", True),
+        spaces_between_special_tokens=flag(params, "spaces_between_special_tokens", True),
         n=_integer(params, "n", 1, 1) or 1,
     )
     if sampling.n > 128:
@@ -195,7 +186,7 @@ def parse_generation_request(path: str, body: bytes) -> GenerationRequest:
     data = json_object(body)
     kind = KIND_OF_PATH[path]
     model = data.get("model") if isinstance(data.get("model"), str) else None
-    stream = _flag(data, "stream", False)
+    stream = flag(data, "stream", False)
     options = data.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     if kind == GENERATE:
@@ -221,7 +212,7 @@ def parse_generation_request(path: str, body: bytes) -> GenerationRequest:
             tools=tools if data.get("tool_choice") != "none" else None,
             template_kwargs=kwargs,
             include_usage=include_usage,
-            separate_reasoning=_flag(data, "separate_reasoning", True),
+            separate_reasoning=flag(data, "separate_reasoning", True),
         )
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):

@@ -223,11 +223,8 @@ class Router:
             ) as span:
                 request.span = span
                 reply = await self._route(request)
-        except ApiError as exc:
-            self._routed(request, exc.status, exc.code)
-            raise
-        except asyncio.CancelledError:
-            self._routed(request, 499, "client_closed")
+        except (ApiError, asyncio.CancelledError) as exc:
+            self._unanswered(request, exc)
             raise
         if isinstance(reply.body, bytes):
             _end(span)
@@ -237,6 +234,16 @@ class Router:
     def _routed(self, request: InferenceRequest, status: int, code: str) -> None:
         elapsed = time.perf_counter() - request.started
         self.metrics.routed_request(request.model, request.path, elapsed, status, code)
+
+    def _unanswered(
+        self, request: InferenceRequest, exc: ApiError | asyncio.CancelledError
+    ) -> None:
+        """Record a request that ends without a reply: the gateway's error, or the client
+        leaving (499)."""
+        if isinstance(exc, ApiError):
+            self._routed(request, exc.status, exc.code)
+        else:
+            self._routed(request, 499, "client_closed")
 
     async def _route(self, request: InferenceRequest) -> Reply:
         attempts = self.retry.attempts
@@ -277,11 +284,8 @@ class Router:
         verdict = Verdict()
         try:
             reply = await self._attempt(worker, worker.model_id, request, True, verdict, path=path)
-        except ApiError as exc:
-            self._routed(request, exc.status, exc.code)
-            raise
-        except asyncio.CancelledError:
-            self._routed(request, 499, "client_closed")
+        except (ApiError, asyncio.CancelledError) as exc:
+            self._unanswered(request, exc)
             raise
         finally:
             if not verdict.settled:
