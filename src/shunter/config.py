@@ -61,6 +61,9 @@ class GatewayConfig:
     worker_startup_check_interval: float = 30
     dp_aware: bool = False
     remove_unhealthy_workers: bool = False  # fleet/fleet.py Fleet._health_flipped
+    # llama.cpp workers: how long a request may wait for its prompt's busy slot rather
+    # than evict another prompt (backends/http/slot_turns.py); 0: never waits.
+    slot_wait_secs: float = 0.0
     connect_timeout_secs: float = 10.0
     probe_timeout_secs: float = 5.0  # one registration probe (health, discovery)
     # On SIGTERM: /readiness turns 503 at once, new requests are still served for a settle

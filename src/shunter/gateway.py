@@ -102,6 +102,7 @@ class Gateway:
             _grpc_support(config),
             network.worker,
             ForwardRule(config.forward_headers),
+            config.slot_wait_secs,
         )
         self.metrics = Metrics(duration_buckets=config.duration_buckets)
         # A --workers child answers its supervisor and siblings on a socket of its own, and

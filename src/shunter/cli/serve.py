@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from shunter.cli.options import ConfigFlags, non_negative_int, positive_float
+from shunter.cli.options import (
+    ConfigFlags,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+)
 from shunter.config import ConfigError, GatewayConfig
 from shunter.discovery.config import DiscoveryConfig, DiscoveryConfigError, parse_selector
 from shunter.fleet.breaker import BreakerConfig
@@ -294,6 +299,16 @@ class ServeFlags:
             "dp_aware",
             action="store_true",
             help="route to each data-parallel rank of a worker separately",
+        )
+        g.flag(
+            "--slot-wait-secs",
+            "slot_wait_secs",
+            type=non_negative_float,
+            metavar="SECONDS",
+            help="llama.cpp workers hold one prompt per slot: a request whose prompt is "
+            "running on its worker already waits up to this long for that slot rather than "
+            "evict another prompt (for CPU workers, where a prefill costs more than a wait; "
+            "default %(default)s: never waits)",
         )
         g.flag(
             "--remove-unhealthy-workers",
