@@ -42,15 +42,11 @@ import asyncio
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any
 
-from shunter.aio.once import OnceCell
 from shunter.backends.base import Outbound, Target
 from shunter.backends.http.backend import HttpBackend
-from shunter.backends.http.calls import WorkerCalls
-from shunter.backends.http.engines.base import Engine
-from shunter.backends.http.forwarding import DEFAULT_RULE, ForwardRule
 from shunter.protocols.reply import Reply
-from shunter.wire.base import UpstreamClient
 
 log = logging.getLogger("shunter.backends.slots")
 
@@ -191,16 +187,9 @@ class TurnTakingBackend(HttpBackend):
 
     wants_prompt = True
 
-    def __init__(
-        self,
-        turns: SlotTurns,
-        engine: Engine,
-        clients: OnceCell[UpstreamClient],
-        calls: WorkerCalls,
-        health_endpoint: str = "/health",
-        forward: ForwardRule = DEFAULT_RULE,
-    ) -> None:
-        super().__init__(engine, clients, calls, health_endpoint, forward)
+    def __init__(self, turns: SlotTurns, *backend: Any, **options: Any) -> None:
+        """``turns``, then what an ``HttpBackend`` takes."""
+        super().__init__(*backend, **options)
         self.turns = turns
 
     async def send(
