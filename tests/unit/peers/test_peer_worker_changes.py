@@ -31,7 +31,7 @@ from shunter.peers.messages import (
 )
 from shunter.wire.mock import MockRequest, MockResponse
 
-from support.fakes import Workers, call
+from support.fakes import Engines, Workers, call
 
 URL = "http://w:9"  # the worker registered by hand in these tests
 FLAG = "http://w:1"  # every gateway's --worker-urls worker
@@ -225,6 +225,24 @@ async def test_a_spec_arriving_during_an_addition_is_applied_once_it_ends() -> N
     assert b.fleet.adding(other)
     await until(lambda: not b.fleet.adding(other))
     await until(lambda: not b.fleet.find(other))
+    await a.close()
+    await b.close()
+
+
+async def test_a_spec_waiting_for_an_addition_that_failed_is_applied_on_the_next_tick() -> None:
+    a, to_b = await peered_gateway()
+    network = Engines()
+    network.down.add("w:9")  # B cannot reach it at first
+    b, _ = await peered_gateway(network=network)
+    posted = await api(a, "POST", "/workers", {"url": URL, "max_connection_attempts": 1})
+    await until(lambda: a.fleet.find(URL))
+    await api(a, "PUT", f"/workers/{posted['worker_id']}", {"url": URL, "model_id": "m-two"})
+    send(a)
+    deliver(to_b, b)  # the PUT waits for the POST's addition, which fails at its first probe
+    await until(lambda: (job := b.fleet.job_status(URL)) is not None and job.status == "failed")
+    network.down.clear()
+    await until(lambda: b.fleet.find(URL) and listed(b, URL)["model_id"] == "m-two")
+    assert listed(b, URL)["id"] == posted["worker_id"]
     await a.close()
     await b.close()
 
