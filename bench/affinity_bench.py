@@ -10,8 +10,12 @@ shuffled, 4 requests at a time, streamed, temperature 0, 16 tokens each. Before 
 workers' slots are erased.
 
 Rows: `fixed` is a client that sends each system prompt to one fixed worker, no gateway (the
-best a router can do); then Shunter's policies and smg's cache_aware, each through the
-gateway. Reported: p50 and p95 time to first token (first content token, at the client), the
+best placement can do); then Shunter's policies, `cache_aware+turns` (cache_aware with
+llama.cpp slot turns, `--slot-wait-secs`: a request whose prompt is running on its worker
+waits for that slot rather than evict another prompt) and smg's cache_aware, each through the
+gateway. `--rounds N` runs every row N times, interleaved, and sums them (the short run,
+`--users 3`, varies a lot from run to run: which prompts' requests overlap is luck).
+Reported: p50 and p95 time to first token (first content token, at the client), the
 prompt tokens each engine really processed (`llamacpp:prompt_tokens_total` leaves out
 cached ones) and the requests each worker served (its generated tokens / 16, as every
 request generates exactly 16 with `ignore_eos`). A PNG of the TTFT distributions is written

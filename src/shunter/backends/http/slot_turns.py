@@ -79,10 +79,10 @@ class SlotTurns:
     async def take(self, key: str) -> None:
         """Return when the request for prompt ``key`` may go to the worker; pair with one
         ``release(key)`` once its answer is over (or it failed)."""
-        if self._must_wait(key) and await self._wait(key):
+        if self.must_wait(key) and await self._wait(key):
             self._recent.move_to_end(key)  # handed the slot of the request that ended
             return
-        self._admit(key)
+        self.admit(key)
 
     def release(self, key: str) -> None:
         """The request for ``key`` is over: its slot goes to the next waiter, if any (so no
@@ -109,7 +109,9 @@ class SlotTurns:
 
     # --- the model ---------------------------------------------------------------------------
 
-    def _must_wait(self, key: str) -> bool:
+    def must_wait(self, key: str) -> bool:
+        """Whether a request for ``key`` arriving now waits (``take`` asks; so does the
+        model in ``bench/slot_model.py``)."""
         if self._waiters.get(key):
             return True  # first come, first served
         copies = self._copies.get(key, 0)
@@ -125,7 +127,9 @@ class SlotTurns:
                 return prompt
         return None
 
-    def _admit(self, key: str) -> None:
+    def admit(self, key: str) -> None:
+        """Count a request for ``key`` as sent to the worker, in the slot llama.cpp gives
+        it (a copy it holds idle, else a new one, evicting as llama.cpp would)."""
         copies = self._copies.get(key, 0)
         if self._running.get(key, 0) >= copies:  # it takes a slot of its own: a new copy
             while sum(self._copies.values()) >= self.slots and self._evict(key):
