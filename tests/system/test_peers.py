@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,7 +29,7 @@ from support.harness import LOOPBACK, Gateway, Proc, Sim, free_port, wait_for
 SYSTEMS = [f"You are assistant number {i}. " + "Follow the house style. " * 80 for i in range(4)]
 
 
-def peered(port: int, peer: int, workers: list[str]) -> Gateway:
+def peered(port: int, peer: int, workers: list[str], *extra: str) -> Gateway:
     return Gateway(
         "--policy",
         "cache_aware",
@@ -36,6 +37,7 @@ def peered(port: int, peer: int, workers: list[str]) -> Gateway:
         str(port),
         "--peer-urls",
         f"127.0.0.1:{peer}",
+        *extra,
         workers=workers,
     )
 
@@ -223,3 +225,40 @@ def test_put_and_patch_reach_the_peer_a_restarted_peer_and_settle_the_same(
     assert row(b, worker_id)["priority"] == row(a, worker_id)["priority"]
     broken.close()
     context.term()
+
+
+def test_peers_with_a_shared_secret_talk_and_one_with_another_is_shut_out(
+    procs: list[Proc], tmp_path: Path
+) -> None:
+    """--peer-secret-file: A and B share a secret and a hand-registered worker; C, with
+    another secret and subscribed to A, never learns it, and both sides count the refused
+    handshakes (the dashboard's ``peers``)."""
+    sim, extra = Sim("secure-0"), Sim("secure-extra")
+    procs += [sim, extra]
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    shared.write_text("a secret the two gateways share\n")
+    other.write_text("a secret of some other gateway\n")
+    port_a, port_b, port_c = free_port(), free_port(), free_port()
+    a = Gateway(
+        "--peer-port",
+        str(port_a),
+        "--peer-urls",
+        f"127.0.0.1:{port_b}",
+        "--peer-secret-file",
+        str(shared),
+        workers=[sim.url],
+    )
+    procs.append(a)
+    b = peered(port_b, port_a, [sim.url], "--peer-secret-file", str(shared))
+    procs.append(b)
+    c = peered(port_c, port_a, [sim.url], "--peer-secret-file", str(other))
+    procs.append(c)
+
+    added = httpx.post(a.url + "/workers", json={"url": extra.url}, timeout=5)
+    assert added.status_code == 202
+    b.wait_workers(2)
+    wait_for(lambda: peer_stats(c)["handshake_failures"] >= 1, what="C's refused handshake")
+    wait_for(lambda: peer_stats(a)["handshake_failures"] >= 1, what="A's refused handshake")
+    time.sleep(2.5)  # a snapshot (every 2 s) would have reached C by now
+    assert [w["url"] for w in c.workers()] == [sim.url]
+    assert peer_stats(c)["batches_received"] == 0

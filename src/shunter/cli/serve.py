@@ -548,6 +548,15 @@ class ServeFlags:
             help="the other gateways' --peer-port (this gateway's own is ignored if listed)",
         )
         g.flag(
+            "--peer-secret-file",
+            "peer_secret_file",
+            type=str,
+            metavar="PATH",
+            help="a file holding a secret every peer shares (at least 16 bytes; else "
+            "$SHUNTER_PEER_SECRET): the peer channel is then encrypted (ZeroMQ CURVE) and "
+            "open only to gateways holding it",
+        )
+        g.flag(
             "--peer-reservation-ttl-secs",
             "peer_reservation_ttl_secs",
             type=float,

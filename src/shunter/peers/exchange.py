@@ -349,10 +349,12 @@ class Exchange:
 
     def stats(self) -> dict[str, object]:
         """The counters, and the reservations held now (for the dashboard)."""
-        found = [] if self._sockets is None else sorted(self._sockets.found)
+        sockets = self._sockets
         return {
             **self.counters.__dict__,
             "reservations": len(self.reservations),
             "workers_rejected": self.manual.rejected,
-            "found": found,
+            "found": [] if sockets is None else sorted(sockets.found),
+            # Peers refused at the handshake (another --peer-secret-file, or none).
+            "handshake_failures": 0 if sockets is None else sockets.handshake_failures,
         }
