@@ -21,6 +21,7 @@ class RecordingSockets:
         self.sent: list[list[bytes]] = []
         self.accept = accept
         self.found: frozenset[str] = frozenset()
+        self.handshake_failures = 0  # as PeerSockets counts them
 
     def listen(self, handler: Callable[[list[bytes]], None]) -> None:
         pass  # the tests hand batches to ``receive`` themselves (``deliver``)
