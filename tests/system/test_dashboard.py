@@ -81,7 +81,7 @@ def test_the_dashboard_shows_kv_event_subscriptions_and_peers(
     procs: list[Proc], tmp_path: Path
 ) -> None:
     """A worker whose KV events the gateway follows gets a row (connected); the peers
-    section shows the handshakes a peer without the secret failed, in red."""
+    section shows the peer without the secret as refused, and the failed handshakes in red."""
     import zmq
     from playwright.sync_api import expect, sync_playwright
 
@@ -118,6 +118,8 @@ def test_the_dashboard_shows_kv_event_subscriptions_and_peers(
             failures = page.locator("#peer-handshake")
             expect(failures).to_have_class("bad", timeout=10000)
             assert failures.inner_text().startswith("handshake failures ")
+            link = page.locator(f'#peer-rows tr[data-peer="127.0.0.1:{impostor_port}"] td')
+            expect(link.nth(1)).to_have_text("refused")
             browser.close()
     finally:
         impostor.close(linger=0)

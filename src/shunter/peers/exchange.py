@@ -355,6 +355,9 @@ class Exchange:
             "reservations": len(self.reservations),
             "workers_rejected": self.manual.rejected,
             "found": [] if sockets is None else sorted(sockets.found),
+            # Each peer address's link: connecting, connected, retrying (down: ZeroMQ retries
+            # with backoff) or refused (its handshake failed).
+            "links": {} if sockets is None else dict(sockets.links),
             # Peers refused at the handshake (another --peer-secret-file, or none).
             "handshake_failures": 0 if sockets is None else sockets.handshake_failures,
         }

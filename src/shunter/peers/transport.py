@@ -15,7 +15,9 @@ retrying a pod that no longer exists. An endpoint named at start is never discon
 nor connected twice (a SUB connected twice to one PUB receives every message twice).
 
 With ``keys`` (``security.py``) both sockets speak CURVE: encrypted, and only with gateways
-holding the same secret; a failed handshake is counted and logged (``_handshakes``).
+holding the same secret; a failed handshake is counted and logged. The SUB's link to each
+peer (connecting, connected, retrying with backoff, refused at the handshake) is kept from
+ZeroMQ's monitor events (``links``), for the dashboard.
 
 Plain (not ``zmq.asyncio``) sockets: the SUB's file descriptor is watched by the event loop
 and every message waiting is read in one callback. With ``zmq.asyncio``, an await per
@@ -49,6 +51,19 @@ HANDSHAKE_FAILED = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 LOG_EVERY_SECS = 60.0  # a peer whose handshakes keep failing is logged again this often
+# What the SUB's monitor reports of each peer, and the link state each event means (a
+# failed handshake: "refused").
+SUB_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+    | HANDSHAKE_FAILED
+)
+_LINK_STATES: dict[int, str] = {
+    int(zmq.EVENT_HANDSHAKE_SUCCEEDED): "connected",
+    int(zmq.EVENT_DISCONNECTED): "retrying",
+    int(zmq.EVENT_CONNECT_RETRIED): "retrying",
+}
 
 
 def endpoint(peer: str) -> str:
@@ -69,11 +84,13 @@ class PeerSockets:
         )
         self.handshake_failures = 0
         self._logged: dict[str, float] = {}  # peer address -> when its failure was logged
-        # Handshakes fail for a reason worth telling only over CURVE (another secret).
-        self._monitors = [
-            socket.get_monitor_socket(HANDSHAKE_FAILED)
-            for socket in ((self.pub, self.sub) if keys is not None else ())
-        ]
+        # Each peer's link as the SUB's monitor last told it (``links``); the PUB's monitor
+        # reports the subscribers it refused, which only CURVE does (another secret).
+        self.links: dict[str, str] = {}
+        self._sub_monitor = self.sub.get_monitor_socket(SUB_EVENTS)
+        self._monitors = [self._sub_monitor]
+        if keys is not None:
+            self._monitors.append(self.pub.get_monitor_socket(HANDSHAKE_FAILED))
         self.pub.setsockopt(zmq.SNDHWM, SNDHWM)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(endpoint(bind))
@@ -85,10 +102,14 @@ class PeerSockets:
         self.static = frozenset(peers)
         self.found: frozenset[str] = frozenset()  # connected by set_found
         for peer in self.static:
-            self.sub.connect(endpoint(peer))
+            self._connect(peer)
         self._fd: int = self.sub.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handler: Callable[[list[bytes]], None] | None = None
+
+    def _connect(self, peer: str) -> None:
+        self.sub.connect(endpoint(peer))
+        self.links[peer] = "connecting"
 
     def send(self, frames: list[bytes]) -> bool:
         """Queue ``frames`` for every peer without waiting; False when ZeroMQ refused."""
@@ -105,8 +126,9 @@ class PeerSockets:
         added, gone = set(wanted - self.found), set(self.found - wanted)
         for peer in gone:
             self.sub.disconnect(endpoint(peer))
+            self.links.pop(peer, None)
         for peer in added:
-            self.sub.connect(endpoint(peer))
+            self._connect(peer)
         self.found = wanted
         return added, gone
 
@@ -117,8 +139,8 @@ class PeerSockets:
         self._loop.add_reader(self._fd, self._readable)
         self._loop.call_soon(self._readable)  # messages may be waiting already
         for monitor in self._monitors:
-            self._loop.add_reader(monitor.getsockopt(zmq.FD), self._handshakes, monitor)  # type: ignore[arg-type]
-            self._loop.call_soon(self._handshakes, monitor)
+            self._loop.add_reader(monitor.getsockopt(zmq.FD), self._monitored, monitor)  # type: ignore[arg-type]
+            self._loop.call_soon(self._monitored, monitor)
 
     def _readable(self) -> None:
         # ZeroMQ's descriptor is edge-triggered: read until EVENTS says nothing is left.
@@ -132,31 +154,44 @@ class PeerSockets:
         assert self._loop is not None
         self._loop.call_soon(self._readable)  # more waiting: after the others' turn
 
-    def _handshakes(self, monitor: zmq.Socket[bytes]) -> None:
-        """Count and log the failed handshakes ZeroMQ reports (edge-triggered, as the SUB)."""
+    def _monitored(self, monitor: zmq.Socket[bytes]) -> None:
+        """What the monitors report (edge-triggered, as the SUB): the peers' links, and
+        failed handshakes, counted and logged."""
         while True:
             events: int = monitor.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
             if not events & zmq.POLLIN:
                 return
             event = parse_monitor_message(list(monitor.recv_multipart(zmq.NOBLOCK)))
-            self.handshake_failures += 1
-            peer = event["endpoint"].decode("utf-8", "replace")
-            now = time.monotonic()
-            if now - self._logged.get(peer, -LOG_EVERY_SECS) >= LOG_EVERY_SECS:
-                self._logged[peer] = now
-                log.warning(
-                    "peer handshake failed: the other side has another peer secret, or none",
-                    extra={"peer": peer, "failures": self.handshake_failures},
-                )
+            address = event["endpoint"].decode("utf-8", "replace")
+            peer = address.removeprefix("tcp://")
+            failed = event["event"] & HANDSHAKE_FAILED
+            if monitor is self._sub_monitor and peer in self.links:
+                state = _LINK_STATES.get(int(event["event"]), "refused")
+                # A refused peer is dropped and retried; it stays "refused" until a
+                # handshake succeeds.
+                if state != "retrying" or self.links[peer] != "refused":
+                    self.links[peer] = state
+            if failed:
+                self._handshake_failed(address)
+
+    def _handshake_failed(self, address: str) -> None:
+        self.handshake_failures += 1
+        now = time.monotonic()
+        if now - self._logged.get(address, -LOG_EVERY_SECS) >= LOG_EVERY_SECS:
+            self._logged[address] = now
+            log.warning(
+                "peer handshake failed: the other side has another peer secret, or none",
+                extra={"peer": address, "failures": self.handshake_failures},
+            )
 
     def close(self) -> None:
         if self._loop is not None and not self.sub.closed:
             self._loop.remove_reader(self._fd)
             for monitor in self._monitors:
                 self._loop.remove_reader(monitor.getsockopt(zmq.FD))  # type: ignore[arg-type]
-        if self._monitors:
-            for socket in (self.pub, self.sub):
-                socket.disable_monitor()
+        self.sub.disable_monitor()
+        if len(self._monitors) > 1:
+            self.pub.disable_monitor()
         for monitor in self._monitors:
             monitor.close(linger=0)
         self.pub.close()

@@ -22,6 +22,7 @@ class RecordingSockets:
         self.accept = accept
         self.found: frozenset[str] = frozenset()
         self.handshake_failures = 0  # as PeerSockets counts them
+        self.links: dict[str, str] = {}
 
     def listen(self, handler: Callable[[list[bytes]], None]) -> None:
         pass  # the tests hand batches to ``receive`` themselves (``deliver``)

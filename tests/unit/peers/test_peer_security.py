@@ -124,3 +124,34 @@ def test_an_unusable_secret_is_refused_with_the_reason(tmp_path: Path) -> None:
         load_secret(None, {SECRET_ENV: "short"})
     with pytest.raises(PeerSecretError, match="No such file"):
         load_secret(str(tmp_path / "missing"), {})
+
+
+async def links_become(sockets: PeerSockets, peer: str, state: str) -> None:
+    async with asyncio.timeout(5):
+        while sockets.links.get(peer) != state:
+            await asyncio.sleep(0.02)
+
+
+async def test_each_peers_link_is_known_connected_retrying_or_refused() -> None:
+    keys = PeerKeys.from_secret(SECRET)
+    down = f"{HOST}:{free_port()}"  # nobody listens there
+    b_port = free_port()
+    b = PeerSockets(f"{HOST}:{b_port}", [], keys)
+    stranger_port = free_port()
+    stranger = PeerSockets(f"{HOST}:{stranger_port}", [], PeerKeys.from_secret(b"x" * 20))
+    a = PeerSockets(
+        f"{HOST}:{free_port()}", [f"{HOST}:{b_port}", down, f"{HOST}:{stranger_port}"], keys
+    )
+    try:
+        a.listen(lambda frames: None)
+        assert set(a.links) == {f"{HOST}:{b_port}", down, f"{HOST}:{stranger_port}"}
+        await links_become(a, f"{HOST}:{b_port}", "connected")
+        await links_become(a, down, "retrying")  # ZeroMQ retries it with backoff
+        await links_become(a, f"{HOST}:{stranger_port}", "refused")
+        b.close()
+        await links_become(a, f"{HOST}:{b_port}", "retrying")  # the peer went away
+        a.set_found(frozenset())
+        assert f"{HOST}:{b_port}" in a.links  # a peer named at start stays listed
+    finally:
+        for sockets in (a, stranger):
+            sockets.close()
