@@ -11,11 +11,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from support.harness import Fleet, Gateway, Proc, Sim, stop_all
+from support.harness import Fleet, Gateway, Proc, Sim, reaped, stop_in_background
 
 
 def pytest_configure(config: pytest.Config) -> None:
     _cache_bytecode(config)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    reaped()  # the processes tests stopped in the background have all exited
 
 
 def _cache_bytecode(config: pytest.Config) -> None:
@@ -32,10 +36,11 @@ def _cache_bytecode(config: pytest.Config) -> None:
 
 @pytest.fixture
 def procs() -> Iterator[list[Proc]]:
-    """Processes a test starts; all are stopped at its end, by PID."""
+    """Processes a test starts; all are stopped at its end, by PID (their exits are waited
+    for while the next test runs)."""
     started: list[Proc] = []
     yield started
-    stop_all(started)
+    stop_in_background(started)
 
 
 @pytest.fixture(scope="module")
@@ -47,4 +52,4 @@ def fleet() -> Iterator[Fleet]:
     sims = [Sim("sim-a", "--itl-ms", "5"), Sim("sim-b", "--itl-ms", "5")]
     gateway = Gateway("--policy", "round_robin", workers=[s.url for s in sims])
     yield Fleet(sims, gateway)
-    stop_all([*sims, gateway])
+    stop_in_background([*sims, gateway])
