@@ -10,8 +10,12 @@ shuffled, 4 requests at a time, streamed, temperature 0, 16 tokens each. Before 
 workers' slots are erased.
 
 Rows: `fixed` is a client that sends each system prompt to one fixed worker, no gateway (the
-best a router can do); then Shunter's policies and smg's cache_aware, each through the
-gateway. Reported: p50 and p95 time to first token (first content token, at the client), the
+best placement can do); then Shunter's policies, `cache_aware+turns` (cache_aware with
+llama.cpp slot turns, `--slot-wait-secs`: a request whose prompt is running on its worker
+waits for that slot rather than evict another prompt) and smg's cache_aware, each through the
+gateway. `--rounds N` runs every row N times, interleaved, and sums them (the short run,
+`--users 3`, varies a lot from run to run: which prompts' requests overlap is luck).
+Reported: p50 and p95 time to first token (first content token, at the client), the
 prompt tokens each engine really processed (`llamacpp:prompt_tokens_total` leaves out
 cached ones) and the requests each worker served (its generated tokens / 16, as every
 request generates exactly 16 with `ignore_eos`). A PNG of the TTFT distributions is written
@@ -159,6 +163,7 @@ class Row:
     seconds: float = 0.0
     failures: int = 0
     errors: list[str] = field(default_factory=list)
+    splits: list[float] = field(default_factory=list)  # each round's max/min prompt tokens
 
 
 # --- the llama.cpp workers ---------------------------------------------------------------
@@ -308,25 +313,28 @@ def percentile(values: list[float], q: int) -> float:
     )  # type: ignore[index]
 
 
-def print_table(rows: list[Row], users: int) -> None:
+def print_table(rows: list[Row], users: int, rounds: int = 1) -> None:
     base = next((r for r in rows if r.name == "shunter round_robin"), None)
     print(
         f"{SYSTEMS} system prompts x {users} users x {TURNS} turns, {CONCURRENCY} at a time, "
-        f"2 llama.cpp workers x {SLOTS} slots, cache_ram_mib=0"
+        f"2 llama.cpp workers x {SLOTS} slots, cache_ram_mib=0; {rounds} round(s), summed"
     )
     print(
-        f"{'routing':>22} | {'p50 ms':>7} {'p95 ms':>7} {'vs rr':>6} | "
-        f"{'prompt tokens processed':>24} {'ratio':>5} | {'requests':>9} | {'fail':>4} | "
-        f"{'wall s':>6}"
+        f"{'routing':>26} | {'p50 ms':>7} {'p95 ms':>7} {'vs rr':>6} | "
+        f"{'prompt tokens processed':>24} {'total':>6} {'ratio':>5} {'per round':>11} | "
+        f"{'requests':>9} | {'fail':>4} | {'wall s':>6}"
     )
     for row in rows:
         p50, p95 = statistics.median(row.ttft_ms), percentile(row.ttft_ms, 95)
         gain = f"{statistics.median(base.ttft_ms) / p50:.2f}x" if base else ""
         tokens = "/".join(str(t) for t in row.prompt_tokens)
-        ratio = max(row.prompt_tokens) / max(1, min(row.prompt_tokens))
+        ratio = _split(row.prompt_tokens)
+        splits = row.splits or [ratio]
+        per_round = f"{min(splits):.2f}-{max(splits):.2f}"
         served = "/".join(str(s) for s in row.served)
         print(
-            f"{row.name:>22} | {p50:>7.0f} {p95:>7.0f} {gain:>6} | {tokens:>24} {ratio:>5.2f} | "
+            f"{row.name:>26} | {p50:>7.0f} {p95:>7.0f} {gain:>6} | {tokens:>24} "
+            f"{sum(row.prompt_tokens):>6} {ratio:>5.2f} {per_round:>11} | "
             f"{served:>9} | {row.failures:>4} | {row.seconds:>6.1f}"
         )
 
@@ -362,6 +370,15 @@ def main() -> None:
     parser.add_argument("--policies", nargs="*", default=list(POLICIES))
     parser.add_argument("--plot", default="docs/affinity.png")
     parser.add_argument("--users", type=int, default=USERS, help="users per system prompt")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of every row, interleaved, summed"
+    )
+    parser.add_argument(
+        "--slot-wait-secs",
+        type=float,
+        default=10.0,
+        help="a row of cache_aware with llama.cpp slot turns (--slot-wait-secs); 0: none",
+    )
     args = parser.parse_args()
     from shunter.llamacpp import available
 
@@ -375,29 +392,63 @@ def main() -> None:
     ]
     workers = [f"http://127.0.0.1:{p}" for p in ports]
     work = workload(args.users)
-    rows: list[Row] = []
+    gateways: list[tuple[str, Callable[[int], list[str]]]] = [
+        (f"shunter {policy}", _shunter(policy, workers)) for policy in args.policies
+    ]
+    if args.slot_wait_secs > 0:
+        turns = ["--slot-wait-secs", str(args.slot_wait_secs)]
+        gateways.append(("shunter cache_aware+turns", _shunter("cache_aware", workers, turns)))
+    if args.smg:
+        smg = args.smg
+        gateways.append(
+            ("smg cache_aware", lambda port: smg_args(smg, port, "cache_aware", workers))
+        )
+    rows: dict[str, Row] = {}
     try:
         for worker in workers:
             wait_http(worker + "/health", timeout=60)
-        rows.append(measure("fixed (no gateway)", lambda s: workers[s % 2], workers, work))
-        for policy in args.policies:
-            port = free_port()
-            command = [sys.executable, *gateway_args(port, policy, *workers)]
-            rows.append(through_gateway(f"shunter {policy}", command, port, workers, work))
-        if args.smg:
-            port = free_port()
-            command = smg_args(args.smg, port, "cache_aware", workers)
-            rows.append(through_gateway("smg cache_aware", command, port, workers, work))
+        for _ in range(args.rounds):
+            fixed = measure("fixed (no gateway)", lambda s: workers[s % 2], workers, work)
+            _add(rows, fixed)
+            for name, command in gateways:
+                port = free_port()
+                _add(rows, through_gateway(name, command(port), port, workers, work))
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait()
-    print_table(rows, args.users)
-    for row in rows:
+    print_table(list(rows.values()), args.users, args.rounds)
+    for row in rows.values():
         for error in sorted(set(row.errors)):
             print(f"{row.name}: {row.errors.count(error)} x {error}")
     if args.plot:
-        plot(rows, args.plot)
+        plot(list(rows.values()), args.plot)
+
+
+def _shunter(
+    policy: str, workers: list[str], extra: list[str] | None = None
+) -> Callable[[int], list[str]]:
+    return lambda port: [sys.executable, *gateway_args(port, policy, *workers), *(extra or [])]
+
+
+def _add(rows: dict[str, Row], row: Row) -> None:
+    """Fold one round's ``row`` into the sum of its rounds."""
+    held = rows.get(row.name)
+    if held is None:
+        rows[row.name] = row
+        row.splits = [_split(row.prompt_tokens)]
+        return
+    held.ttft_ms += row.ttft_ms
+    held.prompt_tokens = [a + b for a, b in zip(held.prompt_tokens, row.prompt_tokens, strict=True)]
+    held.served = [a + b for a, b in zip(held.served, row.served, strict=True)]
+    held.seconds += row.seconds
+    held.failures += row.failures
+    held.errors += row.errors
+    held.splits.append(_split(row.prompt_tokens))
+
+
+def _split(tokens: list[int]) -> float:
+    return max(tokens) / max(1, min(tokens))
 
 
 if __name__ == "__main__":

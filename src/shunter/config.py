@@ -61,6 +61,9 @@ class GatewayConfig:
     worker_startup_check_interval: float = 30
     dp_aware: bool = False
     remove_unhealthy_workers: bool = False  # fleet/fleet.py Fleet._health_flipped
+    # llama.cpp workers: how long a request may wait for its prompt's busy slot rather
+    # than evict another prompt (backends/http/slot_turns.py); 0: never waits.
+    slot_wait_secs: float = 0.0
     connect_timeout_secs: float = 10.0
     probe_timeout_secs: float = 5.0  # one registration probe (health, discovery)
     # On SIGTERM: /readiness turns 503 at once, new requests are still served for a settle
@@ -118,6 +121,9 @@ class GatewayConfig:
     peer_endpoint: str | None = None
     # How long a peer's routing decision counts in its worker's in-flight here (0: not at all).
     peer_reservation_ttl_secs: float = 1.0
+    # A file holding the secret the peers share (else $SHUNTER_PEER_SECRET): the channel is
+    # then encrypted, and open only to gateways holding it (peers/security.py).
+    peer_secret_file: str | None = None
     # The Responses API (routing/affinity.py): how many response ids the gateway remembers
     # the creating worker of, and for how long.
     response_affinity_max_entries: int = 100_000
@@ -346,7 +352,15 @@ class GatewayConfig:
                     "--router-selector needs --peer-port (the port every gateway listens to "
                     "its peers on)"
                 )
+            if self.peer_secret_file is not None:
+                raise ConfigError("--peer-secret-file needs --peer-port")
             return
+        from shunter.peers.security import PeerSecretError, load_secret  # ZeroMQ's
+
+        try:
+            load_secret(self.peer_secret_file)
+        except PeerSecretError as exc:
+            raise ConfigError(str(exc)) from None
         if self.discovery.router_selector and not discovery_available():
             raise ConfigError(
                 "--router-selector needs the kubernetes extra: pip install 'shunter[kubernetes]'"

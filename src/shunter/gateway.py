@@ -102,6 +102,7 @@ class Gateway:
             _grpc_support(config),
             network.worker,
             ForwardRule(config.forward_headers),
+            config.slot_wait_secs,
         )
         self.metrics = Metrics(duration_buckets=config.duration_buckets)
         # A --workers child answers its supervisor and siblings on a socket of its own, and
@@ -210,12 +211,22 @@ class Gateway:
                 return None
             bind = f"{config.host}:{config.peer_port}"
         peers = list(config.peer_urls)
-        from shunter.peers.transport import PeerSockets  # ZeroMQ: only when peering
+        from shunter.peers.security import PeerKeys, load_secret  # ZeroMQ: only when peering
+        from shunter.peers.transport import PeerSockets
 
+        secret = load_secret(config.peer_secret_file)  # checked by the config already
+        keys = None if secret is None else PeerKeys.from_secret(secret)
+        if keys is None and not bind.startswith("ipc://"):
+            log.warning(
+                "the peer channel is neither encrypted nor authenticated (it carries prompt "
+                "prefixes and workers' API keys): give the gateways a shared "
+                "--peer-secret-file, or keep --peer-port on a private network",
+                extra={"peer_port": config.peer_port},
+            )
         return Exchange(
             self.fleet,
             lambda model: self.policies.policy_for(model),
-            lambda: PeerSockets(bind, peers),
+            lambda: PeerSockets(bind, peers, keys),
             reservation_ttl_secs=config.peer_reservation_ttl_secs,
             stored_response=self.response_affinity.remember,
         )

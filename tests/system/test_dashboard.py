@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.harness import Gateway, Proc, Sim
+from support.harness import Gateway, Proc, Sim, free_port
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
@@ -75,3 +75,50 @@ def test_the_dashboard_shows_a_new_worker_within_seconds(procs: list[Proc]) -> N
         if os.environ.get("SHUNTER_SCREENSHOT"):
             page.screenshot(path=str(SCREENSHOT))
         browser.close()
+
+
+def test_the_dashboard_shows_kv_event_subscriptions_and_peers(
+    procs: list[Proc], tmp_path: Path
+) -> None:
+    """A worker whose KV events the gateway follows gets a row (connected); the peers
+    section shows the handshakes a peer without the secret failed, in red."""
+    import zmq
+    from playwright.sync_api import expect, sync_playwright
+
+    events = f"tcp://127.0.0.1:{free_port()}"
+    sim = Sim("dash-kv", "--kv-events-endpoint", events)
+    procs.append(sim)
+    impostor_port = free_port()  # a peer in the clear where the gateway expects a secret
+    context = zmq.Context()
+    impostor = context.socket(zmq.PUB)
+    impostor.bind(f"tcp://127.0.0.1:{impostor_port}")
+    secret = tmp_path / "secret"
+    secret.write_text("the gateways' shared secret\n")
+    gateway = Gateway(
+        "--kv-events-endpoint",
+        f"{sim.url}={events}",
+        "--peer-port",
+        str(free_port()),
+        "--peer-urls",
+        f"127.0.0.1:{impostor_port}",
+        "--peer-secret-file",
+        str(secret),
+        workers=[sim.url],
+    )
+    procs.append(gateway)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(gateway.url + "/dashboard")
+            kv_row = page.locator(f'#kv-rows tr[data-url="{sim.url}"]')
+            expect(kv_row).to_be_visible(timeout=5000)
+            expect(kv_row.locator("td").nth(1)).to_have_text("connected", timeout=5000)
+            expect(page.locator("#peers")).to_be_visible()
+            failures = page.locator("#peer-handshake")
+            expect(failures).to_have_class("bad", timeout=10000)
+            assert failures.inner_text().startswith("handshake failures ")
+            browser.close()
+    finally:
+        impostor.close(linger=0)
+        context.term()

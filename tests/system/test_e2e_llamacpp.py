@@ -185,3 +185,46 @@ def test_worker_removed_and_readded_under_load(gateway: Gateway, workers: list[L
         for thread in threads:
             thread.join(60)
     assert set(statuses) == {200}, statuses
+
+
+@pytest.mark.parametrize("slot_wait", [True, False])
+def test_slot_turns_keep_a_running_prompt_from_evicting_another(
+    workers: list[LlamaCpp], slot_wait: bool
+) -> None:
+    """A worker's two slots hold prompts A and B. A second request for A sent while A runs
+    takes the other slot on its own, evicting B and prefilling A afresh; with
+    --slot-wait-secs it waits for A's slot, finds A cached, and B stays cached."""
+    worker = workers[1]
+    for slot in httpx.get(worker.url + "/slots", timeout=10).json():
+        httpx.post(f"{worker.url}/slots/{slot['id']}?action=erase", timeout=10)
+    gateway = Gateway(*(("--slot-wait-secs", "60") if slot_wait else ()), workers=[worker.url])
+    rules = "Answer in one short sentence and never use a list. " * 24  # ~250 tokens
+    a, b = "You are the billing desk. " + rules, "You are the shipping desk. " + rules
+
+    def chat(system: str, max_tokens: int = 1, **fields: object) -> dict[str, object]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+        return {"model": MODEL, "messages": messages, "max_tokens": max_tokens, **fields}
+
+    def cached(response: httpx.Response) -> int:
+        assert response.status_code == 200, response.text
+        return int(response.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    try:
+        with gateway.client(timeout=120) as http, gateway.client(timeout=120) as other:
+            for system in (a, b):  # one slot holds each
+                http.post("/v1/chat/completions", json=chat(system))
+            long_a = chat(a, 48, stream=True, ignore_eos=True)
+            with other.stream("POST", "/v1/chat/completions", json=long_a) as stream:
+                chunks = stream.iter_bytes()
+                next(chunks)  # A is running
+                second_a = http.post("/v1/chat/completions", json=chat(a))
+                for _ in chunks:
+                    pass
+            b_again = http.post("/v1/chat/completions", json=chat(b))
+        if slot_wait:
+            assert cached(second_a) > 200 and cached(b_again) > 200
+        else:  # llama.cpp's own behaviour, which the turns are for (a few template tokens
+            # match: the chat template's start, shared by A and B)
+            assert cached(second_a) < 20 and cached(b_again) < 20
+    finally:
+        gateway.stop()

@@ -1,19 +1,35 @@
 """Two gateway processes peered (--peer-port, --peer-urls): a worker added by hand on one
 appears on the other, a prefix one of them placed is routed to the same worker by the
-other, and a killed peer neither hurts the survivor nor stays behind once restarted."""
+other, and a killed peer neither hurts the survivor nor stays behind once restarted. A PUT
+or PATCH on one reaches the other and a restarted one, changes made at once on both settle
+the same, and a peer sending what is not valid is counted and logged, nothing more."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
+import zmq
 
-from support.harness import Gateway, Proc, Sim, free_port, wait_for
+from shunter.peers.messages import (
+    PROTOCOL_VERSION,
+    Batch,
+    Hello,
+    ManualWorker,
+    WorkerSetting,
+    encode,
+)
+
+from support.harness import LOOPBACK, Gateway, Proc, Sim, free_port, wait_for
 
 SYSTEMS = [f"You are assistant number {i}. " + "Follow the house style. " * 80 for i in range(4)]
 
 
-def peered(port: int, peer: int, workers: list[str]) -> Gateway:
+def peered(port: int, peer: int, workers: list[str], *extra: str) -> Gateway:
     return Gateway(
         "--policy",
         "cache_aware",
@@ -21,6 +37,7 @@ def peered(port: int, peer: int, workers: list[str]) -> Gateway:
         str(port),
         "--peer-urls",
         f"127.0.0.1:{peer}",
+        *extra,
         workers=workers,
     )
 
@@ -86,3 +103,162 @@ def test_two_peered_gateways_share_workers_and_placements(procs: list[Proc]) -> 
     home = worker_of(b, fresh, "after the restart")
     wait_for(lambda: peer_stats(restarted)["decisions_applied"] >= 1, what="catch-up")
     assert worker_of(restarted, fresh, "on A") == home
+
+
+def row(gateway: Gateway, worker_id: str) -> dict[str, Any]:
+    """``worker_id``'s row in the gateway's ``/workers`` (empty while it has none)."""
+    return next((w for w in gateway.workers() if w["id"] == worker_id), {})
+
+
+def labels(gateway: Gateway, worker_id: str) -> dict[str, str]:
+    return row(gateway, worker_id).get("labels", {})  # type: ignore[no-any-return]
+
+
+def test_put_and_patch_reach_the_peer_a_restarted_peer_and_settle_the_same(
+    procs: list[Proc],
+) -> None:
+    sims = [Sim(f"upd-{i}") for i in range(2)]
+    extra = Sim("upd-extra")
+    procs += [*sims, extra]
+    port_a, port_b, broken_port = free_port(), free_port(), free_port()
+    urls = [s.url for s in sims]
+    # A broken peer B listens to: a ZeroMQ PUB of the test's own.
+    context = zmq.Context()
+    broken = context.socket(zmq.PUB)
+    broken.setsockopt(zmq.LINGER, 0)
+    broken.bind(f"tcp://{LOOPBACK}:{broken_port}")
+    a = Gateway("--peer-port", str(port_a), "--peer-urls", f"{LOOPBACK}:{port_b}", workers=urls)
+    procs.append(a)
+    b_args = (
+        "--peer-port",
+        str(port_b),
+        "--peer-urls",
+        f"{LOOPBACK}:{port_a}",
+        f"{LOOPBACK}:{broken_port}",
+    )
+    b = Gateway(*b_args, workers=urls)
+    procs.append(b)
+    added = httpx.post(a.url + "/workers", json={"url": extra.url}, timeout=5)
+    assert added.status_code == 202, added.text
+    worker_id = added.json()["worker_id"]
+    path = f"/workers/{worker_id}"
+    wait_for(lambda: row(b, worker_id).get("status") == "ready", what="B adding it")
+
+    # A PATCH on A: B's /workers shows it.
+    patch = {"labels": {"zone": "east"}, "priority": 5}
+    assert httpx.patch(a.url + path, json=patch, timeout=5).status_code == 200
+    wait_for(lambda: labels(b, worker_id).get("zone") == "east", what="the PATCH on B")
+    assert row(b, worker_id)["priority"] == 5
+
+    # A whole-spec PUT on A: B replaces the worker under the same id (its labels are the
+    # new spec's: a PATCH adds labels, a replacement starts from the spec).
+    spec = {"url": extra.url, "labels": {"generation": "2"}, "cost": 4}
+    assert httpx.put(a.url + path, json=spec, timeout=5).status_code == 202
+    wait_for(lambda: labels(b, worker_id).get("generation") == "2", what="the PUT on B")
+    assert "zone" not in labels(b, worker_id) and row(b, worker_id)["cost"] == 4
+    assert "replacing a worker" in b.output() and "worker replaced" in b.output()
+
+    # B is down while A's worker is patched again: B restarted (with its flag workers
+    # only) learns the worker as it is now from A's snapshot, under its id.
+    b.kill()
+    again = {"labels": {"zone": "west"}}
+    assert httpx.patch(a.url + path, json=again, timeout=5).status_code == 200
+    b = Gateway(*b_args, workers=urls)
+    procs.append(b)
+    wait_for(lambda: labels(b, worker_id).get("zone") == "west", 20, "the restarted B")
+    assert labels(b, worker_id) == labels(a, worker_id)
+    assert labels(b, worker_id)["generation"] == "2"
+    assert row(b, worker_id)["cost"] == 4 and row(b, worker_id)["status"] == "ready"
+
+    # The same settings changed on A and B at once settle on the same answer on both.
+    def agree() -> bool:
+        on_a, on_b = row(a, worker_id), row(b, worker_id)
+        keys = ("labels", "priority", "cost")
+        return "owner" in on_a["labels"] and all(on_a[k] == on_b[k] for k in keys)
+
+    with ThreadPoolExecutor(2) as pool:
+        patched = [
+            pool.submit(httpx.patch, g.url + path, json=body, timeout=5)
+            for g, body in (
+                (a, {"labels": {"owner": "a"}, "priority": 1}),
+                (b, {"labels": {"owner": "b"}, "priority": 2, "cost": 6}),
+            )
+        ]
+    assert [p.result().status_code for p in patched] == [200, 200]
+    wait_for(agree, what="A and B agreeing")
+    heard = peer_stats(a)["batches_received"], peer_stats(b)["batches_received"]
+    wait_for(  # two snapshots each way later, still the same
+        lambda: (
+            peer_stats(a)["batches_received"] >= heard[0] + 2
+            and peer_stats(b)["batches_received"] >= heard[1] + 2
+        ),
+        what="snapshots",
+    )
+    assert agree() and row(a, worker_id)["cost"] == 6
+
+    # What a broken peer sends is counted and logged; B keeps serving.
+    stamp = time.time_ns()
+    nowhere = f"http://{LOOPBACK}:9"
+    bad = encode(
+        Batch(
+            Hello("broken", ["sim-model"]),
+            workers=[ManualWorker(nowhere, stamp, "broken", b'{"url": "ftp://nowhere"}')],
+            settings=[WorkerSetting(nowhere, stamp + 1, "broken", "priority", "", -1)],
+        )
+    )
+    wrong_type = msgspec.msgpack.encode([["broken", ["sim-model"]], [], [], [], [[1, 2]]])
+    malformed = [PROTOCOL_VERSION.to_bytes(2, "big"), wrong_type]
+
+    def refused() -> bool:
+        broken.send_multipart(bad)  # again until B is connected: counted once all the same
+        broken.send_multipart(malformed)
+        stats = peer_stats(b)
+        return bool(stats["workers_rejected"] >= 2 and stats["malformed"] >= 1)
+
+    wait_for(refused, what="the broken peer's batches counted")
+    time.sleep(0.2)
+    assert peer_stats(b)["workers_rejected"] == 2
+    out = b.output()
+    assert "a peer's worker is not valid here" in out
+    assert "a peer's worker setting is not valid here" in out
+    assert worker_of(b, SYSTEMS[0], "still serving")
+    assert row(b, worker_id)["priority"] == row(a, worker_id)["priority"]
+    broken.close()
+    context.term()
+
+
+def test_peers_with_a_shared_secret_talk_and_one_with_another_is_shut_out(
+    procs: list[Proc], tmp_path: Path
+) -> None:
+    """--peer-secret-file: A and B share a secret and a hand-registered worker; C, with
+    another secret and subscribed to A, never learns it, and both sides count the refused
+    handshakes (the dashboard's ``peers``)."""
+    sim, extra = Sim("secure-0"), Sim("secure-extra")
+    procs += [sim, extra]
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    shared.write_text("a secret the two gateways share\n")
+    other.write_text("a secret of some other gateway\n")
+    port_a, port_b, port_c = free_port(), free_port(), free_port()
+    a = Gateway(
+        "--peer-port",
+        str(port_a),
+        "--peer-urls",
+        f"127.0.0.1:{port_b}",
+        "--peer-secret-file",
+        str(shared),
+        workers=[sim.url],
+    )
+    procs.append(a)
+    b = peered(port_b, port_a, [sim.url], "--peer-secret-file", str(shared))
+    procs.append(b)
+    c = peered(port_c, port_a, [sim.url], "--peer-secret-file", str(other))
+    procs.append(c)
+
+    added = httpx.post(a.url + "/workers", json={"url": extra.url}, timeout=5)
+    assert added.status_code == 202
+    b.wait_workers(2)
+    wait_for(lambda: peer_stats(c)["handshake_failures"] >= 1, what="C's refused handshake")
+    wait_for(lambda: peer_stats(a)["handshake_failures"] >= 1, what="A's refused handshake")
+    time.sleep(2.5)  # a snapshot (every 2 s) would have reached C by now
+    assert [w["url"] for w in c.workers()] == [sim.url]
+    assert peer_stats(c)["batches_received"] == 0

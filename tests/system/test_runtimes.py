@@ -6,7 +6,10 @@ metrics); the real llama.cpp server is exercised by the e2e tier (test_e2e_llama
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor, wait
+
 import httpx
+import pytest
 
 from support.harness import Gateway, Proc, Sim, wait_for
 
@@ -117,3 +120,42 @@ def test_flush_skips_servers_that_cannot_flush(procs: list[Proc]) -> None:
         flushed = http.post("/flush_cache").json()
     assert flushed["status"] == "success"
     assert flushed["workers_flushed"] == 1 and flushed["total_workers"] == 2
+
+
+SYSTEM_PROMPT = "You answer questions about orders. " + "Be brief and exact. " * 60
+
+
+@pytest.mark.parametrize("slot_wait", [True, False])
+def test_llamacpp_requests_for_one_prompt_take_turns_with_slot_wait_secs(
+    procs: list[Proc], slot_wait: bool
+) -> None:
+    """Two slots hold prompts A and B; while A runs, a second request for A waits for A's
+    slot (with --slot-wait-secs) instead of evicting B; without the flag it runs at once."""
+    sim = Sim("llama", "--runtime", "llamacpp", "--max-running", "2", "--itl-ms", "40")
+    procs.append(sim)
+    gateway = Gateway(*(("--slot-wait-secs", "10") if slot_wait else ()), workers=[sim.url])
+    procs.append(gateway)
+
+    def chat(prompt: str, **fields: object) -> dict[str, object]:
+        messages = [{"role": "system", "content": prompt}, {"role": "user", "content": "hi"}]
+        return {"messages": messages, "max_tokens": 1, **fields}
+
+    a, b = "A: " + SYSTEM_PROMPT, "B: " + SYSTEM_PROMPT
+    with gateway.client() as http, httpx.Client(base_url=gateway.url, timeout=30) as other:
+        for prompt in (a, b):  # one slot holds each
+            assert http.post("/v1/chat/completions", json=chat(prompt)).status_code == 200
+        with other.stream(
+            "POST", "/v1/chat/completions", json=chat(a, max_tokens=40, stream=True)
+        ) as stream:  # A runs for ~1.6 s
+            chunks = stream.iter_bytes()
+            next(chunks)
+            with ThreadPoolExecutor(1) as pool:
+                second = pool.submit(http.post, "/v1/chat/completions", json=chat(a))
+                done_while_a_ran = wait([second], timeout=0.8).done
+                for _ in chunks:
+                    pass
+                assert second.result().status_code == 200
+    assert bool(done_while_a_ran) is not slot_wait
+    if slot_wait:
+        scraped = httpx.get(gateway.metrics_url).text
+        assert f'shunter_slot_waits_total{{outcome="turn",worker="{sim.url}"}} 1.0' in scraped

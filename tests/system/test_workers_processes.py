@@ -14,6 +14,7 @@ import socket
 import threading
 from collections import Counter
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -256,6 +257,34 @@ def test_a_worker_added_through_one_process_is_known_to_every_process(
 
     # The peer exchange between the children carries the hand-added worker to both.
     wait_for(lambda: slots_listing_it() == {0, 1}, 20, "both processes listing the worker")
+
+
+def test_a_patch_through_one_process_is_seen_by_every_process(procs: list[Proc]) -> None:
+    """A PATCH lands on one process; the peer exchange carries it to the other, so that
+    GET /workers/{id} shows it whichever process answers. The worker is a --worker-urls
+    one, which every process holds (a POSTed one is shared the same way)."""
+    gateway, sims = start(procs)
+    url = sims[0].url
+    [worker_id] = [w["id"] for w in gateway.workers() if w["url"] == url]
+    change = {"labels": {"zone": "patched"}, "priority": 4, "cb_failure_threshold": 7}
+    patched = httpx.patch(f"{gateway.url}/workers/{quote(url, safe='')}", json=change, timeout=10)
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["worker_id"] == worker_id
+    asked = itertools.count()
+
+    def slots_showing_it() -> set[int]:
+        slots = set()
+        for _ in range(16):
+            request_id = f"patched-{next(asked)}"
+            with httpx.Client(base_url=gateway.url, timeout=5) as client:
+                found = client.get(f"/workers/{worker_id}", headers={"x-request-id": request_id})
+            info = found.json()
+            if info["labels"].get("zone") == "patched" and info["priority"] == 4:
+                slots.add(wait_served_by(gateway, request_id))
+        return slots
+
+    wait_for(lambda: slots_showing_it() == {0, 1}, 20, "both processes showing the PATCH")
+    assert logged(gateway, r"updated a worker as a peer did .*gateway_process=[01]$") == 1
 
 
 def test_a_probe_port_another_program_holds_is_a_clear_error_at_start() -> None:

@@ -17,6 +17,10 @@ Anything else there (a mistyped id, a bare word) is a 400 that says what was exp
 
 A change that ran answers with ``"queued": false``, one left to a job with ``"queued": true``;
 removals and PUT keep smg's 202 (scripts check it), PATCH answers 200.
+
+Every change made here (POST, PUT, PATCH, DELETE) is also handed to ``shared``, the peer
+exchange when there is one, which carries it to the other gateways and ``--workers``
+processes; what they do with it is ``peers/manual.py``'s.
 """
 
 from __future__ import annotations
@@ -43,9 +47,14 @@ _MALFORMED = (
 
 
 class HandChanges(Protocol):
-    """Who hears of the workers added and removed by hand through this API."""
+    """Who hears of the changes made to workers through this API (the peer exchange: every
+    one of them reaches the other gateways and ``--workers`` processes, ``peers/manual.py``)."""
 
     def worker_added(self, url: str, body: dict[str, object], worker_id: str) -> None: ...
+
+    def worker_replaced(self, url: str, body: dict[str, object], worker_id: str) -> None: ...
+
+    def worker_updated(self, url: str, changes: dict[str, object]) -> None: ...
 
     def worker_removed(self, url: str) -> None: ...
 
@@ -86,7 +95,7 @@ class WorkersApi:
         self.fleet = fleet
         self.check_policy = check_policy  # raises ValueError for a policy name it refuses
         self.pd_mode = pd_mode  # prefill and decode workers are routed to only in PD mode
-        self.shared = shared  # told of additions and removals made here (peer gateways)
+        self.shared = shared  # told of every change made here (peer gateways)
         # --workers N: this process's rows merged with its siblings' (supervisor/siblings.py)
         self.merge_siblings = merge_siblings
 
@@ -198,6 +207,8 @@ class WorkersApi:
             self.fleet.update(target.url, changes)
         except LookupError:  # removed while its body was on its way
             raise ApiError(404, "WORKER_NOT_FOUND", f"Worker {given} not found") from None
+        if self.shared is not None:
+            self.shared.worker_updated(target.url, changes)
         if call.method == "PATCH":
             return _done(200, target, False, "Worker updated")
         return _done(202, target, False, "Worker updated")
@@ -224,6 +235,8 @@ class WorkersApi:
             self.fleet.submit_replace(target.url, spec)
         except QueueFull as exc:
             raise ApiError(500, "INTERNAL_SERVER_ERROR", str(exc)) from None
+        if self.shared is not None:
+            self.shared.worker_replaced(spec.url, payload, target.id)
         return _done(
             202,
             target,

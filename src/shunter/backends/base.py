@@ -84,7 +84,8 @@ class Outbound:
     ``headers`` are the client's, as byte pairs (the backend decides what its transport
     forwards); ``trace`` carries the gateway's own trace context, when tracing is on;
     ``bootstrap``, for one leg of a prefill/decode pair, where the pair hands the KV cache
-    over (the backend puts it in the request in its transport's way).
+    over (the backend puts it in the request in its transport's way); ``prompt``, the
+    request's routing text, for a backend that asks for it (``Backend.wants_prompt``).
     """
 
     method: str
@@ -97,6 +98,7 @@ class Outbound:
     model: str
     trace: Headers = field(default_factory=list)
     bootstrap: Bootstrap | None = None
+    prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,7 @@ class Description:
     models: tuple[str, ...]
     dp_size: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    slots: int | None = None  # llama.cpp: its slots, each holding one prompt's cache
 
 
 class EngineOpError(Exception):
@@ -131,6 +134,9 @@ class EngineOpError(Exception):
 class Backend(ABC):
     mode: ConnectionMode
     runtime: Runtime
+    # Whether ``send`` wants ``Outbound.prompt`` (llama.cpp's slot turns key on it); the
+    # router joins the text only then.
+    wants_prompt: bool = False
 
     @abstractmethod
     def serves(self, path: str) -> bool:

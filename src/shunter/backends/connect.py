@@ -24,6 +24,7 @@ from shunter.backends.http.client import worker_client
 from shunter.backends.http.discovery import describe
 from shunter.backends.http.engines import ENGINES
 from shunter.backends.http.forwarding import DEFAULT_RULE, ForwardRule
+from shunter.backends.http.slot_turns import SlotTurns, TurnTakingBackend
 from shunter.wire.base import UpstreamClient, WholeClient
 from shunter.wire.reqwest import ClientSettings
 
@@ -74,6 +75,7 @@ class Connector:
         grpc: Callable[[], GrpcSupport] | None = None,
         data_client: Callable[[ClientSettings, str], UpstreamClient] = worker_client,
         forward: ForwardRule = DEFAULT_RULE,
+        slot_wait_secs: float = 0.0,
     ) -> None:
         self.control = control
         self.worker_settings = worker_settings
@@ -85,6 +87,7 @@ class Connector:
         self._grpc_shared: GrpcSupport | None = None
         self.data_client = data_client  # tests swap the network here
         self.forward = forward  # the client headers HTTP workers receive
+        self.slot_wait_secs = slot_wait_secs  # llama.cpp slot turns (0: off)
 
     async def connect(
         self,
@@ -148,9 +151,13 @@ class Connector:
 
         clients: OnceCell[UpstreamClient] = OnceCell(create, close, retire)
         engine = ENGINES[description.runtime]
-        return HttpBackend(
-            engine, clients, self._calls(clients), self.health_endpoint, self.forward
-        )
+        calls = self._calls(clients)
+        if self.slot_wait_secs > 0 and description.slots:  # only llama.cpp says its slots
+            turns = SlotTurns(description.slots, self.slot_wait_secs)
+            return TurnTakingBackend(
+                turns, engine, clients, calls, self.health_endpoint, self.forward
+            )
+        return HttpBackend(engine, clients, calls, self.health_endpoint, self.forward)
 
     # --- gRPC --------------------------------------------------------------------------------
 

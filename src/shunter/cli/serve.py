@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from shunter.cli.options import ConfigFlags, non_negative_int, positive_float
+from shunter.cli.options import (
+    ConfigFlags,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+)
 from shunter.config import ConfigError, GatewayConfig
 from shunter.discovery.config import DiscoveryConfig, DiscoveryConfigError, parse_selector
 from shunter.fleet.breaker import BreakerConfig
@@ -296,6 +301,16 @@ class ServeFlags:
             help="route to each data-parallel rank of a worker separately",
         )
         g.flag(
+            "--slot-wait-secs",
+            "slot_wait_secs",
+            type=non_negative_float,
+            metavar="SECONDS",
+            help="llama.cpp workers hold one prompt per slot: a request whose prompt is "
+            "running on its worker already waits up to this long for that slot rather than "
+            "evict another prompt (for CPU workers, where a prefill costs more than a wait; "
+            "default %(default)s: never waits)",
+        )
+        g.flag(
             "--remove-unhealthy-workers",
             "remove_unhealthy_workers",
             "--worker-auto-recovery",
@@ -531,6 +546,15 @@ class ServeFlags:
             nargs="*",
             metavar="HOST:PORT",
             help="the other gateways' --peer-port (this gateway's own is ignored if listed)",
+        )
+        g.flag(
+            "--peer-secret-file",
+            "peer_secret_file",
+            type=str,
+            metavar="PATH",
+            help="a file holding a secret every peer shares (at least 16 bytes; else "
+            "$SHUNTER_PEER_SECRET): the peer channel is then encrypted (ZeroMQ CURVE) and "
+            "open only to gateways holding it",
         )
         g.flag(
             "--peer-reservation-ttl-secs",

@@ -25,6 +25,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from shunter.backends.http.slot_turns import TurnTakingBackend
 from shunter.fleet.worker import Worker
 from shunter.observability.exporter import Exporter
 from shunter.observability.streams import StreamStats
@@ -562,7 +563,28 @@ class _Collector:
         yield active
         yield pool
         yield connections
+        yield self._slot_waits(workers)
         yield from self._breakers(workers)
+
+    @staticmethod
+    def _slot_waits(workers: Sequence[Worker]) -> Metric:
+        """llama.cpp workers' slot turns (--slot-wait-secs): requests that waited for their
+        prompt's busy slot, and those of them that went anyway when the wait ran out."""
+        family = CounterMetricFamily(
+            "shunter_slot_waits",
+            "Requests that waited for their prompt's busy llama.cpp slot, by outcome",
+            labels=["worker", "outcome"],
+        )
+        seen: set[int] = set()  # a DP-aware worker's ranks share one backend
+        for worker in workers:
+            backend = worker.backend
+            if not isinstance(backend, TurnTakingBackend) or id(backend) in seen:
+                continue
+            seen.add(id(backend))
+            turns = backend.turns
+            family.add_metric([worker.base_url, "turn"], turns.waits - turns.timeouts)
+            family.add_metric([worker.base_url, "timeout"], turns.timeouts)
+        return family
 
     def _kv_events(self) -> Iterator[Metric]:
         """One series per worker whose KV events the gateway follows."""

@@ -4,11 +4,12 @@ The request path only appends to a bounded queue (``decided``: a length check, a
 and for the first decision of a batch a timer; a full queue drops the decision and counts
 it). Everything else runs off the request path on the event loop: ``flush_secs`` (5 ms)
 after the first queued decision, the queue goes out as one batch; a snapshot every
-``snapshot_secs`` resends every hand-registered worker (how a peer that was down catches
-up); and the peers' batches, read as they arrive, put their decisions into this gateway's
-cache-aware trees (and count them as short-lived reservations on the chosen worker) and
-their workers into the fleet. Each Responses API response a gateway relays the creation of
-goes out too (its id and its worker, ``response_created``), so that any peer sends its
+``snapshot_secs`` resends every hand-registered worker and setting (how a peer that was
+down catches up); and the peers' batches, read as they arrive, put their decisions into
+this gateway's cache-aware trees (and count them as short-lived reservations on the chosen
+worker) and their changes to workers (additions, replacements, settings, removals:
+``manual.py``) into the fleet. Each Responses API response a gateway relays the creation
+of goes out too (its id and its worker, ``response_created``), so that any peer sends its
 ``GET`` or its continuation to that worker. Nothing on the request path waits for a peer: a
 slow, down or partitioned peer only means this gateway routes on the view it has.
 
@@ -43,6 +44,7 @@ from shunter.peers.messages import (
     ManualWorker,
     MessageError,
     StoredResponse,
+    WorkerSetting,
     decode,
     encode,
 )
@@ -81,7 +83,8 @@ class PeerCounters:
     refused_models: int = 0
     unresolved_prefix: int = 0  # a decision naming blocks this side never got (or evicted)
     unknown_worker: int = 0  # a decision for a worker this gateway does not have
-    workers_merged: int = 0
+    workers_merged: int = 0  # peers' specs and removals newer than this gateway's
+    settings_merged: int = 0  # peers' settings (PATCH) newer than this gateway's
     responses_sent: int = 0
     responses_learnt: int = 0
     peers: dict[str, list[str]] = field(default_factory=dict)  # node -> its models
@@ -116,6 +119,7 @@ class Exchange:
         self.decoder = PrefixDecoder()
         self._queue: deque[tuple[str, str, str]] = deque()
         self._workers: list[ManualWorker] = []
+        self._settings: list[WorkerSetting] = []
         self._responses: deque[StoredResponse] = deque()
         self.stored_response = stored_response  # a peer's (response id, worker URL)
         self._flush_pending = False
@@ -162,10 +166,20 @@ class Exchange:
         self._flush_pending = True
         asyncio.get_running_loop().call_later(self.flush_secs, self._flush_due)
 
-    # --- the API: workers registered by hand ------------------------------------------------
+    # --- the API: workers changed by hand ---------------------------------------------------
 
     def worker_added(self, url: str, body: dict[str, object], worker_id: str) -> None:
         self._workers.append(self.manual.added(url, body, worker_id))
+        if not self._flush_pending:
+            self._schedule_flush()
+
+    def worker_replaced(self, url: str, body: dict[str, object], worker_id: str) -> None:
+        self._workers.append(self.manual.replaced(url, body, worker_id))
+        if not self._flush_pending:
+            self._schedule_flush()
+
+    def worker_updated(self, url: str, changes: dict[str, object]) -> None:
+        self._settings += self.manual.updated(url, changes)
         if not self._flush_pending:
             self._schedule_flush()
 
@@ -226,6 +240,7 @@ class Exchange:
         """Every ``tick_secs``: release expired reservations; now and then, a snapshot."""
         now = time.monotonic()
         self.reservations.expire(now)
+        self.manual.retry_pending()
         if now >= self._next_snapshot:
             self._next_snapshot = now + self.snapshot_secs
             try:
@@ -234,7 +249,8 @@ class Exchange:
                 log.exception("sending to peers failed")
 
     def flush(self, now: float, snapshot: bool = False) -> None:
-        """Send what is queued (and, with ``snapshot``, every hand-registered worker)."""
+        """Send what is queued (and, with ``snapshot``, every hand-registered worker and
+        setting)."""
         queue = self._queue
         decisions: list[Decision] = []
         encoder = self.encoder
@@ -246,12 +262,14 @@ class Exchange:
         responses = [pending.popleft() for _ in range(min(len(pending), MAX_RESPONSES_PER_BATCH))]
         if (queue or pending) and not self._flush_pending:
             self._schedule_flush()  # more than a batch's worth: go again soon
-        workers = self.manual.snapshot() if snapshot else self._workers
-        self._workers = []
-        if not decisions and not workers and not responses and not snapshot:
+        manual = self.manual
+        workers = manual.snapshot() if snapshot else self._workers
+        settings = manual.settings_snapshot() if snapshot else self._settings
+        self._workers, self._settings = [], []
+        if not decisions and not workers and not settings and not responses and not snapshot:
             return
         hello = Hello(self.node, list(self.fleet.registry.models()))
-        frames = encode(Batch(hello, decisions, workers, responses))
+        frames = encode(Batch(hello, decisions, workers, responses, settings))
         sockets = self._sockets
         if sockets is None or not sockets.send(frames):
             self.counters.send_refused += 1
@@ -296,9 +314,9 @@ class Exchange:
             self._refused.discard(hello.node)
             log.info("peer accepted", extra={"node": hello.node})
         counters.peers[hello.node] = hello.models
-        for entry in batch.workers:
-            if self.manual.merge(entry):
-                counters.workers_merged += 1
+        specs, settings = self.manual.merge(batch.workers, batch.settings)
+        counters.workers_merged += specs
+        counters.settings_merged += settings
         for decision in batch.decisions:
             self._apply(decision, now)
         if self.stored_response is not None:
@@ -331,9 +349,12 @@ class Exchange:
 
     def stats(self) -> dict[str, object]:
         """The counters, and the reservations held now (for the dashboard)."""
-        found = [] if self._sockets is None else sorted(self._sockets.found)
+        sockets = self._sockets
         return {
             **self.counters.__dict__,
             "reservations": len(self.reservations),
-            "found": found,
+            "workers_rejected": self.manual.rejected,
+            "found": [] if sockets is None else sorted(sockets.found),
+            # Peers refused at the handshake (another --peer-secret-file, or none).
+            "handshake_failures": 0 if sockets is None else sockets.handshake_failures,
         }

@@ -9,6 +9,12 @@ joins or restarts needs no state machine to be recognised.
 
 Structs are ``array_like`` (fields by position, no names on the wire): a decision costs its
 model, worker URL, an 8-byte prefix reference and whatever prefix text is new.
+
+What was added since version 1 went at the end of a struct, with a default (a worker's id,
+a batch's responses, its settings): a peer that predates it skips the trailing items
+(msgspec does) and one that has it reads an older peer's message as carrying none, so
+gateways of both kinds keep talking during a rolling upgrade without a version change. A
+change that altered the meaning of a field already there would take a new version.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ class Decision(msgspec.Struct, array_like=True, frozen=True):
 
 
 class ManualWorker(msgspec.Struct, array_like=True, frozen=True):
-    """A worker registered (``spec``: the ``POST /workers`` body) or removed (``None``) by
-    hand; the change with the later ``(stamp, origin)`` wins."""
+    """A worker's spec given by hand (``spec``: the ``POST /workers`` body, or a whole-spec
+    ``PUT /workers/{id}``'s) or its removal (``None``); the change with the later ``(stamp,
+    origin)`` wins."""
 
     url: str
     stamp: int  # wall-clock nanoseconds of the change, strictly increasing per origin
@@ -48,6 +55,22 @@ class ManualWorker(msgspec.Struct, array_like=True, frozen=True):
     # The id the API gave it, so that every gateway answers for the same one. Last, with a
     # default: a peer that predates ids sends none, and ignores it when it comes.
     worker_id: str = ""
+
+
+class WorkerSetting(msgspec.Struct, array_like=True, frozen=True):
+    """One setting of a worker changed by hand in place (``PATCH /workers/{id}``, or a
+    ``PUT`` without ``url``): ``field`` is one of ``fleet.spec.UPDATE_FIELDS``, ``key`` the
+    label's name when it is ``labels`` (else empty), ``value`` as the API took it. Each
+    ``(url, field, key)`` is a last-writer-wins register of its own, so changes of different
+    settings made at once on two gateways both hold; a spec (``ManualWorker``) newer than a
+    setting replaces it. 56-80 bytes each (msgpack, a 21-character URL)."""
+
+    url: str  # the worker's registered URL
+    stamp: int
+    origin: str
+    field: str
+    key: str
+    value: str | int | float | None  # None: only for api_key (the key removed)
 
 
 class StoredResponse(msgspec.Struct, array_like=True, frozen=True):
@@ -65,6 +88,7 @@ class Batch(msgspec.Struct, array_like=True, frozen=True):
     # Last, so a peer that predates it ignores it (msgspec skips trailing array items) and
     # one that has it reads an older peer's batch as carrying none: no version change.
     responses: list[StoredResponse] = []
+    settings: list[WorkerSetting] = []  # last, for the same reason
 
 
 class MessageError(ValueError):

@@ -14,6 +14,9 @@ connects to a new endpoint and disconnects from one that went away, so that Zero
 retrying a pod that no longer exists. An endpoint named at start is never disconnected,
 nor connected twice (a SUB connected twice to one PUB receives every message twice).
 
+With ``keys`` (``security.py``) both sockets speak CURVE: encrypted, and only with gateways
+holding the same secret; a failed handshake is counted and logged (``_handshakes``).
+
 Plain (not ``zmq.asyncio``) sockets: the SUB's file descriptor is watched by the event loop
 and every message waiting is read in one callback. With ``zmq.asyncio``, an await per
 message cost 8 peered gateways ~2 ms of CPU per routed request (each receives every
@@ -23,15 +26,29 @@ peer's batches); draining in one callback costs a small fraction of that.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from shunter.peers.security import PeerKeys, secure
+
+log = logging.getLogger("shunter.peers")
 
 SNDHWM = 1000  # batches queued per peer (~5 s of batches at one per 5 ms)
 RCVHWM = 10_000
 RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 5_000
 MAX_DRAIN = 256  # messages read per callback before the loop gets a turn
+# A handshake refused (another secret, or none where one is required), as ZeroMQ reports it.
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+LOG_EVERY_SECS = 60.0  # a peer whose handshakes keep failing is logged again this often
 
 
 def endpoint(peer: str) -> str:
@@ -41,15 +58,25 @@ def endpoint(peer: str) -> str:
 
 class PeerSockets:
     """This gateway's PUB, bound at ``bind`` (``HOST:PORT`` or ``ipc://PATH``), and a SUB
-    connected to every one of ``peers`` (the same forms)."""
+    connected to every one of ``peers`` (the same forms); over CURVE with ``keys``."""
 
-    def __init__(self, bind: str, peers: list[str]) -> None:
+    def __init__(self, bind: str, peers: list[str], keys: PeerKeys | None = None) -> None:
         self.context = zmq.Context()
         self.pub = self.context.socket(zmq.PUB)
+        self.sub = self.context.socket(zmq.SUB)
+        self._authenticator = (
+            None if keys is None else secure(self.context, self.pub, self.sub, keys)
+        )
+        self.handshake_failures = 0
+        self._logged: dict[str, float] = {}  # peer address -> when its failure was logged
+        # Handshakes fail for a reason worth telling only over CURVE (another secret).
+        self._monitors = [
+            socket.get_monitor_socket(HANDSHAKE_FAILED)
+            for socket in ((self.pub, self.sub) if keys is not None else ())
+        ]
         self.pub.setsockopt(zmq.SNDHWM, SNDHWM)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.bind(endpoint(bind))
-        self.sub = self.context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, RCVHWM)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
@@ -89,6 +116,9 @@ class PeerSockets:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._fd, self._readable)
         self._loop.call_soon(self._readable)  # messages may be waiting already
+        for monitor in self._monitors:
+            self._loop.add_reader(monitor.getsockopt(zmq.FD), self._handshakes, monitor)  # type: ignore[arg-type]
+            self._loop.call_soon(self._handshakes, monitor)
 
     def _readable(self) -> None:
         # ZeroMQ's descriptor is edge-triggered: read until EVENTS says nothing is left.
@@ -102,9 +132,35 @@ class PeerSockets:
         assert self._loop is not None
         self._loop.call_soon(self._readable)  # more waiting: after the others' turn
 
+    def _handshakes(self, monitor: zmq.Socket[bytes]) -> None:
+        """Count and log the failed handshakes ZeroMQ reports (edge-triggered, as the SUB)."""
+        while True:
+            events: int = monitor.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            if not events & zmq.POLLIN:
+                return
+            event = parse_monitor_message(list(monitor.recv_multipart(zmq.NOBLOCK)))
+            self.handshake_failures += 1
+            peer = event["endpoint"].decode("utf-8", "replace")
+            now = time.monotonic()
+            if now - self._logged.get(peer, -LOG_EVERY_SECS) >= LOG_EVERY_SECS:
+                self._logged[peer] = now
+                log.warning(
+                    "peer handshake failed: the other side has another peer secret, or none",
+                    extra={"peer": peer, "failures": self.handshake_failures},
+                )
+
     def close(self) -> None:
         if self._loop is not None and not self.sub.closed:
             self._loop.remove_reader(self._fd)
+            for monitor in self._monitors:
+                self._loop.remove_reader(monitor.getsockopt(zmq.FD))  # type: ignore[arg-type]
+        if self._monitors:
+            for socket in (self.pub, self.sub):
+                socket.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         self.pub.close()
         self.sub.close()
+        if self._authenticator is not None:
+            self._authenticator.stop()
         self.context.term()

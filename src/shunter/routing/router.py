@@ -323,6 +323,8 @@ class Router:
                 f"{request.path} is not served by {backend.mode.value} workers",
             )
         outbound = outbound_for(request, model, body, path)
+        if backend.wants_prompt:
+            outbound.prompt = request.routing_text
         state = worker.state
         state.started()
         try:

@@ -65,8 +65,9 @@ class SimApp:
             "/flush_cache": self.flush_cache,
             "/health_generate": self.health_generate,
         }
-        # llama.cpp's slot API: the list, and POST /slots/{id}?action=erase (by prefix).
-        llamacpp: dict[str, Handler] = {"/slots": self.slots}
+        # llama.cpp's slot API: the list, and POST /slots/{id}?action=erase (by prefix);
+        # its /props, with the slot count.
+        llamacpp: dict[str, Handler] = {"/slots": self.slots, "/props": self.props}
         # vLLM's dev-mode flush (VLLM_SERVER_DEV_MODE=1).
         vllm: dict[str, Handler] = {"/reset_prefix_cache": self.reset_prefix_cache}
         common: dict[str, Handler] = {
@@ -346,6 +347,11 @@ class SimApp:
     async def slots(self, request: Request) -> None:
         ids = range(self.config.max_running)
         await request.reply(200, [{"id": i, "is_processing": False} for i in ids])
+
+    async def props(self, request: Request) -> None:
+        """llama.cpp's ``GET /props``, the part gateways read: ``total_slots``."""
+        model = self.config.served_model_name
+        await request.reply(200, {"total_slots": self.config.max_running, "model_alias": model})
 
     async def slot_action(self, request: Request) -> None:
         """``POST /slots/{id}?action=erase``. The sim's cache is shared by its slots, so

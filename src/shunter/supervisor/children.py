@@ -60,15 +60,16 @@ class ChildCommand:
 class ChildPeers:
     """The peer exchange among the children, and with other gateways.
 
-    Each child binds a peer endpoint of its own and names every sibling's, so that a ``POST
-    /workers`` to any process reaches all of them and every process learns the others'
-    cache-aware decisions. With the operator's ``--peer-port P`` child ``i`` binds ``P + i``
-    on ``--host`` (a replica elsewhere lists ``P`` .. ``P + N - 1`` of this host) and also
-    names the operator's ``--peer-urls``. Without it the children talk over ZeroMQ IPC
-    sockets in the supervisor's private directory: no port to pick, so none another program
-    can take between the supervisor's choice and the child's bind (loopback ports found
-    free with bind(0) come from the range every outgoing connection also draws from). A
-    slot keeps its endpoint across restarts, so the siblings' lists stay true.
+    Each child binds a peer endpoint of its own and names every sibling's, so that a change
+    through ``/workers`` (``POST``, ``PUT``, ``PATCH``, ``DELETE``) on any process reaches
+    all of them and every process learns the others' cache-aware decisions. With the
+    operator's ``--peer-port P`` child ``i`` binds ``P + i`` on ``--host`` (a replica
+    elsewhere lists ``P`` .. ``P + N - 1`` of this host) and also names the operator's
+    ``--peer-urls``. Without it the children talk over ZeroMQ IPC sockets in the
+    supervisor's private directory: no port to pick, so none another program can take
+    between the supervisor's choice and the child's bind (loopback ports found free with
+    bind(0) come from the range every outgoing connection also draws from). A slot keeps
+    its endpoint across restarts, so the siblings' lists stay true.
     """
 
     # Per slot, where its siblings reach it: "127.0.0.1:PORT" (the child binds PORT on

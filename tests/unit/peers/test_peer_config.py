@@ -35,6 +35,8 @@ def test_the_flags_make_the_config() -> None:
         ({"peer_port": 7100, "peer_urls": ["ipc://"]}, "give HOST:PORT"),
         ({"peer_port": 70000}, "--peer-port"),
         ({"peer_port": 7100, "peer_reservation_ttl_secs": -1}, "--peer-reservation-ttl-secs"),
+        ({"peer_secret_file": "/run/secret"}, "--peer-secret-file needs --peer-port"),
+        ({"peer_port": 7100, "peer_secret_file": "/nonexistent/x"}, "No such file"),
     ],
 )
 def test_bad_peer_settings_are_refused(settings: dict[str, object], message: str) -> None:

@@ -16,6 +16,8 @@ from shunter.peers.messages import (
     Hello,
     ManualWorker,
     MessageError,
+    StoredResponse,
+    WorkerSetting,
     decode,
     encode,
 )
@@ -28,6 +30,29 @@ def test_a_batch_round_trips() -> None:
         [ManualWorker("http://w:2", 5, "node-a", b'{"url": "http://w:2"}')],
     )
     assert decode(encode(batch)) == batch
+
+
+class BatchBeforeSettings(msgspec.Struct, array_like=True, frozen=True):
+    """A batch as gateways that predate worker settings (PATCH) sent and read it."""
+
+    hello: Hello
+    decisions: list[Decision] = []
+    workers: list[ManualWorker] = []
+    responses: list[StoredResponse] = []
+
+
+def test_settings_go_beside_older_peers_without_a_version_change() -> None:
+    """A gateway that predates settings reads a batch carrying them (skipping them), and
+    a batch from such a gateway reads as carrying none: both keep talking."""
+    setting = WorkerSetting("http://w:2", 5, "node-a", "priority", "", 3)
+    spec = ManualWorker("http://w:2", 4, "node-a", b'{"url": "http://w:2"}', "id")
+    frames = encode(Batch(Hello("node-a", ["m"]), [], [spec], [], [setting]))
+    assert decode(frames).settings == [setting]
+    older = msgspec.msgpack.decode(frames[1], type=BatchBeforeSettings)
+    assert older.workers == [spec]
+    sent_by_older = msgspec.msgpack.encode(BatchBeforeSettings(Hello("node-b", ["m"]), [], [spec]))
+    batch = decode([frames[0], sent_by_older])
+    assert batch.workers == [spec] and batch.settings == []
 
 
 def test_another_version_is_named_in_the_error() -> None:

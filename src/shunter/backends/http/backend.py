@@ -9,10 +9,13 @@ The data-plane client is created on first use by one task and read as an attribu
 (``aio/once.py``); a refused connection starts building a fresh one in the background while
 requests keep using the old one, so a worker that restarted is reached again without being
 re-added. What differs between engines (load, flush, generation check, ``/generate``) is
-the ``Engine``'s business (``engines/``).
+the ``Engine``'s business (``engines/``). A llama.cpp worker's requests for one prompt may
+also take turns rather than evict each other's slots (``slot_turns.py``, opt-in).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from shunter.aio.once import OnceCell
 from shunter.backends.base import (
@@ -72,7 +75,11 @@ class HttpBackend(Backend):
 
     # --- the data plane ------------------------------------------------------------------
 
-    async def send(self, target: Target, request: Outbound) -> Reply:
+    async def send(
+        self, target: Target, request: Outbound, ended: Callable[[], None] | None = None
+    ) -> Reply:
+        """One attempt; ``ended`` (when given) is called once a streamed answer's body is
+        over, however it ends (a whole answer is over when this returns)."""
         cell = self._clients
         client = cell.value or await cell.get()
         url = target.base_url + request.path
@@ -91,7 +98,7 @@ class HttpBackend(Backend):
                     answer = await whole_body(upstream)
                     check_not_found(self.runtime, target, request, answer)
                     return Reply(404, relayed_headers(upstream.headers), answer)
-                chunks = await primed(_chunks(upstream))
+                chunks = await primed(_chunks(upstream, ended))
                 return Reply(upstream.status, relayed_headers(upstream.headers), chunks)
             response = await client.request(request.method, url, headers, body)
         except UpstreamError as exc:
@@ -201,11 +208,16 @@ def with_rank(body: bytes, rank: int) -> bytes:
     return b'%s%s"data_parallel_rank":%d}' % (inner, separator, rank)
 
 
-async def _chunks(upstream: StreamingResponse) -> Stream:
-    """The worker's chunks as they arrive; closing early closes the worker's connection."""
+async def _chunks(upstream: StreamingResponse, ended: Callable[[], None] | None) -> Stream:
+    """The worker's chunks as they arrive; closing early closes the worker's connection.
+    ``ended``: called once the body is over, however it ends."""
     try:
         yield b""  # primed: see protocols/reply.py
         while (chunk := await upstream.next_chunk()) is not None:
             yield chunk
     finally:
-        await upstream.aclose()
+        try:
+            await upstream.aclose()
+        finally:
+            if ended is not None:
+                ended()

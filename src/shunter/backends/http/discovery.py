@@ -32,7 +32,18 @@ async def describe(calls: WorkerCalls, target: Target, runtime: Runtime | None) 
     if runtime is None:
         owner = str(data[0].get("owned_by", "")).lower() if isinstance(data[0], dict) else ""
         runtime = engine_owning(owner).runtime
-    return Description(ENGINES[runtime].runtime, ids)
+    runtime = ENGINES[runtime].runtime
+    slots = await _llamacpp_slots(calls, target) if runtime is Runtime.LLAMACPP else None
+    return Description(runtime, ids, slots=slots)
+
+
+async def _llamacpp_slots(calls: WorkerCalls, target: Target) -> int | None:
+    """llama.cpp's slot count (``/props``: ``total_slots``); None if it does not say."""
+    props = await calls.get_json(target, ("/props",))
+    slots = props.get("total_slots") if isinstance(props, dict) else None
+    if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0:
+        return slots
+    return None
 
 
 async def _sglang(calls: WorkerCalls, target: Target, info: dict[str, Any]) -> Description:
