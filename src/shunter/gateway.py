@@ -468,20 +468,28 @@ def _check_policy(name: str) -> None:
         raise ValueError(str(exc)) from None
 
 
-def _grpc_support(config: GatewayConfig) -> GrpcSupport | None:
-    """What gRPC workers share, when the grpc extra is installed."""
+def _grpc_support(config: GatewayConfig) -> Callable[[], GrpcSupport] | None:
+    """What makes what gRPC workers share, when the grpc extra is installed (the connector
+    calls it for the first gRPC worker)."""
     if not grpc_available():
         return None
-    from shunter.backends.grpc.pipeline import GrpcPipeline
-    from shunter.backends.grpc.tokenizers import Tokenizers
 
-    tokenizers = Tokenizers(
-        config.tokenizer_path, config.chat_template, TOKENIZER_FETCH_TIMEOUT_SECS
-    )
-    pipeline = GrpcPipeline(
-        tokenizers, config.request_timeout_secs, config.reasoning_parser, config.tool_call_parser
-    )
-    return GrpcSupport(pipeline, retire_grace_secs=config.request_timeout_secs)
+    def make() -> GrpcSupport:
+        from shunter.backends.grpc.pipeline import GrpcPipeline
+        from shunter.backends.grpc.tokenizers import Tokenizers
+
+        tokenizers = Tokenizers(
+            config.tokenizer_path, config.chat_template, TOKENIZER_FETCH_TIMEOUT_SECS
+        )
+        pipeline = GrpcPipeline(
+            tokenizers,
+            config.request_timeout_secs,
+            config.reasoning_parser,
+            config.tool_call_parser,
+        )
+        return GrpcSupport(pipeline, retire_grace_secs=config.request_timeout_secs)
+
+    return make
 
 
 def _worker_tls(config: GatewayConfig) -> tuple[bytes | None, tuple[bytes, ...]]:

@@ -19,10 +19,11 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from shunter.config import GatewayConfig
 from shunter.fleet import ids as worker_ids
+from shunter.observability.exporter import Exporter
 from shunter.observability.logging import setup_logging
 from shunter.observability.merged import ChildrenCollector, fetch_exposition
 from shunter.supervisor.children import ChildCommand, children_peers, reserve_port
@@ -70,13 +71,11 @@ async def _supervise(config: GatewayConfig, argv: Sequence[str], socket_dir: str
     )
     collector = ChildrenCollector(count, lambda index: fetch_exposition(paths[index]))
     supervisor = Supervisor(count, command.spawn, restarted=collector.retire)
-    server = None
+    exporter = None
     if config.prometheus_port:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(collector)
-        server, _thread = start_http_server(
-            config.prometheus_port, addr=config.prometheus_host, registry=registry
-        )
+        exporter = Exporter(config.prometheus_host, config.prometheus_port, registry)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, supervisor.stop, sig)
@@ -87,6 +86,5 @@ async def _supervise(config: GatewayConfig, argv: Sequence[str], socket_dir: str
     try:
         return await supervisor.run()
     finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        if exporter is not None:
+            exporter.close()

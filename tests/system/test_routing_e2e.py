@@ -149,7 +149,14 @@ def test_removing_a_worker_lets_its_streams_finish_and_moves_new_traffic(
     threads = [threading.Thread(target=stream) for _ in range(4)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: a.stats()["running"] > 0, 10, "streams on rm-a")
+
+    # All four routed (two each, round robin) before the removal, rm-a's still streaming: a
+    # thread that had not sent its request yet would be routed after it, to rm-b.
+    def all_routed_and_streaming() -> bool:
+        on_a, on_b = a.stats(), b.stats()
+        return bool(on_a["requests_total"] == on_b["requests_total"] == 2 and on_a["running"] > 0)
+
+    wait_for(all_routed_and_streaming, 10, "streams on both, rm-a's running")
     assert httpx.delete(gateway.url + "/workers/" + quote(a.url, safe="")).status_code == 202
     during = Counter(worker_of(gateway, chat("s", f"q{i}")) for i in range(4))
     for thread in threads:

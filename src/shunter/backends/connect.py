@@ -72,7 +72,7 @@ class Connector:
         worker_settings: ClientSettings,
         probe_timeout_secs: float,
         health_endpoint: str = "/health",
-        grpc: GrpcSupport | None = None,
+        grpc: Callable[[], GrpcSupport] | None = None,
         data_client: Callable[[ClientSettings, str], UpstreamClient] = worker_client,
         forward: ForwardRule = DEFAULT_RULE,
         slot_wait_secs: float = 0.0,
@@ -81,7 +81,10 @@ class Connector:
         self.worker_settings = worker_settings
         self.probe_timeout_secs = probe_timeout_secs
         self.health_endpoint = health_endpoint
-        self.grpc = grpc  # None: the grpc extra is not installed
+        # Makes what gRPC backends share, for the first gRPC worker: grpcio and the
+        # pipeline's imports take ~0.1 s, which a gateway without one never spends.
+        self.make_grpc = grpc  # None: the grpc extra is not installed
+        self._grpc_shared: GrpcSupport | None = None
         self.data_client = data_client  # tests swap the network here
         self.forward = forward  # the client headers HTTP workers receive
         self.slot_wait_secs = slot_wait_secs  # llama.cpp slot turns (0: off)
@@ -98,7 +101,7 @@ class Connector:
         if url.startswith("grpc://"):
             return await self._grpc(url, wait)
         address = Address(url, api_key)
-        if not (probe_both and self.grpc is not None):
+        if not (probe_both and self.make_grpc is not None):
             await wait(lambda: self._probe_http(address), f"worker {url}")
         else:
             grpc_url = "grpc://" + url.split("://", 1)[1]
@@ -159,13 +162,16 @@ class Connector:
     # --- gRPC --------------------------------------------------------------------------------
 
     def _grpc_backend(self, url: str) -> Backend:
-        if self.grpc is None:
+        if self.make_grpc is None:
             raise ConnectError(
                 f"{url}: gRPC workers need the grpc extra (pip install 'shunter[grpc]')"
             )
         from shunter.backends.grpc.backend import GrpcBackend
 
-        return GrpcBackend(url, self.grpc.pipeline, self.grpc.retire_grace_secs)
+        if self._grpc_shared is None:
+            self._grpc_shared = self.make_grpc()
+        shared = self._grpc_shared
+        return GrpcBackend(url, shared.pipeline, shared.retire_grace_secs)
 
     async def _grpc(self, url: str, wait: Wait) -> Connected:
         backend = self._grpc_backend(url)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -27,6 +27,7 @@ from prometheus_client.core import (
 
 from shunter.backends.http.slot_turns import TurnTakingBackend
 from shunter.fleet.worker import Worker
+from shunter.observability.exporter import Exporter
 from shunter.observability.streams import StreamStats
 
 log = logging.getLogger("shunter.metrics")
@@ -143,7 +144,7 @@ class Metrics:
         self.kv_events: Callable[[], Mapping[str, Mapping[str, int]]] = dict
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
-        self._server: Any = None
+        self._exporter: Exporter | None = None
 
     # --- hot path ---------------------------------------------------------------------------
 
@@ -295,8 +296,8 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on host:port in a background thread; returns the bound port."""
-        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        bound: int = self._server.server_address[1]
+        self._exporter = Exporter(host, port, self.registry)
+        bound = self._exporter.port
         log.info("metrics listening", extra={"host": host, "port": bound})
         return bound
 
@@ -306,10 +307,9 @@ class Metrics:
         return generate_latest(self.registry)
 
     def shutdown(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        if self._exporter is not None:
+            self._exporter.close()
+            self._exporter = None
 
 
 class _Collector:

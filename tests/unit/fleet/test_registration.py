@@ -139,7 +139,7 @@ class RecordingGrpc(Connector):
 def grpc_connector(network: Workers) -> RecordingGrpc:
     pipeline = GrpcPipeline(Tokenizers(None, None, 1.0), 1.0, None, None)
     support = GrpcSupport(pipeline, retire_grace_secs=1.0)
-    return RecordingGrpc(network.control, ClientSettings(), 0.2, grpc=support)
+    return RecordingGrpc(network.control, ClientSettings(), 0.2, grpc=lambda: support)
 
 
 async def assert_closed(backend: GrpcBackend) -> None:
