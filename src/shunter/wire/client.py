@@ -394,8 +394,8 @@ def request_head(method: str, target: str, host: bytes, headers: HeaderPairs, le
     The target must be visible ASCII (h11 holds a request-target to the same), so a path
     that was percent-decoded on its way in cannot carry CR LF into the request line; the
     method and header names must be tokens and no name or value may hold CR, LF or NUL.
-    Checked on whole strings (one regex over the names, three counts over the header
-    lines), not per header in Python: building a ten-header head costs under 10% more
+    Checked on whole strings (one regex over the names, one pass over the header lines),
+    not per header in Python: building a ten-header head costs under 10% more
     than it did unchecked, a fraction of a microsecond.
     """
     if not (target.isascii() and target.isprintable()) or " " in target:
@@ -409,7 +409,9 @@ def request_head(method: str, target: str, host: bytes, headers: HeaderPairs, le
     if not _TOKENS.fullmatch(b"\n".join(names)):
         bad = next(name for name in names if not _TOKENS.fullmatch(name))
         raise ValueError(f"refusing a method or header name that is not a token: {bad!r}")
-    if fields.count(b"\n") != count or fields.count(b"\r") != count or b"\0" in fields:
+    # Each line ends with CR LF, so a head with exactly those and no NUL loses 2 bytes a
+    # line here: one ``translate`` where three scans cost 2.5k more instructions a request.
+    if len(fields.translate(None, b"\r\n\0")) != len(fields) - 2 * count:
         bad = next(n for n, v in headers if any(c in n + v for c in (b"\r", b"\n", b"\0")))
         raise ValueError(f"refusing a header with CR, LF or NUL in it: {bad!r}")
     return b"%s %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n" % (
