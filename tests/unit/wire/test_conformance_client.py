@@ -18,7 +18,7 @@ import pytest
 from shunter.backends.http.client import worker_client
 from shunter.config import ConfigError, GatewayConfig
 from shunter.wire.base import UpstreamError
-from shunter.wire.client import MAX_HEAD_BYTES, H1Stream, H1StreamClient
+from shunter.wire.client import MAX_HEAD_BYTES, H1Stream, H1StreamClient, request_head
 from shunter.wire.reqwest import MAX_RESPONSE_BYTES, ClientSettings, ReqwestClient
 
 Handler = Callable[["Peer"], Awaitable[None]]
@@ -573,6 +573,18 @@ async def test_a_request_that_could_split_is_refused_before_anything_is_written(
     assert await body_of(await get(client, "/after")) == b"ok"
     assert [r.split(b" ")[1] for r in script.requests] == [b"/first", b"/after"]
     assert len(script.peers) == 1
+
+
+def test_a_name_or_method_found_not_a_token_is_refused_every_time() -> None:
+    """Tokens are remembered once matched (``request_head``); what failed never is."""
+    for _ in range(2):
+        with pytest.raises(ValueError, match="not a token"):
+            request_head("POST", "/v1/x", b"w", [(b"x bad", b"1")], 0)
+        with pytest.raises(ValueError, match="not a token"):
+            request_head("GET /evil HTTP/1.1\r\n", "/v1/x", b"w", [], 0)
+    assert request_head("POST", "/v1/x", b"w", [(b"x-ok", b"1")], 2) == (
+        b"POST /v1/x HTTP/1.1\r\nhost: w\r\nx-ok: 1\r\ncontent-length: 2\r\n\r\n"
+    )
 
 
 # --- the whole-response cap (pyreqwest) -----------------------------------------------------
