@@ -376,6 +376,21 @@ class H1Stream:
             await conn.await_read()
             conn.waiter = None
 
+    def whole(self, limit: int) -> bytes | None:
+        """The whole body, when the response has ended before any of it was read and it is
+        at most ``limit`` bytes; else None (read it with ``next_chunk``). Most whole
+        answers arrive with their head: taking them at once skips a read loop's awaits
+        and its buffer (~5k instructions of a proxied request, callgrind)."""
+        conn = self._conn
+        if not conn.ended or conn.error is not None:
+            return None
+        body = b"".join(conn.chunks)
+        if len(body) > limit:
+            return None
+        conn.chunks.clear()
+        conn.disarm()
+        return body
+
     async def aclose(self) -> None:
         if self._released:  # a second close must not touch a connection now someone else's
             return
