@@ -13,13 +13,14 @@ import logging
 import re
 from random import getrandbits
 
+from shunter.observability.logging import InfoLines
 from shunter.protocols.errors import ApiError
 from shunter.wire.asgi import Scope, header_value
 
 # One line per request, at INFO: method, path, status, latency, worker, request id. Never
 # headers or bodies, so no API key or Authorization value can reach the log.
 access_log = logging.getLogger("shunter.access")
-_ACCESS = access_log.name
+_access_lines = InfoLines(access_log)
 
 # A client's request id is taken only when it is short and plain: it is echoed in a header,
 # written to the log and sent to workers, so anything else gets a fresh id.
@@ -99,19 +100,15 @@ def log_access(
     request_id: str,
     error_code: str,
 ) -> None:
-    """One access line. Its record is made and handed to the logger's handlers directly, as
-    ``info()`` would, less the walk up the stack for the caller's file and line, which no
-    format here prints (a tenth of a line's cost, written once per request)."""
-    if access_log.isEnabledFor(logging.INFO):
-        fields = {
+    """One access line, written without a ``LogRecord`` where logging is as the gateway set
+    it up (``InfoLines``: a line per request, a quarter of what a record made it cost)."""
+    _access_lines.write(
+        f"{method} {path} {status}",
+        {
             "status": status,
             "latency_ms": round(seconds * 1000, 3),
             "worker": worker,
             "request_id": request_id,
             "error_code": error_code,
-        }
-        access_log.handle(
-            access_log.makeRecord(
-                _ACCESS, logging.INFO, "", 0, "%s %s %d", (method, path, status), None, extra=fields
-            )
-        )
+        },
+    )

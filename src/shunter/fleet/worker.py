@@ -41,7 +41,10 @@ class Worker:
 
     ``id`` (``fleet/ids.py``) names the registration: a DP-aware worker's ranks share their
     URL's one id, as they share its backend. ``routed_header`` is the response header
-    naming it, built once here so that each answer costs one list append."""
+    naming it, built once here so that each answer costs one list append; ``kind`` its
+    type and connection mode as metrics label them, read on every request (an enum's
+    ``.value`` is two Python-level calls: the three per request were 5.7k instructions,
+    1.5% of a proxied request)."""
 
     url: str
     backend: Backend
@@ -57,6 +60,7 @@ class Worker:
     health: HealthConfig | None = None  # its own health-check settings; None: the flags'
     id: str = ""  # "": derived from its base URL (a worker built outside registration)
     routed_header: tuple[bytes, bytes] = field(init=False, repr=False, compare=False)
+    kind: tuple[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.base_url:
@@ -65,6 +69,7 @@ class Worker:
         if not self.id:
             object.__setattr__(self, "id", derived_worker_id(self.base_url))
         object.__setattr__(self, "routed_header", (ROUTED_WORKER_HEADER, self.id.encode()))
+        object.__setattr__(self, "kind", (self.worker_type.value, self.backend.mode.value))
 
     @property
     def model_id(self) -> str:

@@ -17,6 +17,7 @@ import logging.handlers
 import os
 import sys
 import time
+from typing import Any
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -26,8 +27,10 @@ _SECRET_KEYS = {"authorization", "api_key", "headers"}
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _ESCAPES |= {0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"}
 
+Fields = dict[str, object]
 
-def _extras(record: logging.LogRecord) -> dict[str, object]:
+
+def _extras(record: logging.LogRecord) -> Fields:
     return {
         k: ("<redacted>" if k in _SECRET_KEYS else v)
         for k, v in vars(record).items()
@@ -43,21 +46,28 @@ class TextFormatter(logging.Formatter):
         self._asctime = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        """The record's second, formatted once per second (the access log writes a line per
-        request, and ``strftime`` was a tenth of one)."""
-        second = int(record.created)
+        return self.asctime(record.created)
+
+    def asctime(self, created: float) -> str:
+        """The time ``created`` as lines print it, formatted once per second (the access log
+        writes a line per request, and ``strftime`` was a tenth of one)."""
+        second = int(created)
         if second != self._second:
-            self._asctime = super().formatTime(record, datefmt)
+            self._asctime = time.strftime(self.datefmt or "", self.converter(second))
             self._second = second
         return self._asctime
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        """The record's one line: the message and its fields, escaped (see the module
-        docstring). ``format`` appends a traceback after it, unescaped."""
-        line = super().formatMessage(record)
-        extras = _extras(record)
-        if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+        """The record's one line (``format`` appends a traceback after it, unescaped)."""
+        return self.line(
+            record.asctime, record.levelname, record.name, record.message, _extras(record)
+        )
+
+    def line(self, asctime: str, level: str, logger: str, message: str, fields: Fields) -> str:
+        """The message and its fields on one line, escaped (see the module docstring)."""
+        line = f"{asctime} {level} {logger}: {message}"
+        if fields:
+            line += " " + " ".join([f"{k}={v}" for k, v in fields.items()])
         if line.isprintable() and "\\" not in line:
             # Nothing to escape: every escaped character is unprintable but the backslash.
             # Two scans in C, where ``translate`` looks up every character in a dict (an
@@ -65,19 +75,117 @@ class TextFormatter(logging.Formatter):
             return line
         return line.translate(_ESCAPES)
 
+    def plain_line(
+        self, created: float, level: str, logger: str, message: str, fields: Fields
+    ) -> str:
+        """The line ``format`` writes for a record with these, and no traceback."""
+        return self.line(self.asctime(created), level, logger, message, fields)
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return self.plain_line(
+            record.created,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            _extras(record),
+            exception,
+        )
+
+    def plain_line(
+        self,
+        created: float,
+        level: str,
+        logger: str,
+        message: str,
+        fields: Fields,
+        exception: str | None = None,
+    ) -> str:
+        """The line ``format`` writes for a record with these."""
         payload: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **_extras(record),
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+            "level": level.lower(),
+            "logger": logger,
+            "message": message,
+            **fields,
         }
-        if record.exc_info:
-            payload["exception"] = self.formatException(record.exc_info)
+        if exception is not None:
+            payload["exception"] = exception
         return json.dumps(payload, default=str)
+
+
+Formatters = TextFormatter | JsonFormatter
+
+
+def _plain_handlers(logger: logging.Logger) -> list[logging.StreamHandler[Any]] | None:
+    """The handlers ``logger``'s INFO records go to, when every one of them is a plain
+    ``StreamHandler`` with one of this module's formatters and nothing on the way filters;
+    else None (a test's capture, a rotating file, a configuration of the user's own)."""
+    handlers: list[logging.StreamHandler[Any]] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if (
+                type(handler) is not logging.StreamHandler
+                or handler.filters
+                or not isinstance(handler.formatter, _FORMATTERS)
+            ):
+                return None
+            if handler.level <= logging.INFO:
+                handlers.append(handler)
+        current = current.parent if current.propagate else None
+    return handlers
+
+
+_FORMATTERS = (TextFormatter, JsonFormatter)
+
+
+class InfoLines:
+    """INFO lines of one logger, written with no ``LogRecord`` when they can be: for the
+    access log, a line per request.
+
+    Where ``logger``'s lines go to plain stream handlers with this module's formatters (as
+    ``setup_logging`` sets them up), the line is formatted from the message and fields and
+    written under the handler's lock, as ``StreamHandler.emit`` does, the same text as a
+    record would give. Anywhere else (a capture, a filter, a rotating file, handlers of the
+    user's own), a record is made and handled as ``Logger.info`` would, less the walk up
+    the stack for a caller's file and line that no format prints. Measured, an access line
+    to stderr: 7.3 µs through a record, 3.6 µs written directly (in process); 447k → 390k
+    user-space instructions per proxied request (``bench/instructions_bench.py``).
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def write(self, message: str, fields: Fields) -> None:
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO) or logger.disabled:
+            return
+        handlers = _plain_handlers(logger)
+        if handlers is None:
+            logger.handle(self._record(message, fields))
+            return
+        if not _SECRET_KEYS.isdisjoint(fields):
+            fields = {k: ("<redacted>" if k in _SECRET_KEYS else v) for k, v in fields.items()}
+        created = time.time()
+        for handler in handlers:
+            formatter: Formatters = handler.formatter  # type: ignore[assignment]
+            try:
+                line = formatter.plain_line(created, "INFO", logger.name, message, fields)
+                with handler.lock:  # type: ignore[union-attr]
+                    stream = handler.stream
+                    stream.write(line + handler.terminator)
+                    stream.flush()  # as ``handler.flush()``, less taking the lock again
+            except Exception:
+                handler.handleError(self._record(message, fields))
+
+    def _record(self, message: str, fields: Fields) -> logging.LogRecord:
+        logger = self.logger
+        return logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None, extra=fields)
 
 
 def setup_logging(

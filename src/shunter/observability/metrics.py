@@ -170,13 +170,12 @@ class Metrics:
         policy: str,
         backend_type: str = "regular",
     ) -> None:
-        mode = worker.connection_mode.value
-        key = (backend_type, mode, model, endpoint, "true" if streaming else "false")
+        key = (backend_type, worker.kind[1], model, endpoint, "true" if streaming else "false")
         self.routed[key] = self.routed.get(key, 0) + 1
         self.observe_selection(worker, model, policy)
 
     def observe_selection(self, worker: Worker, model: str, policy: str) -> None:
-        chosen = (worker.worker_type.value, worker.connection_mode.value, model, policy)
+        chosen = (*worker.kind, model, policy)
         self.selected[chosen] = self.selected.get(chosen, 0) + 1
 
     def pd_dispatched(self, model: str, endpoint: str) -> None:
@@ -194,7 +193,7 @@ class Metrics:
         self.pd_failures[key] = self.pd_failures.get(key, 0) + 1
 
     def worker_error(self, worker: Worker, error_type: str) -> None:
-        key = (worker.worker_type.value, worker.connection_mode.value, error_type)
+        key = (*worker.kind, error_type)
         self.worker_errors[key] = self.worker_errors.get(key, 0) + 1
 
     def _observe(self, table: dict[Any, HistogramCell], key: Any, seconds: float) -> None:
@@ -254,11 +253,11 @@ class Metrics:
         self._observe(self.backoff, (str(attempt),), seconds)
 
     def retried(self, worker: Worker, endpoint: str) -> None:
-        key = (worker.worker_type.value, endpoint)
+        key = (worker.kind[0], endpoint)
         self.retries[key] = self.retries.get(key, 0) + 1
 
     def retries_exhausted(self, worker: Worker, endpoint: str) -> None:
-        key = (worker.worker_type.value, endpoint)
+        key = (worker.kind[0], endpoint)
         self.exhausted[key] = self.exhausted.get(key, 0) + 1
 
     def discovery_registered(self, success: bool) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 
 from shunter.api.middleware import access_log, log_access
-from shunter.observability.logging import TextFormatter
+from shunter.observability.logging import InfoLines, JsonFormatter, TextFormatter
 
 
 def logged(*lines: tuple[str, str]) -> list[str]:
@@ -74,3 +75,83 @@ def test_an_access_record_is_made_without_walking_the_stack() -> None:
         access_log.setLevel(logging.NOTSET)
     [record] = records
     assert (record.lineno, record.getMessage()) == (0, "GET /health 200")
+
+
+def direct_and_recorded(formatter: logging.Formatter) -> tuple[str, str]:
+    """The access line written directly (a plain stream handler) and the same line formatted
+    from a record (a handler that is not plain, so ``log_access`` makes one)."""
+    direct, recorded = io.StringIO(), io.StringIO()
+    plain = logging.StreamHandler(direct)
+    plain.setFormatter(formatter)
+
+    class Recorded(logging.StreamHandler):  # type: ignore[type-arg]
+        pass
+
+    not_plain = Recorded(recorded)
+    not_plain.setFormatter(formatter)
+    access_log.setLevel(logging.INFO)
+    try:
+        for handler in (plain, not_plain):
+            access_log.addHandler(handler)
+            log_access("POST", "/v1/x\n", 502, 0.0021, None, "req-9", "upstream_unavailable")
+            access_log.removeHandler(handler)
+    finally:
+        access_log.setLevel(logging.NOTSET)
+    return direct.getvalue(), recorded.getvalue()
+
+
+def test_a_line_written_directly_is_the_line_a_record_gives() -> None:
+    direct, recorded = direct_and_recorded(TextFormatter())
+    assert direct[19:] == recorded[19:]  # the stamps may be a second apart
+    assert direct.endswith(
+        "POST /v1/x\\x0a 502 status=502 latency_ms=2.1 worker=None "
+        "request_id=req-9 error_code=upstream_unavailable\n"
+    )
+    direct, recorded = direct_and_recorded(JsonFormatter())
+    lines = [json.loads(text) for text in (direct, recorded)]
+    assert [{k: v for k, v in line.items() if k != "ts"} for line in lines] == [
+        {
+            "level": "info",
+            "logger": "shunter.access",
+            "message": "POST /v1/x\n 502",
+            "status": 502,
+            "latency_ms": 2.1,
+            "worker": None,
+            "request_id": "req-9",
+            "error_code": "upstream_unavailable",
+        }
+    ] * 2
+
+
+def test_a_filter_or_a_handler_above_info_is_honoured_on_the_direct_path() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(TextFormatter())
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    try:
+        handler.setLevel(logging.WARNING)
+        log_access("GET", "/a", 200, 0.001, None, "req-1", "")
+        handler.setLevel(logging.NOTSET)
+        handler.addFilter(lambda record: record.getMessage() != "GET /b 200")
+        log_access("GET", "/b", 200, 0.001, None, "req-2", "")
+        log_access("GET", "/c", 200, 0.001, None, "req-3", "")
+    finally:
+        access_log.removeHandler(handler)
+        access_log.setLevel(logging.NOTSET)
+    assert ["GET /c 200" in line for line in out.getvalue().splitlines()] == [True]
+
+
+def test_secret_fields_are_redacted_on_the_direct_path() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("shunter.test_lines")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        InfoLines(logger).write("called", {"api_key": "sk-1", "n": 1})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert out.getvalue().endswith("called api_key=<redacted> n=1\n")

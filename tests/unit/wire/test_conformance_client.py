@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from shunter.backends.http.client import worker_client
+from shunter.backends.http.client import WorkerClient, worker_client
 from shunter.config import ConfigError, GatewayConfig
 from shunter.wire.base import UpstreamError
-from shunter.wire.client import MAX_HEAD_BYTES, H1Stream, H1StreamClient
+from shunter.wire.client import MAX_HEAD_BYTES, H1Stream, H1StreamClient, request_head
 from shunter.wire.reqwest import MAX_RESPONSE_BYTES, ClientSettings, ReqwestClient
 
 Handler = Callable[["Peer"], Awaitable[None]]
@@ -575,6 +575,18 @@ async def test_a_request_that_could_split_is_refused_before_anything_is_written(
     assert len(script.peers) == 1
 
 
+def test_a_name_or_method_found_not_a_token_is_refused_every_time() -> None:
+    """Tokens are remembered once matched (``request_head``); what failed never is."""
+    for _ in range(2):
+        with pytest.raises(ValueError, match="not a token"):
+            request_head("POST", "/v1/x", b"w", [(b"x bad", b"1")], 0)
+        with pytest.raises(ValueError, match="not a token"):
+            request_head("GET /evil HTTP/1.1\r\n", "/v1/x", b"w", [], 0)
+    assert request_head("POST", "/v1/x", b"w", [(b"x-ok", b"1")], 2) == (
+        b"POST /v1/x HTTP/1.1\r\nhost: w\r\nx-ok: 1\r\ncontent-length: 2\r\n\r\n"
+    )
+
+
 # --- the whole-response cap (pyreqwest) -----------------------------------------------------
 
 
@@ -603,13 +615,21 @@ async def whole_worker(body: bytes, chunked: bool = False) -> tuple[asyncio.Abst
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-async def test_a_whole_response_over_the_cap_fails_the_attempt(chunked: bool) -> None:
+def whole_client(kind: str, settings: ClientSettings, url: str) -> ReqwestClient | WorkerClient:
+    """The control plane's client (pyreqwest) or a worker's data-plane one (``h1``)."""
+    return ReqwestClient(settings) if kind == "reqwest" else worker_client(settings, url)
+
+
+@pytest.mark.parametrize("kind", ["reqwest", "h1"])
+@pytest.mark.parametrize(("size", "chunked"), [(300_000, False), (300_000, True), (100_001, False)])
+async def test_a_whole_response_over_the_cap_fails_the_attempt(
+    kind: str, size: int, chunked: bool
+) -> None:
     """A declared length over the cap is refused before the body is read; an undeclared
-    (chunked) one as soon as the running total passes it. Both are an ``oversize`` error that
-    names the cap."""
-    server, url = await whole_worker(b"x" * 300_000, chunked)
-    client = ReqwestClient(ClientSettings(max_response_bytes=100_000))
+    (chunked) one as soon as the running total passes it; one byte over, arrived whole,
+    too. Each is an ``oversize`` error that names the cap."""
+    server, url = await whole_worker(b"x" * size, chunked)
+    client = whole_client(kind, ClientSettings(max_response_bytes=100_000), url)
     try:
         with pytest.raises(UpstreamError) as failed:
             await client.request("POST", url + "/v1/embeddings", [], b"{}")
@@ -620,13 +640,17 @@ async def test_a_whole_response_over_the_cap_fails_the_attempt(chunked: bool) ->
         server.close()
 
 
+@pytest.mark.parametrize("kind", ["reqwest", "h1"])
 @pytest.mark.parametrize(("size", "chunked"), [(1000, False), (1000, True), (1_500_000, False)])
-async def test_a_whole_response_up_to_the_cap_is_read_whole(size: int, chunked: bool) -> None:
-    """At the cap exactly, small or large (a large one is read chunk by chunk), declared or
-    chunked: the body arrives intact, and the pooled connection is reused."""
+async def test_a_whole_response_up_to_the_cap_is_read_whole(
+    kind: str, size: int, chunked: bool
+) -> None:
+    """At the cap exactly, small or large (a large one is read chunk by chunk; a small one
+    arrived whole is taken at once), declared or chunked: the body arrives intact, and the
+    pooled connection is reused."""
     body = bytes(range(256)) * (size // 256) + b"e" * (size % 256)
     server, url = await whole_worker(body, chunked)
-    client = ReqwestClient(ClientSettings(max_response_bytes=size))
+    client = whole_client(kind, ClientSettings(max_response_bytes=size), url)
     try:
         for _ in range(2):
             response = await client.request("GET", url + "/x", [], None)

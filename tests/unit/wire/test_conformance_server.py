@@ -635,6 +635,8 @@ def app_sending(headers: list[tuple[bytes, bytes]], *bodies: bytes) -> object:
         [(b"bad name", b"v")],
         [(b"x-a", b"one\r\nx-injected: yes")],
         [(b"x-a", b"nul\x00")],
+        [(b"x-a", b"fine"), (b"x-b", b"bare\rcr")],
+        [(b"x-a", b"del\x7f"), (b"x-b", b"fine")],
         [(b"content-length", b"abc")],
         [(b"content-length", b"3"), (b"transfer-encoding", b"chunked")],
     ],
@@ -650,6 +652,13 @@ async def test_an_invalid_response_header_is_a_500(
     is_refusal(data, 500)
     assert b"injected" not in data
     assert any("error in ASGI application" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_tab_in_a_response_header_value_is_kept() -> None:
+    """HTAB is the one control byte a field value may hold (RFC 9110 5.5)."""
+    async with serving(app_sending([(b"x-a", b"one\ttwo")], b"abc")) as port:
+        data = await talk(port, request("/", "connection: close"))
+    assert data.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nx-a: one\ttwo\r\n" in data
 
 
 async def test_header_names_are_compared_without_case(port: int) -> None:

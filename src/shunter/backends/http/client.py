@@ -27,9 +27,11 @@ class WorkerClient:
     ) -> FullResponse:
         response = await self._streams.stream(method, url, headers, body)
         try:
-            whole = await read_capped(
-                response.next_chunk, _declared_length(response), self._max_response_bytes
-            )
+            whole = response.whole(self._max_response_bytes)
+            if whole is None:  # still arriving, or too large (which this refuses)
+                whole = await read_capped(
+                    response.next_chunk, _declared_length(response), self._max_response_bytes
+                )
         finally:
             await response.aclose()  # back to the pool once read; closed if not
         return FullResponse(response.status, response.headers, whole)
