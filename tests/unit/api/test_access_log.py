@@ -6,24 +6,36 @@ import io
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from shunter.api.middleware import access_log, log_access
 from shunter.observability.logging import InfoLines, JsonFormatter, TextFormatter
 
 
-def logged(*lines: tuple[str, str]) -> list[str]:
-    """The text lines ``log_access`` writes for (path, worker) pairs."""
+@contextmanager
+def text_lines(
+    logger: logging.Logger,
+) -> Iterator[tuple[io.StringIO, logging.StreamHandler[io.StringIO]]]:
+    """``logger`` at INFO writing text lines to the yielded buffer through the yielded
+    handler, as the gateway's own handlers do; undone after."""
     out = io.StringIO()
     handler = logging.StreamHandler(out)
     handler.setFormatter(TextFormatter())
-    access_log.addHandler(handler)
-    access_log.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
+        yield out, handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+
+def logged(*lines: tuple[str, str]) -> list[str]:
+    """The text lines ``log_access`` writes for (path, worker) pairs."""
+    with text_lines(access_log) as (out, _):
         for path, worker in lines:
             log_access("POST", path, 200, 0.0012345, worker, "chatcmpl-1", "")
-    finally:
-        access_log.removeHandler(handler)
-        access_log.setLevel(logging.NOTSET)
     return out.getvalue().splitlines()
 
 
@@ -124,34 +136,18 @@ def test_a_line_written_directly_is_the_line_a_record_gives() -> None:
 
 
 def test_a_filter_or_a_handler_above_info_is_honoured_on_the_direct_path() -> None:
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(TextFormatter())
-    access_log.addHandler(handler)
-    access_log.setLevel(logging.INFO)
-    try:
+    with text_lines(access_log) as (out, handler):
         handler.setLevel(logging.WARNING)
         log_access("GET", "/a", 200, 0.001, None, "req-1", "")
         handler.setLevel(logging.NOTSET)
         handler.addFilter(lambda record: record.getMessage() != "GET /b 200")
         log_access("GET", "/b", 200, 0.001, None, "req-2", "")
         log_access("GET", "/c", 200, 0.001, None, "req-3", "")
-    finally:
-        access_log.removeHandler(handler)
-        access_log.setLevel(logging.NOTSET)
     assert ["GET /c 200" in line for line in out.getvalue().splitlines()] == [True]
 
 
 def test_secret_fields_are_redacted_on_the_direct_path() -> None:
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(TextFormatter())
     logger = logging.getLogger("shunter.test_lines")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with text_lines(logger) as (out, _):
         InfoLines(logger).write("called", {"api_key": "sk-1", "n": 1})
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(logging.NOTSET)
     assert out.getvalue().endswith("called api_key=<redacted> n=1\n")
