@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from shunter.peers.security import PeerKeys, secure
@@ -79,16 +80,29 @@ class PeerSockets:
         self.context = zmq.Context()
         self.pub = self.context.socket(zmq.PUB)
         self.sub = self.context.socket(zmq.SUB)
-        self._authenticator = (
-            None if keys is None else secure(self.context, self.pub, self.sub, keys)
-        )
-        self.handshake_failures = 0
-        self._logged: dict[str, float] = {}  # peer address -> when its failure was logged
+        self._authenticator: ThreadAuthenticator | None = None
         # Each peer's link as the SUB's monitor last told it (``links``); the PUB's monitor
         # reports the subscribers it refused, which only CURVE does (another secret).
+        self._monitors: list[zmq.Socket[bytes]] = []
+        self._sub_monitor: zmq.Socket[bytes] | None = None
         self.links: dict[str, str] = {}
+        self.handshake_failures = 0
+        self._logged: dict[str, float] = {}  # peer address -> when its failure was logged
+        self.static = frozenset(peers)
+        self.found: frozenset[str] = frozenset()  # connected by set_found
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handler: Callable[[list[bytes]], None] | None = None
+        try:
+            self._open(bind, keys)
+        except BaseException:  # a port taken, an address refused: leave nothing running
+            self._release()
+            raise
+
+    def _open(self, bind: str, keys: PeerKeys | None) -> None:
+        if keys is not None:
+            self._authenticator = secure(self.context, self.pub, self.sub, keys)
         self._sub_monitor = self.sub.get_monitor_socket(SUB_EVENTS)
-        self._monitors = [self._sub_monitor]
+        self._monitors.append(self._sub_monitor)
         if keys is not None:
             self._monitors.append(self.pub.get_monitor_socket(HANDSHAKE_FAILED))
         self.pub.setsockopt(zmq.SNDHWM, SNDHWM)
@@ -99,13 +113,9 @@ class PeerSockets:
         self.sub.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         self.sub.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.static = frozenset(peers)
-        self.found: frozenset[str] = frozenset()  # connected by set_found
         for peer in self.static:
             self._connect(peer)
         self._fd: int = self.sub.getsockopt(zmq.FD)  # type: ignore[assignment]
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._handler: Callable[[list[bytes]], None] | None = None
 
     def _connect(self, peer: str) -> None:
         self.sub.connect(endpoint(peer))
@@ -147,8 +157,7 @@ class PeerSockets:
         sub, handler = self.sub, self._handler
         assert handler is not None
         for _ in range(MAX_DRAIN):
-            events: int = sub.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
-            if not events & zmq.POLLIN:
+            if not _has_message(sub):
                 return
             handler(list(sub.recv_multipart(zmq.NOBLOCK)))
         assert self._loop is not None
@@ -157,10 +166,7 @@ class PeerSockets:
     def _monitored(self, monitor: zmq.Socket[bytes]) -> None:
         """What the monitors report (edge-triggered, as the SUB): the peers' links, and
         failed handshakes, counted and logged."""
-        while True:
-            events: int = monitor.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
-            if not events & zmq.POLLIN:
-                return
+        while _has_message(monitor):
             event = parse_monitor_message(list(monitor.recv_multipart(zmq.NOBLOCK)))
             address = event["endpoint"].decode("utf-8", "replace")
             peer = address.removeprefix("tcp://")
@@ -189,13 +195,24 @@ class PeerSockets:
             self._loop.remove_reader(self._fd)
             for monitor in self._monitors:
                 self._loop.remove_reader(monitor.getsockopt(zmq.FD))  # type: ignore[arg-type]
-        self.sub.disable_monitor()
+        self._release()
+
+    def _release(self) -> None:
+        """Close every socket, stop the ZAP thread and end the context (also after a failed
+        start: a context left with open sockets blocks whoever collects it)."""
+        if self._monitors:
+            self.sub.disable_monitor()
         if len(self._monitors) > 1:
             self.pub.disable_monitor()
-        for monitor in self._monitors:
-            monitor.close(linger=0)
-        self.pub.close()
-        self.sub.close()
+        for socket in (*self._monitors, self.pub, self.sub):
+            socket.close(linger=0)
         if self._authenticator is not None:
             self._authenticator.stop()
         self.context.term()
+
+
+def _has_message(socket: zmq.Socket[bytes]) -> bool:
+    """Whether ``socket`` has a message waiting (its descriptor is edge-triggered, so a
+    reader drains until this says no)."""
+    events: int = socket.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+    return bool(events & zmq.POLLIN)

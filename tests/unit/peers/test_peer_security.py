@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,15 @@ async def test_each_peers_link_is_known_connected_retrying_or_refused() -> None:
     finally:
         for sockets in (a, stranger):
             sockets.close()
+
+
+def test_a_failed_start_leaves_no_socket_or_thread_behind() -> None:
+    taken = PeerSockets(f"{HOST}:{free_port()}", [], PeerKeys.from_secret(SECRET))
+    bind = taken.pub.getsockopt(zmq.LAST_ENDPOINT).decode().removeprefix("tcp://")  # type: ignore[union-attr]
+    threads = threading.active_count()
+    try:
+        with pytest.raises(zmq.ZMQError):
+            PeerSockets(bind, [], PeerKeys.from_secret(SECRET))  # the port is taken
+        assert threading.active_count() == threads  # the ZAP thread was stopped
+    finally:
+        taken.close()
