@@ -76,6 +76,9 @@ class Publisher:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        for socket in (self.pub, self.router):
+            if socket is not None:
+                socket.close(linger=0)
 
 
 async def until(predicate: Callable[[], bool], what: str = "condition") -> None:
