@@ -66,6 +66,7 @@ from shunter.policies.base import (
     UrlIndexes,
     least_loaded,
 )
+from shunter.policies.rebalance import Move, Unit, plan_move, scan_units
 from shunter.policies.tree import Tree
 
 log = logging.getLogger("shunter.policies.cache_aware")
@@ -135,6 +136,11 @@ SLACK_SHARE = 0.25
 # over 8 sims split 3 of 32 prompts over two workers that way (requests max/min 1.63).
 EVENTS_LAG_SECS = 5.0
 MAX_RATIO_MODELS = 1024  # models whose token ratio is kept (a bound on the dictionary)
+# After a move (``rebalance``), a peer's decision for the moved prompt's old worker counts as
+# one for its new worker this long: the peer decided before it heard of the move (a flush
+# takes 5 ms), and inserting the old worker afresh would make it the prompt's most recent
+# holder again here while the peer itself follows the move.
+MOVE_REDIRECT_SECS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +181,10 @@ class CacheAwarePolicy(Policy):
         self.chars_per_token: dict[str, float] = {}
         # Precise placements of the last EVENTS_LAG_SECS: (when, worker URL, model, tokens).
         self._placed: deque[tuple[float, str, str, int]] = deque(maxlen=4096)
+        self.moves = 0  # prompts moved between workers (``rebalance``, here or by a peer)
+        # Moves of the last MOVE_REDIRECT_SECS: (until, model, old worker, new worker, the
+        # text every prompt of the moved unit starts with).
+        self._moved: deque[tuple[float, str, str, str, str]] = deque(maxlen=64)
 
     def tree_for(self, model: str) -> Tree:
         tree = self.trees.get(model)
@@ -229,9 +239,61 @@ class CacheAwarePolicy(Policy):
         """Record another gateway's decision: ``url`` was routed ``text`` (a prefix of the
         prompt). As a local decision's insert, so this gateway's next match finds it."""
         tree = self.tree_for(model)
+        if self._moved:
+            url = self._redirect(model, text, url)
         tree.insert(text, url)
         if tree.tenant_chars[url] > self.config.max_tree_size:
             self._evictor.wake.set()
+
+    # --- rebalancing (peers: the leader plans, every gateway applies) ------------------------
+
+    async def rebalance(
+        self, model: str, workers: Workers, slice_secs: float = 0.002
+    ) -> Move | None:
+        """Plan one move of a prompt between ``model``'s workers (``policies/rebalance.py``),
+        apply it here and return it (for the peers), or None. The tree is scanned in slices
+        of at most ``slice_secs``, handing the event loop back between them."""
+        tree = self.trees.get(model)
+        scorer = self.scorer
+        if tree is None or (scorer is not None and scorer.active):
+            return None  # precise mode: the engines say where a prompt is, not the tree
+        eligible = {w.url for w in workers if w.state.available}
+        units: list[Unit] = []
+        started = time.perf_counter()
+        for _ in scan_units(tree, eligible, units):
+            if time.perf_counter() - started > slice_secs:
+                await asyncio.sleep(0)
+                started = time.perf_counter()
+        loads = [w.state.in_flight for w in workers]
+        spread_on_purpose = bool(loads) and _imbalanced(min(loads), max(loads), self.config)
+        move = plan_move(units, eligible, consolidate=not spread_on_purpose)
+        if move is not None:
+            self.apply_move(model, move)
+        return move
+
+    def apply_move(self, model: str, move: Move, now: float | None = None) -> int:
+        """Hand the moved prompt to its new worker in ``model``'s tree (the characters moved;
+        0 when this tree held none of it there), and redirect late decisions for it."""
+        stamp = time.monotonic() if now is None else now
+        moved = self.tree_for(model).move(move.text, move.cut, move.source, move.target, stamp)
+        key = move.text[: move.cut + 1]
+        self._moved.append((stamp + MOVE_REDIRECT_SECS, model, move.source, move.target, key))
+        self.moves += 1
+        log.debug(
+            "prompt moved",
+            extra={"from": move.source, "to": move.target, "chars": moved, "why": move.reason},
+        )
+        return moved
+
+    def _redirect(self, model: str, text: str, url: str) -> str:
+        """``url``, or the new worker of a prompt moved off it in the last seconds."""
+        moved, now = self._moved, time.monotonic()
+        while moved and moved[0][0] < now:
+            moved.popleft()
+        for _, where, source, target, key in moved:
+            if source == url and where == model and text.startswith(key):
+                return target
+        return url
 
     def cached_prefix(self, request: RouteRequest) -> tuple[int, frozenset[str]]:
         tree = self.trees.get(request.model)
@@ -255,7 +317,7 @@ class CacheAwarePolicy(Policy):
         low, high = min(loads), max(loads)
         scorer = self.scorer
         precise = scorer is not None and scorer.active and bool(text)
-        if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
+        if _imbalanced(low, high, config):
             chosen = least_loaded(workers)
             exact = _exact(scorer, chosen, tree_key, text, chat, precise)
             return chosen, "load_override", exact, None
@@ -451,6 +513,12 @@ class CacheAwarePolicy(Policy):
 _NOTHING = (0, -1.0)  # the tree holds none of the text for the worker
 
 
+def _imbalanced(low: int, high: int, config: CacheAwareConfig) -> bool:
+    """Whether in-flight loads this far apart override a cache match (smg's two thresholds);
+    also whether a worker at ``high`` is too busy for a new prefix."""
+    return high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold
+
+
 def _exact(
     scorer: PrefixScorer | None,
     worker: Worker | None,
@@ -529,8 +597,7 @@ def _place_new_prefix(
     for worker in workers:
         if not worker.state.available:
             continue
-        load = worker.state.in_flight
-        if load - low > config.balance_abs_threshold and load > low * config.balance_rel_threshold:
+        if _imbalanced(low, worker.state.in_flight, config):
             continue
         held = chars.get(worker.url, 0)
         candidates.append(worker)
