@@ -35,10 +35,18 @@ unit's holders; a worker's weight is the sum over units. Two moves, in this orde
    than ``MIN_GAP_SHARE`` of the mean weight (no churn over the noise of short texts), the
    unit that best halves the gap goes from the heaviest to the lightest.
 
-A move costs the new worker one prefill of the prompt. Precise mode (the engines' KV events)
-is not rebalanced: there the engines' caches, not the tree, say where a prompt is. The scan
-of the tree (``scan_units``) is a generator that yields every ``SCAN_STEP`` nodes, so the
-caller hands the event loop back between slices, as tree eviction does.
+A move costs the new worker one prefill of the prompt. The scan of the tree (``scan_units``)
+is a generator that yields every ``SCAN_STEP`` nodes, so the caller hands the event loop back
+between slices, as tree eviction does.
+
+**Precise mode** (the engines' KV events) plans from the engines' units instead of the tree:
+a unit is the prompts sharing their first block (``kv_events/index.py``), weighed in blocks.
+Every gateway subscribed to the same engines plans the same move from the same events, so
+gateways that do not talk agree all the same; the move holds while the events show the old
+engine as the heaviest, and gathering is done by ``cache_aware``'s tie-break (between engines
+holding a prompt alike, the lighter one), see ``CacheAwarePolicy._engine_plan``. Prompts
+that all share their first block (a fixed preamble of 16 tokens or more before anything
+differs) make one unit there, and precise mode then has nothing to move.
 """
 
 from __future__ import annotations
@@ -71,19 +79,22 @@ class Move:
     target: str
     chars: int
     reason: str
+    key: int = 0  # an engine unit's key (precise mode: ``Unit.key``), 0 for the tree's
 
 
 class Unit:
-    """A unit (see the module's docstring): ``text`` runs from the root into it (at most
-    ``KEY_CHARS`` past its start, ``cut``); ``held``: per worker URL, the characters that
-    worker holds of it."""
+    """A unit (see the module's docstring). In the tree: ``text`` runs from the root into it
+    (at most ``KEY_CHARS`` past its start, ``cut``), and ``held`` is per worker URL the
+    characters that worker holds of it. In the engines' events (precise mode,
+    ``kv_events/index.py``): ``key`` is its first block's key, ``held`` the blocks."""
 
-    __slots__ = ("cut", "held", "text")
+    __slots__ = ("cut", "held", "key", "text")
 
-    def __init__(self, text: str, cut: int, held: dict[str, int]) -> None:
+    def __init__(self, text: str, cut: int, held: dict[str, int], key: int = 0) -> None:
         self.text = text
         self.cut = cut
         self.held = held
+        self.key = key
 
 
 def scan_units(tree: Tree, eligible: Collection[str], found: list[Unit]) -> Iterator[None]:
@@ -124,23 +135,34 @@ def scan_units(tree: Tree, eligible: Collection[str], found: list[Unit]) -> Iter
 
 
 def plan_move(
-    units: list[Unit], eligible: Collection[str], consolidate: bool = True
+    units: list[Unit],
+    eligible: Collection[str],
+    consolidate: bool = True,
+    weight: dict[str, float] | None = None,
 ) -> Move | None:
     """The one move that best evens the ``units`` out over the workers in ``eligible``
     (those available and serving the model), or None. ``consolidate``: whether a unit held by
-    several workers may be gathered onto one (not while load is imbalanced)."""
+    several workers may be gathered onto one (not while load is imbalanced). ``weight``: the
+    workers' weights, if the caller has them (``weights``)."""
     if len(units) < 2 or len(eligible) < 2:
         return None
-    weight = dict.fromkeys(eligible, 0.0)
-    for unit in units:
-        share = 1 / len(unit.held)
-        for url, chars in unit.held.items():
-            weight[url] += chars * share
+    weight = weights(units, eligible) if weight is None else weight
     if consolidate:
         move = _consolidate(units, weight)
         if move is not None:
             return move
     return _even_out(units, weight)
+
+
+def weights(units: list[Unit], eligible: Collection[str]) -> dict[str, float]:
+    """Each eligible worker's weight: what it holds of each unit, a shared unit's size
+    divided between its holders."""
+    weight = dict.fromkeys(eligible, 0.0)
+    for unit in units:
+        share = 1 / len(unit.held)
+        for url, chars in unit.held.items():
+            weight[url] += chars * share
+    return weight
 
 
 def _consolidate(units: list[Unit], weight: dict[str, float]) -> Move | None:
@@ -149,10 +171,10 @@ def _consolidate(units: list[Unit], weight: dict[str, float]) -> Move | None:
     shared = [u for u in units if len(u.held) > 1]
     if not shared:
         return None
-    unit = max(shared, key=lambda u: (sum(u.held.values()), u.text))
+    unit = max(shared, key=lambda u: (sum(u.held.values()), u.text, u.key))
     keeper = min(unit.held, key=lambda url: (weight[url], url))
     source = max((url for url in unit.held if url != keeper), key=lambda url: (weight[url], url))
-    return Move(unit.text, unit.cut, source, keeper, unit.held[source], "consolidate")
+    return Move(unit.text, unit.cut, source, keeper, unit.held[source], "consolidate", unit.key)
 
 
 def _even_out(units: list[Unit], weight: dict[str, float]) -> Move | None:
@@ -172,4 +194,4 @@ def _even_out(units: list[Unit], weight: dict[str, float]) -> Move | None:
             best, best_after = unit, after
     if best is None:
         return None
-    return Move(best.text, best.cut, heaviest, lightest, best.held[heaviest], "even")
+    return Move(best.text, best.cut, heaviest, lightest, best.held[heaviest], "even", best.key)

@@ -7,12 +7,15 @@ import asyncio
 from collections.abc import Mapping
 
 from shunter.fleet.worker import Worker
+from shunter.kv_events.hub import KvEvents
+from shunter.kv_events.wire import BlockRemoved, BlockStored
 from shunter.policies.base import RouteRequest
 from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
 from shunter.policies.rebalance import UNIT_CHARS, Move, Unit, plan_move, scan_units
 from shunter.policies.tree import Tree
+from shunter.tokenizer.words import text_ids
 
-from support.fakes import make_worker
+from support.fakes import WithoutUnits, make_worker
 
 
 def prompt(n: int, words: int = 200) -> str:
@@ -185,7 +188,7 @@ async def test_rebalancing_yields_to_the_loop_on_a_big_tree() -> None:
 
 
 async def test_precise_mode_is_not_rebalanced() -> None:
-    class Events:
+    class Events(WithoutUnits):
         active = True
 
         def tracks(self, url: str) -> bool:
@@ -214,3 +217,58 @@ def test_a_move_heard_for_an_unknown_prompt_only_sets_the_redirect() -> None:
     assert set(holders(policy.tree_for("m"), prompt(1))) == {"http://w1"}
     policy.insert_remote("m", prompt(2), "http://w0")  # another prompt: not redirected
     assert set(holders(policy.tree_for("m"), prompt(2))) == {"http://w0"}
+
+
+# --- precise mode: the engines' units -----------------------------------------------------
+
+
+def engines(urls: list[str], owners: list[int]) -> KvEvents:
+    """A hub whose index holds prompt ``n`` on ``urls[owners[n]]``, as its engine's events
+    said (prompt ``n``'s blocks have engine hashes from ``1000 * n`` on)."""
+    hub = KvEvents(text_ids)
+    hub.subscribers = dict.fromkeys(urls)  # type: ignore[assignment]  # tracks() reads the keys
+    hub.active = True
+    for n, owner in enumerate(owners):
+        store(hub, urls[owner], n)
+    return hub
+
+
+def blocks_of(n: int, first_hash: int) -> tuple[tuple[int, ...], list[int]]:
+    ids = text_ids(prompt(n))
+    count = len(ids) // 16
+    return tuple(range(first_hash, first_hash + count)), ids[: count * 16]
+
+
+def store(hub: KvEvents, url: str, n: int, first_hash: int | None = None) -> None:
+    hashes, ids = blocks_of(n, 1000 * n if first_hash is None else first_hash)
+    hub.index.of("m").apply(url, BlockStored(hashes, None, tuple(ids), 16))
+
+
+def test_precise_gateways_move_the_same_prompt_off_the_fullest_engine() -> None:
+    """3/2/2/1 prompts on four engines: every gateway reading these events sends the same
+    one of w0's three prompts to w3, and keeps sending it there once w3 holds it too."""
+    workers = fleet(4)
+    urls = [w.url for w in workers]
+    owners = [0, 0, 0, 1, 1, 2, 2, 3]
+    hub = engines(urls, owners)
+    gateways = [CacheAwarePolicy(scorer=hub) for _ in range(3)]
+    moved = []
+    for n in range(3):
+        decisions = [g.decide(workers, RouteRequest("m", prompt(n) + " user 1")) for g in gateways]
+        assert len({(d.worker, d.reason) for d in decisions}) == 1  # the gateways agree
+        if decisions[0].reason == "rebalanced":
+            assert decisions[0].worker is workers[3]
+            moved.append(n)
+        else:
+            assert (decisions[0].worker, decisions[0].reason) == (workers[0], "cached_blocks")
+    assert len(moved) == 1
+    store(hub, urls[3], moved[0], first_hash=99_000)  # w3 prefilled it
+    for policy in gateways:
+        policy._engine_plans.clear()  # as ENGINE_PLAN_SECS later
+        decision = policy.decide(workers, RouteRequest("m", prompt(moved[0]) + " user 2"))
+        assert decision.worker is workers[3]
+    # w0 evicts its copy: the prompt is w3's alone, and 2/2/2/2 needs no move.
+    hub.index.of("m").apply(urls[0], BlockRemoved(blocks_of(moved[0], 1000 * moved[0])[0]))
+    for n in range(8):
+        decision = gateways[0].decide(workers, RouteRequest("m", prompt(n) + " user 3"))
+        assert decision.reason == "cached_blocks"
