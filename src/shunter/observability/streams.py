@@ -1,9 +1,14 @@
 """Time to first token, time per output token and token counts of a relayed stream.
 
-The relay hands every chunk to ``on_chunk``: one timestamp for the first, and one substring
-test per chunk to remember the last chunk that carries token counts (OpenAI's ``usage``,
+The relay hands every chunk to ``on_chunk``: one timestamp for the first, and two substring
+searches per chunk to remember the last chunk that carries token counts (OpenAI's ``usage``,
 SGLang's ``meta_info``, Anthropic's ``message_delta``). Only that chunk is parsed, once,
 when the stream ends.
+
+The searches are ``bytes.find``, not ``in``: on CPython 3.11 ``needle in chunk`` first tries
+the needle as an integer (``97 in b"a"`` is true), and a bytes needle fails that by raising
+a TypeError whose message is formatted and thrown away, ~1.1k of the ~2.6k instructions
+each test cost (callgrind: 38.2k -> 35.8k instructions per relayed chunk).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ class StreamStats:
     def on_chunk(self, chunk: bytes) -> None:
         if self.first is None:
             self.first = time.perf_counter()
-        if b'"usage"' in chunk or b'"meta_info"' in chunk:
+        if chunk.find(b'"usage"') >= 0 or chunk.find(b'"meta_info"') >= 0:
             self.counted = chunk
 
     def tokens(self) -> tuple[int, int] | None:
