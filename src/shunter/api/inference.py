@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from shunter.api.call import Call
 from shunter.observability.metrics import Metrics
 from shunter.protocols.errors import ApiError
-from shunter.protocols.reply import Reply, Stream, primed
+from shunter.protocols.reply import Chunks, Reply, Stream, primed
 from shunter.routing.limiter import Admission, QueueFull, QueueTimeout
 from shunter.routing.request import InferenceRequest
 
@@ -106,7 +106,7 @@ class InferenceApi:
             call.worker = request.worker
 
 
-async def _then(chunks: Stream, done: Callable[[], None]) -> Stream:
+async def _then(chunks: Stream, done: Callable[[], None]) -> Chunks:
     """``chunks``, then ``done()`` once they end or are closed."""
     try:
         yield b""  # primed: see protocols/reply.py

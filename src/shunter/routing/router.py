@@ -45,7 +45,7 @@ from shunter.policies.base import Decision, RouteRequest
 from shunter.policies.registry import PolicyRegistry
 from shunter.protocols.anthropic import MESSAGES_PATH, anthropic_stream_error
 from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
-from shunter.protocols.reply import Reply, Stream, primed
+from shunter.protocols.reply import Chunks, Reply, Stream, primed
 from shunter.protocols.tokenize import TOKEN_PATHS
 from shunter.routing.aliases import ModelAliases
 from shunter.routing.receipt import Routed
@@ -440,7 +440,7 @@ class Router:
         request: InferenceRequest,
         span: Any,
         routed: Routed | None = None,
-    ) -> Stream:
+    ) -> Chunks:
         """The worker's chunks, watched: stream metrics, an in-band error if it breaks, and
         the worker's load and the request's spans (``upstream``, then ``route``) held until
         the last chunk (or the client's leaving)."""

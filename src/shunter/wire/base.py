@@ -9,7 +9,7 @@ wants strings (``reqwest.py``) converts, at its edge.
 from __future__ import annotations
 
 import io
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -62,8 +62,17 @@ class StreamingResponse(Protocol):
     status: int
     headers: list[tuple[bytes, bytes]]
 
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def __anext__(self) -> Awaitable[bytes]:
+        """The next body chunk as it arrives; StopAsyncIteration at the end."""
+
     async def next_chunk(self) -> bytes | None:
         """The next body chunk as it arrives, or None at the end."""
+
+    def as_stream(self, ended: Callable[[], None] | None = None) -> StreamingResponse:
+        """This response as a reply's streamed body (``protocols/reply.py``'s ``Stream``);
+        ``ended`` is called once it is closed, however it ends."""
 
     async def aclose(self) -> None:
         """Release the response; an unfinished one closes its connection."""

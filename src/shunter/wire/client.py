@@ -33,6 +33,8 @@ import logging
 import re
 import ssl
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
@@ -100,7 +102,8 @@ class _Connection(asyncio.Protocol):
         # The response being read.
         self.chunks: deque[bytes] = deque()
         self.head: asyncio.Future[None] | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        # The reader waiting for the next chunk: the chunk is its result (``H1Stream``).
+        self.reader: asyncio.Future[bytes] | None = None
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_began = False  # a byte of the current head arrived
@@ -115,7 +118,7 @@ class _Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None  # a slow head's bound, a 1xx's wait
         # The read timeout: the wait under way (the head's future, or a chunk's), when it
         # began, and the one timer that checks it (``watch``).
-        self.awaited: asyncio.Future[None] | None = None
+        self.awaited: asyncio.Future[Any] | None = None
         self.wait_began = 0.0
         self.read_timer: asyncio.TimerHandle | None = None
 
@@ -222,11 +225,16 @@ class _Connection(asyncio.Protocol):
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        reader = self.reader
+        if reader is not None:  # waiting, so nothing is buffered: the chunk goes to it
+            self.reader = None
+            if not reader.done():
+                reader.set_result(body)
+                return
         self.chunks.append(body)
         if len(self.chunks) >= PAUSE_AT and self.transport is not None and not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         if 100 <= self.status < 200:  # back to waiting for a head to start
@@ -262,17 +270,22 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        """The body ended, broke or was cut short: a waiting reader learns which."""
+        reader = self.reader
+        if reader is not None:
+            self.reader = None
+            if not reader.done():
+                reader.set_exception(self.end_of_body())
 
-    def await_read(self) -> asyncio.Future[None]:
-        """The future a reader waits on for the worker's next bytes (``watch``)."""
-        waiter = self.waiter = self.loop.create_future()
-        self.watch(waiter)
-        return waiter
+    def end_of_body(self) -> BaseException:
+        """What a read past the last chunk raises: the error, or the end of the body."""
+        if self.error is not None:
+            return self.error
+        if self.ended:
+            return StopAsyncIteration()
+        return UpstreamError("io", "the worker closed the connection")
 
-    def watch(self, awaited: asyncio.Future[None]) -> None:
+    def watch(self, awaited: asyncio.Future[Any]) -> None:
         """Fail ``awaited`` (a head, a chunk) if the worker sends nothing for the read
         timeout. Arming a timer per wait and cancelling it cost ~1.7 µs (uvloop, this
         project's machine), once per request and once per relayed chunk: each wait only
@@ -324,7 +337,7 @@ class _Connection(asyncio.Protocol):
         self.chunks.clear()
         self.status, self.headers = 0, []
         self.ended = self.got_bytes = self.until_close = False
-        self.error = self.head = self.waiter = self.awaited = None
+        self.error = self.head = self.reader = self.awaited = None
         if self.paused and self.transport is not None:  # an idle connection must see its EOF
             self.paused = False
             self.transport.resume_reading()
@@ -348,33 +361,57 @@ def _delimited_by_close(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class H1Stream:
-    """One streamed response; ``aclose`` returns or closes its connection."""
+    """One streamed response, its own async iterator of body chunks (``async for``); it
+    ends with the body, or raises UpstreamError when the body breaks. ``aclose`` returns
+    or closes its connection.
 
-    __slots__ = ("_client", "_conn", "_released", "headers", "status")
+    ``__anext__`` is a plain method handing back a future that the connection completes
+    with the next chunk, as it arrives: relayed as a reply's body (``as_stream``) this is
+    one async generator and one coroutine fewer per chunk than a generator looping on a
+    ``next_chunk`` coroutine (callgrind: 35.8k -> 32.7k instructions per relayed chunk).
+    """
+
+    __slots__ = ("_client", "_conn", "_ended", "_released", "headers", "status")
 
     def __init__(self, client: H1StreamClient, conn: _Connection) -> None:
         self._client = client
         self._conn = conn
         self._released = False
+        self._ended: Callable[[], None] | None = None
         self.status = conn.status
         self.headers = conn.headers
 
-    async def next_chunk(self) -> bytes | None:
+    def __aiter__(self) -> H1Stream:
+        return self
+
+    def __anext__(self) -> asyncio.Future[bytes]:
         conn = self._conn
-        while True:
-            if conn.chunks:
-                chunk = conn.chunks.popleft()
-                if conn.paused and len(conn.chunks) < PAUSE_AT // 2 and conn.transport:
-                    conn.paused = False
-                    conn.transport.resume_reading()
-                return chunk
-            if conn.error is not None:
-                raise conn.error
-            if conn.ended:
-                conn.disarm()
-                return None
-            await conn.await_read()
-            conn.waiter = None
+        chunk: asyncio.Future[bytes] = conn.loop.create_future()
+        if conn.chunks:
+            chunk.set_result(conn.chunks.popleft())
+            if conn.paused and len(conn.chunks) < PAUSE_AT // 2 and conn.transport:
+                conn.paused = False
+                conn.transport.resume_reading()
+        elif conn.error is not None or conn.ended:
+            conn.disarm()
+            chunk.set_exception(conn.end_of_body())
+        else:  # the connection completes it (``on_body``, ``_wake``), or the read timeout
+            conn.reader = chunk
+            conn.watch(chunk)
+        return chunk
+
+    async def next_chunk(self) -> bytes | None:
+        """The next chunk, or None at the end (for readers of a whole body)."""
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    def as_stream(self, ended: Callable[[], None] | None = None) -> H1Stream:
+        """This response as a reply's streamed body; ``ended`` is called once it is
+        closed, however it ends."""
+        self._ended = ended
+        return self
 
     def whole(self, limit: int) -> bytes | None:
         """The whole body, when the response has ended before any of it was read and it is
@@ -396,11 +433,16 @@ class H1Stream:
             return
         self._released = True
         conn = self._conn
-        conn.disarm()
-        if conn.state is _DONE:
-            self._client.release(conn)
-        else:
-            conn.close()
+        conn.reader = None  # a read still waiting (its task cancelled) is not completed
+        try:
+            conn.disarm()
+            if conn.state is _DONE:
+                self._client.release(conn)
+            else:
+                conn.close()
+        finally:
+            if self._ended is not None:
+                self._ended()
 
 
 def request_head(method: str, target: str, host: bytes, headers: HeaderPairs, length: int) -> bytes:
