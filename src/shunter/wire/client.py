@@ -10,7 +10,9 @@ a few KiB per connection. It does only what relaying an inference stream needs:
   only while the worker sent nothing after it (see ``ConnectionState``);
 - ``Content-Length``, chunked and close-delimited bodies (httptools decodes chunking);
   a body cut short, a bad chunk size, or both lengths at once is an error, never a success;
-- read back-pressure: reading pauses while unconsumed chunks pile up;
+- read back-pressure: reading pauses while unconsumed chunks pile up, or, relaying
+  (``H1Stream.relay``: each chunk written to the client from this connection's callback),
+  while the client's buffer is full;
 - bounds on what a worker can make us hold: a response head of at most ``max_head_bytes``,
   read within ``head_timeout`` of its first byte; an idle pool of at most ``max_idle``
   connections, none older than ``idle_timeout``;
@@ -39,7 +41,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from shunter.wire.base import HeaderPairs, UpstreamError
+from shunter.wire.base import BodySink, HeaderPairs, UpstreamError
 
 log = logging.getLogger("shunter.wire.client")
 
@@ -104,6 +106,9 @@ class _Connection(asyncio.Protocol):
         self.head: asyncio.Future[None] | None = None
         # The reader waiting for the next chunk: the chunk is its result (``H1Stream``).
         self.reader: asyncio.Future[bytes] | None = None
+        # Relaying (``H1Stream.relay``): where each chunk goes, and the relay's end.
+        self.sink: BodySink | None = None
+        self.relayed: asyncio.Future[None] | None = None
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_began = False  # a byte of the current head arrived
@@ -225,6 +230,11 @@ class _Connection(asyncio.Protocol):
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:  # relaying: straight to the client, no task woken
+            self.wait_began = self.loop.time()  # the read timeout counts from this chunk
+            sink.write(body)
+            return
         reader = self.reader
         if reader is not None:  # waiting, so nothing is buffered: the chunk goes to it
             self.reader = None
@@ -270,7 +280,16 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        """The body ended, broke or was cut short: a waiting reader learns which."""
+        """The body ended, broke or was cut short: a waiting reader (or relay) learns which."""
+        relayed = self.relayed
+        if relayed is not None:
+            self.sink = self.relayed = None
+            if not relayed.done():
+                end = self.end_of_body()
+                if isinstance(end, StopAsyncIteration):
+                    relayed.set_result(None)
+                else:
+                    relayed.set_exception(end)
         reader = self.reader
         if reader is not None:
             self.reader = None
@@ -284,6 +303,25 @@ class _Connection(asyncio.Protocol):
         if self.ended:
             return StopAsyncIteration()
         return UpstreamError("io", "the worker closed the connection")
+
+    # --- the relay's back-pressure (``Throttled``: called by the client's side) -------------
+
+    def pause_reading(self) -> None:
+        """The client's buffer is full: stop reading the worker until it drains. The read
+        timeout stops too: a worker is not slow because the client is."""
+        if self.sink is None:  # not relaying (any more): not the client's to pause
+            return
+        self.awaited = None
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        if self.relayed is not None:
+            self.watch(self.relayed)
 
     def watch(self, awaited: asyncio.Future[Any]) -> None:
         """Fail ``awaited`` (a head, a chunk) if the worker sends nothing for the read
@@ -399,6 +437,34 @@ class H1Stream:
             conn.reader = chunk
             conn.watch(chunk)
         return chunk
+
+    async def relay(self, sink: BodySink) -> None:
+        """Write the rest of the body to ``sink`` from the connection's own callback, as
+        each chunk is parsed; returns at the end of the body, raises UpstreamError if it
+        breaks (or is cut short by the read timeout). Back-pressure: ``sink`` pauses the
+        connection's reading while the client's buffer is full (``pause_reading``).
+
+        Why: iterated by a task, each chunk woke the task and passed up a chain of async
+        generators and coroutines to the client's ``send`` (~25k instructions of a ~38k
+        relayed chunk, callgrind); here a chunk is a few Python calls between two
+        callbacks, and the task waits only for the end (32.7k -> 20.4k per chunk)."""
+        conn = self._conn
+        while conn.chunks:  # arrived before the relay began
+            sink.write(conn.chunks.popleft())
+        if conn.error is not None or conn.ended:
+            conn.disarm()
+            end = conn.end_of_body()
+            if isinstance(end, StopAsyncIteration):
+                return
+            raise end
+        relayed = conn.relayed = conn.loop.create_future()
+        conn.sink = sink
+        conn.resume_reading()  # if many chunks had piled up; and the read timeout runs
+        sink.throttle(conn)
+        try:
+            await relayed
+        finally:
+            conn.sink = conn.relayed = None
 
     async def next_chunk(self) -> bytes | None:
         """The next chunk, or None at the end (for readers of a whole body)."""

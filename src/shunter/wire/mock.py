@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from shunter.wire.base import FullResponse, HeaderPairs, UpstreamError
+from shunter.wire.base import BodySink, FullResponse, HeaderPairs, UpstreamError
 
 __all__ = ["MockClient", "MockRequest", "MockResponse", "UpstreamError"]
 
@@ -71,6 +71,10 @@ class MockStream:
         if isinstance(chunk, UpstreamError):
             raise chunk
         return chunk
+
+    async def relay(self, sink: BodySink) -> None:
+        while (chunk := await self.next_chunk()) is not None:
+            sink.write(chunk)
 
     def as_stream(self, ended: Callable[[], None] | None = None) -> MockStream:
         self._ended = ended
