@@ -260,8 +260,15 @@ class Cycle:
     def write(self, chunk: bytes) -> None:
         """A chunk of a relayed body, written from the worker connection's callback once the
         response has started (``send``'s ``http.response.start``); the end still goes
-        through ``send``. Dropped once the client has left: its task is being cancelled."""
-        if not self.disconnected:
+        through ``send``. Dropped once the client has left: its task is being cancelled.
+
+        Every chunk after the first of a chunked response is framed here, without the
+        call through ``_write_body`` (20.4k -> 19.5k instructions per relayed chunk)."""
+        if self.disconnected:
+            return
+        if self.framing == _CHUNKED and not self.head and chunk:
+            self.conn.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        else:
             self._write_body(chunk, True)
 
     def throttle(self, reading: Throttled) -> None:
