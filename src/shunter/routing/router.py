@@ -355,7 +355,7 @@ class Router:
             state.finished()
             raise
         if isinstance(reply.body, bytes):
-            _end(span)  # a stream's ends with it (``_relay``)
+            _end(span)  # a stream's ends with it (``WatchedStream``)
         return await self._answered(worker, model, request, reply, last, verdict, span, routed)
 
     async def _answered(
