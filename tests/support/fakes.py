@@ -226,7 +226,9 @@ class WithoutUnits:
     def version(self, model: str) -> int:
         return 0
 
-    def units(self, model: str, eligible: Collection[str]) -> list[tuple[int, dict[str, int]]]:
+    def units(
+        self, model: str, eligible: Collection[str], limit: int
+    ) -> list[tuple[int, dict[str, int]]] | None:
         return []
 
     def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:

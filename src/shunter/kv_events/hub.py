@@ -40,6 +40,7 @@ class KvEvents:
         self._replay_timeout = replay_timeout
         self._context: zmq.asyncio.Context | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._last: tuple[str, bytes | None, Sequence[Any]] | None = None  # ``_ids``
 
     # --- the policy's view ---------------------------------------------------------------
 
@@ -64,13 +65,18 @@ class KvEvents:
         index = self.index.models.get(model)
         return -1 if index is None else index.version
 
-    def units(self, model: str, eligible: Collection[str]) -> list[tuple[int, dict[str, int]]]:
+    def units(
+        self, model: str, eligible: Collection[str], limit: int
+    ) -> list[tuple[int, dict[str, int]]] | None:
         """``model``'s units as the engines hold them (``kv_events/index.py``): each key with
         the blocks each worker in ``eligible`` holds of it, in key order (every gateway lists
-        them alike, so every gateway plans the same move from the same events)."""
+        them alike, so every gateway plans the same move from the same events); None when
+        there are more than ``limit``."""
         index = self.index.models.get(model)
         if index is None:
             return []
+        if len(index.units) > limit:
+            return None
         units = []
         for key in sorted(index.units):
             held = {url: n for url, n in index.units[key].items() if url in eligible}
@@ -85,9 +91,17 @@ class KvEvents:
 
     def _ids(self, text: str, chat: bytes | None) -> Sequence[Any]:
         """The token ids the engine sees: a chat rendered as the engine renders it (when it
-        renders), else the routing text."""
+        renders), else the routing text. The last request's are kept: ``unit_of`` asks again
+        for the request ``cached_tokens`` just scored (the same objects), which would cost a
+        second rendering and tokenization (~150 us for 2,000 words)."""
+        last = self._last
+        if last is not None and last[0] is text and last[1] is chat:
+            return last[2]
         ids = None if chat is None or self._chat is None else self._chat(chat)
-        return self._tokenize(text) if ids is None else ids
+        if ids is None:
+            ids = self._tokenize(text)
+        self._last = (text, chat, ids)
+        return ids
 
     # --- membership ----------------------------------------------------------------------
 

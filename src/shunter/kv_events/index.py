@@ -195,7 +195,9 @@ class BlockIndex:
             self.version += 1
 
     def _release(self, worker: str, blocks: _WorkerBlocks, key: int) -> None:
-        copies = blocks.copies.get(key, 0) - 1
+        if key not in blocks.copies:
+            return  # not held (an engine hash re-stored with other content, removed twice)
+        copies = blocks.copies[key] - 1
         if copies > 0:
             blocks.copies[key] = copies
             return

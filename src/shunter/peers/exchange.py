@@ -60,7 +60,13 @@ from shunter.peers.prefixes import PrefixDecoder, PrefixEncoder
 from shunter.peers.reservations import DEFAULT_TTL_SECS, Reservations
 from shunter.policies.base import Policy
 from shunter.policies.cache_aware import CacheAwarePolicy
-from shunter.policies.rebalance import KEY_CHARS, MAX_PATH_CHARS, REBALANCE_SECS, Move
+from shunter.policies.rebalance import (
+    KEY_CHARS,
+    MAX_PATH_CHARS,
+    REBALANCE_SECS,
+    UNIT_CHARS,
+    Move,
+)
 
 if TYPE_CHECKING:  # the sockets (and ZeroMQ) come from ``connect``, when peering is on
     from shunter.peers.transport import PeerSockets
@@ -81,6 +87,8 @@ LEADER_SECS = 3 * SNAPSHOT_SECS
 # A plan waits this long after a placement: the same moment's placements by other gateways
 # arrive within a flush (a placement goes out on the sender's next loop turn) and the network.
 SETTLE_SECS = 0.05
+PLAN_COST_FACTOR = 20  # plans take at most ~5% of the leader's loop (``_placement_seen``)
+MAX_MOVES_PER_BATCH = 16
 
 
 @dataclass
@@ -100,6 +108,7 @@ class PeerCounters:
     unknown_worker: int = 0  # a decision for a worker this gateway does not have
     moves_sent: int = 0  # prompts this gateway moved, as the leader
     moves_applied: int = 0  # prompts the leader moved, applied here
+    moves_refused: int = 0  # moves from a peer that does not lead as this gateway sees it
     workers_merged: int = 0  # peers' specs and removals newer than this gateway's
     settings_merged: int = 0  # peers' settings (PATCH) newer than this gateway's
     responses_sent: int = 0
@@ -160,6 +169,8 @@ class Exchange:
         self._moves: list[PromptMove] = []
         self._rebalancer = Periodic("prompt rebalancing", REBALANCE_SECS, self.rebalance)
         self._rebalance_due = False  # a plan is set for SETTLE_SECS after a placement
+        self._next_plan = 0.0  # no plan before (``_placement_seen``)
+        self._started = time.monotonic()
 
     # --- the request path: an append, nothing else -------------------------------------------
 
@@ -274,6 +285,8 @@ class Exchange:
         now = time.monotonic()
         self.reservations.expire(now)
         self.manual.retry_pending()
+        for node in [n for n, when in self._heard.items() if when < now - LEADER_SECS]:
+            del self._heard[node]  # gone quiet (a restarted peer comes back as a new node)
         if now >= self._next_snapshot:
             self._next_snapshot = now + self.snapshot_secs
             try:
@@ -355,8 +368,8 @@ class Exchange:
         counters.settings_merged += settings
         for decision in batch.decisions:
             self._apply(decision, now)
-        for move in batch.moves:
-            self._apply_move(move, now)
+        if batch.moves:
+            self._apply_moves(hello.node, batch.moves, now)
         if self.stored_response is not None:
             for stored in batch.responses:
                 self.stored_response(stored.id, stored.worker)
@@ -382,14 +395,33 @@ class Exchange:
             if isinstance(policy, CacheAwarePolicy):
                 policy.insert_remote(decision.model, prefix, decision.worker)
 
+    def _apply_moves(self, node: str, moves: list[PromptMove], now: float) -> None:
+        """A peer's moves, applied if that peer leads as this gateway sees it (a gateway
+        that does not is refused: two planners would move prompts against each other), at
+        most ``MAX_MOVES_PER_BATCH`` of them (the leader sends one per model a plan)."""
+        counters = self.counters
+        if node != self.leader(now):
+            counters.moves_refused += len(moves)
+            return
+        for move in moves[:MAX_MOVES_PER_BATCH]:
+            self._apply_move(move, now)
+        counters.moves_refused += max(0, len(moves) - MAX_MOVES_PER_BATCH)
+
     def _apply_move(self, move: PromptMove, now: float) -> None:
-        if not 0 <= move.cut < len(move.text) <= move.cut + KEY_CHARS or (
-            move.cut > MAX_PATH_CHARS
+        """One move, checked as the leader makes them: a unit starts at ``UNIT_CHARS`` or
+        later (a cut at 0 would hand over everything the source holds), moves between two
+        workers, the target serving the model (which also bounds the trees a peer can make
+        this gateway create to the models it serves)."""
+        if (
+            not UNIT_CHARS <= move.cut < len(move.text) <= move.cut + KEY_CHARS
+            or move.cut > MAX_PATH_CHARS
+            or move.source == move.target
         ):
             self.counters.malformed += 1
             log.debug("malformed prompt move", extra={"cut": move.cut, "chars": len(move.text)})
             return
-        if self.fleet.registry.get_by_url(move.target) is None:
+        target = self.fleet.registry.get_by_url(move.target)
+        if target is None or move.model not in target.model_ids:
             self.counters.unknown_worker += 1
             return
         policy = self.policy_for(move.model)
@@ -400,30 +432,44 @@ class Exchange:
 
     # --- rebalancing: the leader's ----------------------------------------------------------
 
-    def leads(self, now: float) -> bool:
-        """Whether this gateway is the leader: no peer with a smaller node id was heard from
-        in the last ``LEADER_SECS``. A partition may make two leaders for a while; their
-        moves are each sound on their own, and the views meet again when it heals."""
+    def leader(self, now: float) -> str | None:
+        """The leader as this gateway sees it: the smallest node id (the oldest gateway)
+        among itself and the peers heard from in the last ``LEADER_SECS``. None while this
+        gateway, started less than ``SNAPSHOT_SECS`` ago, has heard no peer yet: it may not
+        have heard an older one (every peer sends a snapshot every ``SNAPSHOT_SECS``), and
+        a view that partial would plan moves the wrong way. A partition may make two leaders
+        for a while; each one's moves are sound on their own."""
         lately = now - LEADER_SECS
-        return not any(node < self.node and heard >= lately for node, heard in self._heard.items())
+        heard = [node for node, when in self._heard.items() if when >= lately]
+        if not heard and now - self._started < self.snapshot_secs:
+            return None
+        return min([self.node, *heard])
+
+    def leads(self, now: float) -> bool:
+        return self.leader(now) == self.node
 
     def _placement_seen(self) -> None:
-        """A new prefix was placed (here or by a peer): as the leader, plan ``SETTLE_SECS``
-        later, once the placements made at the same moment by other gateways have arrived,
-        rather than at the next ``REBALANCE_SECS``. A misplacement happens in the first
-        milliseconds of a new prompt; repaired that soon, it costs one prefill, not a share
-        of the prompt's requests for the rest of its life."""
-        if self._rebalance_due or not self.leads(time.monotonic()):
+        """A new prefix was placed (here or by a peer), or a move was made: as the leader,
+        plan ``SETTLE_SECS`` later, once the placements made at the same moment by other
+        gateways have arrived, rather than at the next ``REBALANCE_SECS``. A misplacement
+        happens in the first milliseconds of a new prompt; repaired that soon, it costs one
+        prefill, not a share of the prompt's requests for the rest of its life. Plans are
+        spaced by ``PLAN_COST_FACTOR`` times the last one's scan at least: a tree of 200,000
+        leaves takes ~250 ms to scan, so steady placements must not chain scans."""
+        now = time.monotonic()
+        if self._rebalance_due or not self.leads(now):
             return
         self._rebalance_due = True
-        asyncio.get_running_loop().call_later(SETTLE_SECS, self._rebalancer.wake.set)
+        delay = max(SETTLE_SECS, self._next_plan - now)
+        asyncio.get_running_loop().call_later(delay, self._rebalancer.wake.set)
 
     async def rebalance(self) -> None:
         """As the leader, plan and apply one move per cache-aware model, and send them out
         at once (a peer that still decided for the old worker meanwhile is redirected:
         ``CacheAwarePolicy.insert_remote``)."""
         self._rebalance_due = False
-        if not self.leads(time.monotonic()):
+        started = time.monotonic()
+        if started < self._next_plan or not self.leads(started):
             return
         registry = self.fleet.registry
         for model in registry.models():
@@ -435,8 +481,10 @@ class Exchange:
                 self._moves.append(
                     PromptMove(model, move.source, move.target, move.cut, move.text, move.reason)
                 )
+        now = time.monotonic()
+        self._next_plan = now + PLAN_COST_FACTOR * (now - started)
         if self._moves:
-            self.flush(time.monotonic())
+            self.flush(now)
             self._placement_seen()  # another look once this move has settled
 
     def _refuse(self, node: str, reason: str) -> None:

@@ -22,7 +22,7 @@ falls back to it.
 
 The decision is explained (``decide``): ``prefix_match`` (the tree's holder),
 ``cached_blocks`` (precise: the engine's holder), ``rebalanced`` (precise: the engines'
-planned move took the prompt elsewhere, ``_engine_plan``), ``load_override`` (imbalance broke
+planned move took the prompt elsewhere, ``engine_plans.py``), ``load_override`` (imbalance broke
 the match), ``new_prefix`` (placed on the smallest cache), ``least_loaded`` (no text to
 match), ``only_worker``; and the prompt tokens the chosen worker should find cached: the tree's
 match for it at the model's characters per token (learnt from the answers' prompt token
@@ -52,7 +52,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,7 +67,8 @@ from shunter.policies.base import (
     UrlIndexes,
     least_loaded,
 )
-from shunter.policies.rebalance import Move, Unit, plan_move, scan_units, weights
+from shunter.policies.engine_plans import EnginePlans, EngineUnits
+from shunter.policies.rebalance import Move, Unit, plan_move, scan_units
 from shunter.policies.tree import Tree
 
 log = logging.getLogger("shunter.policies.cache_aware")
@@ -100,8 +101,9 @@ class CacheAwareConfig:
         return self
 
 
-class PrefixScorer(Protocol):
-    """Exact cache state, read-only: what the engines' KV events say each worker holds."""
+class PrefixScorer(EngineUnits, Protocol):
+    """Exact cache state, read-only: what the engines' KV events say each worker holds (and,
+    for precise mode's rebalancing, their units: ``EngineUnits``)."""
 
     active: bool  # whether any worker publishes events (read per request)
 
@@ -119,19 +121,6 @@ class PrefixScorer(Protocol):
 
     def held_tokens(self, model: str, url: str) -> int:
         """The tokens ``url``'s engine holds for ``model`` in cached blocks."""
-        ...
-
-    def version(self, model: str) -> int:
-        """Changes whenever ``units`` would answer differently."""
-        ...
-
-    def units(self, model: str, eligible: Collection[str]) -> list[tuple[int, dict[str, int]]]:
-        """The engines' units (``policies/rebalance.py``): each key with the blocks each
-        worker in ``eligible`` holds of it, in key order."""
-        ...
-
-    def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:
-        """The key of a request's unit (None: too short to have one)."""
         ...
 
 
@@ -155,8 +144,11 @@ MAX_RATIO_MODELS = 1024  # models whose token ratio is kept (a bound on the dict
 # takes 5 ms), and inserting the old worker afresh would make it the prompt's most recent
 # holder again here while the peer itself follows the move.
 MOVE_REDIRECT_SECS = 2.0
-# Precise mode plans its move again at most this often, and only when the events changed.
-ENGINE_PLAN_SECS = 0.1
+OVERRIDE_QUIET_SECS = 60.0  # see ``rebalance``
+# Precise mode: between engines holding a prompt's run alike, in-flight counts this close
+# count as equal, and the lighter engine takes it (``engine_plans.py``); further apart, the
+# less loaded does, so a hot prompt still spreads before the load override trips.
+LOAD_BAND = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,9 +190,9 @@ class CacheAwarePolicy(Policy):
         # Precise placements of the last EVENTS_LAG_SECS: (when, worker URL, model, tokens).
         self._placed: deque[tuple[float, str, str, int]] = deque(maxlen=4096)
         self.moves = 0  # prompts moved between workers (``rebalance``, here or by a peer)
-        # Precise mode, per model: the last plan from the engines' units (when, their
-        # version, the move or None); see ``_engine_move``.
-        self._engine_plans: dict[str, tuple[float, int, Move | None, Mapping[str, float]]] = {}
+        self.last_override = -OVERRIDE_QUIET_SECS  # when load last overrode a match
+        # Precise mode's rebalancing (``engine_plans.py``), when there are engines' events.
+        self.engine_plans = None if scorer is None else EnginePlans(scorer)
         # Moves of the last MOVE_REDIRECT_SECS: (until, model, old worker, new worker, the
         # text every prompt of the moved unit starts with).
         self._moved: deque[tuple[float, str, str, str, str]] = deque(maxlen=64)
@@ -283,9 +275,10 @@ class CacheAwarePolicy(Policy):
             if time.perf_counter() - started > slice_secs:
                 await asyncio.sleep(0)
                 started = time.perf_counter()
-        loads = [w.state.in_flight for w in workers]
-        spread_on_purpose = bool(loads) and _imbalanced(min(loads), max(loads), self.config)
-        move = plan_move(units, eligible, consolidate=not spread_on_purpose)
+        # Gathering a prompt held by several workers waits OVERRIDE_QUIET_SECS after a load
+        # override: the override spread it on purpose, and loads look even right after.
+        quiet = time.monotonic() - self.last_override >= OVERRIDE_QUIET_SECS
+        move = plan_move(units, eligible, consolidate=quiet)
         if move is not None:
             self.apply_move(model, move)
         return move
@@ -294,7 +287,10 @@ class CacheAwarePolicy(Policy):
         """Hand the moved prompt to its new worker in ``model``'s tree (the characters moved;
         0 when this tree held none of it there), and redirect late decisions for it."""
         stamp = time.monotonic() if now is None else now
-        moved = self.tree_for(model).move(move.text, move.cut, move.source, move.target, stamp)
+        tree = self.tree_for(model)
+        moved = tree.move(move.text, move.cut, move.source, move.target, stamp)
+        if tree.tenant_chars.get(move.target, 0) > self.config.max_tree_size:
+            self._evictor.wake.set()
         key = move.text[: move.cut + 1]
         self._moved.append((stamp + MOVE_REDIRECT_SECS, model, move.source, move.target, key))
         self.moves += 1
@@ -337,21 +333,26 @@ class CacheAwarePolicy(Policy):
         scorer = self.scorer
         precise = scorer is not None and scorer.active and bool(text)
         if _imbalanced(low, high, config):
+            self.last_override = time.monotonic()
             chosen = least_loaded(workers)
             exact = _exact(scorer, chosen, tree_key, text, chat, precise)
             return chosen, "load_override", exact, None
         counts: Mapping[str, int] = {}
         tokens = 0  # the prompt's, when the engines' tokenizer counted them
         if precise:
-            assert scorer is not None
-            move, weight = self._engine_plan(workers, scorer, tree_key)
+            plans = self.engine_plans
+            assert scorer is not None and plans is not None
+            move, weight = plans.read(tree_key, workers)
             holder, counts, tokens = _longest_cached(
                 workers, scorer, tree_key, text, chat, config, weight
             )
             if holder is not None:
-                moved = self._engine_move(workers, scorer, tree_key, move, holder, text, chat)
-                if moved is not None:
-                    return moved, "rebalanced", counts.get(moved.url, 0), None
+                if move is not None:
+                    target = self._indexes.of(tree_key, workers).get(move.target)
+                    if target is not None and plans.moved(
+                        tree_key, move, holder, target, text, chat
+                    ):
+                        return target, "rebalanced", counts.get(target.url, 0), None
                 return holder, "cached_blocks", counts.get(holder.url, 0), None
         if not text:
             return least_loaded(workers), "least_loaded", None, _NOTHING
@@ -404,51 +405,6 @@ class CacheAwarePolicy(Policy):
         if chosen is not None:
             placed.append((now, chosen.url, model, tokens))
         return chosen
-
-    def _engine_plan(
-        self, workers: Workers, scorer: PrefixScorer, model: str
-    ) -> tuple[Move | None, Mapping[str, float]]:
-        """Precise mode's rebalancing, from the engines' units (``policies/rebalance.py``):
-        the move that evens the engines out, if any, and each engine's weight. Made again at
-        most every ``ENGINE_PLAN_SECS``, when the events changed. Every gateway reading the
-        same events plans the same, so they agree without talking.
-
-        The weights break ties between engines holding a prompt's run alike (a prompt
-        placed on two at once, or one moved whose old copy is not evicted yet): the lighter
-        engine takes it, so a shared prompt gathers onto one engine, and a moved one stays
-        where it moved. The move itself is only for evening out (``consolidate=False``):
-        gathering is left to the ties, so a stale copy never holds up the next move."""
-        now = time.monotonic()
-        planned = self._engine_plans.get(model)
-        version = scorer.version(model)
-        if planned is None or (planned[1] != version and now - planned[0] >= ENGINE_PLAN_SECS):
-            eligible = {w.url for w in workers if w.state.available and scorer.tracks(w.url)}
-            units = [Unit("", 0, held, key) for key, held in scorer.units(model, eligible)]
-            weight = weights(units, eligible)
-            planned = (now, version, plan_move(units, eligible, False, weight), weight)
-            self._engine_plans[model] = planned
-        return planned[2], planned[3]
-
-    def _engine_move(
-        self,
-        workers: Workers,
-        scorer: PrefixScorer,
-        model: str,
-        move: Move | None,
-        holder: Worker,
-        text: str,
-        chat: bytes | None,
-    ) -> Worker | None:
-        """The worker this request's prompt moves to, when it is the prompt of the planned
-        ``move`` (``_engine_plan``) and the engine holding it is the move's source."""
-        if move is None or move.source != holder.url:
-            return None
-        target = self._indexes.of(model, workers).get(move.target)
-        if target is None or not target.state.available:
-            return None
-        if scorer.unit_of(model, text, chat) != move.key:
-            return None
-        return target
 
     def _most_recent_available(
         self, workers: Workers, tree_key: str, tenants: dict[str, float]
@@ -561,9 +517,13 @@ class CacheAwarePolicy(Policy):
 
     def start(self) -> None:
         self._evictor.start()
+        if self.engine_plans is not None:
+            self.engine_plans.start()
 
     async def stop(self) -> None:
         await self._evictor.stop()
+        if self.engine_plans is not None:
+            await self.engine_plans.stop()
 
     async def evict_all(self, slice_secs: float = 0.002) -> None:
         """Trim every tree, handing the event loop back every ``slice_secs`` of work."""
@@ -613,18 +573,19 @@ def _longest_cached(
     weight: Mapping[str, float],
 ) -> tuple[Worker | None, Mapping[str, int], int]:
     """The available worker whose engine holds the longest cached run of the prompt, if
-    that run is more than ``cache_threshold`` of it (ties go to the lighter engine by
-    ``weight``, see ``_engine_plan``, then to the less loaded); the engines' counts; and the
-    prompt's tokens."""
+    that run is more than ``cache_threshold`` of it (ties go to the less loaded by
+    ``LOAD_BAND``, then to the lighter engine by ``weight``, see ``engine_plans.py``, then
+    to the less loaded); the engines' counts; and the prompt's tokens."""
     total, cached = scorer.cached_tokens(model, text, chat)
     if not total or not cached:
         return None, cached, total
     best: Worker | None = None
-    best_key: tuple[int, float, int] = (0, 0.0, 0)
+    best_key: tuple[int, int, float, int] = (0, 0, 0.0, 0)
     for worker in workers:
         tokens = cached.get(worker.url, 0)
         if tokens and worker.state.available:
-            key = (tokens, -weight.get(worker.url, 0.0), -worker.state.in_flight)
+            load = worker.state.in_flight
+            key = (tokens, -(load // LOAD_BAND), -weight.get(worker.url, 0.0), -load)
             if best is None or key > best_key:
                 best, best_key = worker, key
     if best is None or best_key[0] / total <= config.cache_threshold:

@@ -28,12 +28,16 @@ def cache_aware(policy: object) -> CacheAwarePolicy:
 async def test_the_smallest_node_heard_lately_leads() -> None:
     gw = await sample_gateway()
     exchange = exchange_on(gw, node="m-node")
-    assert exchange.leads(now=100.0)  # alone
-    exchange.receive(encode(Batch(Hello("z-node", ["m"]))), now=100.0)
-    assert exchange.leads(now=100.0)  # the other's id is larger
-    exchange.receive(encode(Batch(Hello("a-node", ["m"]))), now=100.0)
-    assert not exchange.leads(now=100.0)
-    assert exchange.leads(now=100.0 + exchange_module.LEADER_SECS + 1)  # a-node went quiet
+    start = exchange._started
+    assert exchange.leader(now=start) is None  # alone, just started: it may not know an elder
+    later = start + exchange_module.SNAPSHOT_SECS
+    assert exchange.leads(now=later)  # alone for a snapshot's time: nobody older answered
+    exchange.receive(encode(Batch(Hello("z-node", ["m"]))), now=later)
+    assert exchange.leads(now=later)  # the other's id is larger
+    exchange.receive(encode(Batch(Hello("a-node", ["m"]))), now=later)
+    assert exchange.leader(now=later) == "a-node" and not exchange.leads(now=later)
+    quiet = later + exchange_module.LEADER_SECS + 1
+    assert exchange.leads(now=quiet)  # a-node went quiet
     await gw.close()
 
 
@@ -41,6 +45,7 @@ async def test_the_leaders_move_reaches_a_peer_whose_next_request_follows_it() -
     leader_gw, follower_gw = await sample_gateway(), await sample_gateway()
     sockets = RecordingSockets()
     leader = exchange_on(leader_gw, sockets, node="a")
+    leader._started -= 10  # up long enough to lead alone
     follower = exchange_on(follower_gw, node="b")
     owners = ["http://w:1"] * 3 + ["http://w:2", "http://w:2", "http://w:3", "http://w:3"]
     for gw in (leader_gw, follower_gw):  # the same view on both: w:4 holds nothing
@@ -69,6 +74,7 @@ async def test_the_leaders_move_reaches_a_peer_whose_next_request_follows_it() -
 async def test_a_placement_brings_the_leaders_plan_forward() -> None:
     gw = await sample_gateway()
     exchange = exchange_on(gw, node="a")
+    exchange._started -= 10  # up long enough to lead alone
     planned = asyncio.Event()
 
     async def plan() -> None:
@@ -93,11 +99,48 @@ async def test_malformed_or_unknown_moves_are_counted_and_skipped() -> None:
         PromptMove("m", "http://w:1", "http://w:2", 300, text, "even"),  # cut past the text
         PromptMove("m", "http://w:1", "http://w:2", -1, text, "even"),
         PromptMove("m", "http://w:1", "http://w:2", 0, "x" * 10_000, "even"),  # too long
+        PromptMove("m", "http://w:1", "http://w:2", 1, text, "even"),  # all under one letter
+        PromptMove("m", "http://w:1", "http://w:1", 256, text, "even"),  # nowhere to go
     ]
-    unknown = PromptMove("m", "http://w:1", "http://elsewhere:9", 256, text, "even")
-    exchange.receive(encode(Batch(Hello("a", ["m"]), moves=[*bad, unknown])), now=1.0)
+    unknown = [
+        PromptMove("m", "http://w:1", "http://elsewhere:9", 256, text, "even"),
+        PromptMove("not-served", "http://w:1", "http://w:2", 256, text, "even"),
+    ]
+    exchange.receive(encode(Batch(Hello("a", ["m"]), moves=[*bad, *unknown])), now=1.0)
     counters = exchange.counters
-    assert (counters.malformed, counters.unknown_worker, counters.moves_applied) == (3, 1, 0)
+    assert (counters.malformed, counters.unknown_worker, counters.moves_applied) == (5, 2, 0)
+    assert "not-served" not in cache_aware(gw.policies.policy_for("m")).trees
+    await gw.close()
+
+
+async def test_moves_only_from_the_leader_and_only_so_many_at_once() -> None:
+    gw = await sample_gateway()
+    exchange = exchange_on(gw, node="c")
+    text = prompt(1)[:300]
+    move = PromptMove("m", "http://w:1", "http://w:2", 256, text, "even")
+    exchange.receive(encode(Batch(Hello("a", ["m"]))), now=1.0)  # a leads
+    exchange.receive(encode(Batch(Hello("b", ["m"]), moves=[move])), now=1.0)
+    assert (exchange.counters.moves_refused, exchange.counters.moves_applied) == (1, 0)
+    many = [move] * (exchange_module.MAX_MOVES_PER_BATCH + 4)
+    exchange.receive(encode(Batch(Hello("a", ["m"]), moves=many)), now=1.0)
+    assert exchange.counters.moves_applied == exchange_module.MAX_MOVES_PER_BATCH
+    assert exchange.counters.moves_refused == 1 + 4
+    await gw.close()
+
+
+async def test_plans_are_spaced_by_what_the_last_one_cost() -> None:
+    gw = await sample_gateway()
+    exchange = exchange_on(gw, node="a")
+    exchange._started -= 10
+    tree = cache_aware(gw.policies.policy_for("m")).tree_for("m")
+    for n in range(2000):  # a tree big enough for its scan to take a while
+        tree.insert(prompt(n), "http://w:1")
+    await exchange.rebalance()
+    assert exchange.counters.moves_sent == 1
+    spacing = exchange._next_plan - time.monotonic()
+    assert spacing > 0
+    await exchange.rebalance()  # too soon: no plan
+    assert exchange.counters.moves_sent == 1
     await gw.close()
 
 

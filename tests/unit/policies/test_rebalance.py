@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
+import pytest
+
 from shunter.fleet.worker import Worker
 from shunter.kv_events.hub import KvEvents
 from shunter.kv_events.wire import BlockRemoved, BlockStored
+from shunter.policies import engine_plans
 from shunter.policies.base import RouteRequest
-from shunter.policies.cache_aware import CacheAwareConfig, CacheAwarePolicy
+from shunter.policies.cache_aware import LOAD_BAND, CacheAwareConfig, CacheAwarePolicy
+from shunter.policies.engine_plans import EnginePlans
 from shunter.policies.rebalance import UNIT_CHARS, Move, Unit, plan_move, scan_units
 from shunter.policies.tree import Tree
 from shunter.tokenizer.words import text_ids
@@ -244,6 +248,11 @@ def store(hub: KvEvents, url: str, n: int, first_hash: int | None = None) -> Non
     hub.index.of("m").apply(url, BlockStored(hashes, None, tuple(ids), 16))
 
 
+def plans_of(policy: CacheAwarePolicy) -> EnginePlans:
+    assert policy.engine_plans is not None
+    return policy.engine_plans
+
+
 def test_precise_gateways_move_the_same_prompt_off_the_fullest_engine() -> None:
     """3/2/2/1 prompts on four engines: every gateway reading these events sends the same
     one of w0's three prompts to w3, and keeps sending it there once w3 holds it too."""
@@ -252,6 +261,9 @@ def test_precise_gateways_move_the_same_prompt_off_the_fullest_engine() -> None:
     owners = [0, 0, 0, 1, 1, 2, 2, 3]
     hub = engines(urls, owners)
     gateways = [CacheAwarePolicy(scorer=hub) for _ in range(3)]
+    for policy in gateways:  # a first request shows the plan its workers; then it plans
+        assert policy.decide(workers, RouteRequest("m", prompt(7))).reason == "cached_blocks"
+        plans_of(policy).plan_all()
     moved = []
     for n in range(3):
         decisions = [g.decide(workers, RouteRequest("m", prompt(n) + " user 1")) for g in gateways]
@@ -264,11 +276,65 @@ def test_precise_gateways_move_the_same_prompt_off_the_fullest_engine() -> None:
     assert len(moved) == 1
     store(hub, urls[3], moved[0], first_hash=99_000)  # w3 prefilled it
     for policy in gateways:
-        policy._engine_plans.clear()  # as ENGINE_PLAN_SECS later
+        plans_of(policy).plan_all()  # the events changed: a new plan, no move (4.5 vs 3.5)
+        assert policy.decide(workers, RouteRequest("m", prompt(7))).reason == "cached_blocks"
         decision = policy.decide(workers, RouteRequest("m", prompt(moved[0]) + " user 2"))
-        assert decision.worker is workers[3]
+        assert (decision.worker, decision.reason) == (workers[3], "cached_blocks")  # the tie
     # w0 evicts its copy: the prompt is w3's alone, and 2/2/2/2 needs no move.
     hub.index.of("m").apply(urls[0], BlockRemoved(blocks_of(moved[0], 1000 * moved[0])[0]))
+    plans_of(gateways[0]).plan_all()
     for n in range(8):
         decision = gateways[0].decide(workers, RouteRequest("m", prompt(n) + " user 3"))
         assert decision.reason == "cached_blocks"
+
+
+def test_a_planned_move_no_request_takes_is_passed_over() -> None:
+    """The unit to move is cold (its prompt is no longer asked for): once it has been the
+    plan for COLD_SECS with no request taking it, the plan moves another."""
+    workers = fleet(4)
+    hub = engines([w.url for w in workers], [0, 0, 0, 1, 1, 2, 2, 3])
+    plans = EnginePlans(hub)
+
+    def one_block_more(n: int) -> None:  # the events change, the weights barely
+        ids = tuple(text_ids(prompt(n, words=16)))  # a unit of its own: n is not 0-7
+        hub.index.of("m").apply(workers[2].url, BlockStored((70_000 + n,), None, ids, 16))
+
+    plans.read("m", workers)
+    plans.plan("m", workers, now=100.0)
+    first, _ = plans.read("m", workers)
+    assert first is not None and (first.source, first.target) == (workers[0].url, workers[3].url)
+    one_block_more(20)
+    plans.plan("m", workers, now=100.5)
+    assert plans.read("m", workers)[0] == first  # the same move, not yet a second old
+    one_block_more(21)
+    plans.plan("m", workers, now=101.5)
+    second, _ = plans.read("m", workers)
+    assert second is not None and second.source == first.source and second.key != first.key
+
+
+def test_too_many_units_are_not_planned_for() -> None:
+    workers = fleet(2)
+    hub = engines([w.url for w in workers], [0, 0, 0, 1])
+    plans = EnginePlans(hub)
+    plans.read("m", workers)
+    plans.plan("m", workers, now=1.0)
+    assert plans.read("m", workers)[0] is not None
+    store(hub, workers[0].url, 5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_plans, "MAX_UNITS", 3)
+        plans.plan("m", workers, now=2.0)
+    assert plans.read("m", workers) == (None, {})
+
+
+def test_a_hot_prompt_held_alike_goes_to_the_less_loaded_engine_not_the_lighter() -> None:
+    workers = fleet(2)
+    hub = engines([w.url for w in workers], [0, 1, 1])  # w1 is heavier
+    both = 99_000
+    store(hub, workers[1].url, 0, first_hash=both)  # prompt 0 on both engines
+    policy = CacheAwarePolicy(scorer=hub)
+    policy.decide(workers, RouteRequest("m", prompt(9)))
+    plans_of(policy).plan_all()
+    assert policy.decide(workers, RouteRequest("m", prompt(0))).worker is workers[0]  # lighter
+    workers[0].state.in_flight = LOAD_BAND  # w0 busier by a band: the less loaded takes it
+    assert policy.decide(workers, RouteRequest("m", prompt(0))).worker is workers[1]
+    workers[0].state.in_flight = 0
