@@ -340,14 +340,14 @@ class CacheAwarePolicy(Policy):
         counts: Mapping[str, int] = {}
         tokens = 0  # the prompt's, when the engines' tokenizer counted them
         if precise:
-            plans = self.engine_plans
-            assert scorer is not None and plans is not None
-            move, weight = plans.read(tree_key, workers)
+            assert scorer is not None
+            plans = self.engine_plans  # None: a scorer given after construction (tests)
+            move, weight = (None, _NO_WEIGHT) if plans is None else plans.read(tree_key, workers)
             holder, counts, tokens = _longest_cached(
                 workers, scorer, tree_key, text, chat, config, weight
             )
             if holder is not None:
-                if move is not None:
+                if move is not None and plans is not None:
                     target = self._indexes.of(tree_key, workers).get(move.target)
                     if target is not None and plans.moved(
                         tree_key, move, holder, target, text, chat
@@ -541,6 +541,7 @@ class CacheAwarePolicy(Policy):
 
 
 _NOTHING = (0, -1.0)  # the tree holds none of the text for the worker
+_NO_WEIGHT: Mapping[str, float] = {}
 
 
 def _imbalanced(low: int, high: int, config: CacheAwareConfig) -> bool:
