@@ -58,7 +58,8 @@ class AccessLog:
                     handlers, method, path, status, seconds, worker, request_id, error_code
                 )
                 return
-        self._lines.write(
+        self._lines.write_to(
+            handlers,
             f"{method} {path} {status}",
             {
                 "status": status,

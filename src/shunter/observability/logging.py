@@ -165,7 +165,13 @@ class InfoLines:
         logger = self.logger
         if not logger.isEnabledFor(logging.INFO) or logger.disabled:
             return
-        handlers = plain_handlers(logger)
+        self.write_to(plain_handlers(logger), message, fields)
+
+    def write_to(
+        self, handlers: list[logging.StreamHandler[Any]] | None, message: str, fields: Fields
+    ) -> None:
+        """``write``, its level checked and ``plain_handlers`` asked (None: a record)."""
+        logger = self.logger
         if handlers is None:
             logger.handle(self._record(message, fields))
             return
