@@ -9,7 +9,7 @@ drives its ASGI app the way our server does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import orjson
@@ -217,3 +217,17 @@ async def call(
     await app(scope, receive, collect)
     start = sent[0]
     return Answer(start["status"], list(start["headers"]), [m.get("body", b"") for m in sent[1:]])
+
+
+class WithoutUnits:
+    """What precise rebalancing reads of a scorer (``PrefixScorer``: ``version``, ``units``,
+    ``unit_of``), for fake scorers whose engines report no units: nothing to plan."""
+
+    def version(self, model: str) -> int:
+        return 0
+
+    def units(self, model: str, eligible: Collection[str]) -> list[tuple[int, dict[str, int]]]:
+        return []
+
+    def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:
+        return None

@@ -1,6 +1,7 @@
 """Two gateway processes peered (--peer-port, --peer-urls): a worker added by hand on one
 appears on the other, a prefix one of them placed is routed to the same worker by the
-other, and a killed peer neither hurts the survivor nor stays behind once restarted. A PUT
+other, and a killed peer neither hurts the survivor nor stays behind once restarted. A worker
+added later is given a prompt by the leader's move, on both gateways. A PUT
 or PATCH on one reaches the other and a restarted one, changes made at once on both settle
 the same, and a peer sending what is not valid is counted and logged, nothing more."""
 
@@ -103,6 +104,41 @@ def test_two_peered_gateways_share_workers_and_placements(procs: list[Proc]) -> 
     home = worker_of(b, fresh, "after the restart")
     wait_for(lambda: peer_stats(restarted)["decisions_applied"] >= 1, what="catch-up")
     assert worker_of(restarted, fresh, "on A") == home
+
+
+def test_a_worker_added_later_is_handed_a_prompt_and_both_gateways_follow(
+    procs: list[Proc],
+) -> None:
+    """Four prompts over two workers (2 and 2); a third worker joins. The leader moves one
+    prompt to it (2 against 0 is worth a move, 2 against 1 is not), and both gateways send
+    that prompt there from then on."""
+    sims = [Sim(f"move-{i}") for i in range(2)]
+    joiner = Sim("move-joiner")
+    procs += [*sims, joiner]
+    port_a, port_b = free_port(), free_port()
+    urls = [s.url for s in sims]
+    a = peered(port_a, port_b, urls)
+    procs.append(a)
+    b = peered(port_b, port_a, urls)
+    procs.append(b)
+    before = {i: worker_of(a, system, "first question") for i, system in enumerate(SYSTEMS)}
+    assert sorted(list(before.values()).count(w) for w in set(before.values())) == [2, 2]
+    assert httpx.post(a.url + "/workers", json={"url": joiner.url}, timeout=5).status_code == 202
+    b.wait_workers(3)
+    a.wait_workers(3)
+
+    def moves() -> int:
+        return sum(peer_stats(g)["moves_sent"] for g in (a, b))
+
+    wait_for(lambda: moves() >= 1, timeout=10, what="a move")
+    time.sleep(0.5)  # the move reaches the other gateway within milliseconds
+    after_a = {i: worker_of(a, system, "again on A") for i, system in enumerate(SYSTEMS)}
+    after_b = {i: worker_of(b, system, "again on B") for i, system in enumerate(SYSTEMS)}
+    assert after_a == after_b
+    assert list(after_a.values()).count("move-joiner") == 1  # the sims answer with their name
+    assert sum(1 for i in before if before[i] != after_a[i]) == 1
+    time.sleep(2.5)  # two more plans: 2/1/1 stays as it is
+    assert moves() == 1
 
 
 def row(gateway: Gateway, worker_id: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from shunter.api.dashboard import Dashboard
 from shunter.api.inference import INFERENCE_PATHS, InferenceApi
 from shunter.api.info import InfoApi
 from shunter.api.middleware import KeyCheck, RequestHeaders, fresh_request_id, log_access
-from shunter.api.reply import write_reply
+from shunter.api.reply import body_sink, write_reply
 from shunter.api.responses import STORED_METHODS, STORED_PREFIX, ResponsesApi, stored_route
 from shunter.api.workers import WorkersApi
 from shunter.observability.metrics import Metrics
@@ -166,7 +166,8 @@ class GatewayApp:
             reply = await self._reply(call, methods, route, seen)
             status = reply.status
             error_code = _error_code(reply) if status >= 400 else ""
-            await write_reply(send, reply, [(b"x-request-id", request_id.encode())])
+            extra = [(b"x-request-id", request_id.encode())]
+            await write_reply(send, reply, extra, body_sink(scope))
         except ClientGone:
             status, error_code = 499, "client_closed"
         except asyncio.CancelledError:  # the client left; the server cancelled us

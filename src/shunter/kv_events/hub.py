@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from shunter.kv_events.chat import ChatIds
@@ -52,14 +52,42 @@ class KvEvents:
         """The prompt's length in tokens and, per worker with events, how many of its
         leading tokens that worker holds in whole cached blocks. ``chat`` is a chat
         request's body: its rendered prompt is scored rather than ``text`` when it renders."""
-        ids = None if chat is None or self._chat is None else self._chat(chat)
-        if ids is None:
-            ids = self._tokenize(text)
+        ids = self._ids(text, chat)
         return len(ids), self.index.longest_prefix(model, ids)
 
     def held_tokens(self, model: str, url: str) -> int:
         """The tokens ``url``'s engine holds for ``model`` in cached blocks."""
         return self.index.held_tokens(model, url)
+
+    def version(self, model: str) -> int:
+        """Changes whenever ``units`` would answer differently."""
+        index = self.index.models.get(model)
+        return -1 if index is None else index.version
+
+    def units(self, model: str, eligible: Collection[str]) -> list[tuple[int, dict[str, int]]]:
+        """``model``'s units as the engines hold them (``kv_events/index.py``): each key with
+        the blocks each worker in ``eligible`` holds of it, in key order (every gateway lists
+        them alike, so every gateway plans the same move from the same events)."""
+        index = self.index.models.get(model)
+        if index is None:
+            return []
+        units = []
+        for key in sorted(index.units):
+            held = {url: n for url, n in index.units[key].items() if url in eligible}
+            if held:
+                units.append((key, held))
+        return units
+
+    def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:
+        """The unit of a request's prompt (None: shorter than a block)."""
+        index = self.index.models.get(model)
+        return None if index is None else index.unit_of(self._ids(text, chat))
+
+    def _ids(self, text: str, chat: bytes | None) -> Sequence[Any]:
+        """The token ids the engine sees: a chat rendered as the engine renders it (when it
+        renders), else the routing text."""
+        ids = None if chat is None or self._chat is None else self._chat(chat)
+        return self._tokenize(text) if ids is None else ids
 
     # --- membership ----------------------------------------------------------------------
 

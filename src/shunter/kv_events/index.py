@@ -15,6 +15,12 @@ it has at least one copy. A store whose parent the index does not know (it joine
 lost events) is skipped and counted: placing it at position 0 would fake matches. Blocks of
 another tier than the GPU (``medium`` CPU, disk...) are not indexed: the score is what the
 engine can reuse without a copy.
+
+Blocks are also grouped by **unit**, the key of their run's first block: the prompts sharing
+their first block (a chat template's start and the first words of a system prompt), as
+``policies/rebalance.py`` moves them. ``units`` says how many blocks each worker holds of
+each unit, kept up to date as blocks come and go, so that every gateway reading the same
+events plans the same moves without talking to the others.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ class BlockIndex:
 
     def __init__(self) -> None:
         self.holders: dict[int, set[str]] = {}
+        self.units: dict[int, dict[str, int]] = {}  # unit -> worker -> blocks it holds of it
+        self.version = 0  # bumped when ``units`` changes
+        self._unit_of: dict[int, int] = {}  # our key -> its run's first block's key
         self._workers: dict[str, _WorkerBlocks] = {}
         self.counters = IndexCounters()
 
@@ -87,8 +96,12 @@ class BlockIndex:
             count = min(count, len(tokens) // size)
         if blocks is None:
             blocks = self._workers[worker] = _WorkerBlocks(size)
+        unit_of = self._unit_of
         for index in range(count):
+            above = parent
             parent = hash((parent, tokens[index * size : (index + 1) * size]))
+            if parent not in unit_of:
+                unit_of[parent] = parent if above == ROOT else unit_of.get(above, above)
             engine_hash = event.block_hashes[index]
             entry = blocks.by_engine.get(engine_hash)
             if entry is None:
@@ -125,6 +138,13 @@ class BlockIndex:
                 holding.discard(worker)
                 if not holding:
                     del self.holders[key]
+                    self._unit_of.pop(key, None)
+        for unit in [u for u, held in self.units.items() if worker in held]:
+            held = self.units[unit]
+            del held[worker]
+            if not held:
+                del self.units[unit]
+        self.version += 1
 
     def blocks_of(self, worker: str) -> int:
         blocks = self._workers.get(worker)
@@ -134,6 +154,14 @@ class BlockIndex:
         """The tokens ``worker`` holds in cached blocks."""
         blocks = self._workers.get(worker)
         return 0 if blocks is None else len(blocks.copies) * blocks.block_size
+
+    def unit_of(self, token_ids: Any) -> int | None:
+        """The unit of a prompt with these token ids: its first block's key (None: shorter
+        than a block)."""
+        for size in {blocks.block_size for blocks in self._workers.values()}:
+            if len(token_ids) >= size:
+                return hash((ROOT, tuple(token_ids[:size])))
+        return None
 
     def longest_prefix(self, token_ids: Any) -> dict[str, int]:
         """Per worker, the tokens of the longest run of cached blocks from the start of
@@ -162,6 +190,9 @@ class BlockIndex:
         blocks.copies[key] = copies + 1
         if not copies:
             self.holders.setdefault(key, set()).add(worker)
+            held = self.units.setdefault(self._unit_of[key], {})
+            held[worker] = held.get(worker, 0) + 1
+            self.version += 1
 
     def _release(self, worker: str, blocks: _WorkerBlocks, key: int) -> None:
         copies = blocks.copies.get(key, 0) - 1
@@ -169,11 +200,21 @@ class BlockIndex:
             blocks.copies[key] = copies
             return
         blocks.copies.pop(key, None)
+        unit = self._unit_of.get(key)
+        held = {} if unit is None else self.units.get(unit, {})
+        if worker in held:
+            held[worker] -= 1
+            if not held[worker]:
+                del held[worker]
+                if not held and unit is not None:
+                    del self.units[unit]
+            self.version += 1
         holding = self.holders.get(key)
         if holding is not None:
             holding.discard(worker)
             if not holding:
                 del self.holders[key]
+                self._unit_of.pop(key, None)
 
 
 class KvIndex:

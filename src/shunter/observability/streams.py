@@ -1,39 +1,53 @@
 """Time to first token, time per output token and token counts of a relayed stream.
 
-The relay hands every chunk to ``on_chunk``: one timestamp for the first, and one substring
-test per chunk to remember the last chunk that carries token counts (OpenAI's ``usage``,
-SGLang's ``meta_info``, Anthropic's ``message_delta``). Only that chunk is parsed, once,
-when the stream ends.
+The relay hands every chunk to ``on_chunk``: one timestamp for the first, and the chunk kept
+among the stream's last ``TAIL_CHUNKS``. The token counts (OpenAI's ``usage``, SGLang's
+``meta_info``, Anthropic's ``message_delta``) are read from those once, when the stream
+ends: every API sends its counts in its last events (the usage chunk before ``[DONE]``;
+``message_delta`` before ``message_stop``; SGLang's every event, the last one final), and the
+tail joined also holds an event that arrived split over reads.
+
+Once per stream, not per chunk: looking for the counts in every chunk took two substring
+searches per chunk (callgrind: 19.5k -> 17.4k instructions per relayed chunk without them).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 import orjson
 
+TAIL_CHUNKS = 4  # the counts' event, split over two reads, and what follows it
+_COUNT_KEYS = (b'"usage"', b'"meta_info"')
+
 
 class StreamStats:
-    __slots__ = ("counted", "first", "started")
+    __slots__ = ("first", "started", "tail")
 
     def __init__(self, started: float) -> None:
         self.started = started
         self.first: float | None = None
-        self.counted: bytes | None = None
+        self.tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
 
     def on_chunk(self, chunk: bytes) -> None:
         if self.first is None:
             self.first = time.perf_counter()
-        if b'"usage"' in chunk or b'"meta_info"' in chunk:
-            self.counted = chunk
+        self.tail.append(chunk)
+
+    @property
+    def counted(self) -> bytes | None:
+        """The stream's last chunks, where its counts are, if any chunk came."""
+        return b"".join(self.tail) if self.tail else None
 
     def tokens(self) -> tuple[int, int] | None:
         """(prompt tokens, completion tokens) as the worker reported them, if it did."""
-        if self.counted is None:
+        counted = self.counted
+        if counted is None:
             return None
-        for line in reversed(self.counted.split(b"\n")):
-            if not line.startswith(b"data: {"):
+        for line in reversed(counted.split(b"\n")):
+            if not line.startswith(b"data: {") or not any(key in line for key in _COUNT_KEYS):
                 continue
             try:
                 event: Any = orjson.loads(line[6:])

@@ -7,16 +7,23 @@ after the first queued decision, the queue goes out as one batch; a snapshot eve
 ``snapshot_secs`` resends every hand-registered worker and setting (how a peer that was
 down catches up); and the peers' batches, read as they arrive, put their decisions into
 this gateway's cache-aware trees (and count them as short-lived reservations on the chosen
-worker) and their changes to workers (additions, replacements, settings, removals:
-``manual.py``) into the fleet. Each Responses API response a gateway relays the creation
-of goes out too (its id and its worker, ``response_created``), so that any peer sends its
-``GET`` or its continuation to that worker. Nothing on the request path waits for a peer: a
+worker), the leader's moves of prompts between workers into the trees too, and their changes
+to workers (additions, replacements, settings, removals: ``manual.py``) into the fleet. Each
+Responses API response a gateway relays the creation of goes out too (its id and its worker,
+``response_created``), so that any peer sends its ``GET`` or its continuation to that
+worker. Nothing on the request path waits for a peer: a
 slow, down or partitioned peer only means this gateway routes on the view it has.
 
 Measured (``bench/replicas_bench.py``, 8 sims, 2-core machine): 4 and 8 peered gateways keep
 the single gateway's hit rate (0.91, against 0.37 and 0.24 independent), publishing ~1-1.7
 KB per routed request; CPU per request rises from ~1.0 to ~1.5 ms (4 gateways) and ~2.8 ms
 (8), since every gateway applies every peer's decisions (~0.1-0.2 ms each).
+
+One gateway, the leader (the oldest among those heard from lately), rebalances:
+every ``REBALANCE_SECS`` it plans at most one move of a prompt between workers per model
+(``policies/rebalance.py``), applies it and sends it out at once. Peered gateways placing
+different new prompts at once misplace some (balls into bins); a single planner repairs that
+without the gateways ever moving prompts against each other.
 
 A peer is refused (its batches counted and dropped, with a log line when that starts) when
 it speaks another protocol version, or serves models none of which this gateway serves
@@ -43,6 +50,7 @@ from shunter.peers.messages import (
     Hello,
     ManualWorker,
     MessageError,
+    PromptMove,
     StoredResponse,
     WorkerSetting,
     decode,
@@ -52,6 +60,7 @@ from shunter.peers.prefixes import PrefixDecoder, PrefixEncoder
 from shunter.peers.reservations import DEFAULT_TTL_SECS, Reservations
 from shunter.policies.base import Policy
 from shunter.policies.cache_aware import CacheAwarePolicy
+from shunter.policies.rebalance import KEY_CHARS, MAX_PATH_CHARS, REBALANCE_SECS, Move
 
 if TYPE_CHECKING:  # the sockets (and ZeroMQ) come from ``connect``, when peering is on
     from shunter.peers.transport import PeerSockets
@@ -66,6 +75,12 @@ QUEUE_LIMIT = 10_000  # decisions waiting for a flush (~10 s of a 1,000 req/s bu
 MAX_DECISIONS_PER_BATCH = 512
 MAX_RESPONSES_PER_BATCH = 1024  # ~80 KB
 TICK_SECS = 0.25  # the longest pause between reservation sweeps and snapshot checks
+# A peer counts for the leadership this long after its last batch (a snapshot goes out
+# every SNAPSHOT_SECS, so three missed snapshots hand the leadership on).
+LEADER_SECS = 3 * SNAPSHOT_SECS
+# A plan waits this long after a placement: the same moment's placements by other gateways
+# arrive within a flush (a placement goes out on the sender's next loop turn) and the network.
+SETTLE_SECS = 0.05
 
 
 @dataclass
@@ -83,11 +98,21 @@ class PeerCounters:
     refused_models: int = 0
     unresolved_prefix: int = 0  # a decision naming blocks this side never got (or evicted)
     unknown_worker: int = 0  # a decision for a worker this gateway does not have
+    moves_sent: int = 0  # prompts this gateway moved, as the leader
+    moves_applied: int = 0  # prompts the leader moved, applied here
     workers_merged: int = 0  # peers' specs and removals newer than this gateway's
     settings_merged: int = 0  # peers' settings (PATCH) newer than this gateway's
     responses_sent: int = 0
     responses_learnt: int = 0
     peers: dict[str, list[str]] = field(default_factory=dict)  # node -> its models
+
+
+def new_node_id() -> str:
+    """A gateway's id among its peers, new at every start: its start time (milliseconds,
+    12 hex digits) and 4 random bytes. Ids order by age, so the leader (the smallest id
+    heard) is the gateway up longest: one just restarted holds an empty tree, and planning
+    moves on a view that partial would move prompts the wrong way."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(4).hex()}"
 
 
 class Exchange:
@@ -105,7 +130,7 @@ class Exchange:
         encoder: PrefixEncoder | None = None,
         stored_response: Callable[[str, str], None] | None = None,
     ) -> None:
-        self.node = node or os.urandom(6).hex()
+        self.node = node or new_node_id()
         self.fleet = fleet
         self.policy_for = policy_for
         self.connect = connect
@@ -117,7 +142,7 @@ class Exchange:
         self.reservations = Reservations(reservation_ttl_secs)
         self.encoder = encoder or PrefixEncoder()
         self.decoder = PrefixDecoder()
-        self._queue: deque[tuple[str, str, str]] = deque()
+        self._queue: deque[tuple[str, str, str, bool]] = deque()
         self._workers: list[ManualWorker] = []
         self._settings: list[WorkerSetting] = []
         self._responses: deque[StoredResponse] = deque()
@@ -131,6 +156,10 @@ class Exchange:
         self._refused: set[str] = set()  # nodes refused, logged once until they change
         self._sockets: PeerSockets | None = None
         self._found: frozenset[str] = frozenset()  # peers found by --router-selector
+        self._heard: dict[str, float] = {}  # peer node -> when its last batch came
+        self._moves: list[PromptMove] = []
+        self._rebalancer = Periodic("prompt rebalancing", REBALANCE_SECS, self.rebalance)
+        self._rebalance_due = False  # a plan is set for SETTLE_SECS after a placement
 
     # --- the request path: an append, nothing else -------------------------------------------
 
@@ -145,10 +174,12 @@ class Exchange:
         if len(queue) >= self.queue_limit:
             self.counters.queue_full += 1
             return
-        queue.append((model, text, url))
-        if placed and not self._urgent_pending:
-            self._urgent_pending = True
-            asyncio.get_running_loop().call_soon(self._flush_urgent)
+        queue.append((model, text, url, placed))
+        if placed:
+            self._placement_seen()
+            if not self._urgent_pending:
+                self._urgent_pending = True
+                asyncio.get_running_loop().call_soon(self._flush_urgent)
         elif not self._flush_pending:
             self._schedule_flush()
 
@@ -211,10 +242,12 @@ class Exchange:
         self._connect_found(self._sockets)
         self._sockets.listen(self._received)
         self._ticker.start()
+        self._rebalancer.start()
         self._tick()  # the first snapshot: peers hear of us at once
 
     async def close(self) -> None:
         await self._ticker.stop()
+        await self._rebalancer.stop()
         self.reservations.release_all()
         if self._sockets is not None:
             self._sockets.close()
@@ -255,9 +288,9 @@ class Exchange:
         decisions: list[Decision] = []
         encoder = self.encoder
         while queue and len(decisions) < MAX_DECISIONS_PER_BATCH:
-            model, text, url = queue.popleft()
+            model, text, url, placed = queue.popleft()
             base, blocks = encoder.encode(model, text, now)
-            decisions.append(Decision(model, url, base, blocks))
+            decisions.append(Decision(model, url, base, blocks, placed))
         pending = self._responses
         responses = [pending.popleft() for _ in range(min(len(pending), MAX_RESPONSES_PER_BATCH))]
         if (queue or pending) and not self._flush_pending:
@@ -265,11 +298,12 @@ class Exchange:
         manual = self.manual
         workers = manual.snapshot() if snapshot else self._workers
         settings = manual.settings_snapshot() if snapshot else self._settings
-        self._workers, self._settings = [], []
-        if not decisions and not workers and not settings and not responses and not snapshot:
+        moves = self._moves
+        self._workers, self._settings, self._moves = [], [], []
+        if not (decisions or workers or settings or responses or moves or snapshot):
             return
         hello = Hello(self.node, list(self.fleet.registry.models()))
-        frames = encode(Batch(hello, decisions, workers, responses, settings))
+        frames = encode(Batch(hello, decisions, workers, responses, settings, moves))
         sockets = self._sockets
         if sockets is None or not sockets.send(frames):
             self.counters.send_refused += 1
@@ -279,6 +313,7 @@ class Exchange:
         counters.bytes_sent += sum(len(f) for f in frames)
         counters.decisions_sent += len(decisions)
         counters.responses_sent += len(responses)
+        counters.moves_sent += len(moves)
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -314,11 +349,14 @@ class Exchange:
             self._refused.discard(hello.node)
             log.info("peer accepted", extra={"node": hello.node})
         counters.peers[hello.node] = hello.models
+        self._heard[hello.node] = now
         specs, settings = self.manual.merge(batch.workers, batch.settings)
         counters.workers_merged += specs
         counters.settings_merged += settings
         for decision in batch.decisions:
             self._apply(decision, now)
+        for move in batch.moves:
+            self._apply_move(move, now)
         if self.stored_response is not None:
             for stored in batch.responses:
                 self.stored_response(stored.id, stored.worker)
@@ -332,6 +370,8 @@ class Exchange:
             return
         if self.reservations.ttl_secs:
             self.reservations.reserve(worker.state, now)
+        if decision.placed:
+            self._placement_seen()
         prefix = self.decoder.decode(decision.model, decision.base, decision.blocks)
         if prefix is None:
             counters.unresolved_prefix += 1
@@ -341,6 +381,63 @@ class Exchange:
             policy = self.policy_for(decision.model)
             if isinstance(policy, CacheAwarePolicy):
                 policy.insert_remote(decision.model, prefix, decision.worker)
+
+    def _apply_move(self, move: PromptMove, now: float) -> None:
+        if not 0 <= move.cut < len(move.text) <= move.cut + KEY_CHARS or (
+            move.cut > MAX_PATH_CHARS
+        ):
+            self.counters.malformed += 1
+            log.debug("malformed prompt move", extra={"cut": move.cut, "chars": len(move.text)})
+            return
+        if self.fleet.registry.get_by_url(move.target) is None:
+            self.counters.unknown_worker += 1
+            return
+        policy = self.policy_for(move.model)
+        if isinstance(policy, CacheAwarePolicy):
+            moved = Move(move.text, move.cut, move.source, move.target, 0, move.reason)
+            policy.apply_move(move.model, moved, now)
+            self.counters.moves_applied += 1
+
+    # --- rebalancing: the leader's ----------------------------------------------------------
+
+    def leads(self, now: float) -> bool:
+        """Whether this gateway is the leader: no peer with a smaller node id was heard from
+        in the last ``LEADER_SECS``. A partition may make two leaders for a while; their
+        moves are each sound on their own, and the views meet again when it heals."""
+        lately = now - LEADER_SECS
+        return not any(node < self.node and heard >= lately for node, heard in self._heard.items())
+
+    def _placement_seen(self) -> None:
+        """A new prefix was placed (here or by a peer): as the leader, plan ``SETTLE_SECS``
+        later, once the placements made at the same moment by other gateways have arrived,
+        rather than at the next ``REBALANCE_SECS``. A misplacement happens in the first
+        milliseconds of a new prompt; repaired that soon, it costs one prefill, not a share
+        of the prompt's requests for the rest of its life."""
+        if self._rebalance_due or not self.leads(time.monotonic()):
+            return
+        self._rebalance_due = True
+        asyncio.get_running_loop().call_later(SETTLE_SECS, self._rebalancer.wake.set)
+
+    async def rebalance(self) -> None:
+        """As the leader, plan and apply one move per cache-aware model, and send them out
+        at once (a peer that still decided for the old worker meanwhile is redirected:
+        ``CacheAwarePolicy.insert_remote``)."""
+        self._rebalance_due = False
+        if not self.leads(time.monotonic()):
+            return
+        registry = self.fleet.registry
+        for model in registry.models():
+            policy = self.policy_for(model)
+            if not isinstance(policy, CacheAwarePolicy):
+                continue
+            move = await policy.rebalance(model, registry.get_by_model(model))
+            if move is not None:
+                self._moves.append(
+                    PromptMove(model, move.source, move.target, move.cut, move.text, move.reason)
+                )
+        if self._moves:
+            self.flush(time.monotonic())
+            self._placement_seen()  # another look once this move has settled
 
     def _refuse(self, node: str, reason: str) -> None:
         if node not in self._refused:

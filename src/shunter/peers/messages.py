@@ -41,6 +41,9 @@ class Decision(msgspec.Struct, array_like=True, frozen=True):
     worker: str
     base: int
     blocks: list[str]
+    # A new prefix placed (not a match followed): the leader plans a rebalance soon after.
+    # Last, with a default, as the module's docstring says.
+    placed: bool = False
 
 
 class ManualWorker(msgspec.Struct, array_like=True, frozen=True):
@@ -81,6 +84,19 @@ class StoredResponse(msgspec.Struct, array_like=True, frozen=True):
     worker: str
 
 
+class PromptMove(msgspec.Struct, array_like=True, frozen=True):
+    """The leader's move of a prompt between workers (``policies/rebalance.py``): in
+    ``model``'s tree, ``source``'s holdings of the branch ``text`` enters at character
+    ``cut`` go to ``target``. Sent a few times a minute at most."""
+
+    model: str
+    source: str
+    target: str
+    cut: int
+    text: str
+    reason: str
+
+
 class Batch(msgspec.Struct, array_like=True, frozen=True):
     hello: Hello
     decisions: list[Decision] = []
@@ -89,6 +105,7 @@ class Batch(msgspec.Struct, array_like=True, frozen=True):
     # one that has it reads an older peer's batch as carrying none: no version change.
     responses: list[StoredResponse] = []
     settings: list[WorkerSetting] = []  # last, for the same reason
+    moves: list[PromptMove] = []  # last, for the same reason
 
 
 class MessageError(ValueError):

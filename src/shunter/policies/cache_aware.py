@@ -21,9 +21,10 @@ arrived yet). The tree still records every decision, so a worker that stops publ
 falls back to it.
 
 The decision is explained (``decide``): ``prefix_match`` (the tree's holder),
-``cached_blocks`` (precise: the engine's holder), ``load_override`` (imbalance broke the
-match), ``new_prefix`` (placed on the smallest cache), ``least_loaded`` (no text to match),
-``only_worker``; and the prompt tokens the chosen worker should find cached: the tree's
+``cached_blocks`` (precise: the engine's holder), ``rebalanced`` (precise: the engines'
+planned move took the prompt elsewhere, ``_engine_plan``), ``load_override`` (imbalance broke
+the match), ``new_prefix`` (placed on the smallest cache), ``least_loaded`` (no text to
+match), ``only_worker``; and the prompt tokens the chosen worker should find cached: the tree's
 match for it at the model's characters per token (learnt from the answers' prompt token
 counts, ``CHARS_PER_TOKEN`` until then), or the engine's exact count for a worker with events.
 
@@ -51,7 +52,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +67,7 @@ from shunter.policies.base import (
     UrlIndexes,
     least_loaded,
 )
+from shunter.policies.rebalance import Move, Unit, plan_move, scan_units, weights
 from shunter.policies.tree import Tree
 
 log = logging.getLogger("shunter.policies.cache_aware")
@@ -119,6 +121,19 @@ class PrefixScorer(Protocol):
         """The tokens ``url``'s engine holds for ``model`` in cached blocks."""
         ...
 
+    def version(self, model: str) -> int:
+        """Changes whenever ``units`` would answer differently."""
+        ...
+
+    def units(self, model: str, eligible: Collection[str]) -> list[tuple[int, dict[str, int]]]:
+        """The engines' units (``policies/rebalance.py``): each key with the blocks each
+        worker in ``eligible`` holds of it, in key order."""
+        ...
+
+    def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:
+        """The key of a request's unit (None: too short to have one)."""
+        ...
+
 
 # What counts as an evident loss (``_correct``): the worker's cached characters fall short
 # of the tree's match by more than this many tokens' worth (engines cache whole blocks, 16
@@ -135,6 +150,13 @@ SLACK_SHARE = 0.25
 # over 8 sims split 3 of 32 prompts over two workers that way (requests max/min 1.63).
 EVENTS_LAG_SECS = 5.0
 MAX_RATIO_MODELS = 1024  # models whose token ratio is kept (a bound on the dictionary)
+# After a move (``rebalance``), a peer's decision for the moved prompt's old worker counts as
+# one for its new worker this long: the peer decided before it heard of the move (a flush
+# takes 5 ms), and inserting the old worker afresh would make it the prompt's most recent
+# holder again here while the peer itself follows the move.
+MOVE_REDIRECT_SECS = 2.0
+# Precise mode plans its move again at most this often, and only when the events changed.
+ENGINE_PLAN_SECS = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +197,13 @@ class CacheAwarePolicy(Policy):
         self.chars_per_token: dict[str, float] = {}
         # Precise placements of the last EVENTS_LAG_SECS: (when, worker URL, model, tokens).
         self._placed: deque[tuple[float, str, str, int]] = deque(maxlen=4096)
+        self.moves = 0  # prompts moved between workers (``rebalance``, here or by a peer)
+        # Precise mode, per model: the last plan from the engines' units (when, their
+        # version, the move or None); see ``_engine_move``.
+        self._engine_plans: dict[str, tuple[float, int, Move | None, Mapping[str, float]]] = {}
+        # Moves of the last MOVE_REDIRECT_SECS: (until, model, old worker, new worker, the
+        # text every prompt of the moved unit starts with).
+        self._moved: deque[tuple[float, str, str, str, str]] = deque(maxlen=64)
 
     def tree_for(self, model: str) -> Tree:
         tree = self.trees.get(model)
@@ -229,9 +258,61 @@ class CacheAwarePolicy(Policy):
         """Record another gateway's decision: ``url`` was routed ``text`` (a prefix of the
         prompt). As a local decision's insert, so this gateway's next match finds it."""
         tree = self.tree_for(model)
+        if self._moved:
+            url = self._redirect(model, text, url)
         tree.insert(text, url)
         if tree.tenant_chars[url] > self.config.max_tree_size:
             self._evictor.wake.set()
+
+    # --- rebalancing (peers: the leader plans, every gateway applies) ------------------------
+
+    async def rebalance(
+        self, model: str, workers: Workers, slice_secs: float = 0.002
+    ) -> Move | None:
+        """Plan one move of a prompt between ``model``'s workers (``policies/rebalance.py``),
+        apply it here and return it (for the peers), or None. The tree is scanned in slices
+        of at most ``slice_secs``, handing the event loop back between them."""
+        tree = self.trees.get(model)
+        scorer = self.scorer
+        if tree is None or (scorer is not None and scorer.active):
+            return None  # precise mode: the engines say where a prompt is, not the tree
+        eligible = {w.url for w in workers if w.state.available}
+        units: list[Unit] = []
+        started = time.perf_counter()
+        for _ in scan_units(tree, eligible, units):
+            if time.perf_counter() - started > slice_secs:
+                await asyncio.sleep(0)
+                started = time.perf_counter()
+        loads = [w.state.in_flight for w in workers]
+        spread_on_purpose = bool(loads) and _imbalanced(min(loads), max(loads), self.config)
+        move = plan_move(units, eligible, consolidate=not spread_on_purpose)
+        if move is not None:
+            self.apply_move(model, move)
+        return move
+
+    def apply_move(self, model: str, move: Move, now: float | None = None) -> int:
+        """Hand the moved prompt to its new worker in ``model``'s tree (the characters moved;
+        0 when this tree held none of it there), and redirect late decisions for it."""
+        stamp = time.monotonic() if now is None else now
+        moved = self.tree_for(model).move(move.text, move.cut, move.source, move.target, stamp)
+        key = move.text[: move.cut + 1]
+        self._moved.append((stamp + MOVE_REDIRECT_SECS, model, move.source, move.target, key))
+        self.moves += 1
+        log.debug(
+            "prompt moved",
+            extra={"from": move.source, "to": move.target, "chars": moved, "why": move.reason},
+        )
+        return moved
+
+    def _redirect(self, model: str, text: str, url: str) -> str:
+        """``url``, or the new worker of a prompt moved off it in the last seconds."""
+        moved, now = self._moved, time.monotonic()
+        while moved and moved[0][0] < now:
+            moved.popleft()
+        for _, where, source, target, key in moved:
+            if source == url and where == model and text.startswith(key):
+                return target
+        return url
 
     def cached_prefix(self, request: RouteRequest) -> tuple[int, frozenset[str]]:
         tree = self.trees.get(request.model)
@@ -255,7 +336,7 @@ class CacheAwarePolicy(Policy):
         low, high = min(loads), max(loads)
         scorer = self.scorer
         precise = scorer is not None and scorer.active and bool(text)
-        if high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold:
+        if _imbalanced(low, high, config):
             chosen = least_loaded(workers)
             exact = _exact(scorer, chosen, tree_key, text, chat, precise)
             return chosen, "load_override", exact, None
@@ -263,8 +344,14 @@ class CacheAwarePolicy(Policy):
         tokens = 0  # the prompt's, when the engines' tokenizer counted them
         if precise:
             assert scorer is not None
-            holder, counts, tokens = _longest_cached(workers, scorer, tree_key, text, chat, config)
+            move, weight = self._engine_plan(workers, scorer, tree_key)
+            holder, counts, tokens = _longest_cached(
+                workers, scorer, tree_key, text, chat, config, weight
+            )
             if holder is not None:
+                moved = self._engine_move(workers, scorer, tree_key, move, holder, text, chat)
+                if moved is not None:
+                    return moved, "rebalanced", counts.get(moved.url, 0), None
                 return holder, "cached_blocks", counts.get(holder.url, 0), None
         if not text:
             return least_loaded(workers), "least_loaded", None, _NOTHING
@@ -317,6 +404,51 @@ class CacheAwarePolicy(Policy):
         if chosen is not None:
             placed.append((now, chosen.url, model, tokens))
         return chosen
+
+    def _engine_plan(
+        self, workers: Workers, scorer: PrefixScorer, model: str
+    ) -> tuple[Move | None, Mapping[str, float]]:
+        """Precise mode's rebalancing, from the engines' units (``policies/rebalance.py``):
+        the move that evens the engines out, if any, and each engine's weight. Made again at
+        most every ``ENGINE_PLAN_SECS``, when the events changed. Every gateway reading the
+        same events plans the same, so they agree without talking.
+
+        The weights break ties between engines holding a prompt's run alike (a prompt
+        placed on two at once, or one moved whose old copy is not evicted yet): the lighter
+        engine takes it, so a shared prompt gathers onto one engine, and a moved one stays
+        where it moved. The move itself is only for evening out (``consolidate=False``):
+        gathering is left to the ties, so a stale copy never holds up the next move."""
+        now = time.monotonic()
+        planned = self._engine_plans.get(model)
+        version = scorer.version(model)
+        if planned is None or (planned[1] != version and now - planned[0] >= ENGINE_PLAN_SECS):
+            eligible = {w.url for w in workers if w.state.available and scorer.tracks(w.url)}
+            units = [Unit("", 0, held, key) for key, held in scorer.units(model, eligible)]
+            weight = weights(units, eligible)
+            planned = (now, version, plan_move(units, eligible, False, weight), weight)
+            self._engine_plans[model] = planned
+        return planned[2], planned[3]
+
+    def _engine_move(
+        self,
+        workers: Workers,
+        scorer: PrefixScorer,
+        model: str,
+        move: Move | None,
+        holder: Worker,
+        text: str,
+        chat: bytes | None,
+    ) -> Worker | None:
+        """The worker this request's prompt moves to, when it is the prompt of the planned
+        ``move`` (``_engine_plan``) and the engine holding it is the move's source."""
+        if move is None or move.source != holder.url:
+            return None
+        target = self._indexes.of(model, workers).get(move.target)
+        if target is None or not target.state.available:
+            return None
+        if scorer.unit_of(model, text, chat) != move.key:
+            return None
+        return target
 
     def _most_recent_available(
         self, workers: Workers, tree_key: str, tenants: dict[str, float]
@@ -451,6 +583,12 @@ class CacheAwarePolicy(Policy):
 _NOTHING = (0, -1.0)  # the tree holds none of the text for the worker
 
 
+def _imbalanced(low: int, high: int, config: CacheAwareConfig) -> bool:
+    """Whether in-flight loads this far apart override a cache match (smg's two thresholds);
+    also whether a worker at ``high`` is too busy for a new prefix."""
+    return high - low > config.balance_abs_threshold and high > low * config.balance_rel_threshold
+
+
 def _exact(
     scorer: PrefixScorer | None,
     worker: Worker | None,
@@ -472,19 +610,21 @@ def _longest_cached(
     text: str,
     chat: bytes | None,
     config: CacheAwareConfig,
+    weight: Mapping[str, float],
 ) -> tuple[Worker | None, Mapping[str, int], int]:
     """The available worker whose engine holds the longest cached run of the prompt, if
-    that run is more than ``cache_threshold`` of it (ties go to the less loaded); the
-    engines' counts; and the prompt's tokens."""
+    that run is more than ``cache_threshold`` of it (ties go to the lighter engine by
+    ``weight``, see ``_engine_plan``, then to the less loaded); the engines' counts; and the
+    prompt's tokens."""
     total, cached = scorer.cached_tokens(model, text, chat)
     if not total or not cached:
         return None, cached, total
     best: Worker | None = None
-    best_key = (0, 0)
+    best_key: tuple[int, float, int] = (0, 0.0, 0)
     for worker in workers:
         tokens = cached.get(worker.url, 0)
         if tokens and worker.state.available:
-            key = (tokens, -worker.state.in_flight)
+            key = (tokens, -weight.get(worker.url, 0.0), -worker.state.in_flight)
             if best is None or key > best_key:
                 best, best_key = worker, key
     if best is None or best_key[0] / total <= config.cache_threshold:
@@ -529,8 +669,7 @@ def _place_new_prefix(
     for worker in workers:
         if not worker.state.available:
             continue
-        load = worker.state.in_flight
-        if load - low > config.balance_abs_threshold and load > low * config.balance_rel_threshold:
+        if _imbalanced(low, worker.state.in_flight, config):
             continue
         held = chars.get(worker.url, 0)
         candidates.append(worker)

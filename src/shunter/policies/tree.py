@@ -147,9 +147,48 @@ class Tree:
             node = child
         return 0
 
-    def _drop_below(self, top: Node, tenant: str) -> int:
-        """Drop ``tenant`` from ``top`` and its whole subtree, deepest nodes first."""
-        before = self.tenant_chars.get(tenant, 0)
+    def move(self, text: str, cut: int, source: str, target: str, stamp: float) -> int:
+        """Hand ``source``'s holdings below the branch ``text`` enters at character ``cut``
+        to ``target`` (a prompt moved between workers, ``policies/rebalance.py``): every node
+        of that subtree ``source`` holds gets ``target`` at ``stamp`` and loses ``source``,
+        and ``target`` also gets the path down to it (it is routed that text from now on).
+        ``text`` needs only reach past ``cut``: the branch is the one holding
+        ``text[cut]``. Returns the characters moved (0: nothing of ``source`` there)."""
+        node, position = self.root, 0
+        path = [node]
+        while True:
+            if position >= len(text):
+                return 0
+            child = node.children.get(text[position])
+            if child is None:
+                return 0
+            common = _common_length(text, position, child.text)
+            if position + len(child.text) > cut:  # this edge holds the branch's start
+                if position + common <= cut:
+                    return 0  # the tree parts from ``text`` before the branch
+                if position < cut:
+                    child = self._split(child, cut - position).children[text[cut]]
+                    path.append(child.parent)  # type: ignore[arg-type]
+                break
+            if common < len(child.text):
+                return 0
+            position += common
+            node = child
+            path.append(node)
+        if source not in child.tenants:
+            return 0
+        found = self._subtree_of(child, source)
+        for ancestor in path:
+            self._touch(ancestor, target, stamp)
+        for held in found:
+            self._touch(held, target, stamp)
+        before = self.tenant_chars.get(source, 0)
+        for held in reversed(found):  # children before their parents
+            self._drop(held, source)
+        return before - self.tenant_chars.get(source, 0)
+
+    def _subtree_of(self, top: Node, tenant: str) -> list[Node]:
+        """The nodes of ``top``'s subtree ``tenant`` holds, each after its parent."""
         found: list[Node] = []
         stack = [top]
         while stack:
@@ -157,6 +196,12 @@ class Tree:
             if tenant in node.tenants:
                 found.append(node)
                 stack.extend(node.children.values())
+        return found
+
+    def _drop_below(self, top: Node, tenant: str) -> int:
+        """Drop ``tenant`` from ``top`` and its whole subtree, deepest nodes first."""
+        before = self.tenant_chars.get(tenant, 0)
+        found = self._subtree_of(top, tenant)
         for node in reversed(found):  # children after their parents in ``found``
             self._drop(node, tenant)
         return before - self.tenant_chars.get(tenant, 0)

@@ -1,9 +1,11 @@
 """A reply, as backends and routers hand it back: status, headers, and a body.
 
-The body is either the whole of it (``bytes``) or a stream: an async generator of chunks,
-each relayed as it comes. Whoever writes the reply to the client iterates the stream and
-must ``aclose()`` it in the end, finished or not: closing is what releases the worker's
-connection and the request's bookkeeping when a client leaves half way.
+The body is either the whole of it (``bytes``) or a ``Stream`` of chunks, each relayed as
+it comes: an async generator (``Chunks``), or an object that is its own async iterator (an
+HTTP worker's response, ``wire/client.py``: one generator fewer per relayed chunk).
+Whoever writes the reply to the client iterates the stream and must ``aclose()`` it in the
+end, finished or not: closing is what releases the worker's connection and the request's
+bookkeeping when a client leaves half way.
 
 A stream that cleans up in its ``finally`` (every one here does: it closes a worker's
 connection, cancels a call, or counts a request as done) starts with ``yield b""`` and is
@@ -14,11 +16,23 @@ client leaves before the first chunk.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]
-Stream = AsyncGenerator[bytes, None]
+Chunks = AsyncGenerator[bytes, None]  # what a stream written as an async generator is
+
+
+class Stream(Protocol):
+    """A streamed body: chunks by ``async for``, and ``aclose`` to release it."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def __anext__(self) -> Awaitable[bytes]: ...
+
+    def aclose(self) -> Awaitable[None]: ...
+
 
 # The content types replies carry (the gateway's own and the simulated worker's).
 JSON_CONTENT = (b"content-type", b"application/json")
@@ -33,7 +47,7 @@ class Reply:
     body: bytes | Stream = b""
 
 
-async def primed(stream: Stream) -> Stream:
+async def primed(stream: Chunks) -> Chunks:
     """``stream`` advanced past its leading ``yield b""``, so that closing it always runs
     its cleanup (see the module docstring)."""
     first = await stream.__anext__()

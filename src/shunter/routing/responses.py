@@ -38,7 +38,7 @@ import msgspec
 
 from shunter.fleet.worker import Worker
 from shunter.protocols.errors import ApiError
-from shunter.protocols.reply import Reply, Stream, primed
+from shunter.protocols.reply import Chunks, Reply, Stream, primed
 from shunter.protocols.routing import RequestFields
 from shunter.routing.affinity import ResponseAffinity
 from shunter.routing.request import InferenceRequest
@@ -129,7 +129,7 @@ class ResponseRouter:
             log.info("previous response's worker is unavailable; routing by policy", extra=facts)
         return worker
 
-    async def _watched(self, chunks: Stream, url: str) -> Stream:
+    async def _watched(self, chunks: Stream, url: str) -> Chunks:
         """The stream, relayed; its first events read until the response's id is found."""
         try:
             yield b""  # primed: see protocols/reply.py

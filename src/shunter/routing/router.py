@@ -39,16 +39,16 @@ from shunter.backends.base import MESSAGES_RUNTIMES, SGLANG_ONLY_PATHS, Outbound
 from shunter.fleet.registry import WorkerRegistry, Workers
 from shunter.fleet.worker import Worker
 from shunter.observability.metrics import Metrics
-from shunter.observability.streams import StreamStats
 from shunter.observability.tracing import Tracing
 from shunter.policies.base import Decision, RouteRequest
 from shunter.policies.registry import PolicyRegistry
-from shunter.protocols.anthropic import MESSAGES_PATH, anthropic_stream_error
-from shunter.protocols.errors import ApiError, stream_broken_event, upstream_failure
-from shunter.protocols.reply import Reply, Stream, primed
+from shunter.protocols.anthropic import MESSAGES_PATH
+from shunter.protocols.errors import ApiError, upstream_failure
+from shunter.protocols.reply import Reply
 from shunter.protocols.tokenize import TOKEN_PATHS
 from shunter.routing.aliases import ModelAliases
 from shunter.routing.receipt import Routed
+from shunter.routing.relay import WatchedStream
 from shunter.routing.request import InferenceRequest
 from shunter.routing.retry import RETRYABLE_STATUSES, RetryConfig
 from shunter.routing.sticky import StickySessions
@@ -355,7 +355,7 @@ class Router:
             state.finished()
             raise
         if isinstance(reply.body, bytes):
-            _end(span)  # a stream's ends with it (``_relay``)
+            _end(span)  # a stream's ends with it (``WatchedStream``)
         return await self._answered(worker, model, request, reply, last, verdict, span, routed)
 
     async def _answered(
@@ -397,8 +397,9 @@ class Router:
             if status == 200 and routed is not None and routed.measured:
                 routed.settle(reply.body, model, self.metrics, request.span)
         else:
-            relay = self._relay(reply.body, status, worker, model, request, span, routed)
-            reply.body = await primed(relay)
+            reply.body = WatchedStream(
+                reply.body, status, worker, model, request, self.metrics, self._routed, span, routed
+            )
         return reply
 
     def _no_answer(
@@ -430,62 +431,6 @@ class Router:
             self.metrics.retries_exhausted(worker, request.path)
         code = "upstream_timeout" if status == 504 else "upstream_unavailable"
         raise ApiError(status, code, upstream_failure(exc.kind))
-
-    async def _relay(
-        self,
-        chunks: Stream,
-        status: int,
-        worker: Worker,
-        model: str,
-        request: InferenceRequest,
-        span: Any,
-        routed: Routed | None = None,
-    ) -> Stream:
-        """The worker's chunks, watched: stream metrics, an in-band error if it breaks, and
-        the worker's load and the request's spans (``upstream``, then ``route``) held until
-        the last chunk (or the client's leaving)."""
-        stats = StreamStats(request.started)
-        outcome, code = status, ""
-        try:
-            yield b""  # primed: see protocols/reply.py
-            try:
-                async for chunk in chunks:
-                    stats.on_chunk(chunk)
-                    yield chunk
-                if status == 200:
-                    self.metrics.observe_stream(model, request.path, stats)
-                    if routed is not None and routed.measured:
-                        routed.settle(stats.counted, model, self.metrics, request.span)
-            except UpstreamError as exc:
-                # The status is sent, so tell the client in-band.
-                log.warning(
-                    "stream broke",
-                    extra={
-                        "worker": worker.url,
-                        "error": str(exc),
-                        "request_id": request.request_id,
-                    },
-                )
-                worker.state.failed()
-                self.metrics.worker_error(worker, "stream_" + exc.kind)
-                Verdict.stream_broke(worker)
-                code = "upstream_stream_broken"
-                if request.path == MESSAGES_PATH:
-                    broken = f"the worker stream broke: {upstream_failure(exc.kind)}"
-                    yield anthropic_stream_error(broken)
-                else:
-                    yield stream_broken_event(exc.kind)
-        except (GeneratorExit, asyncio.CancelledError):  # the client left
-            outcome, code = 499, "client_closed"
-            raise
-        finally:
-            try:
-                await chunks.aclose()
-            finally:  # counted as ended even if the close is cut short (a second cancel)
-                worker.state.finished()
-                self._routed(request, outcome, code)
-                _end(span)
-                _end(request.span)
 
 
 def _end(span: Any) -> None:

@@ -9,7 +9,7 @@ wants strings (``reqwest.py``) converts, at its edge.
 from __future__ import annotations
 
 import io
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -58,12 +58,58 @@ class FullResponse:
     body: bytes
 
 
+# The ASGI scope extension under which our server (``server.py``) offers a ``BodySink``.
+BODY_SINK = "shunter.body_sink"
+
+
+class Throttled(Protocol):
+    """A source of chunks whose reading can be paused (a worker connection's transport)."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class BodySink(Protocol):
+    """Where a relayed stream's chunks are written from the worker connection's callback,
+    with no task woken per chunk (``server.py``'s ``Cycle``)."""
+
+    def write(self, chunk: bytes) -> None:
+        """Write one chunk of the response body (framed as the response is)."""
+
+    def throttle(self, reading: Throttled) -> None:
+        """Pause ``reading`` while the client's buffer is full, resume it when it drains."""
+
+
+Relay = Callable[[BodySink], Awaitable[None]]
+
+
+def relay_of(stream: object) -> Relay | None:
+    """``stream.relay`` when it has one (a stream that can write its chunks to a
+    ``BodySink`` from its source's callback), else None: iterate it with ``async for``."""
+    relay: Relay | None = getattr(stream, "relay", None)
+    return relay
+
+
 class StreamingResponse(Protocol):
     status: int
     headers: list[tuple[bytes, bytes]]
 
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def __anext__(self) -> Awaitable[bytes]:
+        """The next body chunk as it arrives; StopAsyncIteration at the end."""
+
     async def next_chunk(self) -> bytes | None:
         """The next body chunk as it arrives, or None at the end."""
+
+    async def relay(self, sink: BodySink) -> None:
+        """Write the rest of the body to ``sink`` as it arrives, from the connection's own
+        callback; returns at the end of the body, raises UpstreamError if it breaks."""
+
+    def as_stream(self, ended: Callable[[], None] | None = None) -> StreamingResponse:
+        """This response as a reply's streamed body (``protocols/reply.py``'s ``Stream``);
+        ``ended`` is called once it is closed, however it ends."""
 
     async def aclose(self) -> None:
         """Release the response; an unfinished one closes its connection."""

@@ -10,7 +10,9 @@ a few KiB per connection. It does only what relaying an inference stream needs:
   only while the worker sent nothing after it (see ``ConnectionState``);
 - ``Content-Length``, chunked and close-delimited bodies (httptools decodes chunking);
   a body cut short, a bad chunk size, or both lengths at once is an error, never a success;
-- read back-pressure: reading pauses while unconsumed chunks pile up;
+- read back-pressure: reading pauses while unconsumed chunks pile up, or, relaying
+  (``H1Stream.relay``: each chunk written to the client from this connection's callback),
+  while the client's buffer is full;
 - bounds on what a worker can make us hold: a response head of at most ``max_head_bytes``,
   read within ``head_timeout`` of its first byte; an idle pool of at most ``max_idle``
   connections, none older than ``idle_timeout``;
@@ -33,11 +35,13 @@ import logging
 import re
 import ssl
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
 
-from shunter.wire.base import HeaderPairs, UpstreamError
+from shunter.wire.base import BodySink, HeaderPairs, UpstreamError
 
 log = logging.getLogger("shunter.wire.client")
 
@@ -100,7 +104,11 @@ class _Connection(asyncio.Protocol):
         # The response being read.
         self.chunks: deque[bytes] = deque()
         self.head: asyncio.Future[None] | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        # The reader waiting for the next chunk: the chunk is its result (``H1Stream``).
+        self.reader: asyncio.Future[bytes] | None = None
+        # Relaying (``H1Stream.relay``): where each chunk goes, and the relay's end.
+        self.sink: BodySink | None = None
+        self.relayed: asyncio.Future[None] | None = None
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_began = False  # a byte of the current head arrived
@@ -115,7 +123,7 @@ class _Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None  # a slow head's bound, a 1xx's wait
         # The read timeout: the wait under way (the head's future, or a chunk's), when it
         # began, and the one timer that checks it (``watch``).
-        self.awaited: asyncio.Future[None] | None = None
+        self.awaited: asyncio.Future[Any] | None = None
         self.wait_began = 0.0
         self.read_timer: asyncio.TimerHandle | None = None
 
@@ -222,11 +230,21 @@ class _Connection(asyncio.Protocol):
             self.head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:  # relaying: straight to the client, no task woken
+            self.wait_began = self.loop.time()  # the read timeout counts from this chunk
+            sink.write(body)
+            return
+        reader = self.reader
+        if reader is not None:  # waiting, so nothing is buffered: the chunk goes to it
+            self.reader = None
+            if not reader.done():
+                reader.set_result(body)
+                return
         self.chunks.append(body)
         if len(self.chunks) >= PAUSE_AT and self.transport is not None and not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         if 100 <= self.status < 200:  # back to waiting for a head to start
@@ -262,17 +280,50 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        """The body ended, broke or was cut short: a waiting reader (or relay) learns which."""
+        relayed = self.relayed
+        if relayed is not None:
+            self.sink = self.relayed = None
+            if not relayed.done():
+                end = self.end_of_body()
+                if isinstance(end, StopAsyncIteration):
+                    relayed.set_result(None)
+                else:
+                    relayed.set_exception(end)
+        reader = self.reader
+        if reader is not None:
+            self.reader = None
+            if not reader.done():
+                reader.set_exception(self.end_of_body())
 
-    def await_read(self) -> asyncio.Future[None]:
-        """The future a reader waits on for the worker's next bytes (``watch``)."""
-        waiter = self.waiter = self.loop.create_future()
-        self.watch(waiter)
-        return waiter
+    def end_of_body(self) -> BaseException:
+        """What a read past the last chunk raises: the error, or the end of the body."""
+        if self.error is not None:
+            return self.error
+        if self.ended:
+            return StopAsyncIteration()
+        return UpstreamError("io", "the worker closed the connection")
 
-    def watch(self, awaited: asyncio.Future[None]) -> None:
+    # --- the relay's back-pressure (``Throttled``: called by the client's side) -------------
+
+    def pause_reading(self) -> None:
+        """The client's buffer is full: stop reading the worker until it drains. The read
+        timeout stops too: a worker is not slow because the client is."""
+        if self.sink is None:  # not relaying (any more): not the client's to pause
+            return
+        self.awaited = None
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        if self.relayed is not None:
+            self.watch(self.relayed)
+
+    def watch(self, awaited: asyncio.Future[Any]) -> None:
         """Fail ``awaited`` (a head, a chunk) if the worker sends nothing for the read
         timeout. Arming a timer per wait and cancelling it cost ~1.7 µs (uvloop, this
         project's machine), once per request and once per relayed chunk: each wait only
@@ -324,7 +375,7 @@ class _Connection(asyncio.Protocol):
         self.chunks.clear()
         self.status, self.headers = 0, []
         self.ended = self.got_bytes = self.until_close = False
-        self.error = self.head = self.waiter = self.awaited = None
+        self.error = self.head = self.reader = self.awaited = None
         if self.paused and self.transport is not None:  # an idle connection must see its EOF
             self.paused = False
             self.transport.resume_reading()
@@ -348,33 +399,85 @@ def _delimited_by_close(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class H1Stream:
-    """One streamed response; ``aclose`` returns or closes its connection."""
+    """One streamed response, its own async iterator of body chunks (``async for``); it
+    ends with the body, or raises UpstreamError when the body breaks. ``aclose`` returns
+    or closes its connection.
 
-    __slots__ = ("_client", "_conn", "_released", "headers", "status")
+    ``__anext__`` is a plain method handing back a future that the connection completes
+    with the next chunk, as it arrives: relayed as a reply's body (``as_stream``) this is
+    one async generator and one coroutine fewer per chunk than a generator looping on a
+    ``next_chunk`` coroutine (callgrind: 35.8k -> 32.7k instructions per relayed chunk).
+    """
+
+    __slots__ = ("_client", "_conn", "_ended", "_released", "headers", "status")
 
     def __init__(self, client: H1StreamClient, conn: _Connection) -> None:
         self._client = client
         self._conn = conn
         self._released = False
+        self._ended: Callable[[], None] | None = None
         self.status = conn.status
         self.headers = conn.headers
 
-    async def next_chunk(self) -> bytes | None:
+    def __aiter__(self) -> H1Stream:
+        return self
+
+    def __anext__(self) -> asyncio.Future[bytes]:
         conn = self._conn
-        while True:
-            if conn.chunks:
-                chunk = conn.chunks.popleft()
-                if conn.paused and len(conn.chunks) < PAUSE_AT // 2 and conn.transport:
-                    conn.paused = False
-                    conn.transport.resume_reading()
-                return chunk
-            if conn.error is not None:
-                raise conn.error
-            if conn.ended:
-                conn.disarm()
-                return None
-            await conn.await_read()
-            conn.waiter = None
+        chunk: asyncio.Future[bytes] = conn.loop.create_future()
+        if conn.chunks:
+            chunk.set_result(conn.chunks.popleft())
+            if conn.paused and len(conn.chunks) < PAUSE_AT // 2 and conn.transport:
+                conn.paused = False
+                conn.transport.resume_reading()
+        elif conn.error is not None or conn.ended:
+            conn.disarm()
+            chunk.set_exception(conn.end_of_body())
+        else:  # the connection completes it (``on_body``, ``_wake``), or the read timeout
+            conn.reader = chunk
+            conn.watch(chunk)
+        return chunk
+
+    async def relay(self, sink: BodySink) -> None:
+        """Write the rest of the body to ``sink`` from the connection's own callback, as
+        each chunk is parsed; returns at the end of the body, raises UpstreamError if it
+        breaks (or is cut short by the read timeout). Back-pressure: ``sink`` pauses the
+        connection's reading while the client's buffer is full (``pause_reading``).
+
+        Why: iterated by a task, each chunk woke the task and passed up a chain of async
+        generators and coroutines to the client's ``send`` (~25k instructions of a ~38k
+        relayed chunk, callgrind); here a chunk is a few Python calls between two
+        callbacks, and the task waits only for the end (32.7k -> 20.4k per chunk)."""
+        conn = self._conn
+        while conn.chunks:  # arrived before the relay began
+            sink.write(conn.chunks.popleft())
+        if conn.error is not None or conn.ended:
+            conn.disarm()
+            end = conn.end_of_body()
+            if isinstance(end, StopAsyncIteration):
+                return
+            raise end
+        relayed = conn.relayed = conn.loop.create_future()
+        conn.sink = sink
+        conn.resume_reading()  # if many chunks had piled up; and the read timeout runs
+        sink.throttle(conn)
+        try:
+            await relayed
+        finally:
+            conn.sink = conn.relayed = None
+
+    async def next_chunk(self) -> bytes | None:
+        """The next chunk, or None at the end (for readers of a whole body)."""
+        try:
+            return await self.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    def as_stream(self, ended: Callable[[], None] | None = None) -> H1Stream:
+        """This response as a reply's streamed body; ``ended`` is called once it is
+        closed, however it ends."""
+        self._ended = ended
+        return self
 
     def whole(self, limit: int) -> bytes | None:
         """The whole body, when the response has ended before any of it was read and it is
@@ -396,11 +499,16 @@ class H1Stream:
             return
         self._released = True
         conn = self._conn
-        conn.disarm()
-        if conn.state is _DONE:
-            self._client.release(conn)
-        else:
-            conn.close()
+        conn.reader = None  # a read still waiting (its task cancelled) is not completed
+        try:
+            conn.disarm()
+            if conn.state is _DONE:
+                self._client.release(conn)
+            else:
+                conn.close()
+        finally:
+            if self._ended is not None:
+                self._ended()
 
 
 def request_head(method: str, target: str, host: bytes, headers: HeaderPairs, length: int) -> bytes:

@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from shunter.wire.base import FullResponse, HeaderPairs, UpstreamError
+from shunter.wire.base import BodySink, FullResponse, HeaderPairs, UpstreamError
 
 __all__ = ["MockClient", "MockRequest", "MockResponse", "UpstreamError"]
 
@@ -45,14 +45,24 @@ Handler = Callable[[MockRequest], "MockResponse | Awaitable[MockResponse]"]
 
 
 class MockStream:
-    """A streamed ``MockResponse``: its chunks one by one, then None."""
+    """A streamed ``MockResponse``: its chunks one by one, then the end."""
 
     def __init__(self, response: MockResponse) -> None:
         self.status = response.status
         self.headers = list(response.headers)
         body = response.body
         self._chunks = [body] if isinstance(body, bytes) else list(body)
+        self._ended: Callable[[], None] | None = None
         self.closed = False
+
+    def __aiter__(self) -> MockStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.next_chunk()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
 
     async def next_chunk(self) -> bytes | None:
         if not self._chunks:
@@ -62,8 +72,20 @@ class MockStream:
             raise chunk
         return chunk
 
+    async def relay(self, sink: BodySink) -> None:
+        while (chunk := await self.next_chunk()) is not None:
+            sink.write(chunk)
+
+    def as_stream(self, ended: Callable[[], None] | None = None) -> MockStream:
+        self._ended = ended
+        return self
+
     async def aclose(self) -> None:
+        if self.closed:
+            return
         self.closed = True
+        if self._ended is not None:
+            self._ended()
 
 
 class MockClient:

@@ -9,7 +9,9 @@ message shapes, so the app stays a plain ASGI callable and could run under uvico
 What it does: keep-alive (idle connections closed after ``keep_alive_secs``), pipelined
 requests answered in order, request bodies streamed through ``receive()`` with read
 back-pressure, ``Expect: 100-continue``, responses with a Content-Length written in one
-``write`` (head and body together), chunked streaming with write back-pressure, no body for
+``write`` (head and body together), chunked streaming with write back-pressure (and, for a
+relay, a ``BodySink`` in the scope's extensions: chunks written from the worker
+connection's callback, whose reading pauses while the client's buffer is full), no body for
 HEAD, graceful shutdown that drains in-flight requests (``drain`` first, to send keep-alive
 clients away while still serving, then ``shutdown``). When the client leaves before its
 response is complete, the app's task is cancelled (aiohttp's "handler cancellation"): the
@@ -39,6 +41,7 @@ from typing import Any
 import httptools
 
 from shunter.wire.asgi import Message, Receive, Scope, Send
+from shunter.wire.base import BODY_SINK, Throttled
 from shunter.wire.limits import ServerLimits
 
 log = logging.getLogger("shunter.http")
@@ -151,6 +154,7 @@ class Cycle:
         "head",
         "head_request",
         "keep_alive",
+        "reading",
         "remaining",
         "response_complete",
         "response_started",
@@ -179,6 +183,9 @@ class Cycle:
         self.remaining = -1  # body bytes still owed to a declared Content-Length; -1: none
         self.head = b""  # the response head, until it is written with the first body bytes
         self.task: asyncio.Task[None] | None = None  # the app running this exchange
+        # A relay's source (``throttle``): paused while the client's buffer is full.
+        self.reading: Throttled | None = None
+        scope["extensions"] = {BODY_SINK: self}
 
     def wake(self) -> None:
         """Something receive() may be waiting for happened (a body chunk, the body's end,
@@ -246,8 +253,33 @@ class Cycle:
             return
         if kind != "http.response.body" or self.response_complete:
             raise RuntimeError(f"unexpected ASGI message {kind} at this point")
-        body: bytes = message.get("body", b"")
-        more: bool = message.get("more_body", False)
+        self._write_body(message.get("body", b""), message.get("more_body", False))
+
+    # --- the relay's sink (``wire/base.py``'s ``BodySink``) -------------------------------------
+
+    def write(self, chunk: bytes) -> None:
+        """A chunk of a relayed body, written from the worker connection's callback once the
+        response has started (``send``'s ``http.response.start``); the end still goes
+        through ``send``. Dropped once the client has left: its task is being cancelled.
+
+        Every chunk after the first of a chunked response is framed here, without the
+        call through ``_write_body`` (20.4k -> 19.5k instructions per relayed chunk)."""
+        if self.disconnected:
+            return
+        if self.framing == _CHUNKED and not self.head and chunk:
+            self.conn.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        else:
+            self._write_body(chunk, True)
+
+    def throttle(self, reading: Throttled) -> None:
+        """Pause ``reading`` whenever the client's buffer is full, and resume it once it
+        has drained (the relay's back-pressure, in place of ``send`` awaiting a drain)."""
+        self.reading = reading
+        if self.conn.write_paused:
+            reading.pause_reading()
+
+    def _write_body(self, body: bytes, more: bool) -> None:
+        conn = self.conn
         transport = conn.transport
         head = self.head
         framing = self.framing
@@ -594,9 +626,15 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        running = self.running
+        if running is not None and running.reading is not None:
+            running.reading.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        running = self.running
+        if running is not None and running.reading is not None:
+            running.reading.resume_reading()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
 
@@ -771,6 +809,7 @@ class HttpProtocol(asyncio.Protocol):
     def response_done(self, cycle: Cycle) -> None:
         now = self.last_activity = time.monotonic()
         self.running = None
+        cycle.reading = None  # the relay's source goes on without this client
         if self.head_started:
             self.head_started = now  # a head that waited behind this response starts afresh
         if not cycle.keep_alive or not cycle.body_complete:

@@ -107,3 +107,23 @@ def test_models_are_separate_and_a_leaving_worker_is_dropped_everywhere() -> Non
     assert index.longest_prefix("m1", PROMPT) == {"a": 12}
     index.drop_worker("a")
     assert index.longest_prefix("m1", PROMPT) == {}
+
+
+def test_units_count_each_workers_blocks_of_each_first_block_and_follow_removals() -> None:
+    index = BlockIndex()
+    other = list(range(500, 512))
+    index.apply("a", _chain(PROMPT, 4, 1))
+    index.apply("a", _chain([*PROMPT[:4], 7, 7, 7, 7], 4, 10))  # another turn, same unit
+    index.apply("b", _chain(PROMPT[:4], 4, 50))
+    index.apply("b", BlockStored((60,), 50, tuple(PROMPT[4:8]), 4))  # chained by parent
+    index.apply("b", _chain(other, 4, 70))
+    unit = index.unit_of([*PROMPT, 1, 2])
+    assert unit is not None and unit != index.unit_of(other)
+    assert index.units == {unit: {"a": 4, "b": 2}, index.unit_of(other): {"b": 3}}
+    version = index.version
+    index.apply("b", BlockRemoved((60, 50)))
+    assert index.units[unit] == {"a": 4} and index.version > version
+    index.apply("a", AllBlocksCleared())
+    assert index.units == {index.unit_of(other): {"b": 3}}
+    index.drop("b")
+    assert index.units == {} and index.unit_of([1, 2]) is None  # shorter than a block

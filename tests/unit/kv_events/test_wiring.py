@@ -19,7 +19,7 @@ from shunter.policies.cache_aware import CacheAwarePolicy
 from shunter.sim.tokenizer import sim_tokenizer, tokenizer_config
 from shunter.tokenizer.words import text_ids, word_id
 
-from support.fakes import make_worker
+from support.fakes import WithoutUnits, make_worker
 
 
 def test_the_flag_names_a_worker_its_endpoint_and_replay_endpoint() -> None:
@@ -103,7 +103,7 @@ def test_a_tokenizer_directory_encodes_as_the_engine(tmp_path: Path) -> None:
     assert tokenizer_from(str(tmp_path / "tokenizer.json"))("fox") == encode("fox")
 
 
-class Scorer:
+class Scorer(WithoutUnits):
     """What the events say, set by the test."""
 
     def __init__(

@@ -22,7 +22,7 @@ from shunter.policies.random import RandomPolicy
 from shunter.policies.round_robin import RoundRobinPolicy
 from shunter.policies.tree import Tree
 
-from support.fakes import make_worker
+from support.fakes import WithoutUnits, make_worker
 
 SYSTEM = "You are a careful assistant. " * 40  # 1160 characters
 
@@ -152,7 +152,7 @@ def test_cache_aware_reasons_for_one_worker_and_for_no_text() -> None:
     assert policy.decide(fleet(2), text("")).reason == "least_loaded"
 
 
-class Engines:
+class Engines(WithoutUnits):
     """A precise scorer: each worker's exact cached tokens, as KV events would say."""
 
     active = True

@@ -15,7 +15,7 @@ from shunter.observability.tracing import Tracing
 from shunter.routing.limiter import AdmissionConfig
 from shunter.routing.retry import RetryConfig
 from shunter.wire.asgi import Message
-from shunter.wire.base import HeaderPairs
+from shunter.wire.base import BODY_SINK, HeaderPairs
 from shunter.wire.mock import (
     Handler,
     MockClient,
@@ -215,6 +215,50 @@ async def test_a_stream_that_breaks_ends_with_an_error_event_and_one_breaker_fai
     worker = gw.fleet.registry.all()[0]
     assert worker.state.in_flight == 0 and worker.state.errors == 1
     assert worker.state.breaker is not None and worker.state.breaker.outcomes["failure"] == 1
+    await gw.close()
+
+
+class ListSink:
+    """A server's ``BodySink`` that keeps what is written."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.throttled: list[object] = []
+
+    def write(self, chunk: bytes) -> None:
+        self.written.append(chunk)
+
+    def throttle(self, reading: object) -> None:
+        self.throttled.append(reading)
+
+
+@pytest.mark.parametrize("breaks", [False, True])
+async def test_a_stream_relayed_into_the_servers_sink_keeps_the_bookkeeping(breaks: bool) -> None:
+    """Where the server offers a sink, the chunks are written there (not through ``send``),
+    and the stream's metrics, its in-band error event and the worker's load are as when
+    the chunks are iterated."""
+    tail: bytes | UpstreamError = UpstreamError("io", "cut") if breaks else b"data: [DONE]\n\n"
+    gw = gateway(handler=lambda r: streaming(b"data: 1\n\n", tail))
+    await ready(gw)
+    sink = ListSink()
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {**stream_scope(), "extensions": {BODY_SINK: sink}}
+    await gw.app(scope, one_body(b'{"stream": true}'), send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 200 and sent[1] == {"type": "http.response.body", "body": b""}
+    assert sink.written[0] == b"data: 1\n\n" and len(sink.written) == 2
+    worker = gw.fleet.registry.all()[0]
+    assert worker.state.in_flight == 0
+    if breaks:
+        error = orjson.loads(sink.written[1][len(b"data: ") :])["error"]
+        assert error["code"] == "upstream_stream_broken" and worker.state.errors == 1
+    else:
+        assert sink.written[1] == b"data: [DONE]\n\n" and worker.state.errors == 0
+        assert [cell.count for cell in gw.metrics.ttft.values()] == [1]
     await gw.close()
 
 

@@ -299,3 +299,74 @@ async def test_a_stream_that_ends_after_its_client_closed_closes_its_connection(
     assert await drain(stream) == [b"last"]  # the stream ended whole...
     assert not client.idle  # ...and its connection did not go back to a pool nobody reads
     await asyncio.wait_for(eof.wait(), 2)
+
+
+async def test_as_a_streamed_body_chunks_come_by_async_for_and_the_close_is_reported(serve) -> None:  # type: ignore[no-untyped-def]
+    """The relay's path: each chunk completes the future a waiting ``__anext__`` handed
+    out; chunks that arrive together are buffered in order; ``ended`` is called once."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        for parts in ((b"a",), (b"b", b"c"), (b"d",)):
+            await asyncio.sleep(0.02)  # the reader waits for each read
+            writer.write(b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    client = await serve(handler)
+    ended: list[bool] = []
+    stream = (await client.stream("POST", "http://x/", [], b"")).as_stream(
+        lambda: ended.append(True)
+    )
+    assert [chunk async for chunk in stream] == [b"a", b"b", b"c", b"d"]
+    await stream.aclose()
+    await stream.aclose()
+    assert ended == [True]
+    assert len(client.idle) == 1  # whole: back in the pool
+
+
+async def test_a_read_cancelled_while_waiting_loses_no_chunk(serve) -> None:  # type: ignore[no-untyped-def]
+    sent = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await sent.wait()
+        writer.write(b"2\r\nhi\r\n0\r\n\r\n")
+        await writer.drain()
+
+    client = await serve(handler)
+    stream = await client.stream("POST", "http://x/", [], b"")
+    waiting = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    sent.set()
+    await asyncio.sleep(0.05)  # "hi" arrives with nobody waiting: buffered
+    assert await stream.next_chunk() == b"hi"
+    assert await stream.next_chunk() is None
+
+
+async def test_a_worker_dying_mid_stream_breaks_the_async_for(serve) -> None:  # type: ignore[no-untyped-def]
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.transport.abort()
+
+    client = await serve(handler)
+    ended: list[bool] = []
+    stream = (await client.stream("POST", "http://x/", [], b"")).as_stream(
+        lambda: ended.append(True)
+    )
+    got = []
+    with pytest.raises(UpstreamError) as broke:
+        async for chunk in stream:
+            got.append(chunk)
+    assert got == [b"hi"] and broke.value.kind == "io"
+    await stream.aclose()
+    assert ended == [True] and not client.idle

@@ -45,7 +45,7 @@ from shunter.protocols.generation import (
     GenerationRequest,
     parse_generation_request,
 )
-from shunter.protocols.reply import JSON_CONTENT, SSE_CONTENT, Reply, Stream, primed
+from shunter.protocols.reply import JSON_CONTENT, SSE_CONTENT, Chunks, Reply, primed
 from shunter.protocols.tokenize import (
     TOKEN_PATHS,
     TOKENIZE_PATH,
@@ -291,7 +291,7 @@ class _Output:
 
     # --- streamed ----------------------------------------------------------------------------
 
-    async def stream(self, first: Any | None) -> Stream:
+    async def stream(self, first: Any | None) -> Chunks:
         try:
             yield b""  # primed: see protocols/reply.py
             for sequence in self.sequences:

@@ -3,7 +3,8 @@
 The body goes to the worker as the client sent it (unknown fields included), unless a DP
 rank or, for one leg of a prefill/decode pair, the bootstrap fields must be injected.
 Headers are filtered on the way in (an allow-list, ``forwarding.py``) and out
-(``relayed_headers``); a stream's chunks are handed on as they arrive.
+(``relayed_headers``); a stream's chunks are handed on as they arrive: the worker's
+response is itself the reply's body (no generator of our own around it).
 
 The data-plane client is created on first use by one task and read as an attribute after
 (``aio/once.py``); a refused connection starts building a fresh one in the background while
@@ -38,9 +39,9 @@ from shunter.backends.http.forwarding import (
 )
 from shunter.backends.http.messages import check_not_found, whole_body
 from shunter.protocols.anthropic import MESSAGES_PATH
-from shunter.protocols.reply import Headers, Reply, Stream, primed
+from shunter.protocols.reply import Headers, Reply
 from shunter.protocols.tokenize import TOKEN_PATHS
-from shunter.wire.base import HOP_BY_HOP, StreamingResponse, UpstreamClient, UpstreamError
+from shunter.wire.base import HOP_BY_HOP, UpstreamClient, UpstreamError
 
 _NOT_RELAYED = HOP_BY_HOP | {b"x-request-id"}
 # Never relayed either: a worker's own CORS answer (SGLang and vLLM echo any origin, with
@@ -98,7 +99,7 @@ class HttpBackend(Backend):
                     answer = await whole_body(upstream)
                     check_not_found(self.runtime, target, request, answer)
                     return Reply(404, relayed_headers(upstream.headers), answer)
-                chunks = await primed(_chunks(upstream, ended))
+                chunks = upstream.as_stream(ended)  # closing it closes the connection
                 return Reply(upstream.status, relayed_headers(upstream.headers), chunks)
             response = await client.request(request.method, url, headers, body)
         except UpstreamError as exc:
@@ -206,18 +207,3 @@ def with_rank(body: bytes, rank: int) -> bytes:
     inner = end[:-1].rstrip(_JSON_SPACE)
     separator = b"" if inner.endswith(b"{") else b","  # only an empty object ends so
     return b'%s%s"data_parallel_rank":%d}' % (inner, separator, rank)
-
-
-async def _chunks(upstream: StreamingResponse, ended: Callable[[], None] | None) -> Stream:
-    """The worker's chunks as they arrive; closing early closes the worker's connection.
-    ``ended``: called once the body is over, however it ends."""
-    try:
-        yield b""  # primed: see protocols/reply.py
-        while (chunk := await upstream.next_chunk()) is not None:
-            yield chunk
-    finally:
-        try:
-            await upstream.aclose()
-        finally:
-            if ended is not None:
-                ended()

@@ -56,7 +56,7 @@ from shunter.protocols.logprobs import (
     prefill_logprobs,
     wants_input_logprobs,
 )
-from shunter.protocols.reply import Reply, Stream, primed
+from shunter.protocols.reply import Chunks, Reply, Stream, primed
 from shunter.routing.pd.legs import DecodeAnswer, Legs, PrefillAnswer, prefill_leg
 from shunter.routing.pd.pairs import Pair, PairSelector
 from shunter.routing.request import InferenceRequest
@@ -360,7 +360,7 @@ async def _assembled(decoded: DecodeAnswer, lists: InputLogprobs) -> Reply:
     return reply
 
 
-async def _resumed(first: bytes | None, rest: Stream, merger: EventMerger | None) -> Stream:
+async def _resumed(first: bytes | None, rest: Stream, merger: EventMerger | None) -> Chunks:
     """A decode stream from its first chunk (already read) on."""
     try:
         yield b""  # primed: see protocols/reply.py
