@@ -145,8 +145,8 @@ _FORMATTERS = (TextFormatter, JsonFormatter)
 
 
 class InfoLines:
-    """INFO lines of one logger, written with no ``LogRecord`` when they can be: for the
-    access log, a line per request.
+    """INFO lines of one logger, written with no ``LogRecord`` when they can be. The access
+    log (``access_log.py``) writes its text lines itself and hands the rest here.
 
     Where ``logger``'s lines go to plain stream handlers with this module's formatters (as
     ``setup_logging`` sets them up), the line is formatted from the message and fields and

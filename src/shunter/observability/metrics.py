@@ -395,15 +395,8 @@ class _Collector:
         )
         by_route: dict[tuple[str, str, str, str, bool], int] = {}
         by_selection = m.selected.copy()
-        for (
-            backend,
-            kind,
-            mode,
-            model,
-            endpoint,
-            stream,
-            policy,
-        ), count in m.routed.copy().items():
+        for key, count in m.routed.copy().items():
+            backend, kind, mode, model, endpoint, stream, policy = key
             route = (backend, mode, model, endpoint, stream)
             by_route[route] = by_route.get(route, 0) + count
             chosen = (kind, mode, model, policy)
