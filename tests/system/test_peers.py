@@ -43,6 +43,23 @@ def peered(port: int, peer: int, workers: list[str], *extra: str) -> Gateway:
     )
 
 
+def two_peered(
+    procs: list[Proc], name: str, count: int
+) -> tuple[list[Sim], Sim, Gateway, Gateway, tuple[int, int]]:
+    """``count`` sims, a spare one (not registered), two gateways peered over the sims, and
+    the gateways' peer ports."""
+    sims = [Sim(f"{name}-{i}") for i in range(count)]
+    spare = Sim(f"{name}-extra")
+    procs += [*sims, spare]
+    port_a, port_b = free_port(), free_port()
+    urls = [s.url for s in sims]
+    a = peered(port_a, port_b, urls)
+    procs.append(a)
+    b = peered(port_b, port_a, urls)
+    procs.append(b)
+    return sims, spare, a, b, (port_a, port_b)
+
+
 def peer_stats(gateway: Gateway) -> dict[str, Any]:
     data = httpx.get(gateway.url + "/dashboard/data", timeout=5).json()
     return data["peers"]  # type: ignore[no-any-return]
@@ -59,15 +76,8 @@ def worker_of(gateway: Gateway, system: str, user: str) -> str:
 
 
 def test_two_peered_gateways_share_workers_and_placements(procs: list[Proc]) -> None:
-    sims = [Sim(f"peer-{i}") for i in range(3)]
-    extra = Sim("peer-extra")
-    procs += [*sims, extra]
-    port_a, port_b = free_port(), free_port()
+    sims, extra, a, b, (port_a, port_b) = two_peered(procs, "peer", 3)
     urls = [s.url for s in sims]
-    a = peered(port_a, port_b, urls)
-    procs.append(a)
-    b = peered(port_b, port_a, urls)
-    procs.append(b)
 
     # A worker registered by hand on A is registered on B too.
     added = httpx.post(a.url + "/workers", json={"url": extra.url}, timeout=5)
@@ -112,15 +122,7 @@ def test_a_worker_added_later_is_handed_a_prompt_and_both_gateways_follow(
     """Four prompts over two workers (2 and 2); a third worker joins. The leader moves one
     prompt to it (2 against 0 is worth a move, 2 against 1 is not), and both gateways send
     that prompt there from then on."""
-    sims = [Sim(f"move-{i}") for i in range(2)]
-    joiner = Sim("move-joiner")
-    procs += [*sims, joiner]
-    port_a, port_b = free_port(), free_port()
-    urls = [s.url for s in sims]
-    a = peered(port_a, port_b, urls)
-    procs.append(a)
-    b = peered(port_b, port_a, urls)
-    procs.append(b)
+    _, joiner, a, b, _ = two_peered(procs, "move", 2)
     before = {i: worker_of(a, system, "first question") for i, system in enumerate(SYSTEMS)}
     assert sorted(list(before.values()).count(w) for w in set(before.values())) == [2, 2]
     assert httpx.post(a.url + "/workers", json={"url": joiner.url}, timeout=5).status_code == 202
@@ -135,7 +137,7 @@ def test_a_worker_added_later_is_handed_a_prompt_and_both_gateways_follow(
     after_a = {i: worker_of(a, system, "again on A") for i, system in enumerate(SYSTEMS)}
     after_b = {i: worker_of(b, system, "again on B") for i, system in enumerate(SYSTEMS)}
     assert after_a == after_b
-    assert list(after_a.values()).count("move-joiner") == 1  # the sims answer with their name
+    assert list(after_a.values()).count("move-extra") == 1  # the sims answer with their name
     assert sum(1 for i in before if before[i] != after_a[i]) == 1
     time.sleep(2.5)  # two more plans: 2/1/1 stays as it is
     assert moves() == 1
