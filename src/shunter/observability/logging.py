@@ -24,8 +24,8 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskN
 _SECRET_KEYS = {"authorization", "api_key", "headers"}
 # C0 controls, DEL, C1 controls and the Unicode line and paragraph separators, as \xNN or
 # \uNNNN; and the backslash itself, doubled.
-_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
-_ESCAPES |= {0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"}
+ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+ESCAPES |= {0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"}
 
 Fields = dict[str, object]
 
@@ -73,7 +73,7 @@ class TextFormatter(logging.Formatter):
             # Two scans in C, where ``translate`` looks up every character in a dict (an
             # access line: ~1 µs against ~6 µs, and a regex search ~2 µs).
             return line
-        return line.translate(_ESCAPES)
+        return line.translate(ESCAPES)
 
     def plain_line(
         self, created: float, level: str, logger: str, message: str, fields: Fields
@@ -119,7 +119,7 @@ class JsonFormatter(logging.Formatter):
 Formatters = TextFormatter | JsonFormatter
 
 
-def _plain_handlers(logger: logging.Logger) -> list[logging.StreamHandler[Any]] | None:
+def plain_handlers(logger: logging.Logger) -> list[logging.StreamHandler[Any]] | None:
     """The handlers ``logger``'s INFO records go to, when every one of them is a plain
     ``StreamHandler`` with one of this module's formatters and nothing on the way filters;
     else None (a test's capture, a rotating file, a configuration of the user's own)."""
@@ -145,8 +145,8 @@ _FORMATTERS = (TextFormatter, JsonFormatter)
 
 
 class InfoLines:
-    """INFO lines of one logger, written with no ``LogRecord`` when they can be: for the
-    access log, a line per request.
+    """INFO lines of one logger, written with no ``LogRecord`` when they can be. The access
+    log (``access_log.py``) writes its text lines itself and hands the rest here.
 
     Where ``logger``'s lines go to plain stream handlers with this module's formatters (as
     ``setup_logging`` sets them up), the line is formatted from the message and fields and
@@ -165,7 +165,13 @@ class InfoLines:
         logger = self.logger
         if not logger.isEnabledFor(logging.INFO) or logger.disabled:
             return
-        handlers = _plain_handlers(logger)
+        self.write_to(plain_handlers(logger), message, fields)
+
+    def write_to(
+        self, handlers: list[logging.StreamHandler[Any]] | None, message: str, fields: Fields
+    ) -> None:
+        """``write``, its level checked and ``plain_handlers`` asked (None: a record)."""
+        logger = self.logger
         if handlers is None:
             logger.handle(self._record(message, fields))
             return

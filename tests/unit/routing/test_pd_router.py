@@ -144,6 +144,27 @@ async def test_both_legs_get_the_same_bootstrap_fields_and_the_client_gets_the_d
     await gw.close()
 
 
+async def test_a_pair_counts_one_routed_request_and_a_selection_on_each_leg() -> None:
+    fleet = PdFleet()
+    gw = await pd(fleet)
+    for _ in range(2):
+        assert (await generate(gw, {"text": "hi"})).status == 200
+    await settled(gw)
+    exposed = generate_latest(gw.metrics.registry).decode()
+    await gw.close()
+    routed = (
+        'smg_router_requests_total{backend_type="pd",connection_mode="HTTP",endpoint="/generate",'
+        'model="m",router_type="http",streaming="false"} 2.0'
+    )
+    assert routed in exposed
+    for kind in ("prefill", "decode"):
+        selected = (
+            f'smg_worker_selection_total{{connection_mode="HTTP",model="m",'
+            f'policy="round_robin",worker_type="{kind}"}} 2.0'
+        )
+        assert selected in exposed
+
+
 async def test_legs_follow_their_own_round_robin_and_rooms_are_fresh_per_request() -> None:
     fleet = PdFleet()
     gw = await pd(fleet)
