@@ -80,6 +80,8 @@ SNAPSHOT_SECS = 2.0
 QUEUE_LIMIT = 10_000  # decisions waiting for a flush (~10 s of a 1,000 req/s burst)
 MAX_DECISIONS_PER_BATCH = 512
 MAX_RESPONSES_PER_BATCH = 1024  # ~80 KB
+RECENT_RESPONSES = 4096  # ~320 KB, sent once to each peer heard for the first time
+RECENT_RESPONSES_SECS = 600.0
 TICK_SECS = 0.25  # the longest pause between reservation sweeps and snapshot checks
 # A peer counts for the leadership this long after its last batch (a snapshot goes out
 # every SNAPSHOT_SECS, so three missed snapshots hand the leadership on).
@@ -155,6 +157,9 @@ class Exchange:
         self._workers: list[ManualWorker] = []
         self._settings: list[WorkerSetting] = []
         self._responses: deque[StoredResponse] = deque()
+        # The responses created here lately (when, which), sent again to a peer heard for
+        # the first time (``_resend_recent_responses``).
+        self._recent_responses: deque[tuple[float, StoredResponse]] = deque(maxlen=RECENT_RESPONSES)
         self.stored_response = stored_response  # a peer's (response id, worker URL)
         self._flush_pending = False
         self._urgent_pending = False  # a flush on the loop's next turn (``decided``)
@@ -200,7 +205,9 @@ class Exchange:
         if len(responses) >= self.queue_limit:
             self.counters.queue_full += 1
             return
-        responses.append(StoredResponse(response_id, url))
+        stored = StoredResponse(response_id, url)
+        responses.append(stored)
+        self._recent_responses.append((time.monotonic(), stored))
         if not self._flush_pending:
             self._schedule_flush()
 
@@ -361,6 +368,8 @@ class Exchange:
         if hello.node in self._refused:
             self._refused.discard(hello.node)
             log.info("peer accepted", extra={"node": hello.node})
+        if hello.node not in counters.peers:
+            self._resend_recent_responses(now)
         counters.peers[hello.node] = hello.models
         self._heard[hello.node] = now
         specs, settings = self.manual.merge(batch.workers, batch.settings)
@@ -486,6 +495,21 @@ class Exchange:
         if self._moves:
             self.flush(now)
             self._placement_seen()  # another look once this move has settled
+
+    def _resend_recent_responses(self, now: float) -> None:
+        """A peer heard for the first time (just started, or it joined late) missed what was
+        published before it subscribed (PUB/SUB drops for a subscriber not yet connected:
+        ZeroMQ's slow joiner). The responses created here in the last
+        ``RECENT_RESPONSES_SECS`` go out again, so that its clients' ``GET`` of a response
+        made through this gateway finds it (a ``--workers 2`` test lost one that way when
+        its processes started slowly)."""
+        since = now - RECENT_RESPONSES_SECS
+        again = [stored for made, stored in self._recent_responses if made >= since]
+        if not again:
+            return
+        self._responses.extend(again)
+        if not self._flush_pending:
+            self._schedule_flush()
 
     def _refuse(self, node: str, reason: str) -> None:
         if node not in self._refused:
