@@ -799,6 +799,10 @@ class HttpProtocol(asyncio.Protocol):
                     return
             finally:
                 tasks.discard(task)
+                # The scope's sink is the cycle itself, and the cycle holds the scope: left
+                # in place, that loop kept every request's objects for the cyclic GC, whose
+                # passes took the p99 at 32 connections from ~1 ms to 17-45 ms.
+                cycle.scope.pop("extensions", None)
             cycle, self.next_cycle = self.next_cycle, None
             if cycle is None and not self.lost:
                 self.waiter = self.loop.create_future()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import resource
 from collections.abc import AsyncIterator
@@ -255,3 +256,34 @@ async def test_a_request_that_arrives_whole_never_makes_a_wait_event() -> None:
     writer.close()
     await http.shutdown(1)
     assert events[0] is None and isinstance(events[1], asyncio.Event)
+
+
+async def test_a_served_request_leaves_nothing_for_the_cyclic_garbage_collector(
+    server: int,
+) -> None:
+    """Everything a request made is freed by reference counting as it ends. A reference
+    loop (the scope holding the cycle as its body sink, the cycle holding the scope) kept
+    every request's objects for the cyclic collector, whose passes took the p99 latency at
+    32 connections from ~1 ms to 17-45 ms (bench/proxy_bench.py)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+
+    async def one(i: int) -> None:
+        body = b"n=%d" % i
+        writer.write(
+            b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+
+    await one(0)  # warm: the connection's own objects are made
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(1, 201):
+            await one(i)
+        found = gc.collect()
+    finally:
+        gc.enable()
+    writer.close()
+    assert found < 50, found  # 200 requests; with the loop: several thousand objects
