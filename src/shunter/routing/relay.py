@@ -29,7 +29,7 @@ from shunter.protocols.reply import Stream
 from shunter.routing.receipt import Routed
 from shunter.routing.request import InferenceRequest
 from shunter.routing.verdict import Verdict
-from shunter.wire.base import BodySink, Throttled, UpstreamError, relay_of
+from shunter.wire.base import BodySink, Relay, Throttled, UpstreamError, relay_of
 
 log = logging.getLogger("shunter.router")
 
@@ -64,8 +64,14 @@ class WatchedStream:
         self._over = False  # the worker's stream ended or broke (else the client left)
         self._code = ""
         self._closed = False
-        # None: the worker's stream cannot relay, so neither can this (``relay_of``).
-        self.relay = self._relay if relay_of(chunks) is not None else None
+
+    @property
+    def relay(self) -> Relay | None:
+        """None: the worker's stream cannot relay, so neither can this (``relay_of``). A
+        property, not an attribute set to the bound method: an object holding its own bound
+        method is a reference loop, and every stream's objects then waited for the cyclic
+        garbage collector (~20 objects a stream)."""
+        return self._relay if relay_of(self._chunks) is not None else None
 
     def __aiter__(self) -> WatchedStream:
         return self

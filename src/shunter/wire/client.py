@@ -507,8 +507,9 @@ class H1Stream:
             else:
                 conn.close()
         finally:
-            if self._ended is not None:
-                self._ended()
+            ended, self._ended = self._ended, None  # once, and no loop left through it
+            if ended is not None:
+                ended()
 
 
 def request_head(method: str, target: str, host: bytes, headers: HeaderPairs, length: int) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -412,4 +413,35 @@ async def test_a_close_cut_short_by_a_second_cancel_still_releases_everything() 
     task.cancel()  # ...and is cancelled again (a shutdown, say)
     await asyncio.gather(task, return_exceptions=True)
     await assert_released(gw)
+    await gw.close()
+
+
+@pytest.mark.parametrize("relayed", [False, True])
+async def test_a_relayed_stream_leaves_nothing_for_the_cyclic_garbage_collector(
+    relayed: bool,
+) -> None:
+    """A stream's objects (the request, the decision, the watched stream, its stats) are
+    freed by reference counting as it ends. The watched stream once kept its own bound
+    ``relay`` method as an attribute: a reference loop that left ~20 objects a stream to the
+    cyclic collector (579k objects collected over ~28k streams in a 4 s wrk run)."""
+    gw = gateway(handler=lambda r: streaming(b"data: 1\n\n", b"data: [DONE]\n\n"))
+    await ready(gw)
+
+    async def send(message: Message) -> None:
+        pass
+
+    async def one() -> None:
+        extensions = {"extensions": {BODY_SINK: ListSink()}} if relayed else {}
+        await gw.app({**stream_scope(), **extensions}, one_body(b'{"stream": true}'), send)
+
+    await one()  # warm
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            await one()
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found < 50, found  # with the loop: ~1,000
     await gw.close()
