@@ -72,11 +72,13 @@ def test_a_prompt_routes_to_the_sim_whose_engine_holds_it(procs: list[Proc]) -> 
 
     # A flush reaches the gateway as AllBlocksCleared: a's blocks are forgotten, so once b
     # holds part of p, p goes to b although a held all of it. (a is given another prompt,
-    # s: left empty, it would draw p by the engines' rebalancing, 6 blocks against 0.)
+    # s, first: left empty, it would draw p by the engines' rebalancing, 6 blocks against 0,
+    # and a plan made in that moment lasts up to 100 ms.)
     httpx.post(a.url + "/flush_cache", timeout=5).raise_for_status()
     wait_for(lambda: _blocks(gateway, a) == 0, 5, "a's blocks forgotten")
-    _generate(b.url, _prompt("p", 32))
     _generate(a.url, _prompt("s"))
+    wait_for(lambda: _blocks(gateway, a) == 4, 5, "a's new blocks")
+    _generate(b.url, _prompt("p", 32))
     wait_for(lambda: _blocks(gateway, b) >= 6 and _blocks(gateway, a) == 4, 5, "new blocks")
     before_b = b.stats()["requests_total"]
     _generate(gateway.url, _prompt("p"))
