@@ -182,10 +182,7 @@ class Tree:
             self._touch(ancestor, target, stamp)
         for held in found:
             self._touch(held, target, stamp)
-        before = self.tenant_chars.get(source, 0)
-        for held in reversed(found):  # children before their parents
-            self._drop(held, source)
-        return before - self.tenant_chars.get(source, 0)
+        return self._drop_all(found, source)
 
     def _subtree_of(self, top: Node, tenant: str) -> list[Node]:
         """The nodes of ``top``'s subtree ``tenant`` holds, each after its parent."""
@@ -199,9 +196,13 @@ class Tree:
         return found
 
     def _drop_below(self, top: Node, tenant: str) -> int:
-        """Drop ``tenant`` from ``top`` and its whole subtree, deepest nodes first."""
+        """Drop ``tenant`` from ``top`` and its whole subtree."""
+        return self._drop_all(self._subtree_of(top, tenant), tenant)
+
+    def _drop_all(self, found: list[Node], tenant: str) -> int:
+        """Drop ``tenant`` from ``found`` (``_subtree_of``'s list), deepest nodes first;
+        returns the characters dropped."""
         before = self.tenant_chars.get(tenant, 0)
-        found = self._subtree_of(top, tenant)
         for node in reversed(found):  # children after their parents in ``found``
             self._drop(node, tenant)
         return before - self.tenant_chars.get(tenant, 0)
