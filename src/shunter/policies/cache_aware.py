@@ -340,19 +340,17 @@ class CacheAwarePolicy(Policy):
         counts: Mapping[str, int] = {}
         tokens = 0  # the prompt's, when the engines' tokenizer counted them
         if precise:
-            assert scorer is not None
-            plans = self.engine_plans  # None: a scorer given after construction (tests)
-            move, weight = (None, _NO_WEIGHT) if plans is None else plans.read(tree_key, workers)
+            plans = self.engine_plans
+            assert scorer is not None and plans is not None
+            weight = plans.read(tree_key, workers)
             holder, counts, tokens = _longest_cached(
                 workers, scorer, tree_key, text, chat, config, weight
             )
             if holder is not None:
-                if move is not None and plans is not None:
-                    target = self._indexes.of(tree_key, workers).get(move.target)
-                    if target is not None and plans.moved(
-                        tree_key, move, holder, target, text, chat
-                    ):
-                        return target, "rebalanced", counts.get(target.url, 0), None
+                by_url = self._indexes.of(tree_key, workers)
+                target = plans.moved_to(tree_key, holder, by_url, text, chat)
+                if target is not None:
+                    return target, "rebalanced", counts.get(target.url, 0), None
                 return holder, "cached_blocks", counts.get(holder.url, 0), None
         if not text:
             return least_loaded(workers), "least_loaded", None, _NOTHING
@@ -541,7 +539,6 @@ class CacheAwarePolicy(Policy):
 
 
 _NOTHING = (0, -1.0)  # the tree holds none of the text for the worker
-_NO_WEIGHT: Mapping[str, float] = {}
 
 
 def _imbalanced(low: int, high: int, config: CacheAwareConfig) -> bool:

@@ -86,34 +86,36 @@ class EnginePlans:
 
     # --- the request path ------------------------------------------------------------------
 
-    def read(self, model: str, workers: Workers) -> tuple[Move | None, Mapping[str, float]]:
-        """The latest plan's move and weights for ``model`` (a dictionary read), and which
+    def read(self, model: str, workers: Workers) -> Mapping[str, float]:
+        """The latest plan's engine weights for ``model`` (a dictionary read), and which
         workers to plan over next."""
         self._workers[model] = workers
         plan = self.plans.get(model)
-        return (None, _NO_WEIGHT) if plan is None else (plan.move, plan.weight)
+        return _NO_WEIGHT if plan is None else plan.weight
 
-    def moved(
+    def moved_to(
         self,
         model: str,
-        move: Move,
         holder: Worker,
-        target: Worker | None,
+        by_url: Mapping[str, Worker],
         text: str,
         chat: bytes | None,
-    ) -> bool:
-        """Whether this request's prompt is the planned ``move``'s (its engine ``holder``
-        being the move's source, ``target`` available): then it goes to ``target``. The
-        prompt's unit is asked for (a second tokenization, the hub's cache aside) only for
-        requests headed to the move's source."""
-        if move.source != holder.url or target is None or not target.state.available:
-            return False
-        if self.engines.unit_of(model, text, chat) != move.key:
-            return False
+    ) -> Worker | None:
+        """Where this request's prompt goes instead of ``holder``, its engine: the planned
+        move's target, when the prompt is the move's unit, ``holder`` its source and the
+        target available; else None. The prompt's unit is asked for (a second tokenization,
+        the hub's cache aside) only for requests headed to the move's source."""
         plan = self.plans.get(model)
-        if plan is not None:
-            plan.taken = True
-        return True
+        move = None if plan is None else plan.move
+        if plan is None or move is None or move.source != holder.url:
+            return None
+        target = by_url.get(move.target)
+        if target is None or not target.state.available:
+            return None
+        if self.engines.unit_of(model, text, chat) != move.key:
+            return None
+        plan.taken = True
+        return target
 
     # --- the background task ---------------------------------------------------------------
 

@@ -9,12 +9,13 @@ without coordination. With 32 prompts over 8 workers, one worker then holds 5 pr
 another 3 (requests max/min 5/3 = 1.67: 3 of 10 runs of 4 and 8 peered gateways ended at
 1.54-1.67), or one prompt is split over two workers because two gateways placed it at once.
 
-One gateway among the peers (the leader, ``peers/exchange.py``) repairs that: every
-``REBALANCE_SECS`` it plans at most one move per model (``plan_move``), applies it to its
-tree and sends it to the peers, which apply it to theirs. A move hands a prompt's subtree
-from one worker to another in the tree (``Tree.move``), so that every gateway's next request
-of that prompt goes to the new worker; only one gateway decides, so the gateways never move
-the same prompt in different directions or pile moves onto the same worker.
+One gateway among the peers (the leader, ``peers/exchange.py``) repairs that: soon after a
+placement, and every ``REBALANCE_SECS``, it plans at most one move per model (``plan_move``),
+applies it to its tree and sends it to the peers, which apply it to theirs. A move hands a
+prompt's subtree from one worker to another in the tree (``Tree.move``), so that every
+gateway's next request of that prompt goes to the new worker; only one gateway decides, so
+the gateways never move the same prompt in different directions or pile moves onto the same
+worker.
 
 What is moved is a **unit**: the texts that agree on their first ``UNIT_CHARS`` characters,
 or, when every text shares a longer start, on everything up to where they first part. With
@@ -27,9 +28,9 @@ split over them.) Texts shorter than that are in no unit and never move. A unit'
 unit's holders; a worker's weight is the sum over units. Two moves, in this order:
 
 1. **Consolidate**: a unit held by several workers goes to the one holding the least weight,
-   and the others drop it. Skipped while the fleet is imbalanced by load (the thresholds that
-   make ``cache_aware`` override a match), since that is when ``cache_aware`` spreads a hot
-   prompt over several workers on purpose.
+   and the others drop it. Skipped for a while after load overrode a match
+   (``CacheAwarePolicy.rebalance``), since that is when ``cache_aware`` spreads a hot prompt
+   over several workers on purpose.
 2. **Even out**: when the heaviest worker outweighs the lightest by more than 1.25 of one of
    its units (moving that unit then narrows the gap by more than half a unit) and by more
    than ``MIN_GAP_SHARE`` of the mean weight (no churn over the noise of short texts), the
@@ -44,7 +45,7 @@ a unit is the prompts sharing their first block (``kv_events/index.py``), weighe
 Every gateway subscribed to the same engines plans the same move from the same events, so
 gateways that do not talk agree all the same; the move holds while the events show the old
 engine as the heaviest, and gathering is done by ``cache_aware``'s tie-break (between engines
-holding a prompt alike, the lighter one), see ``CacheAwarePolicy._engine_plan``. Prompts
+holding a prompt alike, the lighter one), see ``engine_plans.py``. Prompts
 that all share their first block (a fixed preamble of 16 tokens or more before anything
 differs) make one unit there, and precise mode then has nothing to move.
 """

@@ -113,11 +113,15 @@ class Scorer(WithoutUnits):
         total: int = 100,
         held: dict[str, int] | None = None,
     ) -> None:
+        self.total = total
+        self.held = held or {}
+        self.says(tracked, cached)
+
+    def says(self, tracked: set[str], cached: dict[str, int]) -> None:
+        """The events change: ``tracked`` publish, and hold ``cached`` of the prompt."""
         self.active = bool(tracked)
         self.tracked = tracked
         self.cached = cached
-        self.total = total
-        self.held = held or {}
 
     def held_tokens(self, model: str, url: str) -> int:
         return self.held.get(url, 0)
@@ -137,9 +141,10 @@ def _request(text: str = "some prompt " * 10) -> RouteRequest:
 
 def test_precise_mode_picks_the_longest_cached_run_then_the_less_loaded() -> None:
     a, b, c = (make_worker(f"http://{n}:1") for n in "abc")
-    policy = CacheAwarePolicy(scorer=Scorer({a.url, b.url, c.url}, {a.url: 48, b.url: 64}))
+    engines = Scorer({a.url, b.url, c.url}, {a.url: 48, b.url: 64})
+    policy = CacheAwarePolicy(scorer=engines)
     assert policy.select((a, b, c), _request()) is b
-    policy.scorer = Scorer({a.url, b.url}, {a.url: 64, b.url: 64})
+    engines.says({a.url, b.url}, {a.url: 64, b.url: 64})
     a.state.in_flight = 3
     assert policy.select((a, b, c), _request()) is b  # a tie: the less loaded
     b.state.exclude(True)
@@ -187,14 +192,15 @@ def test_the_tree_speaks_only_for_workers_without_events(monkeypatch: pytest.Mon
     # Every route here is older than the events' lag: the engines have had time to speak.
     monkeypatch.setattr(cache_aware, "EVENTS_LAG_SECS", 0.0)
     a, b = make_worker("http://a:1"), make_worker("http://b:1")
-    policy = CacheAwarePolicy()
+    engines = Scorer(set(), {})  # no worker publishes events yet: the tree decides
+    policy = CacheAwarePolicy(scorer=engines)
     text = "a shared system prompt " * 10
     first = policy.select((a, b), _request(text))
     assert first is not None
     other = b if first is a else a
     # Now the first worker's engine says it holds nothing (evicted), the other all of it.
-    policy.scorer = Scorer({a.url, b.url}, {other.url: 100})
+    engines.says({a.url, b.url}, {other.url: 100})
     assert policy.select((a, b), _request(text)) is other
     # A worker without events keeps its tree match.
-    policy.scorer = Scorer({other.url}, {})
+    engines.says({other.url}, {})
     assert policy.select((a, b), _request(text)) is first

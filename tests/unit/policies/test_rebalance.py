@@ -301,14 +301,14 @@ def test_a_planned_move_no_request_takes_is_passed_over() -> None:
 
     plans.read("m", workers)
     plans.plan("m", workers, now=100.0)
-    first, _ = plans.read("m", workers)
+    first = plans.plans["m"].move
     assert first is not None and (first.source, first.target) == (workers[0].url, workers[3].url)
     one_block_more(20)
     plans.plan("m", workers, now=100.5)
-    assert plans.read("m", workers)[0] == first  # the same move, not yet a second old
+    assert plans.plans["m"].move == first  # the same move, not yet a second old
     one_block_more(21)
     plans.plan("m", workers, now=101.5)
-    second, _ = plans.read("m", workers)
+    second = plans.plans["m"].move
     assert second is not None and second.source == first.source and second.key != first.key
 
 
@@ -318,12 +318,12 @@ def test_too_many_units_are_not_planned_for() -> None:
     plans = EnginePlans(hub)
     plans.read("m", workers)
     plans.plan("m", workers, now=1.0)
-    assert plans.read("m", workers)[0] is not None
+    assert plans.plans["m"].move is not None
     store(hub, workers[0].url, 5)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine_plans, "MAX_UNITS", 3)
         plans.plan("m", workers, now=2.0)
-    assert plans.read("m", workers) == (None, {})
+    assert plans.plans["m"].move is None and plans.read("m", workers) == {}
 
 
 def test_a_hot_prompt_held_alike_goes_to_the_less_loaded_engine_not_the_lighter() -> None:
