@@ -43,7 +43,8 @@ class AccessLog:
         self._lines = InfoLines(logger)
         self._level_and_name = f"INFO {logger.name}: ".translate(ESCAPES)
         # Lines of this event-loop turn, written together at its end (``_write_pending``):
-        # one write system call per turn rather than per request.
+        # one write system call per turn rather than per request. Each: (handlers, when,
+        # the line's request part, method, path, status).
         self._pending: list[tuple[list[logging.StreamHandler[Any]], float, str, str, str, int]] = []
 
     def write(
@@ -66,10 +67,19 @@ class AccessLog:
             for handler in handlers:
                 if type(handler.formatter) is not TextFormatter:
                     break
-            else:  # every one formats text
-                self._write_text(
-                    handlers, method, path, status, seconds, worker, request_id, error_code
+            else:  # every one formats text: the line's request part, as TextFormatter's
+                # ``repr(round(ms, 3))``'s digits ("1.230" -> "1.23", "2.000" -> "2.0") for
+                # any latency under 1e16 ms, where repr would turn to an exponent.
+                ms = f"{seconds * 1000:.3f}".rstrip("0")
+                if ms[-1] == ".":
+                    ms += "0"
+                request = (
+                    f"{method} {path} {status} status={status} latency_ms={ms} worker={worker} "
+                    f"request_id={request_id} error_code={error_code}"
                 )
+                if not request.isprintable() or "\\" in request:  # see ``TextFormatter.line``
+                    request = request.translate(ESCAPES)
+                self._queue(handlers, request, method, path, status)
                 return
         self._lines.write_to(
             handlers,
@@ -83,39 +93,23 @@ class AccessLog:
             },
         )
 
-    def _write_text(
+    def _queue(
         self,
         handlers: list[logging.StreamHandler[Any]],
+        request: str,
         method: str,
         path: str,
         status: int,
-        seconds: float,
-        worker: str | None,
-        request_id: str,
-        error_code: str,
     ) -> None:
-        """The line to each handler, as ``StreamHandler.emit`` writes a record's."""
-        # ``repr(round(ms, 3))``'s digits ("1.230" -> "1.23", "2.000" -> "2.0") for any
-        # latency under 1e16 ms, where repr would turn to an exponent.
-        ms = f"{seconds * 1000:.3f}".rstrip("0")
-        if ms[-1] == ".":
-            ms += "0"
-        request = (
-            f"{method} {path} {status} status={status} latency_ms={ms} worker={worker} "
-            f"request_id={request_id} error_code={error_code}"
-        )
-        if not request.isprintable() or "\\" in request:  # see ``TextFormatter.line``
-            request = request.translate(ESCAPES)
-        created = time.time()
+        """A text line for ``handlers`` (``request``: its request part), written with the
+        rest of this loop turn's; method, path and status name it if the write fails."""
         pending = self._pending
-        if not pending:
+        pending.append((handlers, time.time(), request, method, path, status))
+        if len(pending) == 1:
             try:
                 asyncio.get_running_loop().call_soon(self._write_pending)
             except RuntimeError:  # no event loop (a tool, a test): write it now
-                pending.append((handlers, created, request, method, path, status))
                 self._write_pending()
-                return
-        pending.append((handlers, created, request, method, path, status))
 
     def _write_pending(self) -> None:
         """The lines of this loop turn, one write per handler (``_pending``)."""
@@ -135,7 +129,7 @@ class AccessLog:
                     stream.flush()  # as ``handler.flush()``, less taking the lock again
             except Exception:
                 _, _, _, method, path, status = pending[0]
-                logger = self.logger
                 message = f"{method} {path} {status}"
+                logger = self.logger
                 record = logger.makeRecord(logger.name, logging.INFO, "", 0, message, (), None)
                 handler.handleError(record)
