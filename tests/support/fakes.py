@@ -221,15 +221,21 @@ async def call(
 
 class WithoutUnits:
     """What precise rebalancing reads of a scorer (``PrefixScorer``: ``version``, ``units``,
-    ``unit_of``), for fake scorers whose engines report no units: nothing to plan."""
+    ``unit_of``, ``newest``), for fake scorers whose engines report no units: nothing to
+    plan, no unit to break a tie."""
 
     def version(self, model: str) -> int:
         return 0
 
     def units(
         self, model: str, eligible: Collection[str], limit: int
-    ) -> list[tuple[int, dict[str, int]]] | None:
+    ) -> list[tuple[int, dict[str, int], float]] | None:
         return []
 
     def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:
+        return None
+
+    def newest(
+        self, model: str, text: str, chat: bytes | None, among: Collection[str]
+    ) -> str | None:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -67,27 +68,43 @@ class KvEvents:
 
     def units(
         self, model: str, eligible: Collection[str], limit: int
-    ) -> list[tuple[int, dict[str, int]]] | None:
+    ) -> list[tuple[int, dict[str, int], float]] | None:
         """``model``'s units as the engines hold them (``kv_events/index.py``): each key with
-        the blocks each worker in ``eligible`` holds of it, in key order (every gateway lists
-        them alike, so every gateway plans the same move from the same events); None when
-        there are more than ``limit``."""
+        the blocks each worker in ``eligible`` holds of it (in the order they began holding
+        it) and its demand, in key order (every gateway lists them alike, so every gateway
+        plans the same move from the same events); None when there are more than
+        ``limit``."""
         index = self.index.models.get(model)
         if index is None:
             return []
         if len(index.units) > limit:
             return None
+        now = time.monotonic()
         units = []
         for key in sorted(index.units):
             held = {url: n for url, n in index.units[key].items() if url in eligible}
             if held:
-                units.append((key, held))
+                units.append((key, held, index.demand(key, now)))
         return units
 
     def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:
         """The unit of a request's prompt (None: shorter than a block)."""
         index = self.index.models.get(model)
         return None if index is None else index.unit_of(self._ids(text, chat))
+
+    def newest(
+        self, model: str, text: str, chat: bytes | None, among: Collection[str]
+    ) -> str | None:
+        """Of the workers in ``among``, the one that began holding the prompt's unit last
+        (None: none of them holds it)."""
+        index = self.index.models.get(model)
+        unit = None if index is None else index.unit_of(self._ids(text, chat))
+        if index is None or unit is None:
+            return None
+        for url in reversed(index.units.get(unit, {})):  # in the order they began holding it
+            if url in among:
+                return url
+        return None
 
     def _ids(self, text: str, chat: bytes | None) -> Sequence[Any]:
         """The token ids the engine sees: a chat rendered as the engine renders it (when it

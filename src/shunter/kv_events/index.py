@@ -19,12 +19,24 @@ engine can reuse without a copy.
 Blocks are also grouped by **unit**, the key of their run's first block: the prompts sharing
 their first block (a chat template's start and the first words of a system prompt), as
 ``policies/rebalance.py`` moves them. ``units`` says how many blocks each worker holds of
-each unit, kept up to date as blocks come and go, so that every gateway reading the same
-events plans the same moves without talking to the others.
+each unit, in the order the workers began holding it (the newest holder is the unit's home,
+``policies/engine_plans.py``), kept up to date as blocks come and go, so that every gateway
+reading the same events plans the same moves without talking to the others.
+
+A unit's **demand** is how many tokens of it were stored new (in blocks no worker held
+until then), decayed with a half-life of ``DEMAND_HALF_LIFE_SECS``: the prompt's text and the new
+text its requests brought recently (each conversation's turns), anywhere in the fleet. It is
+what rebalancing weighs, not the blocks held: an engine's cache fills up, and then every
+engine holds about as many blocks as any other however many prompts it serves (8 sims with
+caches of 175 blocks, 5 prompts on one and 3 on another: both held ~175, and the plan saw
+nothing to move). A copy of a prompt stored on a second engine is not new, so a move does
+not add to its prompt's demand.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +44,7 @@ from shunter.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored, 
 
 ROOT = 0
 _GPU = (None, "GPU")
+DEMAND_HALF_LIFE_SECS = 60.0
 
 
 @dataclass
@@ -57,7 +70,9 @@ class BlockIndex:
 
     def __init__(self) -> None:
         self.holders: dict[int, set[str]] = {}
-        self.units: dict[int, dict[str, int]] = {}  # unit -> worker -> blocks it holds of it
+        # unit -> worker -> blocks it holds of it, the workers in the order they began holding it
+        self.units: dict[int, dict[str, int]] = {}
+        self._demand: dict[int, tuple[float, float]] = {}  # unit -> (demand, as of when)
         self.version = 0  # bumped when ``units`` changes
         self._unit_of: dict[int, int] = {}  # our key -> its run's first block's key
         self._workers: dict[str, _WorkerBlocks] = {}
@@ -97,11 +112,16 @@ class BlockIndex:
         if blocks is None:
             blocks = self._workers[worker] = _WorkerBlocks(size)
         unit_of = self._unit_of
+        holders = self.holders
+        new: dict[int, int] = {}  # unit -> its blocks no worker held until now
         for index in range(count):
             above = parent
             parent = hash((parent, tokens[index * size : (index + 1) * size]))
             if parent not in unit_of:
                 unit_of[parent] = parent if above == ROOT else unit_of.get(above, above)
+            if parent not in holders:
+                unit = unit_of[parent]
+                new[unit] = new.get(unit, 0) + 1
             engine_hash = event.block_hashes[index]
             entry = blocks.by_engine.get(engine_hash)
             if entry is None:
@@ -110,6 +130,10 @@ class BlockIndex:
                 entry[1] += 1
             self._hold(worker, blocks, parent)
         self.counters.stored_blocks += count
+        if new:
+            now = time.monotonic()
+            for unit, added in new.items():
+                self._demand[unit] = (self.demand(unit, now) + added * size, now)
 
     def remove(self, worker: str, event: BlockRemoved) -> None:
         if event.medium not in _GPU:
@@ -144,7 +168,13 @@ class BlockIndex:
             del held[worker]
             if not held:
                 del self.units[unit]
+                self._demand.pop(unit, None)
         self.version += 1
+
+    def demand(self, unit: int, now: float) -> float:
+        """``unit``'s demand as of ``now`` (monotonic seconds): see the module's docstring."""
+        value, since = self._demand.get(unit, (0.0, now))
+        return value * math.exp2((since - now) / DEMAND_HALF_LIFE_SECS)
 
     def blocks_of(self, worker: str) -> int:
         blocks = self._workers.get(worker)
@@ -210,6 +240,7 @@ class BlockIndex:
                 del held[worker]
                 if not held and unit is not None:
                     del self.units[unit]
+                    self._demand.pop(unit, None)
             self.version += 1
         holding = self.holders.get(key)
         if holding is not None:

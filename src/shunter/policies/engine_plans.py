@@ -3,19 +3,26 @@
 In precise mode the engines' events, not the tree, say where a prompt is, so the leader's
 moves in the tree (``rebalance.py``, ``peers/exchange.py``) do not apply. Instead every
 gateway plans from the events on its own: a unit is the prompts sharing their first block
-(``kv_events/index.py``), weighed in blocks, and ``plan_move`` picks the move that evens the
-engines out. Gateways reading the same events plan the same move, so they agree without
-talking (independent precise gateways over 8 sims: requests max/min 1.48-2.16 before this,
-1.00-1.48 after, ``bench/README.md``).
+(``kv_events/index.py``), and ``plan_move`` picks the move that evens the engines out.
+Gateways reading the same events plan the same move, so they agree without talking
+(independent precise gateways over 8 sims: requests max/min 1.48-2.16 before this,
+``bench/README.md``).
 
+- **A unit's home is its newest holder.** Between engines holding a prompt's run alike (a
+  prompt placed on two at once, or one moved whose old copy is not evicted yet) a request
+  goes to the engine that began holding the unit last (``cache_aware``'s tie-break, the
+  scorer's ``newest``). Every gateway sees the same stores in the same order, so all of
+  them follow a move once its target's events arrive, as peered gateways follow a move in
+  their trees. Gathering on the lighter holder instead let each change of the weights send
+  a prompt back and forth, undoing the moves made to even the engines out (4 independent
+  gateways over 8 sims ended with 5 prompts on an engine that began with 3).
+- **Weighed by demand, all of it on the home.** A unit weighs its demand (the tokens of it
+  stored new lately, ``kv_events/index.py``) on its home alone: old copies draw no new
+  requests. Not the blocks held: those stop telling engines apart once the caches are full.
 - **Off the request path.** A plan is made by a background task every ``PLAN_SECS``, when
-  the events changed; a request only reads the latest (``read``). Fleets caching more than
-  ``MAX_UNITS`` units are not planned for: sorting 100,000 units took ~0.5 s, and with that
-  many units, placement's noise averages out anyway.
-- **Gathering is a tie-break, not a move.** Between engines holding a prompt's run alike (a
-  prompt placed on two at once, or one moved whose old copy is not evicted yet) the lighter
-  one takes it (``weight``, read with the plan). Planned as moves, gathering a stale copy
-  held up every later move until the old engine evicted it.
+  the events changed; a request only reads the latest (``moved_to``). Fleets caching more
+  than ``MAX_UNITS`` units are not planned for: sorting 100,000 units took ~0.5 s, and with
+  that many units, placement's noise averages out anyway.
 - **A cold unit is passed over.** A move happens only as its prompt's requests arrive; a
   planned unit no request took within ``COLD_SECS`` (its prompt is no longer asked for) is
   left out of plans for ``PASS_OVER_SECS``, so it does not hold up the next move.
@@ -31,13 +38,13 @@ from typing import Protocol
 from shunter.aio.periodic import Periodic
 from shunter.fleet.registry import Workers
 from shunter.fleet.worker import Worker
-from shunter.policies.rebalance import Move, Unit, plan_move, weights
+from shunter.policies.rebalance import Move, Unit, plan_moves, weights
 
 PLAN_SECS = 0.1  # between plans (50 ms measured no better on the replicas bench)
 MAX_UNITS = 1024  # more units than this: no plan (a plan of 1,024 takes ~1-2 ms)
+MAX_MOVES = 4  # per plan: at most half of 8 engines gain a prompt at once
 COLD_SECS = 1.0
 PASS_OVER_SECS = 30.0
-_NO_WEIGHT: Mapping[str, float] = {}
 
 
 class EngineUnits(Protocol):
@@ -51,9 +58,10 @@ class EngineUnits(Protocol):
 
     def units(
         self, model: str, eligible: Collection[str], limit: int
-    ) -> list[tuple[int, dict[str, int]]] | None:
+    ) -> list[tuple[int, dict[str, int], float]] | None:
         """The engines' units: each key with the blocks each worker in ``eligible`` holds of
-        it, in key order; None when there are more than ``limit``."""
+        it (in the order they began holding it) and its demand, in key order; None when
+        there are more than ``limit``."""
         ...
 
     def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:
@@ -64,10 +72,13 @@ class EngineUnits(Protocol):
 @dataclass(slots=True)
 class _Plan:
     version: int  # of the events it was made from
-    move: Move | None
-    weight: Mapping[str, float]
-    since: float  # when this move was first planned
-    taken: bool = False  # a request has moved
+    moves: dict[int, Move]  # by unit key
+    since: dict[int, float]  # unit key -> when its move was first planned
+    taken: set[int]  # units a request has moved
+    sources: frozenset[str]  # the moves' sources: a request headed elsewhere is not looked up
+
+
+_NO_MOVES = _Plan(-1, {}, {}, set(), frozenset())
 
 
 class EnginePlans:
@@ -86,12 +97,13 @@ class EnginePlans:
 
     # --- the request path ------------------------------------------------------------------
 
-    def read(self, model: str, workers: Workers) -> Mapping[str, float]:
-        """The latest plan's engine weights for ``model`` (a dictionary read), and which
-        workers to plan over next."""
+    def watch(self, model: str, workers: Workers) -> None:
+        """Plan ``model`` over ``workers`` from now on (its latest request's snapshot)."""
         self._workers[model] = workers
-        plan = self.plans.get(model)
-        return _NO_WEIGHT if plan is None else plan.weight
+
+    def moves(self, model: str) -> Collection[Move]:
+        """The planned moves for ``model``."""
+        return self.plans.get(model, _NO_MOVES).moves.values()
 
     def moved_to(
         self,
@@ -101,20 +113,21 @@ class EnginePlans:
         text: str,
         chat: bytes | None,
     ) -> Worker | None:
-        """Where this request's prompt goes instead of ``holder``, its engine: the planned
+        """Where this request's prompt goes instead of ``holder``, its engine: a planned
         move's target, when the prompt is the move's unit, ``holder`` its source and the
         target available; else None. The prompt's unit is asked for (a second tokenization,
-        the hub's cache aside) only for requests headed to the move's source."""
+        the hub's cache aside) only for requests headed to a move's source."""
         plan = self.plans.get(model)
-        move = None if plan is None else plan.move
-        if plan is None or move is None or move.source != holder.url:
+        if plan is None or holder.url not in plan.sources:
+            return None
+        unit = self.engines.unit_of(model, text, chat)
+        move = None if unit is None else plan.moves.get(unit)
+        if move is None or move.source != holder.url:
             return None
         target = by_url.get(move.target)
         if target is None or not target.state.available:
             return None
-        if self.engines.unit_of(model, text, chat) != move.key:
-            return None
-        plan.taken = True
+        plan.taken.add(move.key)
         return target
 
     # --- the background task ---------------------------------------------------------------
@@ -127,32 +140,30 @@ class EnginePlans:
     def plan(self, model: str, workers: Workers, now: float) -> None:
         engines = self.engines
         version = engines.version(model)
-        last = self.plans.get(model)
-        if last is not None and last.version == version:
+        last = self.plans.get(model, _NO_MOVES)
+        if last.version == version:
             return
-        if (
-            last is not None
-            and last.move is not None
-            and not last.taken
-            and (now - last.since >= COLD_SECS)
-        ):
-            self._cold[last.move.key] = now + PASS_OVER_SECS
         cold = self._cold
+        for key in last.moves:
+            if key not in last.taken and now - last.since[key] >= COLD_SECS:
+                cold[key] = now + PASS_OVER_SECS
         for key in [k for k, until in cold.items() if until <= now]:
             del cold[key]
         eligible = {w.url for w in workers if w.state.available and engines.tracks(w.url)}
         listed = engines.units(model, eligible, MAX_UNITS)
         if listed is None:
-            self.plans[model] = _Plan(version, None, _NO_WEIGHT, now)
+            self.plans[model] = _Plan(version, {}, {}, set(), frozenset())
             return
-        units = [Unit("", 0, held, key) for key, held in listed]
+        # All of a unit's demand on its home, the last to begin holding it (see above).
+        units = [Unit("", 0, {list(held)[-1]: demand}, key) for key, held, demand in listed]
         weight = weights(units, eligible)  # cold units take room all the same
         warm = [unit for unit in units if unit.key not in cold]
-        move = plan_move(warm, eligible, False, weight)
-        if last is not None and move is not None and _same(last.move, move):
-            self.plans[model] = _Plan(version, move, weight, last.since, last.taken)
-        else:
-            self.plans[model] = _Plan(version, move, weight, now)
+        moves = {m.key: m for m in plan_moves(warm, eligible, weight, MAX_MOVES)}
+        # A move planned before, the same way, keeps its age and whether it was taken.
+        kept = {key for key, m in moves.items() if _same(last.moves.get(key), m)}
+        since = {key: last.since[key] if key in kept else now for key in moves}
+        sources = frozenset(m.source for m in moves.values())
+        self.plans[model] = _Plan(version, moves, since, last.taken & kept, sources)
 
 
 def _same(planned: Move | None, move: Move) -> bool:

@@ -41,11 +41,11 @@ is a generator that yields every ``SCAN_STEP`` nodes, so the caller hands the ev
 between slices, as tree eviction does.
 
 **Precise mode** (the engines' KV events) plans from the engines' units instead of the tree:
-a unit is the prompts sharing their first block (``kv_events/index.py``), weighed in blocks.
+a unit is the prompts sharing their first block (``kv_events/index.py``), weighed by its
+demand (the tokens of it stored new lately).
 Every gateway subscribed to the same engines plans the same move from the same events, so
-gateways that do not talk agree all the same; the move holds while the events show the old
-engine as the heaviest, and gathering is done by ``cache_aware``'s tie-break (between engines
-holding a prompt alike, the lighter one), see ``engine_plans.py``. Prompts
+gateways that do not talk agree all the same; a unit held by several engines is its newest
+holder's (the one requests go to), see ``engine_plans.py``. Prompts
 that all share their first block (a fixed preamble of 16 tokens or more before anything
 differs) make one unit there, and precise mode then has nothing to move.
 """
@@ -74,14 +74,14 @@ MAX_PATH_CHARS = 65_536
 class Move:
     """Hand ``source``'s holdings of the unit that ``text`` enters at character ``cut`` to
     ``target``. ``text`` runs from the tree's root into the unit, at most ``KEY_CHARS``
-    past ``cut``; ``chars`` is what ``source`` held of it; ``reason`` says which of the two
-    moves it is (``consolidate`` or ``even``)."""
+    past ``cut``; ``chars`` is what ``source`` held of it (precise mode: the unit's demand,
+    in tokens); ``reason`` says which of the two moves it is (``consolidate`` or ``even``)."""
 
     text: str
     cut: int
     source: str
     target: str
-    chars: int
+    chars: float
     reason: str
     key: int = 0  # an engine unit's key (precise mode: ``Unit.key``), 0 for the tree's
 
@@ -95,7 +95,7 @@ class Unit:
     __slots__ = ("cut", "held", "key", "nodes", "text")
 
     def __init__(
-        self, text: str, cut: int, held: dict[str, int], key: int = 0, nodes: int = 0
+        self, text: str, cut: int, held: dict[str, float], key: int = 0, nodes: int = 0
     ) -> None:
         self.text = text
         self.cut = cut
@@ -125,7 +125,7 @@ def scan_units(tree: Tree, eligible: Collection[str], found: list[Unit]) -> Iter
         if len(text) <= cut:  # above the cut: its children may be units
             stack.extend((child, text) for child in top.children.values())
             continue
-        held: dict[str, int] = {}
+        held: dict[str, float] = {}
         nodes = 0
         below = [top]
         while below:
@@ -161,6 +161,28 @@ def plan_move(
         if move is not None:
             return move
     return _even_out(units, weight)
+
+
+def plan_moves(
+    units: list[Unit], eligible: Collection[str], weight: dict[str, float], limit: int
+) -> list[Move]:
+    """Up to ``limit`` even-out moves at once, each planned on the weights the ones before
+    it leave (precise mode, ``engine_plans.py``: one plan, agreed by every gateway, repairs
+    several misplacements in one round instead of one per round)."""
+    if len(eligible) < 2:
+        return []
+    weight = dict(weight)
+    left = list(units)
+    moves: list[Move] = []
+    while len(moves) < limit and len(left) > 1:
+        move = _even_out(left, weight)
+        if move is None:
+            break
+        moves.append(move)
+        weight[move.source] -= move.chars
+        weight[move.target] += move.chars
+        left = [u for u in left if (u.key, u.text) != (move.key, move.text)]
+    return moves
 
 
 def weights(units: list[Unit], eligible: Collection[str]) -> dict[str, float]:

@@ -1,8 +1,13 @@
-"""The block index: stores, removals, clears, copies, unknown parents, longest prefix."""
+"""The block index: stores, removals, clears, copies, unknown parents, longest prefix, units
+and their demand."""
 
 from __future__ import annotations
 
-from shunter.kv_events.index import BlockIndex, KvIndex
+import time
+
+import pytest
+
+from shunter.kv_events.index import DEMAND_HALF_LIFE_SECS, BlockIndex, KvIndex
 from shunter.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored
 
 
@@ -127,3 +132,29 @@ def test_units_count_each_workers_blocks_of_each_first_block_and_follow_removals
     assert index.units == {index.unit_of(other): {"b": 3}}
     index.drop("b")
     assert index.units == {} and index.unit_of([1, 2]) is None  # shorter than a block
+
+
+def test_demand_counts_new_blocks_not_copies_and_halves_every_half_life() -> None:
+    index = BlockIndex()
+    index.apply("a", _chain(PROMPT, 4, 1))  # 3 blocks of 4 no worker held: 12 tokens
+    index.apply("b", _chain(PROMPT, 4, 50))  # a copy: nothing new
+    index.apply("b", _chain([*PROMPT[:8], 9, 9, 9, 9], 4, 60))  # one new block
+    unit = index.unit_of(PROMPT)
+    assert unit is not None
+    now = time.monotonic()
+    assert index.demand(unit, now) == pytest.approx(16, rel=1e-3)
+    assert index.demand(unit, now + DEMAND_HALF_LIFE_SECS) == pytest.approx(8, rel=1e-3)
+    index.apply("a", AllBlocksCleared())
+    index.apply("b", AllBlocksCleared())
+    assert index.demand(unit, now) == 0  # gone with its last block
+
+
+def test_a_units_holders_are_listed_in_the_order_they_began_holding_it() -> None:
+    index = BlockIndex()
+    index.apply("a", _chain(PROMPT, 4, 1))
+    index.apply("b", _chain(PROMPT, 4, 50))
+    unit = index.unit_of(PROMPT)
+    assert unit is not None and list(index.units[unit]) == ["a", "b"]
+    index.apply("a", BlockRemoved((1, 2, 3)))  # a evicts it, then holds it anew
+    index.apply("a", _chain(PROMPT, 4, 1))
+    assert list(index.units[unit]) == ["b", "a"]

@@ -253,6 +253,13 @@ def plans_of(policy: CacheAwarePolicy) -> EnginePlans:
     return policy.engine_plans
 
 
+def only_move(plans: EnginePlans) -> Move | None:
+    """The one move planned for model "m" (None: none)."""
+    moves = list(plans.moves("m"))
+    assert len(moves) <= 1
+    return moves[0] if moves else None
+
+
 def test_precise_gateways_move_the_same_prompt_off_the_fullest_engine() -> None:
     """3/2/2/1 prompts on four engines: every gateway reading these events sends the same
     one of w0's three prompts to w3, and keeps sending it there once w3 holds it too."""
@@ -299,16 +306,17 @@ def test_a_planned_move_no_request_takes_is_passed_over() -> None:
         ids = tuple(text_ids(prompt(n, words=16)))  # a unit of its own: n is not 0-7
         hub.index.of("m").apply(workers[2].url, BlockStored((70_000 + n,), None, ids, 16))
 
-    plans.read("m", workers)
+    plans.watch("m", workers)
     plans.plan("m", workers, now=100.0)
-    first = plans.plans["m"].move
+    first = only_move(plans)
     assert first is not None and (first.source, first.target) == (workers[0].url, workers[3].url)
     one_block_more(20)
     plans.plan("m", workers, now=100.5)
-    assert plans.plans["m"].move == first  # the same move, not yet a second old
+    again = only_move(plans)
+    assert again is not None and again.key == first.key  # the same move, not yet a second old
     one_block_more(21)
     plans.plan("m", workers, now=101.5)
-    second = plans.plans["m"].move
+    second = only_move(plans)
     assert second is not None and second.source == first.source and second.key != first.key
 
 
@@ -316,25 +324,85 @@ def test_too_many_units_are_not_planned_for() -> None:
     workers = fleet(2)
     hub = engines([w.url for w in workers], [0, 0, 0, 1])
     plans = EnginePlans(hub)
-    plans.read("m", workers)
+    plans.watch("m", workers)
     plans.plan("m", workers, now=1.0)
-    assert plans.plans["m"].move is not None
+    assert only_move(plans) is not None
     store(hub, workers[0].url, 5)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine_plans, "MAX_UNITS", 3)
         plans.plan("m", workers, now=2.0)
-    assert plans.plans["m"].move is None and plans.read("m", workers) == {}
+    assert only_move(plans) is None
 
 
-def test_a_hot_prompt_held_alike_goes_to_the_less_loaded_engine_not_the_lighter() -> None:
+def test_a_prompt_held_alike_goes_to_its_newest_holder_unless_it_is_busier_by_a_band() -> None:
     workers = fleet(2)
-    hub = engines([w.url for w in workers], [0, 1, 1])  # w1 is heavier
-    both = 99_000
-    store(hub, workers[1].url, 0, first_hash=both)  # prompt 0 on both engines
+    hub = engines([w.url for w in workers], [0, 1, 1])
+    store(hub, workers[1].url, 0, first_hash=99_000)  # prompt 0 copied to w1: its home now
     policy = CacheAwarePolicy(scorer=hub)
-    policy.decide(workers, RouteRequest("m", prompt(9)))
-    plans_of(policy).plan_all()
-    assert policy.decide(workers, RouteRequest("m", prompt(0))).worker is workers[0]  # lighter
-    workers[0].state.in_flight = LOAD_BAND  # w0 busier by a band: the less loaded takes it
     assert policy.decide(workers, RouteRequest("m", prompt(0))).worker is workers[1]
-    workers[0].state.in_flight = 0
+    workers[1].state.in_flight = LOAD_BAND  # busier by a band: the less loaded takes it
+    assert policy.decide(workers, RouteRequest("m", prompt(0))).worker is workers[0]
+    workers[1].state.in_flight = 0
+
+
+def test_a_unit_weighs_its_demand_on_its_home_not_its_blocks_on_every_holder() -> None:
+    """w0 was sent prompts 0-3 and w1 none; then two of them were copied to w1 (moved). By
+    blocks held w0 still outweighs w1 3 to 1 and a move would follow; by demand on the
+    homes it is 2 to 2, nothing to move."""
+    workers = fleet(2)
+    hub = engines([w.url for w in workers], [0, 0, 0, 0])
+    for n in (0, 1):
+        store(hub, workers[1].url, n, first_hash=90_000 + 100 * n)
+    plans = EnginePlans(hub)
+    plans.watch("m", workers)
+    plans.plan("m", workers, now=1.0)
+    assert only_move(plans) is None
+
+
+def test_a_full_cache_does_not_hide_an_engine_serving_more_prompts() -> None:
+    """w0 serves four prompts but its cache kept half of each; w1 serves two, whole. Both
+    hold as many blocks; by demand w0 serves twice as much, and one of its prompts moves."""
+    workers = fleet(2)
+    hub = engines([w.url for w in workers], [0, 0, 0, 0, 1, 1])
+    for n in range(4):
+        hashes, _ = blocks_of(n, 1000 * n)
+        hub.index.of("m").apply(workers[0].url, BlockRemoved(hashes[len(hashes) // 2 :]))
+    assert hub.held_tokens("m", workers[0].url) == hub.held_tokens("m", workers[1].url)
+    plans = EnginePlans(hub)
+    plans.watch("m", workers)
+    plans.plan("m", workers, now=1.0)
+    move = only_move(plans)
+    assert move is not None and (move.source, move.target) == (workers[0].url, workers[1].url)
+
+
+def test_a_new_prompt_is_not_placed_where_a_planned_move_is_headed() -> None:
+    """w0 holds two prompts, w1 a short one, w2 none: the plan moves one of w0's to w2. A
+    short new prompt goes to w1, not to the emptiest engine: w2 is to receive the moved
+    prompt, which makes it the fuller of the two."""
+    workers = fleet(3)
+    urls = [w.url for w in workers]
+    hub = engines(urls, [0, 0])
+    short = text_ids(prompt(9, words=100))[:96]
+    hub.index.of("m").apply(
+        urls[1], BlockStored(tuple(range(80_000, 80_006)), None, tuple(short), 16)
+    )
+    policy = CacheAwarePolicy(scorer=hub)
+    policy.decide(workers, RouteRequest("m", prompt(0)))
+    plans_of(policy).plan_all()
+    move = only_move(plans_of(policy))
+    assert move is not None and (move.source, move.target) == (urls[0], urls[2])
+    decision = policy.decide(workers, RouteRequest("m", prompt(20, words=64)))
+    assert (decision.worker, decision.reason) == (workers[1], "new_prefix")
+
+
+def test_one_plan_repairs_several_engines_at_once() -> None:
+    """5/5/4/4/4/4/3/3 prompts: two moves in one plan, each from a five to a three."""
+    workers = fleet(8)
+    urls = [w.url for w in workers]
+    owners = [i for i, count in enumerate([5, 5, 4, 4, 4, 4, 3, 3]) for _ in range(count)]
+    plans = EnginePlans(engines(urls, owners))
+    plans.watch("m", workers)
+    plans.plan("m", workers, now=1.0)
+    moves = sorted((m.source, m.target) for m in plans.moves("m"))
+    assert len(moves) == 2 and {s for s, _ in moves} == {urls[0], urls[1]}
+    assert {t for _, t in moves} == {urls[6], urls[7]}
