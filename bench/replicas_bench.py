@@ -1,6 +1,6 @@
 """Cache hit rate and balance with 1, 2, 4 and 8 gateway replicas, independent or peered.
 
-Run: python bench/replicas_bench.py [--gateways 1 2 4 8] [--burst]
+Run: python bench/replicas_bench.py [--gateways 1 2 4 8] [--burst] [--rounds N] [--precise-only]
 
 Workload: 32 system prompts of 500 words x 16 users (512 chat requests, shuffled, 16 at a
 time) sprayed over N gateway processes (each request to one picked at random) in front of
@@ -18,6 +18,9 @@ every sim (found in the sims' server info) and scores workers by their cached bl
 
 ``--burst``: 512 simultaneous requests with distinct new prefixes over 4 gateways, with
 reservations shared (the default) and without (``--peer-reservation-ttl-secs 0``).
+
+``--rounds N`` runs every row N times (a row each: a run lasts ~0.7 s, so balance varies
+from run to run); ``--precise-only`` leaves out the multi-gateway rows without events.
 """
 
 from __future__ import annotations
@@ -183,16 +186,19 @@ def row(name: str, result: dict[str, object], single: float) -> str:
     )
 
 
-def precise_rows(counts: list[int], requests: list[Request], single: float) -> None:
+def precise_rows(
+    counts: list[int], requests: list[Request], single: float, rounds: int = 1
+) -> None:
     """Rows for N gateways that do not talk to each other but all subscribe to the same
     engines' KV events (precise mode), on a fleet of its own whose sims publish them; and
     for N gateways doing both."""
     procs, sims = start_sims(WORKERS, *SIM_FLAGS, kv_events=True)
     try:
         for count in sorted({1, *counts}):
-            result = run(sims, count, False, requests, CONCURRENCY, precise=True)
-            print(row(f"{count} precise (events)", result, single), flush=True)
-            if count > 1:
+            for _ in range(rounds):
+                result = run(sims, count, False, requests, CONCURRENCY, precise=True)
+                print(row(f"{count} precise (events)", result, single), flush=True)
+            for _ in range(rounds if count > 1 else 0):
                 result = run(sims, count, True, requests, CONCURRENCY, precise=True)
                 print(row(f"{count} precise, peered", result, single), flush=True)
     finally:
@@ -211,6 +217,10 @@ def main() -> None:
         default=True,
         help="add rows for independent gateways scoring by the sims' KV events",
     )
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every row")
+    parser.add_argument(
+        "--precise-only", action="store_true", help="no multi-gateway rows without events"
+    )
     args = parser.parse_args()
     procs, sims = start_sims(WORKERS, *SIM_FLAGS)
     try:
@@ -226,15 +236,17 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         single = run(sims, 1, False, requests, CONCURRENCY)
         print(row("1", single, float(single["hit"])), flush=True)  # type: ignore[arg-type]
-        for count in args.gateways:
+        for count in [] if args.precise_only else args.gateways:
             if count == 1:
                 continue
             for shared in (False, True):
-                result = run(sims, count, shared, requests, CONCURRENCY)
-                name = f"{count} {'peered' if shared else 'independent'}"
-                print(row(name, result, float(single["hit"])), flush=True)  # type: ignore[arg-type]
-        if args.precise:
-            precise_rows(args.gateways, requests, float(single["hit"]))  # type: ignore[arg-type]
+                for _ in range(args.rounds):
+                    result = run(sims, count, shared, requests, CONCURRENCY)
+                    name = f"{count} {'peered' if shared else 'independent'}"
+                    print(row(name, result, float(single["hit"])), flush=True)  # type: ignore[arg-type]
+        if args.precise or args.precise_only:
+            hit = float(single["hit"])  # type: ignore[arg-type]
+            precise_rows(args.gateways, requests, hit, args.rounds)
         if args.burst:
             burst = burst_workload()
             print("\nburst: 512 simultaneous distinct prefixes over 4 gateways, 8 workers")
