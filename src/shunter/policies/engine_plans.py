@@ -3,10 +3,11 @@
 In precise mode the engines' events, not the tree, say where a prompt is, so the leader's
 moves in the tree (``rebalance.py``, ``peers/exchange.py``) do not apply. Instead every
 gateway plans from the events on its own: a unit is the prompts sharing their first block
-(``kv_events/index.py``), and ``plan_move`` picks the move that evens the engines out.
-Gateways reading the same events plan the same move, so they agree without talking
-(independent precise gateways over 8 sims: requests max/min 1.48-2.16 before this,
-``bench/README.md``).
+(``kv_events/index.py``), and ``plan_moves`` picks up to ``MAX_MOVES`` moves that even the
+engines out, each planned on the weights the ones before it leave, so one round repairs
+several misplacements. Gateways reading the same events plan the same moves, so they agree
+without talking (4 independent precise gateways over 8 sims: requests max/min 1.48-2.16
+before this, 1.03-1.35 over 38 runs with it, ``bench/README.md``).
 
 - **A unit's home is its newest holder.** Between engines holding a prompt's run alike (a
   prompt placed on two at once, or one moved whose old copy is not evicted yet) a request
