@@ -21,6 +21,9 @@ requests completed (or the tokens streamed).
   that sends several tokens per chunk is not charged more per token.
 - Channel fetch: ``cell.value or await cell.get()`` timed in process, from 1 to 1,000
   concurrent tasks (target: under 1 µs, flat).
+- Floor: each round, a bare client on the gateways' core (``grpc_floor.py``: grpc.aio, and
+  grpclib when installed) calls the same sim with no gateway around it: the CPU every Python
+  gateway on that client pays per call and per message before any work of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -192,6 +196,10 @@ def main() -> None:
                 tokens = asyncio.run(streams(port, 16, 4))
                 row["tok_us"].append((cpu_seconds(pid) - before) / max(1, tokens) * 1e6)
                 row["ttft"].append(asyncio.run(ttft_under_load(port)))
+            for name, per_call, per_message in floor(grpc_port):
+                row = rows.setdefault(name, {"cpu_us": [], "tok_us": []})
+                row["cpu_us"].append(per_call)
+                row["tok_us"].append(per_message)
     finally:
         for process, _ in gateways.values():
             process.terminate()
@@ -205,6 +213,23 @@ def main() -> None:
                 ["git", "worktree", "remove", "--force", str(baseline)], cwd=HERE.parent, check=True
             )
     report(rows, args)
+
+
+def floor(grpc_port: int) -> list[tuple[str, float, float]]:
+    """The bare clients' CPU per whole call and per streamed message (``grpc_floor.py``, on
+    the gateways' core): one ``(floor: client, per call, per message)`` per client."""
+    output = subprocess.run(
+        ["taskset", "-c", "1", sys.executable, str(HERE / "grpc_floor.py"), str(grpc_port)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found = []
+    for line in output.splitlines():
+        client, call, message, _ = (part.strip() for part in line.split("|"))
+        name = "floor: " + client.removeprefix("floor:").strip()
+        found.append((name, float(call.split()[0]), float(message.split()[0])))
+    return found
 
 
 def ratio(rows: dict[str, dict[str, list[float]]], other: str, key: str) -> float:
@@ -224,12 +249,18 @@ def report(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace) ->
         + " ".join(f"{x:.2f}" for x in os.getloadavg())
     )
     print(
-        f"{'gateway':>8} | {'CPU/chat':>9} | {'req/s':>7} | {'p50':>8} | "
+        f"{'gateway':>15} | {'CPU/chat':>9} | {'req/s':>7} | {'p50':>8} | "
         f"{'CPU/streamed token':>18} | {'TTFT, 64 streams':>16}"
     )
     for name in rows:
+        if name.startswith("floor: "):  # a bare client: per call, per message (65 a stream)
+            print(
+                f"{name:>15} | {med(name, 'cpu_us'):>7.0f}us | {'-':>7} | {'-':>8} | "
+                f"{med(name, 'tok_us'):>14.1f}us/m | {'-':>16}"
+            )
+            continue
         print(
-            f"{name:>8} | {med(name, 'cpu_us'):>7.0f}us | {med(name, 'rps'):>7.0f} | "
+            f"{name:>15} | {med(name, 'cpu_us'):>7.0f}us | {med(name, 'rps'):>7.0f} | "
             f"{med(name, 'p50'):>6.0f}us | {med(name, 'tok_us'):>16.1f}us | "
             f"{med(name, 'ttft'):>14.1f}ms"
         )
