@@ -24,6 +24,7 @@ from shunter.fleet.breaker import BreakerConfig, CircuitBreaker, State
 from shunter.fleet.runtime import WorkerRuntime
 from shunter.fleet.worker import Worker
 from shunter.gateway import Gateway, Network
+from shunter.kv_events.units import EngineUnit
 from shunter.wire.base import UpstreamClient
 from shunter.wire.mock import Handler, MockClient, MockRequest, MockResponse
 
@@ -227,9 +228,7 @@ class WithoutUnits:
     def version(self, model: str) -> int:
         return 0
 
-    def units(
-        self, model: str, eligible: Collection[str], limit: int
-    ) -> list[tuple[int, dict[str, int], float]] | None:
+    def units(self, model: str, eligible: Collection[str], limit: int) -> list[EngineUnit] | None:
         return []
 
     def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from shunter.kv_events.chat import ChatIds
 from shunter.kv_events.index import KvIndex
+from shunter.kv_events.units import EngineUnit
 
 if TYPE_CHECKING:  # ZeroMQ is imported by the first subscription (~2.5 MiB otherwise idle)
     import zmq.asyncio
@@ -66,26 +67,26 @@ class KvEvents:
         index = self.index.models.get(model)
         return -1 if index is None else index.version
 
-    def units(
-        self, model: str, eligible: Collection[str], limit: int
-    ) -> list[tuple[int, dict[str, int], float]] | None:
-        """``model``'s units as the engines hold them (``kv_events/index.py``): each key with
-        the blocks each worker in ``eligible`` holds of it (in the order they began holding
-        it) and its demand, in key order (every gateway lists them alike, so every gateway
-        plans the same move from the same events); None when there are more than
+    def units(self, model: str, eligible: Collection[str], limit: int) -> list[EngineUnit] | None:
+        """``model``'s units as the engines hold them (``kv_events/units.py``), those held
+        by a worker in ``eligible``, in key order (every gateway lists them alike, so every
+        gateway plans the same moves from the same events); None when there are more than
         ``limit``."""
         index = self.index.models.get(model)
         if index is None:
             return []
-        if len(index.units) > limit:
+        units = index.units
+        if len(units) > limit:
             return None
-        now = time.monotonic()
-        units = []
-        for key in sorted(index.units):
-            held = {url: n for url, n in index.units[key].items() if url in eligible}
-            if held:
-                units.append((key, held, index.demand(key, now)))
-        return units
+        now = time.time()
+        listed = []
+        for key in sorted(units.blocks):
+            holders = units.holders(key, eligible)
+            if holders:
+                home = holders[-1]
+                tokens = units.blocks[key][home] * index.block_size(home)
+                listed.append(EngineUnit(key, tuple(holders), units.demand(key, now), tokens))
+        return listed
 
     def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:
         """The unit of a request's prompt (None: shorter than a block)."""
@@ -95,16 +96,11 @@ class KvEvents:
     def newest(
         self, model: str, text: str, chat: bytes | None, among: Collection[str]
     ) -> str | None:
-        """Of the workers in ``among``, the one that began holding the prompt's unit last
-        (None: none of them holds it)."""
+        """Of the workers in ``among``, the prompt's unit's home: the one that began holding
+        it last (None: none of them holds it)."""
         index = self.index.models.get(model)
         unit = None if index is None else index.unit_of(self._ids(text, chat))
-        if index is None or unit is None:
-            return None
-        for url in reversed(index.units.get(unit, {})):  # in the order they began holding it
-            if url in among:
-                return url
-        return None
+        return None if index is None or unit is None else index.units.newest(unit, among)
 
     def _ids(self, text: str, chat: bytes | None) -> Sequence[Any]:
         """The token ids the engine sees: a chat rendered as the engine renders it (when it

@@ -16,35 +16,28 @@ lost events) is skipped and counted: placing it at position 0 would fake matches
 another tier than the GPU (``medium`` CPU, disk...) are not indexed: the score is what the
 engine can reuse without a copy.
 
-Blocks are also grouped by **unit**, the key of their run's first block: the prompts sharing
-their first block (a chat template's start and the first words of a system prompt), as
-``policies/rebalance.py`` moves them. ``units`` says how many blocks each worker holds of
-each unit, in the order the workers began holding it (the newest holder is the unit's home,
-``policies/engine_plans.py``), kept up to date as blocks come and go, so that every gateway
-reading the same events plans the same moves without talking to the others.
+A batch is applied whole (``apply_batch``): a block whose last copy a batch removes and a
+later event of the same batch stores again (SGLang's node split) never stopped being held,
+so it neither moves its worker to the end of its unit's holders nor counts as new.
 
-A unit's **demand** is how many tokens of it were stored new (in blocks no worker held
-until then), decayed with a half-life of ``DEMAND_HALF_LIFE_SECS``: the prompt's text and the new
-text its requests brought recently (each conversation's turns), anywhere in the fleet. It is
-what rebalancing weighs, not the blocks held: an engine's cache fills up, and then every
-engine holds about as many blocks as any other however many prompts it serves (8 sims with
-caches of 175 blocks, 5 prompts on one and 3 on another: both held ~175, and the plan saw
-nothing to move). A copy of a prompt stored on a second engine is not new, so a move does
-not add to its prompt's demand.
+Blocks are also grouped by **unit**, the key of their run's first block: the prompts sharing
+their first block, as ``policies/rebalance.py`` moves them (``units.py``: who holds each,
+its home, its demand), kept up to date as blocks come and go, so that every gateway reading
+the same events plans the same moves without talking to the others.
 """
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shunter.kv_events.units import Units
 from shunter.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored, Event
 
 ROOT = 0
 _GPU = (None, "GPU")
-DEMAND_HALF_LIFE_SECS = 60.0
 
 
 @dataclass
@@ -70,15 +63,36 @@ class BlockIndex:
 
     def __init__(self) -> None:
         self.holders: dict[int, set[str]] = {}
-        # unit -> worker -> blocks it holds of it, the workers in the order they began holding it
-        self.units: dict[int, dict[str, int]] = {}
-        self._demand: dict[int, tuple[float, float]] = {}  # unit -> (demand, as of when)
-        self.version = 0  # bumped when ``units`` changes
+        self.units = Units()
         self._unit_of: dict[int, int] = {}  # our key -> its run's first block's key
         self._workers: dict[str, _WorkerBlocks] = {}
         self.counters = IndexCounters()
+        self._ts = 0.0  # the engine's time of the batch being applied
+        # Inside a batch: blocks whose last copy went, released when the batch ends.
+        self._letting_go: list[tuple[str, _WorkerBlocks, int]] | None = None
 
-    def apply(self, worker: str, event: Event) -> None:
+    @property
+    def version(self) -> int:
+        """Changes whenever a worker's blocks of a unit change."""
+        return self.units.version
+
+    def apply_batch(self, worker: str, events: Iterable[Event], ts: float) -> None:
+        """Apply one batch of ``worker``'s events, stamped ``ts`` by its engine."""
+        self._ts = ts
+        self._letting_go = []
+        try:
+            for event in events:
+                self.apply(worker, event, ts)
+        finally:
+            letting_go, self._letting_go = self._letting_go, None
+            for owner, blocks, key in letting_go:
+                if self._workers.get(owner) is blocks and not blocks.copies.get(key, 1):
+                    self._let_go(owner, blocks, key)
+
+    def apply(self, worker: str, event: Event, ts: float | None = None) -> None:
+        """Apply one event (``ts``: its batch's time on the engine's clock; now if None)."""
+        if self._letting_go is None:
+            self._ts = time.time() if ts is None else ts
         if isinstance(event, BlockStored):
             self.store(worker, event)
         elif isinstance(event, BlockRemoved):
@@ -130,10 +144,8 @@ class BlockIndex:
                 entry[1] += 1
             self._hold(worker, blocks, parent)
         self.counters.stored_blocks += count
-        if new:
-            now = time.monotonic()
-            for unit, added in new.items():
-                self._demand[unit] = (self.demand(unit, now) + added * size, now)
+        for unit, added in new.items():
+            self.units.stored_new(unit, added * size, self._ts)
 
     def remove(self, worker: str, event: BlockRemoved) -> None:
         if event.medium not in _GPU:
@@ -163,22 +175,15 @@ class BlockIndex:
                 if not holding:
                     del self.holders[key]
                     self._unit_of.pop(key, None)
-        for unit in [u for u, held in self.units.items() if worker in held]:
-            held = self.units[unit]
-            del held[worker]
-            if not held:
-                del self.units[unit]
-                self._demand.pop(unit, None)
-        self.version += 1
-
-    def demand(self, unit: int, now: float) -> float:
-        """``unit``'s demand as of ``now`` (monotonic seconds): see the module's docstring."""
-        value, since = self._demand.get(unit, (0.0, now))
-        return value * math.exp2((since - now) / DEMAND_HALF_LIFE_SECS)
+        self.units.drop(worker)
 
     def blocks_of(self, worker: str) -> int:
         blocks = self._workers.get(worker)
         return 0 if blocks is None else len(blocks.copies)
+
+    def block_size(self, worker: str) -> int:
+        blocks = self._workers.get(worker)
+        return 0 if blocks is None else blocks.block_size
 
     def tokens_of(self, worker: str) -> int:
         """The tokens ``worker`` holds in cached blocks."""
@@ -218,30 +223,28 @@ class BlockIndex:
     def _hold(self, worker: str, blocks: _WorkerBlocks, key: int) -> None:
         copies = blocks.copies.get(key, 0)
         blocks.copies[key] = copies + 1
-        if not copies:
+        if not copies and not (key in self.holders and worker in self.holders[key]):
             self.holders.setdefault(key, set()).add(worker)
-            held = self.units.setdefault(self._unit_of[key], {})
-            held[worker] = held.get(worker, 0) + 1
-            self.version += 1
+            self.units.hold(self._unit_of[key], worker, self._ts)
 
     def _release(self, worker: str, blocks: _WorkerBlocks, key: int) -> None:
-        if key not in blocks.copies:
+        copies = blocks.copies.get(key)
+        if not copies:
             return  # not held (an engine hash re-stored with other content, removed twice)
-        copies = blocks.copies[key] - 1
-        if copies > 0:
-            blocks.copies[key] = copies
+        blocks.copies[key] = copies - 1
+        if copies > 1:
             return
-        blocks.copies.pop(key, None)
+        if self._letting_go is not None:  # at the batch's end, unless stored again by then
+            self._letting_go.append((worker, blocks, key))
+        else:
+            self._let_go(worker, blocks, key)
+
+    def _let_go(self, worker: str, blocks: _WorkerBlocks, key: int) -> None:
+        """``worker``'s last copy of ``key`` is gone."""
+        del blocks.copies[key]
         unit = self._unit_of.get(key)
-        held = {} if unit is None else self.units.get(unit, {})
-        if worker in held:
-            held[worker] -= 1
-            if not held[worker]:
-                del held[worker]
-                if not held and unit is not None:
-                    del self.units[unit]
-                    self._demand.pop(unit, None)
-            self.version += 1
+        if unit is not None:
+            self.units.release(unit, worker)
         holding = self.holders.get(key)
         if holding is not None:
             holding.discard(worker)

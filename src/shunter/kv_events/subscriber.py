@@ -206,9 +206,7 @@ class Subscriber:
         self._apply(batch)
 
     def _apply(self, batch: Batch) -> None:
-        apply = self.index.apply
-        for event in batch.events:
-            apply(self.worker, event)
+        self.index.apply_batch(self.worker, batch.events, batch.ts)
         self.last_seq = batch.seq
         counters = self.counters
         counters.batches += 1

@@ -398,11 +398,10 @@ class CacheAwarePolicy(Policy):
         5 prompts on one, 3 on another; requests max/min 1.67).
 
         The target of a planned move (``engine_plans.py``) counts as holding the moved
-        prompt already: it is on its way there. Otherwise a new prompt and a
-        moved one both went to the lightest engine, which then had too many, and the next
-        moves took prompts off it again (4 independent gateways over 8 sims: requests
-        max/min up to 1.62 without it, 1.03-1.35 over 38 runs with it and the rest of
-        ``engine_plans.py``'s second design)."""
+        prompt already (the tokens its old engine holds of it): it is on its way there.
+        Otherwise a new prompt and a moved one both went to the lightest engine, which then
+        had too many, and the next moves took prompts off it again (``bench/README.md``,
+        "Precise rebalancing, second design")."""
         sizes = {w.url: scorer.held_tokens(model, w.url) for w in workers}
         now = time.monotonic()
         placed = self._placed
@@ -412,9 +411,9 @@ class CacheAwarePolicy(Policy):
             if what == model and where in sizes:
                 sizes[where] += count
         if self.engine_plans is not None:
-            for move in self.engine_plans.moves(model):
-                if move.target in sizes:
-                    sizes[move.target] += int(move.chars)  # on its way there (its tokens)
+            for target, arriving in self.engine_plans.arriving(model):
+                if target in sizes:
+                    sizes[target] += arriving  # the moved prompt, on its way there
         chosen = _place_new_prefix(workers, sizes, tokens // 2, text, low, self.config)
         if chosen is not None:
             placed.append((now, chosen.url, model, tokens))

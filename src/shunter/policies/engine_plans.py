@@ -11,15 +11,19 @@ before this, 1.03-1.35 over 38 runs with it, ``bench/README.md``).
 
 - **A unit's home is its newest holder.** Between engines holding a prompt's run alike (a
   prompt placed on two at once, or one moved whose old copy is not evicted yet) a request
-  goes to the engine that began holding the unit last (``cache_aware``'s tie-break, the
-  scorer's ``newest``). Every gateway sees the same stores in the same order, so all of
-  them follow a move once its target's events arrive, as peered gateways follow a move in
-  their trees. Gathering on the lighter holder instead let each change of the weights send
-  a prompt back and forth, undoing the moves made to even the engines out (4 independent
-  gateways over 8 sims ended with 5 prompts on an engine that began with 3).
+  goes to the engine that began holding the unit last by the engines' clock (``cache_aware``'s
+  tie-break, ``kv_events/units.py``), the same on every gateway, so all of them follow a
+  move once its target's events arrive, as peered gateways follow a move in their trees.
+  Gathering on the lighter holder instead let each change of the weights send a prompt
+  back and forth, undoing the moves made to even the engines out (4 independent gateways
+  over 8 sims ended with 5 prompts on an engine that began with 3). So a move never goes to
+  an engine holding an older copy: receiving it would not make that engine its home.
 - **Weighed by demand, all of it on the home.** A unit weighs its demand (the tokens of it
-  stored new lately, ``kv_events/index.py``) on its home alone: old copies draw no new
+  stored new lately, ``kv_events/units.py``) on its home alone: old copies draw no new
   requests. Not the blocks held: those stop telling engines apart once the caches are full.
+  A unit is all the prompts sharing a first block, so where several system prompts share
+  one (a long fixed preamble), its demand sits on one engine while others serve some of its
+  prompts by their longer runs; such a fleet's plans are coarse, as ``rebalance.py`` says.
 - **Off the request path.** A plan is made by a background task every ``PLAN_SECS``, when
   the events changed; a request only reads the latest (``moved_to``). Fleets caching more
   than ``MAX_UNITS`` units are not planned for: sorting 100,000 units took ~0.5 s, and with
@@ -39,11 +43,12 @@ from typing import Protocol
 from shunter.aio.periodic import Periodic
 from shunter.fleet.registry import Workers
 from shunter.fleet.worker import Worker
+from shunter.kv_events.units import EngineUnit
 from shunter.policies.rebalance import Move, Unit, plan_moves, weights
 
 PLAN_SECS = 0.1  # between plans (50 ms measured no better on the replicas bench)
 MAX_UNITS = 1024  # more units than this: no plan (a plan of 1,024 takes ~1-2 ms)
-MAX_MOVES = 4  # per plan: at most half of 8 engines gain a prompt at once
+MAX_MOVES = 4  # per plan (traced: 2-3 engines a prompt off after a burst of new prompts)
 COLD_SECS = 1.0
 PASS_OVER_SECS = 30.0
 
@@ -57,12 +62,9 @@ class EngineUnits(Protocol):
         """Changes whenever ``units`` would answer differently."""
         ...
 
-    def units(
-        self, model: str, eligible: Collection[str], limit: int
-    ) -> list[tuple[int, dict[str, int], float]] | None:
-        """The engines' units: each key with the blocks each worker in ``eligible`` holds of
-        it (in the order they began holding it) and its demand, in key order; None when
-        there are more than ``limit``."""
+    def units(self, model: str, eligible: Collection[str], limit: int) -> list[EngineUnit] | None:
+        """The units held by workers in ``eligible``, in key order; None when there are more
+        than ``limit``."""
         ...
 
     def unit_of(self, model: str, text: str, chat: bytes | None = None) -> int | None:
@@ -74,12 +76,14 @@ class EngineUnits(Protocol):
 class _Plan:
     version: int  # of the events it was made from
     moves: dict[int, Move]  # by unit key
+    tokens: dict[int, int]  # unit key -> the tokens its move brings its target
     since: dict[int, float]  # unit key -> when its move was first planned
     taken: set[int]  # units a request has moved
     sources: frozenset[str]  # the moves' sources: a request headed elsewhere is not looked up
 
 
-_NO_MOVES = _Plan(-1, {}, {}, set(), frozenset())
+def _no_plan(version: int) -> _Plan:
+    return _Plan(version, {}, {}, {}, set(), frozenset())
 
 
 class EnginePlans:
@@ -104,7 +108,15 @@ class EnginePlans:
 
     def moves(self, model: str) -> Collection[Move]:
         """The planned moves for ``model``."""
-        return self.plans.get(model, _NO_MOVES).moves.values()
+        plan = self.plans.get(model)
+        return () if plan is None else plan.moves.values()
+
+    def arriving(self, model: str) -> list[tuple[str, int]]:
+        """Per planned move of ``model``, its target and the tokens it brings there."""
+        plan = self.plans.get(model)
+        if plan is None:
+            return []
+        return [(move.target, plan.tokens[key]) for key, move in plan.moves.items()]
 
     def moved_to(
         self,
@@ -141,7 +153,7 @@ class EnginePlans:
     def plan(self, model: str, workers: Workers, now: float) -> None:
         engines = self.engines
         version = engines.version(model)
-        last = self.plans.get(model, _NO_MOVES)
+        last = self.plans.get(model) or _no_plan(-1)
         if last.version == version:
             return
         cold = self._cold
@@ -153,18 +165,23 @@ class EnginePlans:
         eligible = {w.url for w in workers if w.state.available and engines.tracks(w.url)}
         listed = engines.units(model, eligible, MAX_UNITS)
         if listed is None:
-            self.plans[model] = _Plan(version, {}, {}, set(), frozenset())
+            self.plans[model] = _no_plan(version)
             return
-        # All of a unit's demand on its home, the last to begin holding it (see above).
-        units = [Unit("", 0, {list(held)[-1]: demand}, key) for key, held, demand in listed]
+        # All of a unit's demand on its home, the last to begin holding it (see above); a
+        # move never goes to an older holder.
+        units = [
+            Unit("", 0, {unit.holders[-1]: unit.demand}, unit.key, blocked=frozenset(unit.holders))
+            for unit in listed
+        ]
         weight = weights(units, eligible)  # cold units take room all the same
         warm = [unit for unit in units if unit.key not in cold]
         moves = {m.key: m for m in plan_moves(warm, eligible, weight, MAX_MOVES)}
+        tokens = {unit.key: unit.tokens for unit in listed if unit.key in moves}
         # A move planned before, the same way, keeps its age and whether it was taken.
         kept = {key for key, m in moves.items() if _same(last.moves.get(key), m)}
         since = {key: last.since[key] if key in kept else now for key in moves}
         sources = frozenset(m.source for m in moves.values())
-        self.plans[model] = _Plan(version, moves, since, last.taken & kept, sources)
+        self.plans[model] = _Plan(version, moves, tokens, since, last.taken & kept, sources)
 
 
 def _same(planned: Move | None, move: Move) -> bool:

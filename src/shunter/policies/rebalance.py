@@ -92,16 +92,25 @@ class Unit:
     characters that worker holds of it. In the engines' events (precise mode,
     ``kv_events/index.py``): ``key`` is its first block's key, ``held`` the blocks."""
 
-    __slots__ = ("cut", "held", "key", "nodes", "text")
+    __slots__ = ("blocked", "cut", "held", "key", "nodes", "text")
 
     def __init__(
-        self, text: str, cut: int, held: dict[str, float], key: int = 0, nodes: int = 0
+        self,
+        text: str,
+        cut: int,
+        held: dict[str, float],
+        key: int = 0,
+        nodes: int = 0,
+        blocked: frozenset[str] = frozenset(),
     ) -> None:
         self.text = text
         self.cut = cut
         self.held = held
         self.key = key
         self.nodes = nodes  # the tree's nodes below the cut (0: not from a tree)
+        # Workers a move of it must not go to (precise mode: they hold an older copy, and
+        # would not become its home by receiving it, ``engine_plans.py``).
+        self.blocked = blocked
 
 
 def scan_units(tree: Tree, eligible: Collection[str], found: list[Unit]) -> Iterator[None]:
@@ -217,7 +226,7 @@ def _even_out(units: list[Unit], weight: dict[str, float]) -> Move | None:
     best: Unit | None = None
     best_after = gap
     for unit in units:
-        if list(unit.held) != [heaviest]:
+        if list(unit.held) != [heaviest] or lightest in unit.blocked:
             continue  # only the heaviest's own units: a shared one is consolidated first
         chars = unit.held[heaviest]
         after = abs(gap - 2 * chars)  # the gap once this unit has moved

@@ -1,13 +1,8 @@
-"""The block index: stores, removals, clears, copies, unknown parents, longest prefix, units
-and their demand."""
+"""The block index: stores, removals, clears, copies, unknown parents, longest prefix."""
 
 from __future__ import annotations
 
-import time
-
-import pytest
-
-from shunter.kv_events.index import DEMAND_HALF_LIFE_SECS, BlockIndex, KvIndex
+from shunter.kv_events.index import BlockIndex, KvIndex
 from shunter.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored
 
 
@@ -112,49 +107,3 @@ def test_models_are_separate_and_a_leaving_worker_is_dropped_everywhere() -> Non
     assert index.longest_prefix("m1", PROMPT) == {"a": 12}
     index.drop_worker("a")
     assert index.longest_prefix("m1", PROMPT) == {}
-
-
-def test_units_count_each_workers_blocks_of_each_first_block_and_follow_removals() -> None:
-    index = BlockIndex()
-    other = list(range(500, 512))
-    index.apply("a", _chain(PROMPT, 4, 1))
-    index.apply("a", _chain([*PROMPT[:4], 7, 7, 7, 7], 4, 10))  # another turn, same unit
-    index.apply("b", _chain(PROMPT[:4], 4, 50))
-    index.apply("b", BlockStored((60,), 50, tuple(PROMPT[4:8]), 4))  # chained by parent
-    index.apply("b", _chain(other, 4, 70))
-    unit = index.unit_of([*PROMPT, 1, 2])
-    assert unit is not None and unit != index.unit_of(other)
-    assert index.units == {unit: {"a": 4, "b": 2}, index.unit_of(other): {"b": 3}}
-    version = index.version
-    index.apply("b", BlockRemoved((60, 50)))
-    assert index.units[unit] == {"a": 4} and index.version > version
-    index.apply("a", AllBlocksCleared())
-    assert index.units == {index.unit_of(other): {"b": 3}}
-    index.drop("b")
-    assert index.units == {} and index.unit_of([1, 2]) is None  # shorter than a block
-
-
-def test_demand_counts_new_blocks_not_copies_and_halves_every_half_life() -> None:
-    index = BlockIndex()
-    index.apply("a", _chain(PROMPT, 4, 1))  # 3 blocks of 4 no worker held: 12 tokens
-    index.apply("b", _chain(PROMPT, 4, 50))  # a copy: nothing new
-    index.apply("b", _chain([*PROMPT[:8], 9, 9, 9, 9], 4, 60))  # one new block
-    unit = index.unit_of(PROMPT)
-    assert unit is not None
-    now = time.monotonic()
-    assert index.demand(unit, now) == pytest.approx(16, rel=1e-3)
-    assert index.demand(unit, now + DEMAND_HALF_LIFE_SECS) == pytest.approx(8, rel=1e-3)
-    index.apply("a", AllBlocksCleared())
-    index.apply("b", AllBlocksCleared())
-    assert index.demand(unit, now) == 0  # gone with its last block
-
-
-def test_a_units_holders_are_listed_in_the_order_they_began_holding_it() -> None:
-    index = BlockIndex()
-    index.apply("a", _chain(PROMPT, 4, 1))
-    index.apply("b", _chain(PROMPT, 4, 50))
-    unit = index.unit_of(PROMPT)
-    assert unit is not None and list(index.units[unit]) == ["a", "b"]
-    index.apply("a", BlockRemoved((1, 2, 3)))  # a evicts it, then holds it anew
-    index.apply("a", _chain(PROMPT, 4, 1))
-    assert list(index.units[unit]) == ["b", "a"]

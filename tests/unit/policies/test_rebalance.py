@@ -4,6 +4,7 @@ out) and the cache-aware policy applying moves and redirecting late decisions.""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 
 import pytest
@@ -243,9 +244,11 @@ def blocks_of(n: int, first_hash: int) -> tuple[tuple[int, ...], list[int]]:
     return tuple(range(first_hash, first_hash + count)), ids[: count * 16]
 
 
-def store(hub: KvEvents, url: str, n: int, first_hash: int | None = None) -> None:
+def store(
+    hub: KvEvents, url: str, n: int, first_hash: int | None = None, ts: float | None = None
+) -> None:
     hashes, ids = blocks_of(n, 1000 * n if first_hash is None else first_hash)
-    hub.index.of("m").apply(url, BlockStored(hashes, None, tuple(ids), 16))
+    hub.index.of("m").apply(url, BlockStored(hashes, None, tuple(ids), 16), ts)
 
 
 def plans_of(policy: CacheAwarePolicy) -> EnginePlans:
@@ -295,9 +298,11 @@ def test_precise_gateways_move_the_same_prompt_off_the_fullest_engine() -> None:
         assert decision.reason == "cached_blocks"
 
 
-def test_a_planned_move_no_request_takes_is_passed_over() -> None:
+@pytest.mark.parametrize("taken", [False, True])
+def test_a_planned_move_no_request_takes_is_passed_over(taken: bool) -> None:
     """The unit to move is cold (its prompt is no longer asked for): once it has been the
-    plan for COLD_SECS with no request taking it, the plan moves another."""
+    plan for COLD_SECS with no request taking it, the plan moves another. A move a request
+    took stays planned."""
     workers = fleet(4)
     hub = engines([w.url for w in workers], [0, 0, 0, 1, 1, 2, 2, 3])
     plans = EnginePlans(hub)
@@ -314,10 +319,15 @@ def test_a_planned_move_no_request_takes_is_passed_over() -> None:
     plans.plan("m", workers, now=100.5)
     again = only_move(plans)
     assert again is not None and again.key == first.key  # the same move, not yet a second old
+    if taken:
+        n = next(n for n in range(3) if hub.unit_of("m", prompt(n)) == first.key)
+        by_url = {w.url: w for w in workers}
+        assert plans.moved_to("m", workers[0], by_url, prompt(n), None) is workers[3]
     one_block_more(21)
     plans.plan("m", workers, now=101.5)
     second = only_move(plans)
-    assert second is not None and second.source == first.source and second.key != first.key
+    assert second is not None and second.source == first.source
+    assert (second.key == first.key) is taken
 
 
 def test_too_many_units_are_not_planned_for() -> None:
@@ -406,3 +416,24 @@ def test_one_plan_repairs_several_engines_at_once() -> None:
     moves = sorted((m.source, m.target) for m in plans.moves("m"))
     assert len(moves) == 2 and {s for s, _ in moves} == {urls[0], urls[1]}
     assert {t for _, t in moves} == {urls[6], urls[7]}
+
+
+def test_a_move_never_goes_to_an_engine_holding_an_older_copy() -> None:
+    """w0 is the home of prompts 0-2, w1 of prompt 3 and holds older copies of 0-2: moving
+    one of them to w1 would not make w1 its home (requests would stay on w0), so there is
+    no move, although w0 outweighs w1 three to one."""
+    workers = fleet(2)
+    hub = engines([w.url for w in workers], [])
+    older, newer = time.time() - 10, time.time() - 5  # demand decays by the engines' clock
+    for n in range(3):
+        store(hub, workers[1].url, n, first_hash=90_000 + 100 * n, ts=older)
+        store(hub, workers[0].url, n, ts=newer)
+    store(hub, workers[1].url, 3, ts=newer)
+    plans = EnginePlans(hub)
+    plans.watch("m", workers)
+    plans.plan("m", workers, now=1.0)
+    assert only_move(plans) is None
+    store(hub, workers[0].url, 4, ts=newer)  # a prompt of w0's alone: that one moves
+    plans.plan("m", workers, now=2.0)
+    move = only_move(plans)
+    assert move is not None and move.key == hub.unit_of("m", prompt(4))
