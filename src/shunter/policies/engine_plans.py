@@ -7,7 +7,7 @@ gateway plans from the events on its own: a unit is the prompts sharing their fi
 engines out, each planned on the weights the ones before it leave, so one round repairs
 several misplacements. Gateways reading the same events plan the same moves, so they agree
 without talking (4 independent precise gateways over 8 sims: requests max/min 1.48-2.16
-before this, 1.03-1.35 over 38 runs with it, ``bench/README.md``).
+before this, 1.05-1.40 over 21 runs with it, ``bench/README.md``).
 
 - **A unit's home is its newest holder.** Between engines holding a prompt's run alike (a
   prompt placed on two at once, or one moved whose old copy is not evicted yet) a request
