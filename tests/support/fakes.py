@@ -24,7 +24,7 @@ from shunter.fleet.breaker import BreakerConfig, CircuitBreaker, State
 from shunter.fleet.runtime import WorkerRuntime
 from shunter.fleet.worker import Worker
 from shunter.gateway import Gateway, Network
-from shunter.kv_events.units import EngineUnit
+from shunter.policies.engine_plans import EngineUnit
 from shunter.wire.base import UpstreamClient
 from shunter.wire.mock import Handler, MockClient, MockRequest, MockResponse
 

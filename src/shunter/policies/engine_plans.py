@@ -36,14 +36,13 @@ before this, 1.05-1.40 over 21 runs with it, ``bench/README.md``).
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from shunter.aio.periodic import Periodic
 from shunter.fleet.registry import Workers
 from shunter.fleet.worker import Worker
-from shunter.kv_events.units import EngineUnit
 from shunter.policies.rebalance import Move, Unit, plan_moves, weights
 
 PLAN_SECS = 0.1  # between plans (50 ms measured no better on the replicas bench)
@@ -51,6 +50,26 @@ MAX_UNITS = 1024  # more units than this: no plan (a plan of 1,024 takes ~1-2 ms
 MAX_MOVES = 4  # per plan (traced: 2-3 engines a prompt off after a burst of new prompts)
 COLD_SECS = 1.0
 PASS_OVER_SECS = 30.0
+
+
+class EngineUnit(Protocol):
+    """A unit as the plan reads it (``kv_events/units.py`` lists them)."""
+
+    @property
+    def key(self) -> int: ...
+
+    @property
+    def holders(self) -> tuple[str, ...]:
+        """The workers holding it, its home last."""
+        ...
+
+    @property
+    def demand(self) -> float: ...
+
+    @property
+    def tokens(self) -> int:
+        """What its home holds of it: what a move of it brings its target."""
+        ...
 
 
 class EngineUnits(Protocol):
@@ -62,7 +81,9 @@ class EngineUnits(Protocol):
         """Changes whenever ``units`` would answer differently."""
         ...
 
-    def units(self, model: str, eligible: Collection[str], limit: int) -> list[EngineUnit] | None:
+    def units(
+        self, model: str, eligible: Collection[str], limit: int
+    ) -> Sequence[EngineUnit] | None:
         """The units held by workers in ``eligible``, in key order; None when there are more
         than ``limit``."""
         ...

@@ -7,7 +7,7 @@ import pytest
 
 from shunter.kv_events.index import BlockIndex
 from shunter.kv_events.units import DEMAND_HALF_LIFE_SECS
-from shunter.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored
+from shunter.kv_events.wire import AllBlocksCleared, BlockRemoved, BlockStored, Event
 
 PROMPT = list(range(100, 112))  # three blocks of 4
 EVERYONE = {"a", "b", "c"}
@@ -93,7 +93,7 @@ def test_a_node_split_in_one_batch_neither_moves_its_worker_nor_adds_demand() ->
     index.apply("a", chain(PROMPT, 1), ts=1000.0)
     index.apply("b", chain(PROMPT, 50), ts=2000.0)
     unit = unit_of(index, PROMPT)
-    split = [
+    split: list[Event] = [
         BlockRemoved((1, 2, 3)),
         chain(PROMPT[:4], 1),
         BlockStored((2, 3), 1, tuple(PROMPT[4:]), 4),
