@@ -152,9 +152,10 @@ MAX_RATIO_MODELS = 1024  # models whose token ratio is kept (a bound on the dict
 # holder again here while the peer itself follows the move.
 MOVE_REDIRECT_SECS = 2.0
 OVERRIDE_QUIET_SECS = 60.0  # see ``rebalance``
-# Precise mode: between engines holding a prompt's run alike, in-flight counts this close
-# count as equal, and the prompt's home takes it (``engine_plans.py``); further apart, the
-# less loaded does, so a hot prompt still spreads before the load override trips.
+# Precise mode: between engines holding a prompt's run alike, those within this many
+# in-flight requests of the least loaded count as equal, and the prompt's home among them
+# takes it (``engine_plans.py``); a home busier than that does not, so a hot prompt still
+# spreads before the load override trips.
 LOAD_BAND = 8
 
 
@@ -586,27 +587,27 @@ def _longest_cached(
 ) -> tuple[Worker | None, Mapping[str, int], int]:
     """The available worker whose engine holds the longest cached run of the prompt, if
     that run is more than ``cache_threshold`` of it; the engines' counts; and the prompt's
-    tokens. Between engines holding the run alike: the less loaded by ``LOAD_BAND``, then
-    the prompt's home (the newest holder of its unit, ``engine_plans.py``), then the less
-    loaded."""
+    tokens. Between engines holding the run alike: the prompt's home (the newest holder of
+    its unit, ``engine_plans.py``) among those within ``LOAD_BAND`` in-flight requests of
+    the least loaded, else the least loaded."""
     total, cached = scorer.cached_tokens(model, text, chat)
     if not total or not cached:
         return None, cached, total
-    tied: list[Worker] = []
-    best_key = (0, 0)
+    longest: list[Worker] = []
+    best = 0
     for worker in workers:
         tokens = cached.get(worker.url, 0)
-        if tokens and worker.state.available:
-            key = (tokens, -(worker.state.in_flight // LOAD_BAND))
-            if key > best_key:
-                tied, best_key = [worker], key
-            elif key == best_key:
-                tied.append(worker)
-    if not tied or best_key[0] / total <= config.cache_threshold:
+        if tokens >= best and tokens and worker.state.available:
+            if tokens > best:
+                longest, best = [], tokens
+            longest.append(worker)
+    if not longest or best / total <= config.cache_threshold:
         return None, cached, total
-    if len(tied) == 1:
-        return tied[0], cached, total
-    home = scorer.newest(model, text, chat, {w.url for w in tied})
+    if len(longest) == 1:
+        return longest[0], cached, total
+    low = min(w.state.in_flight for w in longest)
+    tied = [w for w in longest if w.state.in_flight - low < LOAD_BAND]
+    home = scorer.newest(model, text, chat, {w.url for w in tied}) if len(tied) > 1 else None
     for worker in tied:
         if worker.url == home:
             return worker, cached, total

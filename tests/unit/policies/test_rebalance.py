@@ -352,7 +352,9 @@ def test_a_prompt_held_alike_goes_to_its_newest_holder_unless_it_is_busier_by_a_
     assert policy.decide(workers, RouteRequest("m", prompt(0))).worker is workers[1]
     workers[1].state.in_flight = LOAD_BAND  # busier by a band: the less loaded takes it
     assert policy.decide(workers, RouteRequest("m", prompt(0))).worker is workers[0]
-    workers[1].state.in_flight = 0
+    workers[0].state.in_flight = LOAD_BAND - 1  # one apart, across a multiple of the band
+    assert policy.decide(workers, RouteRequest("m", prompt(0))).worker is workers[1]
+    workers[0].state.in_flight = workers[1].state.in_flight = 0
 
 
 def test_a_unit_weighs_its_demand_on_its_home_not_its_blocks_on_every_holder() -> None:
