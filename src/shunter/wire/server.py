@@ -32,7 +32,6 @@ import asyncio
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
@@ -448,7 +447,10 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.cycle: Cycle | None = None  # the one whose body is being parsed
-        self.queue: deque[Cycle] = deque()  # parsed or parsing, not yet answered
+        # Parsed or parsing, not yet answered. A list, not a deque: it rarely holds more
+        # than one (pipelining is rare, and a read's worth at most), and an empty deque is
+        # 760 bytes against a list's 56, held by every open connection.
+        self.queue: list[Cycle] = []
         self.running: Cycle | None = None
         # The connection's task (``_serve``), the exchange handed to it and not yet begun,
         # what it waits on between exchanges, and whether the connection is gone.
@@ -747,7 +749,7 @@ class HttpProtocol(asyncio.Protocol):
     def _start_next(self) -> None:
         if not self.queue:
             return
-        cycle = self.queue.popleft()
+        cycle = self.queue.pop(0)
         self.running = cycle
         if self.task is None:
             self.task = self.loop.create_task(self._serve(cycle))
