@@ -101,8 +101,10 @@ class _Connection(asyncio.Protocol):
         self.state = _NEW
         self.idle_since = 0.0
         self.parser = httptools.HttpResponseParser(self)
-        # The response being read.
-        self.chunks: deque[bytes] = deque()
+        # The response being read. Its chunks not yet taken, a few (reading pauses at
+        # PAUSE_AT): a list, not a deque, as an empty deque is 760 bytes against a list's
+        # 56, held by every open connection.
+        self.chunks: list[bytes] = []
         self.head: asyncio.Future[None] | None = None
         # The reader waiting for the next chunk: the chunk is its result (``H1Stream``).
         self.reader: asyncio.Future[bytes] | None = None
@@ -426,7 +428,7 @@ class H1Stream:
         conn = self._conn
         chunk: asyncio.Future[bytes] = conn.loop.create_future()
         if conn.chunks:
-            chunk.set_result(conn.chunks.popleft())
+            chunk.set_result(conn.chunks.pop(0))
             if conn.paused and len(conn.chunks) < PAUSE_AT // 2 and conn.transport:
                 conn.paused = False
                 conn.transport.resume_reading()
@@ -450,7 +452,7 @@ class H1Stream:
         callbacks, and the task waits only for the end (32.7k -> 20.4k per chunk)."""
         conn = self._conn
         while conn.chunks:  # arrived before the relay began
-            sink.write(conn.chunks.popleft())
+            sink.write(conn.chunks.pop(0))
         if conn.error is not None or conn.ended:
             conn.disarm()
             end = conn.end_of_body()
