@@ -228,8 +228,9 @@ class _Connection(asyncio.Protocol):
         self.state = _BODY
         self.keep_alive = self.parser.should_keep_alive()
         self.until_close = not self.keep_alive and _delimited_by_close(self.headers)
-        if self.head is not None and not self.head.done():
-            self.head.set_result(None)
+        head, self.head = self.head, None  # not kept for the body's life (144 bytes)
+        if head is not None and not head.done():
+            head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         sink = self.sink
