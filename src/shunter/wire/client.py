@@ -94,6 +94,37 @@ class _SecondMessage(Exception):
 
 
 class _Connection(asyncio.Protocol):
+    """One connection to the worker, and the response being read on it."""
+
+    __slots__ = (
+        "awaited",
+        "chunks",
+        "client",
+        "ended",
+        "error",
+        "got_bytes",
+        "head",
+        "head_began",
+        "head_bounded",
+        "head_bytes",
+        "headers",
+        "idle_since",
+        "keep_alive",
+        "loop",
+        "parser",
+        "paused",
+        "read_timer",
+        "reader",
+        "relayed",
+        "sink",
+        "state",
+        "status",
+        "timer",
+        "transport",
+        "until_close",
+        "wait_began",
+    )
+
     def __init__(self, client: H1StreamClient, loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
         self.loop = loop
