@@ -56,6 +56,7 @@ REFUSAL_LOG_INTERVAL_SECS = 10.0  # at most one warning this often while connect
 # After the drain, the apps still running are cancelled and get this long to clean up (close
 # their workers' streams, send a gRPC Abort) before the caller closes what they use.
 CANCELLED_CLEANUP_SECS = 5.0
+_LOCAL_ADDRESSES_MAX = 64  # the distinct local addresses whose tuple connections share
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _DISCONNECT: Message = {"type": "http.disconnect"}
 # A request line is method SP target SP "HTTP/1.1", and no method is shorter than "GET".
@@ -488,7 +489,7 @@ class HttpProtocol(asyncio.Protocol):
             server.refuse(self.transport)  # closing stops reading: nothing is ever parsed
             return
         self.client = transport.get_extra_info("peername")
-        self.local = transport.get_extra_info("sockname")
+        self.local = server.local_address(transport.get_extra_info("sockname"))
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
         server.connections.add(self)
@@ -854,6 +855,18 @@ class HttpServer:
         self._next_refusal_warning = 0.0
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._local_addresses: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def local_address(self, address: tuple[str, int]) -> tuple[str, int]:
+        """``address`` (a connection's own end), as one object shared by every connection
+        to it: each would otherwise keep a tuple of its own (~140 bytes a connection). The
+        machine has a few addresses; past a few, the rest stay unshared."""
+        shared = self._local_addresses.get(address)
+        if shared is not None:
+            return shared
+        if len(self._local_addresses) < _LOCAL_ADDRESSES_MAX:
+            self._local_addresses[address] = address
+        return address
 
     async def listen(self, host: str, port: int, ssl: Any = None, reuse_port: bool = False) -> int:
         """Listen on host:port; ``reuse_port``: alongside other processes listening there
