@@ -132,6 +132,10 @@ def _learn_name(name: bytes) -> int:
     return kind
 
 
+# A scope's method and HTTP version as strings every request shares: decoded anew, each
+# was a string of its own (~50 bytes a request, kept as long as its stream runs).
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
+_HTTP_VERSIONS = {v: v for v in ("1.0", "1.1")}
 _BODYLESS_STATUSES = frozenset((*range(100, 200), 204, 304))
 # How a response body goes on the wire.
 _RAW = 0  # as sent: a declared Content-Length, or (HTTP/1.0) until the connection closes
@@ -435,13 +439,10 @@ class HttpProtocol(asyncio.Protocol):
         self.loop = server.loop
         limits = server.limits
         self.max_head = limits.max_request_head_bytes
-        self.max_method_and_target = limits.max_request_line_bytes - _LINE_FRAME
-        self.max_target = limits.max_request_line_bytes - _LINE_FRAME - _SHORTEST_METHOD
+        self.max_method_and_target = server.max_method_and_target
+        self.max_target = server.max_target
         self.max_header = limits.max_header_bytes
-        # While a head's room stays above this, none of its lines can be over its limit.
-        self.room_for_long_lines = self.max_head - min(
-            self.max_header, limits.max_request_line_bytes
-        )
+        self.room_for_long_lines = server.room_for_long_lines
         self.max_headers = limits.max_headers
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
@@ -689,14 +690,15 @@ class HttpProtocol(asyncio.Protocol):
 
             path = unquote(path)
         headers, self.headers = self.headers, []  # trailers, if any, go to the new list
+        version = parser.get_http_version()
         scope: Scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": parser.get_http_version(),
+            "http_version": _HTTP_VERSIONS.get(version, version),
             "server": self.local,
             "client": self.client,
             "scheme": self.scheme,
-            "method": method.decode("ascii"),
+            "method": _METHODS.get(method) or method.decode("ascii"),
             "root_path": "",
             "path": path,
             "raw_path": parsed.path,
@@ -844,7 +846,15 @@ class HttpServer:
     ) -> None:
         self.app = app
         self.keep_alive_secs = keep_alive_secs
-        self.limits = (limits or ServerLimits()).validate()
+        self.limits = limits = (limits or ServerLimits()).validate()
+        # The limits' derived forms, worked out here once: computed per connection, each
+        # was an int object of its own (96 bytes a connection).
+        self.max_method_and_target = limits.max_request_line_bytes - _LINE_FRAME
+        self.max_target = self.max_method_and_target - _SHORTEST_METHOD
+        # While a head's room stays above this, none of its lines can be over its limit.
+        self.room_for_long_lines = limits.max_request_head_bytes - min(
+            limits.max_header_bytes, limits.max_request_line_bytes
+        )
         self.max_connections = self.limits.connection_cap()
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpProtocol] = set()
