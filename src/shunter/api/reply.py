@@ -31,8 +31,14 @@ async def write_reply(
         await send({"type": "http.response.body", "body": body})
         return
     try:
-        headers = [*reply.headers, *extra]
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        # The head's list in no local variable: this frame lasts as long as the stream.
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [*reply.headers, *extra],
+            }
+        )
         relay = relay_of(body)
         if relay is not None and sink is not None:
             await relay(sink)  # the chunks go from the worker's callback to the client's

@@ -9,12 +9,14 @@ tail joined also holds an event that arrived split over reads.
 
 Once per stream, not per chunk: looking for the counts in every chunk took two substring
 searches per chunk (callgrind: 19.5k -> 17.4k instructions per relayed chunk without them).
+
+The tail is a list trimmed by hand, not a ``deque(maxlen=...)``: an empty deque is 760
+bytes against a list's 56, held by every open stream, and the trim costs ~20 ns a chunk.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from typing import Any
 
 import orjson
@@ -29,12 +31,15 @@ class StreamStats:
     def __init__(self, started: float) -> None:
         self.started = started
         self.first: float | None = None
-        self.tail: deque[bytes] = deque(maxlen=TAIL_CHUNKS)
+        self.tail: list[bytes] = []
 
     def on_chunk(self, chunk: bytes) -> None:
         if self.first is None:
             self.first = time.perf_counter()
-        self.tail.append(chunk)
+        tail = self.tail
+        tail.append(chunk)
+        if len(tail) > TAIL_CHUNKS:
+            del tail[0]
 
     @property
     def counted(self) -> bytes | None:

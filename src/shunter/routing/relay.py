@@ -39,6 +39,22 @@ Done = Callable[[InferenceRequest, int, str], None]  # (request, status, error c
 class WatchedStream:
     """``chunks`` (the worker's stream, answered ``status``) as the client receives it."""
 
+    __slots__ = (
+        "_chunks",
+        "_closed",
+        "_code",
+        "_done",
+        "_metrics",
+        "_model",
+        "_over",
+        "_request",
+        "_routed",
+        "_span",
+        "_stats",
+        "_status",
+        "_worker",
+    )
+
     def __init__(
         self,
         chunks: Stream,

@@ -32,7 +32,6 @@ import asyncio
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
@@ -57,6 +56,7 @@ REFUSAL_LOG_INTERVAL_SECS = 10.0  # at most one warning this often while connect
 # After the drain, the apps still running are cancelled and get this long to clean up (close
 # their workers' streams, send a gRPC Abort) before the caller closes what they use.
 CANCELLED_CLEANUP_SECS = 5.0
+_LOCAL_ADDRESSES_MAX = 64  # the distinct local addresses whose tuple connections share
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _DISCONNECT: Message = {"type": "http.disconnect"}
 # A request line is method SP target SP "HTTP/1.1", and no method is shorter than "GET".
@@ -132,6 +132,10 @@ def _learn_name(name: bytes) -> int:
     return kind
 
 
+# A scope's method and HTTP version as strings every request shares: decoded anew, each
+# was a string of its own (~50 bytes a request, kept as long as its stream runs).
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS")}
+_HTTP_VERSIONS = {v: v for v in ("1.0", "1.1")}
 _BODYLESS_STATUSES = frozenset((*range(100, 200), 204, 304))
 # How a response body goes on the wire.
 _RAW = 0  # as sent: a declared Content-Length, or (HTTP/1.0) until the connection closes
@@ -435,20 +439,20 @@ class HttpProtocol(asyncio.Protocol):
         self.loop = server.loop
         limits = server.limits
         self.max_head = limits.max_request_head_bytes
-        self.max_method_and_target = limits.max_request_line_bytes - _LINE_FRAME
-        self.max_target = limits.max_request_line_bytes - _LINE_FRAME - _SHORTEST_METHOD
+        self.max_method_and_target = server.max_method_and_target
+        self.max_target = server.max_target
         self.max_header = limits.max_header_bytes
-        # While a head's room stays above this, none of its lines can be over its limit.
-        self.room_for_long_lines = self.max_head - min(
-            self.max_header, limits.max_request_line_bytes
-        )
+        self.room_for_long_lines = server.room_for_long_lines
         self.max_headers = limits.max_headers
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.cycle: Cycle | None = None  # the one whose body is being parsed
-        self.queue: deque[Cycle] = deque()  # parsed or parsing, not yet answered
+        # Parsed or parsing, not yet answered. A list, not a deque: it rarely holds more
+        # than one (pipelining is rare, and a read's worth at most), and an empty deque is
+        # 760 bytes against a list's 56, held by every open connection.
+        self.queue: list[Cycle] = []
         self.running: Cycle | None = None
         # The connection's task (``_serve``), the exchange handed to it and not yet begun,
         # what it waits on between exchanges, and whether the connection is gone.
@@ -486,7 +490,7 @@ class HttpProtocol(asyncio.Protocol):
             server.refuse(self.transport)  # closing stops reading: nothing is ever parsed
             return
         self.client = transport.get_extra_info("peername")
-        self.local = transport.get_extra_info("sockname")
+        self.local = server.local_address(transport.get_extra_info("sockname"))
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
         server.connections.add(self)
@@ -686,14 +690,15 @@ class HttpProtocol(asyncio.Protocol):
 
             path = unquote(path)
         headers, self.headers = self.headers, []  # trailers, if any, go to the new list
+        version = parser.get_http_version()
         scope: Scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": parser.get_http_version(),
+            "http_version": _HTTP_VERSIONS.get(version, version),
             "server": self.local,
             "client": self.client,
             "scheme": self.scheme,
-            "method": method.decode("ascii"),
+            "method": _METHODS.get(method) or method.decode("ascii"),
             "root_path": "",
             "path": path,
             "raw_path": parsed.path,
@@ -747,7 +752,7 @@ class HttpProtocol(asyncio.Protocol):
     def _start_next(self) -> None:
         if not self.queue:
             return
-        cycle = self.queue.popleft()
+        cycle = self.queue.pop(0)
         self.running = cycle
         if self.task is None:
             self.task = self.loop.create_task(self._serve(cycle))
@@ -841,7 +846,15 @@ class HttpServer:
     ) -> None:
         self.app = app
         self.keep_alive_secs = keep_alive_secs
-        self.limits = (limits or ServerLimits()).validate()
+        self.limits = limits = (limits or ServerLimits()).validate()
+        # The limits' derived forms, worked out here once: computed per connection, each
+        # was an int object of its own (96 bytes a connection).
+        self.max_method_and_target = limits.max_request_line_bytes - _LINE_FRAME
+        self.max_target = self.max_method_and_target - _SHORTEST_METHOD
+        # While a head's room stays above this, none of its lines can be over its limit.
+        self.room_for_long_lines = limits.max_request_head_bytes - min(
+            limits.max_header_bytes, limits.max_request_line_bytes
+        )
         self.max_connections = self.limits.connection_cap()
         self.loop = asyncio.get_running_loop()
         self.connections: set[HttpProtocol] = set()
@@ -852,6 +865,18 @@ class HttpServer:
         self._next_refusal_warning = 0.0
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._local_addresses: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def local_address(self, address: tuple[str, int]) -> tuple[str, int]:
+        """``address`` (a connection's own end), as one object shared by every connection
+        to it: each would otherwise keep a tuple of its own (~140 bytes a connection). The
+        machine has a few addresses; past a few, the rest stay unshared."""
+        shared = self._local_addresses.get(address)
+        if shared is not None:
+            return shared
+        if len(self._local_addresses) < _LOCAL_ADDRESSES_MAX:
+            self._local_addresses[address] = address
+        return address
 
     async def listen(self, host: str, port: int, ssl: Any = None, reuse_port: bool = False) -> int:
         """Listen on host:port; ``reuse_port``: alongside other processes listening there

@@ -190,8 +190,13 @@ def forwarded_headers(
 
 def relayed_headers(headers: Headers) -> Headers:
     """The worker's response headers the client receives (the API adds the request id and
-    its own CORS headers)."""
-    return [(k, v) for k, v in headers if k not in _NOT_RELAYED and not k.startswith(_CORS_PREFIX)]
+    its own CORS headers): the worker's pairs themselves, not copies, as a stream's reply
+    keeps them for as long as it runs."""
+    return [
+        header
+        for header in headers
+        if header[0] not in _NOT_RELAYED and not header[0].startswith(_CORS_PREFIX)
+    ]
 
 
 def with_rank(body: bytes, rank: int) -> bytes:
