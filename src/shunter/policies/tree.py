@@ -130,22 +130,8 @@ class Tree:
         them): drop the tenant from the path past that point and from everything below it
         (an engine's prefix cache holds no extension of a prefix it lost). Returns the
         characters dropped from the tenant."""
-        node, position = self.root, 0
-        length = len(text)
-        while position < length:
-            child = node.children.get(text[position])
-            if child is None or tenant not in child.tenants:
-                return 0
-            common = _common_length(text, position, child.text)
-            if position + common > keep:
-                if position < keep:  # the edge straddles ``keep``: its upper part stays
-                    child = self._split(child, keep - position).children[text[keep]]
-                return self._drop_below(child, tenant)
-            if common < len(child.text):
-                return 0
-            position += common
-            node = child
-        return 0
+        found = self._branch(text, keep, tenant)
+        return 0 if found is None else self._drop_below(found[0], tenant)
 
     def move(self, text: str, cut: int, source: str, target: str, stamp: float) -> int:
         """Hand ``source``'s holdings below the branch ``text`` enters at character ``cut``
@@ -154,35 +140,44 @@ class Tree:
         and ``target`` also gets the path down to it (it is routed that text from now on).
         ``text`` needs only reach past ``cut``: the branch is the one holding
         ``text[cut]``. Returns the characters moved (0: nothing of ``source`` there)."""
-        node, position = self.root, 0
-        path = [node]
-        while True:
-            if position >= len(text):
-                return 0
-            child = node.children.get(text[position])
-            if child is None:
-                return 0
-            common = _common_length(text, position, child.text)
-            if position + len(child.text) > cut:  # this edge holds the branch's start
-                if position + common <= cut:
-                    return 0  # the tree parts from ``text`` before the branch
-                if position < cut:
-                    child = self._split(child, cut - position).children[text[cut]]
-                    path.append(child.parent)  # type: ignore[arg-type]
-                break
-            if common < len(child.text):
-                return 0
-            position += common
-            node = child
-            path.append(node)
-        if source not in child.tenants:
+        branch = self._branch(text, cut)
+        if branch is None or source not in branch[0].tenants:
             return 0
-        found = self._subtree_of(child, source)
+        top, path = branch
+        found = self._subtree_of(top, source)
         for ancestor in path:
             self._touch(ancestor, target, stamp)
         for held in found:
             self._touch(held, target, stamp)
         return self._drop_all(found, source)
+
+    def _branch(
+        self, text: str, at: int, tenant: str | None = None
+    ) -> tuple[Node, list[Node]] | None:
+        """The node that ``text`` continues into past its first ``at`` characters (the edge
+        straddling ``at`` split there), and the nodes on the path down to it, the root
+        first; None when the tree parts from ``text`` before that point or ``text`` stops
+        short of it, or, given ``tenant``, a node on the way is not ``tenant``'s (``forget``
+        and ``move`` walk down alike)."""
+        node, position = self.root, 0
+        path = [node]
+        while position < len(text):
+            child = node.children.get(text[position])
+            if child is None or (tenant is not None and tenant not in child.tenants):
+                return None
+            common = _common_length(text, position, child.text)
+            if position + common > at:
+                if position < at:  # the edge straddles ``at``: its upper part stays above
+                    upper = self._split(child, at - position)
+                    path.append(upper)
+                    child = upper.children[text[at]]
+                return child, path
+            if common < len(child.text):
+                return None
+            position += common
+            node = child
+            path.append(node)
+        return None
 
     def _subtree_of(self, top: Node, tenant: str) -> list[Node]:
         """The nodes of ``top``'s subtree ``tenant`` holds, each after its parent."""
