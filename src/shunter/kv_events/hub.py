@@ -98,9 +98,8 @@ class KvEvents:
     ) -> str | None:
         """Of the workers in ``among``, the prompt's unit's home: the one that began holding
         it last (None: none of them holds it)."""
-        index = self.index.models.get(model)
-        unit = None if index is None else index.unit_of(self._ids(text, chat))
-        return None if index is None or unit is None else index.units.newest(unit, among)
+        unit = self.unit_of(model, text, chat)
+        return None if unit is None else self.index.models[model].units.newest(unit, among)
 
     def _ids(self, text: str, chat: bytes | None) -> Sequence[Any]:
         """The token ids the engine sees: a chat rendered as the engine renders it (when it

@@ -78,7 +78,6 @@ class BlockIndex:
 
     def apply_batch(self, worker: str, events: Iterable[Event], ts: float) -> None:
         """Apply one batch of ``worker``'s events, stamped ``ts`` by its engine."""
-        self._ts = ts
         self._letting_go = []
         try:
             for event in events:
@@ -91,8 +90,7 @@ class BlockIndex:
 
     def apply(self, worker: str, event: Event, ts: float | None = None) -> None:
         """Apply one event (``ts``: its batch's time on the engine's clock; now if None)."""
-        if self._letting_go is None:
-            self._ts = time.time() if ts is None else ts
+        self._ts = time.time() if ts is None else ts
         if isinstance(event, BlockStored):
             self.store(worker, event)
         elif isinstance(event, BlockRemoved):
@@ -223,7 +221,7 @@ class BlockIndex:
     def _hold(self, worker: str, blocks: _WorkerBlocks, key: int) -> None:
         copies = blocks.copies.get(key, 0)
         blocks.copies[key] = copies + 1
-        if not copies and not (key in self.holders and worker in self.holders[key]):
+        if not copies and worker not in self.holders.get(key, ()):
             self.holders.setdefault(key, set()).add(worker)
             self.units.hold(self._unit_of[key], worker, self._ts)
 

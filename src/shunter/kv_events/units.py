@@ -104,14 +104,8 @@ class Units:
     def newest(self, unit: int, among: Collection[str]) -> str | None:
         """``unit``'s home among ``among``: the worker that began holding it last (None:
         none of them holds it)."""
-        began = self._began.get(unit)
-        if not began:
-            return None
-        best: str | None = None
-        for url, since in began.items():
-            if url in among and (best is None or (since, url) > (began[best], best)):
-                best = url
-        return best
+        began = self._began.get(unit, {})
+        return max((u for u in began if u in among), key=lambda u: (began[u], u), default=None)
 
     def _forget(self, unit: int) -> None:
         del self.blocks[unit]
