@@ -127,11 +127,6 @@ class EnginePlans:
         """Plan ``model`` over ``workers`` from now on (its latest request's snapshot)."""
         self._workers[model] = workers
 
-    def moves(self, model: str) -> Collection[Move]:
-        """The planned moves for ``model``."""
-        plan = self.plans.get(model)
-        return () if plan is None else plan.moves.values()
-
     def arriving(self, model: str) -> list[tuple[str, int]]:
         """Per planned move of ``model``, its target and the tokens it brings there."""
         plan = self.plans.get(model)

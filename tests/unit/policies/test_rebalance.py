@@ -258,7 +258,8 @@ def plans_of(policy: CacheAwarePolicy) -> EnginePlans:
 
 def only_move(plans: EnginePlans) -> Move | None:
     """The one move planned for model "m" (None: none)."""
-    moves = list(plans.moves("m"))
+    plan = plans.plans.get("m")
+    moves = [] if plan is None else list(plan.moves.values())
     assert len(moves) <= 1
     return moves[0] if moves else None
 
@@ -415,7 +416,7 @@ def test_one_plan_repairs_several_engines_at_once() -> None:
     plans = EnginePlans(engines(urls, owners))
     plans.watch("m", workers)
     plans.plan("m", workers, now=1.0)
-    moves = sorted((m.source, m.target) for m in plans.moves("m"))
+    moves = sorted((m.source, m.target) for m in plans.plans["m"].moves.values())
     assert len(moves) == 2 and {s for s, _ in moves} == {urls[0], urls[1]}
     assert {t for _, t in moves} == {urls[6], urls[7]}
 
