@@ -21,25 +21,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
 import uvloop
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as pb
 
+from common import cpu_seconds
+
 GENERATE = "/sglang.grpc.scheduler.SglangScheduler/Generate"
 CONCURRENT = 16
 PROMPT_IDS = list(range(100, 300))
 
 Call = Callable[[Any], Awaitable[int]]  # one Generate call: the messages it read
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def request(index: int, stream: bool) -> Any:
@@ -63,9 +60,9 @@ async def measure(call: Call, calls: int, stream: bool) -> tuple[float, float]:
             return await call(request(index, stream))
 
     await asyncio.gather(*(one(i) for i in range(100)))
-    before = cpu_seconds()
+    before = cpu_seconds(os.getpid())
     messages = sum(await asyncio.gather(*(one(i) for i in range(calls))))
-    spent = (cpu_seconds() - before) * 1e6
+    spent = (cpu_seconds(os.getpid()) - before) * 1e6
     return spent / calls, spent / max(1, messages)
 
 
@@ -123,7 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("port", type=int)
     port = parser.parse_args().port
-    clients: dict[str, Callable[[int], Awaitable[tuple[float, float]]]] = {"grpc.aio": grpc_aio}
+    clients: dict[str, Callable[[int], Coroutine[Any, Any, tuple[float, float]]]] = {
+        "grpc.aio": grpc_aio
+    }
     try:
         import grpclib  # noqa: F401
 

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import linecache
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from chaos_bench import hold_stream, raise_fd_limit
 from common import free_port, start, wait_http
 
 # The gateway, with tracemalloc on and a snapshot written to the directory in argv[1] on
@@ -44,26 +44,6 @@ signal.signal(signal.SIGUSR1, snapshot)
 from shunter.cli import main
 main(["serve", *sys.argv[2:]])
 """
-BODY = b'{"prompt": "hold", "max_tokens": 1000, "stream": true}'
-REQUEST = (
-    b"POST /v1/completions HTTP/1.1\r\nhost: b\r\ncontent-type: application/json\r\n"
-    b"content-length: %d\r\n\r\n%s" % (len(BODY), BODY)
-)
-
-
-async def hold(port: int, opened: asyncio.Queue[None], done: asyncio.Event) -> None:
-    """One stream, held open from its first event until ``done``."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(REQUEST)
-    data = b""
-    while b"data:" not in data:
-        chunk = await reader.read(4096)
-        if not chunk:
-            raise RuntimeError("the gateway closed a stream before its first event")
-        data += chunk
-    opened.put_nowait(None)
-    await done.wait()
-    writer.close()
 
 
 def snapshot(pid: int, out: Path, n: int) -> tracemalloc.Snapshot:
@@ -82,8 +62,7 @@ def main() -> None:
     parser.add_argument("--then", type=int, default=2500, help="streams held at the 2nd")
     parser.add_argument("--lines", type=int, default=40, help="source lines shown")
     args = parser.parse_args()
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 3 descriptors a stream here
+    raise_fd_limit()  # 3 descriptors a stream here
     sim_port, port = free_port(), free_port()
     sim = start(
         [
@@ -115,23 +94,27 @@ def main() -> None:
 async def _hold(
     port: int, first: int, then: int, pid: int, out: Path
 ) -> tuple[tracemalloc.Snapshot, tracemalloc.Snapshot]:
-    """Hold ``first`` streams, snapshot, hold ``then`` in all, snapshot; a few streams
-    opened and closed beforehand make the one-off objects of a first stream."""
+    """Hold ``first`` streams, snapshot, hold ``then`` in all, snapshot (``chaos_bench``'s
+    streams); a few streams opened and closed beforehand make the one-off objects of a
+    first stream."""
     done = asyncio.Event()
-    opened: asyncio.Queue[None] = asyncio.Queue()
+    opened: list[int] = []
     warm = asyncio.Event()
-    warming = [asyncio.ensure_future(hold(port, asyncio.Queue(), warm)) for _ in range(20)]
+    warming = [asyncio.ensure_future(hold_stream(port, [], warm)) for _ in range(20)]
     await asyncio.sleep(2)
     warm.set()
     await asyncio.gather(*warming)
-    streams: list[asyncio.Future[None]] = []
+    streams: list[asyncio.Future[bool]] = []
     taken = []
     for n, target in enumerate((first, then), 1):
         while len(streams) < target:  # at most 200 opening at once
             batch = min(200, target - len(streams))
-            streams += [asyncio.ensure_future(hold(port, opened, done)) for _ in range(batch)]
             for _ in range(batch):
-                await opened.get()
+                streams.append(asyncio.ensure_future(hold_stream(port, opened, done)))
+            while len(opened) < len(streams):
+                if any(stream.done() for stream in streams):  # it ended before ``done``
+                    raise RuntimeError("a stream was not held: the gateway closed it")
+                await asyncio.sleep(0.05)
         await asyncio.sleep(1.5)  # each has had a chunk or two since its first
         taken.append(await asyncio.to_thread(snapshot, pid, out, n))
     done.set()
