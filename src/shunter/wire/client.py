@@ -276,9 +276,8 @@ class _Connection(asyncio.Protocol):
                 reader.set_result(body)
                 return
         self.chunks.append(body)
-        if len(self.chunks) >= PAUSE_AT and self.transport is not None and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
+        if len(self.chunks) >= PAUSE_AT:
+            self.pause_transport()
 
     def on_message_complete(self) -> None:
         if 100 <= self.status < 200:  # back to waiting for a head to start
@@ -346,16 +345,24 @@ class _Connection(asyncio.Protocol):
         if self.sink is None:  # not relaying (any more): not the client's to pause
             return
         self.awaited = None
+        self.pause_transport()
+
+    def resume_reading(self) -> None:
+        self.resume_transport()
+        if self.relayed is not None:
+            self.watch(self.relayed)
+
+    def pause_transport(self) -> None:
+        """Stop reading the worker's socket (unread chunks piled up, or the client's buffer
+        is full)."""
         if not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
 
-    def resume_reading(self) -> None:
+    def resume_transport(self) -> None:
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
-        if self.relayed is not None:
-            self.watch(self.relayed)
 
     def watch(self, awaited: asyncio.Future[Any]) -> None:
         """Fail ``awaited`` (a head, a chunk) if the worker sends nothing for the read
@@ -410,9 +417,7 @@ class _Connection(asyncio.Protocol):
         self.status, self.headers = 0, []
         self.ended = self.got_bytes = self.until_close = False
         self.error = self.head = self.reader = self.awaited = None
-        if self.paused and self.transport is not None:  # an idle connection must see its EOF
-            self.paused = False
-            self.transport.resume_reading()
+        self.resume_transport()  # an idle connection must see its EOF
 
     def close(self) -> None:
         self.state = _CLOSED
@@ -461,9 +466,8 @@ class H1Stream:
         chunk: asyncio.Future[bytes] = conn.loop.create_future()
         if conn.chunks:
             chunk.set_result(conn.chunks.pop(0))
-            if conn.paused and len(conn.chunks) < PAUSE_AT // 2 and conn.transport:
-                conn.paused = False
-                conn.transport.resume_reading()
+            if conn.paused and len(conn.chunks) < PAUSE_AT // 2:
+                conn.resume_transport()
         elif conn.error is not None or conn.ended:
             conn.disarm()
             chunk.set_exception(conn.end_of_body())
