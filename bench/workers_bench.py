@@ -2,16 +2,23 @@
 and how evenly SO_REUSEPORT spreads connections and requests over the processes.
 
 Run: python bench/workers_bench.py [--duration 8] [--rounds 2] [--conns 32] [--sims 2]
-(needs `wrk`)
+                                   [--worker sim|nginx]
+(needs `wrk`; ``--worker nginx`` needs nginx, ``apt-get install nginx-light``)
 
 Everything shares the machine (no CPU pinning: N = 2 is there to use both cores), with
 ``shunter sim`` workers answering at once (``--ttft-ms 0 --itl-ms 0``), so req/s is what
 the whole machine makes of it, and on a 2-core machine the sims and wrk take their share
-of the cores the gateway would use. Gateway CPU per request is the user+system time of
-the supervisor and all its children over the requests wrk completed. The spread: the
-connections each process holds halfway through the run (its sockets on the gateway's
-port, from /proc), and the requests each process counted (read from its own metrics
-socket). N = 1 and N = 2 alternate, ``--rounds`` times each; each row is one run.
+of the cores the gateway would use. ``--worker nginx`` puts one nginx process in their
+place, answering mock_upstream.py's fixed chat completion at a fraction of the gateway's
+CPU per request: the gateway is then what limits req/s, and what N = 2 adds shows.
+
+Gateway CPU per request is the user+system time of the supervisor and all its children
+over the requests wrk completed; worker CPU per request, the same for the workers; machine
+busy, the share of all the cores' time not idle (/proc/stat): near 100%, the machine has
+nothing more to give. The spread: the connections each process holds halfway through the
+run (its sockets on the gateway's port, from /proc), and the requests each process counted
+(read from its own metrics socket). N = 1 and N = 2 alternate, ``--rounds`` times each;
+each row is one run.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import WRK_POST_LUA, cpu_seconds, free_port, start_sims, wait_http
+from common import WRK_POST_LUA, cpu_seconds, free_port, start, start_sims, wait_http
+from mock_upstream import ANSWER, MODELS, SERVER_INFO
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -37,6 +45,56 @@ from shunter.observability.merged import fetch_exposition  # noqa: E402
 
 BODY = HERE / "chat_1k.json"
 LUA = WRK_POST_LUA
+
+
+NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir};
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    default_type application/json;
+    server {{
+        listen 127.0.0.1:{port};
+        location = /health {{ return 200; }}
+        location = /server_info {{ return 200 '{server_info}'; }}
+        location = /v1/models {{ return 200 '{models}'; }}
+        location / {{ return 200 '{answer}'; }}
+    }}
+}}
+"""
+
+
+def start_nginx(where: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """One nginx process (no master) answering every POST with a fixed chat completion."""
+    port = free_port()
+    conf = where / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            dir=where,
+            port=port,
+            server_info=SERVER_INFO.decode(),
+            models=MODELS.decode(),
+            answer=ANSWER.decode(),
+        )
+    )
+    process = start(["nginx", "-p", str(where), "-c", str(conf)])
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health")
+    return [process], [url]
+
+
+def machine_times() -> tuple[int, int]:
+    """The machine's (busy, total) CPU ticks since boot, from /proc/stat."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def children(pid: int) -> list[int]:
@@ -174,7 +232,13 @@ def _routes(port: int) -> bool:
         return False
 
 
-def measure(workers: int, sims: list[str], args: argparse.Namespace, script: str) -> dict[str, Any]:
+def measure(
+    workers: int,
+    sims: list[str],
+    sim_pids: list[int],
+    args: argparse.Namespace,
+    script: str,
+) -> dict[str, Any]:
     process, port = gateway(workers, sims)
     try:
         wait_serving(port, workers, process.pid, len(sims))
@@ -183,6 +247,8 @@ def measure(workers: int, sims: list[str], args: argparse.Namespace, script: str
         sockets = [metrics_socket(pid) for pid in serving]
         counted_before = [requests_counted(s) if s else 0.0 for s in sockets]
         before = sum(cpu_seconds(pid) for pid in pids)
+        sims_before = sum(cpu_seconds(pid) for pid in sim_pids)
+        busy_before, total_before = machine_times()
         held: list[int] = []
         timer = threading.Timer(
             args.duration / 2, lambda: held.extend(connections(p, port) for p in serving)
@@ -192,6 +258,9 @@ def measure(workers: int, sims: list[str], args: argparse.Namespace, script: str
             f"http://127.0.0.1:{port}/v1/chat/completions", args.conns, args.duration, script
         )
         cpu = sum(cpu_seconds(pid) for pid in pids) - before
+        sims_cpu = sum(cpu_seconds(pid) for pid in sim_pids) - sims_before
+        busy_after, total_after = machine_times()
+        busy, ticks = busy_after - busy_before, total_after - total_before
         counted = [
             (requests_counted(s) if s else 0.0) - b
             for s, b in zip(sockets, counted_before, strict=True)
@@ -200,6 +269,8 @@ def measure(workers: int, sims: list[str], args: argparse.Namespace, script: str
             "workers": workers,
             "rps": rps,
             "cpu_us": cpu / total * 1e6,
+            "worker_cpu_us": sims_cpu / total * 1e6,
+            "machine_busy": busy / max(1, ticks),
             "connections": held,
             "requests": [int(c) for c in counted] if workers > 1 else [total],
         }
@@ -214,15 +285,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--conns", type=int, default=32)
     parser.add_argument("--sims", type=int, default=2)
+    parser.add_argument("--worker", choices=("sim", "nginx"), default="sim")
     args = parser.parse_args()
-    sims, urls = start_sims(args.sims, "--ttft-ms", "0", "--itl-ms", "0")
+    if args.worker == "nginx":
+        sims, urls = start_nginx(Path(tempfile.mkdtemp(prefix="shunter-nginx-")))
+    else:
+        sims, urls = start_sims(args.sims, "--ttft-ms", "0", "--itl-ms", "0")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=BODY))
     rows = []
     try:
         for _ in range(args.rounds):
             for workers in (1, 2):
-                rows.append(measure(workers, urls, args, script.name))
+                rows.append(measure(workers, urls, [sim.pid for sim in sims], args, script.name))
                 print(rows[-1], flush=True)
     finally:
         for sim in sims:
@@ -230,17 +305,19 @@ def main() -> None:
             sim.wait(10)
         os.unlink(script.name)
     print(
-        f"\n{os.cpu_count()} CPUs, {args.sims} sims, {args.conns} connections, "
+        f"\n{os.cpu_count()} CPUs, {len(urls)} {args.worker} worker(s), {args.conns} connections, "
         f"{args.duration} s per run\n"
     )
     print(
-        "| --workers | req/s | gateway CPU per request | connections per process "
+        "| --workers | req/s | gateway CPU per request | worker CPU per request | machine busy "
+        "| connections per process "
         "| requests per process |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(
             f"| {row['workers']} | {row['rps']:.0f} | {row['cpu_us']:.0f} µs | "
+            f"{row['worker_cpu_us']:.0f} µs | {row['machine_busy']:.0%} | "
             f"{' / '.join(map(str, row['connections']))} | "
             f"{' / '.join(map(str, row['requests']))} |"
         )
