@@ -22,8 +22,9 @@ requests completed (or the tokens streamed).
 - Channel fetch: ``cell.value or await cell.get()`` timed in process, from 1 to 1,000
   concurrent tasks (target: under 1 µs, flat).
 - Floor: each round, a bare client on the gateways' core (``grpc_floor.py``: grpc.aio, and
-  grpclib when installed) calls the same sim with no gateway around it: the CPU every Python
-  gateway on that client pays per call and per message before any work of its own.
+  grpclib and a minimal reader over h2 when installed) calls the same sim with no gateway
+  around it: the CPU every Python gateway on that client pays per call and per message
+  before any work of its own.
 """
 
 from __future__ import annotations

@@ -13,6 +13,11 @@ in the same run as smg.
   (``stream=false``: one message each, as a whole chat is), then 16 concurrent streams of 64
   tokens (65 messages each: a chunk per token and the finishing message).
 - ``grpclib`` (pure Python over ``h2``), when installed: the same two loads.
+- ``h2``, with ``h2`` (grpclib's): the least a Python client over ``h2`` does: one
+  connection, a call's headers and its one framed message, the answers' frames cut into
+  messages and parsed, the flow-control window acknowledged; no header validation, no
+  status check, no deadline timer, no cancellation. Not a client to ship: the floor under
+  any Python HTTP/2 client that does what a gateway needs.
 
 The event loop is uvloop's, as the gateway's is. Output: one ``floor:`` line per client.
 """
@@ -23,8 +28,9 @@ import argparse
 import asyncio
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import uvloop
@@ -94,6 +100,116 @@ async def grpc_aio(port: int) -> tuple[float, float]:
     return per_call, per_message
 
 
+class _MinimalCall:
+    """One ``Generate`` on the minimal h2 connection: the answers parsed so far."""
+
+    __slots__ = ("buffer", "ended", "messages", "waiter")
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.messages: deque[Any] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.ended = False
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class _MinimalH2(asyncio.Protocol):
+    """The h2 connection the minimal client's calls share."""
+
+    def __init__(self) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        self.events = h2.events
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_inbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.h2 = h2.connection.H2Connection(config)
+        self.calls: dict[int, _MinimalCall] = {}
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's: not a subclass
+        transport = self.transport
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(2**30)
+        transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        for event in self.h2.receive_data(data):
+            if isinstance(event, self.events.DataReceived):
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                call = self.calls.get(event.stream_id)
+                if call is None:
+                    continue
+                buffer = call.buffer + event.data
+                while len(buffer) >= 5 and len(buffer) >= 5 + (
+                    size := int.from_bytes(buffer[1:5], "big")
+                ):
+                    call.messages.append(pb.GenerateResponse.FromString(buffer[5 : 5 + size]))
+                    buffer = buffer[5 + size :]
+                call.buffer = buffer
+                call.wake()
+            elif isinstance(event, self.events.StreamEnded | self.events.StreamReset):
+                ended = self.calls.pop(event.stream_id, None)
+                if ended is not None:
+                    ended.ended = True
+                    ended.wake()
+        if pending := self.h2.data_to_send():
+            self.transport.write(pending)
+
+    async def call(self, message: Any) -> int:
+        """Send ``message`` to ``Generate`` and read every answer: how many came."""
+        assert self.transport is not None
+        stream_id = self.h2.get_next_available_stream_id()
+        call = self.calls[stream_id] = _MinimalCall()
+        self.h2.send_headers(stream_id, MINIMAL_HEADERS)
+        body = message.SerializeToString()
+        self.h2.send_data(stream_id, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+        self.transport.write(self.h2.data_to_send())
+        read = 0
+        while True:
+            while call.messages:
+                call.messages.popleft()
+                read += 1
+            if call.ended:
+                return read
+            call.waiter = asyncio.get_running_loop().create_future()
+            await call.waiter
+
+
+MINIMAL_HEADERS = [
+    (b":method", b"POST"),
+    (b":scheme", b"http"),
+    (b":path", GENERATE.encode()),
+    (b":authority", b"127.0.0.1"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+    (b"grpc-timeout", b"30S"),
+]
+
+
+async def h2_minimal(port: int) -> tuple[float, float]:
+    loop = asyncio.get_running_loop()
+    transport, connection = await loop.create_connection(_MinimalH2, "127.0.0.1", port)
+    try:
+        per_call, _ = await measure(connection.call, 3000, stream=False)
+        _, per_message = await measure(connection.call, 400, stream=True)
+    finally:
+        transport.close()
+    return per_call, per_message
+
+
 async def grpclib_client(port: int) -> tuple[float, float]:
     from grpclib.client import Channel
     from grpclib.const import Cardinality
@@ -127,6 +243,7 @@ def main() -> None:
         import grpclib  # noqa: F401
 
         clients["grpclib"] = grpclib_client
+        clients["h2"] = h2_minimal
     except ImportError:
         pass
     for name, client in clients.items():
