@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -38,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -159,61 +162,101 @@ def start_sim() -> tuple[subprocess.Popen[bytes], int, int]:
     return sim, grpc_port, http_port
 
 
-def main() -> None:
-    args = comparison_parser(__doc__, duration=6).parse_args()
+@dataclass
+class ChatBench:
+    """The sim every gateway of a run calls, the wrk script that posts ``CHAT``, and the
+    gateways started so far (name: process and port), stopped with the sim."""
+
+    grpc_port: int
+    http_port: int
+    script: str
+    gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = field(default_factory=dict)
+
+    def wait_routing(self) -> None:
+        for _, port in self.gateways.values():
+            wait_routing(port, body=json.dumps(CHAT).encode())
+
+    def chat_cpu(self, name: str, duration: int) -> tuple[float, dict[str, float]]:
+        """Gateway ``name``'s CPU µs per whole chat under wrk (16 connections), and wrk's
+        figures."""
+        process, port = self.gateways[name]
+        before = cpu_seconds(process.pid)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        result = run_wrk(url, 16, duration, self.script)
+        return (cpu_seconds(process.pid) - before) / result["total"] * 1e6, result
+
+
+@contextlib.contextmanager
+def chat_bench() -> Iterator[ChatBench]:
+    """A sim serving (``start_sim``) and the chat's wrk script; on the way out, every
+    gateway added to ``gateways``, the sim and the files are gone."""
     sim, grpc_port, http_port = start_sim()
-    grpc_url = f"grpc://127.0.0.1:{grpc_port}"
-    baseline = checkout(args.baseline) if args.baseline else None
-    gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-    rows: dict[str, dict[str, list[float]]] = {}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as body_file:
         json.dump(CHAT, body_file)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=body_file.name))
+    bench = ChatBench(grpc_port, http_port, script.name)
     try:
         wait_http(f"http://127.0.0.1:{http_port}/health")
-        gateways["shunter"] = start_shunter(grpc_url)
-        if baseline is not None:
-            gateways["baseline"] = start_shunter(grpc_url, baseline / "src")
-        if args.smg:
-            gateways["smg"] = start_smg(args.smg, grpc_url)
-        gateways["HTTP"] = start_shunter(f"http://127.0.0.1:{http_port}")
-        for _, port in gateways.values():
-            wait_routing(port, body=json.dumps(CHAT).encode())
-        for _ in range(args.rounds):
-            for name, (process, port) in gateways.items():
-                row = rows.setdefault(
-                    name, {"cpu_us": [], "rps": [], "p50": [], "tok_us": [], "ttft": []}
-                )
-                pid = process.pid
-                before = cpu_seconds(pid)
-                result = run_wrk(
-                    f"http://127.0.0.1:{port}/v1/chat/completions", 16, args.duration, script.name
-                )
-                row["cpu_us"].append((cpu_seconds(pid) - before) / result["total"] * 1e6)
-                row["rps"].append(result["rps"])
-                row["p50"].append(result["p50"])
-                before = cpu_seconds(pid)
-                tokens = asyncio.run(streams(port, 16, 4))
-                row["tok_us"].append((cpu_seconds(pid) - before) / max(1, tokens) * 1e6)
-                row["ttft"].append(asyncio.run(ttft_under_load(port)))
-            for name, per_call, per_message in floor(grpc_port):
-                row = rows.setdefault(name, {"cpu_us": [], "tok_us": []})
-                row["cpu_us"].append(per_call)
-                row["tok_us"].append(per_message)
+        yield bench
     finally:
-        for process, _ in gateways.values():
+        for process, _ in bench.gateways.values():
             process.terminate()
             process.wait()
         sim.terminate()
         sim.wait()
         os.unlink(script.name)
         os.unlink(body_file.name)
+
+
+def main() -> None:
+    args = comparison_parser(__doc__, duration=6).parse_args()
+    baseline = checkout(args.baseline) if args.baseline else None
+    rows: dict[str, dict[str, list[float]]] = {}
+    try:
+        with chat_bench() as bench:
+            measure_all(bench, args, rows, baseline)
+    finally:
         if baseline is not None:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(baseline)], cwd=HERE.parent, check=True
             )
     report(rows, args)
+
+
+def measure_all(
+    bench: ChatBench,
+    args: argparse.Namespace,
+    rows: dict[str, dict[str, list[float]]],
+    baseline: Path | None,
+) -> None:
+    """Every gateway, ``args.rounds`` times, into ``rows``; the bare clients each round."""
+    grpc_url = f"grpc://127.0.0.1:{bench.grpc_port}"
+    gateways = bench.gateways
+    gateways["shunter"] = start_shunter(grpc_url)
+    if baseline is not None:
+        gateways["baseline"] = start_shunter(grpc_url, baseline / "src")
+    if args.smg:
+        gateways["smg"] = start_smg(args.smg, grpc_url)
+    gateways["HTTP"] = start_shunter(f"http://127.0.0.1:{bench.http_port}")
+    bench.wait_routing()
+    for _ in range(args.rounds):
+        for name, (process, port) in gateways.items():
+            row = rows.setdefault(
+                name, {"cpu_us": [], "rps": [], "p50": [], "tok_us": [], "ttft": []}
+            )
+            per_chat, result = bench.chat_cpu(name, args.duration)
+            row["cpu_us"].append(per_chat)
+            row["rps"].append(result["rps"])
+            row["p50"].append(result["p50"])
+            before = cpu_seconds(process.pid)
+            tokens = asyncio.run(streams(port, 16, 4))
+            row["tok_us"].append((cpu_seconds(process.pid) - before) / max(1, tokens) * 1e6)
+            row["ttft"].append(asyncio.run(ttft_under_load(port)))
+        for name, per_call, per_message in floor(bench.grpc_port):
+            row = rows.setdefault(name, {"cpu_us": [], "tok_us": []})
+            row["cpu_us"].append(per_call)
+            row["tok_us"].append(per_message)
 
 
 def floor(grpc_port: int) -> list[tuple[str, float, float]]:

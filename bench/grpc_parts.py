@@ -23,18 +23,15 @@ The patches are applied by this file re-run as ``--serve PART`` in the gateway's
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from common import cpu_seconds, free_port, gateway_args, wait_http
-from grpc_bench import CHAT, default_log_level, floor, start_sim
-from proxy_bench import LUA, run_wrk, wait_routing
+from common import free_port, gateway_args
+from grpc_bench import chat_bench, default_log_level, floor
 
 PARTS = {"whole": "", "no tokenizing": "tokenize", "no call": "call", "neither": "tokenize,call"}
 
@@ -121,34 +118,16 @@ def main() -> None:
     if args.serve is not None:
         serve(args.serve, args.rest)
         return
-    sim, grpc_port, http_port = start_sim()
-    gateways: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as body_file:
-        json.dump(CHAT, body_file)
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(LUA.format(body=body_file.name))
     cpu: dict[str, list[float]] = {name: [] for name in PARTS}
     bare: list[float] = []
-    try:
-        wait_http(f"http://127.0.0.1:{http_port}/health")
-        gateways = {name: start_gateway(part, grpc_port) for name, part in PARTS.items()}
-        for _, port in gateways.values():
-            wait_routing(port, body=json.dumps(CHAT).encode())
+    with chat_bench() as bench:
+        for name, part in PARTS.items():
+            bench.gateways[name] = start_gateway(part, bench.grpc_port)
+        bench.wait_routing()
         for _ in range(args.rounds):
-            for name, (process, port) in gateways.items():
-                before = cpu_seconds(process.pid)
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                result = run_wrk(url, 16, args.duration, script.name)
-                cpu[name].append((cpu_seconds(process.pid) - before) / result["total"] * 1e6)
-            bare.append(floor(grpc_port)[0][1])  # grpc.aio, CPU per call
-    finally:
-        for process, _ in gateways.values():
-            process.terminate()
-            process.wait()
-        sim.terminate()
-        sim.wait()
-        os.unlink(script.name)
-        os.unlink(body_file.name)
+            for name in PARTS:
+                cpu[name].append(bench.chat_cpu(name, args.duration)[0])
+            bare.append(floor(bench.grpc_port)[0][1])  # grpc.aio, CPU per call
     median = {name: statistics.median(figures) for name, figures in cpu.items()}
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"gateway CPU per whole gRPC chat, medians of {args.rounds}; load average {load}")
