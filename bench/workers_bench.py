@@ -56,7 +56,11 @@ error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
-    client_body_temp_path {dir};
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
     keepalive_requests 10000000;
     keepalive_timeout 300s;
     default_type application/json;
@@ -72,7 +76,8 @@ http {{
 
 
 def start_nginx(where: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    """One nginx process (no master) answering every POST with a fixed chat completion."""
+    """One nginx process (no master) answering every POST with a fixed chat completion;
+    its configuration, logs and temporary files in ``where`` (so it runs as any user)."""
     port = free_port()
     conf = where / "nginx.conf"
     conf.write_text(
@@ -287,23 +292,24 @@ def main() -> None:
     parser.add_argument("--sims", type=int, default=2)
     parser.add_argument("--worker", choices=("sim", "nginx"), default="sim")
     args = parser.parse_args()
+    scratch = tempfile.TemporaryDirectory(prefix="shunter-workers-")
     if args.worker == "nginx":
-        sims, urls = start_nginx(Path(tempfile.mkdtemp(prefix="shunter-nginx-")))
+        sims, urls = start_nginx(Path(scratch.name))
     else:
         sims, urls = start_sims(args.sims, "--ttft-ms", "0", "--itl-ms", "0")
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(LUA.format(body=BODY))
+    script = Path(scratch.name) / "post.lua"
+    script.write_text(LUA.format(body=BODY))
     rows = []
     try:
         for _ in range(args.rounds):
             for workers in (1, 2):
-                rows.append(measure(workers, urls, [sim.pid for sim in sims], args, script.name))
+                rows.append(measure(workers, urls, [sim.pid for sim in sims], args, str(script)))
                 print(rows[-1], flush=True)
     finally:
         for sim in sims:
             sim.terminate()
             sim.wait(10)
-        os.unlink(script.name)
+        scratch.cleanup()
     print(
         f"\n{os.cpu_count()} CPUs, {len(urls)} {args.worker} worker(s), {args.conns} connections, "
         f"{args.duration} s per run\n"
