@@ -259,14 +259,14 @@ def measure_all(
             row["tok_us"].append(per_message)
 
 
-def floor(grpc_port: int) -> list[tuple[str, float, float]]:
+def floor(grpc_port: int, clients: str = "") -> list[tuple[str, float, float]]:
     """The bare clients' CPU per whole call and per streamed message (``grpc_floor.py``, on
-    the gateways' core): one ``(floor: client, per call, per message)`` per client."""
+    the gateways' core; ``clients``: which, comma-separated, or every installed one): one
+    ``(floor: client, per call, per message)`` per client. Each client takes a few seconds;
+    five minutes means the sim stopped answering."""
+    command = [sys.executable, str(HERE / "grpc_floor.py"), str(grpc_port), "--clients", clients]
     output = subprocess.run(
-        ["taskset", "-c", "1", sys.executable, str(HERE / "grpc_floor.py"), str(grpc_port)],
-        capture_output=True,
-        text=True,
-        check=True,
+        ["taskset", "-c", "1", *command], capture_output=True, text=True, check=True, timeout=300
     ).stdout
     found = []
     for line in output.splitlines():

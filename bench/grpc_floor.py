@@ -13,11 +13,12 @@ in the same run as smg.
   (``stream=false``: one message each, as a whole chat is), then 16 concurrent streams of 64
   tokens (65 messages each: a chunk per token and the finishing message).
 - ``grpclib`` (pure Python over ``h2``), when installed: the same two loads.
-- ``h2``, with ``h2`` (grpclib's): the least a Python client over ``h2`` does: one
-  connection, a call's headers and its one framed message, the answers' frames cut into
-  messages and parsed, the flow-control window acknowledged; no header validation, no
-  status check, no deadline timer, no cancellation. Not a client to ship: the floor under
-  any Python HTTP/2 client that does what a gateway needs.
+- ``h2``, when the h2 library is installed (grpclib brings it): the least a Python client
+  over ``h2`` does: one connection, a call's headers and its one framed message, the
+  answers' frames cut into messages and parsed, the flow-control window acknowledged, the
+  call's grpc-status read (a failed call, a reset or a lost connection raises); no header
+  validation, no deadline timer, no cancellation, no keepalive. Not a client to ship: the
+  floor under any Python HTTP/2 client that does what a gateway needs.
 
 The event loop is uvloop's, as the gateway's is. Output: one ``floor:`` line per client.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import time
 from collections import deque
@@ -101,19 +103,30 @@ async def grpc_aio(port: int) -> tuple[float, float]:
 
 
 class _MinimalCall:
-    """One ``Generate`` on the minimal h2 connection: the answers parsed so far."""
+    """One ``Generate`` on the minimal h2 connection: the answers parsed so far, and how it
+    ended (``failure`` None: with grpc-status 0)."""
 
-    __slots__ = ("buffer", "ended", "messages", "waiter")
+    __slots__ = ("buffer", "ended", "failure", "messages", "status", "waiter")
 
     def __init__(self) -> None:
         self.buffer = b""
         self.messages: deque[Any] = deque()
         self.waiter: asyncio.Future[None] | None = None
+        self.status: bytes | None = None  # grpc-status, from the trailers
         self.ended = False
+        self.failure: str | None = None
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
+
+    def end(self, failure: str | None = None) -> None:
+        if failure is None and self.status != b"0":
+            failure = f"grpc-status {self.status!r}"
+        if failure is None and self.buffer:
+            failure = f"{len(self.buffer)} bytes of a message cut short"
+        self.ended, self.failure = True, failure
+        self.wake()
 
 
 class _MinimalH2(asyncio.Protocol):
@@ -160,16 +173,35 @@ class _MinimalH2(asyncio.Protocol):
                     buffer = buffer[5 + size :]
                 call.buffer = buffer
                 call.wake()
-            elif isinstance(event, self.events.StreamEnded | self.events.StreamReset):
-                ended = self.calls.pop(event.stream_id, None)
-                if ended is not None:
-                    ended.ended = True
-                    ended.wake()
+            elif isinstance(event, self.events.ResponseReceived | self.events.TrailersReceived):
+                call = self.calls.get(event.stream_id)
+                status = dict(event.headers).get(b"grpc-status")
+                if call is not None and status is not None:
+                    call.status = status
+            elif isinstance(event, self.events.StreamEnded):
+                if (ended := self.calls.pop(event.stream_id, None)) is not None:
+                    ended.end()
+            elif isinstance(event, self.events.StreamReset):
+                if (ended := self.calls.pop(event.stream_id, None)) is not None:
+                    ended.end(f"reset ({event.error_code!r})")
+            elif isinstance(event, self.events.ConnectionTerminated):
+                # Calls the sim took (up to last_stream_id) may still finish; later ones never.
+                last = event.last_stream_id or 0
+                self._fail_all(f"the sim sent GOAWAY ({event.error_code!r})", after=last)
         if pending := self.h2.data_to_send():
             self.transport.write(pending)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all(f"the connection closed ({exc!r})")
+
+    def _fail_all(self, reason: str, after: int = 0) -> None:
+        """End every call on a stream above ``after`` with ``reason``."""
+        for stream_id in [s for s in self.calls if s > after]:
+            self.calls.pop(stream_id).end(reason)
+
     async def call(self, message: Any) -> int:
-        """Send ``message`` to ``Generate`` and read every answer: how many came."""
+        """Send ``message`` to ``Generate`` and read every answer: how many came (a call that
+        did not end with grpc-status 0 raises: a floor measured on failures is no floor)."""
         assert self.transport is not None
         stream_id = self.h2.get_next_available_stream_id()
         call = self.calls[stream_id] = _MinimalCall()
@@ -183,6 +215,8 @@ class _MinimalH2(asyncio.Protocol):
                 call.messages.popleft()
                 read += 1
             if call.ended:
+                if call.failure is not None:
+                    raise RuntimeError(f"Generate failed: {call.failure}")
                 return read
             call.waiter = asyncio.get_running_loop().create_future()
             await call.waiter
@@ -232,20 +266,31 @@ async def grpclib_client(port: int) -> tuple[float, float]:
     return per_call, per_message
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("port", type=int)
-    port = parser.parse_args().port
+def installed() -> dict[str, Callable[[int], Coroutine[Any, Any, tuple[float, float]]]]:
+    """The clients this environment can run, by name (grpclib and h2: the bench extra)."""
     clients: dict[str, Callable[[int], Coroutine[Any, Any, tuple[float, float]]]] = {
         "grpc.aio": grpc_aio
     }
-    try:
-        import grpclib  # noqa: F401
+    for name, module, client in (("grpclib", "grpclib", grpclib_client), ("h2", "h2", h2_minimal)):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        clients[name] = client
+    return clients
 
-        clients["grpclib"] = grpclib_client
-        clients["h2"] = h2_minimal
-    except ImportError:
-        pass
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("port", type=int)
+    parser.add_argument(
+        "--clients", default="", help="comma-separated names to run (default: every installed)"
+    )
+    args = parser.parse_args()
+    port = args.port
+    clients = installed()
+    if args.clients:
+        clients = {name: clients[name] for name in args.clients.split(",")}
     for name, client in clients.items():
         began = time.perf_counter()
         per_call, per_message = uvloop.run(client(port))

@@ -65,7 +65,7 @@ def take_away_the_call() -> None:
         complete=pb.GenerateComplete(
             output_ids=list(range(200, 216)),
             finish_reason="length",
-            prompt_tokens=351,
+            prompt_tokens=351,  # CHAT's prompt as the sim's tokenizer counts it (usage only)
             completion_tokens=16,
         ),
     )
@@ -94,8 +94,7 @@ def serve(part: str, args: list[str]) -> None:
         take_away_the_call()
     from shunter.cli import main
 
-    sys.argv = ["shunter", *args]
-    main()
+    main(args)
 
 
 def start_gateway(part: str, grpc_port: int) -> tuple[subprocess.Popen[bytes], int]:
@@ -127,7 +126,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for name in PARTS:
                 cpu[name].append(bench.chat_cpu(name, args.duration)[0])
-            bare.append(floor(bench.grpc_port)[0][1])  # grpc.aio, CPU per call
+            bare.append(floor(bench.grpc_port, "grpc.aio")[0][1])  # CPU per call
     median = {name: statistics.median(figures) for name, figures in cpu.items()}
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"gateway CPU per whole gRPC chat, medians of {args.rounds}; load average {load}")

@@ -1,24 +1,25 @@
 """``--workers N``: requests per second and gateway CPU per request for N = 1 and N = 2,
 and how evenly SO_REUSEPORT spreads connections and requests over the processes.
 
-Run: python bench/workers_bench.py [--duration 8] [--rounds 2] [--conns 32] [--sims 2]
-                                   [--worker sim|nginx]
-(needs `wrk`; ``--worker nginx`` needs nginx, ``apt-get install nginx-light``)
+Run: python bench/workers_bench.py [--duration 8] [--rounds 2] [--conns 32]
+                                   [--upstream sim|nginx] [--sims 2]
+(needs `wrk`; ``--upstream nginx`` needs nginx, ``apt-get install nginx-light``)
 
 Everything shares the machine (no CPU pinning: N = 2 is there to use both cores), with
 ``shunter sim`` workers answering at once (``--ttft-ms 0 --itl-ms 0``), so req/s is what
 the whole machine makes of it, and on a 2-core machine the sims and wrk take their share
-of the cores the gateway would use. ``--worker nginx`` puts one nginx process in their
+of the cores the gateway would use. ``--upstream nginx`` puts one nginx process in their
 place, answering mock_upstream.py's fixed chat completion at a fraction of the gateway's
 CPU per request: the gateway is then what limits req/s, and what N = 2 adds shows.
 
 Gateway CPU per request is the user+system time of the supervisor and all its children
-over the requests wrk completed; worker CPU per request, the same for the workers; machine
-busy, the share of all the cores' time not idle (/proc/stat): near 100%, the machine has
-nothing more to give. The spread: the connections each process holds halfway through the
-run (its sockets on the gateway's port, from /proc), and the requests each process counted
-(read from its own metrics socket). N = 1 and N = 2 alternate, ``--rounds`` times each;
-each row is one run.
+over the requests wrk completed; upstream CPU per request, the same for the sims or nginx;
+machine busy, the share of all the cores' time not idle (/proc/stat, the whole machine's:
+a VM's host or a container's neighbours are not in it, steal time counts as busy): near
+100%, the machine has nothing more to give. The spread: the connections each process holds
+halfway through the run (its sockets on the gateway's port, from /proc), and the requests
+each process counted (read from its own metrics socket). N = 1 and N = 2 alternate,
+``--rounds`` times each; each row is one run.
 """
 
 from __future__ import annotations
@@ -78,26 +79,30 @@ http {{
 def start_nginx(where: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     """One nginx process (no master) answering every POST with a fixed chat completion;
     its configuration, logs and temporary files in ``where`` (so it runs as any user)."""
+    bodies = {"server_info": SERVER_INFO, "models": MODELS, "answer": ANSWER}
+    for name, body in bodies.items():  # each goes in a single-quoted nginx string
+        assert not set(body.decode()) & {"'", "$", "\\"}, f"{name} needs nginx escaping"
     port = free_port()
     conf = where / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            dir=where,
-            port=port,
-            server_info=SERVER_INFO.decode(),
-            models=MODELS.decode(),
-            answer=ANSWER.decode(),
-        )
-    )
+    texts = {name: body.decode() for name, body in bodies.items()}
+    conf.write_text(NGINX_CONF.format(dir=where, port=port, **texts))
     process = start(["nginx", "-p", str(where), "-c", str(conf)])
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/health")
+    try:
+        wait_http(url + "/health")
+    except BaseException:
+        process.terminate()
+        process.wait(10)
+        raise
     return [process], [url]
 
 
 def machine_times() -> tuple[int, int]:
-    """The machine's (busy, total) CPU ticks since boot, from /proc/stat."""
-    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    """The machine's (busy, total) CPU ticks since boot, from /proc/stat's first line: user,
+    nice, system, idle, iowait, irq, softirq, steal (guest time, after those, is already
+    counted in user and nice)."""
+    line = Path("/proc/stat").read_text().split("\n", 1)[0]
+    fields = [int(field) for field in line.split()[1:9]]
     idle = fields[3] + fields[4]  # idle and iowait
     return sum(fields) - idle, sum(fields)
 
@@ -162,7 +167,7 @@ def run_wrk(url: str, conns: int, seconds: int, script: str) -> tuple[int, float
     return total, rps
 
 
-def gateway(workers: int, sims: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+def gateway(workers: int, upstreams: list[str]) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     command = [
         sys.executable,
@@ -186,21 +191,21 @@ def gateway(workers: int, sims: list[str]) -> tuple[subprocess.Popen[bytes], int
         "--policy",
         "round_robin",
         "--worker-urls",
-        *sims,
+        *upstreams,
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return process, port
 
 
-def wait_serving(port: int, workers: int, pid: int, sims: int) -> None:
-    """Until every process routes (each registers the sims on its own)."""
+def wait_serving(port: int, workers: int, pid: int, upstreams: int) -> None:
+    """Until every process routes (each registers the upstreams on its own)."""
     wait_http(f"http://127.0.0.1:{port}/health")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         pids = children(pid) if workers > 1 else [pid]
         if (
             len(pids) == workers
-            and all(_registered(p, sims) and connections(p, port, "0A") for p in pids)
+            and all(_registered(p, upstreams) and connections(p, port, "0A") for p in pids)
             and _routes(port)
         ):
             return
@@ -208,7 +213,7 @@ def wait_serving(port: int, workers: int, pid: int, sims: int) -> None:
     raise TimeoutError("gateway not routing")
 
 
-def _registered(pid: int, sims: int) -> bool:
+def _registered(pid: int, upstreams: int) -> bool:
     """Whether process ``pid`` has every sim registered (N = 1: not read, routing shows it)."""
     path = metrics_socket(pid)
     if path is None:
@@ -218,7 +223,8 @@ def _registered(pid: int, sims: int) -> bool:
     except OSError:
         return False
     return (
-        sum(float(v) for v in re.findall(r"^smg_worker_pool_size\{.*\} (\S+)", text, re.M)) == sims
+        sum(float(v) for v in re.findall(r"^smg_worker_pool_size\{.*\} (\S+)", text, re.M))
+        == upstreams
     )
 
 
@@ -239,20 +245,20 @@ def _routes(port: int) -> bool:
 
 def measure(
     workers: int,
-    sims: list[str],
-    sim_pids: list[int],
+    upstreams: list[str],
+    upstream_pids: list[int],
     args: argparse.Namespace,
     script: str,
 ) -> dict[str, Any]:
-    process, port = gateway(workers, sims)
+    process, port = gateway(workers, upstreams)
     try:
-        wait_serving(port, workers, process.pid, len(sims))
+        wait_serving(port, workers, process.pid, len(upstreams))
         pids = [process.pid, *children(process.pid)]
         serving = pids[1:] if workers > 1 else pids
         sockets = [metrics_socket(pid) for pid in serving]
         counted_before = [requests_counted(s) if s else 0.0 for s in sockets]
         before = sum(cpu_seconds(pid) for pid in pids)
-        sims_before = sum(cpu_seconds(pid) for pid in sim_pids)
+        upstreams_before = sum(cpu_seconds(pid) for pid in upstream_pids)
         busy_before, total_before = machine_times()
         held: list[int] = []
         timer = threading.Timer(
@@ -263,7 +269,7 @@ def measure(
             f"http://127.0.0.1:{port}/v1/chat/completions", args.conns, args.duration, script
         )
         cpu = sum(cpu_seconds(pid) for pid in pids) - before
-        sims_cpu = sum(cpu_seconds(pid) for pid in sim_pids) - sims_before
+        upstreams_cpu = sum(cpu_seconds(pid) for pid in upstream_pids) - upstreams_before
         busy_after, total_after = machine_times()
         busy, ticks = busy_after - busy_before, total_after - total_before
         counted = [
@@ -274,7 +280,7 @@ def measure(
             "workers": workers,
             "rps": rps,
             "cpu_us": cpu / total * 1e6,
-            "worker_cpu_us": sims_cpu / total * 1e6,
+            "upstream_cpu_us": upstreams_cpu / total * 1e6,
             "machine_busy": busy / max(1, ticks),
             "connections": held,
             "requests": [int(c) for c in counted] if workers > 1 else [total],
@@ -284,38 +290,47 @@ def measure(
         process.wait(30)
 
 
+def measure_both(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
+    """N = 1 and N = 2 in turn, ``args.rounds`` times, against the upstream ``args`` asks for
+    (started here, stopped at the end; its files in ``scratch``)."""
+    if args.upstream == "nginx":
+        upstreams, urls = start_nginx(scratch)
+    else:
+        upstreams, urls = start_sims(args.sims, "--ttft-ms", "0", "--itl-ms", "0")
+    script = scratch / "post.lua"
+    script.write_text(LUA.format(body=BODY))
+    pids = [upstream.pid for upstream in upstreams]
+    rows = []
+    try:
+        for _ in range(args.rounds):
+            for workers in (1, 2):
+                rows.append(measure(workers, urls, pids, args, str(script)))
+                print(rows[-1], flush=True)
+    finally:
+        for upstream in upstreams:
+            upstream.terminate()
+        for upstream in upstreams:
+            upstream.wait(10)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--conns", type=int, default=32)
     parser.add_argument("--sims", type=int, default=2)
-    parser.add_argument("--worker", choices=("sim", "nginx"), default="sim")
+    parser.add_argument("--upstream", choices=("sim", "nginx"), default="sim")
     args = parser.parse_args()
-    scratch = tempfile.TemporaryDirectory(prefix="shunter-workers-")
-    if args.worker == "nginx":
-        sims, urls = start_nginx(Path(scratch.name))
-    else:
-        sims, urls = start_sims(args.sims, "--ttft-ms", "0", "--itl-ms", "0")
-    script = Path(scratch.name) / "post.lua"
-    script.write_text(LUA.format(body=BODY))
-    rows = []
-    try:
-        for _ in range(args.rounds):
-            for workers in (1, 2):
-                rows.append(measure(workers, urls, [sim.pid for sim in sims], args, str(script)))
-                print(rows[-1], flush=True)
-    finally:
-        for sim in sims:
-            sim.terminate()
-            sim.wait(10)
-        scratch.cleanup()
+    with tempfile.TemporaryDirectory(prefix="shunter-workers-") as scratch:
+        rows = measure_both(args, Path(scratch))
+    upstreams = f"{args.sims} sims" if args.upstream == "sim" else "1 nginx"
     print(
-        f"\n{os.cpu_count()} CPUs, {len(urls)} {args.worker} worker(s), {args.conns} connections, "
+        f"\n{os.cpu_count()} CPUs, {upstreams}, {args.conns} connections, "
         f"{args.duration} s per run\n"
     )
     print(
-        "| --workers | req/s | gateway CPU per request | worker CPU per request | machine busy "
+        "| --workers | req/s | gateway CPU per request | upstream CPU per request | machine busy "
         "| connections per process "
         "| requests per process |"
     )
@@ -323,7 +338,7 @@ def main() -> None:
     for row in rows:
         print(
             f"| {row['workers']} | {row['rps']:.0f} | {row['cpu_us']:.0f} µs | "
-            f"{row['worker_cpu_us']:.0f} µs | {row['machine_busy']:.0%} | "
+            f"{row['upstream_cpu_us']:.0f} µs | {row['machine_busy']:.0%} | "
             f"{' / '.join(map(str, row['connections']))} | "
             f"{' / '.join(map(str, row['requests']))} |"
         )
