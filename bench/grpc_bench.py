@@ -45,7 +45,15 @@ from pathlib import Path
 
 import httpx
 
-from common import comparison_parser, cpu_seconds, free_port, gateway_args, smg_args, wait_http
+from common import (
+    comparison_parser,
+    cpu_seconds,
+    free_port,
+    gateway_args,
+    median_ratio,
+    smg_args,
+    wait_http,
+)
 from proxy_bench import HERE, LUA, checkout, run_wrk, spawn, wait_routing
 
 CHAT = {
@@ -277,10 +285,9 @@ def floor(grpc_port: int, clients: str = "") -> list[tuple[str, float, float]]:
 
 
 def ratio(rows: dict[str, dict[str, list[float]]], other: str, key: str) -> float:
-    """Shunter's figure over ``other``'s, per round, then the median: both figures of a
-    ratio come from the same minute of a noisy machine."""
-    pairs = zip(rows["shunter"][key], rows[other][key], strict=True)
-    return statistics.median(mine / theirs for mine, theirs in pairs)
+    """Shunter's figure over ``other``'s, round by round (``median_ratio``)."""
+    found = median_ratio(rows["shunter"][key], rows[other][key])
+    return found if found is not None else float("nan")
 
 
 def report(rows: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:

@@ -43,6 +43,7 @@ from common import (
     cpu_seconds,
     free_port,
     gateway_args,
+    median_ratio,
     wait_http,
 )
 
@@ -360,10 +361,10 @@ def main() -> None:
     report(results, streams, list(gateways), args)
 
 
-def ratio(value: float, reference: float | None) -> str:
-    """``value / reference``, or '-' where there is no reference or it is not positive (an
-    added latency can come out negative, within the noise)."""
-    return f"{value / reference:>5.2f}" if reference and reference > 0 else f"{'-':>5}"
+def ratio(rounds: list[dict[str, float]], references: list[dict[str, float]], key: str) -> str:
+    """``key``'s ratio to the reference's, round by round (``median_ratio``), or '-'."""
+    found = median_ratio((r[key] for r in rounds), (r[key] for r in references))
+    return f"{found:>5.2f}" if found is not None else f"{'-':>5}"
 
 
 def report(
@@ -375,13 +376,14 @@ def report(
     def med(name: str, label: str, key: str) -> float:
         return statistics.median(r[key] for r in results[(name, label)])
 
-    def ref(label: str, key: str) -> float | None:
-        return med(REFERENCE, label, key) if (REFERENCE, label) in results else None
+    def x(name: str, label: str, key: str) -> str:
+        return ratio(results[(name, label)], results.get((REFERENCE, label), []), key)
 
     print(
         f"1 KB chat body, wrk -t1, {args.duration}s x {args.rounds} rounds per row (medians); "
         f"gateways pinned to CPU {GATEWAY_CPU}, mock worker and wrk on CPU {LOAD_CPU} "
-        f'("one core": all on CPU {GATEWAY_CPU}); x = ratio to {REFERENCE}; '
+        f'("one core": all on CPU {GATEWAY_CPU}); x = ratio to {REFERENCE} (median of '
+        "each round's); "
         f"load average at the end {os.getloadavg()[0]:.2f}"
     )
     print(
@@ -390,20 +392,20 @@ def report(
     )
     labels = list(dict.fromkeys(label for _name, label in results))
     for label in labels:
-        p50_ref, cpu_ref = ref(label, "added_p50"), ref(label, "cpu_us")
         for name in names:
             p50, cpu = med(name, label, "added_p50"), med(name, label, "cpu_us")
+            p50_x, cpu_x = x(name, label, "added_p50"), x(name, label, "cpu_us")
             print(
                 f"{name:>13} {label:>11} | {med(name, label, 'rps'):>7.0f} "
-                f"{med('direct', label, 'rps'):>7.0f} | {p50:>7.0f}us {ratio(p50, p50_ref)} "
-                f"{med(name, label, 'added_p99'):>7.0f}us | {cpu:>7.1f}us {ratio(cpu, cpu_ref)}"
+                f"{med('direct', label, 'rps'):>7.0f} | {p50:>7.0f}us {p50_x} "
+                f"{med(name, label, 'added_p99'):>7.0f}us | {cpu:>7.1f}us {cpu_x}"
             )
 
     def smed(name: str, key: str) -> float:
         return statistics.median(r[key] for r in streams[name])
 
-    def sref(key: str) -> float | None:
-        return smed(REFERENCE, key) if REFERENCE in streams else None
+    def sx(name: str, key: str) -> str:
+        return ratio(streams[name], streams.get(REFERENCE, []), key)
 
     print(
         f"streams: {STREAM_CHUNKS} chunks 10 ms apart; TTFB median of 30 "
@@ -414,7 +416,7 @@ def report(
         added, cpu = smed(name, "added"), smed(name, "cpu")
         print(
             f"{name:>13} | TTFB {smed(name, 'ttfb'):>6.0f}us added {added:>6.0f}us "
-            f"{ratio(added, sref('added'))} | CPU/stream {cpu:>6.0f}us {ratio(cpu, sref('cpu'))}"
+            f"{sx(name, 'added')} | CPU/stream {cpu:>6.0f}us {sx(name, 'cpu')}"
             f" | CPU/chunk {smed(name, 'cpu_chunk'):>5.1f}us"
         )
 
