@@ -4,7 +4,9 @@ Run: python bench/proxy_bench.py [--duration 8] [--baseline REV]   (needs `wrk`)
 
 ``--baseline REV`` runs Shunter as it was at git revision REV beside the working copy, in
 the same run (a temporary worktree, imported first through PYTHONPATH): a before/after
-ratio that survives a noisy machine. The Rust routers (smg, vllm-router, sglang-router) are
+ratio that survives a noisy machine. ``--baseline DIR``, a directory holding a Shunter tree
+(``DIR/src``), runs that tree as it is instead: a variant that is not a commit, such as
+modules compiled in place. The Rust routers (smg, vllm-router, sglang-router) are
 measured in the same run when installed; every figure is printed with its ratio to
 vllm-router's.
 
@@ -310,7 +312,10 @@ def main() -> None:
     up_port = free_port()
     upstream = spawn(LOAD_CPU, str(HERE / "mock_upstream.py"), str(up_port))
     wait_http(f"http://127.0.0.1:{up_port}/health")
-    baseline = checkout(args.baseline) if args.baseline else None
+    given_tree = bool(args.baseline) and Path(args.baseline).is_dir()
+    baseline: Path | None = None
+    if args.baseline:
+        baseline = Path(args.baseline) if given_tree else checkout(args.baseline)
     gateways = start_gateways(f"http://127.0.0.1:{up_port}", routers, baseline)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=HERE / "chat_1k.json"))
@@ -354,7 +359,7 @@ def main() -> None:
         upstream.terminate()
         upstream.wait()
         os.unlink(script.name)
-        if baseline is not None:
+        if baseline is not None and not given_tree:
             subprocess.run(
                 ["git", "worktree", "remove", "--force", str(baseline)], cwd=HERE.parent, check=True
             )
