@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from support.harness import Fleet, Gateway, Proc, Sim, reaped, stop_in_background
+from support.harness import Fleet, Gateway, Proc, Sim, reaped, stop_in_background, stop_unstopped
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -20,6 +20,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     reaped()  # the processes tests stopped in the background have all exited
+    # Left running by a fixture that failed half-way: stopped here, and named.
+    if left := stop_unstopped():
+        names = "; ".join(" ".join(proc.args[:5]) for proc in left)
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"\nstopped {len(left)} process(es) no test stopped: {names}")
 
 
 def _cache_bytecode(config: pytest.Config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -92,6 +93,13 @@ def listening(url: str) -> bool:
     return True
 
 
+# Every process the tests started and have not stopped, oldest first. A fixture that starts
+# sims and then fails (its gateway never saw them) leaves them running with nothing to stop
+# them, and they outlived the test run (four PD sims, seen after a failed run):
+# ``stop_unstopped`` at the run's end stops whatever is still here, by PID.
+_unstopped: list[Proc] = []
+
+
 class Proc:
     """A subprocess whose output goes to a temp file (shown when a test fails)."""
 
@@ -105,6 +113,7 @@ class Proc:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+        _unstopped.append(self)
 
     def started(self, wait: Callable[[], None]) -> None:
         """Run a readiness wait; if it fails, stop the process before raising (no orphans),
@@ -166,6 +175,22 @@ class Proc:
                 self.popen.wait(10)
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
+        with contextlib.suppress(ValueError):  # stopped before (stop is idempotent)
+            _unstopped.remove(self)
+
+
+def unstopped() -> list[Proc]:
+    """The processes started and not stopped yet, oldest first."""
+    return list(_unstopped)
+
+
+def stop_unstopped(procs: Sequence[Proc] | None = None) -> list[Proc]:
+    """Stop ``procs`` (default: every process not stopped yet, at the run's end) together;
+    the ones that were still running, for the run to say so."""
+    chosen = unstopped() if procs is None else list(procs)
+    running = [proc for proc in chosen if proc.popen.poll() is None]
+    stop_all(chosen)
+    return running
 
 
 def stop_all(procs: Sequence[Proc]) -> None:
