@@ -195,7 +195,10 @@ def comparison_parser(doc: str | None, duration: int) -> argparse.ArgumentParser
         "--rounds", type=int, default=3, help="runs per row; the median of each figure is reported"
     )
     parser.add_argument(
-        "--baseline", default=None, help="git revision of Shunter to measure beside this one"
+        "--baseline",
+        default=None,
+        help="git revision of Shunter (or a directory holding a Shunter tree) to measure "
+        "beside this one",
     )
     parser.add_argument(
         "--smg",

@@ -54,7 +54,7 @@ from common import (
     smg_args,
     wait_http,
 )
-from proxy_bench import HERE, LUA, checkout, run_wrk, spawn, wait_routing
+from proxy_bench import HERE, LUA, baseline_tree, run_wrk, spawn, wait_routing
 
 CHAT = {
     "model": "sim-model",
@@ -219,16 +219,9 @@ def chat_bench() -> Iterator[ChatBench]:
 
 def main() -> None:
     args = comparison_parser(__doc__, duration=6).parse_args()
-    baseline = checkout(args.baseline) if args.baseline else None
     rows: dict[str, dict[str, list[float]]] = {}
-    try:
-        with chat_bench() as bench:
-            measure_all(bench, args, rows, baseline)
-    finally:
-        if baseline is not None:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(baseline)], cwd=HERE.parent, check=True
-            )
+    with baseline_tree(args.baseline) as baseline, chat_bench() as bench:
+        measure_all(bench, args, rows, baseline)
     report(rows, args)
 
 

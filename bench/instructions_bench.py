@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import free_port, gateway_args, wait_http
-from proxy_bench import BODY, HERE, checkout, one_stream, vllm_router_command, wait_routing
+from proxy_bench import BODY, HERE, baseline_tree, one_stream, vllm_router_command, wait_routing
 
 STREAMS_PER_ROUND = 2  # more, and the gateway under valgrind falls behind (reads coalesce)
 CHUNKS_PER_STREAM = 65  # 64 tokens and [DONE]
@@ -128,39 +128,36 @@ def main() -> None:
     )
     wait_http(f"http://127.0.0.1:{up_port}/health")
     up_url = f"http://127.0.0.1:{up_port}"
-    baseline = checkout(args.baseline) if args.baseline else None
-    runs: dict[str, tuple[list[str], dict[str, str]]] = {}
-    shunter = [sys.executable, *gateway_args(free_port(), "round_robin", up_url, quiet=False)]
-    runs["shunter"] = (shunter, dict(os.environ))
-    if baseline is not None:
-        env = dict(os.environ, PYTHONPATH=str(baseline / "src"))
-        runs["baseline"] = (
-            [sys.executable, *gateway_args(free_port(), "round_robin", up_url, quiet=False)],
-            env,
-        )
-    if args.vllm_router:
-        runs["vllm-router"] = (
-            vllm_router_command(args.vllm_router, free_port(), up_url),
-            dict(os.environ),
-        )
-    results: dict[str, tuple[float, float]] = {}
-    try:
-        with (
-            tempfile.TemporaryDirectory(prefix="callgrind-") as scratch,
-            ThreadPoolExecutor(len(runs)) as pool,
-        ):
-            futures = {
-                name: pool.submit(measure, command, env, args.requests, args.rounds, Path(scratch))
-                for name, (command, env) in runs.items()
-            }
-            results = {name: future.result() for name, future in futures.items()}
-    finally:
-        upstream.terminate()
-        upstream.wait()
+    with baseline_tree(args.baseline) as baseline:
+        runs: dict[str, tuple[list[str], dict[str, str]]] = {}
+        shunter = [sys.executable, *gateway_args(free_port(), "round_robin", up_url, quiet=False)]
+        runs["shunter"] = (shunter, dict(os.environ))
         if baseline is not None:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(baseline)], cwd=HERE.parent, check=True
+            env = dict(os.environ, PYTHONPATH=str(baseline / "src"))
+            runs["baseline"] = (
+                [sys.executable, *gateway_args(free_port(), "round_robin", up_url, quiet=False)],
+                env,
             )
+        if args.vllm_router:
+            runs["vllm-router"] = (
+                vllm_router_command(args.vllm_router, free_port(), up_url),
+                dict(os.environ),
+            )
+        results: dict[str, tuple[float, float]] = {}
+        try:
+            with (
+                tempfile.TemporaryDirectory(prefix="callgrind-") as scratch,
+                ThreadPoolExecutor(len(runs)) as pool,
+            ):
+                where = Path(scratch)
+                futures = {
+                    name: pool.submit(measure, command, env, args.requests, args.rounds, where)
+                    for name, (command, env) in runs.items()
+                }
+                results = {name: future.result() for name, future in futures.items()}
+        finally:
+            upstream.terminate()
+            upstream.wait()
     reference = results.get("vllm-router")
     print(
         f"user-space instructions (callgrind), {args.requests} whole requests on one "

@@ -6,9 +6,9 @@ Run: python bench/proxy_bench.py [--duration 8] [--baseline REV]   (needs `wrk`)
 the same run (a temporary worktree, imported first through PYTHONPATH): a before/after
 ratio that survives a noisy machine. ``--baseline DIR``, a directory holding a Shunter tree
 (``DIR/src``), runs that tree as it is instead: a variant that is not a commit, such as
-modules compiled in place. The Rust routers (smg, vllm-router, sglang-router) are
-measured in the same run when installed; every figure is printed with its ratio to
-vllm-router's.
+modules compiled in place (``baseline_tree``, which every bench taking ``--baseline``
+uses). The Rust routers (smg, vllm-router, sglang-router) are measured in the same run
+when installed; every figure is printed with its ratio to vllm-router's.
 
 Every gateway runs at its own default log level, as it ships: Shunter writes its access log
 (a line per request), smg and sglang-router two lines per request, vllm-router none.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
 import re
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from common import (
@@ -79,8 +80,14 @@ def pin(pid: int, cpu: int) -> None:
     )
 
 
-def checkout(rev: str) -> Path:
-    """A worktree of ``rev`` in a temporary directory; its ``src`` to import Shunter from."""
+@contextlib.contextmanager
+def baseline_tree(rev: str | None) -> Iterator[Path | None]:
+    """The Shunter tree ``--baseline`` names, its ``src`` to import Shunter from: None
+    without one; a directory holding a tree, as it is; else a worktree of git revision
+    ``rev`` in a temporary directory, removed on the way out."""
+    if not rev or Path(rev).is_dir():
+        yield Path(rev) if rev else None
+        return
     where = Path(tempfile.mkdtemp(prefix="shunter-baseline-"))
     subprocess.run(
         ["git", "worktree", "add", "--detach", str(where), rev],
@@ -88,7 +95,12 @@ def checkout(rev: str) -> Path:
         check=True,
         capture_output=True,
     )
-    return where
+    try:
+        yield where
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(where)], cwd=HERE.parent, check=True
+        )
 
 
 def to_us(text: str) -> float:
@@ -309,13 +321,22 @@ def main() -> None:
         "vllm-router": args.vllm_router,
         "sglang-router": args.sglang_router,
     }
+    with baseline_tree(args.baseline) as baseline:
+        results, streams, names = measure_all(args, conn_counts, routers, baseline)
+    report(results, streams, names, args)
+
+
+def measure_all(
+    args: argparse.Namespace,
+    conn_counts: list[int],
+    routers: dict[str, str],
+    baseline: Path | None,
+) -> tuple[Results, dict[str, list[dict[str, float]]], list[str]]:
+    """Every row, ``args.rounds`` times, for Shunter, ``baseline`` and ``routers``: the
+    whole requests' results, the streams' and the gateways' names."""
     up_port = free_port()
     upstream = spawn(LOAD_CPU, str(HERE / "mock_upstream.py"), str(up_port))
     wait_http(f"http://127.0.0.1:{up_port}/health")
-    given_tree = bool(args.baseline) and Path(args.baseline).is_dir()
-    baseline: Path | None = None
-    if args.baseline:
-        baseline = Path(args.baseline) if given_tree else checkout(args.baseline)
     gateways = start_gateways(f"http://127.0.0.1:{up_port}", routers, baseline)
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(LUA.format(body=HERE / "chat_1k.json"))
@@ -359,11 +380,7 @@ def main() -> None:
         upstream.terminate()
         upstream.wait()
         os.unlink(script.name)
-        if baseline is not None and not given_tree:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(baseline)], cwd=HERE.parent, check=True
-            )
-    report(results, streams, list(gateways), args)
+    return results, streams, list(gateways)
 
 
 def ratio(rounds: list[dict[str, float]], references: list[dict[str, float]], key: str) -> str:
