@@ -26,12 +26,12 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from common import free_port, gateway_args
 from grpc_bench import chat_bench, default_log_level, floor
+from proxy_bench import spawn
 
 PARTS = {"whole": "", "no tokenizing": "tokenize", "no call": "call", "neither": "tokenize,call"}
 
@@ -100,11 +100,7 @@ def serve(part: str, args: list[str]) -> None:
 def start_gateway(part: str, grpc_port: int) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     args = default_log_level(gateway_args(port, "round_robin", f"grpc://127.0.0.1:{grpc_port}"))
-    command = [sys.executable, __file__, "--serve", part, "--", *args[2:]]  # less "-m shunter"
-    process = subprocess.Popen(
-        ["taskset", "-c", "1", *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    return process, port
+    return spawn(1, __file__, "--serve", part, "--", *args[2:]), port  # less "-m shunter"
 
 
 def main() -> None:
