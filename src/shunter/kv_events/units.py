@@ -71,19 +71,13 @@ class Units:
             return
         held[worker] -= 1
         if not held[worker]:
-            del held[worker]
-            del self._began[unit][worker]
-            if not held:
-                self._forget(unit)
+            self._lose(unit, worker)
         self.version += 1
 
     def drop(self, worker: str) -> None:
         """``worker`` holds nothing any more (a clear, a resync, the worker leaving)."""
         for unit in [u for u, held in self.blocks.items() if worker in held]:
-            del self.blocks[unit][worker]
-            del self._began[unit][worker]
-            if not self.blocks[unit]:
-                self._forget(unit)
+            self._lose(unit, worker)
         self.version += 1
 
     def stored_new(self, unit: int, tokens: int, ts: float) -> None:
@@ -107,7 +101,13 @@ class Units:
         began = self._began.get(unit, {})
         return max((u for u in began if u in among), key=lambda u: (began[u], u), default=None)
 
-    def _forget(self, unit: int) -> None:
-        del self.blocks[unit]
-        del self._began[unit]
-        self._demand.pop(unit, None)
+    def _lose(self, unit: int, worker: str) -> None:
+        """``worker`` holds no block of ``unit`` any more: the unit is forgotten, demand and
+        all, once no worker does."""
+        held = self.blocks[unit]
+        del held[worker]
+        del self._began[unit][worker]
+        if not held:
+            del self.blocks[unit]
+            del self._began[unit]
+            self._demand.pop(unit, None)
