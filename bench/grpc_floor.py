@@ -45,6 +45,7 @@ CONCURRENT = 16
 PROMPT_IDS = list(range(100, 300))
 
 Call = Callable[[Any], Awaitable[int]]  # one Generate call: the messages it read
+Client = Callable[[int], Coroutine[Any, Any, tuple[float, float]]]  # port -> per call, message
 
 
 def request(index: int, stream: bool) -> Any:
@@ -266,14 +267,13 @@ async def grpclib_client(port: int) -> tuple[float, float]:
     return per_call, per_message
 
 
-def installed() -> dict[str, Callable[[int], Coroutine[Any, Any, tuple[float, float]]]]:
-    """The clients this environment can run, by name (grpclib and h2: the bench extra)."""
-    clients: dict[str, Callable[[int], Coroutine[Any, Any, tuple[float, float]]]] = {
-        "grpc.aio": grpc_aio
-    }
-    for name, module, client in (("grpclib", "grpclib", grpclib_client), ("h2", "h2", h2_minimal)):
+def installed() -> dict[str, Client]:
+    """The clients this environment can run, by name: each named for the library it needs
+    (grpclib and h2 come with the bench extra)."""
+    clients: dict[str, Client] = {"grpc.aio": grpc_aio}
+    for name, client in (("grpclib", grpclib_client), ("h2", h2_minimal)):
         try:
-            importlib.import_module(module)
+            importlib.import_module(name)
         except ImportError:
             continue
         clients[name] = client
