@@ -80,11 +80,11 @@ def start_nginx(where: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     """One nginx process (no master) answering every POST with a fixed chat completion;
     its configuration, logs and temporary files in ``where`` (so it runs as any user)."""
     bodies = {"server_info": SERVER_INFO, "models": MODELS, "answer": ANSWER}
-    for name, body in bodies.items():  # each goes in a single-quoted nginx string
-        assert not set(body.decode()) & {"'", "$", "\\"}, f"{name} needs nginx escaping"
+    texts = {name: body.decode() for name, body in bodies.items()}
+    for name, text in texts.items():  # each goes in a single-quoted nginx string
+        assert not set(text) & {"'", "$", "\\"}, f"{name} needs nginx escaping"
     port = free_port()
     conf = where / "nginx.conf"
-    texts = {name: body.decode() for name, body in bodies.items()}
     conf.write_text(NGINX_CONF.format(dir=where, port=port, **texts))
     process = start(["nginx", "-p", str(where), "-c", str(conf)])
     url = f"http://127.0.0.1:{port}"
