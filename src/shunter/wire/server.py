@@ -57,6 +57,11 @@ REFUSAL_LOG_INTERVAL_SECS = 10.0  # at most one warning this often while connect
 # their workers' streams, send a gRPC Abort) before the caller closes what they use.
 CANCELLED_CLEANUP_SECS = 5.0
 _LOCAL_ADDRESSES_MAX = 64  # the distinct local addresses whose tuple connections share
+
+# A socket's address as asyncio gives it: (host, port) over IPv4, (host, port, flowinfo,
+# scope_id) over IPv6. Not ``tuple[str, int]``: that is untrue of IPv6, and compiled (mypyc)
+# it is unboxed and boxed again, so the one tuple connections share would become one each.
+SocketAddress = tuple[Any, ...]
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _DISCONNECT: Message = {"type": "http.disconnect"}
 # A request line is method SP target SP "HTTP/1.1", and no method is shorter than "GET".
@@ -464,8 +469,8 @@ class HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.last_activity = time.monotonic()
-        self.client: tuple[str, int] | None = None
-        self.local: tuple[str, int] | None = None
+        self.client: SocketAddress | None = None
+        self.local: SocketAddress | None = None
         self.scheme = "http"
         # Head accounting: bytes received between requests and in a head count against
         # max_head as they arrive (head_room is what is left), so that httptools never holds
@@ -683,7 +688,7 @@ class HttpProtocol(asyncio.Protocol):
             raise _Refusal(431, b"too many request headers")
         self.in_head = False
         self.head_started = 0.0
-        parsed = httptools.parse_url(self.url)
+        parsed: Any = httptools.parse_url(self.url)  # its query is None when absent
         path = parsed.path.decode("latin-1")
         if "%" in path:
             from urllib.parse import unquote
@@ -808,12 +813,18 @@ class HttpProtocol(asyncio.Protocol):
                 # in place, that loop kept every request's objects for the cyclic GC, whose
                 # passes took the p99 at 32 connections from ~1 ms to 17-45 ms.
                 cycle.scope.pop("extensions", None)
-            cycle, self.next_cycle = self.next_cycle, None
+            cycle = self._take_next_cycle()
             if cycle is None and not self.lost:
                 self.waiter = self.loop.create_future()
                 await self.waiter
                 self.waiter = None
-                cycle, self.next_cycle = self.next_cycle, None
+                cycle = self._take_next_cycle()
+
+    def _take_next_cycle(self) -> Cycle | None:
+        """The exchange handed to the task, if any, taken (a call, not an inline read: across
+        the ``await`` above, mypy would still see the None assigned before it)."""
+        cycle, self.next_cycle = self.next_cycle, None
+        return cycle
 
     def response_done(self, cycle: Cycle) -> None:
         now = self.last_activity = time.monotonic()
@@ -865,9 +876,9 @@ class HttpServer:
         self._next_refusal_warning = 0.0
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
-        self._local_addresses: dict[tuple[str, int], tuple[str, int]] = {}
+        self._local_addresses: dict[SocketAddress, SocketAddress] = {}
 
-    def local_address(self, address: tuple[str, int]) -> tuple[str, int]:
+    def local_address(self, address: SocketAddress) -> SocketAddress:
         """``address`` (a connection's own end), as one object shared by every connection
         to it: each would otherwise keep a tuple of its own (~140 bytes a connection). The
         machine has a few addresses; past a few, the rest stay unshared."""
@@ -893,7 +904,8 @@ class HttpServer:
         self._servers.append(server)
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep())
-        bound: int = server.sockets[0].getsockname()[1]
+        sockets: Any = getattr(server, "sockets")  # noqa: B009 (uvloop: a list; typeshed: tuple)
+        bound: int = sockets[0].getsockname()[1]
         return bound
 
     def refuse(self, transport: asyncio.Transport) -> None:
