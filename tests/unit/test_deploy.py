@@ -860,17 +860,37 @@ def dockerfile_problems(text: str, patterns: list[str]) -> list[str]:
         problems += runtime_copy_problems(build[0], final, env)
     if installs(final) or any(_BUILD_TOOLS.search(rest) for rest in final.all("RUN")):
         problems.append("the final stage installs packages or build tools (the build stage does)")
+    if len(build) == 1:
+        problems += build_input_problems(build[0])
     for stage in stages:
         for rest in stage.all("COPY") + stage.all("ADD"):
             words = rest.split()
             if any(word.startswith("--from") for word in words):
                 continue
-            for source in [w for w in words if not w.startswith("--")][:-1]:
+            for source in copied(rest):
                 if not (REPO / source).exists():
                     problems.append(f"COPY {source}: no such file in the repository")
                 elif ignored(source, patterns):
                     problems.append(f"COPY {source}: left out of the context by the dockerignore")
     return problems
+
+
+def copied(rest: str) -> list[str]:
+    """The sources of a COPY or ADD (its last word is the destination)."""
+    return [word for word in rest.split() if not word.startswith("--")][:-1]
+
+
+def build_input_problems(build: Stage) -> list[str]:
+    """``pip install .`` runs pyproject.toml's build backend, from ``backend-path``, and
+    setup.py: the build stage must copy them, or the image fails to build."""
+    build_system = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]
+    needed = ["pyproject.toml", "setup.py", *build_system.get("backend-path", [])]
+    sources = {
+        source.rstrip("/")
+        for rest in build.all("COPY") + build.all("ADD")
+        for source in copied(rest)
+    }
+    return [f"the build stage does not COPY {name}" for name in needed if name not in sources]
 
 
 def runtime_copy_problems(build: Stage, final: Stage, env: dict[str, str]) -> list[str]:
@@ -917,6 +937,8 @@ def test_the_dockerfile_builds_the_image_the_manifests_expect() -> None:
         (r"^EXPOSE", "RUN pip install --no-cache-dir pyyaml\nEXPOSE", "installs packages"),
         (r"^COPY (\S+) (\S+)$", r"COPY \1 notes.txt \2", "notes.txt: no such file"),
         (r"^COPY (\S+) (\S+)$", r"COPY \1 tests/ \2", "tests/: left out of the context"),
+        (r" setup\.py ", " ", "does not COPY setup.py"),
+        (r"^COPY build_backend/ build_backend/\n", "", "does not COPY build_backend"),
     ],
 )
 def test_the_dockerfile_check_finds(change: str, to: str, problem: str) -> None:
@@ -938,9 +960,22 @@ def test_the_image_has_the_kubernetes_extra_by_default_and_takes_others() -> Non
     assert {"kubernetes", "grpc", "trace"} <= set(extras["optional-dependencies"])
 
 
+def test_the_image_is_the_compiled_build_unless_asked_otherwise() -> None:
+    """COMPILE=1 by default: the install runs with SHUNTER_COMPILE set from it, and the C
+    compiler it needs is installed, in the build stage alone, only when compiling."""
+    stages = parse_dockerfile(DOCKERFILE.read_text())
+    (build,) = [stage for stage in stages if any("EXTRAS" in rest for rest in installs(stage))]
+    assert build.arg_default("COMPILE") == "1"
+    (install,) = [rest for rest in installs(build) if "EXTRAS" in rest]
+    assert install.startswith("SHUNTER_COMPILE=$COMPILE ")
+    (compiler,) = [rest for rest in build.all("RUN") if _BUILD_TOOLS.search(rest)]
+    assert compiler.startswith('if [ "$COMPILE" = 1 ]; then')
+
+
 def test_the_build_context_holds_only_what_the_image_needs() -> None:
     patterns = dockerignore_patterns()
-    for path in ("pyproject.toml", "README.md", "src/shunter/cli/serve.py"):
+    needed = ("pyproject.toml", "README.md", "setup.py", "build_backend/shunter_build.py")
+    for path in (*needed, "src/shunter/cli/serve.py"):
         assert not ignored(path, patterns), path
     for path in (".git/config", ".venv/bin/python", "tests/unit/test_deploy.py", ".coverage"):
         assert ignored(path, patterns), path

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shunter import __version__
+from shunter.compiled import build
 
 if TYPE_CHECKING:
     from shunter.config import GatewayConfig
@@ -50,7 +51,9 @@ def build_parser(
     gateway (~0.15 s of CPU, and the test suite starts hundreds of them).
     """
     parser = argparse.ArgumentParser(prog="shunter", description=__doc__)
-    parser.add_argument("--version", "-V", action="version", version=f"shunter {__version__}")
+    parser.add_argument(
+        "--version", "-V", action="version", version=f"shunter {__version__} ({build()})"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     commands: dict[str, tuple[Any, Callable[..., None]]] = {}
     for name, command in COMMANDS.items():

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from shunter.backends.base import MESSAGES_RUNTIMES, SGLANG_ONLY_PATHS, Outbound
 from shunter.fleet.registry import WorkerRegistry, Workers
 from shunter.fleet.worker import Worker
@@ -72,6 +74,9 @@ def _serving_or_501(path: str, workers: Workers, why: str) -> Workers:
     return serving
 
 
+# Compiled (a mypyc build), a class refuses subclasses that are not compiled with it unless
+# it allows them: the PD router (routing/pd/) is one, and so may a user's.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Router:
     def __init__(
         self,

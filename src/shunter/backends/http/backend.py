@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mypy_extensions import mypyc_attr
+
 from shunter.aio.once import OnceCell
 from shunter.backends.base import (
     SGLANG_ONLY_PATHS,
@@ -53,6 +55,9 @@ _JSON_SPACE = b" \t\r\n"
 _NATIVE_ONLY = SGLANG_ONLY_PATHS | TOKEN_PATHS
 
 
+# Compiled (a mypyc build), a class refuses subclasses that are not compiled with it unless
+# it allows them: llama.cpp's slot turns (slot_turns.py) are one, and so may a user's.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class HttpBackend(Backend):
     mode = ConnectionMode.HTTP
 
