@@ -38,7 +38,9 @@ _MYPY_OPTIONS = [
 
 
 def extension_modules() -> list[Extension]:
-    """The compiled modules when ``SHUNTER_COMPILE=1``; none otherwise."""
+    """The compiled modules when ``SHUNTER_COMPILE=1``; none otherwise. (The build backend
+    reads the same variable, ``shunter_build.compiling``; this file is run by setuptools,
+    which does not put the backend on the path when run by hand.)"""
     if os.environ.get("SHUNTER_COMPILE", "") != "1":
         return []
     from mypyc.build import mypycify

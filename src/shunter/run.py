@@ -27,7 +27,7 @@ import ssl
 import uvloop
 
 from shunter.api.probes import ProbeApp
-from shunter.compiled import build
+from shunter.compiled import installed_build
 from shunter.config import GatewayConfig
 from shunter.gateway import Gateway
 from shunter.observability.logging import setup_logging
@@ -58,7 +58,7 @@ async def serve(gateway: Gateway, stop: asyncio.Event) -> None:
             "policy": config.policy,
             "workers": len(config.worker_urls),
             "max_connections": server.max_connections,
-            "build": build(),
+            "build": installed_build(),
         },
     )
     try:

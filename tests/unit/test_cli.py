@@ -9,7 +9,7 @@ import pytest
 
 from shunter.cli import main, serve_config
 from shunter.cli.serve import NOT_YET_SUPPORTED
-from shunter.compiled import build
+from shunter.compiled import installed_build
 from shunter.config import GatewayConfig
 
 
@@ -251,4 +251,4 @@ def test_module_entry_point_and_version() -> None:
         [sys.executable, "-m", "shunter", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("shunter ")
-    assert out.stdout.rstrip().endswith(f"({build()})")  # which build: compiled or not
+    assert out.stdout.rstrip().endswith(f"({installed_build()})")  # which build: compiled or not

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from shunter import __version__
-from shunter.compiled import build
+from shunter.compiled import installed_build
 
 if TYPE_CHECKING:
     from shunter.config import GatewayConfig
@@ -52,7 +52,7 @@ def build_parser(
     """
     parser = argparse.ArgumentParser(prog="shunter", description=__doc__)
     parser.add_argument(
-        "--version", "-V", action="version", version=f"shunter {__version__} ({build()})"
+        "--version", "-V", action="version", version=f"shunter {__version__} ({installed_build()})"
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     commands: dict[str, tuple[Any, Callable[..., None]]] = {}
