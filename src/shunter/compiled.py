@@ -13,9 +13,9 @@ from importlib.util import find_spec
 
 
 def installed_build() -> str:
-    """ "compiled" or "interpreted": whether the HTTP server module is a C extension (the
-    compiled build compiles all its modules or none). Looked up, not imported: the CLI asks
-    before it knows whether the server will run."""
+    """Whether the HTTP server module is a C extension ("compiled": the compiled build
+    compiles all its modules or none) or not ("interpreted"). Looked up, not imported: the
+    CLI asks before it knows whether the server will run."""
     spec = find_spec("shunter.wire.server")
     origin = spec.origin if spec is not None else None
     return "compiled" if origin and origin.endswith(tuple(EXTENSION_SUFFIXES)) else "interpreted"

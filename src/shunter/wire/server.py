@@ -62,6 +62,7 @@ _LOCAL_ADDRESSES_MAX = 64  # the distinct local addresses whose tuple connection
 # scope_id) over IPv6. Not ``tuple[str, int]``: that is untrue of IPv6, and compiled (mypyc)
 # it is unboxed and boxed again, so the one tuple connections share would become one each.
 SocketAddress = tuple[Any, ...]
+
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _DISCONNECT: Message = {"type": "http.disconnect"}
 # A request line is method SP target SP "HTTP/1.1", and no method is shorter than "GET".
