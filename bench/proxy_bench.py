@@ -62,15 +62,36 @@ STREAM_CHUNKS = 64
 
 def spawn(cpu: int, *args: str, source: Path | None = None) -> subprocess.Popen[bytes]:
     """``python args`` on ``cpu``; with ``source``, Shunter is imported from that tree."""
-    env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
         ["taskset", "-c", str(cpu), sys.executable, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=env,
+        env=importing(source),
     )
+
+
+def importing(source: Path | None) -> dict[str, str]:
+    """The environment for a Python that imports Shunter from ``source`` first (None: as
+    this one does)."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def build_of(source: Path | None) -> str:
+    """Which build of Shunter ``source`` holds (None: the one this Python imports), as
+    ``shunter --version`` says it: "compiled" or "interpreted" (a revision from before the
+    compiled build says neither, and is "interpreted")."""
+    version = subprocess.run(
+        [sys.executable, "-m", "shunter", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=importing(source),
+        cwd=tempfile.gettempdir(),  # not a directory holding a shunter of its own
+    ).stdout
+    return "compiled" if "(compiled)" in version else "interpreted"
 
 
 def pin(pid: int, cpu: int) -> None:
@@ -323,7 +344,10 @@ def main() -> None:
     }
     with baseline_tree(args.baseline) as baseline:
         results, streams, names = measure_all(args, conn_counts, routers, baseline)
+        trees = {"shunter": None, **({"baseline": baseline / "src"} if baseline else {})}
+        builds = {name: build_of(source) for name, source in trees.items()}
     report(results, streams, names, args)
+    print("builds: " + ", ".join(f"{name} {build}" for name, build in builds.items()))
 
 
 def measure_all(
