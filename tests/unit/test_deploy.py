@@ -752,9 +752,20 @@ def installs(stage: Stage) -> list[str]:
     return [rest for rest in stage.all("RUN") if _INSTALL.search(rest)]
 
 
+def shunter_installs(stage: Stage) -> list[str]:
+    """The stage's RUNs that pip-install Shunter itself (with the EXTRAS build arg)."""
+    return [rest for rest in installs(stage) if "EXTRAS" in rest]
+
+
+def build_stage(stages: list[Stage]) -> Stage:
+    """The one stage that pip-installs Shunter."""
+    (stage,) = [stage for stage in stages if shunter_installs(stage)]
+    return stage
+
+
 def default_extras(stages: list[Stage]) -> set[str]:
     """The extras the image has when built without --build-arg EXTRAS."""
-    (stage,) = [stage for stage in stages if any("EXTRAS" in rest for rest in installs(stage))]
+    stage = build_stage(stages)
     default = stage.arg_default("EXTRAS")
     assert default is not None, "the stage that installs shunter declares no ARG EXTRAS"
     return {extra.strip() for extra in default.split(",") if extra.strip()}
@@ -853,15 +864,14 @@ def dockerfile_problems(text: str, patterns: list[str]) -> list[str]:
         for rest in installs(stage):
             if "--no-cache-dir" not in rest:
                 problems.append(f"pip install without --no-cache-dir: {rest}")
-    build = [stage for stage in stages[:-1] if any("EXTRAS" in rest for rest in installs(stage))]
+    build = [stage for stage in stages[:-1] if shunter_installs(stage)]
     if len(build) != 1:
         problems.append("no build stage pip-installs shunter with the EXTRAS build arg")
     else:
         problems += runtime_copy_problems(build[0], final, env)
+        problems += build_input_problems(build[0])
     if installs(final) or any(_BUILD_TOOLS.search(rest) for rest in final.all("RUN")):
         problems.append("the final stage installs packages or build tools (the build stage does)")
-    if len(build) == 1:
-        problems += build_input_problems(build[0])
     for stage in stages:
         for rest in stage.all("COPY") + stage.all("ADD"):
             words = rest.split()
@@ -896,7 +906,7 @@ def build_input_problems(build: Stage) -> list[str]:
 def runtime_copy_problems(build: Stage, final: Stage, env: dict[str, str]) -> list[str]:
     """The build stage installs into a virtualenv; the final stage must copy that and put
     its ``bin`` first on PATH, or ``shunter`` is not found."""
-    (install,) = [rest for rest in installs(build) if "EXTRAS" in rest]
+    (install,) = shunter_installs(build)
     match = _INSTALL.search(install)
     assert match is not None
     if match[1] is None or not match[1].endswith("/bin/python"):
@@ -963,10 +973,9 @@ def test_the_image_has_the_kubernetes_extra_by_default_and_takes_others() -> Non
 def test_the_image_is_the_compiled_build_unless_asked_otherwise() -> None:
     """COMPILE=1 by default: the install runs with SHUNTER_COMPILE set from it, and the C
     compiler it needs is installed, in the build stage alone, only when compiling."""
-    stages = parse_dockerfile(DOCKERFILE.read_text())
-    (build,) = [stage for stage in stages if any("EXTRAS" in rest for rest in installs(stage))]
+    build = build_stage(parse_dockerfile(DOCKERFILE.read_text()))
     assert build.arg_default("COMPILE") == "1"
-    (install,) = [rest for rest in installs(build) if "EXTRAS" in rest]
+    (install,) = shunter_installs(build)
     assert install.startswith("SHUNTER_COMPILE=$COMPILE ")
     (compiler,) = [rest for rest in build.all("RUN") if _BUILD_TOOLS.search(rest)]
     assert compiler.startswith('if [ "$COMPILE" = 1 ]; then')
