@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
-import os
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import free_port, gateway_args, wait_http
-from proxy_bench import BODY, HERE, baseline_tree, one_stream, vllm_router_command, wait_routing
+from proxy_bench import (
+    BODY,
+    HERE,
+    baseline_tree,
+    importing,
+    one_stream,
+    vllm_router_command,
+    wait_routing,
+)
 
 STREAMS_PER_ROUND = 2  # more, and the gateway under valgrind falls behind (reads coalesce)
 CHUNKS_PER_STREAM = 65  # 64 tokens and [DONE]
@@ -129,20 +136,17 @@ def main() -> None:
     wait_http(f"http://127.0.0.1:{up_port}/health")
     up_url = f"http://127.0.0.1:{up_port}"
     with baseline_tree(args.baseline) as baseline:
-        runs: dict[str, tuple[list[str], dict[str, str]]] = {}
-        shunter = [sys.executable, *gateway_args(free_port(), "round_robin", up_url, quiet=False)]
-        runs["shunter"] = (shunter, dict(os.environ))
+
+        def gateway() -> list[str]:
+            return [sys.executable, *gateway_args(free_port(), "round_robin", up_url, quiet=False)]
+
+        # name -> (command, environment): each Shunter imports its own tree first.
+        runs = {"shunter": (gateway(), importing(None))}
         if baseline is not None:
-            env = dict(os.environ, PYTHONPATH=str(baseline / "src"))
-            runs["baseline"] = (
-                [sys.executable, *gateway_args(free_port(), "round_robin", up_url, quiet=False)],
-                env,
-            )
+            runs["baseline"] = (gateway(), importing(baseline / "src"))
         if args.vllm_router:
-            runs["vllm-router"] = (
-                vllm_router_command(args.vllm_router, free_port(), up_url),
-                dict(os.environ),
-            )
+            command = vllm_router_command(args.vllm_router, free_port(), up_url)
+            runs["vllm-router"] = (command, importing(None))
         results: dict[str, tuple[float, float]] = {}
         try:
             with (
